@@ -1,0 +1,324 @@
+"""Experiment configuration: dataclasses, YAML files, dotted overrides and validation.
+
+The dataclasses are the one source of truth: every field has a default and a one-line help
+text (`metadata["help"]`), YAML files and `section.key=value` overrides are checked against
+them, and the resolved config is written back as YAML into the run directory. Everything is
+validated before any work starts, so a typo never costs a training run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from sllm.errors import UserError
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]
+
+
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with a default and the help text the CLI and docs show."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DataConfig:
+    dir: str = option("data/default", "prepared data directory (train.bin, val.bin, meta.json)")
+    inputs: list[str] = option([], "raw text files, directories or globs that prepare reads")
+    text_field: str = option("text", "JSONL field that holds the document text")
+    txt_mode: Literal["file", "paragraph"] = option(
+        "file", "TXT documents: one per file, or one per blank-line-separated paragraph"
+    )
+    val_ratio: float = option(0.05, "share of documents held out for validation")
+    test_ratio: float = option(0.0, "share of documents held out for testing")
+    split_seed: int = option(1234, "seed of the document-level train/val/test split")
+    on_error: Literal["raise", "skip"] = option(
+        "raise", "malformed input lines: stop with an error, or skip and count them"
+    )
+
+
+@dataclass
+class TokenizerConfig:
+    kind: Literal["bpe", "char"] = option("bpe", "byte-level BPE or character-level")
+    vocab_size: int = option(8000, "vocabulary size of a trained BPE tokenizer")
+    min_frequency: int = option(2, "minimum pair count for a BPE merge")
+    special_tokens: list[str] = option(SPECIAL_TOKENS, "special tokens; must hold an EOS token")
+    path: str | None = option(None, "existing tokenizer.json (or its directory) to use")
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["gpt", "ffn"] = option("gpt", "GPT decoder, or the MLP-only window baseline")
+    n_layer: int = option(6, "number of transformer blocks")
+    n_head: int = option(6, "attention heads per block")
+    n_embd: int = option(384, "embedding width")
+    block_size: int = option(256, "context length in tokens")
+    dropout: float = option(0.0, "dropout probability during training")
+    bias: bool = option(True, "biases in linear layers and norms")
+    pos: Literal["learned", "sinusoidal"] = option("learned", "position embedding kind")
+    vocab_size: int = option(0, "vocabulary size; 0 takes it from the prepared data")
+    ffn_window: int = option(8, "ffn baseline: how many previous tokens it sees")
+    ffn_hidden: int = option(0, "ffn baseline: hidden width; 0 means 4 * n_embd")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = option("runs/default", "run directory (checkpoints, metrics, samples)")
+    max_steps: int = option(1000, "optimizer steps to train")
+    micro_batch: int = option(16, "sequences per forward/backward pass")
+    grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
+    block_size: int = option(0, "training window length; 0 means model.block_size")
+    lr: float = option(6e-4, "peak learning rate")
+    min_lr: float = option(6e-5, "learning rate at the end of the cosine decay")
+    warmup_steps: int = option(100, "linear warmup steps")
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices only)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this; 0 disables")
+    seed: int = option(1337, "seed of initialization, batches and dropout")
+    device: Literal["auto", "cpu", "cuda", "mps"] = option("auto", "where to train")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto", "autocast precision; auto is bf16 or fp16 on GPU, fp32 on CPU"
+    )
+    eval_interval: int = option(200, "steps between validation evaluations; 0 disables")
+    eval_windows: int = option(32, "validation windows scored at each periodic evaluation")
+    checkpoint_interval: int = option(200, "steps between checkpoints")
+    keep_last: int = option(3, "periodic checkpoints kept on disk (best/ is kept apart)")
+    resume: Literal["auto", "never"] = option("auto", "continue from LATEST if the run has one")
+    log_interval: int = option(10, "steps between metric log lines")
+
+
+@dataclass
+class EvalConfig:
+    stride: int = option(0, "evaluation window stride; 0 means half the context")
+    batch_size: int = option(16, "windows per evaluation batch")
+    splits: list[str] = option(["val", "test"], "splits `sllm eval` scores when present")
+
+
+@dataclass
+class SampleConfig:
+    prompts: list[str] = option(["대한민국은", "The "], "fixed prompts sampled at each eval")
+    max_new_tokens: int = option(64, "tokens generated per prompt")
+    temperature: float = option(0.8, "softmax temperature; 0 is greedy")
+    top_k: int = option(50, "keep the k most likely tokens; 0 disables")
+    top_p: float = option(0.95, "keep the smallest set with this probability mass")
+    repetition_penalty: float = option(1.0, "divide logits of seen tokens by this (>1 avoids loops)")
+    seed: int = option(42, "sampling seed")
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = option(True, "write TensorBoard events when tensorboard is installed")
+    progress: bool = option(True, "show a progress bar")
+    samples_at_eval: bool = option(True, "generate the fixed prompts at each evaluation")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+
+def _coerce(value: Any, expected: Any, key: str) -> Any:
+    """Check `value` against the annotation `expected`; parse numbers given as strings."""
+    origin = typing.get_origin(expected)
+    if origin is Literal:
+        if value not in typing.get_args(expected):
+            allowed = ", ".join(str(a) for a in typing.get_args(expected))
+            raise UserError(f"config key {key} is {value!r}; allowed values: {allowed}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(expected) if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"config key {key} must be a list, got {value!r}")
+        (item_type,) = typing.get_args(expected)
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif expected is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise UserError(f"config key {key} must be of type {expected.__name__}, got {value!r}")
+
+
+def _build_section(section: str, values: dict[str, Any]) -> Any:
+    cls = SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            valid = ", ".join(hints)
+            raise UserError(f"unknown config key {section}.{key}; valid keys of {section}: {valid}")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a Config from nested dicts (a YAML file's content)."""
+    if not isinstance(raw, dict):
+        raise UserError("a config file must be a mapping of sections (data, model, train, ...)")
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise UserError(f"unknown config section {section!r}; valid sections: {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise UserError(f"config section {section} must be a mapping of keys to values")
+    cfg = Config(**{name: _build_section(name, raw.get(name) or {}) for name in SECTIONS})
+    validate(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """`train.lr=3e-4` → ("train", "lr", 3e-4); values are parsed as YAML scalars or lists."""
+    key, sep, raw_value = text.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not name:
+        raise UserError(f"override {text!r} must look like section.key=value, e.g. train.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError:
+        value = raw_value
+    return section, name, value
+
+
+def resolve_config_path(name: str) -> Path:
+    """A YAML path, or the name of a bundled preset such as `demo`."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    preset = resources.files("sllm") / "configs" / f"{path.stem}.yaml"
+    if path.suffix in ("", ".yaml") and preset.is_file():
+        return Path(str(preset))
+    presets = ", ".join(sorted(p.name[:-5] for p in list_presets()))
+    raise UserError(f"config file {name} not found; give a YAML path or a preset ({presets})")
+
+
+def list_presets() -> list[Any]:
+    return [p for p in (resources.files("sllm") / "configs").iterdir() if p.name.endswith(".yaml")]
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from defaults), apply dotted overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path:
+        text = resolve_config_path(path).read_text(encoding="utf-8")
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config file {path} must be a mapping of sections")
+    for text in overrides or []:
+        section, name, value = parse_override(text)
+        if section not in SECTIONS:
+            raise UserError(f"unknown config section {section!r} in {text!r}; valid: {', '.join(SECTIONS)}")
+        raw.setdefault(section, {})
+        if raw[section] is None:
+            raw[section] = {}
+        raw[section][name] = value
+    return config_from_dict(raw)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), allow_unicode=True, sort_keys=False), "utf-8")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise UserError(f"config key {key} must be positive, got {value}")
+
+
+def validate(cfg: Config) -> None:
+    """Impossible combinations fail here, before any data is read or any model is built."""
+    m, t = cfg.model, cfg.train
+    for key in ("n_layer", "n_head", "n_embd", "block_size", "ffn_window"):
+        _positive(f"model.{key}", getattr(m, key))
+    for key in ("max_steps", "micro_batch", "grad_accum", "checkpoint_interval", "keep_last"):
+        _positive(f"train.{key}", getattr(t, key))
+    _positive("train.lr", t.lr)
+    _positive("eval.batch_size", cfg.eval.batch_size)
+    if m.n_embd % m.n_head != 0:
+        raise UserError(
+            f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})"
+        )
+    if m.pos == "sinusoidal" and (m.n_embd // m.n_head) % 2 and m.n_embd % 2:
+        raise UserError("model.n_embd must be even for sinusoidal positions")
+    if t.block_size > m.block_size:
+        raise UserError(
+            f"train.block_size ({t.block_size}) is larger than the model context "
+            f"model.block_size ({m.block_size}); lower it or raise model.block_size"
+        )
+    if cfg.eval.stride > m.block_size or cfg.eval.stride < 0:
+        raise UserError(f"eval.stride must be between 1 and model.block_size ({m.block_size})")
+    if m.arch == "ffn" and m.ffn_window > m.block_size:
+        raise UserError("model.ffn_window must not exceed model.block_size")
+    if not 0 <= m.dropout < 1:
+        raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if t.min_lr > t.lr:
+        raise UserError(f"train.min_lr ({t.min_lr}) must not exceed train.lr ({t.lr})")
+    if not (0 <= cfg.data.val_ratio < 1 and 0 <= cfg.data.test_ratio < 1) or (
+        cfg.data.val_ratio + cfg.data.test_ratio >= 1
+    ):
+        raise UserError("data.val_ratio and data.test_ratio must be in [0, 1) and sum below 1")
+    if cfg.tokenizer.kind == "bpe" and cfg.tokenizer.vocab_size < 256 + len(
+        cfg.tokenizer.special_tokens
+    ):
+        raise UserError("tokenizer.vocab_size must be at least 256 + the number of special tokens")
+    s = cfg.sample
+    check_sampling(s.temperature, s.top_k, s.top_p, s.repetition_penalty, s.max_new_tokens)
+
+
+def check_sampling(
+    temperature: float, top_k: int, top_p: float, repetition_penalty: float, max_new_tokens: int
+) -> None:
+    """Out-of-range sampling parameters are user errors, wherever they come from."""
+    if temperature < 0:
+        raise UserError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k < 0:
+        raise UserError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
+    if repetition_penalty <= 0:
+        raise UserError(f"repetition_penalty must be > 0 (1 disables it), got {repetition_penalty}")
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")

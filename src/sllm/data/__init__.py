@@ -1,0 +1,1 @@
+"""Reading raw text, preparing token files and serving training and evaluation windows."""

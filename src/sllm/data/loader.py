@@ -1,0 +1,114 @@
+"""Windows over memory-mapped token files: random ones for training, strided ones for eval.
+
+Which windows a training micro-batch reads is a pure function of (seed, step, micro_step,
+rank): resuming needs no loader state and replays the uninterrupted run exactly.
+
+Evaluation slides windows of `block_size` tokens by `stride`; in each window only the
+targets not scored by the previous window count, so every token after the first is scored
+exactly once and perplexity is exact for the split, whatever the stride.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sllm.errors import UserError
+
+
+def open_split(data_dir: str | Path, split: str, dtype: str) -> np.ndarray:
+    """The split's tokens as a read-only memmap (empty array for an empty split)."""
+    path = Path(data_dir) / f"{split}.bin"
+    if not path.is_file():
+        raise UserError(f"{path} not found; run `sllm prepare` for {data_dir}")
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+class TrainWindows:
+    """Random windows of `block_size + 1` tokens, addressed by (step, micro_step, rank)."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, micro_batch: int, seed: int) -> None:
+        if len(tokens) < block_size + 1:
+            raise UserError(
+                f"the train split has {len(tokens)} tokens, fewer than block_size + 1 "
+                f"({block_size + 1}); lower train.block_size or add data"
+            )
+        self.tokens = tokens
+        self.block_size = block_size
+        self.micro_batch = micro_batch
+        self.seed = seed
+
+    def starts(self, step: int, micro_step: int, rank: int = 0) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, step, micro_step, rank])
+        return rng.integers(0, len(self.tokens) - self.block_size, size=self.micro_batch)
+
+    def batch(self, step: int, micro_step: int, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets, int64 tensors of shape (micro_batch, block_size)."""
+        starts = self.starts(step, micro_step, rank)
+        windows = np.stack([self.tokens[s : s + self.block_size + 1] for s in starts])
+        windows = torch.from_numpy(windows.astype(np.int64))
+        return windows[:, :-1], windows[:, 1:]
+
+
+def fixed_windows(tokens: np.ndarray, block_size: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` evenly spaced windows: the same set at every periodic evaluation."""
+    block_size = min(block_size, len(tokens) - 1)
+    if block_size < 1:
+        raise UserError("the validation split has fewer than 2 tokens; raise data.val_ratio")
+    starts = np.unique(np.linspace(0, len(tokens) - block_size - 1, count).astype(np.int64))
+    windows = torch.from_numpy(np.stack([tokens[s : s + block_size + 1] for s in starts]).astype(np.int64))
+    return windows[:, :-1], windows[:, 1:]
+
+
+@dataclass(frozen=True)
+class Span:
+    """Window `tokens[begin:end]` predicting `tokens[begin+1:end+1]`; its last `scored` count."""
+
+    begin: int
+    end: int
+    scored: int
+
+
+def strided_spans(n_tokens: int, block_size: int, stride: int) -> Iterator[Span]:
+    """Windows covering every target position 1..n_tokens-1 exactly once."""
+    if not 1 <= stride <= block_size:
+        raise ValueError("stride must be in [1, block_size]")
+    begin, scored_until = 0, 0
+    while scored_until < n_tokens - 1:
+        end = min(begin + block_size, n_tokens - 1)
+        yield Span(begin, end, end - scored_until)
+        scored_until = end
+        begin += stride
+
+
+@dataclass
+class EvalBatch:
+    inputs: torch.Tensor  # (B, T) padded with 0
+    targets: torch.Tensor  # (B, T)
+    scored: torch.Tensor  # (B, T) bool: which targets count
+
+
+def eval_batches(
+    tokens: np.ndarray, block_size: int, stride: int, batch_size: int
+) -> Iterator[EvalBatch]:
+    """Strided windows grouped into padded batches with a mask of the targets that count."""
+    spans = list(strided_spans(len(tokens), block_size, stride))
+    for first in range(0, len(spans), batch_size):
+        group = spans[first : first + batch_size]
+        width = max(s.end - s.begin for s in group)
+        inputs = torch.zeros(len(group), width, dtype=torch.long)
+        targets = torch.zeros(len(group), width, dtype=torch.long)
+        scored = torch.zeros(len(group), width, dtype=torch.bool)
+        for row, span in enumerate(group):
+            length = span.end - span.begin
+            window = torch.from_numpy(tokens[span.begin : span.end + 1].astype(np.int64))
+            inputs[row, :length] = window[:-1]
+            targets[row, :length] = window[1:]
+            scored[row, length - span.scored : length] = True
+        yield EvalBatch(inputs, targets, scored)

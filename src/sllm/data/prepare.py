@@ -1,0 +1,211 @@
+"""Raw text → prepared data directory: tokenizer.json, train/val/test .bin files, meta.json.
+
+Documents are split by a seeded draw per document (so a document never straddles splits),
+NFC-normalized, encoded in batches (the tokenizer's Rust threads use every core) and joined
+with EOS. Token files are flat uint16 arrays when the vocabulary fits, else uint32.
+
+meta.json keeps a fingerprint of the inputs (content sha256), the tokenizer and the
+settings: re-running on unchanged inputs does nothing, anything changed rebuilds. Work
+happens in a temp directory that is renamed into place at the end, so an interrupted
+prepare never leaves a half-written directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sllm.config import DataConfig, TokenizerConfig
+from sllm.data.sources import SourceStats, expand_inputs, read_documents
+from sllm.errors import UserError
+from sllm.tokenizer import Tokenizer, load_tokenizer, nfc, train_bpe, train_char
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+SPLITS = ("train", "val", "test")
+ENCODE_BATCH_DOCS = 512
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def train_tokenizer(files: list[Path], data: DataConfig, tok: TokenizerConfig) -> Tokenizer:
+    """Train the configured kind of tokenizer on the documents of `files`."""
+    stats = SourceStats()
+    texts = (nfc(t) for t in read_documents(files, data.text_field, data.txt_mode, data.on_error, stats))
+    if tok.kind == "char":
+        tokenizer: Tokenizer = train_char(texts, tok.special_tokens)
+    else:
+        tokenizer = train_bpe(texts, tok.vocab_size, tok.special_tokens, tok.min_frequency)
+    if stats.documents == 0:
+        raise UserError("the corpus has no non-empty documents; check the input files")
+    return tokenizer
+
+
+def _fingerprint(
+    files: list[Path], data: DataConfig, tok: TokenizerConfig, given: Tokenizer | None
+) -> dict[str, Any]:
+    """What the output depends on: input contents, the tokenizer (or its recipe), settings."""
+    tokenizer_key: dict[str, Any]
+    if given is not None:
+        tokenizer_key = {"file_sha256": given.sha256}
+    else:
+        tokenizer_key = {"train": {k: v for k, v in dataclasses.asdict(tok).items() if k != "path"}}
+    settings = {k: v for k, v in dataclasses.asdict(data).items() if k not in ("dir", "inputs")}
+    inputs = [{"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files]
+    return {"format_version": FORMAT_VERSION, "inputs": inputs, "tokenizer": tokenizer_key, "settings": settings}
+
+
+def read_meta(data_dir: str | Path) -> dict[str, Any]:
+    path = Path(data_dir) / META_FILE
+    if not path.is_file():
+        raise UserError(f"{data_dir} is not a prepared data directory (no meta.json); run `sllm prepare`")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise UserError(f"{path} is damaged (invalid JSON); run `sllm prepare` again") from None
+
+
+def _split_of(draws: np.ndarray, val_ratio: float, test_ratio: float) -> Iterator[str]:
+    for u in draws:
+        yield "val" if u < val_ratio else "test" if u < val_ratio + test_ratio else "train"
+
+
+def _write_splits(
+    documents: Iterator[str], tokenizer: Tokenizer, data: DataConfig, out: Path
+) -> dict[str, dict[str, int]]:
+    """Encode documents in batches and append them, EOS after each, to their split's file."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    counts = {s: {"documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
+    handles = {s: open(out / f"{s}.bin", "wb") for s in SPLITS}  # noqa: SIM115
+    rng = np.random.default_rng(data.split_seed)
+    try:
+        batch: list[str] = []
+        for text in documents:
+            batch.append(nfc(text))
+            if len(batch) == ENCODE_BATCH_DOCS:
+                _flush(batch, rng, tokenizer, data, dtype, handles, counts)
+                batch = []
+        _flush(batch, rng, tokenizer, data, dtype, handles, counts)
+        for handle in handles.values():
+            handle.flush()
+            os.fsync(handle.fileno())
+    finally:
+        for handle in handles.values():
+            handle.close()
+    return counts
+
+
+def _flush(batch, rng, tokenizer, data, dtype, handles, counts) -> None:
+    if not batch:
+        return
+    splits = list(_split_of(rng.random(len(batch)), data.val_ratio, data.test_ratio))
+    for text, ids, split in zip(batch, tokenizer.encode_batch(batch), splits, strict=True):
+        ids.append(tokenizer.eos_id)
+        np.asarray(ids, dtype=dtype).tofile(handles[split])
+        counts[split]["documents"] += 1
+        counts[split]["tokens"] += len(ids)
+        counts[split]["bytes"] += len(text.encode("utf-8"))
+
+
+def _check_splits(counts: dict[str, dict[str, int]], data: DataConfig) -> None:
+    total_docs = sum(c["documents"] for c in counts.values())
+    if total_docs == 0:
+        raise UserError("the corpus is empty: no non-empty documents in the inputs")
+    wanted = {"train": 1.0, "val": data.val_ratio, "test": data.test_ratio}
+    for split, ratio in wanted.items():
+        if ratio > 0 and counts[split]["documents"] == 0:
+            raise UserError(
+                f"the {split} split got no documents out of {total_docs}; give more documents "
+                "(e.g. data.txt_mode=paragraph), raise its ratio or change data.split_seed"
+            )
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished temp dir into place; the old version is removed only afterwards."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare(data: DataConfig, tok: TokenizerConfig, log=print) -> dict[str, Any]:
+    """Build (or confirm up to date) the prepared data directory `data.dir`; return its meta."""
+    out = Path(data.dir)
+    files = expand_inputs(data.inputs)
+    given = load_tokenizer(tok.path) if tok.path else None
+    fingerprint = _fingerprint(files, data, tok, given)
+    if (out / META_FILE).is_file():
+        existing = read_meta(out)
+        if existing.get("fingerprint") == fingerprint:
+            log(f"{out} is up to date with its inputs; nothing to do")
+            return existing
+    elif out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not a prepared data directory; choose another --out")
+
+    started = time.perf_counter()
+    tokenizer = given or train_tokenizer(files, data, tok)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        tokenizer.save(tmp)
+        stats = SourceStats()
+        documents = read_documents(files, data.text_field, data.txt_mode, data.on_error, stats)
+        counts = _write_splits(documents, tokenizer, data, tmp)
+        _check_splits(counts, data)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "tokenizer_sha256": tokenizer.sha256,
+            "dtype": token_dtype(tokenizer.vocab_size).name,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+            "splits": counts,
+            "skipped": {
+                "empty_documents": stats.empty_documents,
+                "malformed_lines": stats.malformed_lines,
+                "invalid_utf8_lines": stats.invalid_utf8_lines,
+            },
+            "fingerprint": fingerprint,
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), "utf-8")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(summary(meta, time.perf_counter() - started))
+    return meta
+
+
+def summary(meta: dict[str, Any], seconds: float) -> str:
+    lines = [f"prepared in {seconds:.1f}s: vocab {meta['vocab_size']}, dtype {meta['dtype']}"]
+    for split, c in meta["splits"].items():
+        if c["documents"]:
+            lines.append(
+                f"  {split:<5} {c['documents']:>9,} documents {c['tokens']:>12,} tokens "
+                f"{c['bytes'] / max(c['tokens'], 1):.2f} bytes/token"
+            )
+    skipped = {k: v for k, v in meta["skipped"].items() if v}
+    if skipped:
+        lines.append("  skipped: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in skipped.items()))
+    return "\n".join(lines)

@@ -1,0 +1,141 @@
+"""Loss, perplexity and bits per byte of a model over a whole split.
+
+Scoring uses strided windows (see `sllm.data.loader.strided_spans`): every token after the
+first is scored exactly once, with up to `block_size - stride` tokens of earlier context,
+so results are exact for the split and comparable between runs. Bits per byte divide the
+summed loss (in bits) by the split's UTF-8 bytes, which makes models with different
+tokenizers comparable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sllm.data.loader import eval_batches, open_split
+from sllm.data.prepare import read_meta
+from sllm.errors import UserError
+from sllm.runs import open_run
+from sllm.runtime import autocast, select_autocast_dtype, select_device
+
+
+@dataclass
+class EvalResult:
+    split: str
+    tokens: int
+    loss: float
+    bytes: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.loss * self.tokens / math.log(2) / self.bytes if self.bytes else float("nan")
+
+    def as_dict(self) -> dict[str, float | int | str]:
+        return {
+            "split": self.split,
+            "tokens": self.tokens,
+            "loss": self.loss,
+            "perplexity": self.perplexity,
+            "bits_per_byte": self.bits_per_byte,
+        }
+
+
+@torch.no_grad()
+def score_tokens(
+    model: nn.Module,
+    tokens: np.ndarray,
+    stride: int,
+    batch_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) and the number of scored tokens."""
+    total, count = 0.0, 0
+    for batch in eval_batches(tokens, model.block_size, stride, batch_size):
+        inputs = batch.inputs.to(device)
+        with autocast(device, amp_dtype):
+            logits = model(inputs)
+        losses = F.cross_entropy(
+            logits.float().flatten(0, 1), batch.targets.to(device).flatten(), reduction="none"
+        )
+        scored = batch.scored.to(device).flatten()
+        total += float(losses[scored].sum())
+        count += int(scored.sum())
+    return total, count
+
+
+@torch.no_grad()
+def mean_loss(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> float:
+    """Mean next-token loss over fixed windows (training's periodic validation)."""
+    total, count = 0.0, 0
+    for first in range(0, len(inputs), batch_size):
+        x = inputs[first : first + batch_size].to(device)
+        y = targets[first : first + batch_size].to(device)
+        with autocast(device, amp_dtype):
+            logits = model(x)
+        total += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
+        count += y.numel()
+    return total / count
+
+
+def default_stride(block_size: int, stride: int) -> int:
+    return stride or max(1, block_size // 2)
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    splits: list[str] | None = None,
+    stride: int = 0,
+    batch_size: int = 0,
+    device: str = "auto",
+    checkpoint: str = "latest",
+) -> list[EvalResult]:
+    """Score each present split of the run's prepared data with its newest checkpoint."""
+    chosen = select_device(device)
+    run = open_run(run_dir, chosen, checkpoint)
+    cfg = run.config
+    meta = read_meta(cfg.data.dir)
+    if meta["tokenizer_sha256"] != run.tokenizer.sha256:
+        raise UserError(f"the data in {cfg.data.dir} was prepared with another tokenizer than {run_dir}")
+    stride = default_stride(run.model.block_size, stride or cfg.eval.stride)
+    if stride > run.model.block_size:
+        raise UserError(f"--stride must be at most the context ({run.model.block_size})")
+    results = []
+    for split in splits or cfg.eval.splits:
+        if split not in meta["splits"]:
+            raise UserError(f"unknown split {split!r}; the data has {', '.join(meta['splits'])}")
+        if meta["splits"][split]["tokens"] < 2:
+            continue
+        tokens = open_split(cfg.data.dir, split, meta["dtype"])
+        nll, count = score_tokens(
+            run.model, tokens, stride, batch_size or cfg.eval.batch_size, chosen, select_autocast_dtype(chosen)
+        )
+        results.append(EvalResult(split, count, nll / count, meta["splits"][split]["bytes"]))
+    if not results:
+        raise UserError(f"none of the splits {splits or cfg.eval.splits} has tokens to score")
+    return results
+
+
+def unigram_perplexity(train_tokens: np.ndarray, eval_tokens: np.ndarray, vocab_size: int) -> float:
+    """Perplexity of a context-free model (add-one smoothed token frequencies of train):
+    the bar a language model must clear to have learned anything beyond word counts."""
+    counts = np.bincount(np.asarray(train_tokens, dtype=np.int64), minlength=vocab_size) + 1.0
+    log_probs = np.log(counts / counts.sum())
+    return float(np.exp(-log_probs[np.asarray(eval_tokens[1:], dtype=np.int64)].mean()))

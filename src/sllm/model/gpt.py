@@ -1,0 +1,178 @@
+"""The GPT decoder: token + position embeddings, pre-norm blocks, tied LM head.
+
+Reads top to bottom: positions, the KV cache, attention, MLP, block, GPT. Options pick small
+named pieces (`POSITIONS`) rather than branching inside `forward`.
+
+- Attention goes through `F.scaled_dot_product_attention`, which picks flash / memory-
+  efficient kernels where the hardware has them.
+- The LM head reuses the token embedding matrix (weight tying, as in GPT-2), so the
+  checkpoint holds one copy and `safetensors` sees no shared tensors.
+- Init follows GPT-2: N(0, 0.02), with the residual projections scaled by 1/sqrt(2·n_layer)
+  so the residual stream's variance does not grow with depth.
+- The KV cache is preallocated for the whole context; decoding writes one slot per step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sllm.config import ModelConfig
+
+
+class LearnedPositions(nn.Module):
+    def __init__(self, block_size: int, n_embd: int) -> None:
+        super().__init__()
+        self.table = nn.Embedding(block_size, n_embd)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.table(positions)
+
+
+class SinusoidalPositions(nn.Module):
+    """Fixed sin/cos embeddings (Vaswani et al., 2017); nothing to learn, nothing to save."""
+
+    def __init__(self, block_size: int, n_embd: int) -> None:
+        super().__init__()
+        position = torch.arange(block_size, dtype=torch.float32)[:, None]
+        frequency = torch.exp(torch.arange(0, n_embd, 2, dtype=torch.float32) * (-math.log(1e4) / n_embd))
+        table = torch.zeros(block_size, n_embd)
+        table[:, 0::2] = torch.sin(position * frequency)
+        table[:, 1::2] = torch.cos(position * frequency)
+        self.register_buffer("table", table, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.table[positions]
+
+
+POSITIONS = {"learned": LearnedPositions, "sinusoidal": SinusoidalPositions}
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated as (layer, batch, head, max_len, head_dim)."""
+
+    def __init__(
+        self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
+        device: torch.device, dtype: torch.dtype,
+    ) -> None:  # fmt: skip
+        shape = (n_layer, batch, n_head, max_len, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+        self.max_len = max_len
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's keys/values after the cached ones; return all of them so far."""
+        end = self.length + k.size(2)
+        self.keys[layer, :, :, self.length : end] = k
+        self.values[layer, :, :, self.length : end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        batch, length, width = x.shape
+        q, k, v = self.qkv(x).split(width, dim=2)
+        q, k, v = (t.view(batch, length, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.store(self.layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=_prefix_causal_mask(length, past, x.device) if past and length > 1 else None,
+            is_causal=past == 0 and length > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # fmt: skip
+        y = y.transpose(1, 2).contiguous().view(batch, length, width)
+        return self.resid_dropout(self.proj(y))
+
+
+def _prefix_causal_mask(length: int, past: int, device: torch.device) -> torch.Tensor:
+    """Queries at positions past..past+length-1 see every cached key and the causal new ones."""
+    return torch.ones(length, past + length, dtype=torch.bool, device=device).tril(diagonal=past)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.norm2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cache)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    supports_kv_cache = True
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.block_size = cfg.block_size
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = POSITIONS[cfg.pos](cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
+        self.norm_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.apply(self._init_weights)
+        residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        for name, param in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                nn.init.normal_(param, mean=0.0, std=residual_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        head_dim = self.cfg.n_embd // self.cfg.n_head
+        return KVCache(self.cfg.n_layer, batch, self.cfg.n_head, self.block_size, head_dim, device, dtype)
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, n_embd); with a cache, idx continues the cached text."""
+        past = cache.length if cache is not None else 0
+        if past + idx.size(1) > self.block_size:
+            raise ValueError(f"sequence of {past + idx.size(1)} tokens exceeds the context {self.block_size}")
+        positions = torch.arange(past, past + idx.size(1), device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(positions))
+        for block in self.blocks:
+            x = block(x, cache)
+        if cache is not None:
+            cache.length += idx.size(1)
+        return self.norm_f(x)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Next-token logits (B, T, vocab)."""
+        return F.linear(self.hidden_states(idx, cache), self.wte.weight)

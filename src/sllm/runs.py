@@ -1,0 +1,57 @@
+"""Opening a run directory for use: its resolved config, tokenizer and newest weights.
+
+Evaluation, generation and (later) export all start from a run directory alone: the
+config.yaml and tokenizer.json that training copied there, and the newest checkpoint that
+verifies (or one named explicitly, such as `best`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from sllm.config import Config, config_from_dict
+from sllm.errors import UserError
+from sllm.model import build_model
+from sllm.tokenizer import Tokenizer, load_tokenizer
+from sllm.train.checkpoint import BEST, CHECKPOINTS, Checkpoint, load_checkpoint, load_latest
+
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class LoadedRun:
+    path: Path
+    config: Config
+    tokenizer: Tokenizer
+    model: nn.Module
+    checkpoint: Checkpoint
+
+
+def read_run_config(run_dir: Path) -> Config:
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no {CONFIG_FILE}); train one with `sllm train`")
+    return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")))
+
+
+def open_run(run_dir: str | Path, device: torch.device, checkpoint: str = "latest") -> LoadedRun:
+    """Load a run's model in eval mode on `device` from its newest (or `best`) checkpoint."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} does not exist; check --run")
+    config = read_run_config(run_dir)
+    tokenizer = load_tokenizer(run_dir)
+    if checkpoint == BEST:
+        found: Checkpoint | None = load_checkpoint(run_dir / CHECKPOINTS / BEST)
+    else:
+        found = load_latest(run_dir)
+    if found is None:
+        raise UserError(f"{run_dir} has no checkpoint yet; train it first")
+    model = build_model(config.model)
+    model.load_state_dict(found.model_state())
+    return LoadedRun(run_dir, config, tokenizer, model.to(device).eval(), found)

@@ -1,0 +1,201 @@
+"""One tokenizer interface over two kinds: byte-level BPE (HF `tokenizers`) and characters.
+
+Both normalize to Unicode NFC first, so composed and decomposed Hangul encode alike, and both
+round-trip exactly: `decode(encode(x)) == nfc(x)`. Byte-level BPE covers every UTF-8 string
+because its base alphabet is the 256 bytes; the char kind covers the characters seen in
+training and maps the rest to `<|unk|>`. Both live in one `tokenizer.json`: the HF format, or
+a small JSON of ours marked `"kind": "sllm-char"`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import unicodedata
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from sllm.errors import UserError
+
+TOKENIZER_FILE = "tokenizer.json"
+UNK_TOKEN = "<|unk|>"
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>")
+PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]")
+
+
+def nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text)
+
+
+class Tokenizer:
+    """What the rest of sllm needs from a tokenizer."""
+
+    vocab_size: int
+    eos_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def to_json(self) -> str:
+        raise NotImplementedError
+
+    def token_id(self, token: str) -> int | None:
+        raise NotImplementedError
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+
+    def save(self, directory: Path) -> Path:
+        """Write `tokenizer.json` into `directory` atomically."""
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / TOKENIZER_FILE
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(self.to_json(), encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE through HF `tokenizers`; encodes batches on all cores (Rust threads)."""
+
+    def __init__(self, hf_tokenizer) -> None:
+        self.hf = hf_tokenizer
+        self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
+        eos = _first_present(self, EOS_CANDIDATES)
+        if eos is None:
+            raise UserError(
+                f"the tokenizer has no end-of-text token (looked for {', '.join(EOS_CANDIDATES)}); "
+                "add one to its special tokens"
+            )
+        self.eos_id = eos
+        pad = _first_present(self, PAD_CANDIDATES)
+        self.pad_id = eos if pad is None else pad
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def to_json(self) -> str:
+        return self.hf.to_str()
+
+    def token_id(self, token: str) -> int | None:
+        return self.hf.token_to_id(token)
+
+
+class CharTokenizer(Tokenizer):
+    """One token per NFC character: special tokens, then `<|unk|>`, then the sorted alphabet."""
+
+    def __init__(self, special_tokens: list[str], chars: list[str]) -> None:
+        self.special_tokens = list(special_tokens)
+        self.chars = list(chars)
+        self.itos = [*self.special_tokens, UNK_TOKEN, *self.chars]
+        self.stoi = {s: i for i, s in enumerate(self.itos)}
+        self.vocab_size = len(self.itos)
+        self.eos_id = _first_present(self, EOS_CANDIDATES)
+        self.unk_id = len(self.special_tokens)
+        pad = _first_present(self, PAD_CANDIDATES)
+        self.pad_id = self.eos_id if pad is None else pad
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self._encode_one(nfc(t)) for t in texts]
+
+    def _encode_one(self, text: str) -> list[int]:
+        ids, i = [], 0
+        while i < len(text):
+            special = next((s for s in self.special_tokens if text.startswith(s, i)), None)
+            if special is not None:
+                ids.append(self.stoi[special])
+                i += len(special)
+            else:
+                ids.append(self.stoi.get(text[i], self.unk_id))
+                i += 1
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.itos[i] for i in ids)
+
+    def to_json(self) -> str:
+        payload = {"kind": "sllm-char", "special_tokens": self.special_tokens, "chars": self.chars}
+        return json.dumps(payload, ensure_ascii=False)
+
+    def token_id(self, token: str) -> int | None:
+        return self.stoi.get(token)
+
+
+def _first_present(tokenizer: Tokenizer, candidates: Iterable[str]) -> int | None:
+    for token in candidates:
+        token_id = tokenizer.token_id(token)
+        if token_id is not None:
+            return token_id
+    return None
+
+
+def train_bpe(
+    texts: Iterator[str], vocab_size: int, special_tokens: list[str], min_frequency: int = 2
+) -> BPETokenizer:
+    """Train byte-level BPE with NFC normalization and the 256 bytes as base alphabet."""
+    _require_eos(special_tokens)
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.normalizer = normalizers.NFC()
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    hf.train_from_iterator(texts, trainer=trainer)
+    return BPETokenizer(hf)
+
+
+def _require_eos(special_tokens: list[str]) -> None:
+    if not any(token in EOS_CANDIDATES for token in special_tokens):
+        raise UserError(
+            f"tokenizer.special_tokens needs an end-of-text token, one of {', '.join(EOS_CANDIDATES)}"
+        )
+
+
+def train_char(texts: Iterator[str], special_tokens: list[str]) -> CharTokenizer:
+    _require_eos(special_tokens)
+    alphabet: set[str] = set()
+    for text in texts:
+        alphabet.update(nfc(text))
+    return CharTokenizer(special_tokens, sorted(alphabet))
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load `tokenizer.json` (or a directory holding one): ours, or any HF tokenizer file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / TOKENIZER_FILE
+    if not path.is_file():
+        raise UserError(f"tokenizer file {path} not found; train one with `sllm tokenizer train`")
+    text = path.read_text(encoding="utf-8")
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError:
+        raise UserError(f"{path} is not a tokenizer.json file (invalid JSON)") from None
+    if isinstance(payload, dict) and payload.get("kind") == "sllm-char":
+        return CharTokenizer(payload["special_tokens"], payload["chars"])
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        return BPETokenizer(HFTokenizer.from_str(text))
+    except Exception as exc:
+        raise UserError(f"{path} is not a tokenizer the `tokenizers` library can read: {exc}") from None

@@ -1,0 +1,1 @@
+"""Pre-training: the loop, optimizers and schedules, checkpoints, and metric sinks."""

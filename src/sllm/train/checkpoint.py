@@ -1,0 +1,199 @@
+"""Checkpoints that survive crashes: atomic writes, verified loads, bounded retention.
+
+A checkpoint is a directory `checkpoints/step-NNNNNN/` holding `model.safetensors` (weights,
+safe to load from anyone), `state.pt` (optimizer and counters, loaded with
+`weights_only=True` so it cannot run code) and `meta.json` (step, tokens, val loss, the
+model config and the sha256 of both files). It is written under a temp name, fsynced and
+renamed; only then does `LATEST` (itself replaced atomically) point at it. Loading checks
+the hashes and falls back to the newest older checkpoint that verifies, with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sllm.errors import UserError
+
+CHECKPOINTS = "checkpoints"
+LATEST = "LATEST"
+BEST = "best"
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return load_file(self.path / MODEL_FILE)
+
+    def train_state(self) -> dict[str, Any]:
+        try:
+            return torch.load(self.path / STATE_FILE, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise UserError(f"{self.path / STATE_FILE} cannot be loaded safely: {exc}".splitlines()[0]) from None
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Rename `tmp` to `target`; an existing target is moved aside first, removed after."""
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    _fsync_path(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_checkpoint(
+    target: Path, model_state: dict[str, torch.Tensor], train_state: dict[str, Any], meta: dict[str, Any]
+) -> Path:
+    """Write a complete checkpoint directory at `target`, atomically."""
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        weights = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
+        save_file(weights, str(tmp / MODEL_FILE))
+        torch.save(train_state, tmp / STATE_FILE)
+        files = {name: _sha256(tmp / name) for name in (MODEL_FILE, STATE_FILE)}
+        (tmp / META_FILE).write_text(json.dumps({**meta, "files": files}, indent=2, ensure_ascii=False), "utf-8")
+        for name in (MODEL_FILE, STATE_FILE, META_FILE):
+            _fsync_path(tmp / name)
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _write_latest(checkpoint_dir: Path, name: str) -> None:
+    tmp = checkpoint_dir / f".{LATEST}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(name + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, checkpoint_dir / LATEST)
+    _fsync_path(checkpoint_dir)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    model_state: dict[str, torch.Tensor],
+    train_state: dict[str, Any],
+    meta: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Save `checkpoints/step-N`, point LATEST at it, then prune old periodic checkpoints."""
+    checkpoint_dir = run_dir / CHECKPOINTS
+    target = write_checkpoint(checkpoint_dir / step_name(meta["step"]), model_state, train_state, meta)
+    _write_latest(checkpoint_dir, target.name)
+    _prune(checkpoint_dir, keep_last, keep=target.name)
+    return target
+
+
+def save_best(run_dir: Path, model_state, train_state, meta) -> Path:
+    return write_checkpoint(run_dir / CHECKPOINTS / BEST, model_state, train_state, meta)
+
+
+def _step_dirs(checkpoint_dir: Path) -> list[Path]:
+    """Complete-looking periodic checkpoints, newest first."""
+    dirs = [p for p in checkpoint_dir.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(dirs, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def _prune(checkpoint_dir: Path, keep_last: int, keep: str) -> None:
+    for path in _step_dirs(checkpoint_dir)[keep_last:]:
+        if path.name != keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def verify_checkpoint(path: Path) -> Checkpoint:
+    """Read meta.json and check both files against their sha256; raise ValueError if damaged."""
+    try:
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+        files = meta["files"]
+        int(meta["step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"meta.json unreadable ({type(exc).__name__})") from None
+    for name in (MODEL_FILE, STATE_FILE):
+        if not (path / name).is_file():
+            raise ValueError(f"{name} missing")
+        if _sha256(path / name) != files.get(name):
+            raise ValueError(f"{name} does not match its sha256")
+    return Checkpoint(path, meta)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def load_latest(run_dir: Path) -> Checkpoint | None:
+    """The newest checkpoint that verifies, or None when the run has none yet."""
+    checkpoint_dir = Path(run_dir) / CHECKPOINTS
+    candidates = _step_dirs(checkpoint_dir)
+    latest_file = checkpoint_dir / LATEST
+    if latest_file.is_file():
+        named = checkpoint_dir / latest_file.read_text(encoding="utf-8").strip()
+        candidates = [named] + [p for p in candidates if p != named]
+    for number, path in enumerate(candidates):
+        try:
+            checkpoint = verify_checkpoint(path)
+        except ValueError as problem:
+            following = candidates[number + 1].name if number + 1 < len(candidates) else "none left"
+            _warn(f"checkpoint {path} is damaged ({problem}); falling back to {following}")
+            continue
+        return checkpoint
+    if candidates:
+        raise UserError(f"no checkpoint in {checkpoint_dir} verifies; all are damaged")
+    return None
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """A specific checkpoint directory (e.g. `best/`), verified."""
+    try:
+        return verify_checkpoint(Path(path))
+    except ValueError as problem:
+        raise UserError(f"checkpoint {path} is damaged or incomplete ({problem})") from None
+
+
+def config_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Model config fields that differ, as `name: saved → wanted`."""
+    keys = sorted(set(saved) | set(wanted))
+    return [f"{k}: {saved.get(k)!r} → {wanted.get(k)!r}" for k in keys if saved.get(k) != wanted.get(k)]

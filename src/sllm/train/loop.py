@@ -1,0 +1,240 @@
+"""The training loop.
+
+One step is one optimizer update over `grad_accum` micro-batches. Everything that decides
+what a step computes is a function of the step number: the windows read
+(`TrainWindows.batch(step, micro_step)`), the learning rate (`lr_at(step)`) and dropout
+(the torch RNG is re-seeded from (seed, step)). A checkpoint therefore needs only the
+weights, the optimizer state and counters, and a resumed run equals an uninterrupted one
+bit for bit on the CPU.
+
+The run directory gets the resolved config and a copy of the tokenizer first, so it is
+self-contained; checkpoints, metrics.jsonl, TensorBoard events and samples follow.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from sllm.config import Config, save_config
+from sllm.data.loader import TrainWindows, fixed_windows, open_split
+from sllm.data.prepare import read_meta
+from sllm.errors import UserError
+from sllm.evaluate import mean_loss
+from sllm.model import build_model, describe
+from sllm.runs import CONFIG_FILE
+from sllm.runtime import autocast, select_autocast_dtype, select_device
+from sllm.tokenizer import TOKENIZER_FILE, load_tokenizer
+from sllm.train.checkpoint import config_differences, load_latest, save_best, save_checkpoint
+from sllm.train.monitor import MetricSinks
+from sllm.train.optim import build_optimizer, lr_at
+from sllm.train.samples import sample_prompts, write_samples
+from sllm.train.signals import StopRequest
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    tokens_seen: int
+    val_loss: float | None
+    stopped_by: str | None = None
+    already_finished: bool = False
+
+
+def _resolve_model_config(cfg: Config, meta: dict) -> None:
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = meta["vocab_size"]
+    elif cfg.model.vocab_size < meta["vocab_size"]:
+        raise UserError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's vocabulary "
+            f"({meta['vocab_size']}); set it to 0 to take the data's"
+        )
+
+
+def _prepare_run_dir(run_dir: Path, data_dir: Path) -> None:
+    """Write config.yaml and tokenizer.json; refuse a run dir trained on another tokenizer."""
+    if (run_dir / TOKENIZER_FILE).is_file() and (
+        load_tokenizer(run_dir).sha256 != load_tokenizer(data_dir).sha256
+    ):
+        raise UserError(f"{run_dir} was trained with another tokenizer than {data_dir}; use a new --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(data_dir / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
+
+
+class Trainer:
+    """Model, optimizer and data of one run; `run()` trains from the current step to the end."""
+
+    def __init__(self, cfg: Config, log=print) -> None:
+        self.cfg, self.log = cfg, log
+        t = cfg.train
+        self.run_dir = Path(t.out_dir)
+        self.data_dir = Path(cfg.data.dir)
+        meta = read_meta(self.data_dir)
+        self.tokenizer = load_tokenizer(self.data_dir)
+        if self.tokenizer.sha256 != meta["tokenizer_sha256"]:
+            raise UserError(f"{self.data_dir}/tokenizer.json does not match its meta.json; run `sllm prepare` again")
+        _resolve_model_config(cfg, meta)
+        self.block_size = t.block_size or cfg.model.block_size
+        self.device = select_device(t.device)
+        self.amp_dtype = select_autocast_dtype(self.device, t.dtype)
+        self.windows = TrainWindows(open_split(self.data_dir, "train", meta["dtype"]), self.block_size, t.micro_batch, t.seed)
+        val_tokens = open_split(self.data_dir, "val", meta["dtype"])
+        self.val_windows = fixed_windows(val_tokens, self.block_size, t.eval_windows) if len(val_tokens) > 1 else None
+        self.tokens_per_step = t.micro_batch * self.block_size * t.grad_accum
+
+        torch.manual_seed(t.seed)
+        self.model = build_model(cfg.model).to(self.device)
+        self.optimizer = build_optimizer(self.model, t, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.step = 0
+        self.tokens_seen = 0
+        self.best_val_loss = math.inf
+        self.last_val_loss: float | None = None
+
+    # ---- state ----------------------------------------------------------------------
+
+    def resume(self) -> bool:
+        """Load the newest verified checkpoint if there is one; True when something was loaded."""
+        checkpoint = load_latest(self.run_dir)
+        if checkpoint is None:
+            return False
+        differences = config_differences(checkpoint.meta.get("model_config", {}), asdict(self.cfg.model))
+        if differences:
+            raise UserError(
+                f"checkpoint {checkpoint.path} was made for another model ({'; '.join(differences)}); "
+                "use a new --out or the same model settings"
+            )
+        self.model.load_state_dict(checkpoint.model_state())
+        state = checkpoint.train_state()
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.best_val_loss = float(state["best_val_loss"])
+        self.log(f"resumed from {checkpoint.path} (step {self.step}, {self.tokens_seen:,} tokens seen)")
+        return True
+
+    def _state(self) -> tuple[dict, dict, dict]:
+        train_state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "best_val_loss": self.best_val_loss,
+        }
+        meta = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "val_loss": self.last_val_loss,
+            "model_config": asdict(self.cfg.model),
+            "tokenizer_sha256": self.tokenizer.sha256,
+        }
+        return self.model.state_dict(), train_state, meta
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir, *self._state(), keep_last=self.cfg.train.keep_last)
+
+    # ---- one step -------------------------------------------------------------------
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer update; returns the mean micro-batch loss (a tensor: no host sync)."""
+        t = self.cfg.train
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, t)
+        torch.manual_seed(t.seed * 1_000_003 + self.step)
+        total = torch.zeros((), device=self.device)
+        for micro_step in range(t.grad_accum):
+            x, y = (v.to(self.device, non_blocking=True) for v in self.windows.batch(self.step, micro_step))
+            with autocast(self.device, self.amp_dtype):
+                logits = self.model(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            self.scaler.scale(loss / t.grad_accum).backward()
+            total += loss.detach()
+        if t.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        return total / t.grad_accum
+
+    def evaluate(self, sinks: MetricSinks) -> float | None:
+        if self.val_windows is None:
+            return None
+        self.model.eval()
+        val_loss = mean_loss(self.model, *self.val_windows, self.cfg.eval.batch_size, self.device, self.amp_dtype)
+        self.model.train()
+        self.last_val_loss = val_loss
+        sinks.log(self.step, {"val_loss": val_loss, "val_perplexity": math.exp(val_loss), "tokens": self.tokens_seen})
+        if val_loss < self.best_val_loss:
+            self.best_val_loss = val_loss
+            save_best(self.run_dir, *self._state())
+        if self.cfg.log.samples_at_eval and self.cfg.sample.prompts:
+            samples = sample_prompts(self.model, self.tokenizer, self.cfg.sample, self.device, self.amp_dtype)
+            path = write_samples(self.run_dir, self.step, samples)
+            sinks.text(self.step, "samples", path.read_text(encoding="utf-8"))
+        return val_loss
+
+    # ---- the loop -------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        t = self.cfg.train
+        self.log(describe(self.model) + f" on {self.device.type}, {self.tokens_per_step:,} tokens per step")
+        sinks = MetricSinks(self.run_dir, self.cfg.log.tensorboard)
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.cfg.log.progress, dynamic_ncols=True)
+        self.model.train()
+        stopped_by = None
+        window_start, window_steps = time.perf_counter(), 0
+        try:
+            with StopRequest() as stop:
+                while self.step < t.max_steps:
+                    loss = self.train_step()
+                    window_steps += 1
+                    bar.update(1)
+                    last = self.step == t.max_steps
+                    if self.step % t.log_interval == 0 or last:
+                        elapsed = time.perf_counter() - window_start
+                        rate = window_steps * self.tokens_per_step / max(elapsed, 1e-9)
+                        metrics = {"loss": float(loss), "lr": lr_at(self.step - 1, t), "tokens": self.tokens_seen, "tokens_per_s": rate}
+                        sinks.log(self.step, metrics)
+                        bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{rate:,.0f}")
+                        window_start, window_steps = time.perf_counter(), 0
+                    if (t.eval_interval and self.step % t.eval_interval == 0) or last:
+                        self.evaluate(sinks)
+                    if self.step % t.checkpoint_interval == 0 or last or stop.requested:
+                        self.save()
+                    if stop.requested:
+                        stopped_by = stop.signal_name
+                        break
+        finally:
+            bar.close()
+            sinks.close()
+        if stopped_by:
+            self.log(f"{stopped_by} received: saved step {self.step} to {self.run_dir}; run the same command to resume")
+        return TrainResult(self.run_dir, self.step, self.tokens_seen, self.last_val_loss, stopped_by)
+
+
+def train(cfg: Config, log=print) -> TrainResult:
+    """Train (or resume, or confirm finished) the run described by `cfg`."""
+    trainer = Trainer(cfg, log)
+    run_dir = trainer.run_dir
+    if cfg.train.resume == "never" and load_latest(run_dir) is not None:
+        raise UserError(f"{run_dir} already has checkpoints; use a new --out or train.resume=auto")
+    _prepare_run_dir(run_dir, trainer.data_dir)
+    resumed = cfg.train.resume == "auto" and trainer.resume()
+    save_config(cfg, run_dir / CONFIG_FILE)
+    if resumed and trainer.step >= cfg.train.max_steps:
+        log(f"{run_dir} already finished: step {trainer.step} of {cfg.train.max_steps}")
+        return TrainResult(run_dir, trainer.step, trainer.tokens_seen, None, already_finished=True)
+    return trainer.run()

@@ -1,0 +1,46 @@
+"""Fixed-prompt samples during training, so progress is visible as text, not only as loss.
+
+At each evaluation the configured prompts are continued with a fixed seed and written to
+`samples/step-NNNNNN.md` in the run directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sllm.config import SampleConfig
+from sllm.infer.engine import stream_tokens
+from sllm.infer.sampling import SamplingParams
+from sllm.tokenizer import Tokenizer
+
+
+def sample_prompts(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    cfg: SampleConfig,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> list[tuple[str, str]]:
+    """(prompt, continuation) for each configured prompt."""
+    params = SamplingParams.from_config(cfg)
+    was_training = model.training
+    model.eval()
+    results = []
+    for prompt in cfg.prompts:
+        ids = tokenizer.encode(prompt)[-(model.block_size - 1) :] or [tokenizer.eos_id]
+        new = list(stream_tokens(model, ids, params, tokenizer.eos_id, device, amp_dtype))
+        results.append((prompt, tokenizer.decode(new)))
+    model.train(was_training)
+    return results
+
+
+def write_samples(run_dir: Path, step: int, samples: list[tuple[str, str]]) -> Path:
+    directory = run_dir / "samples"
+    directory.mkdir(exist_ok=True)
+    path = directory / f"step-{step:06d}.md"
+    body = "\n\n".join(f"**{prompt}**{continuation}" for prompt, continuation in samples)
+    path.write_text(f"# Samples at step {step}\n\n{body}\n", encoding="utf-8")
+    return path
