@@ -84,14 +84,16 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    cfg = _load(args, {"data.dir": args.data, "train.out_dir": args.out})
     from sllm.train.loop import train
 
-    cfg = _load(args, {"data.dir": args.data, "train.out_dir": args.out})
     result = train(cfg)
     if result.val_loss is not None:
         import math
 
-        print(f"step {result.step}: val loss {result.val_loss:.4f}, perplexity {math.exp(result.val_loss):.2f}")
+        print(
+            f"step {result.step}: val loss {result.val_loss:.4f}, perplexity {math.exp(result.val_loss):.2f}"
+        )
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -127,7 +129,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def _source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", action="append", default=[], help="file, directory or glob (repeatable)")
     parser.add_argument("--text-field", help="JSONL field holding the text (default: text)")
-    parser.add_argument("--txt-mode", choices=["file", "paragraph"], help="TXT: one document per file or per paragraph")
+    parser.add_argument(
+        "--txt-mode",
+        choices=["file", "paragraph"],
+        help="TXT: one document per file or per paragraph",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,14 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="command", parser_class=_Parser)
     commands.required = True
 
-    demo = commands.add_parser("demo", help="train a small model on the bundled Korean legal corpus (CPU, minutes)")
+    demo = commands.add_parser(
+        "demo", help="train a small model on the bundled Korean legal corpus (CPU, minutes)"
+    )
     demo.add_argument("--data", default="data/demo", help="prepared data directory to create")
     demo.add_argument("--out", default="runs/demo", help="run directory to create")
     demo.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     demo.set_defaults(func=cmd_demo)
 
     tokenizer = commands.add_parser("tokenizer", help="tokenizer commands")
-    tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", metavar="command", parser_class=_Parser)
+    tokenizer_commands = tokenizer.add_subparsers(
+        dest="tokenizer_command", metavar="command", parser_class=_Parser
+    )
     tokenizer_commands.required = True
     tok_train = tokenizer_commands.add_parser("train", help="train a BPE (or char) tokenizer on your text")
     _source_args(tok_train)

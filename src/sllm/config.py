@@ -176,9 +176,8 @@ def _coerce(value: Any, expected: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-    elif expected is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
+    elif expected is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
     raise UserError(f"config key {key} must be of type {expected.__name__}, got {value!r}")
 
 
@@ -278,9 +277,7 @@ def validate(cfg: Config) -> None:
     _positive("train.lr", t.lr)
     _positive("eval.batch_size", cfg.eval.batch_size)
     if m.n_embd % m.n_head != 0:
-        raise UserError(
-            f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})"
-        )
+        raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     if m.pos == "sinusoidal" and (m.n_embd // m.n_head) % 2 and m.n_embd % 2:
         raise UserError("model.n_embd must be even for sinusoidal positions")
     if t.block_size > m.block_size:
@@ -300,9 +297,7 @@ def validate(cfg: Config) -> None:
         cfg.data.val_ratio + cfg.data.test_ratio >= 1
     ):
         raise UserError("data.val_ratio and data.test_ratio must be in [0, 1) and sum below 1")
-    if cfg.tokenizer.kind == "bpe" and cfg.tokenizer.vocab_size < 256 + len(
-        cfg.tokenizer.special_tokens
-    ):
+    if cfg.tokenizer.kind == "bpe" and cfg.tokenizer.vocab_size < 256 + len(cfg.tokenizer.special_tokens):
         raise UserError("tokenizer.vocab_size must be at least 256 + the number of special tokens")
     s = cfg.sample
     check_sampling(s.temperature, s.top_k, s.top_p, s.repetition_penalty, s.max_new_tokens)

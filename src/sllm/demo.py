@@ -32,11 +32,15 @@ def demo_corpus() -> list[str]:
     folders = [root / name for name in CORPORA]
     missing = [str(f) for f in folders if not f.is_dir()]
     if missing:
-        raise UserError(f"konlpy is installed but lacks its corpus files ({', '.join(missing)}); reinstall it")
+        raise UserError(
+            f"konlpy is installed but lacks its corpus files ({', '.join(missing)}); reinstall it"
+        )
     return [str(f) for f in folders]
 
 
-def run_demo(overrides: list[str], data_dir: str = "data/demo", run_dir: str = "runs/demo") -> dict[str, float]:
+def run_demo(
+    overrides: list[str], data_dir: str = "data/demo", run_dir: str = "runs/demo"
+) -> dict[str, float]:
     """Run the whole pipeline; returns the validation and unigram-baseline perplexities."""
     cfg = load_config("demo", [f"data.dir={data_dir}", f"train.out_dir={run_dir}", *overrides])
     cfg.data.inputs = demo_corpus()
@@ -44,9 +48,12 @@ def run_demo(overrides: list[str], data_dir: str = "data/demo", run_dir: str = "
     train(cfg)
     (val,) = evaluate_run(run_dir, ["val"], cfg.eval.stride, cfg.eval.batch_size, cfg.train.device)
     baseline = unigram_perplexity(
-        open_split(data_dir, "train", meta["dtype"]), open_split(data_dir, "val", meta["dtype"]), meta["vocab_size"]
+        open_split(data_dir, "train", meta["dtype"]),
+        open_split(data_dir, "val", meta["dtype"]),
+        meta["vocab_size"],
     )
-    print(f"\nvalidation perplexity {val.perplexity:.2f} (unigram baseline {baseline:.2f}), {val.bits_per_byte:.3f} bits/byte")
+    bits = f"{val.bits_per_byte:.3f} bits/byte"
+    print(f"\nvalidation perplexity {val.perplexity:.2f} (unigram baseline {baseline:.2f}), {bits}")
     generator = TextGenerator.from_run(run_dir, cfg.train.device)
     s = cfg.sample
     for number, prompt in enumerate(s.prompts):

@@ -125,7 +125,12 @@ def evaluate_run(
             continue
         tokens = open_split(cfg.data.dir, split, meta["dtype"])
         nll, count = score_tokens(
-            run.model, tokens, stride, batch_size or cfg.eval.batch_size, chosen, select_autocast_dtype(chosen)
+            run.model,
+            tokens,
+            stride,
+            batch_size or cfg.eval.batch_size,
+            chosen,
+            select_autocast_dtype(chosen),
         )
         results.append(EvalResult(split, count, nll / count, meta["splits"][split]["bytes"]))
     if not results:

@@ -94,9 +94,7 @@ class EvalBatch:
     scored: torch.Tensor  # (B, T) bool: which targets count
 
 
-def eval_batches(
-    tokens: np.ndarray, block_size: int, stride: int, batch_size: int
-) -> Iterator[EvalBatch]:
+def eval_batches(tokens: np.ndarray, block_size: int, stride: int, batch_size: int) -> Iterator[EvalBatch]:
     """Strided windows grouped into padded batches with a mask of the targets that count."""
     spans = list(strided_spans(len(tokens), block_size, stride))
     for first in range(0, len(spans), batch_size):

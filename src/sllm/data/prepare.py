@@ -71,7 +71,12 @@ def _fingerprint(
         tokenizer_key = {"train": {k: v for k, v in dataclasses.asdict(tok).items() if k != "path"}}
     settings = {k: v for k, v in dataclasses.asdict(data).items() if k not in ("dir", "inputs")}
     inputs = [{"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files]
-    return {"format_version": FORMAT_VERSION, "inputs": inputs, "tokenizer": tokenizer_key, "settings": settings}
+    return {
+        "format_version": FORMAT_VERSION,
+        "inputs": inputs,
+        "tokenizer": tokenizer_key,
+        "settings": settings,
+    }
 
 
 def read_meta(data_dir: str | Path) -> dict[str, Any]:

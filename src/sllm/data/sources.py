@@ -63,7 +63,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 def _open_binary(path: Path) -> BinaryIO:
     try:
-        return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")  # noqa: SIM115
+        return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror}") from None
 
@@ -101,10 +101,10 @@ def _txt_documents(path: Path, mode: str, on_error: str, stats: SourceStats) -> 
         if line.strip():
             block.append(line)
         elif block:
-            yield "".join(block)
+            yield "".join(block).rstrip("\r\n")
             block = []
     if block:
-        yield "".join(block)
+        yield "".join(block).rstrip("\r\n")
 
 
 def _jsonl_documents(path: Path, text_field: str, on_error: str, stats: SourceStats) -> Iterator[str]:

@@ -112,7 +112,9 @@ class TextGenerator:
         prompt_ids = self.encode_prompt(prompt)
         new_ids: list[int] = []
         emitted = ""
-        for token in stream_tokens(self.model, prompt_ids, params, self.tokenizer.eos_id, self.device, self.amp_dtype):
+        for token in stream_tokens(
+            self.model, prompt_ids, params, self.tokenizer.eos_id, self.device, self.amp_dtype
+        ):
             new_ids.append(token)
             text = self.tokenizer.decode(new_ids)
             if not text.endswith("\ufffd") and len(text) > len(emitted):

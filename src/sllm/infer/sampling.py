@@ -23,13 +23,18 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        check_sampling(
-            self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.max_new_tokens
-        )
+        check_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.max_new_tokens)
 
     @classmethod
     def from_config(cls, cfg: SampleConfig) -> SamplingParams:
-        return cls(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty, cfg.seed)
+        return cls(
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.top_k,
+            cfg.top_p,
+            cfg.repetition_penalty,
+            cfg.seed,
+        )
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -61,7 +66,10 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def sample_next(
-    logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, generator: torch.Generator | None
+    logits: torch.Tensor,
+    params: SamplingParams,
+    seen: torch.Tensor,
+    generator: torch.Generator | None,
 ) -> torch.Tensor:
     """One token id per row of `logits` (batch, vocab); `seen` holds ids for the penalty."""
     logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)

@@ -48,7 +48,9 @@ class Checkpoint:
         try:
             return torch.load(self.path / STATE_FILE, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise UserError(f"{self.path / STATE_FILE} cannot be loaded safely: {exc}".splitlines()[0]) from None
+            raise UserError(
+                f"{self.path / STATE_FILE} cannot be loaded safely: {exc}".splitlines()[0]
+            ) from None
 
 
 def step_name(step: int) -> str:
@@ -82,7 +84,10 @@ def _replace_dir(tmp: Path, target: Path) -> None:
 
 
 def write_checkpoint(
-    target: Path, model_state: dict[str, torch.Tensor], train_state: dict[str, Any], meta: dict[str, Any]
+    target: Path,
+    model_state: dict[str, torch.Tensor],
+    train_state: dict[str, Any],
+    meta: dict[str, Any],
 ) -> Path:
     """Write a complete checkpoint directory at `target`, atomically."""
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
@@ -93,7 +98,9 @@ def write_checkpoint(
         save_file(weights, str(tmp / MODEL_FILE))
         torch.save(train_state, tmp / STATE_FILE)
         files = {name: _sha256(tmp / name) for name in (MODEL_FILE, STATE_FILE)}
-        (tmp / META_FILE).write_text(json.dumps({**meta, "files": files}, indent=2, ensure_ascii=False), "utf-8")
+        (tmp / META_FILE).write_text(
+            json.dumps({**meta, "files": files}, indent=2, ensure_ascii=False), "utf-8"
+        )
         for name in (MODEL_FILE, STATE_FILE, META_FILE):
             _fsync_path(tmp / name)
         _replace_dir(tmp, target)

@@ -80,14 +80,23 @@ class Trainer:
         meta = read_meta(self.data_dir)
         self.tokenizer = load_tokenizer(self.data_dir)
         if self.tokenizer.sha256 != meta["tokenizer_sha256"]:
-            raise UserError(f"{self.data_dir}/tokenizer.json does not match its meta.json; run `sllm prepare` again")
+            raise UserError(
+                f"{self.data_dir}/tokenizer.json does not match its meta.json; run `sllm prepare` again"
+            )
         _resolve_model_config(cfg, meta)
         self.block_size = t.block_size or cfg.model.block_size
         self.device = select_device(t.device)
         self.amp_dtype = select_autocast_dtype(self.device, t.dtype)
-        self.windows = TrainWindows(open_split(self.data_dir, "train", meta["dtype"]), self.block_size, t.micro_batch, t.seed)
+        self.windows = TrainWindows(
+            open_split(self.data_dir, "train", meta["dtype"]),
+            self.block_size,
+            t.micro_batch,
+            t.seed,
+        )
         val_tokens = open_split(self.data_dir, "val", meta["dtype"])
-        self.val_windows = fixed_windows(val_tokens, self.block_size, t.eval_windows) if len(val_tokens) > 1 else None
+        self.val_windows = (
+            fixed_windows(val_tokens, self.block_size, t.eval_windows) if len(val_tokens) > 1 else None
+        )
         self.tokens_per_step = t.micro_batch * self.block_size * t.grad_accum
 
         torch.manual_seed(t.seed)
@@ -173,10 +182,19 @@ class Trainer:
         if self.val_windows is None:
             return None
         self.model.eval()
-        val_loss = mean_loss(self.model, *self.val_windows, self.cfg.eval.batch_size, self.device, self.amp_dtype)
+        val_loss = mean_loss(
+            self.model, *self.val_windows, self.cfg.eval.batch_size, self.device, self.amp_dtype
+        )
         self.model.train()
         self.last_val_loss = val_loss
-        sinks.log(self.step, {"val_loss": val_loss, "val_perplexity": math.exp(val_loss), "tokens": self.tokens_seen})
+        sinks.log(
+            self.step,
+            {
+                "val_loss": val_loss,
+                "val_perplexity": math.exp(val_loss),
+                "tokens": self.tokens_seen,
+            },
+        )
         if val_loss < self.best_val_loss:
             self.best_val_loss = val_loss
             save_best(self.run_dir, *self._state())
@@ -192,7 +210,12 @@ class Trainer:
         t = self.cfg.train
         self.log(describe(self.model) + f" on {self.device.type}, {self.tokens_per_step:,} tokens per step")
         sinks = MetricSinks(self.run_dir, self.cfg.log.tensorboard)
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.cfg.log.progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=t.max_steps,
+            initial=self.step,
+            disable=not self.cfg.log.progress,
+            dynamic_ncols=True,
+        )
         self.model.train()
         stopped_by = None
         window_start, window_steps = time.perf_counter(), 0
@@ -206,9 +229,18 @@ class Trainer:
                     if self.step % t.log_interval == 0 or last:
                         elapsed = time.perf_counter() - window_start
                         rate = window_steps * self.tokens_per_step / max(elapsed, 1e-9)
-                        metrics = {"loss": float(loss), "lr": lr_at(self.step - 1, t), "tokens": self.tokens_seen, "tokens_per_s": rate}
+                        metrics = {
+                            "loss": float(loss),
+                            "lr": lr_at(self.step - 1, t),
+                            "tokens": self.tokens_seen,
+                            "tokens_per_s": rate,
+                        }
                         sinks.log(self.step, metrics)
-                        bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{rate:,.0f}")
+                        bar.set_postfix(
+                            loss=f"{metrics['loss']:.3f}",
+                            lr=f"{metrics['lr']:.2e}",
+                            tok_s=f"{rate:,.0f}",
+                        )
                         window_start, window_steps = time.perf_counter(), 0
                     if (t.eval_interval and self.step % t.eval_interval == 0) or last:
                         self.evaluate(sinks)
@@ -221,7 +253,8 @@ class Trainer:
             bar.close()
             sinks.close()
         if stopped_by:
-            self.log(f"{stopped_by} received: saved step {self.step} to {self.run_dir}; run the same command to resume")
+            where = f"saved step {self.step} to {self.run_dir}"
+            self.log(f"{stopped_by} received: {where}; run the same command to resume")
         return TrainResult(self.run_dir, self.step, self.tokens_seen, self.last_val_loss, stopped_by)
 
 

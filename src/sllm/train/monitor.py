@@ -23,7 +23,10 @@ class MetricSinks:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                print("note: tensorboard is not installed; metrics go to metrics.jsonl only", file=sys.stderr)
+                print(
+                    "note: tensorboard is not installed; metrics go to metrics.jsonl only",
+                    file=sys.stderr,
+                )
             else:
                 self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
 

@@ -1,0 +1,82 @@
+"""Shared fixtures: a small real corpus (the konlpy constitution), a tokenizer, prepared data
+and a briefly trained run, each built once per session to keep the suite fast."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sllm.config import Config, load_config
+from sllm.demo import demo_corpus
+from sllm.tokenizer import Tokenizer, load_tokenizer
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def constitution_paragraphs() -> list[str]:
+    text = (Path(demo_corpus()[0]) / "constitution.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, texts: list[str], field: str = "text") -> Path:
+    path.write_text("".join(json.dumps({field: t}, ensure_ascii=False) + "\n" for t in texts), "utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("corpus") / "constitution.jsonl", constitution_paragraphs())
+
+
+def tiny_config(data_dir: Path | str, run_dir: Path | str, *overrides: str) -> Config:
+    """A model small enough that a training step takes milliseconds on one core."""
+    return load_config(
+        None,
+        [
+            f"data.dir={data_dir}",
+            f"train.out_dir={run_dir}",
+            "model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=32",
+            "train.micro_batch=8", "train.max_steps=40", "train.warmup_steps=5",
+            "train.lr=1e-2", "train.min_lr=1e-3", "train.eval_interval=20", "train.eval_windows=8",
+            "train.checkpoint_interval=10", "train.log_interval=5", "train.device=cpu",
+            "log.progress=false", "log.tensorboard=false", "sample.max_new_tokens=8",
+            *overrides,
+        ],
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory, corpus_file) -> Path:
+    from sllm.data.prepare import prepare
+
+    cfg = load_config(
+        None,
+        [f"data.inputs={json.dumps([str(corpus_file)])}", f"data.dir={tmp_path_factory.mktemp('data') / 'd'}",
+         "data.val_ratio=0.1", "data.test_ratio=0.1", "tokenizer.vocab_size=512"],
+    )  # fmt: skip
+    prepare(cfg.data, cfg.tokenizer, log=lambda _: None)
+    return Path(cfg.data.dir)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(prepared_dir) -> Tokenizer:
+    return load_tokenizer(prepared_dir)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, prepared_dir) -> Path:
+    from sllm.train.loop import train
+
+    torch.set_num_threads(1)
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    steps = [
+        "train.max_steps=120",
+        "train.checkpoint_interval=30",
+        "train.eval_interval=40",
+        "train.log_interval=1",
+    ]
+    train(tiny_config(prepared_dir, run_dir, *steps), log=lambda _: None)
+    return run_dir

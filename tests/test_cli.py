@@ -1,0 +1,132 @@
+"""The CLI end to end in subprocesses: the issue's commands, and bad input → one line, exit 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import constitution_paragraphs, write_jsonl
+
+
+def sllm(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "sllm", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("sllm: error: ")
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_the_documented_workflow_runs_end_to_end(tmp_path):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", constitution_paragraphs())
+    tiny = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32"]
+    tiny += ["train.micro_batch=4", "train.eval_interval=10", "train.checkpoint_interval=10"]
+    tiny += ["log.progress=false", "train.device=cpu"]
+    result = sllm("tokenizer", "train", "--input", corpus, "--vocab-size", 400, "--out", tmp_path / "tok")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "tok" / "tokenizer.json").is_file()
+
+    result = sllm(
+        "prepare",
+        "--input",
+        corpus,
+        "--tokenizer",
+        tmp_path / "tok",
+        "--out",
+        tmp_path / "data",
+        "--val-ratio",
+        0.1,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "data" / "meta.json").read_text())["vocab_size"] == 400
+
+    train = [
+        "train",
+        "--config",
+        "demo",
+        "--data",
+        tmp_path / "data",
+        "--out",
+        tmp_path / "run",
+        "train.max_steps=20",
+        *tiny,
+    ]
+    result = sllm(*train)
+    assert result.returncode == 0, result.stderr
+    assert "val loss" in result.stdout
+    again = sllm(*train)
+    assert again.returncode == 0 and "already finished" in again.stdout
+
+    result = sllm("eval", "--run", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    header, row = result.stdout.splitlines()[:2]
+    assert header.split() == ["split", "tokens", "loss", "perplexity", "bits/byte"]
+    assert row.split()[0] == "val" and float(row.split()[3]) > 1
+
+    result = sllm("generate", "--run", tmp_path / "run", "--prompt", "대한민국은", "--max-new-tokens", 10,
+                  "--temperature", 0.8, "--top-k", 50, "--top-p", 0.95, "--seed", 3)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("대한민국은") and len(result.stdout.strip()) > len("대한민국은")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["train", "train.lrr=1"], ["unknown config key train.lrr", "valid keys of train", "lr"]),
+        (["train", "model.n_layer=abc"], ["model.n_layer must be of type int"]),
+        (["train", "model.n_embd=100", "model.n_head=6"], ["divisible by model.n_head"]),
+        (
+            ["train", "model.block_size=64", "train.block_size=128"],
+            ["larger than the model context"],
+        ),
+        (["train", "train.device=tpu"], ["allowed values: auto, cpu, cuda, mps"]),
+        (["train", "--config", "missing.yaml"], ["config file missing.yaml not found"]),
+        (["train", "--data", "no/such/dir"], ["not a prepared data directory"]),
+        (
+            ["prepare", "--input", "no_such_file.jsonl", "--out", "x"],
+            ["input file no_such_file.jsonl not found"],
+        ),
+        (["frobnicate"], ["invalid choice: 'frobnicate'"]),
+        (
+            ["generate", "--run", "no/run", "--prompt", "x", "--top-p", "1.5"],
+            ["top_p must be in (0, 1]"],
+        ),
+        (["generate", "--run", "no/run", "--prompt", "x"], ["run directory no/run does not exist"]),
+        (["eval", "--run", "no/run"], ["run directory no/run does not exist"]),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, args, fragments):
+    assert_one_line_error(sllm(*args, cwd=tmp_path), *fragments)
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    corpus = tmp_path / "bad.jsonl"
+    corpus.write_text('{"text": "a"}\n{"text": \n', "utf-8")
+    result = sllm("prepare", "--input", corpus, "--out", tmp_path / "d")
+    assert_one_line_error(result, "bad.jsonl:2: malformed JSON")
+    assert not (tmp_path / "d").exists()
+
+
+def test_every_command_has_help():
+    for command in (
+        ["demo"],
+        ["tokenizer", "train"],
+        ["prepare"],
+        ["train"],
+        ["eval"],
+        ["generate"],
+    ):
+        result = sllm(*command, "--help")
+        assert result.returncode == 0 and "usage: sllm" in result.stdout

@@ -1,0 +1,51 @@
+import pytest
+import yaml
+
+from sllm.config import Config, config_from_dict, load_config, parse_override, save_config
+from sllm.errors import UserError
+
+
+def test_overrides_are_typed_by_the_dataclass():
+    cfg = load_config(
+        "demo",
+        ["train.lr=3e-4", "model.n_layer=2", "sample.prompts=[가, 나]", "tokenizer.path=tok"],
+    )
+    assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.model.n_layer == 2
+    assert cfg.sample.prompts == ["가", "나"]
+    assert cfg.tokenizer.path == "tok"
+    assert cfg.data.txt_mode == "paragraph"  # from the preset
+
+
+def test_saved_config_loads_back_identically(tmp_path):
+    cfg = load_config("demo", ["train.max_steps=7"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert config_from_dict(yaml.safe_load((tmp_path / "c.yaml").read_text())) == cfg
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"model": {"n_layers": 2}}, "unknown config key model.n_layers"),
+        ({"modle": {}}, "unknown config section 'modle'"),
+        ({"train": {"max_steps": "many"}}, "train.max_steps must be of type int"),
+        ({"train": {"max_steps": True}}, "train.max_steps must be of type int"),
+        ({"model": {"n_embd": 100, "n_head": 3}}, "divisible"),
+        ({"model": {"dropout": 1.5}}, "model.dropout"),
+        ({"train": {"lr": 1e-4, "min_lr": 1e-3}}, "min_lr"),
+        ({"data": {"val_ratio": 0.6, "test_ratio": 0.5}}, "sum below 1"),
+        ({"sample": {"top_p": 0}}, "top_p"),
+        ({"eval": {"stride": 1000}}, "eval.stride"),
+        ({"model": {"arch": "rnn"}}, "allowed values: gpt, ffn"),
+    ],
+)
+def test_invalid_configs_name_the_key(raw, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        config_from_dict(raw)
+
+
+def test_override_syntax_errors():
+    with pytest.raises(UserError, match="section.key=value"):
+        parse_override("lr=3")
+    assert parse_override("train.lr=1e-3") == ("train", "lr", "1e-3")
+    assert isinstance(Config().train.lr, float)

@@ -1,0 +1,187 @@
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+
+from sllm.config import load_config
+from sllm.data.prepare import prepare, read_meta
+from sllm.errors import UserError
+from sllm.tokenizer import load_tokenizer, nfc
+
+from .conftest import constitution_paragraphs, write_jsonl
+
+
+def _config(tmp_path, inputs, *overrides):
+    return load_config(
+        None,
+        [f"data.inputs={json.dumps([str(p) for p in inputs])}", f"data.dir={tmp_path / 'out'}",
+         "tokenizer.vocab_size=400", *overrides],
+    )  # fmt: skip
+
+
+def _run(cfg, messages=None):
+    return prepare(cfg.data, cfg.tokenizer, log=(messages.append if messages is not None else lambda _: None))
+
+
+def _documents(data_dir, split, meta):
+    """Decode a split's token file back into its documents (split at EOS)."""
+    tokens = np.fromfile(data_dir / f"{split}.bin", dtype=meta["dtype"]).tolist()
+    tok = load_tokenizer(data_dir)
+    docs, current = [], []
+    for t in tokens:
+        if t == tok.eos_id:
+            docs.append(tok.decode(current))
+            current = []
+        else:
+            current.append(t)
+    assert current == []
+    return docs
+
+
+def test_token_counts_equal_encoded_documents_plus_eos(tmp_path):
+    texts = constitution_paragraphs()[:60]
+    cfg = _config(tmp_path, [write_jsonl(tmp_path / "c.jsonl", texts)], "data.val_ratio=0.2")
+    meta = _run(cfg)
+    tok = load_tokenizer(cfg.data.dir)
+    expected = sum(len(tok.encode(t)) + 1 for t in texts)
+    splits = meta["splits"]
+    assert splits["train"]["tokens"] + splits["val"]["tokens"] + splits["test"]["tokens"] == expected
+    assert splits["train"]["documents"] + splits["val"]["documents"] == 60
+    for split in ("train", "val"):
+        size = (tmp_path / "out" / f"{split}.bin").stat().st_size
+        assert size == splits[split]["tokens"] * 2  # uint16
+    assert meta["dtype"] == "uint16" and meta["eos_id"] == tok.eos_id
+    assert meta["tokenizer_sha256"] == tok.sha256
+
+
+def test_split_is_by_document_and_seeded(tmp_path):
+    texts = [f"문서 번호 {i}: " + p for i, p in enumerate(constitution_paragraphs()[:80])]
+    corpus = write_jsonl(tmp_path / "c.jsonl", texts)
+    first = _run(_config(tmp_path, [corpus], "data.val_ratio=0.25"))
+    out = tmp_path / "out"
+    train_docs, val_docs = _documents(out, "train", first), _documents(out, "val", first)
+    assert sorted(train_docs + val_docs) == sorted(nfc(t) for t in texts)  # whole documents
+    assert not set(train_docs) & set(val_docs)
+    assert 10 <= len(val_docs) <= 30
+
+    again = tmp_path / "again"
+    cfg = _config(tmp_path, [corpus], "data.val_ratio=0.25", f"data.dir={again}")
+    second = _run(cfg)
+    assert _documents(again, "val", second) == val_docs  # same seed, same split
+
+    other = tmp_path / "other"
+    third = _run(_config(tmp_path, [corpus], "data.val_ratio=0.25", f"data.dir={other}", "data.split_seed=7"))
+    assert _documents(other, "val", third) != val_docs
+
+
+def test_dtype_switches_to_uint32_above_65536_tokens(tmp_path):
+    alphabet = "".join(chr(0x20000 + i) for i in range(66000))
+    corpus = tmp_path / "wide.txt"
+    corpus.write_text(alphabet + "\n\n" + alphabet[::-1] + "\n\n" + alphabet[:100], "utf-8")
+    cfg = _config(tmp_path, [corpus], "tokenizer.kind=char", "data.txt_mode=paragraph", "data.val_ratio=0")
+    meta = _run(cfg)
+    assert meta["vocab_size"] > 65536 and meta["dtype"] == "uint32"
+    tokens = np.fromfile(tmp_path / "out" / "train.bin", dtype=np.uint32)
+    assert tokens.max() >= 65536
+    assert len(tokens) == 66000 * 2 + 100 + 3
+
+
+def test_second_run_is_a_no_op_and_changed_input_rebuilds(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", constitution_paragraphs()[:40])
+    cfg = _config(tmp_path, [corpus])
+    _run(cfg)
+    train_bin = tmp_path / "out" / "train.bin"
+    stamp = train_bin.stat().st_mtime_ns
+    messages: list[str] = []
+    _run(cfg, messages)
+    assert "up to date" in messages[0]
+    assert train_bin.stat().st_mtime_ns == stamp
+
+    write_jsonl(corpus, constitution_paragraphs()[:41])
+    meta = _run(cfg)
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 41
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temp dirs left
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path):
+    corpus = tmp_path / "bad.jsonl"
+    corpus.write_text('{"text": "좋은 줄"}\n{"text": "깨진 줄"\n{"text": "다음 줄"}\n', "utf-8")
+    with pytest.raises(UserError, match=r"bad\.jsonl:2: malformed JSON"):
+        _run(_config(tmp_path, [corpus], "data.val_ratio=0"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_skip_mode_counts_malformed_lines(tmp_path):
+    corpus = tmp_path / "bad.jsonl.gz"
+    with gzip.open(corpus, "wt", encoding="utf-8") as handle:
+        handle.write('{"text": "좋은 줄"}\nnot json\n{"other": 1}\n{"text": "다음 줄"}\n')
+    messages: list[str] = []
+    meta = _run(_config(tmp_path, [corpus], "data.val_ratio=0", "data.on_error=skip"), messages)
+    assert meta["skipped"]["malformed_lines"] == 2
+    assert meta["splits"]["train"]["documents"] == 2
+    assert "2 malformed lines" in messages[-1]
+
+
+def test_wrong_text_field_is_reported(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", ["하나", "둘"], field="body")
+    with pytest.raises(UserError, match="no string field 'text'.*body"):
+        _run(_config(tmp_path, [corpus]))
+    meta = _run(_config(tmp_path, [corpus], "data.text_field=body", "data.val_ratio=0"))
+    assert meta["splits"]["train"]["documents"] == 2
+
+
+def test_txt_modes_file_and_paragraph(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("첫 문단\n\n둘째 문단\n", "utf-8")
+    (tmp_path / "docs" / "b.txt").write_text("다른 파일", "utf-8")
+    per_file = _run(_config(tmp_path, [tmp_path / "docs"], "data.val_ratio=0", "tokenizer.kind=char"))
+    assert per_file["splits"]["train"]["documents"] == 2
+    cfg = _config(
+        tmp_path,
+        [tmp_path / "docs"],
+        "data.val_ratio=0",
+        "tokenizer.kind=char",
+        "data.txt_mode=paragraph",
+    )
+    assert _run(cfg)["splits"]["train"]["documents"] == 3
+
+
+def test_invalid_utf8_reports_byte_offset(tmp_path):
+    corpus = tmp_path / "latin1.txt"
+    corpus.write_bytes("정상\n".encode() + b"caf\xe9\n")
+    with pytest.raises(UserError, match=r"invalid UTF-8 at byte 10 \(line 2\)"):
+        _run(_config(tmp_path, [corpus], "data.val_ratio=0"))
+
+
+def test_empty_corpus_and_missing_input_are_user_errors(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n", "utf-8")
+    with pytest.raises(UserError, match="no non-empty documents"):
+        _run(_config(tmp_path, [empty]))
+    with pytest.raises(UserError, match="not found"):
+        _run(_config(tmp_path, [tmp_path / "missing.jsonl"]))
+
+
+def test_too_few_documents_for_validation_is_explained(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", ["하나뿐인 문서"])
+    with pytest.raises(UserError, match="val split got no documents"):
+        _run(_config(tmp_path, [corpus], "tokenizer.kind=char"))
+
+
+def test_interrupted_prepare_leaves_previous_output_intact(tmp_path, monkeypatch):
+    corpus = write_jsonl(tmp_path / "c.jsonl", constitution_paragraphs()[:30])
+    cfg = _config(tmp_path, [corpus])
+    _run(cfg)
+    before = read_meta(cfg.data.dir)
+    write_jsonl(corpus, constitution_paragraphs()[:31])
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("sllm.data.prepare._check_splits", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _run(cfg)
+    assert read_meta(cfg.data.dir) == before
+    assert sorted(os.listdir(tmp_path)) == ["c.jsonl", "out"]

@@ -1,0 +1,92 @@
+import json
+import unicodedata
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sllm.errors import UserError
+from sllm.tokenizer import UNK_TOKEN, load_tokenizer, nfc, train_bpe, train_char
+
+from .conftest import constitution_paragraphs
+
+SPECIALS = ["<|endoftext|>", "<|pad|>"]
+SAMPLES = [
+    "대한민국은 민주공화국이다.",
+    "The quick brown fox jumps over the lazy dog.",
+    "한국어와 English가 섞인 mixed 문장 123개!",
+    "emoji 😀🇰🇷👩‍👩‍👧 and symbols ©™ → ∑",
+    "  leading and trailing  \t\ttabs\n\n\nnewlines   \r\n",
+    "",
+    "\u3000전각 공백과 zero\u200bwidth",
+]
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return train_bpe(iter(constitution_paragraphs()), 600, SPECIALS)
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_bpe_round_trip_is_exact(bpe, text):
+    assert bpe.decode(bpe.encode(text)) == nfc(text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_bpe_round_trip_on_any_unicode(bpe, text):
+    assert bpe.decode(bpe.encode(text)) == nfc(text)
+
+
+def test_composed_and_decomposed_hangul_encode_alike(bpe):
+    composed = "한국어 형태소"
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert decomposed != composed
+    assert bpe.encode(decomposed) == bpe.encode(composed)
+
+
+def test_special_tokens_survive_as_single_ids(bpe):
+    text = "끝<|endoftext|>시작<|pad|>"
+    ids = bpe.encode(text)
+    assert bpe.eos_id in ids and bpe.pad_id in ids
+    assert bpe.eos_id == bpe.token_id("<|endoftext|>") and bpe.pad_id == bpe.token_id("<|pad|>")
+    assert bpe.decode(ids) == text
+
+
+def test_bpe_learns_merges_for_korean(bpe):
+    # Frequent words of the corpus become few tokens, far fewer than their UTF-8 bytes.
+    assert len(bpe.encode("대한민국")) <= len("대한민국".encode()) // 3
+    assert bpe.vocab_size == 600
+
+
+def test_saved_tokenizer_loads_with_same_ids(bpe, tmp_path):
+    bpe.save(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.sha256 == bpe.sha256
+    assert loaded.encode(SAMPLES[2]) == bpe.encode(SAMPLES[2])
+
+
+def test_foreign_hf_tokenizer_without_eos_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    hf = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    (tmp_path / "tokenizer.json").write_text(hf.to_str(), "utf-8")
+    with pytest.raises(UserError, match="end-of-text"):
+        load_tokenizer(tmp_path)
+
+
+def test_char_tokenizer_round_trip_and_unknown_characters(tmp_path):
+    tok = train_char(iter(["가나다 abc\n", "라마"]), SPECIALS)
+    text = "다가 cab\n<|endoftext|>"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.encode("가")[0] != tok.encode("라")[0]
+    assert tok.decode(tok.encode("가z")) == "가" + UNK_TOKEN
+    tok.save(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    assert json.loads(loaded.to_json())["kind"] == "sllm-char"
+    assert loaded.encode(text) == tok.encode(text)
+
+
+def test_missing_tokenizer_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_tokenizer(tmp_path / "nope")

@@ -1,0 +1,147 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sllm.errors import UserError
+from sllm.train import loop
+from sllm.train.checkpoint import load_latest, verify_checkpoint
+from sllm.train.loop import train
+
+from .conftest import tiny_config
+
+
+def _quiet(_):
+    pass
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    name = (run_dir / "checkpoints" / "LATEST").read_text().strip()
+    return load_file(run_dir / "checkpoints" / name / "model.safetensors")
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_well_below_its_start(trained_run):
+    losses = [m["loss"] for m in _metrics(trained_run) if "loss" in m]
+    assert losses[0] > 6.0  # ~ln(512) at init
+    assert sum(losses[-10:]) / 10 < losses[0] - 1.0
+    val = [m["val_loss"] for m in _metrics(trained_run) if "val_loss" in m]
+    assert val[-1] < val[0]
+    assert val[-1] < math.log(512) - 1.0
+
+
+def test_finished_run_has_run_dir_layout(trained_run):
+    checkpoints = trained_run / "checkpoints"
+    assert (checkpoints / "LATEST").read_text().strip() == "step-000120"
+    assert verify_checkpoint(checkpoints / "step-000120").step == 120
+    assert verify_checkpoint(checkpoints / "best").meta["val_loss"] is not None
+    kept = sorted(p.name for p in checkpoints.glob("step-*"))
+    assert kept == ["step-000060", "step-000090", "step-000120"]  # keep_last=3
+    for name in ("config.yaml", "tokenizer.json", "metrics.jsonl"):
+        assert (trained_run / name).is_file()
+    assert (trained_run / "samples" / "step-000120.md").read_text().startswith("# Samples at step 120")
+
+
+def test_same_command_again_says_already_finished(trained_run, prepared_dir):
+    messages: list[str] = []
+    result = train(tiny_config(prepared_dir, trained_run, "train.max_steps=120"), log=messages.append)
+    assert result.already_finished and result.step == 120
+    assert any("already finished" in m for m in messages)
+
+
+def _interrupt_at(monkeypatch, step: int) -> None:
+    """Send a real SIGTERM to this process right after the given step."""
+    original = loop.Trainer.train_step
+
+    def train_step(self):
+        loss = original(self)
+        if self.step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(loop.Trainer, "train_step", train_step)
+
+
+@pytest.mark.parametrize("options", [[], ["model.dropout=0.1", "train.grad_accum=2"]])
+def test_resume_reproduces_uninterrupted_run_bit_for_bit(tmp_path, prepared_dir, monkeypatch, options):
+    steps = ["train.max_steps=24", "train.checkpoint_interval=8", "train.eval_interval=8", *options]
+    train(tiny_config(prepared_dir, tmp_path / "straight", *steps), log=_quiet)
+
+    _interrupt_at(monkeypatch, 13)
+    first = train(tiny_config(prepared_dir, tmp_path / "resumed", *steps), log=_quiet)
+    assert first.stopped_by == "SIGTERM" and first.step == 13
+    monkeypatch.undo()
+    second = train(tiny_config(prepared_dir, tmp_path / "resumed", *steps), log=_quiet)
+    assert second.step == 24
+
+    straight, resumed = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    losses = {m["step"]: m["loss"] for m in _metrics(tmp_path / "straight") if "loss" in m}
+    resumed_losses = {m["step"]: m["loss"] for m in _metrics(tmp_path / "resumed") if "loss" in m}
+    assert resumed_losses[20] == losses[20]
+
+
+def test_sigterm_saves_a_loadable_checkpoint_and_exits_zero(tmp_path, prepared_dir):
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "sllm", "train", "--data", str(prepared_dir), "--out", str(run_dir),
+        "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
+        "train.max_steps=100000", "train.checkpoint_interval=100000", "train.eval_interval=0",
+        "train.log_interval=1", "train.device=cpu", "log.progress=false", "log.tensorboard=false",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
+        time.sleep(0.1)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert "SIGTERM received" in stdout
+    checkpoint = load_latest(run_dir)
+    assert checkpoint is not None and checkpoint.step > 0
+    assert checkpoint.step >= max(m["step"] for m in _metrics(run_dir))
+    assert "Traceback" not in stderr
+
+
+def test_damaged_newest_checkpoint_falls_back_with_warning(tmp_path, prepared_dir, capsys):
+    run_dir = tmp_path / "run"
+    train(tiny_config(prepared_dir, run_dir, "train.max_steps=20"), log=_quiet)
+    weights = run_dir / "checkpoints" / "step-000020" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    checkpoint = load_latest(run_dir)
+    assert checkpoint.step == 10
+    assert "step-000020 is damaged" in capsys.readouterr().err
+
+
+def test_resume_with_another_model_shape_is_refused(tmp_path, prepared_dir):
+    run_dir = tmp_path / "run"
+    train(tiny_config(prepared_dir, run_dir, "train.max_steps=10"), log=_quiet)
+    with pytest.raises(UserError, match=r"n_layer: 2 → 3"):
+        train(tiny_config(prepared_dir, run_dir, "train.max_steps=20", "model.n_layer=3"), log=_quiet)
+    assert load_latest(run_dir).step == 10
+
+
+def test_block_size_larger_than_data_is_explained(tmp_path, prepared_dir):
+    from sllm.config import load_config
+
+    with pytest.raises(UserError, match="train.block_size"):
+        load_config(None, ["model.block_size=32", "train.block_size=64"])
+    cfg = tiny_config(prepared_dir, tmp_path / "r", "model.block_size=100000")
+    with pytest.raises(UserError, match="fewer than block_size"):
+        train(cfg, log=_quiet)
