@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from sllm.atomic import ensure_writable_dir, recover_dir, replace_dir, temp_path
 from sllm.config import DataConfig, TokenizerConfig
 from sllm.data.sources import SourceStats, expand_inputs, read_documents
 from sllm.errors import UserError
@@ -144,19 +145,12 @@ def _check_splits(counts: dict[str, dict[str, int]], data: DataConfig) -> None:
             )
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished temp dir into place; the old version is removed only afterwards."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def prepare(data: DataConfig, tok: TokenizerConfig, log=print) -> dict[str, Any]:
     """Build (or confirm up to date) the prepared data directory `data.dir`; return its meta."""
     out = Path(data.dir)
     files = expand_inputs(data.inputs)
+    ensure_writable_dir(out.parent, "prepared data")
+    recover_dir(out)
     given = load_tokenizer(tok.path) if tok.path else None
     fingerprint = _fingerprint(files, data, tok, given)
     if (out / META_FILE).is_file():
@@ -169,9 +163,7 @@ def prepare(data: DataConfig, tok: TokenizerConfig, log=print) -> dict[str, Any]
 
     started = time.perf_counter()
     tokenizer = given or train_tokenizer(files, data, tok)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_path(out)
     tmp.mkdir()
     try:
         tokenizer.save(tmp)
@@ -194,7 +186,7 @@ def prepare(data: DataConfig, tok: TokenizerConfig, log=print) -> dict[str, Any]
             "fingerprint": fingerprint,
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), "utf-8")
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

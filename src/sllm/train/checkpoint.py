@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sllm.atomic import fsync_path, recover_all, recover_dir, replace_dir, temp_path, write_text_atomic
 from sllm.errors import UserError
 
 CHECKPOINTS = "checkpoints"
@@ -65,22 +65,24 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of all tensors inside nested dicts/lists (the optimizer state's size)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Rename `tmp` to `target`; an existing target is moved aside first, removed after."""
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    _fsync_path(target.parent)
-    shutil.rmtree(old, ignore_errors=True)
+def _check_free_space(directory: Path, needed_bytes: int) -> None:
+    free_bytes = shutil.disk_usage(directory).free
+    if free_bytes < needed_bytes:
+        raise UserError(
+            f"not enough disk space to save a checkpoint in {directory}: need {needed_bytes / 1e6:,.1f} MB, "
+            f"{free_bytes / 1e6:,.1f} MB free; free some space and run the same command to resume"
+        )
 
 
 def write_checkpoint(
@@ -89,35 +91,33 @@ def write_checkpoint(
     train_state: dict[str, Any],
     meta: dict[str, Any],
 ) -> Path:
-    """Write a complete checkpoint directory at `target`, atomically."""
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Write a complete checkpoint directory at `target`, atomically; never harms older ones."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(target)
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
+    needed = _tensor_bytes(weights) + _tensor_bytes(train_state)
+    _check_free_space(target.parent, int(1.05 * needed) + (1 << 20))
+    tmp = temp_path(target)
     try:
-        weights = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
+        tmp.mkdir()
         save_file(weights, str(tmp / MODEL_FILE))
         torch.save(train_state, tmp / STATE_FILE)
         files = {name: _sha256(tmp / name) for name in (MODEL_FILE, STATE_FILE)}
-        (tmp / META_FILE).write_text(
-            json.dumps({**meta, "files": files}, indent=2, ensure_ascii=False), "utf-8"
-        )
+        meta_text = json.dumps({**meta, "files": files}, indent=2, ensure_ascii=False)
+        (tmp / META_FILE).write_text(meta_text, "utf-8")
         for name in (MODEL_FILE, STATE_FILE, META_FILE):
-            _fsync_path(tmp / name)
-        _replace_dir(tmp, target)
+            fsync_path(tmp / name)
+        replace_dir(tmp, target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(
+            f"could not write checkpoint {target.name} ({exc.strerror or exc}); older checkpoints are "
+            "intact: fix the cause and run the same command to resume"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
-
-
-def _write_latest(checkpoint_dir: Path, name: str) -> None:
-    tmp = checkpoint_dir / f".{LATEST}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(name + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, checkpoint_dir / LATEST)
-    _fsync_path(checkpoint_dir)
 
 
 def save_checkpoint(
@@ -130,13 +130,21 @@ def save_checkpoint(
     """Save `checkpoints/step-N`, point LATEST at it, then prune old periodic checkpoints."""
     checkpoint_dir = run_dir / CHECKPOINTS
     target = write_checkpoint(checkpoint_dir / step_name(meta["step"]), model_state, train_state, meta)
-    _write_latest(checkpoint_dir, target.name)
+    write_text_atomic(checkpoint_dir / LATEST, target.name + "\n")
     _prune(checkpoint_dir, keep_last, keep=target.name)
     return target
 
 
 def save_best(run_dir: Path, model_state, train_state, meta) -> Path:
     return write_checkpoint(run_dir / CHECKPOINTS / BEST, model_state, train_state, meta)
+
+
+def clean_leftovers(run_dir: Path) -> None:
+    """Before training resumes: put back a `best/` whose replacement a crash cut short, and
+    remove temp files of killed writers. A run directory has one writer at a time."""
+    checkpoint_dir = Path(run_dir) / CHECKPOINTS
+    if checkpoint_dir.is_dir():
+        recover_all(checkpoint_dir)
 
 
 def _step_dirs(checkpoint_dir: Path) -> list[Path]:

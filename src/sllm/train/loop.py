@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from sllm.atomic import ensure_writable_dir
 from sllm.config import Config, save_config
 from sllm.data.loader import TrainWindows, fixed_windows, open_split
 from sllm.data.prepare import read_meta
@@ -32,7 +33,13 @@ from sllm.model import build_model, describe
 from sllm.runs import CONFIG_FILE
 from sllm.runtime import autocast, select_autocast_dtype, select_device
 from sllm.tokenizer import TOKENIZER_FILE, load_tokenizer
-from sllm.train.checkpoint import config_differences, load_latest, save_best, save_checkpoint
+from sllm.train.checkpoint import (
+    clean_leftovers,
+    config_differences,
+    load_latest,
+    save_best,
+    save_checkpoint,
+)
 from sllm.train.monitor import MetricSinks
 from sllm.train.optim import build_optimizer, lr_at
 from sllm.train.samples import sample_prompts, write_samples
@@ -65,7 +72,6 @@ def _prepare_run_dir(run_dir: Path, data_dir: Path) -> None:
         load_tokenizer(run_dir).sha256 != load_tokenizer(data_dir).sha256
     ):
         raise UserError(f"{run_dir} was trained with another tokenizer than {data_dir}; use a new --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(data_dir / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
 
 
@@ -209,7 +215,7 @@ class Trainer:
     def run(self) -> TrainResult:
         t = self.cfg.train
         self.log(describe(self.model) + f" on {self.device.type}, {self.tokens_per_step:,} tokens per step")
-        sinks = MetricSinks(self.run_dir, self.cfg.log.tensorboard)
+        sinks = MetricSinks(self.run_dir, self.cfg.log.tensorboard, self.step)
         bar = tqdm(
             total=t.max_steps,
             initial=self.step,
@@ -262,6 +268,8 @@ def train(cfg: Config, log=print) -> TrainResult:
     """Train (or resume, or confirm finished) the run described by `cfg`."""
     trainer = Trainer(cfg, log)
     run_dir = trainer.run_dir
+    ensure_writable_dir(run_dir, "run directory")
+    clean_leftovers(run_dir)
     if cfg.train.resume == "never" and load_latest(run_dir) is not None:
         raise UserError(f"{run_dir} already has checkpoints; use a new --out or train.resume=auto")
     _prepare_run_dir(run_dir, trainer.data_dir)

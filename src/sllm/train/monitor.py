@@ -1,8 +1,9 @@
 """Where training metrics go: metrics.jsonl always, TensorBoard when it is installed.
 
-Each record is one JSON line written and flushed at once, so the file stays valid line by
-line even if the process is killed. TensorBoard is optional: without the package the sink
-is skipped with a one-time note rather than failing the run.
+Each record is one JSON line written and flushed at once. When a run resumes from step S,
+the records after S (written before a crash and about to be replayed) and any line cut short
+by a kill are dropped first, so the file holds each step once and is valid line by line.
+TensorBoard is optional: without the package the sink is skipped with a one-time note.
 """
 
 from __future__ import annotations
@@ -12,12 +13,30 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sllm.atomic import write_text_atomic
+
 METRICS_FILE = "metrics.jsonl"
 
 
+def _records_up_to(path: Path, step: int) -> str:
+    """The complete, valid lines of `path` whose step is at most `step`."""
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if line.endswith("\n") and isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    return "".join(kept)
+
+
 class MetricSinks:
-    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
-        self.jsonl = open(run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
+    def __init__(self, run_dir: Path, tensorboard: bool, start_step: int) -> None:
+        path = run_dir / METRICS_FILE
+        if path.exists():
+            write_text_atomic(path, _records_up_to(path, start_step))
+        self.jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
         self.writer = None
         if tensorboard:
             try:
@@ -28,7 +47,7 @@ class MetricSinks:
                     file=sys.stderr,
                 )
             else:
-                self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+                self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step + 1)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         self.jsonl.write(json.dumps({"step": step, **metrics}, ensure_ascii=False) + "\n")
