@@ -130,3 +130,29 @@ def test_every_command_has_help():
     ):
         result = sllm(*command, "--help")
         assert result.returncode == 0 and "usage: sllm" in result.stdout
+
+
+def test_bad_input_files_give_one_line(tmp_path):
+    (tmp_path / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    assert_one_line_error(
+        sllm("prepare", "--input", tmp_path / "binary.txt", "--out", tmp_path / "d"), "binary"
+    )
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9 au lait\n")
+    result = sllm("prepare", "--input", tmp_path / "latin1.txt", "--out", tmp_path / "d")
+    assert_one_line_error(result, "latin1.txt: invalid UTF-8 at byte 3 (line 1)")
+    (tmp_path / "empty.jsonl").write_text("")
+    assert_one_line_error(
+        sllm("prepare", "--input", tmp_path / "empty.jsonl", "--out", tmp_path / "d"), "empty"
+    )
+    assert not (tmp_path / "d").exists()
+    corpus = write_jsonl(tmp_path / "ok.jsonl", constitution_paragraphs()[:50])
+    result = sllm("prepare", "--input", corpus, "--out", "/proc/sllm-test/data")
+    assert_one_line_error(result, "cannot write the prepared data to /proc/sllm-test")
+
+
+def test_data_prepared_with_another_tokenizer_is_refused(tmp_path, trained_run, prepared_dir):
+    corpus = write_jsonl(tmp_path / "c.jsonl", constitution_paragraphs()[:80])
+    result = sllm("prepare", "--input", corpus, "--out", tmp_path / "other", "tokenizer.vocab_size=300")
+    assert result.returncode == 0, result.stderr
+    result = sllm("train", "--data", tmp_path / "other", "--out", trained_run, "train.device=cpu")
+    assert_one_line_error(result, "was trained with another tokenizer")

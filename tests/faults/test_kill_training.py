@@ -82,14 +82,14 @@ def uninterrupted(tmp_path_factory, prepared_dir):
     return runs
 
 
-@pytest.mark.parametrize(("seed", "interval"), [(1, 5), (2, 5), (3, 1)])
+@pytest.mark.parametrize(("seed", "interval"), [(1, 5), (2, 1)])
 def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(
     tmp_path, prepared_dir, uninterrupted, seed, interval
 ):
     rng = random.Random(seed)
     run_dir = tmp_path / "run"
     kills, lost = 0, []
-    while kills < 4:
+    while kills < 3:
         latest = load_latest(run_dir)
         resumed_from = latest.step if latest else 0
         process = subprocess.Popen(
@@ -110,7 +110,7 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(
     if latest is None or latest.step < MAX_STEPS:
         finish = subprocess.run(_command(prepared_dir, run_dir, interval), capture_output=True, timeout=300)
         assert finish.returncode == 0, finish.stderr
-    assert kills >= 3
+    assert kills >= 2
     assert max(lost) <= interval, lost
     _assert_same_weights(_weights(run_dir), uninterrupted[interval])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
