@@ -50,6 +50,8 @@ def test_two_thousand_steps_keep_disk_and_memory_flat(tmp_path, prepared_dir, mo
     steps = np.array([s for s, _ in samples if s >= 500], dtype=float)
     rss_mb = np.array([r for s, r in samples if s >= 500], dtype=float) / 1e6
     slope_mb_per_1000_steps = np.polyfit(steps, rss_mb, 1)[0] * 1000
+    print(f"RSS slope after warm-up: {slope_mb_per_1000_steps:+.3f} MB per 1000 steps; ", end="")
+    print(f"RSS {rss_mb[0]:.1f} → {rss_mb[-1]:.1f} MB; checkpoints at most {max(disk) / 1e6:.2f} MB")
     assert slope_mb_per_1000_steps < 2.0, slope_mb_per_1000_steps
 
     checkpoints = run_dir / "checkpoints"
@@ -59,5 +61,3 @@ def test_two_thousand_steps_keep_disk_and_memory_flat(tmp_path, prepared_dir, mo
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert [r["step"] for r in records if "loss" in r] == list(range(10, 2001, 10))
-    print(f"RSS slope after warm-up: {slope_mb_per_1000_steps:+.3f} MB per 1000 steps; "
-          f"RSS {rss_mb[0]:.1f} → {rss_mb[-1]:.1f} MB; checkpoints on disk at most {max(disk) / 1e6:.2f} MB")  # fmt: skip
