@@ -90,3 +90,14 @@ def test_char_tokenizer_round_trip_and_unknown_characters(tmp_path):
 def test_missing_tokenizer_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_tokenizer(tmp_path / "nope")
+
+
+def test_a_users_own_hf_tokenizer_json_loads(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    hf = Tokenizer(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.add_special_tokens(["<unk>", "</s>", "<pad>"])
+    (tmp_path / "tokenizer.json").write_text(hf.to_str(), "utf-8")
+    loaded = load_tokenizer(tmp_path / "tokenizer.json")
+    assert loaded.eos_id == hf.token_to_id("</s>") and loaded.pad_id == hf.token_to_id("<pad>")

@@ -145,3 +145,15 @@ def test_block_size_larger_than_data_is_explained(tmp_path, prepared_dir):
     cfg = tiny_config(prepared_dir, tmp_path / "r", "model.block_size=100000")
     with pytest.raises(UserError, match="fewer than block_size"):
         train(cfg, log=_quiet)
+
+
+def test_tensorboard_events_are_written_when_installed(tmp_path, prepared_dir):
+    pytest.importorskip("tensorboard")
+    run_dir = tmp_path / "run"
+    train(tiny_config(prepared_dir, run_dir, "train.max_steps=10", "log.tensorboard=true"), log=_quiet)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    assert "loss" in events.Tags()["scalars"] and "val_loss" in events.Tags()["scalars"]
+    assert [e.step for e in events.Scalars("loss")] == [5, 10]
