@@ -95,6 +95,7 @@ class TrainConfig:
     keep_last: int = option(3, "periodic checkpoints kept on disk (best/ is kept apart)")
     resume: Literal["auto", "never"] = option("auto", "continue from LATEST if the run has one")
     log_interval: int = option(10, "steps between metric log lines")
+    dist_timeout_s: int = option(600, "seconds a rank waits for the others before failing")
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """Windows over memory-mapped token files: random ones for training, strided ones for eval.
 
-Which windows a training micro-batch reads is a pure function of (seed, step, micro_step,
-rank): resuming needs no loader state and replays the uninterrupted run exactly.
+Which windows a training micro-batch reads is a pure function of (seed, step, index), where
+index = micro_step * world_size + rank: resuming needs no loader state and replays the
+uninterrupted run exactly, and N processes read the same windows as one process
+accumulating N micro-batches.
 
 Evaluation slides windows of `block_size` tokens by `stride`; in each window only the
 targets not scored by the previous window count, so every token after the first is scored
@@ -31,7 +33,7 @@ def open_split(data_dir: str | Path, split: str, dtype: str) -> np.ndarray:
 
 
 class TrainWindows:
-    """Random windows of `block_size + 1` tokens, addressed by (step, micro_step, rank)."""
+    """Random windows of `block_size + 1` tokens, addressed by (step, micro-batch index)."""
 
     def __init__(self, tokens: np.ndarray, block_size: int, micro_batch: int, seed: int) -> None:
         if len(tokens) < block_size + 1:
@@ -44,13 +46,13 @@ class TrainWindows:
         self.micro_batch = micro_batch
         self.seed = seed
 
-    def starts(self, step: int, micro_step: int, rank: int = 0) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, step, micro_step, rank])
+    def starts(self, step: int, index: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, step, index])
         return rng.integers(0, len(self.tokens) - self.block_size, size=self.micro_batch)
 
-    def batch(self, step: int, micro_step: int, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and next-token targets, int64 tensors of shape (micro_batch, block_size)."""
-        starts = self.starts(step, micro_step, rank)
+        starts = self.starts(step, index)
         windows = np.stack([self.tokens[s : s + self.block_size + 1] for s in starts])
         windows = torch.from_numpy(windows.astype(np.int64))
         return windows[:, :-1], windows[:, 1:]

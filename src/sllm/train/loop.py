@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,6 +41,14 @@ from sllm.train.checkpoint import (
     load_latest,
     save_best,
     save_checkpoint,
+)
+from sllm.train.distributed import (
+    any_rank,
+    barrier,
+    join_cluster,
+    leave_cluster,
+    mean_over_ranks,
+    wrap_model,
 )
 from sllm.train.monitor import MetricSinks
 from sllm.train.optim import build_optimizer, lr_at
@@ -91,7 +101,7 @@ class Trainer:
             )
         _resolve_model_config(cfg, meta)
         self.block_size = t.block_size or cfg.model.block_size
-        self.device = select_device(t.device)
+        self.cluster, self.device = join_cluster(select_device(t.device), t.dist_timeout_s)
         self.amp_dtype = select_autocast_dtype(self.device, t.dtype)
         self.windows = TrainWindows(
             open_split(self.data_dir, "train", meta["dtype"]),
@@ -103,10 +113,11 @@ class Trainer:
         self.val_windows = (
             fixed_windows(val_tokens, self.block_size, t.eval_windows) if len(val_tokens) > 1 else None
         )
-        self.tokens_per_step = t.micro_batch * self.block_size * t.grad_accum
+        self.tokens_per_step = t.micro_batch * self.block_size * t.grad_accum * self.cluster.world_size
 
         torch.manual_seed(t.seed)
         self.model = build_model(cfg.model).to(self.device)
+        self.ddp_model = wrap_model(self.model, self.cluster, self.device)
         self.optimizer = build_optimizer(self.model, t, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.step = 0
@@ -135,7 +146,8 @@ class Trainer:
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.best_val_loss = float(state["best_val_loss"])
-        self.log(f"resumed from {checkpoint.path} (step {self.step}, {self.tokens_seen:,} tokens seen)")
+        if self.cluster.is_main:
+            self.log(f"resumed from {checkpoint.path} (step {self.step}, {self.tokens_seen:,} tokens seen)")
         return True
 
     def _state(self) -> tuple[dict, dict, dict]:
@@ -155,8 +167,9 @@ class Trainer:
         }
         return self.model.state_dict(), train_state, meta
 
-    def save(self) -> Path:
-        return save_checkpoint(self.run_dir, *self._state(), keep_last=self.cfg.train.keep_last)
+    def save(self) -> None:
+        if self.cluster.is_main:
+            save_checkpoint(self.run_dir, *self._state(), keep_last=self.cfg.train.keep_last)
 
     # ---- one step -------------------------------------------------------------------
 
@@ -165,14 +178,17 @@ class Trainer:
         t = self.cfg.train
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, t)
-        torch.manual_seed(t.seed * 1_000_003 + self.step)
         total = torch.zeros((), device=self.device)
         for micro_step in range(t.grad_accum):
-            x, y = (v.to(self.device, non_blocking=True) for v in self.windows.batch(self.step, micro_step))
-            with autocast(self.device, self.amp_dtype):
-                logits = self.model(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            self.scaler.scale(loss / t.grad_accum).backward()
+            index = micro_step * self.cluster.world_size + self.cluster.rank
+            torch.manual_seed((t.seed * 1_000_003 + self.step) * 1_009 + index)  # dropout
+            x, y = (v.to(self.device, non_blocking=True) for v in self.windows.batch(self.step, index))
+            last_micro_step = micro_step == t.grad_accum - 1
+            with _gradient_sync(self.ddp_model, last_micro_step):
+                with autocast(self.device, self.amp_dtype):
+                    logits = self.ddp_model(x)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                self.scaler.scale(loss / t.grad_accum).backward()
             total += loss.detach()
         if t.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
@@ -185,7 +201,8 @@ class Trainer:
         return total / t.grad_accum
 
     def evaluate(self, sinks: MetricSinks) -> float | None:
-        if self.val_windows is None:
+        """Validation loss, best checkpoint and samples, on rank 0 with the unwrapped model."""
+        if self.val_windows is None or not self.cluster.is_main:
             return None
         self.model.eval()
         val_loss = mean_loss(
@@ -212,16 +229,29 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------
 
+    def _log_progress(self, loss: torch.Tensor, tokens_per_s: float, sinks: MetricSinks, bar: tqdm) -> None:
+        """Mean loss over ranks (the one host sync of a logged step), to the sinks and the bar."""
+        metrics = {
+            "loss": float(mean_over_ranks(loss, self.cluster)),
+            "lr": lr_at(self.step - 1, self.cfg.train),
+            "tokens": self.tokens_seen,
+            "tokens_per_s": tokens_per_s,
+        }
+        sinks.log(self.step, metrics)
+        bar.set_postfix(
+            loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}"
+        )
+
     def run(self) -> TrainResult:
         t = self.cfg.train
-        self.log(describe(self.model) + f" on {self.device.type}, {self.tokens_per_step:,} tokens per step")
-        sinks = MetricSinks(self.run_dir, self.cfg.log.tensorboard, self.step)
-        bar = tqdm(
-            total=t.max_steps,
-            initial=self.step,
-            disable=not self.cfg.log.progress,
-            dynamic_ncols=True,
-        )
+        main = self.cluster.is_main
+        if main:
+            self.log(
+                f"{describe(self.model)} on {self.device.type}, {self.tokens_per_step:,} tokens per step"
+            )
+        sinks = MetricSinks(self.run_dir, self.cfg.log.tensorboard, self.step, enabled=main)
+        show_bar = self.cfg.log.progress and main
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not show_bar, dynamic_ncols=True)
         self.model.train()
         stopped_by = None
         window_start, window_steps = time.perf_counter(), 0
@@ -233,49 +263,60 @@ class Trainer:
                     bar.update(1)
                     last = self.step == t.max_steps
                     if self.step % t.log_interval == 0 or last:
-                        elapsed = time.perf_counter() - window_start
-                        rate = window_steps * self.tokens_per_step / max(elapsed, 1e-9)
-                        metrics = {
-                            "loss": float(loss),
-                            "lr": lr_at(self.step - 1, t),
-                            "tokens": self.tokens_seen,
-                            "tokens_per_s": rate,
-                        }
-                        sinks.log(self.step, metrics)
-                        bar.set_postfix(
-                            loss=f"{metrics['loss']:.3f}",
-                            lr=f"{metrics['lr']:.2e}",
-                            tok_s=f"{rate:,.0f}",
-                        )
+                        elapsed = max(time.perf_counter() - window_start, 1e-9)
+                        self._log_progress(loss, window_steps * self.tokens_per_step / elapsed, sinks, bar)
                         window_start, window_steps = time.perf_counter(), 0
                     if (t.eval_interval and self.step % t.eval_interval == 0) or last:
                         self.evaluate(sinks)
-                    if self.step % t.checkpoint_interval == 0 or last or stop.requested:
+                    stopping = any_rank(stop.requested, self.cluster, self.device)
+                    if self.step % t.checkpoint_interval == 0 or last or stopping:
                         self.save()
-                    if stop.requested:
-                        stopped_by = stop.signal_name
+                    if stopping:
+                        stopped_by = stop.signal_name or "a stop signal on another rank"
                         break
         finally:
             bar.close()
             sinks.close()
-        if stopped_by:
+        if stopped_by and main:
             where = f"saved step {self.step} to {self.run_dir}"
             self.log(f"{stopped_by} received: {where}; run the same command to resume")
         return TrainResult(self.run_dir, self.step, self.tokens_seen, self.last_val_loss, stopped_by)
 
 
+@contextmanager
+def _gradient_sync(model: torch.nn.Module, sync: bool) -> Iterator[None]:
+    """Under DDP, all-reduce gradients only on the last micro-step of an accumulation."""
+    if sync or not hasattr(model, "no_sync"):
+        yield
+    else:
+        with model.no_sync():
+            yield
+
+
 def train(cfg: Config, log=print) -> TrainResult:
-    """Train (or resume, or confirm finished) the run described by `cfg`."""
+    """Train (or resume, or confirm finished) the run described by `cfg`, in this process or
+    as one rank of a `torchrun` job."""
     trainer = Trainer(cfg, log)
-    run_dir = trainer.run_dir
-    ensure_writable_dir(run_dir, "run directory")
-    clean_leftovers(run_dir)
+    try:
+        return _train(trainer, cfg, log)
+    finally:
+        leave_cluster(trainer.cluster)
+
+
+def _train(trainer: Trainer, cfg: Config, log) -> TrainResult:
+    run_dir, main = trainer.run_dir, trainer.cluster.is_main
     if cfg.train.resume == "never" and load_latest(run_dir) is not None:
         raise UserError(f"{run_dir} already has checkpoints; use a new --out or train.resume=auto")
-    _prepare_run_dir(run_dir, trainer.data_dir)
+    if main:
+        ensure_writable_dir(run_dir, "run directory")
+        clean_leftovers(run_dir)
+        _prepare_run_dir(run_dir, trainer.data_dir)
+    barrier(trainer.cluster)
     resumed = cfg.train.resume == "auto" and trainer.resume()
-    save_config(cfg, run_dir / CONFIG_FILE)
+    if main:
+        save_config(cfg, run_dir / CONFIG_FILE)
     if resumed and trainer.step >= cfg.train.max_steps:
-        log(f"{run_dir} already finished: step {trainer.step} of {cfg.train.max_steps}")
+        if main:
+            log(f"{run_dir} already finished: step {trainer.step} of {cfg.train.max_steps}")
         return TrainResult(run_dir, trainer.step, trainer.tokens_seen, None, already_finished=True)
     return trainer.run()

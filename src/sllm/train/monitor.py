@@ -32,12 +32,17 @@ def _records_up_to(path: Path, step: int) -> str:
 
 
 class MetricSinks:
-    def __init__(self, run_dir: Path, tensorboard: bool, start_step: int) -> None:
+    """Metric destinations of rank 0; on other ranks (`enabled=False`) every call is a no-op."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, start_step: int, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
         path = run_dir / METRICS_FILE
         if path.exists():
             write_text_atomic(path, _records_up_to(path, start_step))
         self.jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
-        self.writer = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -50,6 +55,8 @@ class MetricSinks:
                 self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step + 1)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         self.jsonl.write(json.dumps({"step": step, **metrics}, ensure_ascii=False) + "\n")
         self.jsonl.flush()
         if self.writer is not None:
@@ -62,6 +69,7 @@ class MetricSinks:
             self.writer.add_text(name, text, step)
 
     def close(self) -> None:
-        self.jsonl.close()
+        if self.enabled:
+            self.jsonl.close()
         if self.writer is not None:
             self.writer.close()

@@ -1,0 +1,91 @@
+"""One process or many through `torchrun`: the same training code path.
+
+`torchrun` (or any launcher that sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR, e.g.
+`accelerate launch`) starts one process per device; we join its process group with NCCL on
+GPUs and gloo on the CPU, and wrap the model in DDP. Without those variables everything
+degrades to a single process with no collectives. Rank 0 alone writes files; every rank
+reads the same checkpoint on resume, so multi-node runs need a shared run directory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sllm.errors import UserError
+
+
+@dataclass(frozen=True)
+class Cluster:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def join_cluster(device: torch.device, timeout_s: int) -> tuple[Cluster, torch.device]:
+    """Join torchrun's process group if launched by it; returns the cluster and this rank's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Cluster(), device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(
+                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs; lower --nproc-per-node"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return Cluster(rank, local_rank, world_size), device
+
+
+def leave_cluster(cluster: Cluster) -> None:
+    if cluster.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, cluster: Cluster, device: torch.device) -> nn.Module:
+    """DDP for training steps; evaluation and sampling use the unwrapped model on rank 0."""
+    if not cluster.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def barrier(cluster: Cluster) -> None:
+    if cluster.distributed:
+        dist.barrier()
+
+
+def mean_over_ranks(value: torch.Tensor, cluster: Cluster) -> torch.Tensor:
+    if not cluster.distributed:
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)  # AVG is NCCL-only
+    return total / cluster.world_size
+
+
+def any_rank(flag: bool, cluster: Cluster, device: torch.device) -> bool:
+    """True on every rank if it is true on one (so all ranks stop at the same step)."""
+    if not cluster.distributed:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
