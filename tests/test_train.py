@@ -94,7 +94,8 @@ def test_resume_reproduces_uninterrupted_run_bit_for_bit(tmp_path, prepared_dir,
     assert resumed_losses[20] == losses[20]
 
 
-def test_sigterm_saves_a_loadable_checkpoint_and_exits_zero(tmp_path, prepared_dir):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_saves_a_loadable_checkpoint_and_exits_zero(tmp_path, prepared_dir, signum):
     run_dir = tmp_path / "run"
     command = [
         sys.executable, "-m", "sllm", "train", "--data", str(prepared_dir), "--out", str(run_dir),
@@ -107,10 +108,10 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_zero(tmp_path, prepared_d
     while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
         time.sleep(0.1)
     time.sleep(0.5)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr
-    assert "SIGTERM received" in stdout
+    assert f"{signal.Signals(signum).name} received" in stdout
     checkpoint = load_latest(run_dir)
     assert checkpoint is not None and checkpoint.step > 0
     assert checkpoint.step >= max(m["step"] for m in _metrics(run_dir))
