@@ -84,6 +84,14 @@ class TrainConfig:
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.95, "AdamW beta2")
     grad_clip: float = option(1.0, "clip the global gradient norm to this; 0 disables")
+    optimizer: Literal["adamw", "adafactor", "muon"] = option(
+        "adamw", "AdamW; Adafactor; or Muon for block matrices with AdamW for the rest"
+    )
+    schedule: Literal["cosine", "wsd"] = option(
+        "cosine", "warmup + cosine decay, or warmup + stable + linear decay (WSD)"
+    )
+    decay_fraction: float = option(0.2, "WSD: share of the steps spent decaying at the end")
+    compile: bool = option(False, "torch.compile the model for training (fastest on CUDA)")
     seed: int = option(1337, "seed of initialization, batches and dropout")
     device: Literal["auto", "cpu", "cuda", "mps"] = option("auto", "where to train")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = option(
@@ -292,6 +300,8 @@ def validate(cfg: Config) -> None:
         raise UserError("model.ffn_window must not exceed model.block_size")
     if not 0 <= m.dropout < 1:
         raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if not 0 < t.decay_fraction <= 1:
+        raise UserError(f"train.decay_fraction must be in (0, 1], got {t.decay_fraction}")
     if t.min_lr > t.lr:
         raise UserError(f"train.min_lr ({t.min_lr}) must not exceed train.lr ({t.lr})")
     if not (0 <= cfg.data.val_ratio < 1 and 0 <= cfg.data.test_ratio < 1) or (

@@ -40,3 +40,11 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContext
     if dtype is None:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def allow_tf32(device: torch.device) -> None:
+    """fp32 matmuls on Ampere+ GPUs through TF32 tensor cores: ~8x faster, 10-bit mantissa,
+    harmless for training, which already runs its matmuls in bf16 under autocast."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

@@ -33,7 +33,7 @@ from sllm.errors import UserError
 from sllm.evaluate import mean_loss
 from sllm.model import build_model, describe
 from sllm.runs import CONFIG_FILE
-from sllm.runtime import autocast, select_autocast_dtype, select_device
+from sllm.runtime import allow_tf32, autocast, select_autocast_dtype, select_device
 from sllm.tokenizer import TOKENIZER_FILE, load_tokenizer
 from sllm.train.checkpoint import (
     clean_leftovers,
@@ -51,7 +51,7 @@ from sllm.train.distributed import (
     wrap_model,
 )
 from sllm.train.monitor import MetricSinks
-from sllm.train.optim import build_optimizer, lr_at
+from sllm.train.optim import build_optimizers, lr_at, set_learning_rates
 from sllm.train.samples import sample_prompts, write_samples
 from sllm.train.signals import StopRequest
 
@@ -102,6 +102,7 @@ class Trainer:
         _resolve_model_config(cfg, meta)
         self.block_size = t.block_size or cfg.model.block_size
         self.cluster, self.device = join_cluster(select_device(t.device), t.dist_timeout_s)
+        allow_tf32(self.device)
         self.amp_dtype = select_autocast_dtype(self.device, t.dtype)
         self.windows = TrainWindows(
             open_split(self.data_dir, "train", meta["dtype"]),
@@ -118,7 +119,9 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = build_model(cfg.model).to(self.device)
         self.ddp_model = wrap_model(self.model, self.cluster, self.device)
-        self.optimizer = build_optimizer(self.model, t, self.device)
+        if t.compile:
+            self.ddp_model = torch.compile(self.ddp_model)
+        self.optimizers = build_optimizers(self.model, t, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.step = 0
         self.tokens_seen = 0
@@ -140,7 +143,8 @@ class Trainer:
             )
         self.model.load_state_dict(checkpoint.model_state())
         state = checkpoint.train_state()
-        self.optimizer.load_state_dict(state["optimizer"])
+        for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -152,7 +156,7 @@ class Trainer:
 
     def _state(self) -> tuple[dict, dict, dict]:
         train_state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
             "step": self.step,
             "tokens_seen": self.tokens_seen,
@@ -176,8 +180,7 @@ class Trainer:
     def train_step(self) -> torch.Tensor:
         """One optimizer update; returns the mean micro-batch loss (a tensor: no host sync)."""
         t = self.cfg.train
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, t)
+        set_learning_rates(self.optimizers, self.step, t)
         total = torch.zeros((), device=self.device)
         for micro_step in range(t.grad_accum):
             index = micro_step * self.cluster.world_size + self.cluster.rank
@@ -191,11 +194,14 @@ class Trainer:
                 self.scaler.scale(loss / t.grad_accum).backward()
             total += loss.detach()
         if t.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
+            for optimizer in self.optimizers:
+                self.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        self.scaler.step(self.optimizer)
+        for optimizer in self.optimizers:
+            self.scaler.step(optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
         return total / t.grad_accum

@@ -1,8 +1,16 @@
-"""AdamW with weight decay on matrices only, and the warmup + cosine learning-rate schedule.
+"""Optimizers and learning-rate schedules.
 
-Biases and norm gains are not decayed (decaying them only shrinks useful offsets); every
-2-D weight, embeddings included, is. On CUDA the fused AdamW kernel updates all parameters
-in one launch.
+- `adamw`: weight decay on matrices only (biases and norm gains are not decayed: decaying
+  them only shrinks useful offsets); fused kernel on CUDA.
+- `adafactor`: `torch.optim.Adafactor`, factored second moments, for memory-bound runs.
+- `muon`: `torch.optim.Muon` (orthogonalized momentum, the optimizer behind the
+  modded-nanogpt speed records) for the 2-D weights inside the blocks, with AdamW for
+  embeddings, biases and norms, which Muon is not meant for. Muon's learning rate is
+  matched to AdamW's update RMS (`adjust_lr_fn="match_rms_adamw"`), so one `train.lr` serves
+  both.
+
+Schedules return a factor of the peak rate: linear warmup, then cosine decay to `min_lr`,
+or WSD (warmup, stable, linear decay over the last `decay_fraction` of the steps).
 """
 
 from __future__ import annotations
@@ -15,20 +23,55 @@ from torch import nn
 from sllm.config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+def _decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+
+
+def _adamw(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     fused = True if device.type == "cuda" else None
+    groups = _decay_groups(params, cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup over `warmup_steps`, then cosine decay from `lr` to `min_lr` at the end."""
+def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+    """The optimizers that together update every trainable parameter once."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    if cfg.optimizer == "adafactor":
+        return [torch.optim.Adafactor(_decay_groups(params, cfg.weight_decay), lr=cfg.lr)]
+    if cfg.optimizer == "muon":
+        hidden = [p for n, p in named if p.dim() == 2 and n.startswith("blocks.")]
+        hidden_ids = {id(p) for p in hidden}
+        rest = [p for p in params if id(p) not in hidden_ids]
+        muon = torch.optim.Muon(
+            hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.95, adjust_lr_fn="match_rms_adamw"
+        )
+        return [muon, _adamw(rest, cfg, device)] if rest else [muon]
+    return [_adamw(params, cfg, device)]
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Learning rate at `step` as a fraction of `train.lr`."""
+    floor = cfg.min_lr / cfg.lr
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    decay_steps = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, round(cfg.decay_fraction * cfg.max_steps))
+        progress = min(1.0, max(0.0, (step - (cfg.max_steps - decay_steps)) / decay_steps))
+        return 1.0 - progress * (1.0 - floor)
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - floor)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    return cfg.lr * lr_factor(step, cfg)
+
+
+def set_learning_rates(optimizers: list[torch.optim.Optimizer], step: int, cfg: TrainConfig) -> None:
+    factor = lr_factor(step, cfg)
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * factor
