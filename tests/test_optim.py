@@ -44,11 +44,8 @@ def test_weight_decay_only_on_matrices_and_muon_only_on_block_matrices():
 @pytest.mark.parametrize("optimizer", ["adafactor", "muon"])
 def test_other_optimizers_train_and_resume(tmp_path, prepared_dir, optimizer):
     run_dir = tmp_path / optimizer
-    cfg = tiny_config(prepared_dir, run_dir, f"train.optimizer={optimizer}", "train.max_steps=20")
+    cfg = tiny_config(prepared_dir, run_dir, f"train.optimizer={optimizer}", "train.max_steps=40")
     result = train(cfg, log=lambda _: None)
-    assert result.val_loss is not None and result.val_loss < 6.0
-    again = train(
-        tiny_config(prepared_dir, run_dir, f"train.optimizer={optimizer}", "train.max_steps=30"),
-        log=lambda _: None,
-    )
-    assert again.step == 30
+    assert result.val_loss is not None and result.val_loss < math.log(512) - 0.2
+    cfg = tiny_config(prepared_dir, run_dir, f"train.optimizer={optimizer}", "train.max_steps=50")
+    assert train(cfg, log=lambda _: None).step == 50
