@@ -126,6 +126,39 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print()
 
 
+def cmd_info(args: argparse.Namespace) -> None:
+    from sllm.info import describe_costs, resolve_for_info
+
+    if not (args.run or args.config):
+        raise UserError("sllm info needs --run DIR or --config FILE")
+    print(describe_costs(resolve_for_info(args.run, args.config, args.overrides), args.micro_batch))
+
+
+def cmd_data_info(args: argparse.Namespace) -> None:
+    from sllm.data.inspect import describe_data
+
+    print(describe_data(args.dir, args.show_samples, args.window_tokens))
+
+
+def _add_inspection_commands(commands) -> None:
+    info = commands.add_parser(
+        "info", help="parameters, FLOPs per token, memory and KV-cache size of a model"
+    )
+    info.add_argument("--run", help="run directory")
+    info.add_argument("--micro-batch", type=int, help="micro-batch for the memory estimate")
+    _config_args(info)
+    info.set_defaults(func=cmd_info)
+
+    data = commands.add_parser("data", help="prepared data commands")
+    data_commands = data.add_subparsers(dest="data_command", metavar="command", parser_class=_Parser)
+    data_commands.required = True
+    data_info = data_commands.add_parser("info", help="describe a prepared data directory")
+    data_info.add_argument("dir", help="prepared data directory")
+    data_info.add_argument("--show-samples", type=int, default=0, help="decode N random training windows")
+    data_info.add_argument("--window-tokens", type=int, default=64, help="tokens per sample window")
+    data_info.set_defaults(func=cmd_data_info)
+
+
 def _source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", action="append", default=[], help="file, directory or glob (repeatable)")
     parser.add_argument("--text-field", help="JSONL field holding the text (default: text)")
@@ -198,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--checkpoint", choices=["latest", "best"], default="latest")
     gen.add_argument("--device", default="auto")
     gen.set_defaults(func=cmd_generate)
+    _add_inspection_commands(commands)
     return parser
 
 

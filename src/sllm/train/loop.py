@@ -32,6 +32,7 @@ from sllm.data.prepare import read_meta
 from sllm.errors import UserError
 from sllm.evaluate import mean_loss
 from sllm.model import build_model, describe
+from sllm.model.stats import gpu_peak_flops, training_flops_per_token
 from sllm.runs import CONFIG_FILE
 from sllm.runtime import allow_tf32, autocast, select_autocast_dtype, select_device
 from sllm.tokenizer import TOKENIZER_FILE, load_tokenizer
@@ -119,6 +120,10 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = build_model(cfg.model).to(self.device)
         self.ddp_model = wrap_model(self.model, self.cluster, self.device)
+        self.flops_per_token = training_flops_per_token(self.model, cfg.model, self.block_size)
+        self.peak_flops = (
+            gpu_peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
+        )
         if t.compile:
             self.ddp_model = torch.compile(self.ddp_model)
         self.optimizers = build_optimizers(self.model, t, self.device)
@@ -243,6 +248,8 @@ class Trainer:
             "tokens": self.tokens_seen,
             "tokens_per_s": tokens_per_s,
         }
+        if self.peak_flops:
+            metrics["mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * self.cluster.world_size)
         sinks.log(self.step, metrics)
         bar.set_postfix(
             loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}"

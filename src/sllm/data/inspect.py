@@ -1,0 +1,45 @@
+"""`sllm data info`: a prepared data directory described in words, with sample windows.
+
+Seeing decoded windows is the quickest check that the model will read what you meant:
+the right field, sane normalization, EOS between documents (shown as the token itself).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sllm.data.loader import open_split
+from sllm.data.prepare import read_meta
+from sllm.tokenizer import load_tokenizer
+
+
+def describe_data(data_dir: str | Path, show_samples: int = 0, window_tokens: int = 64, seed: int = 0) -> str:
+    meta = read_meta(data_dir)
+    tokenizer = load_tokenizer(data_dir)
+    lines = [
+        f"{data_dir}: vocabulary {meta['vocab_size']:,} tokens ({meta['dtype']}), EOS id {meta['eos_id']}, "
+        f"tokenizer sha256 {meta['tokenizer_sha256'][:12]}",
+    ]
+    for split, counts in meta["splits"].items():
+        if counts["documents"]:
+            lines.append(
+                f"  {split:<5} {counts['documents']:>9,} documents {counts['tokens']:>12,} tokens "
+                f"{counts['bytes']:>13,} bytes ({counts['bytes'] / counts['tokens']:.2f} bytes/token)"
+            )
+    sources = meta["fingerprint"]["inputs"]
+    lines.append(f"  sources ({len(sources)}): " + ", ".join(s["path"] for s in sources[:5]))
+    if len(sources) > 5:
+        lines[-1] += f", … {len(sources) - 5} more"
+    skipped = {k: v for k, v in meta["skipped"].items() if v}
+    if skipped:
+        lines.append("  skipped: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in skipped.items()))
+    tokens = open_split(data_dir, "train", meta["dtype"])
+    rng = np.random.default_rng(seed)
+    width = min(window_tokens, len(tokens))
+    for number in range(show_samples if width else 0):
+        start = int(rng.integers(0, len(tokens) - width + 1))
+        text = tokenizer.decode(tokens[start : start + width].tolist())
+        lines.append(f"\n--- train window {number + 1}: tokens {start:,}–{start + width:,} ---\n{text}")
+    return "\n".join(lines)

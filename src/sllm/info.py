@@ -1,0 +1,62 @@
+"""`sllm info`: a model's size and cost before (or after) training it.
+
+Builds the model on the `meta` device (no memory, no time) from a run's config or a config
+file, and reports parameters by component, training FLOPs per token, a training memory
+estimate with and without activation checkpointing, and the KV-cache bytes per token.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sllm.config import Config, load_config
+from sllm.data.prepare import META_FILE, read_meta
+from sllm.errors import UserError
+from sllm.model import build_model
+from sllm.model.stats import (
+    kv_cache_bytes_per_token,
+    parameters_by_component,
+    training_flops_per_token,
+    training_memory,
+)
+from sllm.runs import read_run_config
+
+
+def resolve_for_info(run: str | None, config: str | None, overrides: list[str]) -> Config:
+    cfg = read_run_config(Path(run)) if run else load_config(config, overrides)
+    if cfg.model.vocab_size == 0:
+        if not (Path(cfg.data.dir) / META_FILE).is_file():
+            raise UserError(
+                "the vocabulary size is unknown: set model.vocab_size=N or point data.dir at prepared data"
+            )
+        cfg.model.vocab_size = read_meta(cfg.data.dir)["vocab_size"]
+    return cfg
+
+
+def _mb(n_bytes: float) -> str:
+    return f"{n_bytes / 2**20:,.1f} MiB"
+
+
+def describe_costs(cfg: Config, micro_batch: int | None = None) -> str:
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    context = cfg.train.block_size or cfg.model.block_size
+    batch = micro_batch or cfg.train.micro_batch
+    groups = parameters_by_component(model)
+    total = sum(groups.values())
+    lines = [f"{cfg.model.arch} model: {total:,} parameters ({total / 1e6:.2f}M)"]
+    lines += [f"  {name:<10} {count:>14,}  {100 * count / total:5.1f}%" for name, count in groups.items()]
+    lines.append(f"training FLOPs per token: {training_flops_per_token(model, cfg.model, context):,.0f}")
+    for checkpointing in (False, True):
+        memory = training_memory(model, cfg.model, batch, context, checkpointing)
+        label = "with" if checkpointing else "without"
+        lines.append(
+            f"training memory at micro-batch {batch} × {context}, {label} activation checkpointing: "
+            f"{_mb(memory.total_bytes)} (weights {_mb(memory.weights_bytes)}, gradients "
+            f"{_mb(memory.gradients_bytes)}, AdamW state {_mb(memory.optimizer_bytes)}, activations "
+            f"{_mb(memory.activations_bytes)})"
+        )
+    lines.append(f"KV cache per token (bf16): {kv_cache_bytes_per_token(cfg.model):,} bytes")
+    return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""What a model costs: parameters by component, FLOPs per token, memory, KV-cache size.
+
+FLOPs per trained token follow the PaLM appendix B accounting: 6·N for the matmul weights
+(forward 2·N, backward 4·N; N = non-embedding matrices + the LM head, since a lookup is
+free but the head is a matmul) plus 12·L·d·T for attention scores and their weighted sum
+(d = heads × head dim, T = context). Inference costs a third of training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from sllm.config import ModelConfig
+
+# Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment, from the vendors' data sheets.
+GPU_PEAK_BF16 = {
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+}
+
+
+def gpu_peak_flops(device_name: str) -> float | None:
+    """Peak bf16 FLOP/s of a known GPU; None where we don't know it (MFU is then omitted)."""
+    return next((peak for fragment, peak in GPU_PEAK_BF16.items() if fragment in device_name), None)
+
+
+def parameters_by_component(model: nn.Module) -> dict[str, int]:
+    """Parameter counts grouped as embedding, attention, MLP and norms."""
+    groups = {"embedding": 0, "attention": 0, "mlp": 0, "norms": 0}
+    for name, param in model.named_parameters():
+        if name.startswith(("wte", "wpe", "pad")):
+            groups["embedding"] += param.numel()
+        elif ".attn." in name:
+            groups["attention"] += param.numel()
+        elif "norm" in name:
+            groups["norms"] += param.numel()
+        else:
+            groups["mlp"] += param.numel()
+    return groups
+
+
+def matmul_parameters(model: nn.Module, cfg: ModelConfig) -> int:
+    """Weights that take part in matmuls: every non-embedding matrix plus the (tied) LM head."""
+    matrices = sum(
+        p.numel() for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith(("wte", "wpe"))
+    )
+    return matrices + cfg.vocab_size * cfg.n_embd
+
+
+def training_flops_per_token(model: nn.Module, cfg: ModelConfig, context: int) -> float:
+    attention = 12 * cfg.n_layer * cfg.n_embd * context if cfg.arch == "gpt" else 0
+    return 6 * matmul_parameters(model, cfg) + attention
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights_bytes: int
+    gradients_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.gradients_bytes + self.optimizer_bytes + self.activations_bytes
+
+
+def training_memory(
+    model: nn.Module, cfg: ModelConfig, micro_batch: int, context: int, checkpointing: bool
+) -> MemoryEstimate:
+    """fp32 weights and gradients, AdamW's two fp32 moments, and bf16 activations.
+
+    Activations per block and token are about 34·d + 5·h·T bytes (Korthikanti et al. 2022,
+    with flash attention removing the 5·h·T score term); with per-block checkpointing only
+    each block's 2·d-byte input is kept, plus one block's worth during recomputation."""
+    params = sum(p.numel() for p in model.parameters())
+    tokens = micro_batch * context
+    per_block = 34 * cfg.n_embd * tokens
+    blocks = cfg.n_layer * 2 * cfg.n_embd * tokens + per_block if checkpointing else cfg.n_layer * per_block
+    logits = 4 * tokens * cfg.vocab_size
+    return MemoryEstimate(4 * params, 4 * params, 8 * params, blocks + logits)
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2) -> int:
+    """Keys and values of every layer for one token (bf16 by default)."""
+    return 2 * cfg.n_layer * cfg.n_embd * bytes_per_value if cfg.arch == "gpt" else 0

@@ -1,0 +1,61 @@
+import torch
+
+from sllm.config import ModelConfig
+from sllm.data.inspect import describe_data
+from sllm.model import build_model, count_parameters
+from sllm.model.stats import (
+    gpu_peak_flops,
+    kv_cache_bytes_per_token,
+    parameters_by_component,
+    training_flops_per_token,
+    training_memory,
+)
+
+from .test_cli import sllm
+
+
+def test_component_counts_add_up_and_flops_follow_the_formula():
+    cfg = ModelConfig(vocab_size=2048, n_layer=4, n_head=4, n_embd=128, block_size=128)
+    model = build_model(cfg)
+    groups = parameters_by_component(model)
+    assert sum(groups.values()) == count_parameters(model)
+    assert groups["embedding"] == 2048 * 128 + 128 * 128
+    assert groups["attention"] == 4 * (4 * 128 * 128 + 4 * 128)
+    d, layers, vocab, context = 128, 4, 2048, 128
+    assert (
+        training_flops_per_token(model, cfg, context)
+        == 6 * (12 * layers * d * d + vocab * d) + 12 * layers * d * context
+    )
+    assert kv_cache_bytes_per_token(cfg) == 2 * layers * d * 2
+
+
+def test_activation_checkpointing_estimate_is_smaller():
+    cfg = ModelConfig(vocab_size=100, n_layer=12, n_head=12, n_embd=768, block_size=1024)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    plain = training_memory(model, cfg, 16, 1024, checkpointing=False)
+    checkpointed = training_memory(model, cfg, 16, 1024, checkpointing=True)
+    assert checkpointed.activations_bytes < plain.activations_bytes / 5
+    assert plain.optimizer_bytes == 2 * plain.weights_bytes
+
+
+def test_known_and_unknown_gpus():
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert gpu_peak_flops("Some Future GPU") is None
+
+
+def test_info_command_for_a_run_and_a_config(trained_run):
+    result = sllm("info", "--run", trained_run)
+    assert result.returncode == 0, result.stderr
+    assert "parameters" in result.stdout and "KV cache per token" in result.stdout
+    result = sllm("info", "--config", "demo", "model.vocab_size=2048")
+    assert "1,071,872 parameters" in result.stdout
+    result = sllm("info", "--config", "demo", "data.dir=nowhere")
+    assert result.returncode == 2 and "set model.vocab_size" in result.stderr
+
+
+def test_data_info_describes_splits_and_decodes_windows(prepared_dir, tokenizer):
+    text = describe_data(prepared_dir, show_samples=2, window_tokens=20)
+    assert "train" in text and "bytes/token" in text and "constitution.jsonl" in text
+    assert text.count("--- train window") == 2
