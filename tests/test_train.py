@@ -158,3 +158,32 @@ def test_tensorboard_events_are_written_when_installed(tmp_path, prepared_dir):
     events.Reload()
     assert "loss" in events.Tags()["scalars"] and "val_loss" in events.Tags()["scalars"]
     assert [e.step for e in events.Scalars("loss")] == [5, 10]
+
+
+def test_token_and_epoch_budgets_set_the_step_count(tmp_path, prepared_dir):
+    tokens_per_step = 8 * 32  # micro_batch × block_size
+    result = train(tiny_config(prepared_dir, tmp_path / "tokens", "train.max_tokens=2600"), log=_quiet)
+    assert result.step == 11 and result.tokens_seen == 11 * tokens_per_step
+    train_tokens = json.loads((prepared_dir / "meta.json").read_text())["splits"]["train"]["tokens"]
+    run_dir = tmp_path / "epochs"
+    result = train(tiny_config(prepared_dir, run_dir, "train.epochs=0.5", "train.log_interval=1"), log=_quiet)
+    assert result.step == math.ceil(0.5 * train_tokens / tokens_per_step)
+    last = [m for m in _metrics(run_dir) if "epoch" in m][-1]
+    assert last["epoch"] == pytest.approx(result.tokens_seen / train_tokens)
+    assert 0.5 <= last["epoch"] < 0.5 + tokens_per_step / train_tokens
+
+
+def test_init_from_starts_with_another_runs_weights(tmp_path, prepared_dir, trained_run):
+    source = _final_weights(trained_run)
+    cfg = tiny_config(
+        prepared_dir, tmp_path / "domain", "train.max_steps=1", "train.lr=1e-9", "train.min_lr=0"
+    )
+    cfg.train.init_from = str(trained_run)
+    train(cfg, log=_quiet)
+    started = _final_weights(tmp_path / "domain")
+    for name in source:
+        torch.testing.assert_close(started[name], source[name], atol=1e-6, rtol=0)
+    bigger = tiny_config(prepared_dir, tmp_path / "other", "model.n_layer=3")
+    bigger.train.init_from = str(trained_run)
+    with pytest.raises(UserError, match="has another model"):
+        train(bigger, log=_quiet)

@@ -84,7 +84,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    cfg = _load(args, {"data.dir": args.data, "train.out_dir": args.out})
+    cfg = _load(args, {"data.dir": args.data, "train.out_dir": args.out, "train.init_from": args.init_from})
     from sllm.train.loop import train
 
     result = train(cfg)
@@ -207,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = commands.add_parser("train", help="pre-train a model; the same command again resumes")
     tr.add_argument("--data", help="prepared data directory (data.dir)")
     tr.add_argument("--out", help="run directory (train.out_dir)")
+    tr.add_argument("--init-from", help="start from another run's weights (train.init_from)")
     _config_args(tr)
     tr.set_defaults(func=cmd_train)
 

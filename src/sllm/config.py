@@ -73,7 +73,11 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     out_dir: str = option("runs/default", "run directory (checkpoints, metrics, samples)")
-    max_steps: int = option(1000, "optimizer steps to train")
+    max_steps: int = option(1000, "optimizer steps to train (unless max_tokens or epochs is set)")
+    max_tokens: int = option(0, "train on this many tokens instead of max_steps; 0 disables")
+    epochs: float = option(0.0, "train for this many epochs instead of max_steps; 0 disables")
+    tokens_per_epoch: int = option(0, "tokens in one epoch; 0 means the train split's size")
+    init_from: str | None = option(None, "start from another run's newest weights (fresh optimizer)")
     micro_batch: int = option(16, "sequences per forward/backward pass")
     grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
     block_size: int = option(0, "training window length; 0 means model.block_size")
@@ -300,6 +304,10 @@ def validate(cfg: Config) -> None:
         raise UserError("model.ffn_window must not exceed model.block_size")
     if not 0 <= m.dropout < 1:
         raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if t.max_tokens < 0 or t.epochs < 0 or t.tokens_per_epoch < 0:
+        raise UserError("train.max_tokens, train.epochs and train.tokens_per_epoch must not be negative")
+    if t.max_tokens and t.epochs:
+        raise UserError("set train.max_tokens or train.epochs, not both")
     if not 0 < t.decay_fraction <= 1:
         raise UserError(f"train.decay_fraction must be in (0, 1], got {t.decay_fraction}")
     if t.min_lr > t.lr:

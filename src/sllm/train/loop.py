@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from sllm.atomic import ensure_writable_dir
-from sllm.config import Config, save_config
+from sllm.config import Config, TrainConfig, save_config
 from sllm.data.loader import TrainWindows, fixed_windows, open_split
 from sllm.data.prepare import read_meta
 from sllm.errors import UserError
@@ -77,6 +77,13 @@ def _resolve_model_config(cfg: Config, meta: dict) -> None:
         )
 
 
+def _resolve_step_budget(t: TrainConfig, tokens_per_step: int, tokens_per_epoch: int) -> None:
+    """A token or epoch budget becomes a step count, so schedules and checkpoints count steps."""
+    budget = t.max_tokens or round(t.epochs * tokens_per_epoch)
+    if budget:
+        t.max_steps = max(1, math.ceil(budget / tokens_per_step))
+
+
 def _prepare_run_dir(run_dir: Path, data_dir: Path) -> None:
     """Write config.yaml and tokenizer.json; refuse a run dir trained on another tokenizer."""
     if (run_dir / TOKENIZER_FILE).is_file() and (
@@ -116,6 +123,8 @@ class Trainer:
             fixed_windows(val_tokens, self.block_size, t.eval_windows) if len(val_tokens) > 1 else None
         )
         self.tokens_per_step = t.micro_batch * self.block_size * t.grad_accum * self.cluster.world_size
+        self.tokens_per_epoch = t.tokens_per_epoch or len(self.windows.tokens)
+        _resolve_step_budget(t, self.tokens_per_step, self.tokens_per_epoch)
 
         torch.manual_seed(t.seed)
         self.model = build_model(cfg.model).to(self.device)
@@ -158,6 +167,23 @@ class Trainer:
         if self.cluster.is_main:
             self.log(f"resumed from {checkpoint.path} (step {self.step}, {self.tokens_seen:,} tokens seen)")
         return True
+
+    def initialize_from(self, source_run: Path) -> None:
+        """Take another run's newest weights (e.g. a base model for domain training)."""
+        checkpoint = load_latest(source_run)
+        if checkpoint is None:
+            raise UserError(f"train.init_from: {source_run} has no checkpoint to start from")
+        differences = config_differences(checkpoint.meta.get("model_config", {}), asdict(self.cfg.model))
+        if differences:
+            raise UserError(
+                f"train.init_from: {source_run} has another model ({'; '.join(differences)}); "
+                "use the same model settings"
+            )
+        if checkpoint.meta.get("tokenizer_sha256") != self.tokenizer.sha256:
+            raise UserError(f"train.init_from: {source_run} used another tokenizer than {self.data_dir}")
+        self.model.load_state_dict(checkpoint.model_state())
+        if self.cluster.is_main:
+            self.log(f"initialized from {checkpoint.path} (a fresh optimizer and schedule)")
 
     def _state(self) -> tuple[dict, dict, dict]:
         train_state = {
@@ -247,6 +273,7 @@ class Trainer:
             "lr": lr_at(self.step - 1, self.cfg.train),
             "tokens": self.tokens_seen,
             "tokens_per_s": tokens_per_s,
+            "epoch": self.tokens_seen / self.tokens_per_epoch,
         }
         if self.peak_flops:
             metrics["mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * self.cluster.world_size)
@@ -326,6 +353,8 @@ def _train(trainer: Trainer, cfg: Config, log) -> TrainResult:
         _prepare_run_dir(run_dir, trainer.data_dir)
     barrier(trainer.cluster)
     resumed = cfg.train.resume == "auto" and trainer.resume()
+    if not resumed and cfg.train.init_from:
+        trainer.initialize_from(Path(cfg.train.init_from))
     if main:
         save_config(cfg, run_dir / CONFIG_FILE)
     if resumed and trainer.step >= cfg.train.max_steps:

@@ -1,0 +1,9 @@
+# sllm on a CUDA machine: docker build -t sllm . && docker run --gpus all -v $PWD/runs:/work/runs sllm train --config demo
+FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+WORKDIR /opt/sllm
+COPY pyproject.toml README.md ./
+COPY src ./src
+RUN pip install --no-cache-dir ".[tensorboard]"
+WORKDIR /work
+ENTRYPOINT ["sllm"]
+CMD ["--help"]
