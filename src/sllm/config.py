@@ -133,6 +133,8 @@ class LogConfig:
     tensorboard: bool = option(True, "write TensorBoard events when tensorboard is installed")
     progress: bool = option(True, "show a progress bar")
     samples_at_eval: bool = option(True, "generate the fixed prompts at each evaluation")
+    wandb: bool = option(False, "log to Weights & Biases (honours WANDB_MODE=offline)")
+    wandb_project: str = option("sllm", "W&B project name")
 
 
 @dataclass

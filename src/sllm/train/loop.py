@@ -37,6 +37,9 @@ from sllm.runs import CONFIG_FILE
 from sllm.runtime import allow_tf32, autocast, select_autocast_dtype, select_device
 from sllm.tokenizer import TOKENIZER_FILE, load_tokenizer
 from sllm.train.checkpoint import (
+    BEST,
+    CHECKPOINTS,
+    LATEST,
     clean_leftovers,
     config_differences,
     load_latest,
@@ -282,6 +285,16 @@ class Trainer:
             loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}"
         )
 
+    def _publish_artifacts(self, sinks: MetricSinks) -> None:
+        """The finished run's tokenizer, config and final/best checkpoints, as versioned files."""
+        checkpoints = self.run_dir / CHECKPOINTS
+        sinks.files("tokenizer", "tokenizer", [self.run_dir / TOKENIZER_FILE])
+        sinks.files("config", "config", [self.run_dir / CONFIG_FILE])
+        final = checkpoints / (checkpoints / LATEST).read_text(encoding="utf-8").strip()
+        sinks.files("final", "model", [final])
+        if (checkpoints / BEST).is_dir():
+            sinks.files("best", "model", [checkpoints / BEST])
+
     def run(self) -> TrainResult:
         t = self.cfg.train
         main = self.cluster.is_main
@@ -289,7 +302,7 @@ class Trainer:
             self.log(
                 f"{describe(self.model)} on {self.device.type}, {self.tokens_per_step:,} tokens per step"
             )
-        sinks = MetricSinks(self.run_dir, self.cfg.log.tensorboard, self.step, enabled=main)
+        sinks = MetricSinks(self.run_dir, self.cfg, self.step, enabled=main)
         show_bar = self.cfg.log.progress and main
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not show_bar, dynamic_ncols=True)
         self.model.train()
@@ -314,6 +327,8 @@ class Trainer:
                     if stopping:
                         stopped_by = stop.signal_name or "a stop signal on another rank"
                         break
+            if main and self.step == t.max_steps:
+                self._publish_artifacts(sinks)
         finally:
             bar.close()
             sinks.close()

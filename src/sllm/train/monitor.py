@@ -1,9 +1,11 @@
-"""Where training metrics go: metrics.jsonl always, TensorBoard when it is installed.
+"""Where training metrics go: metrics.jsonl always; TensorBoard and Weights & Biases on request.
 
-Each record is one JSON line written and flushed at once. When a run resumes from step S,
+Each JSONL record is one line written and flushed at once. When a run resumes from step S,
 the records after S (written before a crash and about to be replayed) and any line cut short
-by a kill are dropped first, so the file holds each step once and is valid line by line.
-TensorBoard is optional: without the package the sink is skipped with a one-time note.
+by a kill are dropped first, so the file holds each step once and is valid line by line;
+TensorBoard purges the same steps, and W&B continues the same run (its id is kept in the run
+directory). Optional sinks import their package lazily: TensorBoard missing is a note,
+W&B missing (when asked for) is a clear error.
 """
 
 from __future__ import annotations
@@ -11,11 +13,21 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sllm.atomic import write_text_atomic
+from sllm.config import Config
+from sllm.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_id"
+
+
+class Sink(Protocol):
+    def log(self, step: int, metrics: dict[str, Any]) -> None: ...
+    def text(self, step: int, name: str, text: str) -> None: ...
+    def files(self, name: str, kind: str, paths: list[Path]) -> None: ...
+    def close(self) -> None: ...
 
 
 def _records_up_to(path: Path, step: int) -> str:
@@ -31,45 +43,118 @@ def _records_up_to(path: Path, step: int) -> str:
     return "".join(kept)
 
 
-class MetricSinks:
-    """Metric destinations of rank 0; on other ranks (`enabled=False`) every call is a no-op."""
-
-    def __init__(self, run_dir: Path, tensorboard: bool, start_step: int, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self.writer = None
-        if not enabled:
-            return
+class JsonlSink:
+    def __init__(self, run_dir: Path, start_step: int) -> None:
         path = run_dir / METRICS_FILE
         if path.exists():
             write_text_atomic(path, _records_up_to(path, start_step))
-        self.jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                print(
-                    "note: tensorboard is not installed; metrics go to metrics.jsonl only",
-                    file=sys.stderr,
-                )
-            else:
-                self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step + 1)
+        self.handle = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        self.jsonl.write(json.dumps({"step": step, **metrics}, ensure_ascii=False) + "\n")
-        self.jsonl.flush()
-        if self.writer is not None:
-            for name, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(name, value, step)
+        self.handle.write(json.dumps({"step": step, **metrics}, ensure_ascii=False) + "\n")
+        self.handle.flush()
 
     def text(self, step: int, name: str, text: str) -> None:
-        if self.writer is not None:
-            self.writer.add_text(name, text, step)
+        pass
+
+    def files(self, name: str, kind: str, paths: list[Path]) -> None:
+        pass
 
     def close(self) -> None:
-        if self.enabled:
-            self.jsonl.close()
-        if self.writer is not None:
-            self.writer.close()
+        self.handle.close()
+
+
+class TensorBoardSink:
+    def __init__(self, writer) -> None:
+        self.writer = writer
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(name, value, step)
+
+    def text(self, step: int, name: str, text: str) -> None:
+        self.writer.add_text(name, text, step)
+
+    def files(self, name: str, kind: str, paths: list[Path]) -> None:
+        pass
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """Metrics, sample text and versioned artifacts (tokenizer, config, checkpoints) in W&B.
+    `WANDB_MODE=offline` works as usual: everything is written under the run directory."""
+
+    def __init__(self, run_dir: Path, cfg: Config) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("log.wandb is on but wandb is not installed; `pip install wandb`") from None
+        self.wandb = wandb
+        id_file = run_dir / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        id_file.write_text(run_id + "\n")
+        self.run = wandb.init(
+            project=cfg.log.wandb_project, name=run_dir.name, id=run_id, resume="allow",
+            dir=str(run_dir), config=cfg.to_dict(),
+        )  # fmt: skip
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        self.run.log(metrics, step=step)
+
+    def text(self, step: int, name: str, text: str) -> None:
+        self.run.log({name: self.wandb.Html(f"<pre>{text}</pre>")}, step=step)
+
+    def files(self, name: str, kind: str, paths: list[Path]) -> None:
+        artifact = self.wandb.Artifact(name, type=kind)
+        for path in paths:
+            if path.is_dir():
+                artifact.add_dir(str(path), name=path.name)
+            else:
+                artifact.add_file(str(path))
+        self.run.log_artifact(artifact)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _tensorboard(run_dir: Path, start_step: int) -> list[Sink]:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("note: tensorboard is not installed; metrics go to metrics.jsonl only", file=sys.stderr)
+        return []
+    return [TensorBoardSink(SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step + 1))]
+
+
+class MetricSinks:
+    """Every configured sink of rank 0; on other ranks (`enabled=False`) calls do nothing."""
+
+    def __init__(self, run_dir: Path, cfg: Config, start_step: int, enabled: bool = True) -> None:
+        self.sinks: list[Sink] = []
+        if not enabled:
+            return
+        self.sinks.append(JsonlSink(run_dir, start_step))
+        if cfg.log.tensorboard:
+            self.sinks += _tensorboard(run_dir, start_step)
+        if cfg.log.wandb:
+            self.sinks.append(WandbSink(run_dir, cfg))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.log(step, metrics)
+
+    def text(self, step: int, name: str, text: str) -> None:
+        for sink in self.sinks:
+            sink.text(step, name, text)
+
+    def files(self, name: str, kind: str, paths: list[Path]) -> None:
+        """Versioned copies of run files, where a sink keeps them (W&B artifacts)."""
+        for sink in self.sinks:
+            sink.files(name, kind, paths)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
