@@ -140,6 +140,33 @@ def cmd_data_info(args: argparse.Namespace) -> None:
     print(describe_data(args.dir, args.show_samples, args.window_tokens))
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from sllm.report import write_report
+
+    print(f"wrote {write_report(args.runs, args.out)}")
+
+
+def cmd_queue(args: argparse.Namespace) -> None:
+    from sllm.queue import run_queue
+
+    entries = run_queue(args.file)
+    if any(e.status == "failed" for e in entries):
+        sys.exit(1)
+
+
+def _add_experiment_commands(commands) -> None:
+    report = commands.add_parser("report", help="plots and a markdown summary of one or more runs")
+    report.add_argument("runs", nargs="+", help="run directories (several are overlaid)")
+    report.add_argument("--out", help="where to write report.md and plots/ (default: the first run)")
+    report.set_defaults(func=cmd_report)
+
+    queue = commands.add_parser(
+        "queue", help="run the `sllm train` argument lists of a file, one after another"
+    )
+    queue.add_argument("file", help="one experiment per line; # starts a comment")
+    queue.set_defaults(func=cmd_queue)
+
+
 def _add_inspection_commands(commands) -> None:
     info = commands.add_parser(
         "info", help="parameters, FLOPs per token, memory and KV-cache size of a model"
@@ -233,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto")
     gen.set_defaults(func=cmd_generate)
     _add_inspection_commands(commands)
+    _add_experiment_commands(commands)
     return parser
 
 

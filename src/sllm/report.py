@@ -1,0 +1,126 @@
+"""`sllm report RUN [RUN...]`: plots and a markdown summary of one run or several side by side.
+
+Curves are drawn against tokens seen, not steps, so runs with different batch sizes line up.
+The summary lists the config keys that differ between runs (what the comparison is about),
+best validation loss, median throughput and each run's last samples. matplotlib is imported
+here alone, lazily, and uses the Agg backend so no display is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from sllm.errors import UserError
+from sllm.runs import read_run_config
+from sllm.train.monitor import METRICS_FILE
+
+CURVES = (
+    ("loss", "train loss"),
+    ("val_loss", "validation loss"),
+    ("lr", "learning rate"),
+    ("tokens_per_s", "tokens / s"),
+)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no {METRICS_FILE}; is it a run directory?")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(runs: list[Path]) -> dict[str, list[Any]]:
+    """Config keys whose values are not the same in every run (paths of the runs excluded)."""
+    flats = [_flatten(read_run_config(run).to_dict()) for run in runs]
+    keys = sorted(set().union(*flats) - {"train.out_dir"})
+    return {k: [f.get(k) for f in flats] for k in keys if len({json.dumps(f.get(k)) for f in flats}) > 1}
+
+
+def _plot(runs: list[Path], metrics: dict[Path, list[dict]], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for key, title in CURVES:
+        figure, axes = plt.subplots(figsize=(7, 4))
+        for run in runs:
+            points = [(m["tokens"], m[key]) for m in metrics[run] if key in m and "tokens" in m]
+            if points:
+                axes.plot(
+                    *zip(*points, strict=True), label=run.name, marker="." if key == "val_loss" else None
+                )
+        axes.set_xlabel("tokens seen")
+        axes.set_title(title)
+        axes.legend()
+        axes.grid(alpha=0.3)
+        path = out_dir / f"{key}.png"
+        figure.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def _last_samples(run: Path) -> str:
+    samples = sorted((run / "samples").glob("step-*.md"))
+    return samples[-1].read_text(encoding="utf-8") if samples else "(no samples)"
+
+
+def _summary(runs: list[Path], metrics: dict[Path, list[dict]], plots: list[Path], out_dir: Path) -> str:
+    lines = [
+        "# Run report",
+        "",
+        "| run | steps | tokens | best val loss | median tokens/s |",
+        "|---|---|---|---|---|",
+    ]
+    for run in runs:
+        records = metrics[run]
+        val = [m["val_loss"] for m in records if "val_loss" in m]
+        rates = [m["tokens_per_s"] for m in records if "tokens_per_s" in m]
+        last = max((m for m in records if "tokens" in m), key=lambda m: m["step"], default={})
+        best = f"{min(val):.4f}" if val else "–"
+        rate = f"{statistics.median(rates):,.0f}" if rates else "–"
+        lines.append(
+            f"| {run.name} | {last.get('step', 0):,} | {last.get('tokens', 0):,} | {best} | {rate} |"
+        )
+    differences = config_differences(runs) if len(runs) > 1 else {}
+    if differences:
+        lines += ["", "## Config differences", "", "| key | " + " | ".join(r.name for r in runs) + " |"]
+        lines.append("|---|" + "---|" * len(runs))
+        lines += [
+            f"| {k} | " + " | ".join(str(v) for v in values) + " |" for k, values in differences.items()
+        ]
+    lines += ["", "## Curves", ""] + [f"![{p.stem}]({p.relative_to(out_dir)})" for p in plots]
+    for run in runs:
+        lines += ["", f"## Last samples of {run.name}", "", _last_samples(run)]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(runs: list[str | Path], out: str | Path | None = None) -> Path:
+    """Write `report.md` and `plots/*.png` into `out` (default: the first run's directory)."""
+    run_dirs = [Path(r) for r in runs]
+    for run in run_dirs:
+        if not run.is_dir():
+            raise UserError(f"run directory {run} does not exist")
+    out_dir = Path(out) if out else run_dirs[0]
+    plots_dir = out_dir / "plots"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    metrics = {run: read_metrics(run) for run in run_dirs}
+    plots = _plot(run_dirs, metrics, plots_dir)
+    report = out_dir / "report.md"
+    report.write_text(_summary(run_dirs, metrics, plots, out_dir), encoding="utf-8")
+    return report
