@@ -8,7 +8,8 @@ from .test_cli import sllm
 
 TINY = (
     "model.n_layer=1 model.n_head=2 model.n_embd=32 model.block_size=16 train.micro_batch=4 "
-    "train.eval_interval=5 train.checkpoint_interval=5 log.progress=false train.device=cpu"
+    "train.eval_interval=5 train.checkpoint_interval=5 train.log_interval=2 "
+    "log.progress=false train.device=cpu"
 )
 
 

@@ -61,9 +61,7 @@ def _plot(runs: list[Path], metrics: dict[Path, list[dict]], out_dir: Path) -> l
         for run in runs:
             points = [(m["tokens"], m[key]) for m in metrics[run] if key in m and "tokens" in m]
             if points:
-                axes.plot(
-                    *zip(*points, strict=True), label=run.name, marker="." if key == "val_loss" else None
-                )
+                axes.plot(*zip(*points, strict=True), label=run.name, marker=".")
         axes.set_xlabel("tokens seen")
         axes.set_title(title)
         axes.legend()
