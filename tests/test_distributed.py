@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -57,22 +58,47 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(load_latest(run_dir).path / "model.safetensors")
 
 
-def test_two_processes_equal_one_process_with_accumulation(tmp_path, prepared_dir):
-    single = _run(
-        [sys.executable, "-m", "sllm", *_train_args(prepared_dir, tmp_path / "one", "train.grad_accum=2")]
-    )
-    assert single.returncode == 0, single.stderr
-    double = _run([*_torchrun(2), *_train_args(prepared_dir, tmp_path / "two")])
-    assert double.returncode == 0, double.stderr
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory, prepared_dir) -> Path:
+    """One process accumulating two micro-batches per step: the reference for two ranks."""
+    run_dir = tmp_path_factory.mktemp("single") / "one"
+    result = _run([sys.executable, "-m", "sllm", *_train_args(prepared_dir, run_dir, "train.grad_accum=2")])
+    assert result.returncode == 0, result.stderr
+    return run_dir
 
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
-    for step in one:
-        assert abs(one[step] - two[step]) < 1e-5, (step, one[step], two[step])
-    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+
+def _assert_runs_match(reference: Path, other: Path, check_losses: bool = True) -> None:
+    if check_losses:
+        one, two = _losses(reference), _losses(other)
+        assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
+        for step in one:
+            assert abs(one[step] - two[step]) < 1e-5, (step, one[step], two[step])
+    a, b = _weights(reference), _weights(other)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process_with_accumulation(
+    tmp_path, prepared_dir, single_process_run, parallel
+):
+    double = _run([*_torchrun(2), *_train_args(prepared_dir, tmp_path / "two", f"train.parallel={parallel}")])
+    assert double.returncode == 0, double.stderr
+    _assert_runs_match(single_process_run, tmp_path / "two")
     assert double.stdout.count("val loss") == 1  # only rank 0 reports
+
+
+def test_sharded_checkpoint_resumes_on_another_world_size(tmp_path, prepared_dir, single_process_run):
+    run_dir = tmp_path / "fsdp"
+    first = _run([*_torchrun(2), *_train_args(prepared_dir, run_dir, "train.parallel=fsdp")])
+    assert first.returncode == 0, first.stderr
+    checkpoints = run_dir / "checkpoints"
+    shutil.rmtree(checkpoints / "step-000012")  # as if it had stopped after step 6
+    (checkpoints / "LATEST").write_text("step-000006\n")
+    resumed = _run([sys.executable, "-m", "sllm", *_train_args(prepared_dir, run_dir, "train.grad_accum=2")])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "step 6" in resumed.stdout
+    _assert_runs_match(single_process_run, run_dir, check_losses=False)
 
 
 def test_resume_on_two_processes_matches_uninterrupted(tmp_path, prepared_dir):

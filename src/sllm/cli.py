@@ -88,7 +88,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from sllm.train.loop import train
 
     result = train(cfg)
-    if result.val_loss is not None:
+    if result.val_loss is not None and result.is_main:
         import math
 
         print(

@@ -108,6 +108,9 @@ class TrainConfig:
     resume: Literal["auto", "never"] = option("auto", "continue from LATEST if the run has one")
     log_interval: int = option(10, "steps between metric log lines")
     dist_timeout_s: int = option(600, "seconds a rank waits for the others before failing")
+    parallel: Literal["ddp", "fsdp"] = option(
+        "ddp", "with several processes: replicate (DDP) or shard parameters and state (FSDP2)"
+    )
 
 
 @dataclass

@@ -2,20 +2,34 @@
 
 `torchrun` (or any launcher that sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR, e.g.
 `accelerate launch`) starts one process per device; we join its process group with NCCL on
-GPUs and gloo on the CPU, and wrap the model in DDP. Without those variables everything
-degrades to a single process with no collectives. Rank 0 alone writes files; every rank
+GPUs and gloo on the CPU, and wrap the model in DDP, or shard it with FSDP2
+(`fully_shard` per block, then the root) for `train.parallel: fsdp`. Without those
+variables everything degrades to a single process with no collectives.
+
+Checkpoints always hold full, unsharded state keyed by parameter name (gathered with
+`torch.distributed.checkpoint.state_dict`), so a checkpoint written by any number of
+processes, sharded or not, loads into any other. Rank 0 alone writes files; every rank
 reads the same checkpoint on resume, so multi-node runs need a shared run directory.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from sllm.errors import UserError
 
@@ -59,14 +73,59 @@ def leave_cluster(cluster: Cluster) -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, cluster: Cluster, device: torch.device) -> nn.Module:
-    """DDP for training steps; evaluation and sampling use the unwrapped model on rank 0."""
+def wrap_model(model: nn.Module, cluster: Cluster, device: torch.device, parallel: str) -> nn.Module:
+    """The module training steps call: DDP around the model, or the model sharded in place."""
     if not cluster.distributed:
         return model
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+@contextmanager
+def gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
+    """Reduce gradients across ranks only on the last micro-step of an accumulation."""
+    if sync:
+        yield
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_state(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state on the CPU (a collective under FSDP: all ranks call)."""
+    return (
+        get_model_state_dict(model, options=_FULL),
+        get_optimizer_state_dict(model, optimizers, options=_FULL),
+    )
+
+
+def load_full_state(
+    model: nn.Module, optimizers: list[torch.optim.Optimizer], model_state: dict, optimizer_state: dict | None
+) -> None:
+    """Load full state into a plain, DDP-bound or sharded model (each rank shards its part)."""
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    if optimizer_state is not None:
+        set_optimizer_state_dict(model, optimizers, optimizer_state, options=options)
 
 
 def barrier(cluster: Cluster) -> None:

@@ -16,8 +16,6 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,6 +38,7 @@ from sllm.train.checkpoint import (
     BEST,
     CHECKPOINTS,
     LATEST,
+    Checkpoint,
     clean_leftovers,
     config_differences,
     load_latest,
@@ -49,8 +48,11 @@ from sllm.train.checkpoint import (
 from sllm.train.distributed import (
     any_rank,
     barrier,
+    full_state,
+    gradient_sync,
     join_cluster,
     leave_cluster,
+    load_full_state,
     mean_over_ranks,
     wrap_model,
 )
@@ -68,6 +70,7 @@ class TrainResult:
     val_loss: float | None
     stopped_by: str | None = None
     already_finished: bool = False
+    is_main: bool = True
 
 
 def _resolve_model_config(cfg: Config, meta: dict) -> None:
@@ -131,7 +134,10 @@ class Trainer:
 
         torch.manual_seed(t.seed)
         self.model = build_model(cfg.model).to(self.device)
-        self.ddp_model = wrap_model(self.model, self.cluster, self.device)
+        self.description = f"{describe(self.model)} on {self.device.type}"
+        self.ddp_model = wrap_model(self.model, self.cluster, self.device, t.parallel)
+        # A sharded model needs every rank in each forward pass, evaluation included.
+        self.collective_eval = self.cluster.distributed and t.parallel == "fsdp"
         self.flops_per_token = training_flops_per_token(self.model, cfg.model, self.block_size)
         self.peak_flops = (
             gpu_peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
@@ -147,21 +153,26 @@ class Trainer:
 
     # ---- state ----------------------------------------------------------------------
 
-    def resume(self) -> bool:
-        """Load the newest verified checkpoint if there is one; True when something was loaded."""
-        checkpoint = load_latest(self.run_dir)
+    def _compatible_checkpoint(self, run_dir: Path, purpose: str) -> Checkpoint | None:
+        """The newest verified checkpoint of `run_dir`, refused if made for another model."""
+        checkpoint = load_latest(run_dir)
         if checkpoint is None:
-            return False
+            return None
         differences = config_differences(checkpoint.meta.get("model_config", {}), asdict(self.cfg.model))
         if differences:
             raise UserError(
-                f"checkpoint {checkpoint.path} was made for another model ({'; '.join(differences)}); "
-                "use a new --out or the same model settings"
+                f"{purpose}: checkpoint {checkpoint.path} was made for another model "
+                f"({'; '.join(differences)}); use the same model settings or a new --out"
             )
-        self.model.load_state_dict(checkpoint.model_state())
+        return checkpoint
+
+    def resume(self) -> bool:
+        """Load the newest verified checkpoint if there is one; True when something was loaded."""
+        checkpoint = self._compatible_checkpoint(self.run_dir, "resume")
+        if checkpoint is None:
+            return False
         state = checkpoint.train_state()
-        for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
-            optimizer.load_state_dict(saved)
+        load_full_state(self.model, self.optimizers, checkpoint.model_state(), state["optimizers"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -173,24 +184,20 @@ class Trainer:
 
     def initialize_from(self, source_run: Path) -> None:
         """Take another run's newest weights (e.g. a base model for domain training)."""
-        checkpoint = load_latest(source_run)
+        checkpoint = self._compatible_checkpoint(source_run, "train.init_from")
         if checkpoint is None:
             raise UserError(f"train.init_from: {source_run} has no checkpoint to start from")
-        differences = config_differences(checkpoint.meta.get("model_config", {}), asdict(self.cfg.model))
-        if differences:
-            raise UserError(
-                f"train.init_from: {source_run} has another model ({'; '.join(differences)}); "
-                "use the same model settings"
-            )
         if checkpoint.meta.get("tokenizer_sha256") != self.tokenizer.sha256:
             raise UserError(f"train.init_from: {source_run} used another tokenizer than {self.data_dir}")
-        self.model.load_state_dict(checkpoint.model_state())
+        load_full_state(self.model, self.optimizers, checkpoint.model_state(), None)
         if self.cluster.is_main:
             self.log(f"initialized from {checkpoint.path} (a fresh optimizer and schedule)")
 
     def _state(self) -> tuple[dict, dict, dict]:
+        """Weights, training state and meta for a checkpoint (collective under FSDP)."""
+        model_state, optimizer_state = full_state(self.model, self.optimizers)
         train_state = {
-            "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
+            "optimizers": optimizer_state,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
             "step": self.step,
             "tokens_seen": self.tokens_seen,
@@ -203,11 +210,14 @@ class Trainer:
             "model_config": asdict(self.cfg.model),
             "tokenizer_sha256": self.tokenizer.sha256,
         }
-        return self.model.state_dict(), train_state, meta
+        return model_state, train_state, meta
 
     def save(self) -> None:
-        if self.cluster.is_main:
-            save_checkpoint(self.run_dir, *self._state(), keep_last=self.cfg.train.keep_last)
+        """A periodic checkpoint; every rank gathers (FSDP), rank 0 writes."""
+        if self.collective_eval or self.cluster.is_main:
+            state = self._state()
+            if self.cluster.is_main:
+                save_checkpoint(self.run_dir, *state, keep_last=self.cfg.train.keep_last)
 
     # ---- one step -------------------------------------------------------------------
 
@@ -221,7 +231,7 @@ class Trainer:
             torch.manual_seed((t.seed * 1_000_003 + self.step) * 1_009 + index)  # dropout
             x, y = (v.to(self.device, non_blocking=True) for v in self.windows.batch(self.step, index))
             last_micro_step = micro_step == t.grad_accum - 1
-            with _gradient_sync(self.ddp_model, last_micro_step):
+            with gradient_sync(self.ddp_model, last_micro_step):
                 with autocast(self.device, self.amp_dtype):
                     logits = self.ddp_model(x)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
@@ -241,8 +251,10 @@ class Trainer:
         return total / t.grad_accum
 
     def evaluate(self, sinks: MetricSinks) -> float | None:
-        """Validation loss, best checkpoint and samples, on rank 0 with the unwrapped model."""
-        if self.val_windows is None or not self.cluster.is_main:
+        """Validation loss, best checkpoint and samples: on rank 0 with the unwrapped model, or on
+        every rank with a sharded one (sampling is seeded, so all ranks draw the same tokens)."""
+        participates = self.cluster.is_main or self.collective_eval
+        if self.val_windows is None or not participates:
             return None
         self.model.eval()
         val_loss = mean_loss(
@@ -260,11 +272,14 @@ class Trainer:
         )
         if val_loss < self.best_val_loss:
             self.best_val_loss = val_loss
-            save_best(self.run_dir, *self._state())
+            state = self._state()
+            if self.cluster.is_main:
+                save_best(self.run_dir, *state)
         if self.cfg.log.samples_at_eval and self.cfg.sample.prompts:
             samples = sample_prompts(self.model, self.tokenizer, self.cfg.sample, self.device, self.amp_dtype)
-            path = write_samples(self.run_dir, self.step, samples)
-            sinks.text(self.step, "samples", path.read_text(encoding="utf-8"))
+            if self.cluster.is_main:
+                path = write_samples(self.run_dir, self.step, samples)
+                sinks.text(self.step, "samples", path.read_text(encoding="utf-8"))
         return val_loss
 
     # ---- the loop -------------------------------------------------------------------
@@ -299,9 +314,7 @@ class Trainer:
         t = self.cfg.train
         main = self.cluster.is_main
         if main:
-            self.log(
-                f"{describe(self.model)} on {self.device.type}, {self.tokens_per_step:,} tokens per step"
-            )
+            self.log(f"{self.description}, {self.tokens_per_step:,} tokens per step")
         sinks = MetricSinks(self.run_dir, self.cfg, self.step, enabled=main)
         show_bar = self.cfg.log.progress and main
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not show_bar, dynamic_ncols=True)
@@ -335,17 +348,9 @@ class Trainer:
         if stopped_by and main:
             where = f"saved step {self.step} to {self.run_dir}"
             self.log(f"{stopped_by} received: {where}; run the same command to resume")
-        return TrainResult(self.run_dir, self.step, self.tokens_seen, self.last_val_loss, stopped_by)
-
-
-@contextmanager
-def _gradient_sync(model: torch.nn.Module, sync: bool) -> Iterator[None]:
-    """Under DDP, all-reduce gradients only on the last micro-step of an accumulation."""
-    if sync or not hasattr(model, "no_sync"):
-        yield
-    else:
-        with model.no_sync():
-            yield
+        return TrainResult(
+            self.run_dir, self.step, self.tokens_seen, self.last_val_loss, stopped_by, is_main=main
+        )
 
 
 def train(cfg: Config, log=print) -> TrainResult:
