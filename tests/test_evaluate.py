@@ -111,9 +111,12 @@ def test_text_eval_scores_files_longer_than_the_context(trained_run, tmp_path):
     assert f"{result.tokens:>10,} {result.loss:>8.4f}" in printed.stdout
 
 
-def test_text_eval_refuses_missing_and_non_utf8_files(trained_run, tmp_path):
+def test_text_eval_refuses_missing_and_non_utf8_files_and_bad_strides(trained_run, tmp_path):
+    (tmp_path / "ko.txt").write_text("대한민국", encoding="utf-8")
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("café".encode("latin-1"))
     with pytest.raises(UserError, match="is not UTF-8 text"):
         evaluate_texts(trained_run, [latin1], device="cpu")
+    with pytest.raises(UserError, match="--stride must be between 1 and the context"):
+        evaluate_texts(trained_run, [tmp_path / "ko.txt"], stride=-1, device="cpu")
     assert_one_line_error(sllm("eval", "--run", trained_run, "--text", tmp_path / "no.txt"), "not found")

@@ -96,8 +96,9 @@ def test_export_writes_config_generation_config_and_model_card(trained_run, expo
     assert (config["n_layer"], config["n_head"], config["n_embd"], config["n_positions"]) == (2, 2, 64, 32)
     assert config["activation_function"] == "gelu_new"
     generation = json.loads((exported / "generation_config.json").read_text())
-    assert generation["max_length"] == 32
     run = open_run(trained_run, CPU)
+    assert generation["eos_token_id"] == run.tokenizer.eos_id
+    assert generation["top_p"] == run.config.sample.top_p
     card = (exported / "README.md").read_text()
     assert f"{run.checkpoint.meta['tokens_seen']:,} tokens seen" in card
     assert f"validation loss {run.checkpoint.meta['val_loss']:.4f}" in card
@@ -118,22 +119,27 @@ def test_export_then_import_is_lossless(trained_run, exported, tmp_path):
         assert torch.equal(back.model(ids), original.model(ids))
 
 
-@pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])
-def test_imported_random_transformers_gpt2_gives_its_logits(tokenizer, tmp_path, weights_file):
+@pytest.mark.parametrize("layout", ["safetensors", "sharded", "pytorch_model.bin"])
+def test_imported_random_transformers_gpt2_gives_its_logits(tokenizer, tmp_path, layout):
     torch.manual_seed(0)
     config = transformers.GPT2Config(
-        vocab_size=tokenizer.vocab_size, n_positions=24, n_embd=48, n_layer=3, n_head=4
-    )
+        vocab_size=tokenizer.vocab_size, n_positions=24, n_embd=48, n_layer=3, n_head=4,
+        bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id,
+    )  # fmt: skip
     hf_model = transformers.GPT2LMHeadModel(config).eval()
     source = tmp_path / "hf"
-    if weights_file == "model.safetensors":
+    if layout == "safetensors":
         hf_model.save_pretrained(source)
-    else:  # the old layout: no `transformer.` prefix, causal-mask buffers saved as tensors
+    elif layout == "sharded":
+        hf_model.save_pretrained(source, max_shard_size="60KB")
+        assert (source / "model.safetensors.index.json").is_file()
+    else:  # the old layout: no `transformer.` prefix, causal-mask buffers and the tied head saved
         source.mkdir()
         config.save_pretrained(source)
         state = {k.removeprefix("transformer."): v for k, v in hf_model.state_dict().items()}
         state["h.0.attn.bias"] = torch.ones(1, 1, 24, 24)
-        torch.save(state, source / weights_file)
+        assert "lm_head.weight" in state
+        torch.save(state, source / layout)
     tokenizer.save(source)
 
     run = open_run(import_hf(source, tmp_path / "run"), CPU)

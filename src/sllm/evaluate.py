@@ -184,8 +184,8 @@ def read_text_file(path: Path) -> str:
 
 def _checked_stride(run: LoadedRun, stride: int) -> int:
     stride = default_stride(run.model.block_size, stride or run.config.eval.stride)
-    if stride > run.model.block_size:
-        raise UserError(f"--stride must be at most the context ({run.model.block_size})")
+    if not 1 <= stride <= run.model.block_size:
+        raise UserError(f"--stride must be between 1 and the context ({run.model.block_size})")
     return stride
 
 

@@ -259,10 +259,10 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def _generation_config(run: LoadedRun) -> dict[str, Any]:
-    """The run's sampling settings; `max_length` is the context, beyond which GPT-2 cannot go."""
+    """The run's sampling settings. No `max_length`: transformers warns when it meets the
+    `max_new_tokens` users pass, and `model_max_length` already states the context."""
     eos = run.tokenizer.eos_id
     config: dict[str, Any] = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": run.tokenizer.pad_id}
-    config["max_length"] = run.config.model.block_size
     s = run.config.sample
     if s.temperature > 0:
         config |= {"do_sample": True, "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p}
