@@ -22,10 +22,14 @@ from sllm.train.loop import train
 from .conftest import random_run
 from .test_cli import assert_one_line_error, sllm
 
-transformers = pytest.importorskip("transformers")
-
 CPU = torch.device("cpu")
 TEXT = "대한민국은 민주공화국이다. 모든 권력은 국민으로부터 나온다. The end."
+
+
+@pytest.fixture(scope="module")
+def transformers():
+    """The parity tests need `transformers`; export and import themselves do not."""
+    return pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +42,7 @@ def _ids(tokenizer, context: int = 32) -> torch.Tensor:
     return torch.tensor([tokenizer.encode(TEXT)[:context]])
 
 
-def test_transformers_loads_the_export_with_our_logits(trained_run, exported):
+def test_transformers_loads_the_export_with_our_logits(transformers, trained_run, exported):
     run = open_run(trained_run, CPU)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
     assert type(hf_model).__name__ == "GPT2LMHeadModel"
@@ -49,7 +53,7 @@ def test_transformers_loads_the_export_with_our_logits(trained_run, exported):
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
 
 
-def test_greedy_generation_in_transformers_matches_ours(trained_run, exported):
+def test_greedy_generation_in_transformers_matches_ours(transformers, trained_run, exported):
     run = open_run(trained_run, CPU)
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(exported).eval()
     prompt = run.tokenizer.encode("대한민국은")
@@ -67,7 +71,7 @@ def test_greedy_generation_in_transformers_matches_ours(trained_run, exported):
     assert theirs == ours
 
 
-def test_exported_tokenizer_encodes_like_ours(trained_run, exported):
+def test_exported_tokenizer_encodes_like_ours(transformers, trained_run, exported):
     ours = open_run(trained_run, CPU).tokenizer
     theirs = transformers.AutoTokenizer.from_pretrained(exported)
     fast = transformers.PreTrainedTokenizerFast.from_pretrained(exported)
@@ -120,7 +124,7 @@ def test_export_then_import_is_lossless(trained_run, exported, tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["safetensors", "sharded", "pytorch_model.bin"])
-def test_imported_random_transformers_gpt2_gives_its_logits(tokenizer, tmp_path, layout):
+def test_imported_random_transformers_gpt2_gives_its_logits(transformers, tokenizer, tmp_path, layout):
     torch.manual_seed(0)
     config = transformers.GPT2Config(
         vocab_size=tokenizer.vocab_size, n_positions=24, n_embd=48, n_layer=3, n_head=4,
@@ -222,8 +226,11 @@ def test_import_without_tokenizer_json_names_the_fix(exported, tmp_path):
         import_hf(source, tmp_path / "run")
 
 
-def test_check_reports_agreement_and_needs_transformers(trained_run, exported, monkeypatch):
+def test_check_reports_agreement_with_transformers(transformers, trained_run, exported):
     assert check_export(trained_run, exported) < 1e-5
+
+
+def test_check_without_transformers_names_the_extra(trained_run, exported, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(UserError, match="pip install 'sllm\\[hf\\]'"):
         check_export(trained_run, exported)
