@@ -88,11 +88,17 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = ModelConfig(dropout=0.0, **SHAPES[args.shape])
     ours = build_model(cfg)
-    contenders = {"transformers": _step_fn(hf_gpt2_from(ours, cfg), hf=True), "sllm": _step_fn(ours, hf=False)}
+    contenders = {
+        "transformers": _step_fn(hf_gpt2_from(ours, cfg), hf=True),
+        "sllm": _step_fn(ours, hf=False),
+    }
     if args.compile:
         contenders["sllm compiled"] = _step_fn(torch.compile(build_model(cfg)), hf=False)
     shape = (args.batch, cfg.block_size)
-    batches = [(torch.randint(0, cfg.vocab_size, shape), torch.randint(0, cfg.vocab_size, shape)) for _ in range(args.steps)]
+    batches = [
+        (torch.randint(0, cfg.vocab_size, shape), torch.randint(0, cfg.vocab_size, shape))
+        for _ in range(args.steps)
+    ]
     for step in contenders.values():  # warm-up (and compilation)
         _tokens_per_s(step, batches[:2])
     rates: dict[str, list[float]] = {name: [] for name in contenders}

@@ -80,3 +80,24 @@ def trained_run(tmp_path_factory, prepared_dir) -> Path:
     ]
     train(tiny_config(prepared_dir, run_dir, *steps), log=lambda _: None)
     return run_dir
+
+
+def random_run(run_dir: Path, tokenizer: Tokenizer, *overrides: str, seed: int = 0) -> Path:
+    """A run directory holding a randomly initialized model: config, tokenizer, one checkpoint."""
+    from dataclasses import asdict
+
+    from sllm.config import save_config
+    from sllm.model import build_model
+    from sllm.runs import CONFIG_FILE
+    from sllm.train.checkpoint import save_checkpoint
+
+    cfg = tiny_config(
+        run_dir.parent / "no-data", run_dir, f"model.vocab_size={tokenizer.vocab_size}", *overrides
+    )
+    torch.manual_seed(seed)
+    model = build_model(cfg.model)
+    tokenizer.save(run_dir)
+    save_config(cfg, run_dir / CONFIG_FILE)
+    meta = {"step": 7, "tokens_seen": 1792, "val_loss": 5.5, "model_config": asdict(cfg.model)}
+    save_checkpoint(run_dir, model.state_dict(), {}, meta, keep_last=1)
+    return run_dir

@@ -1,4 +1,5 @@
 import math
+import unicodedata
 
 import numpy as np
 import pytest
@@ -7,8 +8,13 @@ import torch.nn.functional as F
 
 from sllm.config import ModelConfig
 from sllm.data.loader import strided_spans
-from sllm.evaluate import evaluate_run, score_tokens, unigram_perplexity
+from sllm.errors import UserError
+from sllm.evaluate import evaluate_run, evaluate_texts, score_tokens, unigram_perplexity
 from sllm.model import build_model
+from sllm.runs import open_run
+
+from .conftest import constitution_paragraphs, random_run
+from .test_cli import assert_one_line_error, sllm
 
 
 def _brute_force_nll(model, tokens, context_start):
@@ -73,3 +79,44 @@ def test_unigram_baseline_matches_hand_computation():
     probabilities = (np.array([2, 1, 1]) + 1) / 7
     expected = math.exp(-(math.log(probabilities[0]) + math.log(probabilities[1])) / 2)
     assert unigram_perplexity(train, val, 3) == pytest.approx(expected)
+
+
+def test_text_file_eval_matches_a_hand_computation(tokenizer, tmp_path):
+    text = "대한민국은 민주공화국이다. 주권은 국민에게 있다."
+    path = tmp_path / "ko.txt"
+    path.write_text(unicodedata.normalize("NFD", text), encoding="utf-8")  # decomposed Hangul
+    run_dir = random_run(tmp_path / "run", tokenizer)
+    (result,) = evaluate_texts(run_dir, [path], device="cpu")
+
+    model = open_run(run_dir, torch.device("cpu")).model
+    ids = [tokenizer.eos_id, *tokenizer.encode(text)]  # the EOS is context: every text token counts
+    assert len(ids) <= model.block_size + 1
+    with torch.no_grad():
+        nll = float(
+            F.cross_entropy(model(torch.tensor([ids[:-1]]))[0], torch.tensor(ids[1:]), reduction="sum")
+        )
+    assert (result.split, result.tokens, result.bytes) == (str(path), len(ids) - 1, len(text.encode("utf-8")))
+    assert result.loss == pytest.approx(nll / (len(ids) - 1), rel=1e-5)
+    assert result.bits_per_byte == pytest.approx(nll / math.log(2) / len(text.encode("utf-8")), rel=1e-5)
+
+
+def test_text_eval_scores_files_longer_than_the_context(trained_run, tmp_path):
+    path = tmp_path / "constitution.txt"
+    path.write_text("\n".join(constitution_paragraphs()[:20]), encoding="utf-8")
+    (result,) = evaluate_texts(trained_run, [path], stride=8, device="cpu")
+    assert result.tokens > 10 * 32
+    assert result.perplexity < 512  # better than uniform over the vocabulary: it learned this text
+    printed = sllm("eval", "--run", trained_run, "--text", path, "--stride", 8, "--device", "cpu")
+    assert printed.returncode == 0, printed.stderr
+    assert f"{result.tokens:>10,} {result.loss:>8.4f}" in printed.stdout
+
+
+def test_text_eval_refuses_missing_and_non_utf8_files_and_bad_strides(trained_run, tmp_path):
+    (tmp_path / "ko.txt").write_text("대한민국", encoding="utf-8")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café".encode("latin-1"))
+    with pytest.raises(UserError, match="is not UTF-8 text"):
+        evaluate_texts(trained_run, [latin1], device="cpu")
+    with pytest.raises(UserError, match="--stride must be between 1 and the context"):
+        evaluate_texts(trained_run, [tmp_path / "ko.txt"], stride=-1, device="cpu")
+    assert_one_line_error(sllm("eval", "--run", trained_run, "--text", tmp_path / "no.txt"), "not found")

@@ -97,12 +97,34 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from sllm.evaluate import evaluate_run
+    from sllm.evaluate import evaluate_run, evaluate_texts
 
-    results = evaluate_run(args.run, args.split, args.stride, args.batch_size, args.device, args.checkpoint)
-    print(f"{'split':<6} {'tokens':>10} {'loss':>8} {'perplexity':>11} {'bits/byte':>10}")
+    if args.mc:
+        _eval_multiple_choice(args)
+        return
+    if args.text:
+        results = evaluate_texts(
+            args.run, args.text, args.stride, args.batch_size, args.device, args.checkpoint
+        )
+    else:
+        results = evaluate_run(
+            args.run, args.split, args.stride, args.batch_size, args.device, args.checkpoint
+        )
+    width = max(6, *(len(r.split) for r in results))
+    print(f"{'split':<{width}} {'tokens':>10} {'loss':>8} {'perplexity':>11} {'bits/byte':>10}")
     for r in results:
-        print(f"{r.split:<6} {r.tokens:>10,} {r.loss:>8.4f} {r.perplexity:>11.2f} {r.bits_per_byte:>10.4f}")
+        numbers = f"{r.tokens:>10,} {r.loss:>8.4f} {r.perplexity:>11.2f} {r.bits_per_byte:>10.4f}"
+        print(f"{r.split:<{width}} {numbers}")
+
+
+def _eval_multiple_choice(args: argparse.Namespace) -> None:
+    from sllm.multiple_choice import evaluate_multiple_choice
+
+    result = evaluate_multiple_choice(args.run, args.mc, args.device, args.checkpoint)
+    print(
+        f"{args.mc}: {result.questions} questions, accuracy {result.accuracy:.4f}, "
+        f"accuracy_norm {result.accuracy_norm:.4f} (chance {result.chance:.4f})"
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -238,9 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(tr)
     tr.set_defaults(func=cmd_train)
 
-    ev = commands.add_parser("eval", help="loss, perplexity and bits per byte of a run over whole splits")
+    ev = commands.add_parser(
+        "eval", help="loss, perplexity, bits per byte (splits or text files); multiple-choice accuracy"
+    )
     ev.add_argument("--run", required=True, help="run directory")
-    ev.add_argument("--split", action="append", help="split to score (repeatable; default val and test)")
+    scored = ev.add_mutually_exclusive_group()
+    scored.add_argument("--split", action="append", help="split to score (repeatable; default val and test)")
+    scored.add_argument("--text", nargs="+", metavar="FILE", help="score UTF-8 text files instead of splits")
+    scored.add_argument("--mc", metavar="FILE", help="multiple-choice JSONL {context, choices, answer}")
     ev.add_argument("--stride", type=int, default=0, help="window stride (default: half the context)")
     ev.add_argument("--batch-size", type=int, default=0, help="windows per batch")
     ev.add_argument("--checkpoint", choices=["latest", "best"], default="latest")
@@ -261,7 +288,44 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
     _add_inspection_commands(commands)
     _add_experiment_commands(commands)
+    _add_hf_commands(commands)
     return parser
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from sllm.export import check_export, export_run
+
+    out = export_run(args.run, args.out, args.checkpoint)
+    print(f"exported {args.run} to {out}")
+    if args.check:
+        difference = check_export(args.run, out, args.checkpoint)
+        print(f"checked with transformers: largest logit difference {difference:.2e}")
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from sllm.export import import_hf
+
+    out = import_hf(args.hf, args.out)
+    print(f"imported {args.hf} into {out}; generate with `sllm generate --run {out}`, or continue training:")
+    print(f"  sllm prepare --config {out}/config.yaml --input TEXT && sllm train --config {out}/config.yaml")
+
+
+def _add_hf_commands(commands) -> None:
+    """`sllm export` and `sllm import`: to and from the Hugging Face format."""
+    export = commands.add_parser("export", help="write a run as a Hugging Face model directory")
+    export.add_argument("--run", required=True, help="run directory")
+    export.add_argument("--out", required=True, help="directory to create")
+    export.add_argument("--format", choices=["hf"], default="hf", help="output format")
+    export.add_argument("--checkpoint", choices=["latest", "best"], default="latest")
+    export.add_argument(
+        "--check", action="store_true", help="load the export with transformers, compare logits"
+    )
+    export.set_defaults(func=cmd_export)
+
+    imp = commands.add_parser("import", help="make a run from a Hugging Face GPT-2 model directory")
+    imp.add_argument("--hf", required=True, help="directory with config.json, weights and tokenizer.json")
+    imp.add_argument("--out", required=True, help="run directory to create")
+    imp.set_defaults(func=cmd_import)
 
 
 def main(argv: list[str] | None = None) -> None:

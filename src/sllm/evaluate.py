@@ -1,10 +1,14 @@
-"""Loss, perplexity and bits per byte of a model over a whole split.
+"""Loss, perplexity and bits per byte of a model over a whole split or any text file.
 
 Scoring uses strided windows (see `sllm.data.loader.strided_spans`): every token after the
 first is scored exactly once, with up to `block_size - stride` tokens of earlier context,
 so results are exact for the split and comparable between runs. Bits per byte divide the
 summed loss (in bits) by the split's UTF-8 bytes, which makes models with different
 tokenizers comparable.
+
+A text file is scored as one document that follows an EOS token, as every document but the
+first does in the prepared data: the EOS is context only, so every token of the text is
+scored and its bytes (UTF-8 of the NFC text) match the loss exactly.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ from torch import nn
 from sllm.data.loader import eval_batches, open_split
 from sllm.data.prepare import read_meta
 from sllm.errors import UserError
-from sllm.runs import open_run
+from sllm.runs import LoadedRun, open_run
 from sllm.runtime import autocast, select_autocast_dtype, select_device
+from sllm.tokenizer import nfc
 
 
 @dataclass
 class EvalResult:
-    split: str
+    split: str  # the split's name, or the text file's path
     tokens: int
     loss: float
     bytes: int
@@ -114,9 +119,7 @@ def evaluate_run(
     meta = read_meta(cfg.data.dir)
     if meta["tokenizer_sha256"] != run.tokenizer.sha256:
         raise UserError(f"the data in {cfg.data.dir} was prepared with another tokenizer than {run_dir}")
-    stride = default_stride(run.model.block_size, stride or cfg.eval.stride)
-    if stride > run.model.block_size:
-        raise UserError(f"--stride must be at most the context ({run.model.block_size})")
+    stride = _checked_stride(run, stride)
     results = []
     for split in splits or cfg.eval.splits:
         if split not in meta["splits"]:
@@ -136,6 +139,54 @@ def evaluate_run(
     if not results:
         raise UserError(f"none of the splits {splits or cfg.eval.splits} has tokens to score")
     return results
+
+
+def evaluate_texts(
+    run_dir: str | Path,
+    files: list[str | Path],
+    stride: int = 0,
+    batch_size: int = 0,
+    device: str = "auto",
+    checkpoint: str = "latest",
+) -> list[EvalResult]:
+    """Score each UTF-8 text file, tokenized with the run's tokenizer, as one document."""
+    texts = {str(path): read_text_file(Path(path)) for path in files}
+    chosen = select_device(device)
+    run = open_run(run_dir, chosen, checkpoint)
+    stride = _checked_stride(run, stride)
+    results = []
+    for name, text in texts.items():
+        tokens = np.asarray([run.tokenizer.eos_id, *run.tokenizer.encode(text)], dtype=np.int64)
+        nll, count = score_tokens(
+            run.model,
+            tokens,
+            stride,
+            batch_size or run.config.eval.batch_size,
+            chosen,
+            select_autocast_dtype(chosen),
+        )
+        results.append(EvalResult(name, count, nll / count, len(text.encode("utf-8"))))
+    return results
+
+
+def read_text_file(path: Path) -> str:
+    """The file's text, NFC-normalized; a missing, empty or non-UTF-8 file is a user error."""
+    if not path.is_file():
+        raise UserError(f"text file {path} not found; check --text")
+    try:
+        text = nfc(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; convert it (e.g. with iconv) first") from None
+    if not text:
+        raise UserError(f"{path} is empty; give a file with text to score")
+    return text
+
+
+def _checked_stride(run: LoadedRun, stride: int) -> int:
+    stride = default_stride(run.model.block_size, stride or run.config.eval.stride)
+    if not 1 <= stride <= run.model.block_size:
+        raise UserError(f"--stride must be between 1 and the context ({run.model.block_size})")
+    return stride
 
 
 def unigram_perplexity(train_tokens: np.ndarray, eval_tokens: np.ndarray, vocab_size: int) -> float:

@@ -1,0 +1,490 @@
+"""To and from the Hugging Face format: export a run as a `transformers` model directory, and
+import such a directory as a run.
+
+Export writes what `from_pretrained` reads: `model.safetensors` under HF's parameter names,
+`config.json`, `generation_config.json`, the tokenizer (`tokenizer.json` plus the two small
+JSON files `AutoTokenizer` looks for) and a model card. Neither direction needs
+`transformers`: the files are JSON and safetensors. Only `sllm export --check`, which loads
+the export back and compares logits, imports it.
+
+An `HFArchitecture` maps one family of sllm models onto one HF class: which sllm configs it
+can represent, config.json ↔ `ModelConfig`, and the parameter names. GPT-2 is the only one
+so far; a llama-style mapping (RoPE, RMSNorm, SwiGLU → `LlamaForCausalLM`) joins
+`ARCHITECTURES` once sllm has those options. GPT-2 keeps its linear layers as `Conv1D`,
+whose weight is (in, out), the transpose of `nn.Linear`'s; both tie the LM head to the token
+embedding, so no `lm_head.weight` is written.
+
+An imported run holds config.yaml, tokenizer.json and one checkpoint at step 0 with a fresh
+optimizer state, so `sllm train` continues pre-training from these weights as from a new run.
+Its `data.dir` is `data/<run name>` (not made yet) and `tokenizer.path` is the run's own
+tokenizer, so `sllm prepare --config RUN/config.yaml --input TEXT` prepares new text with
+the imported tokenizer right where `sllm train --config RUN/config.yaml` will read it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sllm.config import Config, ModelConfig, save_config, validate
+from sllm.data.prepare import META_FILE, read_meta
+from sllm.errors import UserError
+from sllm.model import build_model, count_parameters
+from sllm.runs import CONFIG_FILE, LoadedRun, open_run
+from sllm.tokenizer import TOKENIZER_FILE, BPETokenizer, Tokenizer, load_tokenizer
+from sllm.train.checkpoint import save_checkpoint
+from sllm.train.optim import build_optimizer
+
+HF_WEIGHTS = "model.safetensors"
+HF_WEIGHTS_INDEX = "model.safetensors.index.json"
+HF_TORCH_WEIGHTS = "pytorch_model.bin"
+HF_CONFIG = "config.json"
+CHECK_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One tensor under its sllm and HF names; `transposed` for HF's Conv1D layout."""
+
+    ours: str
+    theirs: str
+    transposed: bool = False
+
+
+class HFArchitecture:
+    """How one family of sllm models maps onto one `transformers` model class."""
+
+    hf_class: str
+    model_type: str
+    prefix: str  # before every backbone tensor name in HF files (some files omit it)
+
+    def problems(self, cfg: ModelConfig) -> list[str]:
+        """Why `cfg` cannot be represented; empty when it can."""
+        raise NotImplementedError
+
+    def to_hf_config(self, cfg: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def from_hf_config(self, hf: dict[str, Any], source: Path) -> ModelConfig:
+        raise NotImplementedError
+
+    def parameters(self, cfg: ModelConfig) -> list[Parameter]:
+        raise NotImplementedError
+
+    def ignored(self, name: str) -> bool:
+        """HF tensors that are not weights (saved buffers) or duplicates of tied ones."""
+        raise NotImplementedError
+
+
+class GPT2(HFArchitecture):
+    hf_class = "GPT2LMHeadModel"
+    model_type = "gpt2"
+    prefix = "transformer."
+    # gelu_new and gelu_pytorch_tanh are both the tanh approximation our MLP uses.
+    activations = ("gelu_new", "gelu_pytorch_tanh")
+    layer_norm_epsilon = 1e-5  # nn.LayerNorm's default, which our model uses
+
+    def problems(self, cfg: ModelConfig) -> list[str]:
+        wanted = {"arch": "gpt", "pos": "learned", "bias": True}
+        return [
+            f"model.{key} is {getattr(cfg, key)} (GPT-2 needs {value})"
+            for key, value in wanted.items()
+            if getattr(cfg, key) != value
+        ]
+
+    def to_hf_config(self, cfg: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+        return {
+            "architectures": [self.hf_class],
+            "model_type": self.model_type,
+            "vocab_size": cfg.vocab_size,
+            "n_positions": cfg.block_size,
+            "n_embd": cfg.n_embd,
+            "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head,
+            "n_inner": None,
+            "activation_function": self.activations[0],
+            "resid_pdrop": cfg.dropout,
+            "embd_pdrop": cfg.dropout,
+            "attn_pdrop": cfg.dropout,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "initializer_range": 0.02,
+            "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+            "tie_word_embeddings": True,
+            "use_cache": True,
+            "bos_token_id": tokenizer.eos_id,
+            "eos_token_id": tokenizer.eos_id,
+            "pad_token_id": tokenizer.pad_id,
+            "torch_dtype": "float32",
+        }
+
+    def from_hf_config(self, hf: dict[str, Any], source: Path) -> ModelConfig:
+        absent = [
+            key for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head") if key not in hf
+        ]
+        if absent:
+            raise UserError(
+                f"{source / HF_CONFIG} lacks {', '.join(absent)}; it is not a complete GPT-2 config"
+            )
+        n_embd = hf["n_embd"]
+        required = {
+            "activation_function": (hf.get("activation_function", "gelu_new"), self.activations),
+            "layer_norm_epsilon": (hf.get("layer_norm_epsilon", 1e-5), (self.layer_norm_epsilon,)),
+            "n_inner": (hf.get("n_inner"), (None, 4 * n_embd)),
+            "scale_attn_weights": (hf.get("scale_attn_weights", True), (True,)),
+            "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False), (False,)),
+            "add_cross_attention": (hf.get("add_cross_attention", False), (False,)),
+            "tie_word_embeddings": (hf.get("tie_word_embeddings", True), (True,)),
+        }
+        unsupported = [
+            f"{key}={value} (sllm needs {' or '.join(map(str, allowed))})"
+            for key, (value, allowed) in required.items()
+            if value not in allowed
+        ]
+        if unsupported:
+            raise UserError(
+                f"{source / HF_CONFIG} describes a GPT-2 that sllm's GPT cannot reproduce: "
+                f"{'; '.join(unsupported)}"
+            )
+        return ModelConfig(
+            arch="gpt",
+            n_layer=hf["n_layer"],
+            n_head=hf["n_head"],
+            n_embd=n_embd,
+            block_size=hf["n_positions"],
+            dropout=hf.get("resid_pdrop", 0.1),  # transformers' default
+            bias=True,
+            pos="learned",
+            vocab_size=hf["vocab_size"],
+        )
+
+    def parameters(self, cfg: ModelConfig) -> list[Parameter]:
+        names = [Parameter("wte.weight", "wte.weight"), Parameter("wpe.table.weight", "wpe.weight")]
+        layer_parts = [
+            ("norm1", "ln_1", False),
+            ("attn.qkv", "attn.c_attn", True),
+            ("attn.proj", "attn.c_proj", True),
+            ("norm2", "ln_2", False),
+            ("mlp.fc", "mlp.c_fc", True),
+            ("mlp.proj", "mlp.c_proj", True),
+        ]
+        for layer in range(cfg.n_layer):
+            for ours, theirs, transposed in layer_parts:
+                for kind in ("weight", "bias"):
+                    names.append(
+                        Parameter(
+                            f"blocks.{layer}.{ours}.{kind}",
+                            f"h.{layer}.{theirs}.{kind}",
+                            transposed and kind == "weight",
+                        )
+                    )
+        names += [Parameter(f"norm_f.{kind}", f"ln_f.{kind}") for kind in ("weight", "bias")]
+        return names
+
+    def ignored(self, name: str) -> bool:
+        # Older checkpoints save the causal-mask buffers `attn.bias` and `attn.masked_bias`.
+        return name == "lm_head.weight" or name.endswith((".attn.bias", ".attn.masked_bias"))
+
+
+ARCHITECTURES: dict[str, HFArchitecture] = {"gpt2": GPT2()}
+
+
+# ---- export -------------------------------------------------------------------------------
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest") -> Path:
+    """Write the run's weights, config, tokenizer and model card as an HF model directory."""
+    out = Path(out_dir)
+    _require_empty(out)
+    run = open_run(run_dir, torch.device("cpu"), checkpoint)
+    architecture = _architecture_for(run)
+    if not isinstance(run.tokenizer, BPETokenizer):
+        raise UserError(
+            f"{run.path} uses a character-level tokenizer, which has no Hugging Face format; "
+            "export a run trained with tokenizer.kind=bpe"
+        )
+    weights = _to_hf_state(architecture, run.config.model, run.model.state_dict())
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(weights, str(tmp / HF_WEIGHTS), metadata={"format": "pt"})
+        _write_json(tmp / HF_CONFIG, architecture.to_hf_config(run.config.model, run.tokenizer))
+        _write_json(tmp / "generation_config.json", _generation_config(run))
+        _write_tokenizer_files(tmp, run.tokenizer, run.config.model.block_size)
+        (tmp / "README.md").write_text(model_card(run, architecture), encoding="utf-8")
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _to_hf_state(
+    architecture: HFArchitecture, cfg: ModelConfig, state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    return {
+        architecture.prefix + p.theirs: (state[p.ours].t() if p.transposed else state[p.ours]).contiguous()
+        for p in architecture.parameters(cfg)
+    }
+
+
+def _require_empty(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} already exists and is not empty; choose a new --out or remove it")
+
+
+def _architecture_for(run: LoadedRun) -> HFArchitecture:
+    reasons = []
+    for architecture in ARCHITECTURES.values():
+        problems = architecture.problems(run.config.model)
+        if not problems:
+            return architecture
+        reasons.append(f"{architecture.hf_class}: {', '.join(problems)}")
+    raise UserError(f"{run.path} has no Hugging Face equivalent ({'; '.join(reasons)})")
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _generation_config(run: LoadedRun) -> dict[str, Any]:
+    """The run's sampling settings. No `max_length`: transformers warns when it meets the
+    `max_new_tokens` users pass, and `model_max_length` already states the context."""
+    eos = run.tokenizer.eos_id
+    config: dict[str, Any] = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": run.tokenizer.pad_id}
+    s = run.config.sample
+    if s.temperature > 0:
+        config |= {"do_sample": True, "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p}
+    if s.repetition_penalty != 1.0:
+        config["repetition_penalty"] = s.repetition_penalty
+    return config
+
+
+def _write_tokenizer_files(out: Path, tokenizer: Tokenizer, block_size: int) -> None:
+    """tokenizer.json, and the files that let `AutoTokenizer` build a fast tokenizer from it."""
+    tokenizer.save(out)
+    eos = tokenizer.decode([tokenizer.eos_id])
+    special = {"bos_token": eos, "eos_token": eos, "unk_token": eos}
+    special["pad_token"] = tokenizer.decode([tokenizer.pad_id])
+    _write_json(out / "special_tokens_map.json", special)
+    _write_json(
+        out / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": block_size,
+            "add_prefix_space": False,
+            "clean_up_tokenization_spaces": False,
+            **special,
+        },
+    )
+
+
+def model_card(run: LoadedRun, architecture: HFArchitecture) -> str:
+    """README.md: what the model is, what it was trained on and how well it did."""
+    cfg, meta = run.config, run.checkpoint.meta
+    m = cfg.model
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags: [sllm, gpt2]",
+        "---",
+        "",
+        f"# {run.path.name}",
+        "",
+        f"A {architecture.hf_class} trained with sllm: "
+        f"{count_parameters(run.model) / 1e6:.2f}M parameters, {m.n_layer} layers, {m.n_head} heads, "
+        f"width {m.n_embd}, context {m.block_size} tokens, vocabulary {m.vocab_size}.",
+        "",
+        "## Training",
+        "",
+        f"- checkpoint: `{run.checkpoint.path.name}`, step {meta['step']:,}, "
+        f"{meta.get('tokens_seen', 0):,} tokens seen",
+    ]
+    if meta.get("imported_from"):
+        lines.append(f"- started from the Hugging Face model in `{meta['imported_from']}`")
+    if meta.get("val_loss") is not None:
+        val = float(meta["val_loss"])
+        lines.append(
+            f"- validation loss {val:.4f} (perplexity {math.exp(val):.2f}), "
+            f"estimated on {cfg.train.eval_windows} windows of the validation split"
+        )
+    lines += ["", *_data_lines(cfg), "", *_usage_lines()]
+    return "\n".join(lines) + "\n"
+
+
+def _data_lines(cfg: Config) -> list[str]:
+    """The training inputs and token counts, from the prepared data's meta.json if it is here."""
+    if not (Path(cfg.data.dir) / META_FILE).is_file():
+        return ["## Data", "", f"The prepared data (`{cfg.data.dir}`) was not available at export time."]
+    meta = read_meta(cfg.data.dir)
+    lines = ["## Data", "", "| input | bytes |", "|---|---:|"]
+    lines += [f"| `{Path(i['path']).name}` | {i['bytes']:,} |" for i in meta["fingerprint"]["inputs"]]
+    lines.append("")
+    for split, counts in meta["splits"].items():
+        if counts["tokens"]:
+            lines.append(f"- {split}: {counts['documents']:,} documents, {counts['tokens']:,} tokens")
+    return lines
+
+
+def _usage_lines() -> list[str]:
+    return [
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")',
+        'model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")',
+        'inputs = tokenizer("대한민국은", return_tensors="pt")',
+        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0]))",
+        "```",
+    ]
+
+
+def check_export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest") -> float:
+    """Load the export with `transformers`; the largest |logit difference| on sample text."""
+    transformers = _require_transformers("--check")
+    run = open_run(run_dir, torch.device("cpu"), checkpoint)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(out_dir)).eval()
+    generator = torch.Generator().manual_seed(0)
+    length = min(CHECK_TOKENS, run.config.model.block_size)
+    tokens = torch.randint(0, run.config.model.vocab_size, (1, length), generator=generator)
+    with torch.no_grad():
+        return float((hf_model(tokens).logits - run.model(tokens)).abs().max())
+
+
+def _require_transformers(purpose: str):
+    try:
+        import transformers
+    except ImportError:
+        raise UserError(
+            f"{purpose} needs the transformers package; install it with `pip install 'sllm[hf]'`"
+        ) from None
+    return transformers
+
+
+# ---- import -------------------------------------------------------------------------------
+
+
+def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
+    """Make a run directory (config, tokenizer, step-0 checkpoint) from an HF model directory."""
+    source, out = Path(hf_dir), Path(out_dir)
+    _require_empty(out)
+    hf_config = _read_hf_config(source)
+    architecture = ARCHITECTURES.get(hf_config.get("model_type", ""))
+    if architecture is None:
+        known = ", ".join(a.hf_class for a in ARCHITECTURES.values())
+        raise UserError(
+            f"{source} holds a {hf_config.get('model_type')!r} model; sllm can import {known} models"
+        )
+    tokenizer = _read_hf_tokenizer(source)
+    model_cfg = architecture.from_hf_config(hf_config, source)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise UserError(
+            f"the tokenizer in {source} has {tokenizer.vocab_size} tokens but the model only "
+            f"{model_cfg.vocab_size} embeddings; they do not belong together"
+        )
+    model = build_model(model_cfg)
+    model.load_state_dict(_to_sllm_state(architecture, model_cfg, read_hf_weights(source), source))
+    cfg = _imported_run_config(model_cfg, out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(out)
+    save_config(cfg, out / CONFIG_FILE)
+    train_state = {
+        "optimizer": build_optimizer(model, cfg.train, torch.device("cpu")).state_dict(),
+        "scaler": {},
+        "step": 0,
+        "tokens_seen": 0,
+        "best_val_loss": float("inf"),
+    }
+    meta = {
+        "step": 0,
+        "tokens_seen": 0,
+        "val_loss": None,
+        "model_config": asdict(model_cfg),
+        "tokenizer_sha256": tokenizer.sha256,
+        "imported_from": str(source.resolve()),
+    }
+    save_checkpoint(out, model.state_dict(), train_state, meta, keep_last=cfg.train.keep_last)
+    return out
+
+
+def _read_hf_config(source: Path) -> dict[str, Any]:
+    path = source / HF_CONFIG
+    if not path.is_file():
+        raise UserError(f"{source} is not a Hugging Face model directory (no {HF_CONFIG}); check --hf")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise UserError(f"{path} is not valid JSON; download the model again") from None
+
+
+def _read_hf_tokenizer(source: Path) -> Tokenizer:
+    if not (source / TOKENIZER_FILE).is_file():
+        raise UserError(
+            f"{source} has no {TOKENIZER_FILE}; write one with transformers: "
+            f"AutoTokenizer.from_pretrained('{source}').save_pretrained('{source}')"
+        )
+    return load_tokenizer(source)
+
+
+def read_hf_weights(source: Path) -> dict[str, torch.Tensor]:
+    """All tensors of model.safetensors (single or sharded), else of pytorch_model.bin."""
+    if (source / HF_WEIGHTS).is_file():
+        return load_file(source / HF_WEIGHTS)
+    if (source / HF_WEIGHTS_INDEX).is_file():
+        index = json.loads((source / HF_WEIGHTS_INDEX).read_text(encoding="utf-8"))
+        weights: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            weights |= load_file(source / shard)
+        return weights
+    if (source / HF_TORCH_WEIGHTS).is_file():
+        try:
+            return torch.load(source / HF_TORCH_WEIGHTS, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise UserError(
+                f"{source / HF_TORCH_WEIGHTS} cannot be loaded safely: {exc}".splitlines()[0]
+            ) from None
+    raise UserError(f"{source} has no {HF_WEIGHTS} or {HF_TORCH_WEIGHTS}; download the weights too")
+
+
+def _to_sllm_state(
+    architecture: HFArchitecture, cfg: ModelConfig, weights: dict[str, torch.Tensor], source: Path
+) -> dict[str, torch.Tensor]:
+    """Rename (and un-transpose) HF tensors to ours; check that they are all there."""
+    named = {name.removeprefix(architecture.prefix): tensor for name, tensor in weights.items()}
+    parameters = architecture.parameters(cfg)
+    missing = [p.theirs for p in parameters if p.theirs not in named]
+    expected = {p.theirs for p in parameters}
+    unexpected = [n for n in named if n not in expected and not architecture.ignored(n)]
+    if missing or unexpected:
+        listed = ", ".join((missing + unexpected)[:3])
+        raise UserError(f"the weights in {source} do not match its {HF_CONFIG} (e.g. {listed})")
+    head = named.get("lm_head.weight")
+    if head is not None and not torch.equal(head, named["wte.weight"]):
+        raise UserError(f"{source} has an LM head that is not tied to the token embedding; sllm ties them")
+    return {
+        p.ours: (named[p.theirs].t() if p.transposed else named[p.theirs]).float().contiguous()
+        for p in parameters
+    }
+
+
+def _imported_run_config(model_cfg: ModelConfig, out: Path) -> Config:
+    cfg = Config(model=model_cfg)
+    cfg.data.dir = str(Path("data") / out.name)
+    cfg.tokenizer.path = str(out / TOKENIZER_FILE)
+    cfg.train.out_dir = str(out)
+    validate(cfg)
+    return cfg

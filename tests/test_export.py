@@ -1,0 +1,236 @@
+"""Hugging Face export and import: parity with `transformers`, lossless round trips, refusals."""
+
+import json
+import sys
+import unicodedata
+from pathlib import Path
+
+import pytest
+import torch
+
+from sllm.config import load_config
+from sllm.data.prepare import prepare
+from sllm.errors import UserError
+from sllm.export import check_export, export_run, import_hf
+from sllm.infer.engine import stream_tokens
+from sllm.infer.sampling import SamplingParams
+from sllm.runs import open_run
+from sllm.tokenizer import CharTokenizer
+from sllm.train.checkpoint import CHECKPOINTS, LATEST
+from sllm.train.loop import train
+
+from .conftest import random_run
+from .test_cli import assert_one_line_error, sllm
+
+CPU = torch.device("cpu")
+TEXT = "대한민국은 민주공화국이다. 모든 권력은 국민으로부터 나온다. The end."
+
+
+@pytest.fixture(scope="module")
+def transformers():
+    """The parity tests need `transformers`; export and import themselves do not."""
+    return pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory) -> Path:
+    return export_run(trained_run, tmp_path_factory.mktemp("hf") / "tiny")
+
+
+def _ids(tokenizer, context: int = 32) -> torch.Tensor:
+    """TEXT's first `context` tokens as a batch of one."""
+    return torch.tensor([tokenizer.encode(TEXT)[:context]])
+
+
+def test_transformers_loads_the_export_with_our_logits(transformers, trained_run, exported):
+    run = open_run(trained_run, CPU)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+    assert type(hf_model).__name__ == "GPT2LMHeadModel"
+    ids = _ids(run.tokenizer)
+    with torch.no_grad():
+        ours, theirs = run.model(ids), hf_model(ids).logits
+    assert ids.size(1) == 32
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+
+
+def test_greedy_generation_in_transformers_matches_ours(transformers, trained_run, exported):
+    run = open_run(trained_run, CPU)
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(exported).eval()
+    prompt = run.tokenizer.encode("대한민국은")
+    new_tokens = 32 - len(prompt)
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
+    ours = list(stream_tokens(run.model, prompt, params, eos_id=None, device=CPU))
+    with torch.no_grad():
+        theirs = hf_model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=run.tokenizer.pad_id,
+        )[0, len(prompt) :].tolist()
+    assert theirs == ours
+
+
+def test_exported_tokenizer_encodes_like_ours(transformers, trained_run, exported):
+    ours = open_run(trained_run, CPU).tokenizer
+    theirs = transformers.AutoTokenizer.from_pretrained(exported)
+    fast = transformers.PreTrainedTokenizerFast.from_pretrained(exported)
+    decomposed = unicodedata.normalize("NFD", "대한민국은")
+    for text in (TEXT, decomposed, "법률 제1조 ①항\n\n  spaces<|endoftext|>"):
+        assert theirs.encode(text) == ours.encode(text)
+        assert fast.encode(text) == ours.encode(text)
+    ids = ours.encode(TEXT)
+    assert theirs.decode(ids) == ours.decode(ids) == TEXT
+    assert theirs.eos_token_id == ours.eos_id
+    assert theirs.model_max_length == 32
+
+
+def test_export_writes_config_generation_config_and_model_card(trained_run, exported):
+    names = {p.name for p in exported.iterdir()}
+    assert {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "README.md",
+    } <= names
+    config = json.loads((exported / "config.json").read_text())
+    assert (config["n_layer"], config["n_head"], config["n_embd"], config["n_positions"]) == (2, 2, 64, 32)
+    assert config["activation_function"] == "gelu_new"
+    generation = json.loads((exported / "generation_config.json").read_text())
+    run = open_run(trained_run, CPU)
+    assert generation["eos_token_id"] == run.tokenizer.eos_id
+    assert generation["top_p"] == run.config.sample.top_p
+    card = (exported / "README.md").read_text()
+    assert f"{run.checkpoint.meta['tokens_seen']:,} tokens seen" in card
+    assert f"validation loss {run.checkpoint.meta['val_loss']:.4f}" in card
+    assert "`constitution.jsonl`" in card
+
+
+def test_export_then_import_is_lossless(trained_run, exported, tmp_path):
+    imported = import_hf(exported, tmp_path / "back")
+    original, back = open_run(trained_run, CPU), open_run(imported, CPU)
+    ours, theirs = original.model.state_dict(), back.model.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+    assert back.config.model == original.config.model
+    assert back.tokenizer.sha256 == original.tokenizer.sha256
+    assert (imported / CHECKPOINTS / LATEST).read_text().strip() == "step-000000"
+    ids = _ids(original.tokenizer)
+    with torch.no_grad():
+        assert torch.equal(back.model(ids), original.model(ids))
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "sharded", "pytorch_model.bin"])
+def test_imported_random_transformers_gpt2_gives_its_logits(transformers, tokenizer, tmp_path, layout):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=tokenizer.vocab_size, n_positions=24, n_embd=48, n_layer=3, n_head=4,
+        bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id,
+    )  # fmt: skip
+    hf_model = transformers.GPT2LMHeadModel(config).eval()
+    source = tmp_path / "hf"
+    if layout == "safetensors":
+        hf_model.save_pretrained(source)
+    elif layout == "sharded":
+        hf_model.save_pretrained(source, max_shard_size="60KB")
+        assert (source / "model.safetensors.index.json").is_file()
+    else:  # the old layout: no `transformer.` prefix, causal-mask buffers and the tied head saved
+        source.mkdir()
+        config.save_pretrained(source)
+        state = {k.removeprefix("transformer."): v for k, v in hf_model.state_dict().items()}
+        state["h.0.attn.bias"] = torch.ones(1, 1, 24, 24)
+        assert "lm_head.weight" in state
+        torch.save(state, source / layout)
+    tokenizer.save(source)
+
+    run = open_run(import_hf(source, tmp_path / "run"), CPU)
+    assert run.config.model.block_size == 24
+    ids = _ids(run.tokenizer, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(run.model(ids), hf_model(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_imported_run_continues_training_on_new_text(exported, corpus_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_dir = import_hf(exported, Path("runs/imported"))
+    steps = ["train.max_steps=3", "train.micro_batch=2", "train.device=cpu", "log.progress=false"]
+    steps += ["log.tensorboard=false", "log.samples_at_eval=false", "train.eval_interval=0"]
+    cfg = load_config(str(run_dir / "config.yaml"), [f"data.inputs=[{corpus_file}]", *steps])
+    assert cfg.data.dir == "data/imported"
+    prepare(cfg.data, cfg.tokenizer, log=lambda _: None)
+    messages: list[str] = []
+    result = train(cfg, log=messages.append)
+    assert any(m.startswith("resumed from") and "step 0" in m for m in messages)
+    assert result.step == 3
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [("model.arch=ffn", "model.arch is ffn"), ("model.pos=sinusoidal", "model.pos is sinusoidal"),
+     ("model.bias=false", "model.bias is False")],
+)  # fmt: skip
+def test_models_without_an_hf_equivalent_are_refused(tokenizer, tmp_path, override, named):
+    run_dir = random_run(tmp_path / "run", tokenizer, override)
+    with pytest.raises(UserError, match="no Hugging Face equivalent") as error:
+        export_run(run_dir, tmp_path / "hf")
+    assert named in str(error.value)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_refusal_is_one_line_on_the_command_line(tokenizer, tmp_path):
+    run_dir = random_run(tmp_path / "run", tokenizer, "model.pos=sinusoidal")
+    result = sllm("export", "--run", run_dir, "--out", tmp_path / "hf", "--format", "hf")
+    assert_one_line_error(result, "no Hugging Face equivalent", "model.pos is sinusoidal")
+
+
+def test_character_tokenizers_and_non_empty_targets_are_refused(tokenizer, tmp_path):
+    chars = CharTokenizer(["<|endoftext|>"], list("가나다"))
+    with pytest.raises(UserError, match="character-level tokenizer"):
+        export_run(random_run(tmp_path / "char", chars), tmp_path / "hf")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        export_run(random_run(tmp_path / "run", tokenizer), taken)
+
+
+def _hf_dir(exported: Path, tmp_path: Path, **config_changes) -> Path:
+    source = tmp_path / "source"
+    source.mkdir()
+    for path in exported.iterdir():
+        (source / path.name).write_bytes(path.read_bytes())
+    config = json.loads((source / "config.json").read_text()) | config_changes
+    (source / "config.json").write_text(json.dumps(config))
+    return source
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"activation_function": "relu"}, "activation_function=relu"),
+     ({"model_type": "llama"}, "sllm can import GPT2LMHeadModel"),
+     ({"n_layer": 3}, "do not match its config.json"),
+     ({"tie_word_embeddings": False}, "tie_word_embeddings=False")],
+)  # fmt: skip
+def test_imports_that_sllm_cannot_reproduce_are_refused(exported, tmp_path, change, message):
+    with pytest.raises(UserError, match=message):
+        import_hf(_hf_dir(exported, tmp_path, **change), tmp_path / "run")
+
+
+def test_import_without_tokenizer_json_names_the_fix(exported, tmp_path):
+    source = _hf_dir(exported, tmp_path)
+    (source / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match="has no tokenizer.json; write one with transformers"):
+        import_hf(source, tmp_path / "run")
+
+
+def test_check_reports_agreement_with_transformers(transformers, trained_run, exported):
+    assert check_export(trained_run, exported) < 1e-5
+
+
+def test_check_without_transformers_names_the_extra(trained_run, exported, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(UserError, match="pip install 'sllm\\[hf\\]'"):
+        check_export(trained_run, exported)
