@@ -106,8 +106,9 @@ def main() -> None:
         for name, step in contenders.items():
             rates[name].append(_tokens_per_s(step, batches))
     baseline = statistics.median(rates["transformers"])
-    print(f"shape {args.shape} ({count_parameters(ours) / 1e6:.1f}M parameters), batch {args.batch} × "
-          f"{cfg.block_size}, fp32, torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
+    size = f"{count_parameters(ours) / 1e6:.1f}M parameters"
+    setup = f"fp32, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    print(f"shape {args.shape} ({size}), batch {args.batch} × {cfg.block_size}, {setup}")
     print(f"{'model':<16} {'tokens/s':>10} {'vs transformers':>16}")
     for name, values in rates.items():
         median = statistics.median(values)
