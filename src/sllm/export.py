@@ -41,7 +41,8 @@ from sllm.model import build_model, count_parameters
 from sllm.runs import CONFIG_FILE, LoadedRun, open_run
 from sllm.tokenizer import TOKENIZER_FILE, BPETokenizer, Tokenizer, load_tokenizer
 from sllm.train.checkpoint import save_checkpoint
-from sllm.train.optim import build_optimizer
+from sllm.train.distributed import full_state
+from sllm.train.optim import build_optimizers
 
 HF_WEIGHTS = "model.safetensors"
 HF_WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -403,7 +404,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     tokenizer.save(out)
     save_config(cfg, out / CONFIG_FILE)
     train_state = {
-        "optimizer": build_optimizer(model, cfg.train, torch.device("cpu")).state_dict(),
+        "optimizers": full_state(model, build_optimizers(model, cfg.train, torch.device("cpu")))[1],
         "scaler": {},
         "step": 0,
         "tokens_seen": 0,
