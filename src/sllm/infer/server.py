@@ -42,7 +42,8 @@ except ImportError as missing:
 
 
 SAMPLING_KEYS = {
-    "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "seed",
+    "temperature", "top_p", "top_k", "min_p",
+    "presence_penalty", "frequency_penalty", "repetition_penalty", "seed",
 }  # fmt: skip
 
 
