@@ -42,6 +42,15 @@ def test_greedy_batch_of_unequal_prompts_equals_each_prompt_decoded_alone():
     assert generated == [_argmax_by_full_forward(model, prompt, 12) for prompt in prompts]
 
 
+def test_a_batch_decodes_past_the_context_by_refilling_the_cache():
+    model = _model(block_size=16)
+    prompts = [[5, 6], [3, 14, 15, 9, 2, 6, 5, 3, 5]]
+    params = SamplingParams(max_new_tokens=30, temperature=0)
+    generated = _rows(TokenStream(model, prompts, params, eos_id=None, device=CPU))
+    assert [len(tokens) for tokens in generated] == [30, 30]
+    assert generated[1][:7] == _argmax_by_full_forward(model, prompts[1], 7)  # before the first refill
+
+
 def test_each_row_stops_at_its_own_eos():
     model = _model()
     prompts = [[3, 14, 15], [2, 7, 1, 8, 2, 8]]
