@@ -115,6 +115,7 @@ def test_completion_stream_matches_non_streaming(server_url):
         ({"prompt": "a", "top_p": 0}, 422, "top_p"),
         ({"prompt": "a", "stop": [""]}, 400, "stop"),
         ({"max_tokens": 3}, 422, "prompt"),
+        ({"prompt": ["a"] * 65}, 400, "at most 64 prompts"),
     ],
 )
 def test_bad_requests_get_4xx_json_errors(server_url, body, status, fragment):

@@ -41,6 +41,7 @@ except ImportError as missing:
     ) from None
 
 
+MAX_PROMPTS = 64  # one request's prompts form one batch
 SAMPLING_KEYS = {
     "temperature", "top_p", "top_k", "min_p",
     "presence_penalty", "frequency_penalty", "repetition_penalty", "seed",
@@ -155,6 +156,8 @@ def create_app(
     def check(
         request: SamplingFields, prompts: list[str], extra_stop: tuple[str, ...] = ()
     ) -> SamplingParams:
+        if len(prompts) > MAX_PROMPTS:
+            raise UserError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}; split the list")
         if request.max_tokens > max_tokens_limit:
             raise UserError(f"max_tokens must be at most {max_tokens_limit}, got {request.max_tokens}")
         for prompt in prompts:
