@@ -172,7 +172,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_bench_generate(args: argparse.Namespace) -> None:
     from sllm.infer.bench import bench_generate, format_table
 
-    rows = bench_generate(args.run, args.device, args.batch_sizes, args.prompt_tokens, args.new_tokens)
+    rows = bench_generate(
+        args.run, args.device, args.batch_sizes, args.prompt_tokens, args.new_tokens, args.threads
+    )
     print(format_table(rows))
 
 
@@ -211,6 +213,7 @@ def _add_inference_commands(commands: argparse._SubParsersAction) -> None:
     bench_gen.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64])
     bench_gen.add_argument("--prompt-tokens", type=int, default=16)
     bench_gen.add_argument("--new-tokens", type=int, default=128)
+    bench_gen.add_argument("--threads", type=int, default=0, help="CPU threads; 0 keeps torch's default")
     bench_gen.set_defaults(func=cmd_bench_generate)
 
 

@@ -79,7 +79,12 @@ def bench_generate(
     batch_sizes: list[int] | tuple[int, ...] = (1, 8, 32, 64),
     prompt_tokens: int = 16,
     new_tokens: int = 128,
+    threads: int = 0,
 ) -> list[GenerationSpeed]:
+    """One row per batch size; `threads` > 0 sets torch's CPU threads (on a busy machine
+    fewer threads than cores avoids threads waiting on each other)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
     generator = TextGenerator.from_run(run_dir, device)
     context = generator.context_tokens
     if not 0 < prompt_tokens < context or new_tokens < 2 or min(batch_sizes) < 1:
