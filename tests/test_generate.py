@@ -4,7 +4,16 @@ import torch
 from sllm.config import ModelConfig
 from sllm.errors import UserError
 from sllm.infer.engine import TextGenerator, stream_tokens
-from sllm.infer.sampling import SamplingParams, sample_next, top_k_filter, top_p_filter
+from sllm.infer.sampling import (
+    SamplingParams,
+    TokenHistory,
+    apply_presence_frequency,
+    apply_repetition_penalty,
+    min_p_filter,
+    sample_next,
+    top_k_filter,
+    top_p_filter,
+)
 from sllm.model import build_model
 
 
@@ -60,29 +69,58 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 def test_temperature_zero_is_greedy_and_seed_reproduces():
     logits = torch.randn(1, 40)
-    seen = torch.tensor([[0]])
-    assert sample_next(logits, SamplingParams(temperature=0), seen, None).item() == logits.argmax().item()
+    assert sample_next(logits, SamplingParams(temperature=0)).item() == logits.argmax().item()
     draws = []
     for _ in range(2):
         generator = torch.Generator().manual_seed(7)
         draws.append(
-            [sample_next(logits, SamplingParams(temperature=1.0), seen, generator).item() for _ in range(20)]
+            [sample_next(logits, SamplingParams(temperature=1.0), None, generator).item() for _ in range(20)]
         )
     assert draws[0] == draws[1] and len(set(draws[0])) > 1
 
 
 def test_repetition_penalty_lowers_seen_tokens():
     logits = torch.tensor([[2.0, 2.0, -1.0, -1.0]])
-    seen = torch.tensor([[0, 2]])
-    from sllm.infer.sampling import apply_repetition_penalty
-
+    seen = torch.tensor([[True, False, True, False]])
     penalized = apply_repetition_penalty(logits, seen, 2.0)
     assert penalized.tolist() == [[1.0, 2.0, -2.0, -1.0]]
 
 
+def test_min_p_keeps_tokens_at_least_min_p_times_the_top_probability():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    assert torch.isfinite(min_p_filter(logits, 0.3))[0].tolist() == [True, True, True, False]
+    assert torch.isfinite(min_p_filter(logits, 0.5))[0].tolist() == [True, True, False, False]
+    assert torch.isfinite(min_p_filter(logits, 0.0)).all()
+
+
+def test_presence_and_frequency_penalties_count_generated_tokens_only():
+    history = TokenHistory([[1, 1]], vocab_size=4, device=torch.device("cpu"))
+    for token in (2, 2, 3):
+        history.add(torch.tensor([token]))
+    assert history.generated.tolist() == [[0.0, 0.0, 2.0, 1.0]]
+    logits = torch.zeros(1, 4)
+    penalized = apply_presence_frequency(logits, history.generated, presence=0.5, frequency=0.25)
+    assert penalized.tolist() == [[0.0, 0.0, -1.0, -0.75]]
+    params = SamplingParams(temperature=0, presence_penalty=2.0, repetition_penalty=1.5)
+    favourite = torch.tensor([[0.0, 2.6, 3.0, 1.0]])  # token 1 is in the prompt, 2 and 3 generated
+    assert sample_next(favourite, SamplingParams(temperature=0), history).item() == 2
+    assert sample_next(favourite, params, history).item() == 1  # 2.6 / 1.5 beats 3.0 / 1.5 - 2
+
+
 @pytest.mark.parametrize(
     "bad",
-    [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -2}, {"repetition_penalty": 0}],
+    [
+        {"temperature": -1},
+        {"top_p": 0},
+        {"top_p": 1.5},
+        {"top_k": -2},
+        {"repetition_penalty": 0},
+        {"min_p": 1.0},
+        {"min_p": -0.1},
+        {"presence_penalty": 2.5},
+        {"frequency_penalty": -3},
+        {"stop": [""]},
+    ],
 )
 def test_out_of_range_sampling_parameters_are_user_errors(bad):
     with pytest.raises(UserError):

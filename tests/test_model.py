@@ -78,3 +78,23 @@ def test_residual_projections_use_scaled_init():
     fc_std = model.blocks[0].mlp.fc.weight.std().item()
     assert abs(fc_std - 0.02) < 0.002
     assert abs(proj_std - 0.02 / 4) < 0.001
+
+
+def test_left_padded_batch_in_the_cache_equals_each_prompt_alone():
+    model = _model()
+    prompts = [torch.randint(0, 97, (n,)) for n in (3, 9, 6)]
+    width = max(len(p) for p in prompts)
+    pad = [width - len(p) for p in prompts]
+    batch = torch.stack(
+        [torch.cat([torch.zeros(n, dtype=torch.long), p]) for n, p in zip(pad, prompts, strict=True)]
+    )
+    follow = torch.randint(0, 97, (3, 4))
+    with torch.no_grad():
+        cache = model.new_cache(3, batch.device, torch.float32)
+        cache.reset(pad)
+        padded = [model(batch, cache)[:, -1]] + [model(follow[:, t : t + 1], cache)[:, -1] for t in range(4)]
+        for row, prompt in enumerate(prompts):
+            alone = model(torch.cat([prompt, follow[row]])[None])[0, len(prompt) - 1 :]
+            assert torch.isfinite(padded[0]).all()
+            got = torch.stack([step[row] for step in padded])
+            assert (got - alone).abs().max() <= 1e-5

@@ -2,6 +2,24 @@
 
 Raw text → own BPE tokenizer → memory-mapped token data → GPT decoder → pre-training →
 evaluation → generation. Each stage is a plain function; `sllm.cli` only parses arguments.
+`from sllm import TextGenerator` works, but loads torch only when that name is first used,
+so `import sllm` (and `sllm --help`) stays instant.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+__all__ = ["TextGenerator"]
+
+if TYPE_CHECKING:
+    from sllm.infer.engine import TextGenerator
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TextGenerator":
+        from sllm.infer.engine import TextGenerator
+
+        return TextGenerator
+    raise AttributeError(f"module 'sllm' has no attribute {name!r}")

@@ -218,6 +218,87 @@ def _source_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _sampling_params(args: argparse.Namespace):
+    """Validated sampling settings from the flags `_run_args` adds."""
+    from sllm.infer.sampling import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    import sys
+
+    from sllm.infer.chat import ChatSession, load_chat_template, run_chat
+    from sllm.infer.engine import TextGenerator
+
+    params = _sampling_params(args)
+    template = load_chat_template(args.run)
+    generator = TextGenerator.from_run(args.run, args.device, args.checkpoint)
+    run_chat(ChatSession(generator, template, params, sys.stdout), sys.stdin)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from sllm.infer.server import serve
+
+    serve(args.run, args.host, args.port, args.device, args.checkpoint, args.max_tokens_limit)
+
+
+def cmd_bench_generate(args: argparse.Namespace) -> None:
+    from sllm.infer.bench import bench_generate, format_table
+
+    rows = bench_generate(
+        args.run, args.device, args.batch_sizes, args.prompt_tokens, args.new_tokens, args.threads
+    )
+    print(format_table(rows))
+
+
+def _run_args(parser: argparse.ArgumentParser, sampling: bool = True) -> None:
+    parser.add_argument("--run", required=True, help="run directory")
+    parser.add_argument("--checkpoint", choices=["latest", "best"], default="latest")
+    parser.add_argument("--device", default="auto")
+    if sampling:
+        parser.add_argument("--max-new-tokens", type=int, default=200, help="reply length limit")
+        parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+        parser.add_argument("--top-k", type=int, default=50, help="0 disables")
+        parser.add_argument("--top-p", type=float, default=0.95)
+        parser.add_argument("--min-p", type=float, default=0.0, help="0 disables")
+        parser.add_argument("--repetition-penalty", type=float, default=1.1)
+        parser.add_argument("--seed", type=int, default=None)
+
+
+def _add_inference_commands(commands: argparse._SubParsersAction) -> None:
+    """chat, serve and bench generate (src/sllm/infer)."""
+    chat = commands.add_parser("chat", help="multi-turn chat with a run in the terminal")
+    _run_args(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP API and a web chat page")
+    _run_args(serve, sampling=False)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens accepted")
+    serve.set_defaults(func=cmd_serve)
+
+    bench = commands.add_parser("bench", help="speed benchmarks")
+    bench_commands = bench.add_subparsers(dest="bench_command", metavar="command", parser_class=_Parser)
+    bench_commands.required = True
+    bench_gen = bench_commands.add_parser("generate", help="time to first token, decode and prefill speed")
+    _run_args(bench_gen, sampling=False)
+    bench_gen.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64])
+    bench_gen.add_argument("--prompt-tokens", type=int, default=16)
+    bench_gen.add_argument("--new-tokens", type=int, default=128)
+    bench_gen.add_argument("--threads", type=int, default=0, help="CPU threads; 0 keeps torch's default")
+    bench_gen.set_defaults(func=cmd_bench_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sllm", description="Build a small GPT-style language model from scratch.")
     commands = parser.add_subparsers(dest="command", metavar="command", parser_class=_Parser)
@@ -289,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspection_commands(commands)
     _add_experiment_commands(commands)
     _add_hf_commands(commands)
+    _add_inference_commands(commands)
     return parser
 
 

@@ -1,56 +1,157 @@
-"""Generation: prefill the prompt once, then decode one token per step from the KV cache.
+"""Generation: prefill a batch of prompts once, then decode one token per row per step.
 
-`stream_tokens` is the engine: a generator of token ids, so callers can print text as it
-appears. Models without a KV cache (the ffn baseline) rerun the window each step. When the
-cache fills the context, the newest three quarters of the text are prefilled again and
-decoding goes on. `TextGenerator` wraps a run directory for text in, text out.
+- `TokenStream` is the engine. Prompts of different lengths are left-padded into one
+  preallocated `KVCache` (the cache supplies each row's positions and attention mask), so a
+  step is one forward pass of shape (batch, 1) whatever the lengths. Finished rows (EOS, a
+  stop string, `stop(row)`) keep their slot, so shapes stay static, and are ignored.
+- When the cache fills the context, every row's newest three quarters are prefilled again
+  into the same cache and decoding goes on. Models without a KV cache (the ffn baseline)
+  rerun each row's window every step.
+- `TextGenerator` is text in, text out for a run directory. `TextRow` turns a row's tokens
+  into text pieces: it waits for complete UTF-8 characters and holds back any tail that could
+  still grow into a stop string, so a stop string split across tokens never leaks out and
+  streaming yields exactly the non-streamed text.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from sllm.infer.sampling import SamplingParams, sample_next
+from sllm.errors import UserError
+from sllm.infer.sampling import SamplingParams, TokenHistory, sample_next
 from sllm.runs import open_run
 from sllm.runtime import autocast, select_autocast_dtype, select_device
 from sllm.tokenizer import Tokenizer
 
 
-class _Decoder:
-    """Feeds tokens to the model and returns next-token logits (1, vocab)."""
+class _CachedDecoder:
+    """Next-token logits (batch, vocab) for a left-padded batch through a preallocated cache."""
 
-    def __init__(self, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None) -> None:
+    def __init__(self, model: nn.Module, batch: int, device: torch.device, amp_dtype: torch.dtype | None):
         self.model = model
         self.device = device
         self.amp_dtype = amp_dtype
-        self.cache = None
+        dtype = amp_dtype or next(model.parameters()).dtype
+        self.cache = model.new_cache(batch, device, dtype)
 
-    def _logits(self, ids: list[int]) -> torch.Tensor:
-        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
+    def _logits(self, idx: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.amp_dtype):
             return self.model(idx, self.cache)[:, -1, :].float()
 
-    def prefill(self, ids: list[int]) -> torch.Tensor:
-        if self.model.supports_kv_cache:
-            dtype = self.amp_dtype or next(self.model.parameters()).dtype
-            self.cache = self.model.new_cache(1, self.device, dtype)
-        return self._logits(ids[-self.model.block_size :])
+    def prefill(self, rows: list[list[int]]) -> torch.Tensor:
+        width = max(len(ids) for ids in rows)
+        pad = [width - len(ids) for ids in rows]
+        idx = torch.tensor(
+            [[0] * p + ids for p, ids in zip(pad, rows, strict=True)], dtype=torch.long, device=self.device
+        )
+        self.cache.reset(pad)
+        return self._logits(idx)
 
-    def step(self, ids: list[int]) -> torch.Tensor:
-        """`ids` is the whole text so far; only its last token is new."""
-        if self.cache is None:
-            return self._logits(ids[-self.model.block_size :])
+    def step(self, tokens: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
+        """`tokens` (batch,) were just sampled; `rows` are the texts so far, for a refill."""
         if self.cache.length >= self.cache.max_len:
-            return self.prefill(ids[-(3 * self.model.block_size) // 4 :])
-        return self._logits(ids[-1:])
+            keep = (3 * self.model.block_size) // 4
+            return self.prefill([ids[-keep:] for ids in rows])
+        return self._logits(tokens[:, None])
 
 
-@torch.no_grad()
+class _WindowDecoder:
+    """For models without a KV cache: each row's last `block_size` tokens, every step."""
+
+    def __init__(self, model: nn.Module, batch: int, device: torch.device, amp_dtype: torch.dtype | None):
+        self.model = model
+        self.device = device
+        self.amp_dtype = amp_dtype
+
+    def prefill(self, rows: list[list[int]]) -> torch.Tensor:
+        logits = []
+        with autocast(self.device, self.amp_dtype):
+            for ids in rows:
+                idx = torch.tensor([ids[-self.model.block_size :]], dtype=torch.long, device=self.device)
+                logits.append(self.model(idx)[:, -1, :].float())
+        return torch.cat(logits)
+
+    def step(self, tokens: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
+        return self.prefill(rows)
+
+
+class TokenStream:
+    """New tokens of a batch, step by step: each item holds one token per row, None once the
+    row is finished (EOS, which is not yielded, or `stop(row)`). Iterate it once."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        eos_id: int | None,
+        device: torch.device,
+        amp_dtype: torch.dtype | None = None,
+    ) -> None:
+        if not prompts or not all(prompts):
+            raise ValueError("every prompt must hold at least one token")
+        self.model = model
+        self.rows = [list(ids[-model.block_size :]) for ids in prompts]
+        self.params = params
+        self.eos_id = eos_id
+        self.device = device
+        self.amp_dtype = amp_dtype
+        self.finish_reasons: list[str | None] = [None] * len(prompts)
+
+    def stop(self, row: int, reason: str = "stop") -> None:
+        """Finish `row` now; the batch goes on without it."""
+        if self.finish_reasons[row] is None:
+            self.finish_reasons[row] = reason
+
+    @property
+    def done(self) -> bool:
+        return all(reason is not None for reason in self.finish_reasons)
+
+    @torch.inference_mode()
+    def __iter__(self) -> Iterator[list[int | None]]:
+        params, batch = self.params, len(self.rows)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        decoder_class = _CachedDecoder if self.model.supports_kv_cache else _WindowDecoder
+        decoder = decoder_class(self.model, batch, self.device, self.amp_dtype)
+        history = None
+        if params.uses_history:
+            history = TokenHistory(self.rows, self.model.cfg.vocab_size, self.device)
+        logits = decoder.prefill(self.rows) if params.max_new_tokens else None
+        for step in range(params.max_new_tokens):
+            tokens = sample_next(logits, params, history, generator)
+            new = self._accept(tokens.tolist())
+            if any(token is not None for token in new):
+                yield new
+            if self.done:
+                return
+            if history is not None:
+                history.add(tokens)
+            if step + 1 < params.max_new_tokens:
+                logits = decoder.step(tokens, self.rows)
+        for row in range(batch):
+            self.stop(row, "length")
+
+    def _accept(self, tokens: list[int]) -> list[int | None]:
+        new: list[int | None] = []
+        for row, token in enumerate(tokens):
+            if self.finish_reasons[row] is None and token == self.eos_id:
+                self.stop(row)
+            if self.finish_reasons[row] is not None:
+                new.append(None)
+                continue
+            self.rows[row].append(token)
+            new.append(token)
+        return new
+
+
 def stream_tokens(
     model: nn.Module,
     prompt_ids: list[int],
@@ -59,23 +160,97 @@ def stream_tokens(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
 ) -> Iterator[int]:
-    """Yield new token ids until `max_new_tokens` or EOS (which is not yielded)."""
-    if not prompt_ids:
-        raise ValueError("the prompt must hold at least one token")
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
-    decoder = _Decoder(model, device, amp_dtype)
-    ids = list(prompt_ids)
-    logits = decoder.prefill(ids)
-    for _ in range(params.max_new_tokens):
-        seen = torch.tensor([ids[-model.block_size :]], device=device)
-        token = int(sample_next(logits, params, seen, generator)[0])
-        if token == eos_id:
-            return
-        ids.append(token)
-        yield token
-        logits = decoder.step(ids)
+    """One prompt's new token ids until `max_new_tokens` or EOS (which is not yielded)."""
+    for (token,) in TokenStream(model, [prompt_ids], params, eos_id, device, amp_dtype):
+        if token is not None:
+            yield token
+
+
+class TextRow:
+    """One row's new tokens as text pieces, cut before the first stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        """The text that became final with `token` ("" while a character or stop is pending)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        self.text = text
+        return self._emit(self._final_length())
+
+    def finish(self) -> str:
+        """The rest, once no more tokens come."""
+        if not self.stopped:
+            self.text = self.tokenizer.decode(self.ids)
+            self._final_length()
+        return self._emit(len(self.text))
+
+    def _final_length(self) -> int:
+        """Cuts `text` at a stop string; returns how much of it can no longer change."""
+        longest = max((len(s) for s in self.stop), default=0)
+        start = max(0, self.emitted - longest)
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped = True
+            return len(self.text)
+        pending = max(
+            (n for s in self.stop for n in range(1, len(s)) if self.text.endswith(s[:n])), default=0
+        )
+        return len(self.text) - pending
+
+    def _emit(self, end: int) -> str:
+        piece = self.text[self.emitted : end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return piece
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class TextStream:
+    """(row, text piece) as pieces become final; `completions()` once it is exhausted."""
+
+    def __init__(self, tokens: TokenStream, tokenizer: Tokenizer, stop: tuple[str, ...]) -> None:
+        self.tokens = tokens
+        self.texts = [TextRow(tokenizer, stop) for _ in tokens.rows]
+        self.prompt_tokens = [len(ids) for ids in tokens.rows]
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        for step in self.tokens:
+            for row, token in enumerate(step):
+                if token is None:
+                    continue
+                piece = self.texts[row].add(token)
+                if self.texts[row].stopped:
+                    self.tokens.stop(row)
+                if piece:
+                    yield row, piece
+        for row, text in enumerate(self.texts):
+            piece = text.finish()
+            if piece:
+                yield row, piece
+
+    def completions(self) -> list[Completion]:
+        return [
+            Completion(text.text, reason or "length", prompt_tokens, len(text.ids))
+            for text, reason, prompt_tokens in zip(
+                self.texts, self.tokens.finish_reasons, self.prompt_tokens, strict=True
+            )
+        ]
 
 
 class TextGenerator:
@@ -89,41 +264,53 @@ class TextGenerator:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "auto", checkpoint: str = "latest") -> TextGenerator:
+        """Load a run; on CUDA the weights become bf16 (or fp16), halving the bytes each step reads."""
         chosen = select_device(device)
         run = open_run(run_dir, chosen, checkpoint)
-        return cls(run.model, run.tokenizer, chosen)
+        low_precision = select_autocast_dtype(chosen)
+        model = run.model.to(low_precision) if chosen.type == "cuda" and low_precision else run.model
+        return cls(model, run.tokenizer, chosen)
 
-    def encode_prompt(self, prompt: str) -> list[int]:
-        """Prompt ids; a prompt longer than the context keeps its end, with a warning."""
+    @property
+    def context_tokens(self) -> int:
+        return self.model.block_size
+
+    def encode_prompt(self, prompt: str, strict: bool = False) -> list[int]:
+        """Prompt ids. One longer than the context keeps its end with a warning, or with
+        `strict` is a UserError."""
         ids = self.tokenizer.encode(prompt) or [self.tokenizer.eos_id]
         limit = self.model.block_size - 1
         if len(ids) > limit:
-            print(
-                f"warning: the prompt has {len(ids)} tokens, more than the context allows ({limit}); "
-                "keeping its last tokens",
-                file=sys.stderr,
-            )
+            message = f"the prompt has {len(ids)} tokens, more than the context allows ({limit})"
+            if strict:
+                raise UserError(f"{message}; shorten it")
+            print(f"warning: {message}; keeping its last tokens", file=sys.stderr)
             ids = ids[-limit:]
         return ids
 
-    def stream(self, prompt: str, **sampling) -> Iterator[str]:
-        """Text pieces as they are generated; a piece ends where the UTF-8 text is complete."""
-        params = SamplingParams(**sampling)
-        prompt_ids = self.encode_prompt(prompt)
-        new_ids: list[int] = []
-        emitted = ""
-        for token in stream_tokens(
+    def stream_batch(self, prompts: list[str], params: SamplingParams, strict: bool = False) -> TextStream:
+        """The continuations of `prompts`, generated as one batch, as a stream of text pieces."""
+        prompt_ids = [self.encode_prompt(prompt, strict) for prompt in prompts]
+        tokens = TokenStream(
             self.model, prompt_ids, params, self.tokenizer.eos_id, self.device, self.amp_dtype
-        ):
-            new_ids.append(token)
-            text = self.tokenizer.decode(new_ids)
-            if not text.endswith("\ufffd") and len(text) > len(emitted):
-                yield text[len(emitted) :]
-                emitted = text
-        text = self.tokenizer.decode(new_ids)
-        if len(text) > len(emitted):
-            yield text[len(emitted) :]
+        )
+        return TextStream(tokens, self.tokenizer, params.stop)
 
-    def generate(self, prompt: str, **sampling) -> str:
-        """The continuation of `prompt` (without the prompt)."""
-        return "".join(self.stream(prompt, **sampling))
+    def complete(self, prompts: list[str], params: SamplingParams, strict: bool = False) -> list[Completion]:
+        """The continuations of `prompts`, generated as one batch."""
+        stream = self.stream_batch(prompts, params, strict)
+        for _ in stream:
+            pass
+        return stream.completions()
+
+    def stream(self, prompt: str, **sampling) -> Iterator[str]:
+        """Text pieces of the continuation as they are generated."""
+        for _, piece in self.stream_batch([prompt], SamplingParams(**sampling)):
+            yield piece
+
+    def generate(self, prompt: str | list[str], **sampling) -> str | list[str]:
+        """The continuation of `prompt` (without the prompt); a list of prompts runs as a batch."""
+        params = SamplingParams(**sampling)
+        if isinstance(prompt, str):
+            return self.complete([prompt], params)[0].text
+        return [completion.text for completion in self.complete(prompt, params)]

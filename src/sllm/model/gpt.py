@@ -10,6 +10,8 @@ named pieces (`POSITIONS`) rather than branching inside `forward`.
 - Init follows GPT-2: N(0, 0.02), with the residual projections scaled by 1/sqrt(2·n_layer)
   so the residual stream's variance does not grow with depth.
 - The KV cache is preallocated for the whole context; decoding writes one slot per step.
+  Batches of unequal prompts are left-padded; the cache holds the padding, so it hands out
+  the positions and the attention mask (`KVCache.positions`, `KVCache.attention_mask`).
 """
 
 from __future__ import annotations
@@ -52,7 +54,12 @@ POSITIONS = {"learned": LearnedPositions, "sinusoidal": SinusoidalPositions}
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated as (layer, batch, head, max_len, head_dim)."""
+    """Keys and values of every layer, preallocated as (layer, batch, head, max_len, head_dim).
+
+    A batch of prompts with different lengths is left-padded: row b's first `pad[b]` slots
+    hold padding that no query attends to, and its positions count from its first real token.
+    A padding query attends only to itself, so no softmax row is empty (which would give NaN).
+    """
 
     def __init__(
         self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
@@ -63,6 +70,37 @@ class KVCache:
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
         self.max_len = max_len
+        self.pad: torch.Tensor | None = None
+        self.real_slots: torch.Tensor | None = None
+
+    def reset(self, pad: list[int] | None = None) -> None:
+        """Start over (no reallocation), with `pad[b]` padding slots in front of row b."""
+        self.length = 0
+        self.pad = self.real_slots = None
+        if pad and any(pad):
+            self.pad = torch.tensor(pad, device=self.keys.device)[:, None]
+            self.real_slots = torch.arange(self.max_len, device=self.keys.device)[None, :] >= self.pad
+
+    def positions(self, length: int) -> torch.Tensor:
+        """Positions of the next `length` tokens: (length,), or (batch, length) when padded."""
+        slots = torch.arange(self.length, self.length + length, device=self.keys.device)
+        if self.pad is None:
+            return slots
+        return (slots[None, :] - self.pad).clamp(min=0)
+
+    def attention_mask(self, length: int) -> torch.Tensor | None:
+        """Boolean mask for the next `length` queries, or None when plain causal attention does."""
+        end = self.length + length
+        if self.real_slots is None:
+            if length == 1 or self.length == 0:
+                return None
+            return _prefix_causal_mask(length, self.length, self.keys.device)
+        real = self.real_slots[:, None, None, :end]  # (batch, 1, 1, end)
+        if length == 1:
+            return real
+        causal = _prefix_causal_mask(length, self.length, self.keys.device)
+        itself = torch.ones_like(causal).tril(diagonal=self.length).triu(diagonal=self.length)
+        return causal & (real | itself)
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's keys/values after the cached ones; return all of them so far."""
@@ -82,18 +120,19 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`mask` (from `KVCache.attention_mask`) replaces plain causal attention when given."""
         batch, length, width = x.shape
         q, k, v = self.qkv(x).split(width, dim=2)
         q, k, v = (t.view(batch, length, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
-        past = 0
         if cache is not None:
-            past = cache.length
             k, v = cache.store(self.layer, k, v)
         y = F.scaled_dot_product_attention(
             q, k, v,
-            attn_mask=_prefix_causal_mask(length, past, x.device) if past and length > 1 else None,
-            is_causal=past == 0 and length > 1,
+            attn_mask=mask,
+            is_causal=mask is None and length > 1,
             dropout_p=self.dropout if self.training else 0.0,
         )  # fmt: skip
         y = y.transpose(1, 2).contiguous().view(batch, length, width)
@@ -126,8 +165,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cache)
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cache, mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -165,10 +206,13 @@ class GPT(nn.Module):
         past = cache.length if cache is not None else 0
         if past + idx.size(1) > self.block_size:
             raise ValueError(f"sequence of {past + idx.size(1)} tokens exceeds the context {self.block_size}")
-        positions = torch.arange(past, past + idx.size(1), device=idx.device)
+        if cache is None:
+            positions, mask = torch.arange(idx.size(1), device=idx.device), None
+        else:
+            positions, mask = cache.positions(idx.size(1)), cache.attention_mask(idx.size(1))
         x = self.drop(self.wte(idx) + self.wpe(positions))
         for block in self.blocks:
-            x = block(x, cache)
+            x = block(x, cache, mask)
         if cache is not None:
             cache.length += idx.size(1)
         return self.norm_f(x)

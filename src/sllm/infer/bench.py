@@ -1,0 +1,113 @@
+"""`sllm bench generate`: how fast a run generates, per batch size.
+
+Each batch size gets random prompts of `prompt_tokens` tokens and greedy decoding of
+`new_tokens` tokens (EOS ignored, so every run does the same work) through the same
+`TokenStream` that chat and serve use, after one warm-up run. Reported: time to first token
+(prefill plus the first sample), prefill tokens/s, decode tokens/s over the remaining steps,
+and peak memory (CUDA: allocated by torch; CPU: the process's peak resident set).
+New tokens are capped so prompt + reply fit the context, so no refill is timed.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sllm.errors import UserError
+from sllm.infer.engine import TextGenerator, TokenStream
+from sllm.infer.sampling import SamplingParams
+
+
+@dataclass
+class GenerationSpeed:
+    batch: int
+    prompt_tokens: int
+    new_tokens: int
+    first_token_ms: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    peak_memory_mib: float
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+
+
+def measure_generation(
+    model: nn.Module,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    batch: int,
+    prompt_tokens: int,
+    new_tokens: int,
+) -> GenerationSpeed:
+    """Greedy generation of `new_tokens` for `batch` random prompts, timed step by step."""
+    vocab = model.cfg.vocab_size
+    prompts = torch.randint(0, vocab, (batch, prompt_tokens), generator=torch.Generator().manual_seed(0))
+    rows = prompts.tolist()
+    list(TokenStream(model, rows, SamplingParams(max_new_tokens=2, temperature=0), None, device, amp_dtype))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
+    start = time.perf_counter()
+    first = start
+    for step, _ in enumerate(TokenStream(model, rows, params, None, device, amp_dtype)):
+        if step == 0:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return GenerationSpeed(
+        batch=batch,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        first_token_ms=(first - start) * 1e3,
+        prefill_tokens_per_s=batch * prompt_tokens / (first - start),
+        decode_tokens_per_s=batch * (new_tokens - 1) / max(end - first, 1e-9),
+        peak_memory_mib=_peak_memory_mib(device),
+    )
+
+
+def bench_generate(
+    run_dir: str | Path,
+    device: str = "auto",
+    batch_sizes: list[int] | tuple[int, ...] = (1, 8, 32, 64),
+    prompt_tokens: int = 16,
+    new_tokens: int = 128,
+    threads: int = 0,
+) -> list[GenerationSpeed]:
+    """One row per batch size; `threads` > 0 sets torch's CPU threads (on a busy machine
+    fewer threads than cores avoids threads waiting on each other)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    generator = TextGenerator.from_run(run_dir, device)
+    context = generator.context_tokens
+    if not 0 < prompt_tokens < context or new_tokens < 2 or min(batch_sizes) < 1:
+        raise UserError(
+            f"need 0 < --prompt-tokens < the context ({context}), --new-tokens >= 2 and batch sizes >= 1"
+        )
+    new_tokens = min(new_tokens, context - prompt_tokens)
+    return [
+        measure_generation(
+            generator.model, generator.device, generator.amp_dtype, batch, prompt_tokens, new_tokens
+        )
+        for batch in batch_sizes
+    ]
+
+
+def format_table(rows: list[GenerationSpeed]) -> str:
+    lines = [
+        f"{'batch':>5} {'prompt':>6} {'new':>5} {'first token ms':>14} {'prefill tok/s':>13} "
+        f"{'decode tok/s':>12} {'peak MiB':>9}"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r.batch:>5} {r.prompt_tokens:>6} {r.new_tokens:>5} {r.first_token_ms:>14.1f} "
+            f"{r.prefill_tokens_per_s:>13,.0f} {r.decode_tokens_per_s:>12,.0f} {r.peak_memory_mib:>9,.0f}"
+        )
+    return "\n".join(lines)

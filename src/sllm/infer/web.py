@@ -1,0 +1,91 @@
+"""The single-page web chat `sllm serve` shows at `/`: inline HTML, CSS and JavaScript.
+
+No build step and no external assets, so it works on a machine without internet. The page
+keeps the conversation in the browser, sends it to `/v1/chat/completions` with
+`stream: true`, and appends each Server-Sent Event's text to the reply as it arrives.
+"""
+
+CHAT_PAGE = """<!doctype html>
+<html lang="ko">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>sllm chat</title>
+<style>
+  body { font-family: system-ui, sans-serif; max-width: 46rem; margin: 0 auto; padding: 1rem; }
+  #log { min-height: 50vh; }
+  .message { white-space: pre-wrap; padding: .5rem .75rem; margin: .5rem 0; border-radius: .5rem; }
+  .user { background: #e8f0fe; }
+  .assistant { background: #f1f3f4; }
+  #chat-form { display: flex; gap: .5rem; }
+  #message { flex: 1; min-height: 3rem; font: inherit; }
+</style>
+</head>
+<body>
+<h1>sllm chat</h1>
+<div id="log"></div>
+<form id="chat-form">
+  <textarea id="message" name="message" placeholder="메시지를 입력하세요" required></textarea>
+  <div>
+    <button id="send" type="submit">Send</button>
+    <button id="reset" type="button">Reset</button>
+  </div>
+</form>
+<script>
+const log = document.getElementById("log");
+const form = document.getElementById("chat-form");
+const input = document.getElementById("message");
+let messages = [];
+
+function show(role, text) {
+  const div = document.createElement("div");
+  div.className = "message " + role;
+  div.textContent = text;
+  log.appendChild(div);
+  return div;
+}
+
+async function send(text) {
+  messages.push({role: "user", content: text});
+  show("user", text);
+  const reply = show("assistant", "");
+  const response = await fetch("/v1/chat/completions", {
+    method: "POST",
+    headers: {"Content-Type": "application/json"},
+    body: JSON.stringify({messages: messages, stream: true, max_tokens: 200, temperature: 0.8, top_p: 0.95}),
+  });
+  if (!response.ok) {
+    reply.textContent = "error: " + (await response.json()).error.message;
+    messages.pop();
+    return;
+  }
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, {stream: true});
+    const events = buffer.split("\\n\\n");
+    buffer = events.pop();
+    for (const event of events) {
+      const data = event.replace(/^data: /, "");
+      if (data === "[DONE]") continue;
+      reply.textContent += JSON.parse(data).choices[0].delta.content || "";
+    }
+  }
+  reply.classList.add("done");
+  messages.push({role: "assistant", content: reply.textContent});
+}
+
+form.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = input.value.trim();
+  input.value = "";
+  if (text) send(text);
+});
+document.getElementById("reset").addEventListener("click", () => { messages = []; log.replaceChildren(); });
+</script>
+</body>
+</html>
+"""

@@ -1,0 +1,152 @@
+import pytest
+import torch
+
+from sllm.config import ModelConfig
+from sllm.errors import UserError
+from sllm.infer.engine import TextGenerator, TextRow, TokenStream
+from sllm.infer.sampling import SamplingParams
+from sllm.model import build_model
+
+CPU = torch.device("cpu")
+
+
+def _model(block_size=32):
+    torch.manual_seed(0)
+    return build_model(
+        ModelConfig(vocab_size=40, n_layer=2, n_head=2, n_embd=32, block_size=block_size)
+    ).eval()
+
+
+def _argmax_by_full_forward(model, prompt, steps):
+    ids = list(prompt)
+    for _ in range(steps):
+        with torch.no_grad():
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+def _rows(stream):
+    rows = [[] for _ in stream.rows]
+    for step in stream:
+        for row, token in enumerate(step):
+            if token is not None:
+                rows[row].append(token)
+    return rows
+
+
+def test_greedy_batch_of_unequal_prompts_equals_each_prompt_decoded_alone():
+    model = _model()
+    prompts = [[5], [3, 14, 15, 9, 2, 6, 5, 3, 5, 8, 9], [2, 7, 1, 8], [1, 4, 1, 4, 2, 1]]
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    generated = _rows(TokenStream(model, prompts, params, eos_id=None, device=CPU))
+    assert generated == [_argmax_by_full_forward(model, prompt, 12) for prompt in prompts]
+
+
+def test_a_batch_decodes_past_the_context_by_refilling_the_cache():
+    model = _model(block_size=16)
+    prompts = [[5, 6], [3, 14, 15, 9, 2, 6, 5, 3, 5]]
+    params = SamplingParams(max_new_tokens=30, temperature=0)
+    generated = _rows(TokenStream(model, prompts, params, eos_id=None, device=CPU))
+    assert [len(tokens) for tokens in generated] == [30, 30]
+    assert generated[1][:7] == _argmax_by_full_forward(model, prompts[1], 7)  # before the first refill
+
+
+def test_each_row_stops_at_its_own_eos():
+    model = _model()
+    prompts = [[3, 14, 15], [2, 7, 1, 8, 2, 8]]
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    free = [_argmax_by_full_forward(model, prompt, 12) for prompt in prompts]
+    eos = free[0][2]
+    stream = TokenStream(model, prompts, params, eos_id=eos, device=CPU)
+    generated = _rows(stream)
+    for row, tokens in enumerate(free):
+        expected = tokens[: tokens.index(eos)] if eos in tokens else tokens
+        assert generated[row] == expected
+        assert stream.finish_reasons[row] == ("stop" if eos in tokens else "length")
+
+
+def test_seeded_batch_sampling_reproduces():
+    model = _model()
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, min_p=0.05, seed=3)
+    prompts = [[1, 2, 3], [4]]
+    first = _rows(TokenStream(model, prompts, params, None, CPU))
+    assert first == _rows(TokenStream(model, prompts, params, None, CPU))
+    assert first != _rows(
+        TokenStream(model, prompts, SamplingParams(**{**params.__dict__, "seed": 4}), None, CPU)
+    )
+
+
+class _PieceTokenizer:
+    """Token i is the string pieces[i]."""
+
+    eos_id = 0
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def decode(self, ids):
+        return "".join(self.pieces[i] for i in ids)
+
+
+def test_stop_string_split_across_tokens_cuts_before_it_and_is_never_streamed():
+    tokenizer = _PieceTokenizer(["", "Hello", " wor", "ld", " E", "ND", " more"])
+    row = TextRow(tokenizer, stop=("END", "xyz"))
+    pieces = [row.add(token) for token in (1, 2, 3, 4)]
+    assert pieces == ["Hello", " wor", "ld", " "]  # "E" is held back: it may begin "END"
+    assert not row.stopped
+    assert row.add(5) == "" and row.stopped
+    assert row.text == "Hello world "
+    assert row.finish() == ""
+
+
+def test_held_back_text_is_released_when_no_stop_follows():
+    tokenizer = _PieceTokenizer(["", "a E", "N", "x", "E"])
+    row = TextRow(tokenizer, stop=("END",))
+    assert [row.add(token) for token in (1, 2, 3, 4)] == ["a ", "", "ENx", ""]
+    assert row.finish() == "E" and row.text == "a ENxE"
+
+
+@pytest.fixture(scope="module")
+def generator(trained_run):
+    return TextGenerator.from_run(trained_run, device="cpu")
+
+
+def test_stop_string_on_a_trained_run_cuts_at_its_first_occurrence(generator):
+    prompt = "대한민국은"
+    ids = generator.tokenizer.encode(prompt)
+    new = _argmax_by_full_forward(generator.model, ids, 16)
+    if generator.tokenizer.eos_id in new:
+        new = new[: new.index(generator.tokenizer.eos_id)]
+    pieces = [generator.tokenizer.decode([token]) for token in new]
+    whole = [bool(piece) and "\ufffd" not in piece for piece in pieces]
+    boundary = next(i for i in range(1, len(new) - 1) if whole[i] and whole[i + 1])
+    stop = pieces[boundary][-1] + pieces[boundary + 1][0]  # spans two tokens
+    full = generator.tokenizer.decode(new)
+    expected = full[: full.index(stop)]
+    params = {"max_new_tokens": 16, "temperature": 0, "stop": [stop]}
+    assert generator.generate(prompt, **params) == expected
+    assert "".join(generator.stream(prompt, **params)) == expected
+    [completion] = generator.complete([prompt], SamplingParams(**params))
+    assert completion.finish_reason == "stop"
+
+
+def test_streaming_yields_the_non_streamed_text_for_a_batch(generator):
+    prompts = ["대한민국은", "국민의 권리와 의무", "제1조"]
+    params = SamplingParams(max_new_tokens=24, temperature=0.9, top_k=40, seed=5, stop=("다.",))
+    streamed = ["", "", ""]
+    for row, piece in generator.stream_batch(prompts, params):
+        streamed[row] += piece
+    assert streamed == [c.text for c in generator.complete(prompts, params)]
+    assert streamed == generator.generate(prompts, **params.__dict__)
+    assert any(streamed)
+
+
+def test_over_long_prompt_is_a_user_error_in_strict_mode(generator):
+    with pytest.raises(UserError, match="more than the context"):
+        generator.encode_prompt("국민의 권리와 의무 " * 40, strict=True)
+
+
+def test_text_generator_is_importable_from_the_package():
+    import sllm
+
+    assert sllm.TextGenerator is TextGenerator
