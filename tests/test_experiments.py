@@ -4,6 +4,10 @@ import json
 
 import pytest
 
+from sllm.report import write_report
+from sllm.train.loop import train
+
+from .conftest import tiny_config
 from .test_cli import sllm
 
 TINY = (
@@ -16,21 +20,20 @@ TINY = (
 def test_queue_runs_lines_in_order_goes_on_after_a_failure_and_skips_finished_runs(tmp_path, prepared_dir):
     queue = tmp_path / "experiments.txt"
     queue.write_text(
-        f"# two runs and a typo\n"
-        f"--data {prepared_dir} --out {tmp_path}/a train.max_steps=10 {TINY}\n"
-        f"--data {prepared_dir} --out {tmp_path}/b train.max_stepz=10 {TINY}  # fails\n"
-        f"\n--data {prepared_dir} --out {tmp_path}/c train.max_steps=10 train.lr=1e-3 {TINY}\n"
+        f"# a typo, then a run\n"
+        f"--data {prepared_dir} --out {tmp_path}/a train.max_stepz=10 {TINY}  # fails\n"
+        f"\n--data {prepared_dir} --out {tmp_path}/b train.max_steps=10 {TINY}\n"
     )
     result = sllm("queue", queue)
     assert result.returncode == 1  # one line failed
     status = json.loads((tmp_path / "experiments.txt.status.json").read_text())
-    assert [(s["line"], s["status"]) for s in status] == [(2, "done"), (3, "failed"), (5, "done")]
-    table = result.stdout.splitlines()[-4:]
-    assert table[0].split()[:2] == ["line", "status"] and "failed" in table[2]
+    assert [(s["line"], s["status"]) for s in status] == [(2, "failed"), (4, "done")]
+    table = result.stdout.splitlines()[-3:]
+    assert table[0].split()[:2] == ["line", "status"] and "failed" in table[1] and "done" in table[2]
 
     again = sllm("queue", queue)
     status = json.loads((tmp_path / "experiments.txt.status.json").read_text())
-    assert [s["status"] for s in status] == ["skipped: finished before", "failed", "skipped: finished before"]
+    assert [s["status"] for s in status] == ["failed", "skipped: finished before"]
     assert again.returncode == 1
 
 
@@ -44,22 +47,16 @@ def test_empty_queue_is_a_user_error(tmp_path):
 def test_report_overlays_runs_and_lists_config_differences(tmp_path, prepared_dir):
     pytest.importorskip("matplotlib")
     for name, lr in (("a", "1e-2"), ("b", "3e-3")):
-        args = [
-            "train",
-            "--data",
-            prepared_dir,
-            "--out",
-            tmp_path / name,
-            "train.max_steps=10",
-            f"train.lr={lr}",
-        ]
-        assert sllm(*args, *TINY.split()).returncode == 0
-    result = sllm("report", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "report")
-    assert result.returncode == 0, result.stderr
-    report = (tmp_path / "report" / "report.md").read_text()
+        cfg = tiny_config(
+            prepared_dir, tmp_path / name, "train.max_steps=10", f"train.lr={lr}", "train.min_lr=0"
+        )
+        train(cfg, log=lambda _: None)
+    report = write_report([tmp_path / "a", tmp_path / "b"], tmp_path / "report").read_text()
     assert "| train.lr | 0.01 | 0.003 |" in report
     assert "| a | 10 |" in report and "| b | 10 |" in report
     for name in ("loss", "val_loss", "lr", "tokens_per_s"):
         png = tmp_path / "report" / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Last samples of b" in report
+    result = sllm("report", tmp_path / "missing")
+    assert result.returncode == 2 and "does not exist" in result.stderr
