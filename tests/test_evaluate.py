@@ -17,14 +17,18 @@ from .conftest import constitution_paragraphs, random_run
 from .test_cli import assert_one_line_error, sllm
 
 
-def _brute_force_nll(model, tokens, context_start):
-    """Score each target p with an explicit context tokens[context_start(p):p], one at a time."""
-    total = 0.0
+def _brute_force_scores(model, tokens, context_start):
+    """Score each target p with an explicit context tokens[context_start(p):p], one at a time:
+    (summed NLL, top-1 hits, top-5 hits)."""
+    total, top1, top5 = 0.0, 0, 0
     for p in range(1, len(tokens)):
         context = torch.tensor(tokens[context_start(p) : p])[None]
         logits = model(context)[0, -1]
         total -= F.log_softmax(logits.double(), dim=-1)[tokens[p]].item()
-    return total
+        ranked = sorted(range(len(logits)), key=lambda t: -logits[t].item())
+        top1 += ranked[0] == tokens[p]
+        top5 += tokens[p] in ranked[:5]
+    return total, top1, top5
 
 
 @pytest.mark.parametrize("stride", [1, 5, 16])
@@ -40,10 +44,12 @@ def test_strided_perplexity_equals_brute_force(stride):
             window_of[target] = span.begin
 
     with torch.no_grad():
-        nll, count = score_tokens(model, tokens, stride, batch_size=4, device=torch.device("cpu"))
-        expected = _brute_force_nll(model, tokens.tolist(), lambda p: window_of[p])
-    assert count == len(tokens) - 1
-    assert nll == pytest.approx(expected, rel=1e-5)
+        scores = score_tokens(model, tokens, stride, batch_size=4, device=torch.device("cpu"))
+        nll, top1, top5 = _brute_force_scores(model, tokens.tolist(), lambda p: window_of[p])
+    assert scores.tokens == len(tokens) - 1
+    assert scores.nll == pytest.approx(nll, rel=1e-5)
+    assert (scores.top1, scores.top5) == (top1, top5)
+    assert 0 < top1 < top5
     if stride == 1:  # every target sees the full preceding block
         assert all(window_of[p] == max(0, p - block) for p in range(1, len(tokens)))
 

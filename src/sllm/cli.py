@@ -111,10 +111,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
             args.run, args.split, args.stride, args.batch_size, args.device, args.checkpoint
         )
     width = max(6, *(len(r.split) for r in results))
-    print(f"{'split':<{width}} {'tokens':>10} {'loss':>8} {'perplexity':>11} {'bits/byte':>10}")
+    header = f"{'tokens':>10} {'loss':>8} {'perplexity':>11} {'bits/byte':>10} {'top-1':>7} {'top-5':>7}"
+    print(f"{'split':<{width}} {header}")
     for r in results:
         numbers = f"{r.tokens:>10,} {r.loss:>8.4f} {r.perplexity:>11.2f} {r.bits_per_byte:>10.4f}"
-        print(f"{r.split:<{width}} {numbers}")
+        accuracy = f"{r.scores.accuracy:>7.1%} {r.scores.top5_accuracy:>7.1%}"
+        print(f"{r.split:<{width}} {numbers} {accuracy}")
 
 
 def _eval_multiple_choice(args: argparse.Namespace) -> None:

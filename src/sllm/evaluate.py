@@ -31,11 +31,51 @@ from sllm.tokenizer import nfc
 
 
 @dataclass
+class TokenScores:
+    """Sums over scored tokens: negative log-likelihood (nats) and top-1 / top-5 hits."""
+
+    nll: float = 0.0
+    tokens: int = 0
+    top1: int = 0
+    top5: int = 0
+
+    def add(self, logits: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor | None = None) -> None:
+        logits, targets = logits.float().flatten(0, 1), targets.flatten()
+        if scored is not None:
+            logits, targets = logits[scored.flatten()], targets[scored.flatten()]
+        self.nll += float(F.cross_entropy(logits, targets, reduction="sum"))
+        ranked = logits.topk(min(5, logits.size(-1)), dim=-1).indices
+        hits = ranked == targets[:, None]
+        self.top1 += int(hits[:, 0].sum())
+        self.top5 += int(hits.any(dim=-1).sum())
+        self.tokens += len(targets)
+
+    @property
+    def loss(self) -> float:
+        return self.nll / self.tokens
+
+    @property
+    def accuracy(self) -> float:
+        return self.top1 / self.tokens
+
+    @property
+    def top5_accuracy(self) -> float:
+        return self.top5 / self.tokens
+
+
+@dataclass
 class EvalResult:
     split: str  # the split's name, or the text file's path
-    tokens: int
-    loss: float
+    scores: TokenScores
     bytes: int
+
+    @property
+    def tokens(self) -> int:
+        return self.scores.tokens
+
+    @property
+    def loss(self) -> float:
+        return self.scores.loss
 
     @property
     def perplexity(self) -> float:
@@ -43,7 +83,7 @@ class EvalResult:
 
     @property
     def bits_per_byte(self) -> float:
-        return self.loss * self.tokens / math.log(2) / self.bytes if self.bytes else float("nan")
+        return self.scores.nll / math.log(2) / self.bytes if self.bytes else float("nan")
 
     def as_dict(self) -> dict[str, float | int | str]:
         return {
@@ -52,6 +92,8 @@ class EvalResult:
             "loss": self.loss,
             "perplexity": self.perplexity,
             "bits_per_byte": self.bits_per_byte,
+            "accuracy": self.scores.accuracy,
+            "top5_accuracy": self.scores.top5_accuracy,
         }
 
 
@@ -63,41 +105,32 @@ def score_tokens(
     batch_size: int,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
-) -> tuple[float, int]:
-    """Summed negative log-likelihood (nats) and the number of scored tokens."""
-    total, count = 0.0, 0
+) -> TokenScores:
+    """Scores of every token after the first, each predicted once (strided windows)."""
+    scores = TokenScores()
     for batch in eval_batches(tokens, model.block_size, stride, batch_size):
-        inputs = batch.inputs.to(device)
         with autocast(device, amp_dtype):
-            logits = model(inputs)
-        losses = F.cross_entropy(
-            logits.float().flatten(0, 1), batch.targets.to(device).flatten(), reduction="none"
-        )
-        scored = batch.scored.to(device).flatten()
-        total += float(losses[scored].sum())
-        count += int(scored.sum())
-    return total, count
+            logits = model(batch.inputs.to(device))
+        scores.add(logits, batch.targets.to(device), batch.scored.to(device))
+    return scores
 
 
 @torch.no_grad()
-def mean_loss(
+def score_windows(
     model: nn.Module,
     inputs: torch.Tensor,
     targets: torch.Tensor,
     batch_size: int,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
-) -> float:
-    """Mean next-token loss over fixed windows (training's periodic validation)."""
-    total, count = 0.0, 0
+) -> TokenScores:
+    """Scores over fixed windows (training's periodic validation)."""
+    scores = TokenScores()
     for first in range(0, len(inputs), batch_size):
-        x = inputs[first : first + batch_size].to(device)
-        y = targets[first : first + batch_size].to(device)
         with autocast(device, amp_dtype):
-            logits = model(x)
-        total += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
-        count += y.numel()
-    return total / count
+            logits = model(inputs[first : first + batch_size].to(device))
+        scores.add(logits, targets[first : first + batch_size].to(device))
+    return scores
 
 
 def default_stride(block_size: int, stride: int) -> int:
@@ -127,7 +160,7 @@ def evaluate_run(
         if meta["splits"][split]["tokens"] < 2:
             continue
         tokens = open_split(cfg.data.dir, split, meta["dtype"])
-        nll, count = score_tokens(
+        scores = score_tokens(
             run.model,
             tokens,
             stride,
@@ -135,7 +168,7 @@ def evaluate_run(
             chosen,
             select_autocast_dtype(chosen),
         )
-        results.append(EvalResult(split, count, nll / count, meta["splits"][split]["bytes"]))
+        results.append(EvalResult(split, scores, meta["splits"][split]["bytes"]))
     if not results:
         raise UserError(f"none of the splits {splits or cfg.eval.splits} has tokens to score")
     return results
@@ -157,15 +190,9 @@ def evaluate_texts(
     results = []
     for name, text in texts.items():
         tokens = np.asarray([run.tokenizer.eos_id, *run.tokenizer.encode(text)], dtype=np.int64)
-        nll, count = score_tokens(
-            run.model,
-            tokens,
-            stride,
-            batch_size or run.config.eval.batch_size,
-            chosen,
-            select_autocast_dtype(chosen),
-        )
-        results.append(EvalResult(name, count, nll / count, len(text.encode("utf-8"))))
+        batch = batch_size or run.config.eval.batch_size
+        scores = score_tokens(run.model, tokens, stride, batch, chosen, select_autocast_dtype(chosen))
+        results.append(EvalResult(name, scores, len(text.encode("utf-8"))))
     return results
 
 

@@ -28,7 +28,7 @@ from sllm.config import Config, TrainConfig, save_config
 from sllm.data.loader import TrainWindows, fixed_windows, open_split
 from sllm.data.prepare import read_meta
 from sllm.errors import UserError
-from sllm.evaluate import mean_loss
+from sllm.evaluate import score_windows
 from sllm.model import build_model, describe
 from sllm.model.stats import gpu_peak_flops, training_flops_per_token
 from sllm.runs import CONFIG_FILE
@@ -257,19 +257,19 @@ class Trainer:
         if self.val_windows is None or not participates:
             return None
         self.model.eval()
-        val_loss = mean_loss(
+        scores = score_windows(
             self.model, *self.val_windows, self.cfg.eval.batch_size, self.device, self.amp_dtype
         )
         self.model.train()
-        self.last_val_loss = val_loss
-        sinks.log(
-            self.step,
-            {
-                "val_loss": val_loss,
-                "val_perplexity": math.exp(val_loss),
-                "tokens": self.tokens_seen,
-            },
-        )
+        val_loss = self.last_val_loss = scores.loss
+        metrics = {
+            "val_loss": val_loss,
+            "val_perplexity": math.exp(val_loss),
+            "val_accuracy": scores.accuracy,
+            "val_top5_accuracy": scores.top5_accuracy,
+            "tokens": self.tokens_seen,
+        }
+        sinks.log(self.step, metrics)
         if val_loss < self.best_val_loss:
             self.best_val_loss = val_loss
             state = self._state()
