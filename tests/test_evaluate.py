@@ -126,3 +126,17 @@ def test_text_eval_refuses_missing_and_non_utf8_files_and_bad_strides(trained_ru
     with pytest.raises(UserError, match="--stride must be between 1 and the context"):
         evaluate_texts(trained_run, [tmp_path / "ko.txt"], stride=-1, device="cpu")
     assert_one_line_error(sllm("eval", "--run", trained_run, "--text", tmp_path / "no.txt"), "not found")
+
+
+def test_python_evaluator_gives_the_cli_numbers(trained_run):
+    from sllm import Evaluator
+
+    from .test_cli import sllm
+
+    result = Evaluator.from_run(trained_run, device="cpu").evaluate(split="val")
+    row = sllm("eval", "--run", trained_run, "--split", "val").stdout.splitlines()[1].split()
+    assert row[0] == "val" and int(row[1].replace(",", "")) == result.tokens
+    assert float(row[2]) == pytest.approx(result.loss, abs=1e-4)
+    assert float(row[4]) == pytest.approx(result.bits_per_byte, abs=1e-4)
+    assert row[5] == f"{result.scores.accuracy:.1%}"
+    assert set(result.as_dict()) >= {"loss", "perplexity", "bits_per_byte", "accuracy", "top5_accuracy"}

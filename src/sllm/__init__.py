@@ -2,8 +2,8 @@
 
 Raw text → own BPE tokenizer → memory-mapped token data → GPT decoder → pre-training →
 evaluation → generation. Each stage is a plain function; `sllm.cli` only parses arguments.
-`from sllm import TextGenerator` works, but loads torch only when that name is first used,
-so `import sllm` (and `sllm --help`) stays instant.
+`from sllm import TextGenerator, Evaluator` works, but loads torch only when a name is first
+used, so `import sllm` (and `sllm --help`) stays instant.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["TextGenerator"]
+__all__ = ["Evaluator", "TextGenerator"]
 
 if TYPE_CHECKING:
+    from sllm.evaluate import Evaluator
     from sllm.infer.engine import TextGenerator
 
 
@@ -22,4 +23,8 @@ def __getattr__(name: str) -> Any:
         from sllm.infer.engine import TextGenerator
 
         return TextGenerator
+    if name == "Evaluator":
+        from sllm.evaluate import Evaluator
+
+        return Evaluator
     raise AttributeError(f"module 'sllm' has no attribute {name!r}")

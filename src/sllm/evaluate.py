@@ -137,6 +137,53 @@ def default_stride(block_size: int, stride: int) -> int:
     return stride or max(1, block_size // 2)
 
 
+class Evaluator:
+    """A run opened once for scoring the splits of its prepared data or any text files:
+    `Evaluator.from_run("runs/x").evaluate(split="val")` gives what `sllm eval` prints."""
+
+    def __init__(self, run: LoadedRun, device: torch.device) -> None:
+        self.run = run
+        self.device = device
+        self.amp_dtype = select_autocast_dtype(device)
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: str = "auto", checkpoint: str = "latest") -> Evaluator:
+        chosen = select_device(device)
+        return cls(open_run(run_dir, chosen, checkpoint), chosen)
+
+    def _score(self, tokens: np.ndarray, stride: int, batch_size: int) -> TokenScores:
+        stride = default_stride(self.run.model.block_size, stride or self.run.config.eval.stride)
+        if not 1 <= stride <= self.run.model.block_size:
+            raise UserError(f"--stride must be between 1 and the context ({self.run.model.block_size})")
+        batch = batch_size or self.run.config.eval.batch_size
+        return score_tokens(self.run.model, tokens, stride, batch, self.device, self.amp_dtype)
+
+    def split_sizes(self) -> dict[str, dict[str, int]]:
+        data_dir = self.run.config.data.dir
+        meta = read_meta(data_dir)
+        if meta["tokenizer_sha256"] != self.run.tokenizer.sha256:
+            raise UserError(
+                f"the data in {data_dir} was prepared with another tokenizer than {self.run.path}"
+            )
+        return meta["splits"]
+
+    def evaluate(self, split: str = "val", stride: int = 0, batch_size: int = 0) -> EvalResult:
+        """Loss, perplexity, bits per byte and accuracy over a whole split of the run's data."""
+        sizes = self.split_sizes()
+        if split not in sizes or sizes[split]["tokens"] < 2:
+            present = [name for name, size in sizes.items() if size["tokens"] >= 2]
+            raise UserError(f"split {split!r} has no tokens to score; the data has {', '.join(present)}")
+        data_dir = self.run.config.data.dir
+        tokens = open_split(data_dir, split, read_meta(data_dir)["dtype"])
+        return EvalResult(split, self._score(tokens, stride, batch_size), sizes[split]["bytes"])
+
+    def evaluate_text(self, text: str, name: str, stride: int = 0, batch_size: int = 0) -> EvalResult:
+        """The same numbers for any text, scored as one document that follows an EOS."""
+        tokenizer = self.run.tokenizer
+        tokens = np.asarray([tokenizer.eos_id, *tokenizer.encode(text)], dtype=np.int64)
+        return EvalResult(name, self._score(tokens, stride, batch_size), len(text.encode("utf-8")))
+
+
 def evaluate_run(
     run_dir: str | Path,
     splits: list[str] | None = None,
@@ -145,33 +192,13 @@ def evaluate_run(
     device: str = "auto",
     checkpoint: str = "latest",
 ) -> list[EvalResult]:
-    """Score each present split of the run's prepared data with its newest checkpoint."""
-    chosen = select_device(device)
-    run = open_run(run_dir, chosen, checkpoint)
-    cfg = run.config
-    meta = read_meta(cfg.data.dir)
-    if meta["tokenizer_sha256"] != run.tokenizer.sha256:
-        raise UserError(f"the data in {cfg.data.dir} was prepared with another tokenizer than {run_dir}")
-    stride = _checked_stride(run, stride)
-    results = []
-    for split in splits or cfg.eval.splits:
-        if split not in meta["splits"]:
-            raise UserError(f"unknown split {split!r}; the data has {', '.join(meta['splits'])}")
-        if meta["splits"][split]["tokens"] < 2:
-            continue
-        tokens = open_split(cfg.data.dir, split, meta["dtype"])
-        scores = score_tokens(
-            run.model,
-            tokens,
-            stride,
-            batch_size or cfg.eval.batch_size,
-            chosen,
-            select_autocast_dtype(chosen),
-        )
-        results.append(EvalResult(split, scores, meta["splits"][split]["bytes"]))
-    if not results:
-        raise UserError(f"none of the splits {splits or cfg.eval.splits} has tokens to score")
-    return results
+    """Score the requested splits (default: `eval.splits` that have tokens)."""
+    evaluator = Evaluator.from_run(run_dir, device, checkpoint)
+    sizes = evaluator.split_sizes()
+    wanted = splits or [s for s in evaluator.run.config.eval.splits if sizes.get(s, {}).get("tokens", 0) >= 2]
+    if not wanted:
+        raise UserError(f"none of the splits {evaluator.run.config.eval.splits} has tokens to score")
+    return [evaluator.evaluate(split, stride, batch_size) for split in wanted]
 
 
 def evaluate_texts(
@@ -184,16 +211,8 @@ def evaluate_texts(
 ) -> list[EvalResult]:
     """Score each UTF-8 text file, tokenized with the run's tokenizer, as one document."""
     texts = {str(path): read_text_file(Path(path)) for path in files}
-    chosen = select_device(device)
-    run = open_run(run_dir, chosen, checkpoint)
-    stride = _checked_stride(run, stride)
-    results = []
-    for name, text in texts.items():
-        tokens = np.asarray([run.tokenizer.eos_id, *run.tokenizer.encode(text)], dtype=np.int64)
-        batch = batch_size or run.config.eval.batch_size
-        scores = score_tokens(run.model, tokens, stride, batch, chosen, select_autocast_dtype(chosen))
-        results.append(EvalResult(name, scores, len(text.encode("utf-8"))))
-    return results
+    evaluator = Evaluator.from_run(run_dir, device, checkpoint)
+    return [evaluator.evaluate_text(text, name, stride, batch_size) for name, text in texts.items()]
 
 
 def read_text_file(path: Path) -> str:
@@ -207,13 +226,6 @@ def read_text_file(path: Path) -> str:
     if not text:
         raise UserError(f"{path} is empty; give a file with text to score")
     return text
-
-
-def _checked_stride(run: LoadedRun, stride: int) -> int:
-    stride = default_stride(run.model.block_size, stride or run.config.eval.stride)
-    if not 1 <= stride <= run.model.block_size:
-        raise UserError(f"--stride must be between 1 and the context ({run.model.block_size})")
-    return stride
 
 
 def unigram_perplexity(train_tokens: np.ndarray, eval_tokens: np.ndarray, vocab_size: int) -> float:
