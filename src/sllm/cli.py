@@ -70,9 +70,14 @@ def cmd_tokenizer_stats(args: argparse.Namespace) -> None:
     from sllm.tokenizer import load_tokenizer
     from sllm.tokenizer_stats import format_stats, measure_inputs
 
-    cfg = _load(args, {"data.text_field": args.text_field, "data.txt_mode": args.txt_mode})
+    shorthands = {
+        "data.inputs": args.input,
+        "data.text_field": args.text_field,
+        "data.txt_mode": args.txt_mode,
+    }
+    cfg = _load(args, shorthands)
     tokenizer = load_tokenizer(args.tokenizer)
-    stats = measure_inputs(tokenizer, expand_inputs(args.input), ReadOptions.from_config(cfg.data))
+    stats = measure_inputs(tokenizer, expand_inputs(cfg.data.inputs), ReadOptions.from_config(cfg.data))
     print(format_stats(stats))
 
 
