@@ -65,6 +65,22 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     print(f"saved {path} ({tokenizer.vocab_size} tokens)")
 
 
+def cmd_tokenizer_stats(args: argparse.Namespace) -> None:
+    from sllm.data.sources import ReadOptions, expand_inputs
+    from sllm.tokenizer import load_tokenizer
+    from sllm.tokenizer_stats import format_stats, measure_inputs
+
+    shorthands = {
+        "data.inputs": args.input,
+        "data.text_field": args.text_field,
+        "data.txt_mode": args.txt_mode,
+    }
+    cfg = _load(args, shorthands)
+    tokenizer = load_tokenizer(args.tokenizer)
+    stats = measure_inputs(tokenizer, expand_inputs(cfg.data.inputs), ReadOptions.from_config(cfg.data))
+    print(format_stats(stats))
+
+
 def cmd_prepare(args: argparse.Namespace) -> None:
     from sllm.data.prepare import prepare
 
@@ -212,7 +228,9 @@ def _add_inspection_commands(commands) -> None:
 
 def _source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", action="append", default=[], help="file, directory or glob (repeatable)")
-    parser.add_argument("--text-field", help="JSONL field holding the text (default: text)")
+    parser.add_argument(
+        "--text-field", help="field or column holding the text, dotted for nested (default: text)"
+    )
     parser.add_argument(
         "--txt-mode",
         choices=["file", "paragraph"],
@@ -326,6 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train.add_argument("--out", required=True, help="directory to write tokenizer.json into")
     _config_args(tok_train)
     tok_train.set_defaults(func=cmd_tokenizer_train)
+    tok_stats = tokenizer_commands.add_parser(
+        "stats", help="tokens per char/byte/word for Korean and English, fallback share, vocab use"
+    )
+    _source_args(tok_stats)
+    tok_stats.add_argument("--tokenizer", required=True, help="tokenizer directory or file")
+    _config_args(tok_stats)
+    tok_stats.set_defaults(func=cmd_tokenizer_stats)
 
     prep = commands.add_parser("prepare", help="tokenize raw text into a prepared data directory")
     _source_args(prep)

@@ -33,8 +33,12 @@ def option(default: Any, help: str) -> Any:
 @dataclass
 class DataConfig:
     dir: str = option("data/default", "prepared data directory (train.bin, val.bin, meta.json)")
-    inputs: list[str] = option([], "raw text files, directories or globs that prepare reads")
-    text_field: str = option("text", "JSONL field that holds the document text")
+    inputs: list[str] = option(
+        [], "raw text files, directories, globs or hf:NAME datasets that prepare reads"
+    )
+    text_field: str = option(
+        "text", "field or column holding the text (JSONL, JSON, CSV/TSV, Parquet, hf:); dotted for nested"
+    )
     txt_mode: Literal["file", "paragraph"] = option(
         "file", "TXT documents: one per file, or one per blank-line-separated paragraph"
     )
@@ -43,6 +47,23 @@ class DataConfig:
     split_seed: int = option(1234, "seed of the document-level train/val/test split")
     on_error: Literal["raise", "skip"] = option(
         "raise", "malformed input lines: stop with an error, or skip and count them"
+    )
+    hf_config: str | None = option(None, "hf: inputs: dataset configuration (subset) name")
+    hf_split: str = option("train", "hf: inputs: dataset split to read")
+    hf_streaming: bool = option(True, "hf: inputs from the hub: stream records instead of downloading all")
+    clean_control_chars: bool = option(True, "remove control and zero-width characters (keeps \\n, \\t)")
+    normalize_whitespace: bool = option(
+        False, "collapse spaces and blank lines, strip line ends; keeps paragraph breaks"
+    )
+    min_chars: int = option(0, "drop documents shorter than this many characters; 0 disables")
+    max_chars: int = option(0, "drop documents longer than this many characters; 0 disables")
+    language: Literal["any", "ko", "en"] = option(
+        "any", "keep only Hangul-heavy (ko) or Latin-heavy (en) documents, by script ratio"
+    )
+    min_script_ratio: float = option(0.5, "language filter: least share of letters in the wanted script")
+    dedup: bool = option(False, "drop exact duplicate documents (keeps 16 bytes per document in memory)")
+    near_dedup_threshold: float = option(
+        0.0, "drop near-duplicates above this MinHash Jaccard estimate (needs datasketch); 0 disables"
     )
 
 
@@ -321,10 +342,24 @@ def validate(cfg: Config) -> None:
         cfg.data.val_ratio + cfg.data.test_ratio >= 1
     ):
         raise UserError("data.val_ratio and data.test_ratio must be in [0, 1) and sum below 1")
+    _validate_cleaning(cfg.data)
     if cfg.tokenizer.kind == "bpe" and cfg.tokenizer.vocab_size < 256 + len(cfg.tokenizer.special_tokens):
         raise UserError("tokenizer.vocab_size must be at least 256 + the number of special tokens")
     s = cfg.sample
     check_sampling(s.temperature, s.top_k, s.top_p, s.repetition_penalty, s.max_new_tokens)
+
+
+def _validate_cleaning(data: DataConfig) -> None:
+    if data.min_chars < 0 or data.max_chars < 0:
+        raise UserError("data.min_chars and data.max_chars must not be negative (0 disables them)")
+    if data.max_chars and data.max_chars < data.min_chars:
+        raise UserError(f"data.max_chars ({data.max_chars}) is below data.min_chars ({data.min_chars})")
+    if not 0 < data.min_script_ratio <= 1:
+        raise UserError(f"data.min_script_ratio must be in (0, 1], got {data.min_script_ratio}")
+    if not 0 <= data.near_dedup_threshold < 1:
+        raise UserError(
+            f"data.near_dedup_threshold must be in [0, 1) (0 disables), got {data.near_dedup_threshold}"
+        )
 
 
 def check_sampling(

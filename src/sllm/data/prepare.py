@@ -1,7 +1,8 @@
 """Raw text → prepared data directory: tokenizer.json, train/val/test .bin files, meta.json.
 
-Documents are split by a seeded draw per document (so a document never straddles splits),
-NFC-normalized, encoded in batches (the tokenizer's Rust threads use every core) and joined
+Documents are cleaned (sllm.data.clean: NFC and the configured rewrites and filters, each
+counted in meta.json), split by a seeded draw per document (so a document never straddles
+splits), encoded in batches (the tokenizer's Rust threads use every core) and joined
 with EOS. Token files are flat uint16 arrays when the vocabulary fits, else uint32.
 
 meta.json keeps a fingerprint of the inputs (content sha256), the tokenizer and the
@@ -26,9 +27,10 @@ import numpy as np
 
 from sllm.atomic import ensure_writable_dir, recover_dir, replace_dir, temp_path
 from sllm.config import DataConfig, TokenizerConfig
-from sllm.data.sources import SourceStats, expand_inputs, read_documents
+from sllm.data.clean import Cleaner, CleanReport
+from sllm.data.sources import HFDataset, Input, ReadOptions, SourceStats, expand_inputs, read_documents
 from sllm.errors import UserError
-from sllm.tokenizer import Tokenizer, load_tokenizer, nfc, train_bpe, train_char
+from sllm.tokenizer import Tokenizer, load_tokenizer, train_bpe, train_char
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -48,21 +50,43 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def train_tokenizer(files: list[Path], data: DataConfig, tok: TokenizerConfig) -> Tokenizer:
-    """Train the configured kind of tokenizer on the documents of `files`."""
+def train_tokenizer(files: list[Input], data: DataConfig, tok: TokenizerConfig) -> Tokenizer:
+    """Train the configured kind of tokenizer on the cleaned documents of `files`."""
     stats = SourceStats()
-    texts = (nfc(t) for t in read_documents(files, data.text_field, data.txt_mode, data.on_error, stats))
+    cleaner = Cleaner(data)
+    texts = cleaner(read_documents(files, ReadOptions.from_config(data), stats))
     if tok.kind == "char":
         tokenizer: Tokenizer = train_char(texts, tok.special_tokens)
     else:
         tokenizer = train_bpe(texts, tok.vocab_size, tok.special_tokens, tok.min_frequency)
-    if stats.documents == 0:
-        raise UserError("the corpus has no non-empty documents; check the input files")
+    _require_kept_documents(stats, cleaner.report)
     return tokenizer
 
 
+def _require_kept_documents(stats: SourceStats, report: CleanReport) -> None:
+    if stats.documents == 0:
+        raise UserError("the corpus has no non-empty documents; check the input files")
+    if report.kept == 0:
+        reasons = ", ".join(f"{n:,} {reason.replace('_', ' ')}" for reason, n in report.dropped.items())
+        raise UserError(
+            f"cleaning dropped all {stats.documents:,} documents ({reasons}); "
+            "loosen data.min_chars, data.max_chars or data.language"
+        )
+
+
+def _input_fingerprint(source: Input) -> dict[str, Any]:
+    """Content hash of a file, or of every file of a local `hf:` dataset dir; a hub name as is."""
+    if isinstance(source, HFDataset):
+        local = Path(source.name)
+        if not local.is_dir():
+            return {"path": str(source)}
+        files = sorted(p for p in local.rglob("*") if p.is_file())
+        return {"path": str(source), "files": [_input_fingerprint(p) for p in files]}
+    return {"path": str(source), "bytes": source.stat().st_size, "sha256": file_sha256(source)}
+
+
 def _fingerprint(
-    files: list[Path], data: DataConfig, tok: TokenizerConfig, given: Tokenizer | None
+    files: list[Input], data: DataConfig, tok: TokenizerConfig, given: Tokenizer | None
 ) -> dict[str, Any]:
     """What the output depends on: input contents, the tokenizer (or its recipe), settings."""
     tokenizer_key: dict[str, Any]
@@ -71,7 +95,7 @@ def _fingerprint(
     else:
         tokenizer_key = {"train": {k: v for k, v in dataclasses.asdict(tok).items() if k != "path"}}
     settings = {k: v for k, v in dataclasses.asdict(data).items() if k not in ("dir", "inputs")}
-    inputs = [{"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files]
+    inputs = [_input_fingerprint(source) for source in files]
     return {
         "format_version": FORMAT_VERSION,
         "inputs": inputs,
@@ -106,7 +130,7 @@ def _write_splits(
     try:
         batch: list[str] = []
         for text in documents:
-            batch.append(nfc(text))
+            batch.append(text)
             if len(batch) == ENCODE_BATCH_DOCS:
                 _flush(batch, rng, tokenizer, data, dtype, handles, counts)
                 batch = []
@@ -168,8 +192,10 @@ def prepare(data: DataConfig, tok: TokenizerConfig, log=print) -> dict[str, Any]
     try:
         tokenizer.save(tmp)
         stats = SourceStats()
-        documents = read_documents(files, data.text_field, data.txt_mode, data.on_error, stats)
+        cleaner = Cleaner(data)
+        documents = cleaner(read_documents(files, ReadOptions.from_config(data), stats))
         counts = _write_splits(documents, tokenizer, data, tmp)
+        _require_kept_documents(stats, cleaner.report)
         _check_splits(counts, data)
         meta = {
             "format_version": FORMAT_VERSION,
@@ -183,6 +209,7 @@ def prepare(data: DataConfig, tok: TokenizerConfig, log=print) -> dict[str, Any]
                 "malformed_lines": stats.malformed_lines,
                 "invalid_utf8_lines": stats.invalid_utf8_lines,
             },
+            "cleaning": cleaner.report.as_dict(),
             "fingerprint": fingerprint,
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), "utf-8")
@@ -204,5 +231,13 @@ def summary(meta: dict[str, Any], seconds: float) -> str:
             )
     skipped = {k: v for k, v in meta["skipped"].items() if v}
     if skipped:
-        lines.append("  skipped: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in skipped.items()))
+        lines.append("  skipped: " + _counts_line(skipped))
+    cleaning = meta.get("cleaning", {})
+    for label in ("dropped", "changed"):
+        if cleaning.get(label):
+            lines.append(f"  {label + ':':<8} {_counts_line(cleaning[label])}")
     return "\n".join(lines)
+
+
+def _counts_line(counts: dict[str, int]) -> str:
+    return ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in counts.items())

@@ -1,25 +1,79 @@
-"""Documents from raw text files: TXT and JSONL, plain or gzip-compressed; files, dirs, globs.
+"""Documents from raw files and Hugging Face datasets, one record at a time.
 
-Files are streamed line by line in binary so memory stays bounded and so a bad byte or a
-malformed line can be reported with its file, line and byte offset. With `on_error="skip"`
-malformed JSON lines are skipped and invalid UTF-8 is replaced; both are counted.
+Formats: TXT, JSONL, JSON (an array of objects), CSV/TSV (a named column) and Parquet (a named
+column), each optionally `.gz` or `.zst` compressed (except Parquet, which compresses inside);
+a file, a directory or a glob; and `hf:<name>` inputs read through the `datasets` library.
+The text field may be a dotted path into nested records (`meta.text`).
+
+Memory stays bounded by one record: TXT/JSONL/CSV stream line by line (in binary, so a bad
+byte or a malformed line is reported with its file, line and byte offset); a JSON array is
+parsed element by element from 1 MiB chunks, so its memory is bounded by the largest element;
+Parquet is read in record batches. `pyarrow`, `zstandard` and `datasets` are optional and
+imported only when a file needs them. With `on_error="skip"` malformed records are skipped
+and invalid UTF-8 is replaced; both are counted.
 """
 
 from __future__ import annotations
 
+import codecs
+import csv
 import glob
 import gzip
+import io
 import json
-from collections.abc import Iterator
+import re
+import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from sllm.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
-KNOWN_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES
+JSON_SUFFIXES = (".json",)
+CSV_SUFFIXES = (".csv",)
+TSV_SUFFIXES = (".tsv", ".tab")
+PARQUET_SUFFIXES = (".parquet",)
+KNOWN_SUFFIXES = (
+    TEXT_SUFFIXES + JSONL_SUFFIXES + JSON_SUFFIXES + CSV_SUFFIXES + TSV_SUFFIXES + PARQUET_SUFFIXES
+)
+COMPRESSED_SUFFIXES = (".gz", ".zst")
+HF_PREFIX = "hf:"
+JSON_CHUNK_BYTES = 1 << 20
+MAX_JSON_RECORD_CHARS = 256 << 20
+PARQUET_BATCH_ROWS = 1024
+CSV_FIELD_LIMIT = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class HFDataset:
+    """An `hf:<name>` input: a hub name, a local dataset dir, or a `save_to_disk` dir."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return HF_PREFIX + self.name
+
+
+Input = Path | HFDataset
+
+
+@dataclass
+class ReadOptions:
+    """How to turn records into documents; mirrors the matching `data.*` config keys."""
+
+    text_field: str = "text"
+    txt_mode: str = "file"
+    on_error: str = "raise"
+    hf_config: str | None = None
+    hf_split: str = "train"
+    hf_streaming: bool = True
+
+    @classmethod
+    def from_config(cls, data: Any) -> ReadOptions:
+        return cls(**{name: getattr(data, name) for name in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -34,38 +88,69 @@ class SourceStats:
 
 
 def _base_suffix(path: Path) -> str:
-    return Path(path.name[:-3]).suffix.lower() if path.name.endswith(".gz") else path.suffix.lower()
+    name = path.name.lower()
+    for compression in COMPRESSED_SUFFIXES:
+        if name.endswith(compression):
+            return Path(name[: -len(compression)]).suffix
+    return path.suffix.lower()
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files, directories (searched recursively for known suffixes) and globs, in stable order."""
+def expand_inputs(inputs: list[str]) -> list[Input]:
+    """Files, directories (searched recursively for known suffixes), globs and `hf:` names."""
     if not inputs:
         raise UserError("no input files given; pass --input FILE (or set data.inputs)")
-    files: list[Path] = []
+    found: list[Input] = []
     for item in inputs:
         path = Path(item)
-        if path.is_file():
-            files.append(path)
+        if item.startswith(HF_PREFIX):
+            found.append(HFDataset(item[len(HF_PREFIX) :]))
+        elif path.is_file():
+            found.append(path)
         elif path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and _base_suffix(p) in KNOWN_SUFFIXES)
-            if not found:
-                raise UserError(f"directory {path} holds no .txt or .jsonl files")
-            files.extend(found)
+            files = sorted(p for p in path.rglob("*") if p.is_file() and _base_suffix(p) in KNOWN_SUFFIXES)
+            if not files:
+                raise UserError(f"directory {path} holds no {', '.join(KNOWN_SUFFIXES)} files")
+            found.extend(files)
         elif any(ch in item for ch in "*?["):
             matched = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
             if not matched:
                 raise UserError(f"no file matches {item!r}; check the pattern")
-            files.extend(matched)
+            found.extend(matched)
         else:
-            raise UserError(f"input file {item} not found; check the path")
-    return files
+            raise UserError(f"input file {item} not found; check the path (or write hf:NAME for a dataset)")
+    return found
+
+
+def _require(module: str, purpose: str) -> Any:
+    """Import an optional dependency, or say how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = module.split(".")[0]
+        raise UserError(f"{purpose} needs the `{package}` package; pip install 'sllm[data]'") from None
 
 
 def _open_binary(path: Path) -> BinaryIO:
     try:
-        return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+        if path.name.endswith(".gz"):
+            return gzip.open(path, "rb")  # type: ignore[return-value]
+        if path.name.endswith(".zst"):
+            zstandard = _require("zstandard", f"reading {path}")
+            reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)  # noqa: SIM115
+            return io.BufferedReader(reader)
+        return open(path, "rb")
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean a damaged or unreadable (possibly compressed) file."""
+    errors: tuple[type[BaseException], ...] = (OSError, EOFError)
+    if "zstandard" in sys.modules:
+        errors += (sys.modules["zstandard"].ZstdError,)
+    return errors
 
 
 def _lines(path: Path, on_error: str, stats: SourceStats) -> Iterator[tuple[int, str]]:
@@ -88,16 +173,66 @@ def _lines(path: Path, on_error: str, stats: SourceStats) -> Iterator[tuple[int,
                     line = raw.decode("utf-8", errors="replace")
                 offset += len(raw)
                 yield number, line
-        except (OSError, EOFError) as exc:
+        except _read_errors() as exc:
             raise UserError(f"cannot read {path}: {exc}") from None
 
 
-def _txt_documents(path: Path, mode: str, on_error: str, stats: SourceStats) -> Iterator[str]:
-    if mode == "file":
-        yield "".join(line for _, line in _lines(path, on_error, stats))
+def _text_chunks(path: Path, on_error: str) -> Iterator[str]:
+    """The decoded text of a file in chunks of about JSON_CHUNK_BYTES."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace" if on_error == "skip" else "strict")
+    offset = 0
+    with _open_binary(path) as handle:
+        try:
+            while chunk := handle.read(JSON_CHUNK_BYTES):
+                if b"\x00" in chunk:
+                    raise UserError(f"{path} looks like a binary file (NUL byte near byte {offset})")
+                try:
+                    yield decoder.decode(chunk)
+                except UnicodeDecodeError as exc:
+                    raise UserError(
+                        f"{path}: invalid UTF-8 near byte {offset + exc.start}; "
+                        "convert the file to UTF-8 or set data.on_error=skip to replace bad bytes"
+                    ) from None
+                offset += len(chunk)
+            yield decoder.decode(b"", final=True)
+        except _read_errors() as exc:
+            raise UserError(f"cannot read {path}: {exc}") from None
+
+
+def _field_value(record: Any, text_field: str) -> tuple[Any, str | None]:
+    """The value at `text_field` (a key, else a dotted path), or a problem description."""
+    if not isinstance(record, dict):
+        return None, "the record is not a JSON object"
+    if text_field in record:
+        return record[text_field], None
+    value: Any = record
+    for depth, key in enumerate(text_field.split(".")):
+        if not isinstance(value, dict) or key not in value:
+            level = value if isinstance(value, dict) else {}
+            where = "" if depth == 0 else f" under {'.'.join(text_field.split('.')[:depth])!r}"
+            fields = ", ".join(level) or "none"
+            return None, f"no string field {text_field!r} (fields{where}: {fields}); set --text-field"
+        value = value[key]
+    return value, None
+
+
+def _record_text(record: Any, text_field: str) -> tuple[str | None, str | None]:
+    value, problem = _field_value(record, text_field)
+    if problem is not None:
+        return None, problem
+    if value is None:
+        return "", None
+    if not isinstance(value, str):
+        return None, f"field {text_field!r} holds a {type(value).__name__}, not a string"
+    return value, None
+
+
+def _txt_documents(path: Path, options: ReadOptions, stats: SourceStats) -> Iterator[str]:
+    if options.txt_mode == "file":
+        yield "".join(line for _, line in _lines(path, options.on_error, stats))
         return
     block: list[str] = []
-    for _, line in _lines(path, on_error, stats):
+    for _, line in _lines(path, options.on_error, stats):
         if line.strip():
             block.append(line)
         elif block:
@@ -107,40 +242,193 @@ def _txt_documents(path: Path, mode: str, on_error: str, stats: SourceStats) -> 
         yield "".join(block).rstrip("\r\n")
 
 
-def _jsonl_documents(path: Path, text_field: str, on_error: str, stats: SourceStats) -> Iterator[str]:
-    for number, line in _lines(path, on_error, stats):
-        if not line.strip():
-            continue
-        problem = None
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problem = f"malformed JSON ({exc.msg})"
-        else:
-            if not isinstance(record, dict):
-                problem = "the line is not a JSON object"
-            elif not isinstance(record.get(text_field), str):
-                fields = ", ".join(record) or "none"
-                problem = f"no string field {text_field!r} (fields: {fields}); set --text-field"
-        if problem is None:
-            yield record[text_field]
-        elif on_error == "skip":
+def _texts_of_records(
+    path: Path, records: Iterable[tuple[str, Any]], options: ReadOptions, stats: SourceStats
+) -> Iterator[str]:
+    """Text of each (location, record); bad records stop with an error or are skipped."""
+    for where, record in records:
+        text, problem = _record_text(record, options.text_field)
+        if text is not None:
+            yield text
+        elif options.on_error == "skip":
             stats.malformed_lines += 1
         else:
-            raise UserError(f"{path}:{number}: {problem}; fix the line or set data.on_error=skip")
+            raise UserError(f"{path}:{where}: {problem}; fix the record or set data.on_error=skip")
 
 
-def read_documents(
-    files: list[Path], text_field: str, txt_mode: str, on_error: str, stats: SourceStats
-) -> Iterator[str]:
-    """Every non-empty document of every file, in order. Counts go into `stats`."""
-    for path in files:
-        stats.files.append(str(path))
-        if _base_suffix(path) in JSONL_SUFFIXES:
-            documents = _jsonl_documents(path, text_field, on_error, stats)
-        else:
-            documents = _txt_documents(path, txt_mode, on_error, stats)
-        for text in documents:
+def _jsonl_records(path: Path, options: ReadOptions, stats: SourceStats) -> Iterator[tuple[str, Any]]:
+    for number, line in _lines(path, options.on_error, stats):
+        if not line.strip():
+            continue
+        try:
+            yield str(number), json.loads(line)
+        except json.JSONDecodeError as exc:
+            if options.on_error != "skip":
+                raise UserError(
+                    f"{path}:{number}: malformed JSON ({exc.msg}); fix the line or set data.on_error=skip"
+                ) from None
+            stats.malformed_lines += 1
+
+
+_JSON_SPACE = re.compile(r"[ \t\r\n]*")
+
+
+def _json_array_items(path: Path, options: ReadOptions) -> Iterator[tuple[str, Any]]:
+    """Elements of a top-level JSON array, decoded one at a time as chunks arrive."""
+    decoder = json.JSONDecoder()
+    buffer, pos, count = "", 0, 0
+    state = "start"  # start → value-or-end → separator → value → ... → end
+    for chunk in _text_chunks(path, options.on_error):
+        buffer, pos = buffer[pos:] + chunk, 0
+        while (pos := _JSON_SPACE.match(buffer, pos).end()) < len(buffer):  # type: ignore[union-attr]
+            char = buffer[pos]
+            if state == "start" and char == "[":
+                state, pos = "value-or-end", pos + 1
+            elif state in ("value-or-end", "separator") and char == "]":
+                state, pos = "end", pos + 1
+            elif state == "separator" and char == ",":
+                state, pos = "value", pos + 1
+            elif state in ("value-or-end", "value"):
+                try:
+                    value, pos = decoder.raw_decode(buffer, pos)
+                except json.JSONDecodeError:
+                    if len(buffer) - pos > MAX_JSON_RECORD_CHARS:
+                        _json_problem(path, buffer, pos, count)
+                    break  # the element continues in the next chunk
+                count += 1
+                state = "separator"
+                yield f"record {count}", value
+            else:
+                _json_problem(path, buffer, pos, count, state)
+    if (pos := _JSON_SPACE.match(buffer, pos).end()) < len(buffer) or state != "end":  # type: ignore[union-attr]
+        _json_problem(path, buffer, pos, count, state)
+
+
+def _json_problem(path: Path, buffer: str, pos: int, count: int, state: str = "value") -> None:
+    if state == "start":
+        raise UserError(f"{path} is not a JSON array of objects; use .jsonl for one object per line")
+    if state == "end":
+        raise UserError(f"{path}: unexpected text after the closing ] of the JSON array; fix the file")
+    reason = "expected , or ] between records"
+    if pos < len(buffer) and state != "separator":
+        try:
+            json.JSONDecoder().raw_decode(buffer, pos)
+        except json.JSONDecodeError as exc:
+            reason, pos = exc.msg, exc.pos
+    if pos >= len(buffer):
+        raise UserError(f"{path}: the JSON array ends early (after record {count}); the file is truncated")
+    raise UserError(f"{path}: malformed JSON after record {count} ({reason}); fix the file")
+
+
+def _csv_records(path: Path, options: ReadOptions, stats: SourceStats) -> Iterator[tuple[str, Any]]:
+    """Rows as dicts keyed by the header; TSV has no quoting (quotes are ordinary characters)."""
+    csv.field_size_limit(CSV_FIELD_LIMIT)  # long documents in one cell are normal here
+    lines = (line for _, line in _lines(path, options.on_error, stats))
+    if _base_suffix(path) in TSV_SUFFIXES:
+        reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
+    else:
+        reader = csv.reader(lines)
+    header = next(reader, None)
+    if header is None:
+        return
+    if options.text_field.split(".")[0] not in header and options.text_field not in header:
+        raise UserError(
+            f"{path} has no column {options.text_field!r} (columns: {', '.join(header)}); set --text-field"
+        )
+    try:
+        for row in reader:
+            yield f"line {reader.line_num}", dict(zip(header, row, strict=False))
+    except csv.Error as exc:
+        raise UserError(f"{path}: malformed CSV near line {reader.line_num} ({exc}); fix the file") from None
+
+
+def _parquet_records(path: Path, options: ReadOptions) -> Iterator[tuple[str, Any]]:
+    """Rows of the text column (only that column is read), one record batch at a time."""
+    if path.name.endswith(COMPRESSED_SUFFIXES):
+        raise UserError(f"{path}: Parquet compresses inside the file; decompress it to a .parquet file")
+    parquet = _require("pyarrow.parquet", f"reading {path}")
+    try:
+        reader = parquet.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...: all mean "not readable"
+        raise UserError(f"cannot read {path} as Parquet: {str(exc).splitlines()[0]}") from None
+    columns = reader.schema_arrow.names
+    column = options.text_field if options.text_field in columns else options.text_field.split(".")[0]
+    if column not in columns:
+        raise UserError(
+            f"{path} has no column {options.text_field!r} (columns: {', '.join(columns)}); set --text-field"
+        )
+    row = 0
+    for batch in reader.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[column]):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            yield f"row {row}", {column: value}
+
+
+def _hf_dataset(source: HFDataset, options: ReadOptions) -> Any:
+    """Load a saved dataset dir with `load_from_disk`, anything else with `load_dataset`."""
+    datasets = _require("datasets", f"reading {source}")
+    local = Path(source.name)
+    try:
+        if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
+            dataset = datasets.load_from_disk(str(local))
+            if isinstance(dataset, datasets.DatasetDict):
+                if options.hf_split not in dataset:
+                    splits = ", ".join(dataset)
+                    raise UserError(
+                        f"{source} has no split {options.hf_split!r} (splits: {splits}); set data.hf_split"
+                    )
+                dataset = dataset[options.hf_split]
+            return dataset
+        return datasets.load_dataset(
+            source.name, options.hf_config, split=options.hf_split, streaming=options.hf_streaming
+        )
+    except UserError:
+        raise
+    except Exception as exc:  # hub, network and format errors of many kinds: all mean "cannot load"
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(
+            f"cannot load dataset {source}: {reason}; check the name, data.hf_config and data.hf_split "
+            "(offline, only cached or saved datasets load)"
+        ) from None
+
+
+def _hf_records(source: HFDataset, options: ReadOptions) -> Iterator[tuple[str, Any]]:
+    dataset = _hf_dataset(source, options)
+    columns = dataset.column_names
+    column = options.text_field if options.text_field in (columns or []) else options.text_field.split(".")[0]
+    if columns is not None:
+        if column not in columns:
+            raise UserError(
+                f"{source} has no column {options.text_field!r} (columns: {', '.join(columns)}); "
+                "set --text-field"
+            )
+        dataset = dataset.select_columns([column])
+    for row, record in enumerate(dataset, start=1):
+        yield f"row {row}", record
+
+
+def _documents_of(source: Input, options: ReadOptions, stats: SourceStats) -> Iterator[str]:
+    if isinstance(source, HFDataset):
+        return _texts_of_records(Path(str(source)), _hf_records(source, options), options, stats)
+    suffix = _base_suffix(source)
+    if suffix in JSONL_SUFFIXES:
+        records = _jsonl_records(source, options, stats)
+    elif suffix in JSON_SUFFIXES:
+        records = _json_array_items(source, options)
+    elif suffix in CSV_SUFFIXES + TSV_SUFFIXES:
+        records = _csv_records(source, options, stats)
+    elif suffix in PARQUET_SUFFIXES:
+        records = _parquet_records(source, options)
+    else:
+        return _txt_documents(source, options, stats)
+    return _texts_of_records(source, records, options, stats)
+
+
+def read_documents(sources: list[Input], options: ReadOptions, stats: SourceStats) -> Iterator[str]:
+    """Every non-empty document of every source, in order. Counts go into `stats`."""
+    for source in sources:
+        stats.files.append(str(source))
+        for text in _documents_of(source, options, stats):
             if text.strip():
                 stats.documents += 1
                 yield text

@@ -1,0 +1,168 @@
+"""Document cleaning between reading and tokenizing: small steps, each switchable and counted.
+
+Rewriting steps run first (NFC, always; control and zero-width characters; whitespace), then
+filters that drop a document for one reason each (length, language, exact duplicate, near
+duplicate). Dedup sees the rewritten text, so copies that differ only in invisible characters
+or spacing count as duplicates; the first copy is kept.
+
+Decisions: zero-width joiner/non-joiner stay (they form emoji sequences and shape scripts);
+ZWSP, word joiner, BOM and soft hyphen go. The language filter compares letter counts by
+script (Hangul vs Latin) — no model to download, and mixed Korean text with English words
+still passes a 0.5 ratio. Exact dedup keeps a 16-byte digest per kept document, near dedup
+(MinHash LSH over character 5-grams through `datasketch`) an index entry per document: both
+grow with the corpus, which is why they are off by default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from sllm.errors import UserError
+from sllm.tokenizer import nfc
+
+ZERO_WIDTH = "\u200b\u2060\ufeff\u00ad\u180e"
+_CONTROL_TABLE = {
+    code: None for code in [*range(0x00, 0x20), *range(0x7F, 0xA0)] if chr(code) not in "\n\t"
+} | {ord(char): None for char in ZERO_WIDTH}
+_HORIZONTAL_SPACE = re.compile(r"[^\S\n]+")
+_LINE_EDGE_SPACE = re.compile(r" ?\n ?")
+_BLANK_LINES = re.compile(r"\n{3,}")
+_LETTERS = re.compile(r"[^\W\d_]+")
+SCRIPTS = {
+    "ko": re.compile(r"[\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7a3\ud7b0-\ud7ff]+"),
+    "en": re.compile(r"[A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f]+"),
+}
+SHINGLE_CHARS = 5
+MINHASH_PERMUTATIONS = 64
+
+
+def remove_control_chars(text: str) -> str:
+    """Drop C0/C1 control and zero-width characters; CR and CRLF become LF, tabs stay."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").translate(_CONTROL_TABLE)
+
+
+def normalize_whitespace(text: str) -> str:
+    """One space for each run of spaces/tabs, no spaces at line ends, at most one blank line."""
+    text = _HORIZONTAL_SPACE.sub(" ", text)
+    text = _LINE_EDGE_SPACE.sub("\n", text)
+    return _BLANK_LINES.sub("\n\n", text).strip()
+
+
+def _count_matching(pattern: re.Pattern[str], text: str) -> int:
+    return len(text) - len(pattern.sub("", text))
+
+
+def script_ratio(text: str, script: str) -> float:
+    """Share of the letters of `text` written in `script` ("ko": Hangul, "en": Latin); 0 without letters."""
+    letters = _count_matching(_LETTERS, text)
+    return _count_matching(SCRIPTS[script], text) / letters if letters else 0.0
+
+
+def dominant_script(text: str, min_ratio: float = 0.5) -> str | None:
+    """ "ko" or "en" when that script holds at least `min_ratio` of the letters, else None."""
+    return next((script for script in SCRIPTS if script_ratio(text, script) >= min_ratio), None)
+
+
+class ExactDedup:
+    """Keeps a document the first time its exact text is seen."""
+
+    def __init__(self) -> None:
+        self.seen: set[bytes] = set()
+
+    def __call__(self, text: str) -> bool:
+        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+        if digest in self.seen:
+            return False
+        self.seen.add(digest)
+        return True
+
+
+class NearDedup:
+    """Keeps a document unless an earlier one has an estimated Jaccard similarity ≥ threshold."""
+
+    def __init__(self, threshold: float) -> None:
+        try:
+            from datasketch import MinHash, MinHashLSH
+        except ImportError:
+            raise UserError(
+                "data.near_dedup_threshold needs the `datasketch` package; pip install 'sllm[data]'"
+            ) from None
+        self._minhash = MinHash
+        self.index = MinHashLSH(threshold=threshold, num_perm=MINHASH_PERMUTATIONS)
+        self.count = 0
+
+    def __call__(self, text: str) -> bool:
+        compact = " ".join(text.split())
+        last = max(len(compact) - SHINGLE_CHARS, 0)
+        shingles = {compact[i : i + SHINGLE_CHARS].encode("utf-8") for i in range(last + 1)}
+        signature = self._minhash(num_perm=MINHASH_PERMUTATIONS)
+        signature.update_batch(list(shingles))
+        if self.index.query(signature):
+            return False
+        self.count += 1
+        self.index.insert(str(self.count), signature)
+        return True
+
+
+@dataclass
+class CleanReport:
+    """Documents kept, rewritten per step and dropped per reason."""
+
+    kept: int = 0
+    changed: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[str] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kept": self.kept, "changed": dict(self.changed), "dropped": dict(self.dropped)}
+
+
+class Cleaner:
+    """The configured steps of `data` (a DataConfig); call it on an iterable of documents."""
+
+    def __init__(self, data: Any) -> None:
+        self.report = CleanReport()
+        self.rewrites: list[tuple[str, Callable[[str], str]]] = [("nfc", nfc)]
+        if data.clean_control_chars:
+            self.rewrites.append(("control_chars", remove_control_chars))
+        if data.normalize_whitespace:
+            self.rewrites.append(("whitespace", normalize_whitespace))
+        self.filters: list[tuple[str, Callable[[str], bool]]] = []
+        if data.min_chars:
+            self.filters.append(("too_short", lambda text: len(text) >= data.min_chars))
+        if data.max_chars:
+            self.filters.append(("too_long", lambda text: len(text) <= data.max_chars))
+        if data.language != "any":
+            wanted, ratio = data.language, data.min_script_ratio
+            self.filters.append(("wrong_language", lambda text: script_ratio(text, wanted) >= ratio))
+        if data.dedup:
+            self.filters.append(("duplicate", ExactDedup()))
+        if data.near_dedup_threshold:
+            self.filters.append(("near_duplicate", NearDedup(data.near_dedup_threshold)))
+
+    def clean(self, text: str) -> str | None:
+        """The cleaned document, or None when a filter drops it (the reason is counted)."""
+        for step, rewrite in self.rewrites:
+            cleaned = rewrite(text)
+            if cleaned != text:
+                self.report.changed[step] += 1
+                text = cleaned
+        if not text.strip():
+            self.report.dropped["empty_after_cleaning"] += 1
+            return None
+        for reason, keep in self.filters:
+            if not keep(text):
+                self.report.dropped[reason] += 1
+                return None
+        self.report.kept += 1
+        return text
+
+    def __call__(self, documents: Iterable[str]) -> Iterator[str]:
+        for text in documents:
+            cleaned = self.clean(text)
+            if cleaned is not None:
+                yield cleaned

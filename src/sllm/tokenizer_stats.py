@@ -1,0 +1,126 @@
+"""Tokenizer quality on real text: compression and coverage, Korean and English apart.
+
+Every line of every document is classified by script (`dominant_script`: Hangul or Latin
+letters at least half of its letters); lines that are mixed or have no letters count only in
+the total. Lines are encoded one by one, so the numbers do not depend on how files are cut
+into documents.
+
+A fallback token is one that does not stand for whole characters: for byte-level BPE a token
+whose bytes are not valid UTF-8 alone (a piece of a multi-byte character the merges did not
+cover, e.g. a rare Hangul syllable spelled as three byte tokens); for the char kind `<|unk|>`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sllm.data.clean import dominant_script
+from sllm.data.sources import Input, ReadOptions, SourceStats, read_documents
+from sllm.errors import UserError
+from sllm.tokenizer import CharTokenizer, Tokenizer, nfc
+
+GROUPS = ("ko", "en", "other", "all")
+ENCODE_BATCH_LINES = 2048
+
+
+@dataclass
+class GroupStats:
+    """Totals of one script group."""
+
+    lines: int = 0
+    chars: int = 0
+    bytes: int = 0
+    words: int = 0
+    tokens: int = 0
+    fallback_tokens: int = 0
+
+    def add(self, line: str, ids: list[int], fallback: np.ndarray) -> None:
+        self.lines += 1
+        self.chars += len(line)
+        self.bytes += len(line.encode("utf-8"))
+        self.words += len(line.split())
+        self.tokens += len(ids)
+        self.fallback_tokens += int(fallback[ids].sum()) if ids else 0
+
+    def per(self, unit: str) -> float:
+        return self.tokens / max(getattr(self, unit), 1)
+
+
+@dataclass
+class TokenizerStats:
+    vocab_size: int
+    groups: dict[str, GroupStats] = field(default_factory=lambda: {g: GroupStats() for g in GROUPS})
+    seen: np.ndarray | None = None
+
+    @property
+    def vocab_used(self) -> int:
+        return int(self.seen.sum()) if self.seen is not None else 0
+
+
+def fallback_table(tokenizer: Tokenizer) -> np.ndarray:
+    """True for each token id that does not stand for whole characters (see the module doc)."""
+    table = np.zeros(tokenizer.vocab_size, dtype=bool)
+    if isinstance(tokenizer, CharTokenizer):
+        table[tokenizer.unk_id] = True
+        return table
+    for token_id in range(tokenizer.vocab_size):
+        table[token_id] = "\ufffd" in tokenizer.decode([token_id])
+    return table
+
+
+def _lines(documents: Iterable[str]) -> Iterator[str]:
+    for document in documents:
+        for line in nfc(document).splitlines():
+            if line.strip():
+                yield line
+
+
+def _batches(lines: Iterator[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for line in lines:
+        batch.append(line)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def measure(tokenizer: Tokenizer, documents: Iterable[str]) -> TokenizerStats:
+    """Token counts per character, byte and word by script, fallback share and vocabulary use."""
+    stats = TokenizerStats(tokenizer.vocab_size, seen=np.zeros(tokenizer.vocab_size, dtype=bool))
+    fallback = fallback_table(tokenizer)
+    for batch in _batches(_lines(documents), ENCODE_BATCH_LINES):
+        for line, ids in zip(batch, tokenizer.encode_batch(batch), strict=True):
+            group = dominant_script(line) or "other"
+            stats.groups[group].add(line, ids, fallback)
+            stats.groups["all"].add(line, ids, fallback)
+            stats.seen[ids] = True
+    if stats.groups["all"].lines == 0:
+        raise UserError("the input holds no text to measure; check --input and --text-field")
+    return stats
+
+
+def measure_inputs(tokenizer: Tokenizer, sources: list[Input], options: ReadOptions) -> TokenizerStats:
+    return measure(tokenizer, read_documents(sources, options, SourceStats()))
+
+
+def format_stats(stats: TokenizerStats) -> str:
+    header = (
+        f"{'script':<6} {'lines':>9} {'chars':>12} {'tokens':>11} "
+        f"{'tok/char':>8} {'tok/byte':>8} {'tok/word':>8} {'fallback':>8}"
+    )
+    rows = [header]
+    for name, group in stats.groups.items():
+        if group.lines:
+            rows.append(
+                f"{name:<6} {group.lines:>9,} {group.chars:>12,} {group.tokens:>11,} "
+                f"{group.per('chars'):>8.3f} {group.per('bytes'):>8.3f} {group.per('words'):>8.3f} "
+                f"{group.fallback_tokens / max(group.tokens, 1):>8.2%}"
+            )
+    share = stats.vocab_used / stats.vocab_size
+    rows.append(f"vocabulary use: {stats.vocab_used:,} of {stats.vocab_size:,} tokens seen ({share:.1%})")
+    return "\n".join(rows)
