@@ -136,6 +136,54 @@ def _source_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def cmd_finetune_sts(args: argparse.Namespace) -> None:
+    from sllm.finetune.sts import finetune_sts, sts_config
+
+    cfg = sts_config(args.overrides)
+    best = finetune_sts(args.run, args.train, args.dev, args.out, cfg)
+    print(
+        f"best dev spearman {best.dev.spearman:.2f}, pearson {best.dev.pearson:.2f} "
+        f"(epoch {best.epoch}); saved to {args.out}"
+    )
+
+
+def cmd_eval_sts(args: argparse.Namespace) -> None:
+    from sllm.finetune.sts import evaluate_sts
+
+    if not args.data:
+        raise UserError("`sllm eval sts` needs --data FILE (a KorSTS .tsv or KLUE-STS .json file)")
+    scores, summary = evaluate_sts(args.run, args.data, args.device)
+    print(summary)
+    print(f"{'n':>6} {'spearman':>9} {'pearson':>8}  (x100)")
+    print(f"{scores.n:>6} {scores.spearman:>9.2f} {scores.pearson:>8.2f}")
+
+
+def _add_finetune_commands(commands: argparse._SubParsersAction) -> None:
+    """`sllm finetune sts`, and `sllm eval sts` beside the plain `sllm eval --run DIR`."""
+    finetune = commands.add_parser("finetune", help="fine-tune a pre-trained run on a task")
+    tasks = finetune.add_subparsers(dest="finetune_command", metavar="task", parser_class=_Parser)
+    tasks.required = True
+    sts = tasks.add_parser("sts", help="sentence similarity regression (KorSTS, KLUE-STS); Spearman on dev")
+    sts.add_argument("--run", required=True, help="pre-trained run directory (the backbone)")
+    sts.add_argument("--train", required=True, help="training pairs: KorSTS .tsv or KLUE-STS .json")
+    sts.add_argument("--dev", required=True, help="dev pairs, scored each epoch; the best epoch is kept")
+    sts.add_argument("--out", required=True, help="run directory to create")
+    sts.add_argument("overrides", nargs="*", metavar="sts.key=value", help="settings, e.g. sts.freeze=true")
+    sts.set_defaults(func=cmd_finetune_sts)
+
+    evaluate = commands.choices["eval"]
+    evaluate.add_argument("task", nargs="?", choices=["sts"], help="`sts`: score an STS run on --data")
+    evaluate.add_argument("--data", help="sts: KorSTS .tsv or KLUE-STS .json file to score")
+    run_eval = evaluate.get_default("func")
+
+    def dispatch(args: argparse.Namespace) -> None:
+        if args.task != "sts" and args.data:
+            raise UserError("--data belongs to `sllm eval sts --run DIR --data FILE`; add `sts`")
+        (cmd_eval_sts if args.task == "sts" else run_eval)(args)
+
+    evaluate.set_defaults(func=dispatch)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sllm", description="Build a small GPT-style language model from scratch.")
     commands = parser.add_subparsers(dest="command", metavar="command", parser_class=_Parser)
@@ -198,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--checkpoint", choices=["latest", "best"], default="latest")
     gen.add_argument("--device", default="auto")
     gen.set_defaults(func=cmd_generate)
+    _add_finetune_commands(commands)
     return parser
 
 
