@@ -179,7 +179,7 @@ def synthetic_pairs(count: int, seed: int, vocab_size: int = 1000) -> EncodedPai
         first.append(sentence)
         second.append(other)
         scores.append(5.0 * (1 - replaced / length))
-    return EncodedPairs(first, second, torch.tensor(scores))
+    return EncodedPairs(first, second, torch.tensor(scores), pad_id=0)
 
 
 def test_head_learns_a_synthetic_similarity_task():
@@ -188,8 +188,8 @@ def test_head_learns_a_synthetic_similarity_task():
     model = build_sts_model(BagOfTokens(1000, 128), cfg)
     backbone_before = model.backbone.wte.weight.clone()
     train, dev = synthetic_pairs(800, seed=1), synthetic_pairs(200, seed=2)
-    untrained = score(model, dev, pad_id=0, device=torch.device("cpu"))
-    results = fit(model, train, dev, cfg, pad_id=0, device=torch.device("cpu"))
+    untrained = score(model, dev, device=torch.device("cpu"))
+    results = fit(model, train, dev, cfg, device=torch.device("cpu"))
     assert results[-1].dev.spearman > 90 > untrained.spearman
     assert results[-1].train_mse < results[0].train_mse
     assert torch.equal(model.backbone.wte.weight, backbone_before)  # frozen means frozen
@@ -201,7 +201,8 @@ def test_finetuning_trains_the_backbone_at_its_own_learning_rate(trained_run):
     model = build_sts_model(base.model, cfg)
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     data = synthetic_pairs(32, seed=3, vocab_size=base.tokenizer.vocab_size)
-    fit(model, data, data, cfg, base.tokenizer.pad_id, torch.device("cpu"))
+    data.pad_id = base.tokenizer.pad_id
+    fit(model, data, data, cfg, torch.device("cpu"))
     changed = [k for k, v in model.backbone.state_dict().items() if not torch.equal(v, before[k])]
     assert "wte.weight" in changed and "blocks.0.attn.qkv.weight" in changed
 
@@ -232,12 +233,14 @@ def write_sts_tsv(path: Path, count: int, seed: int) -> Path:
     return path
 
 
-def test_finetune_then_eval_sts_through_the_cli(tmp_path, trained_run):
+@pytest.mark.parametrize("freeze", ["true", "false"])
+def test_finetune_then_eval_sts_through_the_cli(tmp_path, trained_run, freeze):
     train = write_sts_tsv(tmp_path / "train.tsv", 60, seed=1)
     dev = write_sts_tsv(tmp_path / "dev.tsv", 30, seed=2)
     out = tmp_path / "sts"
     result = sllm("finetune", "sts", "--run", trained_run, "--train", train, "--dev", dev, "--out", out,
-                  "sts.epochs=2", "sts.batch_size=16", "sts.max_length=32", "sts.device=cpu")  # fmt: skip
+                  "sts.epochs=2", "sts.batch_size=16", "sts.max_length=32", "sts.device=cpu",
+                  f"sts.freeze={freeze}")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "best dev spearman" in result.stdout
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -6,8 +6,10 @@ them; the padding is only kept out of the mean (a masked mean of the final-norm 
 states). The head sees `[u, v, |u − v|, u * v]` (the SBERT features) and outputs
 5·sigmoid(·), so every prediction lies in [0, 5]; the loss is MSE against the gold score.
 
-`sts.freeze=true` trains the head alone (the backbone stays in eval mode, no dropout);
-otherwise the backbone trains too, at its own lower `sts.backbone_lr`. Both follow a linear
+`sts.freeze=true` trains the head alone: the backbone (in eval mode, no dropout) pools
+every sentence once, and the epochs run on those cached vectors, which makes a frozen run
+about as cheap as one pass over the data. Otherwise the backbone trains too, at its own
+lower `sts.backbone_lr`. Both follow a linear
 warmup then linear decay to zero; gradients are clipped to norm 1. Training runs in fp32:
 these models are small, and it spares a gradient scaler.
 
@@ -36,7 +38,7 @@ from sllm.errors import UserError
 from sllm.finetune.metrics import StsScores, sts_scores
 from sllm.finetune.sts_data import MAX_SCORE, StsPair, load_sts
 from sllm.model import build_model
-from sllm.runs import open_run, read_run_config
+from sllm.runs import LoadedRun, open_run, read_run_config
 from sllm.runtime import select_device
 from sllm.tokenizer import Tokenizer, load_tokenizer
 from sllm.train.checkpoint import BEST, CHECKPOINTS, load_checkpoint, write_checkpoint
@@ -128,10 +130,12 @@ class StsModel(nn.Module):
             self.backbone.eval()
         return self
 
+    def embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return masked_mean(self.backbone.hidden_states(ids), mask)
+
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """`ids` holds the first sentences then the second ones (2B rows); returns B scores."""
-        pooled = masked_mean(self.backbone.hidden_states(ids), mask)
-        u, v = pooled.chunk(2)
+        u, v = self.embed(ids, mask).chunk(2)
         return self.head(u, v)
 
 
@@ -147,12 +151,39 @@ def build_sts_model(backbone: nn.Module, cfg: StsConfig) -> StsModel:
 
 @dataclass
 class EncodedPairs:
+    """Token ids of both sentences; batches are (ids, mask, gold) for `StsModel`."""
+
     first: list[list[int]]
     second: list[list[int]]
+    scores: torch.Tensor
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def batches(self, order: list[int], batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        """The first sentences stacked over the second ones, right-padded, with the gold scores."""
+        for start in range(0, len(order), batch_size):
+            chosen = order[start : start + batch_size]
+            sentences = [self.first[i] for i in chosen] + [self.second[i] for i in chosen]
+            yield *pad_batch(sentences, self.pad_id), self.scores[chosen]
+
+
+@dataclass
+class PooledPairs:
+    """Sentence vectors of a frozen backbone; batches are (u, v, gold) for `SimilarityHead`."""
+
+    first: torch.Tensor
+    second: torch.Tensor
     scores: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.first)
+
+    def batches(self, order: list[int], batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        for start in range(0, len(order), batch_size):
+            chosen = order[start : start + batch_size]
+            yield self.first[chosen], self.second[chosen], self.scores[chosen]
 
 
 def encode_pairs(tokenizer: Tokenizer, pairs: list[StsPair], max_length: int) -> EncodedPairs:
@@ -165,6 +196,7 @@ def encode_pairs(tokenizer: Tokenizer, pairs: list[StsPair], max_length: int) ->
         encode([p.sentence1 for p in pairs]),
         encode([p.sentence2 for p in pairs]),
         torch.tensor([p.score for p in pairs], dtype=torch.float32),
+        tokenizer.pad_id,
     )
 
 
@@ -179,14 +211,15 @@ def pad_batch(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return ids, mask
 
 
-def pair_batches(
-    data: EncodedPairs, order: list[int], batch_size: int, pad_id: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(ids, mask, gold scores) batches in `order`; ids stack first sentences over second ones."""
-    for start in range(0, len(order), batch_size):
-        chosen = order[start : start + batch_size]
-        sentences = [data.first[i] for i in chosen] + [data.second[i] for i in chosen]
-        yield *pad_batch(sentences, pad_id), data.scores[chosen]
+@torch.no_grad()
+def pool_pairs(
+    model: StsModel, data: EncodedPairs, device: torch.device, batch_size: int = 64
+) -> PooledPairs:
+    """Both sentences of every pair through the backbone once, in eval mode."""
+    model.eval()
+    pooled = [model.embed(ids.to(device), mask.to(device)).cpu().chunk(2) for ids, mask, _ in
+              data.batches(list(range(len(data))), batch_size)]  # fmt: skip
+    return PooledPairs(torch.cat([u for u, _ in pooled]), torch.cat([v for _, v in pooled]), data.scores)
 
 
 # ---- training -------------------------------------------------------------------------
@@ -195,7 +228,7 @@ def pair_batches(
 def build_optimizer(model: StsModel, cfg: StsConfig) -> torch.optim.AdamW:
     """Head and backbone in separate groups (own learning rates); no decay on biases and norms."""
     groups = []
-    parts = [(model.head, cfg.lr)] + ([] if cfg.freeze else [(model.backbone, cfg.backbone_lr)])
+    parts = [(model.head, cfg.lr)] + ([] if model.freeze else [(model.backbone, cfg.backbone_lr)])
     for module, lr in parts:
         params = [p for p in module.parameters() if p.requires_grad]
         groups.append(
@@ -216,19 +249,20 @@ def warmup_linear_decay(total_steps: int, warmup_ratio: float) -> Callable[[int]
     return factor
 
 
+Pairs = EncodedPairs | PooledPairs
+
+
 @torch.no_grad()
-def predict(
-    model: StsModel, data: EncodedPairs, pad_id: int, device: torch.device, batch_size: int = 64
-) -> torch.Tensor:
-    model.eval()
+def predict(scorer: nn.Module, data: Pairs, device: torch.device, batch_size: int = 64) -> torch.Tensor:
+    """Scores of every pair: `scorer` is the `StsModel` for token ids, its head for pooled pairs."""
+    scorer.eval()
     order = list(range(len(data)))
-    outputs = [model(ids.to(device), mask.to(device)).cpu() for ids, mask, _ in
-               pair_batches(data, order, batch_size, pad_id)]  # fmt: skip
+    outputs = [scorer(a.to(device), b.to(device)).cpu() for a, b, _ in data.batches(order, batch_size)]
     return torch.cat(outputs)
 
 
-def score(model: StsModel, data: EncodedPairs, pad_id: int, device: torch.device) -> StsScores:
-    return sts_scores(predict(model, data, pad_id, device).tolist(), data.scores.tolist())
+def score(scorer: nn.Module, data: Pairs, device: torch.device) -> StsScores:
+    return sts_scores(predict(scorer, data, device).tolist(), data.scores.tolist())
 
 
 @dataclass
@@ -244,11 +278,25 @@ def fit(
     train: EncodedPairs,
     dev: EncodedPairs,
     cfg: StsConfig,
-    pad_id: int,
     device: torch.device,
     on_epoch: Callable[[EpochResult], None] = lambda _: None,
 ) -> list[EpochResult]:
     """Train for `cfg.epochs`, scoring `dev` after each epoch; returns every epoch's result."""
+    if model.freeze:
+        pooled_train, pooled_dev = pool_pairs(model, train, device), pool_pairs(model, dev, device)
+        return _train_epochs(model, model.head, pooled_train, pooled_dev, cfg, device, on_epoch)
+    return _train_epochs(model, model, train, dev, cfg, device, on_epoch)
+
+
+def _train_epochs(
+    model: StsModel,
+    scorer: nn.Module,
+    train: Pairs,
+    dev: Pairs,
+    cfg: StsConfig,
+    device: torch.device,
+    on_epoch: Callable[[EpochResult], None],
+) -> list[EpochResult]:
     optimizer = build_optimizer(model, cfg)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -260,8 +308,8 @@ def fit(
         model.train()
         order = torch.randperm(len(train), generator=generator).tolist()
         total_loss = 0.0
-        for ids, mask, gold in pair_batches(train, order, cfg.batch_size, pad_id):
-            loss = F.mse_loss(model(ids.to(device), mask.to(device)), gold.to(device))
+        for a, b, gold in train.batches(order, cfg.batch_size):
+            loss = F.mse_loss(scorer(a.to(device), b.to(device)), gold.to(device))
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
             optimizer.step()
@@ -269,7 +317,7 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             total_loss += loss.item() * len(gold)
             step += 1
-        result = EpochResult(epoch, step, total_loss / len(train), score(model, dev, pad_id, device))
+        result = EpochResult(epoch, step, total_loss / len(train), score(scorer, dev, device))
         results.append(result)
         on_epoch(result)
     return results
@@ -283,7 +331,7 @@ def _refuse_finished(out_dir: Path) -> None:
         raise UserError(f"{out_dir} already holds a fine-tuned model; choose a new --out")
 
 
-def _write_run_files(out_dir: Path, base, cfg: StsConfig, files: dict[str, str]) -> None:
+def _write_run_files(out_dir: Path, base: LoadedRun, cfg: StsConfig, files: dict[str, str]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(base.config, out_dir / "config.yaml")
     base.tokenizer.save(out_dir)
@@ -340,7 +388,7 @@ def finetune_sts(
         )
 
     try:
-        fit(model, train, dev, cfg, tokenizer.pad_id, device, on_epoch)
+        fit(model, train, dev, cfg, device, on_epoch)
     finally:
         sinks.close()
     assert best is not None
@@ -375,4 +423,4 @@ def evaluate_sts(run_dir: str | Path, data_path: str | Path, device: str = "auto
     chosen = select_device(device)
     run = open_sts_run(run_dir, chosen)
     encoded = encode_pairs(run.tokenizer, data.pairs, run.config.max_length)
-    return score(run.model, encoded, run.tokenizer.pad_id, chosen), data.summary()
+    return score(run.model, encoded, chosen), data.summary()
