@@ -147,6 +147,14 @@ def cmd_finetune_sts(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_finetune_sft(args: argparse.Namespace) -> None:
+    from sllm.finetune.sft import finetune_sft, sft_config
+
+    result = finetune_sft(args.run, args.data, args.out, sft_config(args.overrides))
+    held_out = "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"
+    print(f"step {result.step}: held-out loss {held_out}; saved to {args.out}")
+
+
 def cmd_eval_sts(args: argparse.Namespace) -> None:
     from sllm.finetune.sts import evaluate_sts
 
@@ -159,7 +167,7 @@ def cmd_eval_sts(args: argparse.Namespace) -> None:
 
 
 def _add_finetune_commands(commands: argparse._SubParsersAction) -> None:
-    """`sllm finetune sts`, and `sllm eval sts` beside the plain `sllm eval --run DIR`."""
+    """`sllm finetune sts|sft`, and `sllm eval sts` beside the plain `sllm eval --run DIR`."""
     finetune = commands.add_parser("finetune", help="fine-tune a pre-trained run on a task")
     tasks = finetune.add_subparsers(dest="finetune_command", metavar="task", parser_class=_Parser)
     tasks.required = True
@@ -170,6 +178,12 @@ def _add_finetune_commands(commands: argparse._SubParsersAction) -> None:
     sts.add_argument("--out", required=True, help="run directory to create")
     sts.add_argument("overrides", nargs="*", metavar="sts.key=value", help="settings, e.g. sts.freeze=true")
     sts.set_defaults(func=cmd_finetune_sts)
+    sft = tasks.add_parser("sft", help="instruction tuning on Alpaca JSON/JSONL, chat JSONL or Q/A CSV")
+    sft.add_argument("--run", required=True, help="pre-trained run directory")
+    sft.add_argument("--data", required=True, help="instruction data: .json, .jsonl or .csv")
+    sft.add_argument("--out", required=True, help="run directory to create")
+    sft.add_argument("overrides", nargs="*", metavar="sft.key=value", help="settings, e.g. sft.epochs=3")
+    sft.set_defaults(func=cmd_finetune_sft)
 
     evaluate = commands.choices["eval"]
     evaluate.add_argument("task", nargs="?", choices=["sts"], help="`sts`: score an STS run on --data")

@@ -36,6 +36,7 @@ from torch import nn
 from sllm.config import build_dataclass, option, parse_override, save_config
 from sllm.errors import UserError
 from sllm.finetune.metrics import StsScores, sts_scores
+from sllm.finetune.schedule import warmup_linear_decay
 from sllm.finetune.sts_data import MAX_SCORE, StsPair, load_sts
 from sllm.model import build_model
 from sllm.runs import LoadedRun, open_run, read_run_config
@@ -236,17 +237,6 @@ def build_optimizer(model: StsModel, cfg: StsConfig) -> torch.optim.AdamW:
         )
         groups.append({"params": [p for p in params if p.dim() < 2], "lr": lr, "weight_decay": 0.0})
     return torch.optim.AdamW(groups)
-
-
-def warmup_linear_decay(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
-    warmup = max(1, round(total_steps * warmup_ratio))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return factor
 
 
 Pairs = EncodedPairs | PooledPairs

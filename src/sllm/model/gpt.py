@@ -10,6 +10,9 @@ named pieces (`POSITIONS`) rather than branching inside `forward`.
 - Init follows GPT-2: N(0, 0.02), with the residual projections scaled by 1/sqrt(2·n_layer)
   so the residual stream's variance does not grow with depth.
 - The KV cache is preallocated for the whole context; decoding writes one slot per step.
+- Packed sequences (several documents in one row, as in SFT) pass `document_ids`: each
+  token attends only to earlier tokens of its own document, and positions restart at 0 at
+  each document start, so a packed document computes exactly what it would alone.
 """
 
 from __future__ import annotations
@@ -82,7 +85,9 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         batch, length, width = x.shape
         q, k, v = self.qkv(x).split(width, dim=2)
         q, k, v = (t.view(batch, length, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
@@ -90,14 +95,28 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.store(self.layer, k, v)
+        if mask is None and past and length > 1:
+            mask = _prefix_causal_mask(length, past, x.device)
         y = F.scaled_dot_product_attention(
             q, k, v,
-            attn_mask=_prefix_causal_mask(length, past, x.device) if past and length > 1 else None,
-            is_causal=past == 0 and length > 1,
+            attn_mask=mask,
+            is_causal=mask is None and past == 0 and length > 1,
             dropout_p=self.dropout if self.training else 0.0,
         )  # fmt: skip
         y = y.transpose(1, 2).contiguous().view(batch, length, width)
         return self.resid_dropout(self.proj(y))
+
+
+def document_attention(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions restarting at each document, and the causal same-document mask (B, 1, T, T)."""
+    length = document_ids.size(1)
+    index = torch.arange(length, device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    positions = index - torch.where(starts, index, 0).cummax(dim=1).values
+    same_document = document_ids[:, :, None] == document_ids[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
+    return positions, (same_document & causal).unsqueeze(1)
 
 
 def _prefix_causal_mask(length: int, past: int, device: torch.device) -> torch.Tensor:
@@ -126,8 +145,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cache)
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cache, mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -160,19 +181,29 @@ class GPT(nn.Module):
         head_dim = self.cfg.n_embd // self.cfg.n_head
         return KVCache(self.cfg.n_layer, batch, self.cfg.n_head, self.block_size, head_dim, device, dtype)
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final-norm hidden states (B, T, n_embd); with a cache, idx continues the cached text."""
+    def hidden_states(
+        self, idx: torch.Tensor, cache: KVCache | None = None, document_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final-norm hidden states (B, T, n_embd); with a cache, idx continues the cached text.
+
+        `document_ids` (B, T) marks packed documents, which then cannot see each other.
+        """
         past = cache.length if cache is not None else 0
         if past + idx.size(1) > self.block_size:
             raise ValueError(f"sequence of {past + idx.size(1)} tokens exceeds the context {self.block_size}")
+        mask = None
         positions = torch.arange(past, past + idx.size(1), device=idx.device)
+        if document_ids is not None:
+            positions, mask = document_attention(document_ids)
         x = self.drop(self.wte(idx) + self.wpe(positions))
         for block in self.blocks:
-            x = block(x, cache)
+            x = block(x, cache, mask)
         if cache is not None:
             cache.length += idx.size(1)
         return self.norm_f(x)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, cache: KVCache | None = None, document_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Next-token logits (B, T, vocab)."""
-        return F.linear(self.hidden_states(idx, cache), self.wte.weight)
+        return F.linear(self.hidden_states(idx, cache, document_ids), self.wte.weight)
