@@ -108,5 +108,7 @@ def test_finetune_sft_through_the_cli_makes_a_usable_run(tmp_path, trained_run):
     run = open_run(out, torch.device("cpu"))
     assert run.tokenizer.token_id(ROLE_TOKENS["assistant"]) is not None
     assert run.model.wte.weight.shape[0] == run.tokenizer.vocab_size
+    samples = sorted((out / "samples").glob("*.md"))
+    assert len(samples) == 2 and "대한민국의 수도는?" in samples[-1].read_text(encoding="utf-8")
     assert_one_line_error(sllm("finetune", "sft", "--run", trained_run, "--data", data, "--out", out),
                           "already holds checkpoints")  # fmt: skip

@@ -8,7 +8,8 @@ cross-entropy averaged over the weighted (assistant) targets only.
 
 The output is an ordinary run directory — config.yaml (with the grown vocabulary),
 tokenizer.json, `checkpoints/step-N` + LATEST after each epoch, `best/` by held-out loss,
-metrics.jsonl — so `sllm generate` and `sllm eval` open it like any run.
+metrics.jsonl — so `sllm generate` and `sllm eval` open it like any run. After each epoch
+the fixed `sft.prompts` are answered greedily (until `<|end|>`) into `samples/`.
 """
 
 from __future__ import annotations
@@ -27,14 +28,24 @@ from torch import nn
 
 from sllm.config import build_dataclass, option, parse_override, save_config
 from sllm.errors import UserError
-from sllm.finetune.chat_template import grow_embeddings, render, with_template_tokens
+from sllm.finetune.chat_template import (
+    END_TOKEN,
+    grow_embeddings,
+    render,
+    render_prompt,
+    with_template_tokens,
+)
 from sllm.finetune.packing import PackedRows, pack
 from sllm.finetune.schedule import warmup_linear_decay
-from sllm.finetune.sft_data import load_sft
+from sllm.finetune.sft_data import Message, load_sft
+from sllm.infer.engine import stream_tokens
+from sllm.infer.sampling import SamplingParams
 from sllm.runs import CONFIG_FILE, open_run
 from sllm.runtime import select_device
+from sllm.tokenizer import Tokenizer
 from sllm.train.checkpoint import load_latest, save_best, save_checkpoint
 from sllm.train.monitor import MetricSinks
+from sllm.train.samples import write_samples
 
 SECTION = "sft"
 GRAD_CLIP = 1.0
@@ -52,6 +63,10 @@ class SftConfig:
     seed: int = option(1234, "seed of the split, the shuffling and dropout")
     checkpoint: Literal["latest", "best"] = option("latest", "checkpoint of the base run to start from")
     device: Literal["auto", "cpu", "cuda", "mps"] = option("auto", "where to train")
+    prompts: list[str] = option(
+        ["대한민국의 수도는?", "오늘 기분이 어때?"], "questions answered after each epoch"
+    )
+    max_new_tokens: int = option(48, "longest answer to those questions (greedy decoding)")
 
 
 def sft_config(overrides: list[str]) -> SftConfig:
@@ -65,8 +80,16 @@ def sft_config(overrides: list[str]) -> SftConfig:
     for key in ("epochs", "batch_size", "lr"):
         if getattr(cfg, key) <= 0:
             raise UserError(f"config key {SECTION}.{key} must be positive, got {getattr(cfg, key)}")
-    if not 0 <= cfg.val_ratio < 1 or not 0 <= cfg.warmup_ratio < 1 or cfg.block_size < 0:
-        raise UserError(f"{SECTION}.val_ratio and {SECTION}.warmup_ratio must be in [0, 1), block_size >= 0")
+    if (
+        not 0 <= cfg.val_ratio < 1
+        or not 0 <= cfg.warmup_ratio < 1
+        or cfg.block_size < 0
+        or cfg.max_new_tokens < 0
+    ):
+        raise UserError(
+            f"{SECTION}.val_ratio and {SECTION}.warmup_ratio must be in [0, 1), "
+            f"{SECTION}.block_size and {SECTION}.max_new_tokens >= 0"
+        )
     return cfg
 
 
@@ -81,6 +104,20 @@ def _batch_loss(model: nn.Module, rows: PackedRows, chosen: list[int], device: t
         t[chosen].to(device) for t in (rows.inputs, rows.targets, rows.weights, rows.documents)
     )
     return masked_loss(model(inputs, document_ids=documents), targets, weights)
+
+
+def answer_prompts(
+    model: nn.Module, tokenizer: Tokenizer, cfg: SftConfig, device: torch.device
+) -> list[tuple[str, str]]:
+    """(question, greedy answer) for each of `cfg.prompts`, rendered with the chat template."""
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
+    model.eval()
+    answers = []
+    for prompt in cfg.prompts:
+        ids = render_prompt(tokenizer, [Message("user", prompt)])[-(model.block_size - 1) :]
+        new = stream_tokens(model, ids, params, tokenizer.token_id(END_TOKEN), device)
+        answers.append((prompt, tokenizer.decode(list(new))))
+    return answers
 
 
 @torch.no_grad()
@@ -141,7 +178,7 @@ def finetune_sft(
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, out_dir / CONFIG_FILE)
     tokenizer.save(out_dir)
-    return _train(base.model, train_rows, val_rows, cfg, device, out_dir, tokenizer.sha256, log)
+    return _train(base.model, train_rows, val_rows, cfg, device, out_dir, tokenizer, log)
 
 
 def _train(
@@ -151,7 +188,7 @@ def _train(
     cfg: SftConfig,
     device: torch.device,
     out_dir: Path,
-    tokenizer_sha256: str,
+    tokenizer: Tokenizer,
     log: Callable,
 ) -> SftResult:
     torch.manual_seed(cfg.seed)
@@ -187,12 +224,14 @@ def _train(
             val_loss = validation_loss(model, val_rows, cfg.batch_size, device) if len(val_rows) else None
             sinks.log(step, {"epoch": epoch, "loss": loss.item(), "val_loss": val_loss})
             meta = {"step": step, "tokens_seen": tokens_seen, "val_loss": val_loss,
-                    "model_config": asdict(model.cfg), "tokenizer_sha256": tokenizer_sha256}  # fmt: skip
+                    "model_config": asdict(model.cfg), "tokenizer_sha256": tokenizer.sha256}  # fmt: skip
             state = {"epoch": epoch, "step": step}
             save_checkpoint(out_dir, model.state_dict(), state, meta, keep_last=1)
             if val_loss is not None and val_loss < best:
                 best = val_loss
                 save_best(out_dir, model.state_dict(), state, meta)
+            if cfg.prompts:
+                write_samples(out_dir, step, answer_prompts(model, tokenizer, cfg, device))
             shown = "n/a" if val_loss is None else f"{val_loss:.4f}"
             log(f"epoch {epoch}/{cfg.epochs}: train loss {loss.item():.4f}, held-out loss {shown}")
     finally:
