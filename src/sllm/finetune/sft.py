@@ -106,6 +106,7 @@ def _batch_loss(model: nn.Module, rows: PackedRows, chosen: list[int], device: t
     return masked_loss(model(inputs, document_ids=documents), targets, weights)
 
 
+@torch.no_grad()
 def answer_prompts(
     model: nn.Module, tokenizer: Tokenizer, cfg: SftConfig, device: torch.device
 ) -> list[tuple[str, str]]:

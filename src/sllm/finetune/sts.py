@@ -39,7 +39,7 @@ from sllm.finetune.metrics import StsScores, sts_scores
 from sllm.finetune.schedule import warmup_linear_decay
 from sllm.finetune.sts_data import MAX_SCORE, StsPair, load_sts
 from sllm.model import build_model
-from sllm.runs import LoadedRun, open_run, read_run_config
+from sllm.runs import CONFIG_FILE, LoadedRun, open_run, read_run_config
 from sllm.runtime import select_device
 from sllm.tokenizer import Tokenizer, load_tokenizer
 from sllm.train.checkpoint import BEST, CHECKPOINTS, load_checkpoint, write_checkpoint
@@ -323,7 +323,7 @@ def _refuse_finished(out_dir: Path) -> None:
 
 def _write_run_files(out_dir: Path, base: LoadedRun, cfg: StsConfig, files: dict[str, str]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(base.config, out_dir / "config.yaml")
+    save_config(base.config, out_dir / CONFIG_FILE)
     base.tokenizer.save(out_dir)
     payload = {SECTION: asdict(cfg), "base_run": str(base.path), **files}
     (out_dir / STS_CONFIG_FILE).write_text(
