@@ -20,6 +20,7 @@ from sllm.finetune.metrics import sts_scores
 from sllm.finetune.sts import (
     EncodedPairs,
     StsConfig,
+    build_optimizer,
     build_sts_model,
     fit,
     masked_mean,
@@ -205,6 +206,12 @@ def test_finetuning_trains_the_backbone_at_its_own_learning_rate(trained_run):
     fit(model, data, data, cfg, torch.device("cpu"))
     changed = [k for k, v in model.backbone.state_dict().items() if not torch.equal(v, before[k])]
     assert "wte.weight" in changed and "blocks.0.attn.qkv.weight" in changed
+    groups = build_optimizer(model, cfg).param_groups
+    head_ids = {id(p) for p in model.head.parameters()}
+    for group in groups:
+        expected = 1e-3 if all(id(p) in head_ids for p in group["params"]) else 1e-5
+        assert group["lr"] == expected
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
 def test_sts_overrides_are_checked():
