@@ -319,6 +319,68 @@ def _add_inference_commands(commands: argparse._SubParsersAction) -> None:
     bench_gen.set_defaults(func=cmd_bench_generate)
 
 
+def cmd_finetune_sts(args: argparse.Namespace) -> None:
+    from sllm.finetune.sts import finetune_sts, sts_config
+
+    cfg = sts_config(args.overrides)
+    best = finetune_sts(args.run, args.train, args.dev, args.out, cfg)
+    print(
+        f"best dev spearman {best.dev.spearman:.2f}, pearson {best.dev.pearson:.2f} "
+        f"(epoch {best.epoch}); saved to {args.out}"
+    )
+
+
+def cmd_finetune_sft(args: argparse.Namespace) -> None:
+    from sllm.finetune.sft import finetune_sft, sft_config
+
+    result = finetune_sft(args.run, args.data, args.out, sft_config(args.overrides))
+    held_out = "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"
+    print(f"step {result.step}: held-out loss {held_out}; saved to {args.out}")
+
+
+def cmd_eval_sts(args: argparse.Namespace) -> None:
+    from sllm.finetune.sts import evaluate_sts
+
+    if not args.data:
+        raise UserError("`sllm eval sts` needs --data FILE (a KorSTS .tsv or KLUE-STS .json file)")
+    scores, summary = evaluate_sts(args.run, args.data, args.device)
+    print(summary)
+    print(f"{'n':>6} {'spearman':>9} {'pearson':>8}  (x100)")
+    print(f"{scores.n:>6} {scores.spearman:>9.2f} {scores.pearson:>8.2f}")
+
+
+def _add_finetune_commands(commands: argparse._SubParsersAction) -> None:
+    """`sllm finetune sts|sft`, and `sllm eval sts` beside the plain `sllm eval --run DIR`."""
+    finetune = commands.add_parser("finetune", help="fine-tune a pre-trained run on a task")
+    tasks = finetune.add_subparsers(dest="finetune_command", metavar="task", parser_class=_Parser)
+    tasks.required = True
+    sts = tasks.add_parser("sts", help="sentence similarity regression (KorSTS, KLUE-STS); Spearman on dev")
+    sts.add_argument("--run", required=True, help="pre-trained run directory (the backbone)")
+    sts.add_argument("--train", required=True, help="training pairs: KorSTS .tsv or KLUE-STS .json")
+    sts.add_argument("--dev", required=True, help="dev pairs, scored each epoch; the best epoch is kept")
+    sts.add_argument("--out", required=True, help="run directory to create")
+    sts.add_argument("overrides", nargs="*", metavar="sts.key=value", help="settings, e.g. sts.freeze=true")
+    sts.set_defaults(func=cmd_finetune_sts)
+    sft = tasks.add_parser("sft", help="instruction tuning on Alpaca JSON/JSONL, chat JSONL or Q/A CSV")
+    sft.add_argument("--run", required=True, help="pre-trained run directory")
+    sft.add_argument("--data", required=True, help="instruction data: .json, .jsonl or .csv")
+    sft.add_argument("--out", required=True, help="run directory to create")
+    sft.add_argument("overrides", nargs="*", metavar="sft.key=value", help="settings, e.g. sft.epochs=3")
+    sft.set_defaults(func=cmd_finetune_sft)
+
+    evaluate = commands.choices["eval"]
+    evaluate.add_argument("task", nargs="?", choices=["sts"], help="`sts`: score an STS run on --data")
+    evaluate.add_argument("--data", help="sts: KorSTS .tsv or KLUE-STS .json file to score")
+    run_eval = evaluate.get_default("func")
+
+    def dispatch(args: argparse.Namespace) -> None:
+        if args.task != "sts" and args.data:
+            raise UserError("--data belongs to `sllm eval sts --run DIR --data FILE`; add `sts`")
+        (cmd_eval_sts if args.task == "sts" else run_eval)(args)
+
+    evaluate.set_defaults(func=dispatch)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sllm", description="Build a small GPT-style language model from scratch.")
     commands = parser.add_subparsers(dest="command", metavar="command", parser_class=_Parser)
@@ -398,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_experiment_commands(commands)
     _add_hf_commands(commands)
     _add_inference_commands(commands)
+    _add_finetune_commands(commands)
     return parser
 
 

@@ -221,7 +221,11 @@ def _coerce(value: Any, expected: Any, key: str) -> Any:
 
 
 def _build_section(section: str, values: dict[str, Any]) -> Any:
-    cls = SECTIONS[section]
+    return build_dataclass(SECTIONS[section], section, values)
+
+
+def build_dataclass(cls: type, section: str, values: dict[str, Any]) -> Any:
+    """An instance of the config dataclass `cls` from `values`, each checked against its type."""
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():

@@ -12,6 +12,9 @@ named pieces (`POSITIONS`) rather than branching inside `forward`.
 - The KV cache is preallocated for the whole context; decoding writes one slot per step.
   Batches of unequal prompts are left-padded; the cache holds the padding, so it hands out
   the positions and the attention mask (`KVCache.positions`, `KVCache.attention_mask`).
+- Packed sequences (several documents in one row, as in SFT) pass `document_ids`: each
+  token attends only to earlier tokens of its own document, and positions restart at 0 at
+  each document start, so a packed document computes exactly what it would alone.
 """
 
 from __future__ import annotations
@@ -139,6 +142,18 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.proj(y))
 
 
+def document_attention(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions restarting at each document, and the causal same-document mask (B, 1, T, T)."""
+    length = document_ids.size(1)
+    index = torch.arange(length, device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    positions = index - torch.where(starts, index, 0).cummax(dim=1).values
+    same_document = document_ids[:, :, None] == document_ids[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
+    return positions, (same_document & causal).unsqueeze(1)
+
+
 def _prefix_causal_mask(length: int, past: int, device: torch.device) -> torch.Tensor:
     """Queries at positions past..past+length-1 see every cached key and the causal new ones."""
     return torch.ones(length, past + length, dtype=torch.bool, device=device).tril(diagonal=past)
@@ -201,12 +216,19 @@ class GPT(nn.Module):
         head_dim = self.cfg.n_embd // self.cfg.n_head
         return KVCache(self.cfg.n_layer, batch, self.cfg.n_head, self.block_size, head_dim, device, dtype)
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final-norm hidden states (B, T, n_embd); with a cache, idx continues the cached text."""
+    def hidden_states(
+        self, idx: torch.Tensor, cache: KVCache | None = None, document_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final-norm hidden states (B, T, n_embd); with a cache, idx continues the cached text.
+
+        `document_ids` (B, T) marks packed documents, which then cannot see each other.
+        """
         past = cache.length if cache is not None else 0
         if past + idx.size(1) > self.block_size:
             raise ValueError(f"sequence of {past + idx.size(1)} tokens exceeds the context {self.block_size}")
-        if cache is None:
+        if document_ids is not None:
+            positions, mask = document_attention(document_ids)
+        elif cache is None:
             positions, mask = torch.arange(idx.size(1), device=idx.device), None
         else:
             positions, mask = cache.positions(idx.size(1)), cache.attention_mask(idx.size(1))
@@ -217,6 +239,8 @@ class GPT(nn.Module):
             cache.length += idx.size(1)
         return self.norm_f(x)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, cache: KVCache | None = None, document_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Next-token logits (B, T, vocab)."""
-        return F.linear(self.hidden_states(idx, cache), self.wte.weight)
+        return F.linear(self.hidden_states(idx, cache, document_ids), self.wte.weight)

@@ -1,0 +1,1 @@
+"""Fine-tuning a pre-trained run: sentence-similarity regression (STS) and instruction tuning (SFT)."""

@@ -1,0 +1,114 @@
+"""SFT: loaders, prompt masking on a hand-made example, packing without leaks, the CLI run."""
+
+import json
+
+import pytest
+import torch
+
+from sllm.errors import UserError
+from sllm.finetune.chat_template import END_TOKEN, ROLE_TOKENS, grow_embeddings, render, with_template_tokens
+from sllm.finetune.packing import pack
+from sllm.finetune.sft_data import Message, load_sft
+from sllm.runs import open_run
+
+from .conftest import SHARED_DATA
+from .test_cli import assert_one_line_error
+from .test_sts import sllm
+
+
+def test_the_three_formats_become_conversations(tmp_path):
+    alpaca = tmp_path / "a.json"
+    alpaca.write_text(json.dumps([{"instruction": "더하라", "input": "1, 2", "output": "3"}]), "utf-8")
+    chat = tmp_path / "c.jsonl"
+    messages = [{"role": "system", "content": "짧게"}, {"role": "user", "content": "안녕"},
+                {"role": "assistant", "content": "네"}]  # fmt: skip
+    chat.write_text(json.dumps({"messages": messages}) + "\n\n", "utf-8")
+    qa = tmp_path / "q.csv"
+    qa.write_bytes('Q,A,label\r\n밥 먹었어?,"응, 먹었어",0\r\n빈 답,,1'.encode())
+    assert load_sft(alpaca).conversations == [[Message("user", "더하라\n\n1, 2"), Message("assistant", "3")]]
+    assert [m.role for m in load_sft(chat).conversations[0]] == ["system", "user", "assistant"]
+    data = load_sft(qa)
+    assert data.conversations == [[Message("user", "밥 먹었어?"), Message("assistant", "응, 먹었어")]]
+    assert data.skipped == ["line 3"]
+
+
+@pytest.mark.parametrize(
+    ("name", "count"),
+    [("chatbot_data/ChatbotData.csv", 11823), ("code_alpaca/code_alpaca_2k.json", 2017)],
+)
+def test_loaders_read_the_shared_files(name, count):
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"{path} is not present")
+    data = load_sft(path)
+    assert len(data.conversations) + len(data.skipped) == count
+
+
+def test_bad_sft_file_names_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"text": "no"}\n', "utf-8")
+    with pytest.raises(UserError, match="line 2 is neither Alpaca"):
+        load_sft(path)
+
+
+def test_loss_weights_are_zero_on_the_prompt(tokenizer):
+    chat = with_template_tokens(tokenizer)
+    conversation = [Message("user", "헌법"), Message("assistant", "국민")]
+    ids, weights = render(chat, conversation)
+    user, assistant, end = (
+        chat.token_id(t) for t in (ROLE_TOKENS["user"], ROLE_TOKENS["assistant"], END_TOKEN)
+    )
+    question, answer = chat.encode("헌법"), chat.encode("국민")
+    assert ids == [user, *question, end, assistant, *answer, end]
+    assert weights == [0.0] * (len(question) + 3) + [1.0] * (len(answer) + 1)
+
+
+def test_template_tokens_are_appended_and_embeddings_grow(trained_run):
+    run = open_run(trained_run, torch.device("cpu"))
+    chat = with_template_tokens(run.tokenizer)
+    assert chat.vocab_size == run.tokenizer.vocab_size + 4
+    assert chat.encode("대한민국 헌법") == run.tokenizer.encode("대한민국 헌법")
+    old_rows = run.model.wte.weight.detach().clone()
+    grow_embeddings(run.model, chat.vocab_size)
+    assert run.model(torch.tensor([[chat.vocab_size - 1]])).shape[-1] == chat.vocab_size
+    assert torch.equal(run.model.wte.weight[: len(old_rows)], old_rows)
+
+
+def test_packing_never_lets_one_example_attend_to_another(trained_run):
+    model = open_run(trained_run, torch.device("cpu")).model
+    examples = [
+        ([5, 6, 7, 8, 9], [0, 0, 1, 1, 1]),
+        ([10, 11, 12], [0, 1, 1]),
+        ([13, 14, 15, 16], [0, 0, 0, 1]),
+    ]
+    rows = pack(examples, length=12, pad_id=0)
+    assert len(rows) == 1 and rows.documents[0].tolist() == [0] * 4 + [1] * 2 + [2] * 3 + [3] * 3
+    assert rows.targets[0, :4].tolist() == [6, 7, 8, 9] and rows.weights[0].tolist()[:6] == [0, 1, 1, 1, 1, 1]
+    packed = model(rows.inputs, document_ids=rows.documents)[0]
+    start = 0
+    for ids, _ in examples:
+        alone = model(torch.tensor([ids[:-1]]))[0]
+        assert torch.allclose(packed[start : start + len(ids) - 1], alone, atol=1e-5)
+        start += len(ids) - 1
+    # the same row without document ids does leak: the second example sees the first
+    leaky = model(rows.inputs)[0]
+    assert not torch.allclose(leaky[4:6], model(torch.tensor([[10, 11]]))[0], atol=1e-3)
+
+
+def test_finetune_sft_through_the_cli_makes_a_usable_run(tmp_path, trained_run):
+    data = tmp_path / "qa.csv"
+    rows = [f"{q},{a}" for q, a in [("대한민국은?", "민주공화국이다"), ("주권은?", "국민에게 있다")] * 10]
+    data.write_text("Q,A\n" + "\n".join(rows), "utf-8")
+    out = tmp_path / "sft"
+    settings = ["sft.epochs=2", "sft.batch_size=2", "sft.lr=1e-3", "sft.val_ratio=0.1", "sft.device=cpu"]
+    result = sllm("finetune", "sft", "--run", trained_run, "--data", data, "--out", out, *settings)
+    assert result.returncode == 0, result.stderr
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [1, 2] and epochs[-1]["val_loss"] < epochs[0]["val_loss"]
+    run = open_run(out, torch.device("cpu"))
+    assert run.tokenizer.token_id(ROLE_TOKENS["assistant"]) is not None
+    assert run.model.wte.weight.shape[0] == run.tokenizer.vocab_size
+    samples = sorted((out / "samples").glob("*.md"))
+    assert len(samples) == 2 and "대한민국의 수도는?" in samples[-1].read_text(encoding="utf-8")
+    assert_one_line_error(sllm("finetune", "sft", "--run", trained_run, "--data", data, "--out", out),
+                          "already holds checkpoints")  # fmt: skip
