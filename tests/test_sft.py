@@ -6,9 +6,18 @@ import pytest
 import torch
 
 from sllm.errors import UserError
-from sllm.finetune.chat_template import END_TOKEN, ROLE_TOKENS, grow_embeddings, render, with_template_tokens
+from sllm.finetune.chat_template import (
+    END_TOKEN,
+    INFERENCE_TEMPLATE,
+    ROLE_TOKENS,
+    grow_embeddings,
+    render,
+    with_template_tokens,
+)
 from sllm.finetune.packing import pack
 from sllm.finetune.sft_data import Message, load_sft
+from sllm.infer.chat import load_chat_template
+from sllm.infer.engine import TextGenerator
 from sllm.runs import open_run
 
 from .conftest import SHARED_DATA
@@ -112,3 +121,15 @@ def test_finetune_sft_through_the_cli_makes_a_usable_run(tmp_path, trained_run):
     assert len(samples) == 2 and "대한민국의 수도는?" in samples[-1].read_text(encoding="utf-8")
     assert_one_line_error(sllm("finetune", "sft", "--run", trained_run, "--data", data, "--out", out),
                           "already holds checkpoints")  # fmt: skip
+    # generate and chat format the prompt with the run's template and stop at <|end|>
+    assert load_chat_template(out).reply_prefix == ROLE_TOKENS["assistant"]
+    answer = sllm(
+        "generate", "--run", out, "--prompt", "대한민국은?", "--temperature", "0", "--max-new-tokens", "30"
+    )
+    assert answer.returncode == 0, answer.stderr
+    assert not answer.stdout.startswith("대한민국은?") and "<|end|>" not in answer.stdout
+    rendered = INFERENCE_TEMPLATE.render([Message("user", "대한민국은?")])
+    expected = TextGenerator.from_run(out, device="cpu").generate(
+        rendered, temperature=0, max_new_tokens=30, stop=("<|end|>",)
+    )
+    assert answer.stdout == expected + "\n"

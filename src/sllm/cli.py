@@ -159,9 +159,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from sllm.infer.sampling import SamplingParams
 
     SamplingParams(**sampling)  # validate before loading the model
+    from sllm.infer.chat import PLAIN, Message, load_chat_template
+
     generator = TextGenerator.from_run(args.run, args.device, args.checkpoint)
-    print(args.prompt, end="", flush=True)
-    for piece in generator.stream(args.prompt, **sampling):
+    template = load_chat_template(args.run)
+    if template == PLAIN:  # a base model continues the text
+        prompt = args.prompt
+        print(prompt, end="", flush=True)
+    else:  # an instruction-tuned model answers it
+        prompt = template.render([Message("user", args.prompt)])
+    for piece in generator.stream(prompt, **sampling, stop=template.stop):
         print(piece, end="", flush=True)
     print()
 

@@ -15,12 +15,18 @@ from __future__ import annotations
 from torch import nn
 
 from sllm.errors import UserError
-from sllm.finetune.sft_data import Message
+from sllm.infer.chat import ChatTemplate, Message
 from sllm.tokenizer import BPETokenizer, Tokenizer
 
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END_TOKEN = "<|end|>"
 TEMPLATE_TOKENS = [*ROLE_TOKENS.values(), END_TOKEN]
+# The same format as text, for `sllm chat` / `sllm generate` on a fine-tuned run.
+INFERENCE_TEMPLATE = ChatTemplate(
+    **{role: f"{token}{{text}}{END_TOKEN}" for role, token in ROLE_TOKENS.items()},
+    reply_prefix=ROLE_TOKENS["assistant"],
+    stop=(END_TOKEN,),
+)
 
 
 def with_template_tokens(tokenizer: Tokenizer) -> Tokenizer:

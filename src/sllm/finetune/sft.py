@@ -30,6 +30,7 @@ from sllm.config import build_dataclass, option, parse_override, save_config
 from sllm.errors import UserError
 from sllm.finetune.chat_template import (
     END_TOKEN,
+    INFERENCE_TEMPLATE,
     grow_embeddings,
     render,
     render_prompt,
@@ -38,6 +39,7 @@ from sllm.finetune.chat_template import (
 from sllm.finetune.packing import PackedRows, pack
 from sllm.finetune.schedule import warmup_linear_decay
 from sllm.finetune.sft_data import Message, load_sft
+from sllm.infer.chat import save_chat_template
 from sllm.infer.engine import stream_tokens
 from sllm.infer.sampling import SamplingParams
 from sllm.runs import CONFIG_FILE, open_run
@@ -179,6 +181,7 @@ def finetune_sft(
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, out_dir / CONFIG_FILE)
     tokenizer.save(out_dir)
+    save_chat_template(out_dir, INFERENCE_TEMPLATE)
     return _train(base.model, train_rows, val_rows, cfg, device, out_dir, tokenizer, log)
 
 

@@ -21,16 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sllm.errors import UserError
+from sllm.infer.chat import Message
 
 ROLES = ("system", "user", "assistant")
 QUESTION_COLUMNS = ("Q", "question", "instruction", "prompt")
 ANSWER_COLUMNS = ("A", "answer", "output", "response")
-
-
-@dataclass
-class Message:
-    role: str
-    content: str
 
 
 @dataclass

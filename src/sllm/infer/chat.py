@@ -50,6 +50,12 @@ class ChatTemplate:
 PLAIN = ChatTemplate()
 
 
+def save_chat_template(run_dir: str | Path, template: ChatTemplate) -> None:
+    """Ship a template with a run so `sllm chat` and `sllm generate` format prompts with it."""
+    fields = {**dataclasses.asdict(template), "stop": list(template.stop)}
+    (Path(run_dir) / TEMPLATE_FILE).write_text(json.dumps(fields, ensure_ascii=False, indent=2), "utf-8")
+
+
 def load_chat_template(run_dir: str | Path) -> ChatTemplate:
     """The run's `chat_template.json` if it has one, else plain continuation."""
     path = Path(run_dir) / TEMPLATE_FILE
