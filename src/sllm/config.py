@@ -236,6 +236,17 @@ def build_dataclass(cls: type, section: str, values: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
+def dataclass_from_overrides(cls: type, section: str, overrides: list[str]) -> Any:
+    """A one-section config (e.g. `sts`) from `section.key=value` overrides, type-checked."""
+    values = {}
+    for text in overrides:
+        given, name, value = parse_override(text)
+        if given != section:
+            raise UserError(f"override {text!r} must use the section {section}, e.g. {section}.epochs=3")
+        values[name] = value
+    return build_dataclass(cls, section, values)
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate a Config from nested dicts (a YAML file's content)."""
     if not isinstance(raw, dict):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sllm.config import build_dataclass, option, parse_override, save_config
+from sllm.config import dataclass_from_overrides, option, save_config
 from sllm.errors import UserError
 from sllm.finetune.chat_template import (
     END_TOKEN,
@@ -72,13 +72,7 @@ class SftConfig:
 
 
 def sft_config(overrides: list[str]) -> SftConfig:
-    values = {}
-    for text in overrides:
-        section, name, value = parse_override(text)
-        if section != SECTION:
-            raise UserError(f"override {text!r} must use the section {SECTION}, e.g. {SECTION}.epochs=3")
-        values[name] = value
-    cfg = build_dataclass(SftConfig, SECTION, values)
+    cfg = dataclass_from_overrides(SftConfig, SECTION, overrides)
     for key in ("epochs", "batch_size", "lr"):
         if getattr(cfg, key) <= 0:
             raise UserError(f"config key {SECTION}.{key} must be positive, got {getattr(cfg, key)}")

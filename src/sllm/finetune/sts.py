@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from sllm.config import build_dataclass, option, parse_override, save_config
+from sllm.config import build_dataclass, dataclass_from_overrides, option, save_config
 from sllm.errors import UserError
 from sllm.finetune.metrics import StsScores, sts_scores
 from sllm.finetune.schedule import warmup_linear_decay
@@ -70,13 +70,7 @@ class StsConfig:
 
 def sts_config(overrides: list[str]) -> StsConfig:
     """StsConfig from `sts.key=value` overrides, validated."""
-    values = {}
-    for text in overrides:
-        section, name, value = parse_override(text)
-        if section != SECTION:
-            raise UserError(f"override {text!r} must use the section {SECTION}, e.g. {SECTION}.epochs=3")
-        values[name] = value
-    cfg = build_dataclass(StsConfig, SECTION, values)
+    cfg = dataclass_from_overrides(StsConfig, SECTION, overrides)
     validate_sts_config(cfg)
     return cfg
 
