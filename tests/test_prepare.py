@@ -185,3 +185,17 @@ def test_interrupted_prepare_leaves_previous_output_intact(tmp_path, monkeypatch
         _run(cfg)
     assert read_meta(cfg.data.dir) == before
     assert sorted(os.listdir(tmp_path)) == ["c.jsonl", "out"]
+
+
+def test_unreadable_input_file_is_a_user_error(tmp_path, monkeypatch):
+    corpus = write_jsonl(tmp_path / "c.jsonl", ["하나", "둘"])
+    real_open = open
+
+    def refuse(path, *args, **kwargs):
+        if str(path) == str(corpus):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refuse)
+    with pytest.raises(UserError, match=r"cannot read .*c\.jsonl: Permission denied"):
+        _run(_config(tmp_path, [corpus], "data.val_ratio=0", "tokenizer.kind=char"))

@@ -44,9 +44,12 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+    try:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}; check its permissions") from None
     return digest.hexdigest()
 
 
