@@ -221,3 +221,28 @@ def _tiny_sections(data_dir, run_dir):
     options = ["train.chunked_loss=true", "train.activation_checkpointing=true", "train.max_steps=60"]
     tiny = tiny_config(data_dir, run_dir, *options)
     return tiny.data, tiny.train, tiny.log, tiny.sample
+
+
+def test_checkpoints_from_before_the_options_still_match_the_default_model():
+    from dataclasses import asdict
+
+    from sllm.train.checkpoint import config_differences
+
+    old_keys = ("arch", "n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "pos", "vocab_size")
+    wanted = asdict(ModelConfig(vocab_size=VOCAB))
+    assert config_differences({k: wanted[k] for k in old_keys}, wanted) == []
+    assert config_differences({k: wanted[k] for k in old_keys}, wanted | {"pos": "rope"}) == [
+        "pos: 'learned' → 'rope'"
+    ]
+
+
+def test_new_special_tokens_fill_padding_rows_and_grow_an_untied_head():
+    from sllm.finetune.chat_template import grow_embeddings
+
+    padded = _model(vocab_pad_multiple=16)
+    grow_embeddings(padded, VOCAB + 2)
+    assert padded.wte.weight.shape[0] == 64 and padded(torch.tensor([[VOCAB + 1]])).shape[-1] == VOCAB + 2
+    untied = _model(tie_embeddings=False)
+    grow_embeddings(untied, VOCAB + 2)
+    assert untied.lm_head.weight.shape[0] == untied.wte.weight.shape[0] == VOCAB + 2
+    assert untied(torch.tensor([[VOCAB + 1]])).shape[-1] == VOCAB + 2
