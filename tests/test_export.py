@@ -234,3 +234,47 @@ def test_check_without_transformers_names_the_extra(trained_run, exported, monke
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(UserError, match="pip install 'sllm\\[hf\\]'"):
         check_export(trained_run, exported)
+
+
+LLAMA = ["model.pos=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.bias=false", "model.n_head=4"]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [["model.n_kv_head=2", "model.tie_embeddings=false", "model.vocab_pad_multiple=384"],
+     ["model.rope_base=500", "model.mlp_hidden=96"]],
+)  # fmt: skip
+def test_llama_style_run_exports_as_llama_with_our_logits_and_imports_back(
+    transformers, tokenizer, tmp_path, options
+):
+    run_dir = random_run(tmp_path / "run", tokenizer, *LLAMA, *options)
+    exported = export_run(run_dir, tmp_path / "hf")
+    run = open_run(run_dir, CPU)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+    assert type(hf_model).__name__ == "LlamaForCausalLM"
+    ids = _ids(run.tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(ids).logits, run.model(ids), atol=1e-5, rtol=0)
+    back = open_run(import_hf(exported, tmp_path / "back"), CPU)
+    with torch.no_grad():
+        torch.testing.assert_close(back.model(ids), run.model(ids), atol=0, rtol=0)
+    assert back.config.model.n_kv_head in (run.config.model.n_kv_head, run.config.model.n_head)
+
+
+def test_models_llama_cannot_represent_are_refused_naming_both_families(tokenizer, tmp_path):
+    run_dir = random_run(tmp_path / "run", tokenizer, *LLAMA, "model.qk_norm=true")
+    with pytest.raises(UserError, match="no Hugging Face equivalent") as error:
+        export_run(run_dir, tmp_path / "hf")
+    assert "model.qk_norm is True (Llama needs False)" in str(error.value)
+    assert "model.pos is rope (GPT-2 needs learned)" in str(error.value)
+
+
+def test_padded_gpt2_exports_only_the_real_vocabulary(transformers, tokenizer, tmp_path):
+    run_dir = random_run(tmp_path / "run", tokenizer, "model.vocab_pad_multiple=384")
+    exported = export_run(run_dir, tmp_path / "hf")
+    run = open_run(run_dir, CPU)
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(exported).eval()
+    assert hf_model.config.vocab_size == tokenizer.vocab_size < run.model.wte.weight.size(0)
+    ids = _ids(run.tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(ids).logits, run.model(ids), atol=1e-5, rtol=0)

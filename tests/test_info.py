@@ -29,6 +29,25 @@ def test_component_counts_add_up_and_flops_follow_the_formula():
     assert kv_cache_bytes_per_token(cfg) == 2 * layers * d * 2
 
 
+def test_gqa_swiglu_untied_flops_and_kv_cache_follow_the_formula():
+    d, layers, vocab, context, heads, kv_heads = 128, 4, 2000, 128, 4, 2
+    cfg = ModelConfig(
+        vocab_size=vocab, n_layer=layers, n_head=heads, n_embd=d, block_size=context,
+        n_kv_head=kv_heads, mlp="swiglu", tie_embeddings=False, vocab_pad_multiple=128,
+    )  # fmt: skip
+    model = build_model(cfg)
+    hidden, kv_width = 384, kv_heads * d // heads  # SwiGLU: 8/3 · 128 rounded up to 64s
+    attention = d * (d + 2 * kv_width) + d * d
+    groups = parameters_by_component(model)
+    assert groups["embedding"] == 2 * 2048 * d + context * d  # padded embedding and lm_head
+    assert groups["mlp"] == layers * (3 * d * hidden + 2 * hidden + d)
+    assert (
+        training_flops_per_token(model, cfg, context)
+        == 6 * (layers * (attention + 3 * d * hidden) + vocab * d) + 12 * layers * d * context
+    )
+    assert kv_cache_bytes_per_token(cfg) == 2 * layers * kv_width * 2
+
+
 def test_activation_checkpointing_estimate_is_smaller():
     cfg = ModelConfig(vocab_size=100, n_layer=12, n_head=12, n_embd=768, block_size=1024)
     with torch.device("meta"):

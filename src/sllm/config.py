@@ -85,7 +85,19 @@ class ModelConfig:
     block_size: int = option(256, "context length in tokens")
     dropout: float = option(0.0, "dropout probability during training")
     bias: bool = option(True, "biases in linear layers and norms")
-    pos: Literal["learned", "sinusoidal"] = option("learned", "position embedding kind")
+    pos: Literal["learned", "sinusoidal", "rope"] = option(
+        "learned", "positions: learned or sinusoidal embeddings, or rotary (RoPE) q/k rotation"
+    )
+    rope_base: float = option(10000.0, "RoPE: base of the rotation frequencies (HF rope_theta)")
+    norm: Literal["layernorm", "rmsnorm"] = option("layernorm", "normalization layer of blocks and output")
+    mlp: Literal["gelu", "swiglu", "relu2"] = option(
+        "gelu", "MLP kind: GELU, gated SiLU (SwiGLU) or squared ReLU"
+    )
+    mlp_hidden: int = option(0, "MLP hidden width; 0 means 4 * n_embd (SwiGLU: 8/3 * n_embd, multiple of 64)")
+    qk_norm: bool = option(False, "RMSNorm of queries and keys per head before attention")
+    n_kv_head: int = option(0, "key/value heads (grouped-query attention); 0 means n_head")
+    tie_embeddings: bool = option(True, "LM head shares the token embedding; false adds a separate lm_head")
+    vocab_pad_multiple: int = option(1, "pad embedding rows to a multiple of this (128 is fast on GPUs)")
     vocab_size: int = option(0, "vocabulary size; 0 takes it from the prepared data")
     ffn_window: int = option(8, "ffn baseline: how many previous tokens it sees")
     ffn_hidden: int = option(0, "ffn baseline: hidden width; 0 means 4 * n_embd")
@@ -132,6 +144,10 @@ class TrainConfig:
     parallel: Literal["ddp", "fsdp"] = option(
         "ddp", "with several processes: replicate (DDP) or shard parameters and state (FSDP2)"
     )
+    activation_checkpointing: bool = option(
+        False, "recompute each block's activations in backward: less memory, ~1/3 more compute"
+    )
+    chunked_loss: bool = option(False, "fuse LM head and loss chunk by chunk; full logits never exist")
 
 
 @dataclass
@@ -334,6 +350,9 @@ def validate(cfg: Config) -> None:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     if m.pos == "sinusoidal" and (m.n_embd // m.n_head) % 2 and m.n_embd % 2:
         raise UserError("model.n_embd must be even for sinusoidal positions")
+    _validate_architecture(m)
+    if m.arch != "gpt" and (t.activation_checkpointing or t.chunked_loss):
+        raise UserError("train.activation_checkpointing and train.chunked_loss need model.arch: gpt")
     if t.block_size > m.block_size:
         raise UserError(
             f"train.block_size ({t.block_size}) is larger than the model context "
@@ -362,6 +381,21 @@ def validate(cfg: Config) -> None:
         raise UserError("tokenizer.vocab_size must be at least 256 + the number of special tokens")
     s = cfg.sample
     check_sampling(s.temperature, s.top_k, s.top_p, s.repetition_penalty, s.max_new_tokens)
+
+
+def _validate_architecture(m: ModelConfig) -> None:
+    if m.pos == "rope" and (m.n_embd // m.n_head) % 2:
+        raise UserError(
+            f"model.pos: rope needs an even head width; n_embd / n_head is {m.n_embd // m.n_head}"
+        )
+    _positive("model.rope_base", m.rope_base)
+    _positive("model.vocab_pad_multiple", m.vocab_pad_multiple)
+    if m.mlp_hidden < 0:
+        raise UserError(f"model.mlp_hidden must be >= 0 (0 picks the default), got {m.mlp_hidden}")
+    if m.n_kv_head < 0 or (m.n_kv_head and m.n_head % m.n_kv_head):
+        raise UserError(
+            f"model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head}); 0 means n_head"
+        )
 
 
 def _validate_cleaning(data: DataConfig) -> None:

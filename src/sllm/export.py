@@ -8,11 +8,15 @@ JSON files `AutoTokenizer` looks for) and a model card. Neither direction needs
 the export back and compares logits, imports it.
 
 An `HFArchitecture` maps one family of sllm models onto one HF class: which sllm configs it
-can represent, config.json ↔ `ModelConfig`, and the parameter names. GPT-2 is the only one
-so far; a llama-style mapping (RoPE, RMSNorm, SwiGLU → `LlamaForCausalLM`) joins
-`ARCHITECTURES` once sllm has those options. GPT-2 keeps its linear layers as `Conv1D`,
-whose weight is (in, out), the transpose of `nn.Linear`'s; both tie the LM head to the token
-embedding, so no `lm_head.weight` is written.
+can represent, config.json ↔ `ModelConfig`, and the parameter names. Two families:
+- GPT-2 (learned positions, LayerNorm, GELU, biases, tied head). GPT-2 keeps its linear layers
+  as `Conv1D`, whose weight is (in, out), the transpose of `nn.Linear`'s; both tie the LM head
+  to the token embedding, so no `lm_head.weight` is written.
+- Llama (RoPE, RMSNorm, SwiGLU, no biases, GQA, tied or untied head). Our fused qkv matrix is
+  split into q/k/v_proj by rows; our RoPE already uses HF's rotate_half layout, so q and k
+  need no permutation.
+A `Parameter` may be a row range of one of our tensors: that is how qkv is split, and how the
+padded vocabulary rows (`model.vocab_pad_multiple`) are left out of an export.
 
 An imported run holds config.yaml, tokenizer.json and one checkpoint at step 0 with a fresh
 optimizer state, so `sllm train` continues pre-training from these weights as from a new run.
@@ -38,6 +42,7 @@ from sllm.config import Config, ModelConfig, save_config, validate
 from sllm.data.prepare import META_FILE, read_meta
 from sllm.errors import UserError
 from sllm.model import build_model, count_parameters
+from sllm.model.gpt import mlp_hidden_width
 from sllm.runs import CONFIG_FILE, LoadedRun, open_run
 from sllm.tokenizer import TOKENIZER_FILE, BPETokenizer, Tokenizer, load_tokenizer
 from sllm.train.checkpoint import save_checkpoint
@@ -53,11 +58,13 @@ CHECK_TOKENS = 64
 
 @dataclass(frozen=True)
 class Parameter:
-    """One tensor under its sllm and HF names; `transposed` for HF's Conv1D layout."""
+    """One tensor under its sllm and HF names; `transposed` for HF's Conv1D layout; `rows`
+    when the HF tensor is only those rows of ours (ours is their concatenation in order)."""
 
     ours: str
     theirs: str
     transposed: bool = False
+    rows: tuple[int, int] | None = None
 
 
 class HFArchitecture:
@@ -94,12 +101,11 @@ class GPT2(HFArchitecture):
     layer_norm_epsilon = 1e-5  # nn.LayerNorm's default, which our model uses
 
     def problems(self, cfg: ModelConfig) -> list[str]:
-        wanted = {"arch": "gpt", "pos": "learned", "bias": True}
-        return [
-            f"model.{key} is {getattr(cfg, key)} (GPT-2 needs {value})"
-            for key, value in wanted.items()
-            if getattr(cfg, key) != value
-        ]
+        wanted = {
+            "arch": "gpt", "pos": "learned", "bias": True, "norm": "layernorm", "mlp": "gelu",
+            "mlp_hidden": 0, "qk_norm": False, "n_kv_head": 0, "tie_embeddings": True,
+        }  # fmt: skip
+        return _mismatches(cfg, wanted, "GPT-2")
 
     def to_hf_config(self, cfg: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
         return {
@@ -146,16 +152,7 @@ class GPT2(HFArchitecture):
             "add_cross_attention": (hf.get("add_cross_attention", False), (False,)),
             "tie_word_embeddings": (hf.get("tie_word_embeddings", True), (True,)),
         }
-        unsupported = [
-            f"{key}={value} (sllm needs {' or '.join(map(str, allowed))})"
-            for key, (value, allowed) in required.items()
-            if value not in allowed
-        ]
-        if unsupported:
-            raise UserError(
-                f"{source / HF_CONFIG} describes a GPT-2 that sllm's GPT cannot reproduce: "
-                f"{'; '.join(unsupported)}"
-            )
+        _refuse_unsupported(required, source, "GPT-2")
         return ModelConfig(
             arch="gpt",
             n_layer=hf["n_layer"],
@@ -169,7 +166,10 @@ class GPT2(HFArchitecture):
         )
 
     def parameters(self, cfg: ModelConfig) -> list[Parameter]:
-        names = [Parameter("wte.weight", "wte.weight"), Parameter("wpe.table.weight", "wpe.weight")]
+        names = [
+            Parameter("wte.weight", "wte.weight", rows=(0, cfg.vocab_size)),
+            Parameter("wpe.table.weight", "wpe.weight"),
+        ]
         layer_parts = [
             ("norm1", "ln_1", False),
             ("attn.qkv", "attn.c_attn", True),
@@ -196,7 +196,138 @@ class GPT2(HFArchitecture):
         return name == "lm_head.weight" or name.endswith((".attn.bias", ".attn.masked_bias"))
 
 
-ARCHITECTURES: dict[str, HFArchitecture] = {"gpt2": GPT2()}
+class Llama(HFArchitecture):
+    hf_class = "LlamaForCausalLM"
+    model_type = "llama"
+    prefix = ""  # the backbone sits under `model.`, the head beside it; names below are full
+    rms_norm_eps = 1e-5  # sllm's RMSNorm epsilon
+
+    def problems(self, cfg: ModelConfig) -> list[str]:
+        wanted = {
+            "arch": "gpt", "pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False,
+            "qk_norm": False,
+        }  # fmt: skip
+        return _mismatches(cfg, wanted, "Llama")
+
+    def to_hf_config(self, cfg: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+        return {
+            "architectures": [self.hf_class],
+            "model_type": self.model_type,
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.n_embd,
+            "intermediate_size": mlp_hidden_width(cfg),
+            "num_hidden_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head,
+            "num_key_value_heads": cfg.n_kv_head or cfg.n_head,
+            "head_dim": cfg.n_embd // cfg.n_head,
+            "hidden_act": "silu",
+            "max_position_embeddings": cfg.block_size,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": cfg.rope_base,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
+            "attention_bias": False,
+            "mlp_bias": False,
+            "attention_dropout": cfg.dropout,
+            "initializer_range": 0.02,
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "use_cache": True,
+            "bos_token_id": tokenizer.eos_id,
+            "eos_token_id": tokenizer.eos_id,
+            "pad_token_id": tokenizer.pad_id,
+            "torch_dtype": "float32",
+        }
+
+    def from_hf_config(self, hf: dict[str, Any], source: Path) -> ModelConfig:
+        keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        absent = [key for key in (*keys, "max_position_embeddings") if key not in hf]
+        if absent:
+            raise UserError(
+                f"{source / HF_CONFIG} lacks {', '.join(absent)}; it is not a complete Llama config"
+            )
+        rope = hf.get("rope_parameters") or {}
+        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        head_dim = hf["hidden_size"] // hf["num_attention_heads"]
+        required = {
+            "hidden_act": (hf.get("hidden_act", "silu"), ("silu",)),
+            "rms_norm_eps": (hf.get("rms_norm_eps", 1e-6), (self.rms_norm_eps,)),
+            "attention_bias": (hf.get("attention_bias", False), (False,)),
+            "mlp_bias": (hf.get("mlp_bias", False), (False,)),
+            "head_dim": (hf.get("head_dim") or head_dim, (head_dim,)),
+            "rope_type": (rope.get("rope_type", "default"), ("default",)),
+            "rope_scaling": (hf.get("rope_scaling"), (None,)),
+        }
+        _refuse_unsupported(required, source, "Llama")
+        return ModelConfig(
+            arch="gpt",
+            n_layer=hf["num_hidden_layers"],
+            n_head=hf["num_attention_heads"],
+            n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            n_embd=hf["hidden_size"],
+            block_size=hf["max_position_embeddings"],
+            dropout=hf.get("attention_dropout", 0.0),
+            bias=False,
+            pos="rope",
+            rope_base=float(rope_theta),
+            norm="rmsnorm",
+            mlp="swiglu",
+            mlp_hidden=hf["intermediate_size"],
+            tie_embeddings=hf.get("tie_word_embeddings", True),
+            vocab_size=hf["vocab_size"],
+        )
+
+    def parameters(self, cfg: ModelConfig) -> list[Parameter]:
+        width = cfg.n_embd
+        kv_width = (cfg.n_kv_head or cfg.n_head) * (width // cfg.n_head)
+        names = [Parameter("wte.weight", "model.embed_tokens.weight", rows=(0, cfg.vocab_size))]
+        for layer in range(cfg.n_layer):
+            ours, theirs = f"blocks.{layer}.", f"model.layers.{layer}."
+            qkv_rows = {
+                "q": (0, width),
+                "k": (width, width + kv_width),
+                "v": (width + kv_width, width + 2 * kv_width),
+            }
+            names.append(Parameter(ours + "norm1.weight", theirs + "input_layernorm.weight"))
+            names += [
+                Parameter(ours + "attn.qkv.weight", f"{theirs}self_attn.{part}_proj.weight", rows=rows)
+                for part, rows in qkv_rows.items()
+            ]
+            names.append(Parameter(ours + "attn.proj.weight", theirs + "self_attn.o_proj.weight"))
+            names.append(Parameter(ours + "norm2.weight", theirs + "post_attention_layernorm.weight"))
+            for mine, hf_name in (("gate", "gate_proj"), ("up", "up_proj"), ("proj", "down_proj")):
+                names.append(Parameter(f"{ours}mlp.{mine}.weight", f"{theirs}mlp.{hf_name}.weight"))
+        names.append(Parameter("norm_f.weight", "model.norm.weight"))
+        if not cfg.tie_embeddings:
+            names.append(Parameter("lm_head.weight", "lm_head.weight", rows=(0, cfg.vocab_size)))
+        return names
+
+    def ignored(self, name: str) -> bool:
+        # A tied head some files still save; the rotary frequencies older versions saved.
+        return name == "lm_head.weight" or name.endswith("rotary_emb.inv_freq")
+
+
+def _mismatches(cfg: ModelConfig, wanted: dict[str, Any], family: str) -> list[str]:
+    return [
+        f"model.{key} is {getattr(cfg, key)} ({family} needs {value})"
+        for key, value in wanted.items()
+        if getattr(cfg, key) != value
+    ]
+
+
+def _refuse_unsupported(required: dict[str, tuple[Any, tuple]], source: Path, family: str) -> None:
+    """`required` maps config.json keys to (their value, the values sllm can reproduce)."""
+    unsupported = [
+        f"{key}={value} (sllm needs {' or '.join(map(str, allowed))})"
+        for key, (value, allowed) in required.items()
+        if value not in allowed
+    ]
+    if unsupported:
+        raise UserError(
+            f"{source / HF_CONFIG} describes a {family} that sllm's GPT cannot reproduce: "
+            f"{'; '.join(unsupported)}"
+        )
+
+
+ARCHITECTURES: dict[str, HFArchitecture] = {"gpt2": GPT2(), "llama": Llama()}
 
 
 # ---- export -------------------------------------------------------------------------------
@@ -235,9 +366,14 @@ def _to_hf_state(
     architecture: HFArchitecture, cfg: ModelConfig, state: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     return {
-        architecture.prefix + p.theirs: (state[p.ours].t() if p.transposed else state[p.ours]).contiguous()
-        for p in architecture.parameters(cfg)
+        architecture.prefix + p.theirs: _hf_tensor(p, state[p.ours]) for p in architecture.parameters(cfg)
     }
+
+
+def _hf_tensor(parameter: Parameter, tensor: torch.Tensor) -> torch.Tensor:
+    if parameter.rows is not None:
+        tensor = tensor[parameter.rows[0] : parameter.rows[1]]
+    return (tensor.t() if parameter.transposed else tensor).contiguous()
 
 
 def _require_empty(out: Path) -> None:
@@ -299,7 +435,7 @@ def model_card(run: LoadedRun, architecture: HFArchitecture) -> str:
         "---",
         "library_name: transformers",
         "pipeline_tag: text-generation",
-        "tags: [sllm, gpt2]",
+        f"tags: [sllm, {architecture.model_type}]",
         "---",
         "",
         f"# {run.path.name}",
@@ -385,6 +521,10 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     _require_empty(out)
     hf_config = _read_hf_config(source)
     architecture = ARCHITECTURES.get(hf_config.get("model_type", ""))
+    if architecture is not None and architecture.hf_class not in hf_config.get(
+        "architectures", [architecture.hf_class]
+    ):
+        architecture = None  # model_type and architectures disagree: the config is not one we know
     if architecture is None:
         known = ", ".join(a.hf_class for a in ARCHITECTURES.values())
         raise UserError(
@@ -474,12 +614,13 @@ def _to_sllm_state(
         listed = ", ".join((missing + unexpected)[:3])
         raise UserError(f"the weights in {source} do not match its {HF_CONFIG} (e.g. {listed})")
     head = named.get("lm_head.weight")
-    if head is not None and not torch.equal(head, named["wte.weight"]):
+    embedding = next(p.theirs for p in parameters if p.ours == "wte.weight")
+    if head is not None and "lm_head.weight" not in expected and not torch.equal(head, named[embedding]):
         raise UserError(f"{source} has an LM head that is not tied to the token embedding; sllm ties them")
-    return {
-        p.ours: (named[p.theirs].t() if p.transposed else named[p.theirs]).float().contiguous()
-        for p in parameters
-    }
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for p in parameters:
+        pieces.setdefault(p.ours, []).append(named[p.theirs].t() if p.transposed else named[p.theirs])
+    return {ours: torch.cat(tensors).float().contiguous() for ours, tensors in pieces.items()}
 
 
 def _imported_run_config(model_cfg: ModelConfig, out: Path) -> Config:

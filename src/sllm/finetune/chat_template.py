@@ -12,6 +12,7 @@ embedding row per token, initialized to the mean of the existing rows.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from sllm.errors import UserError
@@ -46,15 +47,22 @@ def with_template_tokens(tokenizer: Tokenizer) -> Tokenizer:
 
 
 def grow_embeddings(model: nn.Module, vocab_size: int) -> None:
-    """Give the (tied) token embedding `vocab_size` rows; new rows start at the mean row."""
-    old = model.wte.weight.data
-    if vocab_size <= old.size(0):
-        return
-    new = nn.Embedding(vocab_size, old.size(1), device=old.device, dtype=old.dtype)
-    new.weight.data[: old.size(0)] = old
-    new.weight.data[old.size(0) :] = old.mean(dim=0)
-    model.wte = new
-    model.cfg.vocab_size = vocab_size
+    """Give the token embedding (and an untied `lm_head`) `vocab_size` rows; new rows start at the
+    mean row. Padding rows (`model.vocab_pad_multiple`) are used before any are added."""
+    model.cfg.vocab_size = max(model.cfg.vocab_size, vocab_size)
+    model.wte.weight = _grown(model.wte.weight, vocab_size)
+    if hasattr(model, "lm_head"):
+        model.lm_head.weight = _grown(model.lm_head.weight, vocab_size)
+
+
+def _grown(weight: nn.Parameter, rows: int) -> nn.Parameter:
+    old = weight.data
+    if rows <= old.size(0):
+        return weight
+    new = torch.empty(rows, old.size(1), device=old.device, dtype=old.dtype)
+    new[: old.size(0)] = old
+    new[old.size(0) :] = old.mean(dim=0)
+    return nn.Parameter(new)
 
 
 def render(tokenizer: Tokenizer, conversation: list[Message]) -> tuple[list[int], list[float]]:

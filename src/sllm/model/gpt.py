@@ -1,12 +1,31 @@
 """The GPT decoder: token + position embeddings, pre-norm blocks, tied LM head.
 
-Reads top to bottom: positions, the KV cache, attention, MLP, block, GPT. Options pick small
-named pieces (`POSITIONS`) rather than branching inside `forward`.
+Reads top to bottom: positions, norms, the KV cache, attention, MLPs, block, GPT. Options pick
+small named pieces from dicts (`POSITIONS`, `NORMS`, `MLPS`) rather than branching inside
+`forward`; the defaults are GPT-2 (learned positions, LayerNorm, GELU, tied head).
+
+- Positions are either added to the token embeddings (learned, sinusoidal) or rotate the
+  queries and keys of every head (RoPE, Su et al. 2021). Every position piece offers both
+  (`forward` for the added part, `rotation` for q/k), so attention never asks which it has.
+  RoPE rotates the two halves of each head (the "rotate_half" layout of HF Llama), so Llama
+  weights map one to one, without permuting q/k rows.
+- RMSNorm (Zhang & Sennrich 2019) has a gain only; `model.bias` still decides LayerNorm's bias.
+  qk-norm (Dehghani et al. 2023) applies RMSNorm to q and k of each head before attention.
+- MLPs: GELU (GPT-2), squared ReLU (So et al. 2021, Primer), SwiGLU (Shazeer 2020). SwiGLU has
+  three matrices, so its default hidden width is 8/3·n_embd rounded up to a multiple of 64,
+  which keeps the parameter count of a 4·n_embd GELU MLP.
+- Grouped-query attention (Ainslie et al. 2023): `n_kv_head` key/value heads, each shared by
+  n_head / n_kv_head query heads; the KV cache holds only the n_kv_head heads.
+- The embedding may have more rows than the vocabulary (`vocab_pad_multiple`, for fast GPU
+  matmuls); logits are sliced back to the real vocabulary, so a padded id is never predicted.
 
 - Attention goes through `F.scaled_dot_product_attention`, which picks flash / memory-
   efficient kernels where the hardware has them.
 - The LM head reuses the token embedding matrix (weight tying, as in GPT-2), so the
-  checkpoint holds one copy and `safetensors` sees no shared tensors.
+  checkpoint holds one copy and `safetensors` sees no shared tensors; `tie_embeddings: false`
+  gives a separate bias-free `lm_head`.
+- `forward(idx, targets=...)` returns the loss instead of logits, through the chunked
+  `linear_cross_entropy`, so no full logits exist and DDP still sees one module call.
 - Init follows GPT-2: N(0, 0.02), with the residual projections scaled by 1/sqrt(2·n_layer)
   so the residual stream's variance does not grow with depth.
 - The KV cache is preallocated for the whole context; decoding writes one slot per step.
@@ -20,28 +39,41 @@ named pieces (`POSITIONS`) rather than branching inside `forward`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from sllm.config import ModelConfig
+from sllm.model.loss import linear_cross_entropy
+
+Rotation = Callable[[torch.Tensor], torch.Tensor]
+
+
+def no_rotation(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 class LearnedPositions(nn.Module):
-    def __init__(self, block_size: int, n_embd: int) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.table = nn.Embedding(block_size, n_embd)
+        self.table = nn.Embedding(cfg.block_size, cfg.n_embd)
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         return self.table(positions)
+
+    def rotation(self, positions: torch.Tensor) -> Rotation:
+        return no_rotation
 
 
 class SinusoidalPositions(nn.Module):
     """Fixed sin/cos embeddings (Vaswani et al., 2017); nothing to learn, nothing to save."""
 
-    def __init__(self, block_size: int, n_embd: int) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        block_size, n_embd = cfg.block_size, cfg.n_embd
         position = torch.arange(block_size, dtype=torch.float32)[:, None]
         frequency = torch.exp(torch.arange(0, n_embd, 2, dtype=torch.float32) * (-math.log(1e4) / n_embd))
         table = torch.zeros(block_size, n_embd)
@@ -52,8 +84,61 @@ class SinusoidalPositions(nn.Module):
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         return self.table[positions]
 
+    def rotation(self, positions: torch.Tensor) -> Rotation:
+        return no_rotation
 
-POSITIONS = {"learned": LearnedPositions, "sinusoidal": SinusoidalPositions}
+
+class RotaryPositions(nn.Module):
+    """RoPE (Su et al. 2021): adds nothing to the embeddings, rotates q and k by position.
+
+    Pair i of a head is (x[i], x[i + head_dim/2]), turned by position · base^(-2i/head_dim)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        head_dim = cfg.n_embd // cfg.n_head
+        inverse_frequency = 1.0 / cfg.rope_base ** (
+            torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+        )
+        angles = torch.arange(cfg.block_size, dtype=torch.float32)[:, None] * inverse_frequency
+        angles = torch.cat([angles, angles], dim=1)  # (block_size, head_dim)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> float:
+        return 0.0
+
+    def rotation(self, positions: torch.Tensor) -> Rotation:
+        """Rotates (B, H, T, head_dim) tensors; positions are (T,) or (B, T)."""
+        cos, sin = self.cos[positions].unsqueeze(-3), self.sin[positions].unsqueeze(-3)
+
+        def rotate(t: torch.Tensor) -> torch.Tensor:
+            first, second = t.chunk(2, dim=-1)
+            return t * cos.to(t.dtype) + torch.cat([-second, first], dim=-1) * sin.to(t.dtype)
+
+        return rotate
+
+
+POSITIONS = {"learned": LearnedPositions, "sinusoidal": SinusoidalPositions, "rope": RotaryPositions}
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) · gain (Zhang & Sennrich 2019), computed in fp32 like HF Llama's."""
+
+    def __init__(self, width: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+NORMS: dict[str, Callable[[int, bool], nn.Module]] = {
+    "layernorm": lambda width, bias: nn.LayerNorm(width, bias=bias),
+    "rmsnorm": lambda width, bias: RMSNorm(width),
+}
 
 
 class KVCache:
@@ -118,18 +203,29 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head = cfg.n_head
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.n_kv_head = cfg.n_kv_head or cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        kv_width = self.n_kv_head * self.head_dim
+        self.split_sizes = [cfg.n_embd, kv_width, kv_width]
+        self.qkv = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_width, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.q_norm = RMSNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+        rotate: Rotation = no_rotation,
     ) -> torch.Tensor:
         """`mask` (from `KVCache.attention_mask`) replaces plain causal attention when given."""
         batch, length, width = x.shape
-        q, k, v = self.qkv(x).split(width, dim=2)
-        q, k, v = (t.view(batch, length, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
+        q, k, v = self.qkv(x).split(self.split_sizes, dim=2)
+        q, k, v = (t.view(batch, length, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        q, k = rotate(self.q_norm(q)), rotate(self.k_norm(k))
         if cache is not None:
             k, v = cache.store(self.layer, k, v)
         y = F.scaled_dot_product_attention(
@@ -137,6 +233,7 @@ class CausalSelfAttention(nn.Module):
             attn_mask=mask,
             is_causal=mask is None and length > 1,
             dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
         )  # fmt: skip
         y = y.transpose(1, 2).contiguous().view(batch, length, width)
         return self.resid_dropout(self.proj(y))
@@ -160,14 +257,53 @@ def _prefix_causal_mask(length: int, past: int, device: torch.device) -> torch.T
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """Two matrices around an elementwise activation (GELU as in GPT-2, or squared ReLU)."""
+
+    def __init__(self, cfg: ModelConfig, activation: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        hidden = mlp_hidden_width(cfg)
+        self.fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.activation = activation
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+        return self.dropout(self.proj(self.activation(self.fc(x))))
+
+
+class SwiGLU(nn.Module):
+    """proj(silu(gate(x)) · up(x)) (Shazeer 2020): a gated MLP with three matrices."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        hidden = mlp_hidden_width(cfg)
+        self.gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.up = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.silu(self.gate(x)) * self.up(x)))
+
+
+def mlp_hidden_width(cfg: ModelConfig) -> int:
+    """`model.mlp_hidden`, else 4·n_embd, or for SwiGLU 8/3·n_embd rounded up to a multiple of 64."""
+    if cfg.mlp_hidden:
+        return cfg.mlp_hidden
+    if cfg.mlp == "swiglu":
+        return 64 * math.ceil(8 * cfg.n_embd / 3 / 64)
+    return 4 * cfg.n_embd
+
+
+def squared_relu(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x).square()
+
+
+MLPS: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "gelu": lambda cfg: MLP(cfg, lambda x: F.gelu(x, approximate="tanh")),
+    "relu2": lambda cfg: MLP(cfg, squared_relu),
+    "swiglu": SwiGLU,
+}
 
 
 class Block(nn.Module):
@@ -175,16 +311,25 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.norm1 = NORMS[cfg.norm](cfg.n_embd, cfg.bias)
         self.attn = CausalSelfAttention(cfg, layer)
-        self.norm2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.mlp = MLP(cfg)
+        self.norm2 = NORMS[cfg.norm](cfg.n_embd, cfg.bias)
+        self.mlp = MLPS[cfg.mlp](cfg)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+        rotate: Rotation = no_rotation,
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cache, mask)
+        x = x + self.attn(self.norm1(x), cache, mask, rotate)
         return x + self.mlp(self.norm2(x))
+
+
+def padded_vocab_size(cfg: ModelConfig) -> int:
+    """Embedding rows: the vocabulary rounded up to a multiple of `model.vocab_pad_multiple`."""
+    return cfg.vocab_pad_multiple * math.ceil(cfg.vocab_size / cfg.vocab_pad_multiple)
 
 
 class GPT(nn.Module):
@@ -194,11 +339,14 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.block_size = cfg.block_size
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = POSITIONS[cfg.pos](cfg.block_size, cfg.n_embd)
+        self.checkpoint_blocks = False  # set by training: recompute each block in backward
+        self.wte = nn.Embedding(padded_vocab_size(cfg), cfg.n_embd)
+        self.wpe = POSITIONS[cfg.pos](cfg)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
-        self.norm_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.norm_f = NORMS[cfg.norm](cfg.n_embd, cfg.bias)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.n_embd, padded_vocab_size(cfg), bias=False)
         self.apply(self._init_weights)
         residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
         for name, param in self.named_parameters():
@@ -212,9 +360,15 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The LM head (padded rows included): the token embedding unless untied."""
+        return self.wte.weight if self.cfg.tie_embeddings else self.lm_head.weight
+
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         head_dim = self.cfg.n_embd // self.cfg.n_head
-        return KVCache(self.cfg.n_layer, batch, self.cfg.n_head, self.block_size, head_dim, device, dtype)
+        n_kv_head = self.cfg.n_kv_head or self.cfg.n_head
+        return KVCache(self.cfg.n_layer, batch, n_kv_head, self.block_size, head_dim, device, dtype)
 
     def hidden_states(
         self, idx: torch.Tensor, cache: KVCache | None = None, document_ids: torch.Tensor | None = None
@@ -233,14 +387,43 @@ class GPT(nn.Module):
         else:
             positions, mask = cache.positions(idx.size(1)), cache.attention_mask(idx.size(1))
         x = self.drop(self.wte(idx) + self.wpe(positions))
+        rotate = self.wpe.rotation(positions)
         for block in self.blocks:
-            x = block(x, cache, mask)
+            x = self._run_block(block, x, cache, mask, rotate)
         if cache is not None:
             cache.length += idx.size(1)
         return self.norm_f(x)
 
-    def forward(
-        self, idx: torch.Tensor, cache: KVCache | None = None, document_ids: torch.Tensor | None = None
+    def _run_block(
+        self,
+        block: Block,
+        x: torch.Tensor,
+        cache: KVCache | None,
+        mask: torch.Tensor | None,
+        rotate: Rotation,
     ) -> torch.Tensor:
-        """Next-token logits (B, T, vocab)."""
-        return F.linear(self.hidden_states(idx, cache, document_ids), self.wte.weight)
+        """One block; under activation checkpointing its activations are recomputed in backward."""
+        if self.checkpoint_blocks and self.training:
+            return checkpoint(block, x, cache, mask, rotate, use_reentrant=False)
+        return block(x, cache, mask, rotate)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        document_ids: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Next-token logits (B, T, vocab); with `targets`, their mean cross-entropy instead.
+
+        The matmul runs over the padded rows (the fast shape); their logits are sliced off."""
+        hidden = self.hidden_states(idx, cache, document_ids)
+        if targets is not None:
+            return self.chunked_loss(hidden, targets)
+        return F.linear(hidden, self.head_weight)[..., : self.cfg.vocab_size]
+
+    def chunked_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy in fp32 without materialising the logits (`linear_cross_entropy`)."""
+        weight = self.head_weight[: self.cfg.vocab_size]
+        with torch.autocast(hidden.device.type, enabled=False):
+            return linear_cross_entropy(hidden.float(), weight.float(), targets)

@@ -4,6 +4,11 @@ FLOPs per trained token follow the PaLM appendix B accounting: 6·N for the matm
 (forward 2·N, backward 4·N; N = non-embedding matrices + the LM head, since a lookup is
 free but the head is a matmul) plus 12·L·d·T for attention scores and their weighted sum
 (d = heads × head dim, T = context). Inference costs a third of training.
+
+Architecture options enter through the parameters themselves: SwiGLU's three matrices and
+GQA's narrower k/v projections are counted as they are; GQA leaves the attention term alone
+(every query head still scores every key) but shrinks the KV cache to n_kv_head heads. An
+untied `lm_head` counts as the head, once; padded vocabulary rows are not counted.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ def parameters_by_component(model: nn.Module) -> dict[str, int]:
     """Parameter counts grouped as embedding, attention, MLP and norms."""
     groups = {"embedding": 0, "attention": 0, "mlp": 0, "norms": 0}
     for name, param in model.named_parameters():
-        if name.startswith(("wte", "wpe", "pad")):
+        if name.startswith(("wte", "wpe", "pad", "lm_head")):
             groups["embedding"] += param.numel()
         elif ".attn." in name:
             groups["attention"] += param.numel()
@@ -45,9 +50,11 @@ def parameters_by_component(model: nn.Module) -> dict[str, int]:
 
 
 def matmul_parameters(model: nn.Module, cfg: ModelConfig) -> int:
-    """Weights that take part in matmuls: every non-embedding matrix plus the (tied) LM head."""
+    """Weights that take part in matmuls: every block matrix plus the LM head (tied or not)."""
     matrices = sum(
-        p.numel() for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith(("wte", "wpe"))
+        p.numel()
+        for n, p in model.named_parameters()
+        if p.dim() == 2 and not n.startswith(("wte", "wpe", "lm_head"))
     )
     return matrices + cfg.vocab_size * cfg.n_embd
 
@@ -86,5 +93,8 @@ def training_memory(
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2) -> int:
-    """Keys and values of every layer for one token (bf16 by default)."""
-    return 2 * cfg.n_layer * cfg.n_embd * bytes_per_value if cfg.arch == "gpt" else 0
+    """Keys and values of every layer for one token (bf16 by default); GQA keeps n_kv_head heads."""
+    if cfg.arch != "gpt":
+        return 0
+    kv_width = (cfg.n_kv_head or cfg.n_head) * (cfg.n_embd // cfg.n_head)
+    return 2 * cfg.n_layer * kv_width * bytes_per_value

@@ -14,7 +14,7 @@ import hashlib
 import json
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sllm.atomic import fsync_path, recover_all, recover_dir, replace_dir, temp_path, write_text_atomic
+from sllm.config import ModelConfig
 from sllm.errors import UserError
 
 CHECKPOINTS = "checkpoints"
@@ -209,6 +210,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
 
 
 def config_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """Model config fields that differ, as `name: saved → wanted`."""
+    """Model config fields that differ, as `name: saved → wanted`. A field the checkpoint does
+    not record is older than the checkpoint, which was therefore made with its default."""
+    saved = {**asdict(ModelConfig()), **saved}
     keys = sorted(set(saved) | set(wanted))
     return [f"{k}: {saved.get(k)!r} → {wanted.get(k)!r}" for k in keys if saved.get(k) != wanted.get(k)]

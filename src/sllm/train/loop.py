@@ -99,6 +99,24 @@ def _prepare_run_dir(run_dir: Path, data_dir: Path) -> None:
     shutil.copyfile(data_dir / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
 
 
+def logits_loss(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: torch.dtype | None
+) -> torch.Tensor:
+    """Mean next-token cross-entropy from the full logits, taken in fp32."""
+    with autocast(device, dtype):
+        logits = model(x)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+
+def chunked_loss(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: torch.dtype | None
+) -> torch.Tensor:
+    """The same loss computed inside the model's forward (`train.chunked_loss`): the LM head and
+    the loss run chunk by chunk, and DDP/FSDP still see one call of the wrapped module."""
+    with autocast(device, dtype):
+        return model(x, targets=y)
+
+
 class Trainer:
     """Model, optimizer and data of one run; `run()` trains from the current step to the end."""
 
@@ -134,6 +152,8 @@ class Trainer:
 
         torch.manual_seed(t.seed)
         self.model = build_model(cfg.model).to(self.device)
+        self.model.checkpoint_blocks = t.activation_checkpointing
+        self.micro_batch_loss = chunked_loss if t.chunked_loss else logits_loss
         self.description = f"{describe(self.model)} on {self.device.type}"
         self.ddp_model = wrap_model(self.model, self.cluster, self.device, t.parallel)
         # A sharded model needs every rank in each forward pass, evaluation included.
@@ -232,9 +252,7 @@ class Trainer:
             x, y = (v.to(self.device, non_blocking=True) for v in self.windows.batch(self.step, index))
             last_micro_step = micro_step == t.grad_accum - 1
             with gradient_sync(self.ddp_model, last_micro_step):
-                with autocast(self.device, self.amp_dtype):
-                    logits = self.ddp_model(x)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                loss = self.micro_batch_loss(self.ddp_model, x, y, self.device, self.amp_dtype)
                 self.scaler.scale(loss / t.grad_accum).backward()
             total += loss.detach()
         if t.grad_clip > 0:
