@@ -111,18 +111,26 @@ def generator(trained_run):
     return TextGenerator.from_run(trained_run, device="cpu")
 
 
+def _stop_string_across_two_tokens(generator) -> tuple[str, str, str]:
+    """A prompt, a stop string spanning two tokens of its greedy continuation, and the text
+    before it; tries prompts until the continuation has two adjacent whole-character tokens."""
+    for prompt in ("대한민국은", "국민의 권리와 의무", "제1조", "국회는", "대통령은"):
+        ids = generator.tokenizer.encode(prompt)
+        new = _argmax_by_full_forward(generator.model, ids, 16)
+        if generator.tokenizer.eos_id in new:
+            new = new[: new.index(generator.tokenizer.eos_id)]
+        pieces = [generator.tokenizer.decode([token]) for token in new]
+        whole = [bool(piece) and "\ufffd" not in piece for piece in pieces]
+        boundary = next((i for i in range(1, len(new) - 1) if whole[i] and whole[i + 1]), None)
+        if boundary is not None:
+            stop = pieces[boundary][-1] + pieces[boundary + 1][0]
+            full = generator.tokenizer.decode(new)
+            return prompt, stop, full[: full.index(stop)]
+    raise AssertionError("no prompt gave two adjacent whole-character tokens")
+
+
 def test_stop_string_on_a_trained_run_cuts_at_its_first_occurrence(generator):
-    prompt = "대한민국은"
-    ids = generator.tokenizer.encode(prompt)
-    new = _argmax_by_full_forward(generator.model, ids, 16)
-    if generator.tokenizer.eos_id in new:
-        new = new[: new.index(generator.tokenizer.eos_id)]
-    pieces = [generator.tokenizer.decode([token]) for token in new]
-    whole = [bool(piece) and "\ufffd" not in piece for piece in pieces]
-    boundary = next(i for i in range(1, len(new) - 1) if whole[i] and whole[i + 1])
-    stop = pieces[boundary][-1] + pieces[boundary + 1][0]  # spans two tokens
-    full = generator.tokenizer.decode(new)
-    expected = full[: full.index(stop)]
+    prompt, stop, expected = _stop_string_across_two_tokens(generator)
     params = {"max_new_tokens": 16, "temperature": 0, "stop": [stop]}
     assert generator.generate(prompt, **params) == expected
     assert "".join(generator.stream(prompt, **params)) == expected
