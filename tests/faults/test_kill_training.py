@@ -111,6 +111,7 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(
         finish = subprocess.run(_command(prepared_dir, run_dir, interval), capture_output=True, timeout=300)
         assert finish.returncode == 0, finish.stderr
     assert kills >= 2
+    print(f"\nseed {seed}, checkpoint every {interval}: {kills} kills, steps lost per kill {lost}")
     assert max(lost) <= interval, lost
     _assert_same_weights(_weights(run_dir), uninterrupted[interval])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
