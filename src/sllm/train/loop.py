@@ -13,6 +13,7 @@ self-contained; checkpoints, metrics.jsonl, TensorBoard events and samples follo
 
 from __future__ import annotations
 
+import gc
 import math
 import shutil
 import time
@@ -376,8 +377,14 @@ def train(cfg: Config, log=print) -> TrainResult:
     as one rank of a `torchrun` job."""
     trainer = Trainer(cfg, log)
     try:
-        return _train(trainer, cfg, log)
+        result = _train(trainer, cfg, log)
+        barrier(trainer.cluster)  # every rank is done before any tears the process group down
+        return result
     finally:
+        # DDP's reducer holds the process group; freed after its peer has exited, the gloo
+        # group's destructor waits forever, so it goes first, while every rank is alive.
+        trainer.ddp_model = None
+        gc.collect()
         leave_cluster(trainer.cluster)
 
 
