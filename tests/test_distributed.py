@@ -32,7 +32,7 @@ def _train_args(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+def _run(command: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
 
