@@ -24,6 +24,7 @@ from torch import nn
 
 from sllm.data.loader import eval_batches, open_split
 from sllm.data.prepare import read_meta
+from sllm.data.sources import read_text_file
 from sllm.errors import UserError
 from sllm.runs import LoadedRun, open_run
 from sllm.runtime import autocast, select_autocast_dtype, select_device
@@ -210,19 +211,14 @@ def evaluate_texts(
     checkpoint: str = "latest",
 ) -> list[EvalResult]:
     """Score each UTF-8 text file, tokenized with the run's tokenizer, as one document."""
-    texts = {str(path): read_text_file(Path(path)) for path in files}
+    texts = {str(path): read_eval_text(Path(path)) for path in files}
     evaluator = Evaluator.from_run(run_dir, device, checkpoint)
     return [evaluator.evaluate_text(text, name, stride, batch_size) for name, text in texts.items()]
 
 
-def read_text_file(path: Path) -> str:
+def read_eval_text(path: Path) -> str:
     """The file's text, NFC-normalized; a missing, empty or non-UTF-8 file is a user error."""
-    if not path.is_file():
-        raise UserError(f"text file {path} not found; check --text")
-    try:
-        text = nfc(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text; convert it (e.g. with iconv) first") from None
+    text = nfc(read_text_file(path, "text file", "an existing UTF-8 file to --text"))
     if not text:
         raise UserError(f"{path} is empty; give a file with text to score")
     return text

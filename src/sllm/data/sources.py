@@ -87,6 +87,19 @@ class SourceStats:
     files: list[str] = field(default_factory=list)
 
 
+def read_text_file(path: Path, what: str, expected: str) -> str:
+    """A whole (small) file as text, a UTF-8 BOM dropped: for task files read at once. A
+    missing, unreadable or non-UTF-8 file is one line naming the file and what was expected."""
+    if not path.is_file():
+        raise UserError(f"{what} {path} not found; give {expected}")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8 text; convert it to UTF-8 (e.g. with iconv)") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
 def _base_suffix(path: Path) -> str:
     name = path.name.lower()
     for compression in COMPRESSED_SUFFIXES:

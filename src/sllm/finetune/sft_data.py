@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sllm.data.sources import read_text_file
 from sllm.errors import UserError
 from sllm.infer.chat import Message
 
@@ -43,12 +44,7 @@ class SftData:
 
 def load_sft(path: str | Path) -> SftData:
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"SFT file {path} not found; give a .json, .jsonl or .csv file")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise UserError(f"SFT file {path} is not UTF-8 text; convert it to UTF-8") from None
+    text = read_text_file(path, "SFT file", "a .json, .jsonl or .csv file")
     suffix = path.suffix.lower()
     if suffix == ".csv":
         records = _csv_records(path, text)

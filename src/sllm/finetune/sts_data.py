@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sllm.data.sources import read_text_file
 from sllm.errors import UserError
 
 MAX_SCORE = 5.0
@@ -53,12 +54,7 @@ class StsData:
 def load_sts(path: str | Path) -> StsData:
     """Read a KorSTS TSV or KLUE-STS JSON file; raise one clear `UserError` if it is unusable."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"STS file {path} not found; give a KorSTS .tsv or KLUE-STS .json file")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise UserError(f"STS file {path} is not UTF-8 text; convert it to UTF-8") from None
+    text = read_text_file(path, "STS file", "a KorSTS .tsv or KLUE-STS .json file")
     if text.lstrip().startswith("["):
         data = StsData(path, "KLUE-STS JSON", [])
         rows = _klue_rows(path, text)
