@@ -159,23 +159,25 @@ class Evaluator:
         batch = batch_size or self.run.config.eval.batch_size
         return score_tokens(self.run.model, tokens, stride, batch, self.device, self.amp_dtype)
 
-    def split_sizes(self) -> dict[str, dict[str, int]]:
+    def data_meta(self) -> dict:
+        """The run's prepared data description, refused if made with another tokenizer."""
         data_dir = self.run.config.data.dir
         meta = read_meta(data_dir)
         if meta["tokenizer_sha256"] != self.run.tokenizer.sha256:
             raise UserError(
                 f"the data in {data_dir} was prepared with another tokenizer than {self.run.path}"
             )
-        return meta["splits"]
+        return meta
 
     def evaluate(self, split: str = "val", stride: int = 0, batch_size: int = 0) -> EvalResult:
         """Loss, perplexity, bits per byte and accuracy over a whole split of the run's data."""
-        sizes = self.split_sizes()
+        meta = self.data_meta()
+        sizes = meta["splits"]
         if split not in sizes or sizes[split]["tokens"] < 2:
             present = [name for name, size in sizes.items() if size["tokens"] >= 2]
             raise UserError(f"split {split!r} has no tokens to score; the data has {', '.join(present)}")
         data_dir = self.run.config.data.dir
-        tokens = open_split(data_dir, split, read_meta(data_dir)["dtype"])
+        tokens = open_split(data_dir, split, meta["dtype"])
         return EvalResult(split, self._score(tokens, stride, batch_size), sizes[split]["bytes"])
 
     def evaluate_text(self, text: str, name: str, stride: int = 0, batch_size: int = 0) -> EvalResult:
@@ -195,7 +197,7 @@ def evaluate_run(
 ) -> list[EvalResult]:
     """Score the requested splits (default: `eval.splits` that have tokens)."""
     evaluator = Evaluator.from_run(run_dir, device, checkpoint)
-    sizes = evaluator.split_sizes()
+    sizes = evaluator.data_meta()["splits"]
     wanted = splits or [s for s in evaluator.run.config.eval.splits if sizes.get(s, {}).get("tokens", 0) >= 2]
     if not wanted:
         raise UserError(f"none of the splits {evaluator.run.config.eval.splits} has tokens to score")
