@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from sllm.config import load_config
+from sllm.data.loader import open_split
 from sllm.data.prepare import prepare, read_meta
 from sllm.errors import UserError
 from sllm.tokenizer import load_tokenizer, nfc
@@ -27,7 +28,7 @@ def _run(cfg, messages=None):
 
 def _documents(data_dir, split, meta):
     """Decode a split's token file back into its documents (split at EOS)."""
-    tokens = np.fromfile(data_dir / f"{split}.bin", dtype=meta["dtype"]).tolist()
+    tokens = np.asarray(open_split(data_dir, split, meta)).tolist()
     tok = load_tokenizer(data_dir)
     docs, current = [], []
     for t in tokens:
@@ -50,7 +51,7 @@ def test_token_counts_equal_encoded_documents_plus_eos(tmp_path):
     assert splits["train"]["tokens"] + splits["val"]["tokens"] + splits["test"]["tokens"] == expected
     assert splits["train"]["documents"] + splits["val"]["documents"] == 60
     for split in ("train", "val"):
-        size = (tmp_path / "out" / f"{split}.bin").stat().st_size
+        size = (tmp_path / "out" / f"{split}-00000.bin").stat().st_size
         assert size == splits[split]["tokens"] * 2  # uint16
     assert meta["dtype"] == "uint16" and meta["eos_id"] == tok.eos_id
     assert meta["tokenizer_sha256"] == tok.sha256
@@ -83,7 +84,7 @@ def test_dtype_switches_to_uint32_above_65536_tokens(tmp_path):
     cfg = _config(tmp_path, [corpus], "tokenizer.kind=char", "data.txt_mode=paragraph", "data.val_ratio=0")
     meta = _run(cfg)
     assert meta["vocab_size"] > 65536 and meta["dtype"] == "uint32"
-    tokens = np.fromfile(tmp_path / "out" / "train.bin", dtype=np.uint32)
+    tokens = np.fromfile(tmp_path / "out" / "train-00000.bin", dtype=np.uint32)
     assert tokens.max() >= 65536
     assert len(tokens) == 66000 * 2 + 100 + 3
 
@@ -92,7 +93,7 @@ def test_second_run_is_a_no_op_and_changed_input_rebuilds(tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", constitution_paragraphs()[:40])
     cfg = _config(tmp_path, [corpus])
     _run(cfg)
-    train_bin = tmp_path / "out" / "train.bin"
+    train_bin = tmp_path / "out" / "train-00000.bin"
     stamp = train_bin.stat().st_mtime_ns
     messages: list[str] = []
     _run(cfg, messages)
@@ -184,6 +185,12 @@ def test_interrupted_prepare_leaves_previous_output_intact(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         _run(cfg)
     assert read_meta(cfg.data.dir) == before
+    assert sorted(os.listdir(tmp_path)) == [".out.partial", "c.jsonl", "out"]  # kept, to resume
+    monkeypatch.undo()
+    messages: list[str] = []
+    meta = _run(cfg, messages)
+    assert "resuming" in messages[0]
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 31
     assert sorted(os.listdir(tmp_path)) == ["c.jsonl", "out"]
 
 

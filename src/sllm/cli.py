@@ -47,8 +47,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from sllm.data.mixture import resolve_sources
     from sllm.data.prepare import train_tokenizer
-    from sllm.data.sources import expand_inputs
 
     cfg = _load(
         args,
@@ -58,9 +58,10 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
             "data.txt_mode": args.txt_mode,
             "tokenizer.vocab_size": args.vocab_size,
             "tokenizer.kind": args.kind,
+            "tokenizer.sample_bytes": args.sample_bytes,
         },
     )
-    tokenizer = train_tokenizer(expand_inputs(cfg.data.inputs), cfg.data, cfg.tokenizer)
+    tokenizer = train_tokenizer(resolve_sources(cfg.data), cfg.data, cfg.tokenizer)
     path = tokenizer.save(Path(args.out))
     print(f"saved {path} ({tokenizer.vocab_size} tokens)")
 
@@ -93,7 +94,12 @@ def cmd_prepare(args: argparse.Namespace) -> None:
             "data.txt_mode": args.txt_mode,
             "data.val_ratio": args.val_ratio,
             "data.test_ratio": args.test_ratio,
+            "data.input_weights": args.source_weight,
+            "data.val_inputs": args.val_input,
+            "data.test_inputs": args.test_input,
+            "data.shard_tokens": args.shard_tokens,
             "tokenizer.path": args.tokenizer,
+            "tokenizer.sample_bytes": args.tokenizer_sample_bytes,
         },
     )
     prepare(cfg.data, cfg.tokenizer)
@@ -410,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     _source_args(tok_train)
     tok_train.add_argument("--vocab-size", type=int, help="vocabulary size (default 8000)")
     tok_train.add_argument("--kind", choices=["bpe", "char"], help="tokenizer kind (default bpe)")
+    tok_train.add_argument("--sample-bytes", type=int, help="train on this much text (default 1 GB)")
     tok_train.add_argument("--out", required=True, help="directory to write tokenizer.json into")
     _config_args(tok_train)
     tok_train.set_defaults(func=cmd_tokenizer_train)
@@ -427,6 +434,24 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", help="prepared data directory (data.dir)")
     prep.add_argument("--val-ratio", type=float, help="share of documents for validation")
     prep.add_argument("--test-ratio", type=float, help="share of documents for testing")
+    prep.add_argument(
+        "--source-weight",
+        type=float,
+        action="append",
+        default=[],
+        help="one per --input, in order: each input is a source, sampled in training by its weight",
+    )
+    prep.add_argument(
+        "--val-input",
+        action="append",
+        default=[],
+        help="held-out validation file (repeatable)",
+    )
+    prep.add_argument("--test-input", action="append", default=[], help="held-out test file (repeatable)")
+    prep.add_argument("--shard-tokens", type=int, help="tokens per shard file (default 100,000,000)")
+    prep.add_argument(
+        "--tokenizer-sample-bytes", type=int, help="train the tokenizer on this much text (default 1 GB)"
+    )
     _config_args(prep)
     prep.set_defaults(func=cmd_prepare)
 

@@ -31,8 +31,19 @@ def option(default: Any, help: str) -> Any:
 
 
 @dataclass
+class SourceConfig:
+    name: str = option("", "name of the source in meta.json and the summary; default source<N>")
+    inputs: list[str] = option([], "files, directories, globs or hf:NAME datasets of this source")
+    text_field: str = option("", "field or column holding the text; empty means data.text_field")
+    weight: float = option(0.0, "share of training windows drawn from this source; 0 for all: natural mix")
+    split: Literal["auto", "train", "val", "test"] = option(
+        "auto", "auto: split by data.val_ratio/test_ratio; else every document goes to this split"
+    )
+
+
+@dataclass
 class DataConfig:
-    dir: str = option("data/default", "prepared data directory (train.bin, val.bin, meta.json)")
+    dir: str = option("data/default", "prepared data directory (token shards per split, meta.json)")
     inputs: list[str] = option(
         [], "raw text files, directories, globs or hf:NAME datasets that prepare reads"
     )
@@ -42,6 +53,13 @@ class DataConfig:
     txt_mode: Literal["file", "paragraph"] = option(
         "file", "TXT documents: one per file, or one per blank-line-separated paragraph"
     )
+    input_weights: list[float] = option(
+        [], "one weight per data.inputs entry: each input becomes a source sampled by its weight"
+    )
+    val_inputs: list[str] = option([], "held-out validation files (then val_ratio is not drawn)")
+    test_inputs: list[str] = option([], "held-out test files (then test_ratio is not drawn)")
+    sources: list[SourceConfig] = option([], "several named sources, each with its own inputs and field")
+    shard_tokens: int = option(100_000_000, "tokens per shard file of a split (the resume unit)")
     val_ratio: float = option(0.05, "share of documents held out for validation")
     test_ratio: float = option(0.0, "share of documents held out for testing")
     split_seed: int = option(1234, "seed of the document-level train/val/test split")
@@ -74,6 +92,9 @@ class TokenizerConfig:
     min_frequency: int = option(2, "minimum pair count for a BPE merge")
     special_tokens: list[str] = option(SPECIAL_TOKENS, "special tokens; must hold an EOS token")
     path: str | None = option(None, "existing tokenizer.json (or its directory) to use")
+    sample_bytes: int = option(
+        1_000_000_000, "train on the first this many bytes of text, taken from the sources in turn"
+    )
 
 
 @dataclass
@@ -207,6 +228,11 @@ def _coerce(value: Any, expected: Any, key: str) -> Any:
             return None
         inner = [a for a in typing.get_args(expected) if a is not type(None)]
         return _coerce(value, inner[0], key)
+    if dataclasses.is_dataclass(expected):
+        if not isinstance(value, dict):
+            fields = ", ".join(typing.get_type_hints(expected))
+            raise UserError(f"config key {key} must be a mapping with the keys {fields}")
+        return build_dataclass(expected, key, value)
     if origin is list:
         if not isinstance(value, list):
             raise UserError(f"config key {key} must be a list, got {value!r}")
@@ -377,6 +403,7 @@ def validate(cfg: Config) -> None:
     ):
         raise UserError("data.val_ratio and data.test_ratio must be in [0, 1) and sum below 1")
     _validate_cleaning(cfg.data)
+    _positive("tokenizer.sample_bytes", cfg.tokenizer.sample_bytes)
     if cfg.tokenizer.kind == "bpe" and cfg.tokenizer.vocab_size < 256 + len(cfg.tokenizer.special_tokens):
         raise UserError("tokenizer.vocab_size must be at least 256 + the number of special tokens")
     s = cfg.sample
@@ -399,6 +426,7 @@ def _validate_architecture(m: ModelConfig) -> None:
 
 
 def _validate_cleaning(data: DataConfig) -> None:
+    _positive("data.shard_tokens", data.shard_tokens)
     if data.min_chars < 0 or data.max_chars < 0:
         raise UserError("data.min_chars and data.max_chars must not be negative (0 disables them)")
     if data.max_chars and data.max_chars < data.min_chars:

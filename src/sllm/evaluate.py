@@ -177,7 +177,7 @@ class Evaluator:
             present = [name for name, size in sizes.items() if size["tokens"] >= 2]
             raise UserError(f"split {split!r} has no tokens to score; the data has {', '.join(present)}")
         data_dir = self.run.config.data.dir
-        tokens = open_split(data_dir, split, meta["dtype"])
+        tokens = open_split(data_dir, split, meta)
         return EvalResult(split, self._score(tokens, stride, batch_size), sizes[split]["bytes"])
 
     def evaluate_text(self, text: str, name: str, stride: int = 0, batch_size: int = 0) -> EvalResult:

@@ -18,7 +18,7 @@ from sllm.tokenizer import train_bpe
 
 from ..conftest import constitution_paragraphs
 
-OUTPUT_FILES = ("meta.json", "tokenizer.json", "train.bin", "val.bin", "test.bin")
+OUTPUT_FILES = ("meta.json", "tokenizer.json", "train-00000.bin", "val-00000.bin", "test-00000.bin")
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ def describe_data(data_dir: str | Path, show_samples: int = 0, window_tokens: in
     skipped = {k: v for k, v in meta["skipped"].items() if v}
     if skipped:
         lines.append("  skipped: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in skipped.items()))
-    tokens = open_split(data_dir, "train", meta["dtype"])
+    tokens = open_split(data_dir, "train", meta)
     rng = np.random.default_rng(seed)
     width = min(window_tokens, len(tokens))
     for number in range(show_samples if width else 0):

@@ -15,27 +15,35 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from sllm.data.mixture import TrainMixture
+from sllm.data.shards import TokenShards, open_shards
 from sllm.errors import UserError
 
 
-def open_split(data_dir: str | Path, split: str, dtype: str) -> np.ndarray:
-    """The split's tokens as a read-only memmap (empty array for an empty split)."""
-    path = Path(data_dir) / f"{split}.bin"
-    if not path.is_file():
-        raise UserError(f"{path} not found; run `sllm prepare` for {data_dir}")
-    if path.stat().st_size == 0:
-        return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r")
+def open_split(data_dir: str | Path, split: str, meta: dict[str, Any]) -> np.ndarray | TokenShards:
+    """The split's tokens, its shards read as one array (meta.json lists them; data prepared
+    before sharding has one `<split>.bin`)."""
+    names = meta.get("shards", {}).get(split, [f"{split}.bin"])
+    return open_shards(Path(data_dir), names, meta["dtype"])
 
 
 class TrainWindows:
-    """Random windows of `block_size + 1` tokens, addressed by (step, micro-batch index)."""
+    """Random windows of `block_size + 1` tokens, addressed by (step, micro-batch index); with a
+    mixture, each window first draws its source by weight (sllm.data.mixture)."""
 
-    def __init__(self, tokens: np.ndarray, block_size: int, micro_batch: int, seed: int) -> None:
+    def __init__(
+        self,
+        tokens: np.ndarray | TokenShards,
+        block_size: int,
+        micro_batch: int,
+        seed: int,
+        mixture: TrainMixture | None = None,
+    ) -> None:
         if len(tokens) < block_size + 1:
             raise UserError(
                 f"the train split has {len(tokens)} tokens, fewer than block_size + 1 "
@@ -45,9 +53,12 @@ class TrainWindows:
         self.block_size = block_size
         self.micro_batch = micro_batch
         self.seed = seed
+        self.mixture = mixture
 
     def starts(self, step: int, index: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, step, index])
+        if self.mixture is not None:
+            return self.mixture.window_starts(rng, self.micro_batch, self.block_size + 1)
         return rng.integers(0, len(self.tokens) - self.block_size, size=self.micro_batch)
 
     def batch(self, step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:

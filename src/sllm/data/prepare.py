@@ -1,39 +1,53 @@
-"""Raw text → prepared data directory: tokenizer.json, train/val/test .bin files, meta.json.
+"""Raw text → prepared data directory: tokenizer.json, token shards per split, meta.json.
 
-Documents are cleaned (sllm.data.clean: NFC and the configured rewrites and filters, each
-counted in meta.json), split by a seeded draw per document (so a document never straddles
-splits), encoded in batches (the tokenizer's Rust threads use every core) and joined
-with EOS. Token files are flat uint16 arrays when the vocabulary fits, else uint32.
+Documents are read from each source in turn (sllm.data.mixture), cleaned (sllm.data.clean:
+NFC and the configured rewrites and filters, each counted in meta.json), split by a seeded
+draw per document (so a document never straddles splits) or by their held-out source, encoded
+in batches and joined with EOS. Reading and cleaning run in a background thread while the
+tokenizer's Rust threads encode the previous batch on every core. Tokens go to shards of
+`data.shard_tokens` (sllm.data.shards): uint16 when the vocabulary fits, else uint32.
+Memory is bounded by a few batches, whatever the corpus size (exact and near dedup aside).
 
 meta.json keeps a fingerprint of the inputs (content sha256), the tokenizer and the
 settings: re-running on unchanged inputs does nothing, anything changed rebuilds. Work
-happens in a temp directory that is renamed into place at the end, so an interrupted
-prepare never leaves a half-written directory that looks complete.
+happens in a hidden work directory that is renamed into place at the end, so an interrupted
+prepare never leaves a half-written directory that looks complete; the work directory keeps
+`progress.json` (written after each finished shard and every half minute), and a rerun with
+the same inputs and settings continues from there, producing the same bytes as an
+uninterrupted prepare.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
-import os
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
-from sllm.atomic import ensure_writable_dir, recover_dir, replace_dir, temp_path
+from sllm.atomic import ensure_writable_dir, recover_dir, replace_dir, write_text_atomic
 from sllm.config import DataConfig, TokenizerConfig
 from sllm.data.clean import Cleaner, CleanReport
-from sllm.data.sources import HFDataset, Input, ReadOptions, SourceStats, expand_inputs, read_documents
+from sllm.data.mixture import Source, held_out_splits, resolve_sources
+from sllm.data.prefetch import prefetched
+from sllm.data.shards import ShardWriter
+from sllm.data.sources import HFDataset, Input, SourceStats, read_documents
 from sllm.errors import UserError
 from sllm.tokenizer import Tokenizer, load_tokenizer, train_bpe, train_char
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META_FILE = "meta.json"
+PROGRESS_FILE = "progress.json"
+PARTIAL_MARK = ".partial"
+PROGRESS_INTERVAL_S = 30.0
 SPLITS = ("train", "val", "test")
 ENCODE_BATCH_DOCS = 512
 
@@ -53,17 +67,34 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def train_tokenizer(files: list[Input], data: DataConfig, tok: TokenizerConfig) -> Tokenizer:
-    """Train the configured kind of tokenizer on the cleaned documents of `files`."""
+def train_tokenizer(sources: list[Source], data: DataConfig, tok: TokenizerConfig) -> Tokenizer:
+    """Train the configured kind of tokenizer on a sample of the cleaned documents: the first
+    `tok.sample_bytes` bytes of text, taking one document from each source in turn."""
     stats = SourceStats()
     cleaner = Cleaner(data)
-    texts = cleaner(read_documents(files, ReadOptions.from_config(data), stats))
+    streams = [cleaner(read_documents(s.files, s.options, stats)) for s in sources]
+    texts = _interleaved_sample(streams, tok.sample_bytes)
     if tok.kind == "char":
         tokenizer: Tokenizer = train_char(texts, tok.special_tokens)
     else:
         tokenizer = train_bpe(texts, tok.vocab_size, tok.special_tokens, tok.min_frequency)
     _require_kept_documents(stats, cleaner.report)
     return tokenizer
+
+
+def _interleaved_sample(streams: list[Iterator[str]], limit_bytes: int) -> Iterator[str]:
+    """Documents round-robin over `streams` until `limit_bytes` of UTF-8 text were given."""
+    active, taken = list(streams), 0
+    while active and taken < limit_bytes:
+        for stream in list(active):
+            text = next(stream, None)
+            if text is None:
+                active.remove(stream)
+                continue
+            taken += len(text.encode("utf-8"))
+            yield text
+            if taken >= limit_bytes:
+                return
 
 
 def _require_kept_documents(stats: SourceStats, report: CleanReport) -> None:
@@ -89,7 +120,7 @@ def _input_fingerprint(source: Input) -> dict[str, Any]:
 
 
 def _fingerprint(
-    files: list[Input], data: DataConfig, tok: TokenizerConfig, given: Tokenizer | None
+    sources: list[Source], data: DataConfig, tok: TokenizerConfig, given: Tokenizer | None
 ) -> dict[str, Any]:
     """What the output depends on: input contents, the tokenizer (or its recipe), settings."""
     tokenizer_key: dict[str, Any]
@@ -98,7 +129,7 @@ def _fingerprint(
     else:
         tokenizer_key = {"train": {k: v for k, v in dataclasses.asdict(tok).items() if k != "path"}}
     settings = {k: v for k, v in dataclasses.asdict(data).items() if k not in ("dir", "inputs")}
-    inputs = [_input_fingerprint(source) for source in files]
+    inputs = [_input_fingerprint(file) for source in sources for file in source.files]
     return {
         "format_version": FORMAT_VERSION,
         "inputs": inputs,
@@ -117,69 +148,148 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
         raise UserError(f"{path} is damaged (invalid JSON); run `sllm prepare` again") from None
 
 
-def _split_of(draws: np.ndarray, val_ratio: float, test_ratio: float) -> Iterator[str]:
-    for u in draws:
-        yield "val" if u < val_ratio else "test" if u < val_ratio + test_ratio else "train"
+def _zero_counts() -> dict[str, dict[str, int]]:
+    return {s: {"documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
 
 
-def _write_splits(
-    documents: Iterator[str], tokenizer: Tokenizer, data: DataConfig, out: Path
-) -> dict[str, dict[str, int]]:
-    """Encode documents in batches and append them, EOS after each, to their split's file."""
-    dtype = token_dtype(tokenizer.vocab_size)
-    counts = {s: {"documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
-    handles = {s: open(out / f"{s}.bin", "wb") for s in SPLITS}  # noqa: SIM115
-    rng = np.random.default_rng(data.split_seed)
-    try:
-        batch: list[str] = []
-        for text in documents:
-            batch.append(text)
+@dataclass
+class Progress:
+    """How far a prepare got: written to the work directory after each finished shard (and
+    every PROGRESS_INTERVAL_S), so an interrupted prepare resumes from there."""
+
+    fingerprint: dict[str, Any]
+    batches_done: int = 0
+    counts: dict[str, dict[str, int]] = dataclasses.field(default_factory=_zero_counts)
+    source_counts: list[dict[str, dict[str, int]]] = dataclasses.field(default_factory=list)
+
+    def save(self, work: Path) -> None:
+        write_text_atomic(work / PROGRESS_FILE, json.dumps(dataclasses.asdict(self), ensure_ascii=False))
+
+    @classmethod
+    def load(cls, work: Path, fingerprint: dict[str, Any]) -> Progress | None:
+        """The saved progress if it belongs to the same inputs and settings, else None."""
+        try:
+            saved = cls(**json.loads((work / PROGRESS_FILE).read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            return None
+        return saved if saved.fingerprint == fingerprint else None
+
+
+class SplitAssigner:
+    """Which split each document goes to: a seeded draw per document of each batch (a pure
+    function of the batch number, so a resumed prepare draws the same), or the split of a
+    held-out source."""
+
+    def __init__(self, data: DataConfig, held_out: set[str]) -> None:
+        self.seed = data.split_seed
+        self.val_ratio = 0.0 if "val" in held_out else data.val_ratio
+        self.test_ratio = 0.0 if "test" in held_out else data.test_ratio
+
+    def __call__(self, batch_number: int, source_splits: list[str]) -> list[str]:
+        draws = np.random.default_rng([self.seed, batch_number]).random(len(source_splits))
+        pairs = zip(source_splits, draws, strict=True)
+        return [fixed if fixed != "auto" else self._drawn(u) for fixed, u in pairs]
+
+    def _drawn(self, u: float) -> str:
+        return "val" if u < self.val_ratio else "test" if u < self.val_ratio + self.test_ratio else "train"
+
+
+def _cleaned_batches(
+    sources: list[Source], cleaner: Cleaner, stats: SourceStats
+) -> Iterator[list[tuple[int, str]]]:
+    """(source index, cleaned text) in batches of ENCODE_BATCH_DOCS, sources one after another."""
+    batch: list[tuple[int, str]] = []
+    for index, source in enumerate(sources):
+        for text in cleaner(read_documents(source.files, source.options, stats)):
+            batch.append((index, text))
             if len(batch) == ENCODE_BATCH_DOCS:
-                _flush(batch, rng, tokenizer, data, dtype, handles, counts)
+                yield batch
                 batch = []
-        _flush(batch, rng, tokenizer, data, dtype, handles, counts)
-        for handle in handles.values():
-            handle.flush()
-            os.fsync(handle.fileno())
-    finally:
-        for handle in handles.values():
-            handle.close()
-    return counts
+    if batch:
+        yield batch
 
 
-def _flush(batch, rng, tokenizer, data, dtype, handles, counts) -> None:
-    if not batch:
-        return
-    splits = list(_split_of(rng.random(len(batch)), data.val_ratio, data.test_ratio))
-    for text, ids, split in zip(batch, tokenizer.encode_batch(batch), splits, strict=True):
-        ids.append(tokenizer.eos_id)
-        np.asarray(ids, dtype=dtype).tofile(handles[split])
-        counts[split]["documents"] += 1
-        counts[split]["tokens"] += len(ids)
-        counts[split]["bytes"] += len(text.encode("utf-8"))
+class SplitWriter:
+    """Encodes batches and appends each document, EOS after it, to its split's shards; keeps
+    the counts per split and per source and saves the progress."""
+
+    def __init__(
+        self, work: Path, tokenizer: Tokenizer, sources: list[Source], data: DataConfig, progress: Progress
+    ) -> None:
+        self.work, self.tokenizer, self.sources, self.progress = work, tokenizer, sources, progress
+        self.assign = SplitAssigner(data, held_out_splits(sources))
+        dtype = token_dtype(tokenizer.vocab_size)
+        if not progress.source_counts:
+            progress.source_counts = [_zero_counts() for _ in sources]
+        self.shards = {
+            s: ShardWriter(work, s, dtype, data.shard_tokens, progress.counts[s]["tokens"]) for s in SPLITS
+        }
+        self.saved_at = time.monotonic()
+
+    def write(self, batch_number: int, batch: list[tuple[int, str]]) -> int:
+        """Encode and write one batch; the number of tokens it added."""
+        texts = [text for _, text in batch]
+        splits = self.assign(batch_number, [self.sources[index].split for index, _ in batch])
+        pieces: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
+        finished_before = sum(w.finished_shards for w in self.shards.values())
+        added = 0
+        for (source, text), ids, split in zip(batch, self.tokenizer.encode_batch(texts), splits, strict=True):
+            ids.append(self.tokenizer.eos_id)
+            pieces[split].append(ids)
+            for counts in (self.progress.counts[split], self.progress.source_counts[source][split]):
+                counts["documents"] += 1
+                counts["tokens"] += len(ids)
+                counts["bytes"] += len(text.encode("utf-8"))
+            added += len(ids)
+        for split, documents in pieces.items():
+            if documents:
+                tokens = np.fromiter(itertools.chain.from_iterable(documents), dtype=np.int64)
+                self.shards[split].write(tokens)
+        self.progress.batches_done = batch_number + 1
+        finished = sum(w.finished_shards for w in self.shards.values())
+        if finished > finished_before or time.monotonic() - self.saved_at > PROGRESS_INTERVAL_S:
+            self.save_progress()
+        return added
+
+    def save_progress(self) -> None:
+        for shards in self.shards.values():
+            shards.sync()
+        self.progress.save(self.work)
+        self.saved_at = time.monotonic()
+
+    def close(self) -> dict[str, list[str]]:
+        return {split: shards.close() for split, shards in self.shards.items()}
 
 
-def _check_splits(counts: dict[str, dict[str, int]], data: DataConfig) -> None:
+def _check_splits(counts: dict[str, dict[str, int]], data: DataConfig, held_out: set[str]) -> None:
     total_docs = sum(c["documents"] for c in counts.values())
     if total_docs == 0:
         raise UserError("the corpus is empty: no non-empty documents in the inputs")
+    for split in sorted(held_out):
+        if counts[split]["documents"] == 0:
+            raise UserError(f"the held-out {split} files gave no documents; check data.{split}_inputs")
     wanted = {"train": 1.0, "val": data.val_ratio, "test": data.test_ratio}
     for split, ratio in wanted.items():
-        if ratio > 0 and counts[split]["documents"] == 0:
+        if ratio > 0 and split not in held_out and counts[split]["documents"] == 0:
             raise UserError(
                 f"the {split} split got no documents out of {total_docs}; give more documents "
                 "(e.g. data.txt_mode=paragraph), raise its ratio or change data.split_seed"
             )
 
 
+def work_path(out: Path) -> Path:
+    """Where an unfinished prepare of `out` lives; it survives interruptions, to be resumed."""
+    return out.parent / f".{out.name}{PARTIAL_MARK}"
+
+
 def prepare(data: DataConfig, tok: TokenizerConfig, log=print) -> dict[str, Any]:
-    """Build (or confirm up to date) the prepared data directory `data.dir`; return its meta."""
+    """Build (or confirm up to date, or resume) the prepared data directory `data.dir`."""
     out = Path(data.dir)
-    files = expand_inputs(data.inputs)
+    sources = resolve_sources(data)
     ensure_writable_dir(out.parent, "prepared data")
     recover_dir(out)
     given = load_tokenizer(tok.path) if tok.path else None
-    fingerprint = _fingerprint(files, data, tok, given)
+    fingerprint = _fingerprint(sources, data, tok, given)
     if (out / META_FILE).is_file():
         existing = read_meta(out)
         if existing.get("fingerprint") == fingerprint:
@@ -189,39 +299,109 @@ def prepare(data: DataConfig, tok: TokenizerConfig, log=print) -> dict[str, Any]
         raise UserError(f"{out} exists and is not a prepared data directory; choose another --out")
 
     started = time.perf_counter()
-    tokenizer = given or train_tokenizer(files, data, tok)
-    tmp = temp_path(out)
-    tmp.mkdir()
+    work = work_path(out)
+    writer = _resume(work, sources, data, log, fingerprint)
+    if writer is None:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        tokenizer = given or train_tokenizer(sources, data, tok)
+        tokenizer.save(work)
+        progress = Progress(fingerprint)
+        progress.save(work)
+        writer = SplitWriter(work, tokenizer, sources, data, progress)
     try:
-        tokenizer.save(tmp)
-        stats = SourceStats()
-        cleaner = Cleaner(data)
-        documents = cleaner(read_documents(files, ReadOptions.from_config(data), stats))
-        counts = _write_splits(documents, tokenizer, data, tmp)
-        _require_kept_documents(stats, cleaner.report)
-        _check_splits(counts, data)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "tokenizer_sha256": tokenizer.sha256,
-            "dtype": token_dtype(tokenizer.vocab_size).name,
-            "vocab_size": tokenizer.vocab_size,
-            "eos_id": tokenizer.eos_id,
-            "splits": counts,
-            "skipped": {
-                "empty_documents": stats.empty_documents,
-                "malformed_lines": stats.malformed_lines,
-                "invalid_utf8_lines": stats.invalid_utf8_lines,
-            },
-            "cleaning": cleaner.report.as_dict(),
-            "fingerprint": fingerprint,
-        }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), "utf-8")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        meta = _write_all(writer, sources, data, out.name)
+    except UserError:
+        shutil.rmtree(work, ignore_errors=True)  # the input is at fault: nothing worth resuming
         raise
+    replace_dir(work, out)
     log(summary(meta, time.perf_counter() - started))
     return meta
+
+
+def _resume(
+    work: Path, sources: list[Source], data: DataConfig, log, fingerprint: dict[str, Any]
+) -> SplitWriter | None:
+    """A writer that continues the interrupted prepare in `work`, or None to start afresh."""
+    progress = Progress.load(work, fingerprint) if work.is_dir() else None
+    if progress is None:
+        return None
+    try:
+        writer = SplitWriter(work, load_tokenizer(work), sources, data, progress)
+    except (ValueError, OSError, UserError):
+        log(f"the interrupted prepare in {work} is inconsistent; starting over")
+        return None
+    log(f"resuming the interrupted prepare after {progress.batches_done * ENCODE_BATCH_DOCS:,} documents")
+    return writer
+
+
+def _write_all(writer: SplitWriter, sources: list[Source], data: DataConfig, name: str) -> dict[str, Any]:
+    """Read, clean, encode and write every document (skipping batches written before an
+    interruption: those are read and cleaned again, for the dedup state, but not encoded);
+    then write meta.json into the work directory."""
+    stats = SourceStats()
+    cleaner = Cleaner(data)
+    progress = writer.progress
+    bar = tqdm(desc=f"prepare {name}", unit="B", unit_scale=True, unit_divisor=1024, disable=None)
+    started, tokens = time.perf_counter(), 0
+    with bar:
+        for number, batch in enumerate(prefetched(_cleaned_batches(sources, cleaner, stats))):
+            if number < progress.batches_done:
+                continue
+            tokens += writer.write(number, batch)
+            bar.update(sum(len(text.encode("utf-8")) for _, text in batch))
+            rate = tokens / max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix(documents=f"{stats.documents:,}", tokens_per_s=f"{rate:,.0f}", refresh=False)
+    shards = writer.close()
+    _require_kept_documents(stats, cleaner.report)
+    _check_splits(progress.counts, data, held_out_splits(sources))
+    tokenizer = writer.tokenizer
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer_sha256": tokenizer.sha256,
+        "dtype": token_dtype(tokenizer.vocab_size).name,
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
+        "splits": progress.counts,
+        "shard_tokens": data.shard_tokens,
+        "shards": shards,
+        "sources": _source_entries(sources, progress.source_counts),
+        "skipped": {
+            "empty_documents": stats.empty_documents,
+            "malformed_lines": stats.malformed_lines,
+            "invalid_utf8_lines": stats.invalid_utf8_lines,
+        },
+        "cleaning": cleaner.report.as_dict(),
+        "fingerprint": progress.fingerprint,
+    }
+    (writer.work / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), "utf-8")
+    (writer.work / PROGRESS_FILE).unlink()
+    return meta
+
+
+def _source_entries(sources: list[Source], counts: list[dict[str, dict[str, int]]]) -> list[dict[str, Any]]:
+    """Per source: its counts, its token range in the train split and its share of training
+    windows (the weight, normalized; without weights, its natural share of the tokens)."""
+    train_tokens = [c["train"]["tokens"] for c in counts]
+    total = max(sum(train_tokens), 1)
+    weights = [s.weight if s.split in ("auto", "train") else 0.0 for s in sources]
+    weighted = sum(weights) > 0
+    entries, begin = [], 0
+    for source, count, tokens, weight in zip(sources, counts, train_tokens, weights, strict=True):
+        entries.append(
+            {
+                "name": source.name,
+                "split": source.split,
+                "weight": weight,
+                "files": [str(f) for f in source.files],
+                "splits": count,
+                "train_range": [begin, begin + tokens],
+                "natural_share": tokens / total,
+                "sampling_share": weight / sum(weights) if weighted else tokens / total,
+            }
+        )
+        begin += tokens
+    return entries
 
 
 def summary(meta: dict[str, Any], seconds: float) -> str:
@@ -232,6 +412,14 @@ def summary(meta: dict[str, Any], seconds: float) -> str:
                 f"  {split:<5} {c['documents']:>9,} documents {c['tokens']:>12,} tokens "
                 f"{c['bytes'] / max(c['tokens'], 1):.2f} bytes/token"
             )
+    sources = meta.get("sources", [])
+    for source in sources if len(sources) > 1 else []:
+        c = source["splits"]
+        docs, tokens = sum(v["documents"] for v in c.values()), sum(v["tokens"] for v in c.values())
+        lines.append(
+            f"  source {source['name']}: {docs:,} documents, {tokens:,} tokens ({source['split']}), "
+            f"train share {source['natural_share']:.1%}, sampled {source['sampling_share']:.1%}"
+        )
     skipped = {k: v for k, v in meta["skipped"].items() if v}
     if skipped:
         lines.append("  skipped: " + _counts_line(skipped))

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from sllm.atomic import ensure_writable_dir
 from sllm.config import Config, TrainConfig, save_config
 from sllm.data.loader import TrainWindows, fixed_windows, open_split
+from sllm.data.mixture import TrainMixture
 from sllm.data.prepare import read_meta
 from sllm.errors import UserError
 from sllm.evaluate import score_windows
@@ -138,12 +139,13 @@ class Trainer:
         allow_tf32(self.device)
         self.amp_dtype = select_autocast_dtype(self.device, t.dtype)
         self.windows = TrainWindows(
-            open_split(self.data_dir, "train", meta["dtype"]),
+            open_split(self.data_dir, "train", meta),
             self.block_size,
             t.micro_batch,
             t.seed,
+            TrainMixture.from_meta(meta),
         )
-        val_tokens = open_split(self.data_dir, "val", meta["dtype"])
+        val_tokens = open_split(self.data_dir, "val", meta)
         self.val_windows = (
             fixed_windows(val_tokens, self.block_size, t.eval_windows) if len(val_tokens) > 1 else None
         )
