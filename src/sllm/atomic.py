@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 from sllm.errors import UserError
 
@@ -82,11 +85,23 @@ def ensure_writable_dir(path: Path, what: str) -> None:
         ) from None
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+@contextmanager
+def atomic_text_writer(path: Path) -> Iterator[TextIO]:
+    """A UTF-8 text handle whose content appears at `path` only once the block ends without an
+    error (written to a temp name, fsynced, renamed); an error removes the temp file."""
     tmp = temp_path(path)
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_path(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_text_writer(path) as handle:
+        handle.write(text)

@@ -105,6 +105,38 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     prepare(cfg.data, cfg.tokenizer)
 
 
+def cmd_download(args: argparse.Namespace) -> None:
+    from sllm.data.download import describe, download, format_presets, get_preset
+
+    if args.list:
+        print(format_presets())
+        return
+    if not args.preset or not args.out:
+        raise UserError(
+            "sllm download needs a PRESET and --out DIR; `sllm download --list` shows the presets"
+        )
+    preset = get_preset(args.preset)
+    print(f"downloading {preset.name} from {preset.source} into {args.out}", flush=True)
+    print(describe(download(args.preset, args.out, args.max_docs, args.max_bytes, args.shard_docs)))
+
+
+def _add_download_command(commands) -> None:
+    from sllm.data.download import DEFAULT_SHARD_DOCS
+
+    parser = commands.add_parser(
+        "download", help="stream a well-known corpus from the Hugging Face hub into JSONL shards"
+    )
+    parser.add_argument("preset", nargs="?", help="corpus to download (see --list)")
+    parser.add_argument("--list", action="store_true", help="show the presets, their sources and licenses")
+    parser.add_argument("--out", help="directory for the shards (then: sllm prepare --input DIR)")
+    parser.add_argument("--max-docs", type=int, help="stop after this many documents")
+    parser.add_argument("--max-bytes", type=int, help="stop before the text exceeds this many UTF-8 bytes")
+    parser.add_argument(
+        "--shard-docs", type=int, default=DEFAULT_SHARD_DOCS, help="documents per JSONL shard"
+    )
+    parser.set_defaults(func=cmd_download)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     cfg = _load(args, {"data.dir": args.data, "train.out_dir": args.out, "train.init_from": args.init_from})
     from sllm.train.loop import train
@@ -454,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_args(prep)
     prep.set_defaults(func=cmd_prepare)
+    _add_download_command(commands)
 
     tr = commands.add_parser("train", help="pre-train a model; the same command again resumes")
     tr.add_argument("--data", help="prepared data directory (data.dir)")

@@ -2,7 +2,8 @@
 
 Formats: TXT, JSONL, JSON (an array of objects), CSV/TSV (a named column) and Parquet (a named
 column), each optionally `.gz` or `.zst` compressed (except Parquet, which compresses inside);
-a file, a directory or a glob; and `hf:<name>` inputs read through the `datasets` library.
+a file, a directory (its `download.json`, written by `sllm download`, is skipped) or a glob;
+and `hf:<name>` inputs read through the `datasets` library.
 The text field may be a dotted path into nested records (`meta.text`).
 
 Memory stays bounded by one record: TXT/JSONL/CSV stream line by line (in binary, so a bad
@@ -45,6 +46,7 @@ JSON_CHUNK_BYTES = 1 << 20
 MAX_JSON_RECORD_CHARS = 256 << 20
 PARQUET_BATCH_ROWS = 1024
 CSV_FIELD_LIMIT = 2**31 - 1
+DOWNLOAD_MANIFEST = "download.json"  # `sllm download`'s record beside its shards: not a document file
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,11 @@ def expand_inputs(inputs: list[str]) -> list[Input]:
         elif path.is_file():
             found.append(path)
         elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and _base_suffix(p) in KNOWN_SUFFIXES)
+            files = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and _base_suffix(p) in KNOWN_SUFFIXES and p.name != DOWNLOAD_MANIFEST
+            )
             if not files:
                 raise UserError(f"directory {path} holds no {', '.join(KNOWN_SUFFIXES)} files")
             found.extend(files)
