@@ -171,7 +171,8 @@ def test_input_weights_make_one_source_per_input(tmp_path, corpus):
     assert [s["name"] for s in meta["sources"]] == [str(corpus), str(english)]
     assert [s["sampling_share"] for s in meta["sources"]] == [0.5, 0.5]
     run = tmp_path / "run"
-    train(tiny_config(tmp_path / "out", run, "train.max_steps=4", "train.eval_interval=2"), log=lambda _: None)
+    cfg = tiny_config(tmp_path / "out", run, "train.max_steps=4", "train.eval_interval=2")
+    train(cfg, log=lambda _: None)
     assert (run / "checkpoints" / "LATEST").read_text().strip() == "step-000004"
 
 
