@@ -34,7 +34,7 @@ from urllib.parse import urlparse
 from tqdm import tqdm
 
 from sllm.atomic import atomic_text_writer, ensure_writable_dir, recover_all, write_text_atomic
-from sllm.data.sources import DOWNLOAD_MANIFEST, _require
+from sllm.data.sources import DOWNLOAD_MANIFEST, require_module
 from sllm.errors import UserError
 
 DEFAULT_SHARD_DOCS = 50_000
@@ -195,9 +195,9 @@ def describe(result: DownloadResult) -> str:
 
 def stream_from_hub(preset: Preset) -> Iterable[Mapping[str, Any]]:
     """The preset's split as a streaming `datasets` dataset (records fetched as iterated)."""
-    datasets = _require("datasets", f"sllm download {preset.name}")
+    datasets = require_module("datasets", f"sllm download {preset.name}")
     if urlparse(preset.data_files or "").scheme in ("http", "https"):
-        _require("aiohttp", f"streaming {preset.data_files}")  # fsspec's HTTP file system needs it
+        require_module("aiohttp", f"streaming {preset.data_files}")  # fsspec's HTTP file system needs it
     with _quiet_hub_retries():  # after the import, which resets the hub logger's level
         return datasets.load_dataset(
             preset.hf_id,

@@ -140,7 +140,7 @@ def expand_inputs(inputs: list[str]) -> list[Input]:
     return found
 
 
-def _require(module: str, purpose: str) -> Any:
+def require_module(module: str, purpose: str) -> Any:
     """Import an optional dependency, or say how to install it."""
     import importlib
 
@@ -156,7 +156,7 @@ def _open_binary(path: Path) -> BinaryIO:
         if path.name.endswith(".gz"):
             return gzip.open(path, "rb")  # type: ignore[return-value]
         if path.name.endswith(".zst"):
-            zstandard = _require("zstandard", f"reading {path}")
+            zstandard = require_module("zstandard", f"reading {path}")
             reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)  # noqa: SIM115
             return io.BufferedReader(reader)
         return open(path, "rb")
@@ -365,7 +365,7 @@ def _parquet_records(path: Path, options: ReadOptions) -> Iterator[tuple[str, An
     """Rows of the text column (only that column is read), one record batch at a time."""
     if path.name.endswith(COMPRESSED_SUFFIXES):
         raise UserError(f"{path}: Parquet compresses inside the file; decompress it to a .parquet file")
-    parquet = _require("pyarrow.parquet", f"reading {path}")
+    parquet = require_module("pyarrow.parquet", f"reading {path}")
     try:
         reader = parquet.ParquetFile(path)
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...: all mean "not readable"
@@ -385,7 +385,7 @@ def _parquet_records(path: Path, options: ReadOptions) -> Iterator[tuple[str, An
 
 def _hf_dataset(source: HFDataset, options: ReadOptions) -> Any:
     """Load a saved dataset dir with `load_from_disk`, anything else with `load_dataset`."""
-    datasets = _require("datasets", f"reading {source}")
+    datasets = require_module("datasets", f"reading {source}")
     local = Path(source.name)
     try:
         if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
