@@ -148,6 +148,7 @@ def test_the_page_has_the_chat_form(server_url):
     with urllib.request.urlopen(f"{server_url}/", timeout=10) as response:
         page = response.read().decode()
     assert '<form id="chat-form">' in page and 'id="message"' in page and "/v1/chat/completions" in page
+    assert "max_tokens: 64," in page  # the fixture server's limit, below the page's usual 200
 
 
 def _chromium():
