@@ -119,3 +119,46 @@ def test_crash_between_renames_of_best_is_recovered(run_with_two_checkpoints):
 def test_unwritable_run_dir_is_a_user_error(prepared_dir):
     with pytest.raises(UserError, match="cannot write the run directory to /proc/sllm-run"):
         train(tiny_config(prepared_dir, "/proc/sllm-run"), log=_quiet)
+
+
+# 256 tokens per step (micro_batch 8 × block 32): epochs of 1000 tokens end at steps 4, 8, 12.
+BY_EPOCH = ("train.checkpoint_every=epoch", "train.tokens_per_epoch=1000")
+
+
+def _periodic(run_dir) -> dict[str, int]:
+    """Periodic checkpoint directories by name, with the step each records."""
+    found = (run_dir / "checkpoints").glob("*-*")
+    return {p.name: verify_checkpoint(p).step for p in found if not p.name.startswith(".")}
+
+
+def test_epoch_checkpoints_are_named_by_epoch_and_resume_like_the_uninterrupted_run(tmp_path, prepared_dir):
+    straight = tmp_path / "straight"
+    train(tiny_config(prepared_dir, straight, *BY_EPOCH, "train.epochs=3"), log=_quiet)
+    assert _periodic(straight) == {"epoch-0001": 4, "epoch-0002": 8, "epoch-0003": 12}
+    assert (straight / "checkpoints" / "LATEST").read_text() == "epoch-0003\n"
+
+    rolled_back = tmp_path / "rolled-back"
+    train(tiny_config(prepared_dir, rolled_back, *BY_EPOCH, "train.epochs=3"), log=_quiet)
+    checkpoints = rolled_back / "checkpoints"
+    for name in ("epoch-0002", "epoch-0003"):  # as if it had died during epoch 2
+        shutil.rmtree(checkpoints / name)
+    (checkpoints / "LATEST").write_text("epoch-0001\n")
+    messages: list[str] = []
+    train(tiny_config(prepared_dir, rolled_back, *BY_EPOCH, "train.epochs=3"), log=messages.append)
+    assert any(m.startswith("resumed from") and "epoch-0001 (step 4," in m for m in messages)
+    assert _periodic(rolled_back) == _periodic(straight)
+    a, b = load_latest(straight).model_state(), load_latest(rolled_back).model_state()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_retention_and_fallback_order_epoch_and_step_checkpoints_by_step(tmp_path, prepared_dir, capsys):
+    run_dir = tmp_path / "run"
+    train(tiny_config(prepared_dir, run_dir, *BY_EPOCH, "train.max_steps=6", "train.keep_last=2"), log=_quiet)
+    assert _periodic(run_dir) == {"epoch-0001": 4, "step-000006": 6}  # the run ends mid-epoch
+    train(tiny_config(prepared_dir, run_dir, *BY_EPOCH, "train.max_steps=9", "train.keep_last=2"), log=_quiet)
+    assert _periodic(run_dir) == {"epoch-0002": 8, "step-000009": 9}  # step 6 was the oldest
+    weights = run_dir / "checkpoints" / "step-000009" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    assert load_latest(run_dir).path.name == "epoch-0002"
+    assert "step-000009 is damaged" in capsys.readouterr().err

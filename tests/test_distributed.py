@@ -1,5 +1,5 @@
-"""DDP through torchrun on the CPU (gloo): N processes equal one process accumulating N
-micro-batches, and a dead rank makes the others fail instead of hanging."""
+"""DDP through torchrun (and `accelerate launch`) on the CPU (gloo): N processes equal one
+process accumulating N micro-batches, and a dead rank makes the others fail instead of hanging."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def _train_args(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _run(command: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _run(command: list[str], timeout: int = 180, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env_vars}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -47,6 +47,17 @@ def _torchrun(nproc: int) -> list[str]:
         "-m",
         "sllm",
     ]
+
+
+def _accelerate(nproc: int) -> list[str]:
+    """`accelerate launch --multi_gpu` hands over to `torch.distributed.run` even without a GPU
+    (its `--cpu` mode starts a single process unless MPI is set up)."""
+    return [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", f"--num_processes={nproc}", "--num_machines=1",
+        "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=0",
+        "-m", "sllm",
+    ]  # fmt: skip
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -78,14 +89,30 @@ def _assert_runs_match(reference: Path, other: Path, check_losses: bool = True) 
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5)
 
 
+def _assert_two_processes_match(
+    launch: list[str], run_dir: Path, prepared_dir: Path, reference: Path, *extra: str, **env_vars: str
+) -> None:
+    double = _run([*launch, *_train_args(prepared_dir, run_dir, *extra)], **env_vars)
+    assert double.returncode == 0, double.stderr
+    _assert_runs_match(reference, run_dir)
+    assert double.stdout.count("val loss") == 1  # only rank 0 reports
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_equal_one_process_with_accumulation(
     tmp_path, prepared_dir, single_process_run, parallel
 ):
-    double = _run([*_torchrun(2), *_train_args(prepared_dir, tmp_path / "two", f"train.parallel={parallel}")])
-    assert double.returncode == 0, double.stderr
-    _assert_runs_match(single_process_run, tmp_path / "two")
-    assert double.stdout.count("val loss") == 1  # only rank 0 reports
+    _assert_two_processes_match(
+        _torchrun(2), tmp_path / "two", prepared_dir, single_process_run, f"train.parallel={parallel}"
+    )
+
+
+def test_accelerate_launch_runs_two_processes_like_torchrun(tmp_path, prepared_dir, single_process_run):
+    pytest.importorskip("accelerate", reason="accelerate is not installed")
+    # A private HF_HOME keeps a user's `accelerate config` defaults out of the launch.
+    _assert_two_processes_match(
+        _accelerate(2), tmp_path / "two", prepared_dir, single_process_run, HF_HOME=str(tmp_path / "hf")
+    )
 
 
 def test_sharded_checkpoint_resumes_on_another_world_size(tmp_path, prepared_dir, single_process_run):

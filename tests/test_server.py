@@ -148,24 +148,35 @@ def test_the_page_has_the_chat_form(server_url):
     with urllib.request.urlopen(f"{server_url}/", timeout=10) as response:
         page = response.read().decode()
     assert '<form id="chat-form">' in page and 'id="message"' in page and "/v1/chat/completions" in page
+    assert "max_tokens: 64," in page  # the fixture server's limit, below the page's usual 200
 
 
-def _chromium():
-    return shutil.which("chromium") or shutil.which("chromium-browser")
+def _chromium() -> tuple[str, str] | None:
+    """Paths of the Chromium browser and its driver, or None when either is missing."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
 
 
-@pytest.mark.skipif(_chromium() is None, reason="headless browser test needs Chromium (Debian: chromium)")
+@pytest.mark.skipif(
+    _chromium() is None,
+    reason="headless browser test needs Chromium and its driver (Debian: chromium chromium-driver)",
+)
 def test_a_real_browser_sends_a_message_and_sees_the_streamed_reply(server_url, tmp_path):
     webdriver = pytest.importorskip("selenium.webdriver", reason="browser test needs selenium")
+    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
+    browser, chromedriver = _chromium()
     options = webdriver.ChromeOptions()
-    options.binary_location = _chromium()
+    options.binary_location = browser
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"):  # fmt: skip
+                 "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic",
+                 f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
         options.add_argument(flag)
-    driver = webdriver.Chrome(options=options)
+    # The system driver, named explicitly: otherwise Selenium Manager tries to download one.
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=chromedriver))
     try:
         driver.get(server_url + "/")
         driver.find_element(By.ID, "message").send_keys("대한민국은")
@@ -176,3 +187,5 @@ def test_a_real_browser_sends_a_message_and_sees_the_streamed_reply(server_url, 
     finally:
         driver.quit()
     assert reply and not reply.startswith("error")
+    screenshot = (tmp_path / "chat.png").read_bytes()
+    assert screenshot.startswith(b"\x89PNG\r\n\x1a\n") and len(screenshot) > 1000

@@ -157,7 +157,10 @@ class TrainConfig:
     )
     eval_interval: int = option(200, "steps between validation evaluations; 0 disables")
     eval_windows: int = option(32, "validation windows scored at each periodic evaluation")
-    checkpoint_interval: int = option(200, "steps between checkpoints")
+    checkpoint_interval: int = option(200, "steps between checkpoints (with checkpoint_every: steps)")
+    checkpoint_every: Literal["steps", "epoch"] = option(
+        "steps", "save step-N every checkpoint_interval steps, or epoch-N at the end of each epoch"
+    )
     keep_last: int = option(3, "periodic checkpoints kept on disk (best/ is kept apart)")
     resume: Literal["auto", "never"] = option("auto", "continue from LATEST if the run has one")
     log_interval: int = option(10, "steps between metric log lines")

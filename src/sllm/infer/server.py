@@ -26,7 +26,7 @@ from sllm.errors import UserError
 from sllm.infer.chat import ChatTemplate, Message, load_chat_template
 from sllm.infer.engine import Completion, TextGenerator
 from sllm.infer.sampling import SamplingParams
-from sllm.infer.web import CHAT_PAGE
+from sllm.infer.web import chat_page
 
 try:
     import uvicorn
@@ -187,9 +187,11 @@ def create_app(
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": model_name, "context_tokens": generator.context_tokens}
 
+    page_html = chat_page(max_tokens_limit)
+
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
-        return CHAT_PAGE
+        return page_html
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest):

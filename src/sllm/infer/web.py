@@ -2,10 +2,14 @@
 
 No build step and no external assets, so it works on a machine without internet. The page
 keeps the conversation in the browser, sends it to `/v1/chat/completions` with
-`stream: true`, and appends each Server-Sent Event's text to the reply as it arrives.
+`stream: true`, and appends each Server-Sent Event's text to the reply as it arrives. Replies
+ask for at most `REPLY_TOKENS`, or the server's `--max-tokens-limit` when that is lower, so the
+page never sends a request its own server refuses.
 """
 
-CHAT_PAGE = """<!doctype html>
+REPLY_TOKENS = 200
+
+_PAGE = """<!doctype html>
 <html lang="ko">
 <head>
 <meta charset="utf-8">
@@ -52,10 +56,12 @@ async function send(text) {
   const response = await fetch("/v1/chat/completions", {
     method: "POST",
     headers: {"Content-Type": "application/json"},
-    body: JSON.stringify({messages: messages, stream: true, max_tokens: 200, temperature: 0.8, top_p: 0.95}),
+    body: JSON.stringify({messages: messages, stream: true, max_tokens: __MAX_TOKENS__,
+                          temperature: 0.8, top_p: 0.95}),
   });
   if (!response.ok) {
     reply.textContent = "error: " + (await response.json()).error.message;
+    reply.classList.add("done");
     messages.pop();
     return;
   }
@@ -89,3 +95,8 @@ document.getElementById("reset").addEventListener("click", () => { messages = []
 </body>
 </html>
 """
+
+
+def chat_page(max_tokens_limit: int) -> str:
+    """The page for a server that refuses requests over `max_tokens_limit` tokens."""
+    return _PAGE.replace("__MAX_TOKENS__", str(min(REPLY_TOKENS, max_tokens_limit)))

@@ -1,17 +1,21 @@
 """Checkpoints that survive crashes: atomic writes, verified loads, bounded retention.
 
-A checkpoint is a directory `checkpoints/step-NNNNNN/` holding `model.safetensors` (weights,
-safe to load from anyone), `state.pt` (optimizer and counters, loaded with
-`weights_only=True` so it cannot run code) and `meta.json` (step, tokens, val loss, the
-model config and the sha256 of both files). It is written under a temp name, fsynced and
-renamed; only then does `LATEST` (itself replaced atomically) point at it. Loading checks
-the hashes and falls back to the newest older checkpoint that verifies, with a warning.
+A checkpoint is a directory `checkpoints/step-NNNNNN/` (or `epoch-NNNN/` at the end of an
+epoch, with `train.checkpoint_every: epoch`) holding `model.safetensors` (weights, safe to
+load from anyone), `state.pt` (optimizer and counters, loaded with `weights_only=True` so it
+cannot run code) and `meta.json` (step, tokens, val loss, the model config and the sha256 of
+both files). It is written under a temp name, fsynced and renamed; only then does `LATEST`
+(itself replaced atomically) point at it. Loading checks the hashes and falls back to the
+newest older checkpoint that verifies, with a warning. Both kinds of name live side by side (a
+run saving by epoch still saves by step when it stops mid-epoch), so "newest" means the
+highest step recorded in meta.json, never the number in a name.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import sys
 from dataclasses import asdict, dataclass
@@ -31,6 +35,7 @@ BEST = "best"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+_PERIODIC_NAME = re.compile(r"(step|epoch)-\d+")
 
 
 @dataclass
@@ -56,6 +61,10 @@ class Checkpoint:
 
 def step_name(step: int) -> str:
     return f"step-{step:06d}"
+
+
+def epoch_name(epoch: int) -> str:
+    return f"epoch-{epoch:04d}"
 
 
 def _sha256(path: Path) -> str:
@@ -127,10 +136,13 @@ def save_checkpoint(
     train_state: dict[str, Any],
     meta: dict[str, Any],
     keep_last: int,
+    name: str | None = None,
 ) -> Path:
-    """Save `checkpoints/step-N`, point LATEST at it, then prune old periodic checkpoints."""
+    """Save `checkpoints/<name>` (default `step-N`), point LATEST at it, then prune old periodic
+    checkpoints."""
     checkpoint_dir = run_dir / CHECKPOINTS
-    target = write_checkpoint(checkpoint_dir / step_name(meta["step"]), model_state, train_state, meta)
+    target = checkpoint_dir / (name or step_name(meta["step"]))
+    write_checkpoint(target, model_state, train_state, meta)
     write_text_atomic(checkpoint_dir / LATEST, target.name + "\n")
     _prune(checkpoint_dir, keep_last, keep=target.name)
     return target
@@ -148,30 +160,43 @@ def clean_leftovers(run_dir: Path) -> None:
         recover_all(checkpoint_dir)
 
 
-def _step_dirs(checkpoint_dir: Path) -> list[Path]:
-    """Complete-looking periodic checkpoints, newest first."""
-    dirs = [p for p in checkpoint_dir.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
-    return sorted(dirs, key=lambda p: int(p.name[5:]), reverse=True)
+def _read_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint's meta.json with its step and file hashes; ValueError if unreadable."""
+    try:
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+        meta["step"], meta["files"] = int(meta["step"]), dict(meta["files"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"meta.json unreadable ({type(exc).__name__})") from None
+    return meta
+
+
+def _recorded_step(path: Path) -> int:
+    """The step in meta.json; -1 when unreadable, so a damaged checkpoint counts as the oldest."""
+    try:
+        return _read_meta(path)["step"]
+    except ValueError:
+        return -1
+
+
+def _periodic_dirs(checkpoint_dir: Path) -> list[Path]:
+    """Periodic checkpoints (`step-*` and `epoch-*`, not `best/`), newest step first."""
+    dirs = [p for p in checkpoint_dir.glob("*") if p.is_dir() and _PERIODIC_NAME.fullmatch(p.name)]
+    return sorted(dirs, key=_recorded_step, reverse=True)
 
 
 def _prune(checkpoint_dir: Path, keep_last: int, keep: str) -> None:
-    for path in _step_dirs(checkpoint_dir)[keep_last:]:
+    for path in _periodic_dirs(checkpoint_dir)[keep_last:]:
         if path.name != keep:
             shutil.rmtree(path, ignore_errors=True)
 
 
 def verify_checkpoint(path: Path) -> Checkpoint:
     """Read meta.json and check both files against their sha256; raise ValueError if damaged."""
-    try:
-        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-        files = meta["files"]
-        int(meta["step"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"meta.json unreadable ({type(exc).__name__})") from None
+    meta = _read_meta(path)
     for name in (MODEL_FILE, STATE_FILE):
         if not (path / name).is_file():
             raise ValueError(f"{name} missing")
-        if _sha256(path / name) != files.get(name):
+        if _sha256(path / name) != meta["files"].get(name):
             raise ValueError(f"{name} does not match its sha256")
     return Checkpoint(path, meta)
 
@@ -183,7 +208,7 @@ def _warn(message: str) -> None:
 def load_latest(run_dir: Path) -> Checkpoint | None:
     """The newest checkpoint that verifies, or None when the run has none yet."""
     checkpoint_dir = Path(run_dir) / CHECKPOINTS
-    candidates = _step_dirs(checkpoint_dir)
+    candidates = _periodic_dirs(checkpoint_dir)
     latest_file = checkpoint_dir / LATEST
     if latest_file.is_file():
         named = checkpoint_dir / latest_file.read_text(encoding="utf-8").strip()

@@ -1,7 +1,7 @@
 """One process or many through `torchrun`: the same training code path.
 
 `torchrun` (or any launcher that sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR, e.g.
-`accelerate launch`) starts one process per device; we join its process group with NCCL on
+`accelerate launch --multi_gpu`) starts one process per device; we join its process group with NCCL on
 GPUs and gloo on the CPU, and wrap the model in DDP, or shard it with FSDP2
 (`fully_shard` per block, then the root) for `train.parallel: fsdp`. Without those
 variables everything degrades to a single process with no collectives.

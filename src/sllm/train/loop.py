@@ -43,9 +43,11 @@ from sllm.train.checkpoint import (
     Checkpoint,
     clean_leftovers,
     config_differences,
+    epoch_name,
     load_latest,
     save_best,
     save_checkpoint,
+    step_name,
 )
 from sllm.train.distributed import (
     any_rank,
@@ -235,12 +237,25 @@ class Trainer:
         }
         return model_state, train_state, meta
 
-    def save(self) -> None:
+    def save(self, name: str) -> None:
         """A periodic checkpoint; every rank gathers (FSDP), rank 0 writes."""
         if self.collective_eval or self.cluster.is_main:
             state = self._state()
             if self.cluster.is_main:
-                save_checkpoint(self.run_dir, *state, keep_last=self.cfg.train.keep_last)
+                save_checkpoint(self.run_dir, *state, keep_last=self.cfg.train.keep_last, name=name)
+
+    def checkpoint_name(self, must_save: bool) -> str | None:
+        """The checkpoint the step just taken ends with, if any: `epoch-N` when it completed
+        epoch N (by tokens seen, so a changed world size keeps the boundaries), `step-N` at the
+        interval, or `step-N` anyway when the run ends or stops here."""
+        t = self.cfg.train
+        if t.checkpoint_every == "epoch":
+            epoch = self.tokens_seen // self.tokens_per_epoch
+            if epoch > (self.tokens_seen - self.tokens_per_step) // self.tokens_per_epoch:
+                return epoch_name(epoch)
+        elif self.step % t.checkpoint_interval == 0:
+            return step_name(self.step)
+        return step_name(self.step) if must_save else None
 
     # ---- one step -------------------------------------------------------------------
 
@@ -356,8 +371,9 @@ class Trainer:
                     if (t.eval_interval and self.step % t.eval_interval == 0) or last:
                         self.evaluate(sinks)
                     stopping = any_rank(stop.requested, self.cluster, self.device)
-                    if self.step % t.checkpoint_interval == 0 or last or stopping:
-                        self.save()
+                    checkpoint = self.checkpoint_name(must_save=last or stopping)
+                    if checkpoint:
+                        self.save(checkpoint)
                     if stopping:
                         stopped_by = stop.signal_name or "a stop signal on another rank"
                         break
