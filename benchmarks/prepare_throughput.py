@@ -158,7 +158,7 @@ def memory(work: Path, sizes_gb: list[float]) -> list[tuple[float, float, float]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--throughput-mb", type=float, default=100.0, help="corpus size for throughput")
+    parser.add_argument("--throughput-mb", type=float, default=100.0, help="throughput corpus MB; 0 skips")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of the throughput runs")
     parser.add_argument(
         "--memory-gb", type=float, nargs="*", default=[0.5, 2.0], help="corpus sizes for memory"
@@ -172,9 +172,10 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {load[0]:.1f} at start"
     )
 
-    rows = throughput(work, args.throughput_mb, args.rounds)
-    naive_seconds = rows[0][3]
-    print("\n| contender | MB/s | tokens/s | seconds | vs naive |\n|---|---|---|---|---|")
+    rows = throughput(work, args.throughput_mb, args.rounds) if args.throughput_mb > 0 else []
+    naive_seconds = rows[0][3] if rows else 0.0
+    if rows:
+        print("\n| contender | MB/s | tokens/s | seconds | vs naive |\n|---|---|---|---|---|")
     for name, megabytes, tokens, seconds in rows:
         print(f"| {name} | {megabytes / seconds:.2f} | {tokens / seconds:,.0f} | {seconds:.1f} | "
               f"{naive_seconds / seconds:.2f}× |")  # fmt: skip
