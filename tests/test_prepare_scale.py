@@ -11,6 +11,7 @@ import pytest
 
 from sllm.config import load_config
 from sllm.data import prepare as prepare_module
+from sllm.data.inspect import describe_data
 from sllm.data.loader import TrainWindows, eval_batches, open_split
 from sllm.data.mixture import TrainMixture
 from sllm.data.prepare import Progress, _interleaved_sample, prepare, work_path
@@ -170,6 +171,8 @@ def test_input_weights_make_one_source_per_input(tmp_path, corpus):
     meta = _prepare(_config(tmp_path / "out", _inputs(corpus, english), "data.input_weights=[0.5, 0.5]"))
     assert [s["name"] for s in meta["sources"]] == [str(corpus), str(english)]
     assert [s["sampling_share"] for s in meta["sources"]] == [0.5, 0.5]
+    described = describe_data(tmp_path / "out")
+    assert f"source {english}: 50 documents" in described and "sampled 50.0%" in described
     run = tmp_path / "run"
     cfg = tiny_config(tmp_path / "out", run, "train.max_steps=4", "train.eval_interval=2")
     train(cfg, log=lambda _: None)

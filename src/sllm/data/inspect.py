@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from sllm.data.loader import open_split
-from sllm.data.prepare import read_meta
+from sllm.data.prepare import read_meta, source_lines
 from sllm.tokenizer import load_tokenizer
 
 
@@ -24,10 +24,13 @@ def describe_data(data_dir: str | Path, show_samples: int = 0, window_tokens: in
     ]
     for split, counts in meta["splits"].items():
         if counts["documents"]:
+            shards = len(meta.get("shards", {}).get(split, [None]))
             lines.append(
                 f"  {split:<5} {counts['documents']:>9,} documents {counts['tokens']:>12,} tokens "
-                f"{counts['bytes']:>13,} bytes ({counts['bytes'] / counts['tokens']:.2f} bytes/token)"
+                f"{counts['bytes']:>13,} bytes ({counts['bytes'] / counts['tokens']:.2f} bytes/token) "
+                f"in {shards} shard{'s' if shards > 1 else ''}"
             )
+    lines += source_lines(meta)
     sources = meta["fingerprint"]["inputs"]
     lines.append(f"  sources ({len(sources)}): " + ", ".join(s["path"] for s in sources[:5]))
     if len(sources) > 5:

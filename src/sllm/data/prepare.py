@@ -412,14 +412,7 @@ def summary(meta: dict[str, Any], seconds: float) -> str:
                 f"  {split:<5} {c['documents']:>9,} documents {c['tokens']:>12,} tokens "
                 f"{c['bytes'] / max(c['tokens'], 1):.2f} bytes/token"
             )
-    sources = meta.get("sources", [])
-    for source in sources if len(sources) > 1 else []:
-        c = source["splits"]
-        docs, tokens = sum(v["documents"] for v in c.values()), sum(v["tokens"] for v in c.values())
-        lines.append(
-            f"  source {source['name']}: {docs:,} documents, {tokens:,} tokens ({source['split']}), "
-            f"train share {source['natural_share']:.1%}, sampled {source['sampling_share']:.1%}"
-        )
+    lines += source_lines(meta)
     skipped = {k: v for k, v in meta["skipped"].items() if v}
     if skipped:
         lines.append("  skipped: " + _counts_line(skipped))
@@ -428,6 +421,20 @@ def summary(meta: dict[str, Any], seconds: float) -> str:
         if cleaning.get(label):
             lines.append(f"  {label + ':':<8} {_counts_line(cleaning[label])}")
     return "\n".join(lines)
+
+
+def source_lines(meta: dict[str, Any]) -> list[str]:
+    """One line per source when there are several: its size and its share of training."""
+    sources = meta.get("sources", [])
+    lines = []
+    for source in sources if len(sources) > 1 else []:
+        counts = source["splits"].values()
+        documents, tokens = sum(c["documents"] for c in counts), sum(c["tokens"] for c in counts)
+        lines.append(
+            f"  source {source['name']}: {documents:,} documents, {tokens:,} tokens ({source['split']}), "
+            f"train share {source['natural_share']:.1%}, sampled {source['sampling_share']:.1%}"
+        )
+    return lines
 
 
 def _counts_line(counts: dict[str, int]) -> str:
