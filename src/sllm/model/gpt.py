@@ -416,12 +416,16 @@ class GPT(nn.Module):
         document_ids: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Next-token logits (B, T, vocab); with `targets`, their mean cross-entropy instead.
-
-        The matmul runs over the padded rows (the fast shape); their logits are sliced off."""
+        """Next-token logits (B, T, vocab); with `targets`, their mean cross-entropy instead."""
         hidden = self.hidden_states(idx, cache, document_ids)
         if targets is not None:
             return self.chunked_loss(hidden, targets)
+        return self.logits(hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on final hidden states (generation passes only the last position's).
+
+        The matmul runs over the padded rows (the fast shape); their logits are sliced off."""
         return F.linear(hidden, self.head_weight)[..., : self.cfg.vocab_size]
 
     def chunked_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
