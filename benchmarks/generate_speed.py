@@ -2,12 +2,13 @@
 
 A GPT with random weights is built in the chosen shape, copied into a `GPT2LMHeadModel`
 (GPT-2's Conv1D layers store weights transposed; `gelu_new` is our tanh GELU) and checked
-for equal logits first. Then both generate greedily from the same random 16-token prompts,
-alternating sllm and transformers each repeat so load on the machine hits both alike.
+for equal logits first; ours then gets the CPU weight layout `TextGenerator` gives it. Both
+generate greedily from the same random 16-token prompts, alternating sllm and transformers
+each repeat so load on the machine hits both alike.
 Tokens/s count new tokens end to end (prefill included), from the median repeat and from the
 fastest one (on a shared machine the fastest is the better estimate of each side's own cost).
-The last columns time the matrix products alone, every weight once per token step as a decode
-step reads them: the speed no engine can pass in fp32, and so the highest reachable ratio.
+The last columns time our step's matrix products alone, every weight once per token step as a
+decode step reads them: what the engine would reach with no other cost, and its ratio.
 
     python benchmarks/generate_speed.py --shape 10m --batch-sizes 1 8
 """
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from sllm.config import ModelConfig
+from sllm.infer.cpu_layout import use_column_major_weights
 from sllm.infer.engine import TokenStream
 from sllm.infer.sampling import SamplingParams
 from sllm.model import build_model, count_parameters
@@ -115,6 +117,7 @@ def main() -> None:
     block_size = max(256, args.prompt_tokens + args.new_tokens)
     model = build_model(ModelConfig(block_size=block_size, **SHAPES[args.shape])).eval()
     hf = to_transformers(model)
+    use_column_major_weights(model)  # as `TextGenerator.from_run` does on CPU
     probe = torch.randint(0, model.cfg.vocab_size, (2, 24))
     with torch.inference_mode():
         gap = (model(probe) - hf(probe).logits).abs().max().item()
