@@ -2,10 +2,13 @@
 
 A GPT with random weights is built in the chosen shape, copied into a `GPT2LMHeadModel`
 (GPT-2's Conv1D layers store weights transposed; `gelu_new` is our tanh GELU) and checked
-for equal logits first. Then both generate greedily from the same random 16-token prompts,
-alternating sllm and transformers each repeat so load on the machine hits both alike.
+for equal logits first; ours then gets the CPU weight layout `TextGenerator` gives it. Both
+generate greedily from the same random 16-token prompts, alternating sllm and transformers
+each repeat so load on the machine hits both alike.
 Tokens/s count new tokens end to end (prefill included), from the median repeat and from the
 fastest one (on a shared machine the fastest is the better estimate of each side's own cost).
+The last columns time our step's matrix products alone, every weight once per token step as a
+decode step reads them: what the engine would reach with no other cost, and its ratio.
 
     python benchmarks/generate_speed.py --shape 10m --batch-sizes 1 8
 """
@@ -17,8 +20,10 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 from sllm.config import ModelConfig
+from sllm.infer.cpu_layout import use_column_major_weights
 from sllm.infer.engine import TokenStream
 from sllm.infer.sampling import SamplingParams
 from sllm.model import build_model, count_parameters
@@ -84,6 +89,19 @@ def time_transformers(hf, prompts: torch.Tensor, new_tokens: int) -> float:
     return elapsed
 
 
+@torch.inference_mode()
+def time_matmul_floor(model: torch.nn.Module, batch: int, new_tokens: int) -> float:
+    """Seconds for `new_tokens` steps of nothing but the model's matrix products on `batch` rows."""
+    linears = [module.weight for module in model.modules() if isinstance(module, torch.nn.Linear)]
+    weights = [*linears, model.head_weight]
+    inputs = [torch.randn(batch, weight.size(1)) for weight in weights]
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        for x, weight in zip(inputs, weights, strict=True):
+            F.linear(x, weight)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=SHAPES, default="10m")
@@ -99,6 +117,7 @@ def main() -> None:
     block_size = max(256, args.prompt_tokens + args.new_tokens)
     model = build_model(ModelConfig(block_size=block_size, **SHAPES[args.shape])).eval()
     hf = to_transformers(model)
+    use_column_major_weights(model)  # as `TextGenerator.from_run` does on CPU
     probe = torch.randint(0, model.cfg.vocab_size, (2, 24))
     with torch.inference_mode():
         gap = (model(probe) - hf(probe).logits).abs().max().item()
@@ -106,20 +125,25 @@ def main() -> None:
     threads = torch.get_num_threads()
     print(f"shape {args.shape}: {count_parameters(model) / 1e6:.1f}M parameters, fp32, {threads} threads, "
           f"torch {torch.__version__}, logit gap {gap:.1e}")  # fmt: skip
-    print(f"{'batch':>5} {'':>6} {'sllm tok/s':>11} {'transformers tok/s':>19} {'ratio':>6}")
+    print(
+        f"{'batch':>5} {'':>6} {'sllm tok/s':>11} {'transformers tok/s':>19} {'ratio':>6} "
+        f"{'matmul floor tok/s':>19} {'floor ratio':>11}"
+    )
     for batch in args.batch_sizes:
         prompts = torch.randint(0, model.cfg.vocab_size, (batch, args.prompt_tokens))
-        time_sllm(model, prompts, 4), time_transformers(hf, prompts, 4)  # warm-up
-        ours, theirs = [], []
+        time_sllm(model, prompts, 4), time_transformers(hf, prompts, 4), time_matmul_floor(model, batch, 4)
+        ours, theirs, floor = [], [], []
         for _ in range(args.repeats):
             ours.append(time_sllm(model, prompts, args.new_tokens))
             theirs.append(time_transformers(hf, prompts, args.new_tokens))
+            floor.append(time_matmul_floor(model, batch, args.new_tokens))
         tokens = batch * args.new_tokens
         for label, pick in (("median", statistics.median), ("best", min)):
-            ours_rate, theirs_rate = tokens / pick(ours), tokens / pick(theirs)
-            ratio = ours_rate / theirs_rate
+            ours_rate, theirs_rate, floor_rate = (tokens / pick(times) for times in (ours, theirs, floor))
             print(
-                f"{batch:>5} {label:>6} {ours_rate:>11,.0f} {theirs_rate:>19,.0f} {ratio:>5.2f}x", flush=True
+                f"{batch:>5} {label:>6} {ours_rate:>11,.0f} {theirs_rate:>19,.0f} "
+                f"{ours_rate / theirs_rate:>5.2f}x {floor_rate:>19,.0f} {floor_rate / theirs_rate:>10.2f}x",
+                flush=True,
             )
 
 

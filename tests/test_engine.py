@@ -1,8 +1,11 @@
+import copy
+
 import pytest
 import torch
 
 from sllm.config import ModelConfig
 from sllm.errors import UserError
+from sllm.infer.cpu_layout import use_column_major_weights
 from sllm.infer.engine import TextGenerator, TextRow, TokenStream
 from sllm.infer.sampling import SamplingParams
 from sllm.model import build_model
@@ -40,6 +43,22 @@ def test_greedy_batch_of_unequal_prompts_equals_each_prompt_decoded_alone():
     params = SamplingParams(max_new_tokens=12, temperature=0)
     generated = _rows(TokenStream(model, prompts, params, eos_id=None, device=CPU))
     assert generated == [_argmax_by_full_forward(model, prompt, 12) for prompt in prompts]
+
+
+def test_column_major_weights_give_the_same_logits_and_greedy_tokens():
+    model = _model()
+    plain = copy.deepcopy(model)
+    use_column_major_weights(model)
+    assert model.blocks[0].attn.qkv.weight.t().is_contiguous() and model.wte.weight.t().is_contiguous()
+    assert model.blocks[0].mlp.proj.weight.is_contiguous()  # narrowing: left row-major
+    idx = torch.tensor([[3, 14, 15, 9, 2, 6], [2, 7, 1, 8, 2, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), plain(idx))
+    prompts = [[5], [3, 14, 15, 9, 2, 6, 5, 3, 5, 8, 9]]
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    assert _rows(TokenStream(model, prompts, params, None, CPU)) == _rows(
+        TokenStream(plain, prompts, params, None, CPU)
+    )
 
 
 def test_a_batch_decodes_past_the_context_by_refilling_the_cache():

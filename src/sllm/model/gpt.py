@@ -158,23 +158,25 @@ class KVCache:
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
         self.max_len = max_len
-        self.pad: torch.Tensor | None = None
         self.real_slots: torch.Tensor | None = None
+        self.reset()
 
     def reset(self, pad: list[int] | None = None) -> None:
-        """Start over (no reallocation), with `pad[b]` padding slots in front of row b."""
+        """Start over (no reallocation), with `pad[b]` padding slots in front of row b.
+
+        Each slot's position (and, when padded, whether it is real) is computed here once, so
+        a decode step only slices these tables."""
         self.length = 0
-        self.pad = self.real_slots = None
+        slots = torch.arange(self.max_len, device=self.keys.device)
+        self.slot_positions, self.real_slots = slots, None
         if pad and any(pad):
-            self.pad = torch.tensor(pad, device=self.keys.device)[:, None]
-            self.real_slots = torch.arange(self.max_len, device=self.keys.device)[None, :] >= self.pad
+            first_real = torch.tensor(pad, device=self.keys.device)[:, None]
+            self.slot_positions = (slots[None, :] - first_real).clamp(min=0)
+            self.real_slots = slots[None, :] >= first_real
 
     def positions(self, length: int) -> torch.Tensor:
         """Positions of the next `length` tokens: (length,), or (batch, length) when padded."""
-        slots = torch.arange(self.length, self.length + length, device=self.keys.device)
-        if self.pad is None:
-            return slots
-        return (slots[None, :] - self.pad).clamp(min=0)
+        return self.slot_positions[..., self.length : self.length + length]
 
     def attention_mask(self, length: int) -> torch.Tensor | None:
         """Boolean mask for the next `length` queries, or None when plain causal attention does."""
@@ -414,12 +416,16 @@ class GPT(nn.Module):
         document_ids: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Next-token logits (B, T, vocab); with `targets`, their mean cross-entropy instead.
-
-        The matmul runs over the padded rows (the fast shape); their logits are sliced off."""
+        """Next-token logits (B, T, vocab); with `targets`, their mean cross-entropy instead."""
         hidden = self.hidden_states(idx, cache, document_ids)
         if targets is not None:
             return self.chunked_loss(hidden, targets)
+        return self.logits(hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on final hidden states (generation passes only the last position's).
+
+        The matmul runs over the padded rows (the fast shape); their logits are sliced off."""
         return F.linear(hidden, self.head_weight)[..., : self.cfg.vocab_size]
 
     def chunked_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
