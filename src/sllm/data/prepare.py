@@ -226,21 +226,22 @@ class SplitWriter:
         }
         self.saved_at = time.monotonic()
 
-    def write(self, batch_number: int, batch: list[tuple[int, str]]) -> int:
-        """Encode and write one batch; the number of tokens it added."""
+    def write(self, batch_number: int, batch: list[tuple[int, str]]) -> tuple[int, int]:
+        """Encode and write one batch; the tokens and the text bytes it added."""
         texts = [text for _, text in batch]
         splits = self.assign(batch_number, [self.sources[index].split for index, _ in batch])
         pieces: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
         finished_before = sum(w.finished_shards for w in self.shards.values())
-        added = 0
+        added_tokens = added_bytes = 0
         for (source, text), ids, split in zip(batch, self.tokenizer.encode_batch(texts), splits, strict=True):
             ids.append(self.tokenizer.eos_id)
             pieces[split].append(ids)
+            size = len(text.encode("utf-8"))
             for counts in (self.progress.counts[split], self.progress.source_counts[source][split]):
                 counts["documents"] += 1
                 counts["tokens"] += len(ids)
-                counts["bytes"] += len(text.encode("utf-8"))
-            added += len(ids)
+                counts["bytes"] += size
+            added_tokens, added_bytes = added_tokens + len(ids), added_bytes + size
         for split, documents in pieces.items():
             if documents:
                 tokens = np.fromiter(itertools.chain.from_iterable(documents), dtype=np.int64)
@@ -249,7 +250,7 @@ class SplitWriter:
         finished = sum(w.finished_shards for w in self.shards.values())
         if finished > finished_before or time.monotonic() - self.saved_at > PROGRESS_INTERVAL_S:
             self.save_progress()
-        return added
+        return added_tokens, added_bytes
 
     def save_progress(self) -> None:
         for shards in self.shards.values():
@@ -348,8 +349,9 @@ def _write_all(writer: SplitWriter, sources: list[Source], data: DataConfig, nam
         for number, batch in enumerate(prefetched(_cleaned_batches(sources, cleaner, stats))):
             if number < progress.batches_done:
                 continue
-            tokens += writer.write(number, batch)
-            bar.update(sum(len(text.encode("utf-8")) for _, text in batch))
+            added_tokens, added_bytes = writer.write(number, batch)
+            tokens += added_tokens
+            bar.update(added_bytes)
             rate = tokens / max(time.perf_counter() - started, 1e-9)
             bar.set_postfix(documents=f"{stats.documents:,}", tokens_per_s=f"{rate:,.0f}", refresh=False)
     shards = writer.close()
