@@ -141,6 +141,15 @@ def mean_over_ranks(value: torch.Tensor, cluster: Cluster) -> torch.Tensor:
     return total / cluster.world_size
 
 
+def min_over_ranks(value: int, cluster: Cluster, device: torch.device) -> int:
+    """The smallest of every rank's `value` (e.g. the micro-batch all of them can hold)."""
+    if not cluster.distributed:
+        return value
+    smallest = torch.tensor([value], device=device)
+    dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+    return int(smallest.item())
+
+
 def any_rank(flag: bool, cluster: Cluster, device: torch.device) -> bool:
     """True on every rank if it is true on one (so all ranks stop at the same step)."""
     if not cluster.distributed:
