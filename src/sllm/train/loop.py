@@ -35,7 +35,7 @@ from sllm.evaluate import score_windows
 from sllm.model import build_model, describe
 from sllm.model.stats import gpu_peak_flops, training_flops_per_token, training_memory
 from sllm.runs import CONFIG_FILE
-from sllm.runtime import allow_tf32, autocast, select_autocast_dtype, select_device
+from sllm.runtime import allow_tf32, autocast, keep_freed_memory, select_autocast_dtype, select_device
 from sllm.tokenizer import TOKENIZER_FILE, load_tokenizer
 from sllm.train.batch_size import (
     accumulation_steps,
@@ -148,6 +148,8 @@ class Trainer:
         self.block_size = t.block_size or cfg.model.block_size
         self.cluster, self.device = join_cluster(select_device(t.device), t.dist_timeout_s)
         allow_tf32(self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.amp_dtype = select_autocast_dtype(self.device, t.dtype)
         self.train_tokens = open_split(self.data_dir, "train", meta["dtype"])
         val_tokens = open_split(self.data_dir, "val", meta["dtype"])
