@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from sllm.config import ModelConfig, TrainConfig
 from sllm.model import build_model, count_parameters
+from sllm.runtime import keep_freed_memory
 from sllm.train.loop import chunked_loss, logits_loss
 from sllm.train.optim import build_optimizers
 
@@ -115,6 +116,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as sllm's trainer does on the CPU; process-wide, so transformers gains too
     torch.manual_seed(0)
     cfg = ModelConfig(dropout=0.0, **SHAPES[args.shape])
     ours = build_model(cfg)
