@@ -174,3 +174,22 @@ def test_ranks_agree_on_the_smallest_fitting_micro_batch(tmp_path, prepared_dir)
         in result.stdout
     )
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["micro_batch"] == 2
+
+
+def test_find_batch_size_flag_keeps_the_configured_global_batch(tmp_path, prepared_dir, monkeypatch, capsys):
+    from sllm.cli import main
+
+    _fail_above(monkeypatch, 2)
+    run_dir = tmp_path / "run"
+    main(
+        ["train", "--data", str(prepared_dir), "--out", str(run_dir), "--find-batch-size",
+         "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
+         "train.micro_batch=4", "train.grad_accum=3", "train.max_steps=2", "train.device=cpu",
+         "log.progress=false", "log.tensorboard=false", "log.samples_at_eval=false"]
+    )  # fmt: skip
+    assert (
+        "micro-batch auto: 2 sequences × 6 accumulation × 1 processes = 12 sequences per step"
+        in capsys.readouterr().out
+    )
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
+    assert (saved["micro_batch"], saved["batch_size"], saved["grad_accum"]) == (2, 12, 1)

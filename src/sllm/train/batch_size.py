@@ -29,7 +29,18 @@ from collections.abc import Callable
 
 import torch
 
+from sllm.config import Config, validate
 from sllm.errors import UserError
+
+
+def find_batch_size(cfg: Config, world_size: int) -> None:
+    """`sllm train --find-batch-size`: keep the configured global batch (`train.batch_size`, or
+    micro_batch × grad_accum × processes) and let `train.micro_batch: auto` split it."""
+    t = cfg.train
+    if t.micro_batch != "auto":
+        t.batch_size = t.batch_size or t.micro_batch * t.grad_accum * world_size
+        t.micro_batch, t.grad_accum = "auto", 1
+    validate(cfg)
 
 
 def per_process_batch(batch_size: int, world_size: int) -> int:
