@@ -1,12 +1,16 @@
 """Training throughput: sllm's GPT against `transformers`' GPT2LMHeadModel, same shape and batch.
 
 Both models get the same weights (ours copied into GPT-2's Conv1D layout), the same random
-token batches, AdamW with the same settings, and the same loss; the two are timed in
-alternating rounds inside one process so machine load hits both alike. Prints a table of
-tokens/s and the ratio, optionally with `torch.compile` of our model.
+token batches and the same loss; a row also times sllm's `train.chunked_loss` (the LM head
+fused with the loss chunk by chunk). The contenders are timed in alternating rounds inside
+one process so machine load hits them alike; on a shared machine use many short rounds
+(`--steps 1 --rounds 15`). Prints tokens/s and the ratio to `transformers` with the same
+optimizer as sllm (sllm's AdamW: decay on matrices, the fused kernel), and also
+`transformers` with torch's default AdamW (multi-tensor kernel, same hyperparameters), which
+is what a plain `transformers` training script gets; optionally with `torch.compile` of ours.
 
-    python benchmarks/train_throughput.py --shape 10m --steps 10 --rounds 3
-    python benchmarks/train_throughput.py --shape demo --compile
+    python benchmarks/train_throughput.py --shape 10m --steps 1 --rounds 15 --threads 1 --compile
+    python benchmarks/train_throughput.py --shape demo --steps 1 --rounds 15 --threads 2
 """
 
 from __future__ import annotations
@@ -20,7 +24,11 @@ import torch.nn.functional as F
 
 from sllm.config import ModelConfig, TrainConfig
 from sllm.model import build_model, count_parameters
+from sllm.runtime import keep_freed_memory
+from sllm.train.loop import chunked_loss, logits_loss
 from sllm.train.optim import build_optimizers
+
+CPU = torch.device("cpu")
 
 SHAPES = {
     "10m": dict(n_layer=6, n_head=4, n_embd=256, block_size=256, vocab_size=8192),
@@ -54,18 +62,35 @@ def hf_gpt2_from(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
     return hf
 
 
-def _step_fn(model: torch.nn.Module, hf: bool):
-    """One training step; each side uses its usual AdamW: `transformers`' users build
-    torch's default, sllm's trainer builds its own (decay on matrices, fused kernel)."""
-    if hf:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    else:
-        (optimizer,) = build_optimizers(model, TrainConfig(lr=1e-4), torch.device("cpu"))
+def sllm_adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+    (optimizer,) = build_optimizers(model, TrainConfig(lr=1e-4), CPU)
+    return optimizer
+
+
+def default_adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """torch's AdamW as a plain script builds it: every parameter decayed, default kernel."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+def hf_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten())
+
+
+def sllm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The trainer's default loss: full logits, fp32 cross-entropy."""
+    return logits_loss(model, x, y, CPU, None)
+
+
+def sllm_chunked_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return chunked_loss(model, x, y, CPU, None)
+
+
+def _step_fn(model: torch.nn.Module, loss_fn, make_optimizer):
+    """One training step: forward, loss, backward, clipping, optimizer step."""
+    optimizer = make_optimizer(model)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        logits = model(x).logits if hf else model(x)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        loss.backward()
+        loss_fn(model, x, y).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -91,15 +116,18 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as sllm's trainer does on the CPU; process-wide, so transformers gains too
     torch.manual_seed(0)
     cfg = ModelConfig(dropout=0.0, **SHAPES[args.shape])
     ours = build_model(cfg)
     contenders = {
-        "transformers": _step_fn(hf_gpt2_from(ours, cfg), hf=True),
-        "sllm": _step_fn(ours, hf=False),
+        "transformers, same AdamW as sllm": _step_fn(hf_gpt2_from(ours, cfg), hf_loss, sllm_adamw),
+        "transformers, torch's default AdamW": _step_fn(hf_gpt2_from(ours, cfg), hf_loss, default_adamw),
+        "sllm": _step_fn(ours, sllm_loss, sllm_adamw),
+        "sllm, train.chunked_loss": _step_fn(build_model(cfg), sllm_chunked_loss, sllm_adamw),
     }
     if args.compile:
-        contenders["sllm compiled"] = _step_fn(torch.compile(build_model(cfg)), hf=False)
+        contenders["sllm compiled"] = _step_fn(torch.compile(build_model(cfg)), sllm_loss, sllm_adamw)
     shape = (args.batch, cfg.block_size)
     batches = [
         (torch.randint(0, cfg.vocab_size, shape), torch.randint(0, cfg.vocab_size, shape))
@@ -108,17 +136,19 @@ def main() -> None:
     for step in contenders.values():  # warm-up (and compilation)
         _tokens_per_s(step, batches[:2])
     rates: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(args.rounds):
-        for name, step in contenders.items():
-            rates[name].append(_tokens_per_s(step, batches))
-    baseline = statistics.median(rates["transformers"])
+    names = list(contenders)
+    for round_index in range(args.rounds):
+        first = round_index % len(names)  # rotate the order: no contender always runs first
+        for name in names[first:] + names[:first]:
+            rates[name].append(_tokens_per_s(contenders[name], batches))
+    baseline = statistics.median(rates["transformers, same AdamW as sllm"])
     size = f"{count_parameters(ours) / 1e6:.1f}M parameters"
     setup = f"fp32, torch {torch.__version__}, {torch.get_num_threads()} threads"
     print(f"shape {args.shape} ({size}), batch {args.batch} × {cfg.block_size}, {setup}")
-    print(f"{'model':<16} {'tokens/s':>10} {'vs transformers':>16}")
+    print(f"{'model':<36} {'tokens/s':>10} {'vs transformers':>16}")
     for name, values in rates.items():
         median = statistics.median(values)
-        print(f"{name:<16} {median:>10,.0f} {median / baseline:>15.2f}×")
+        print(f"{name:<36} {median:>10,.0f} {median / baseline:>15.2f}×")
 
 
 if __name__ == "__main__":

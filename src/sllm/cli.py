@@ -141,6 +141,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = _load(args, {"data.dir": args.data, "train.out_dir": args.out, "train.init_from": args.init_from})
     from sllm.train.loop import train
 
+    if args.find_batch_size:
+        from sllm.train.batch_size import find_batch_size
+        from sllm.train.distributed import launched_world_size
+
+        find_batch_size(cfg, launched_world_size())
+
     result = train(cfg)
     if result.val_loss is not None and result.is_main:
         import math
@@ -492,6 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", help="prepared data directory (data.dir)")
     tr.add_argument("--out", help="run directory (train.out_dir)")
     tr.add_argument("--init-from", help="start from another run's weights (train.init_from)")
+    tr.add_argument(
+        "--find-batch-size",
+        action="store_true",
+        help="largest micro-batch that fits, same global batch (train.micro_batch=auto)",
+    )
     _config_args(tr)
     tr.set_defaults(func=cmd_train)
 

@@ -132,8 +132,13 @@ class TrainConfig:
     epochs: float = option(0.0, "train for this many epochs instead of max_steps; 0 disables")
     tokens_per_epoch: int = option(0, "tokens in one epoch; 0 means the train split's size")
     init_from: str | None = option(None, "start from another run's newest weights (fresh optimizer)")
-    micro_batch: int = option(16, "sequences per forward/backward pass")
-    grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
+    micro_batch: int | Literal["auto"] = option(
+        16, "sequences per forward/backward pass; auto: the largest that fits (needs batch_size)"
+    )
+    grad_accum: int = option(1, "micro-batches accumulated per optimizer step (unless batch_size is set)")
+    batch_size: int = option(
+        0, "sequences per optimizer step, all processes together; sets grad_accum; 0: micro × accum × procs"
+    )
     block_size: int = option(0, "training window length; 0 means model.block_size")
     lr: float = option(6e-4, "peak learning rate")
     min_lr: float = option(6e-5, "learning rate at the end of the cosine decay")
@@ -227,10 +232,9 @@ def _coerce(value: Any, expected: Any, key: str) -> Any:
             raise UserError(f"config key {key} is {value!r}; allowed values: {allowed}")
         return value
     if origin in (typing.Union, types.UnionType):
-        if value is None:
+        if value is None and type(None) in typing.get_args(expected):
             return None
-        inner = [a for a in typing.get_args(expected) if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        return _coerce_union(value, [a for a in typing.get_args(expected) if a is not type(None)], key)
     if dataclasses.is_dataclass(expected):
         if not isinstance(value, dict):
             fields = ", ".join(typing.get_type_hints(expected))
@@ -263,6 +267,29 @@ def _coerce(value: Any, expected: Any, key: str) -> Any:
     elif expected is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
     raise UserError(f"config key {key} must be of type {expected.__name__}, got {value!r}")
+
+
+def _coerce_union(value: Any, members: list[Any], key: str) -> Any:
+    """The first member type `value` fits, e.g. `int | Literal["auto"]` takes 8, "8" and "auto"."""
+    errors = []
+    for member in members:
+        try:
+            return _coerce(value, member, key)
+        except UserError as exc:
+            errors.append(str(exc))
+    if len(errors) == 1:
+        raise UserError(errors[0])
+    raise UserError(f"config key {key} must be one of {_type_names(members)}, got {value!r}")
+
+
+def _type_names(members: list[Any]) -> str:
+    names = []
+    for member in members:
+        if typing.get_origin(member) is Literal:
+            names += [repr(a) for a in typing.get_args(member)]
+        else:
+            names.append(member.__name__)
+    return " or ".join(names)
 
 
 def _build_section(section: str, values: dict[str, Any]) -> Any:
@@ -371,8 +398,9 @@ def validate(cfg: Config) -> None:
     m, t = cfg.model, cfg.train
     for key in ("n_layer", "n_head", "n_embd", "block_size", "ffn_window"):
         _positive(f"model.{key}", getattr(m, key))
-    for key in ("max_steps", "micro_batch", "grad_accum", "checkpoint_interval", "keep_last"):
+    for key in ("max_steps", "grad_accum", "checkpoint_interval", "keep_last"):
         _positive(f"train.{key}", getattr(t, key))
+    _validate_batch(t)
     _positive("train.lr", t.lr)
     _positive("eval.batch_size", cfg.eval.batch_size)
     if m.n_embd % m.n_head != 0:
@@ -411,6 +439,26 @@ def validate(cfg: Config) -> None:
         raise UserError("tokenizer.vocab_size must be at least 256 + the number of special tokens")
     s = cfg.sample
     check_sampling(s.temperature, s.top_k, s.top_p, s.repetition_penalty, s.max_new_tokens)
+
+
+def _validate_batch(t: TrainConfig) -> None:
+    """micro_batch, grad_accum and batch_size: the global batch is given one way, not two."""
+    if t.micro_batch != "auto":
+        _positive("train.micro_batch", t.micro_batch)
+    if t.batch_size < 0:
+        raise UserError(f"config key train.batch_size must not be negative, got {t.batch_size}")
+    if t.micro_batch == "auto" and not t.batch_size:
+        raise UserError("train.micro_batch: auto needs train.batch_size, the sequences per optimizer step")
+    if t.micro_batch == "auto" and t.parallel == "fsdp":
+        raise UserError("train.micro_batch: auto is not available with train.parallel: fsdp; set a number")
+    if t.batch_size and t.grad_accum != 1:
+        raise UserError(
+            "set train.batch_size or train.grad_accum, not both (batch_size sets the accumulation)"
+        )
+    if t.batch_size and t.micro_batch != "auto" and t.batch_size % t.micro_batch:
+        raise UserError(
+            f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch ({t.micro_batch})"
+        )
 
 
 def _validate_architecture(m: ModelConfig) -> None:

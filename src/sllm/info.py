@@ -43,7 +43,9 @@ def describe_costs(cfg: Config, micro_batch: int | None = None) -> str:
     with torch.device("meta"):
         model = build_model(cfg.model)
     context = cfg.train.block_size or cfg.model.block_size
-    batch = micro_batch or cfg.train.micro_batch
+    batch = micro_batch or (
+        cfg.train.batch_size if cfg.train.micro_batch == "auto" else cfg.train.micro_batch
+    )
     groups = parameters_by_component(model)
     total = sum(groups.values())
     lines = [f"{cfg.model.arch} model: {total:,} parameters ({total / 1e6:.2f}M)"]

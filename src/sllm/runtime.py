@@ -3,10 +3,16 @@
 `auto` picks CUDA, then Apple MPS, then the CPU. Precision `auto` means bf16 autocast on
 GPUs that support it, fp16 (with a gradient scaler in training) on older GPUs, and plain
 fp32 on the CPU, where low-precision autocast is slower and less exact.
+
+On the CPU under glibc, training keeps freed large blocks in the heap (`keep_freed_memory`):
+glibc maps every allocation over 32 MB freshly and unmaps it on free, so each step would
+page-fault its logits and their gradients back in.
 """
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -48,3 +54,23 @@ def allow_tf32(device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> None:
+    """Let glibc reuse freed large blocks instead of returning them to the kernel.
+
+    With mmap off for allocations and heap trimming only above 2 GiB, the (tokens × vocab)
+    tensors freed at the end of a step are reused by the next one without page faults:
+    11 % faster steps at the 10m benchmark shape on one CPU thread (docs/log.md). The cost
+    is that the process keeps its peak heap instead of returning it. Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc, e.g. musl
+        return
+    libc.mallopt(M_MMAP_MAX, 0)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)

@@ -49,9 +49,14 @@ class Cluster:
         return self.world_size > 1
 
 
+def launched_world_size() -> int:
+    """Processes the launcher (torchrun) started; 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def join_cluster(device: torch.device, timeout_s: int) -> tuple[Cluster, torch.device]:
     """Join torchrun's process group if launched by it; returns the cluster and this rank's device."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     if world_size == 1:
         return Cluster(), device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -139,6 +144,15 @@ def mean_over_ranks(value: torch.Tensor, cluster: Cluster) -> torch.Tensor:
     total = value.detach().clone()
     dist.all_reduce(total, op=dist.ReduceOp.SUM)  # AVG is NCCL-only
     return total / cluster.world_size
+
+
+def min_over_ranks(value: int, cluster: Cluster, device: torch.device) -> int:
+    """The smallest of every rank's `value` (e.g. the micro-batch all of them can hold)."""
+    if not cluster.distributed:
+        return value
+    smallest = torch.tensor([value], device=device)
+    dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+    return int(smallest.item())
 
 
 def any_rank(flag: bool, cluster: Cluster, device: torch.device) -> bool:

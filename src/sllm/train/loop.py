@@ -1,6 +1,8 @@
 """The training loop.
 
-One step is one optimizer update over `grad_accum` micro-batches. Everything that decides
+One step is one optimizer update over `grad_accum` micro-batches (with `train.batch_size`
+accumulation is derived, and `train.micro_batch: auto` searches the micro-batch: see
+`sllm.train.batch_size`). Everything that decides
 what a step computes is a function of the step number: the windows read
 (`TrainWindows.batch(step, micro_step)`), the learning rate (`lr_at(step)`) and dropout
 (the torch RNG is re-seeded from (seed, step)). A checkpoint therefore needs only the
@@ -32,10 +34,19 @@ from sllm.data.prepare import read_meta
 from sllm.errors import UserError
 from sllm.evaluate import score_windows
 from sllm.model import build_model, describe
-from sllm.model.stats import gpu_peak_flops, training_flops_per_token
+from sllm.model.stats import gpu_peak_flops, training_flops_per_token, training_memory
 from sllm.runs import CONFIG_FILE
-from sllm.runtime import allow_tf32, autocast, select_autocast_dtype, select_device
+from sllm.runtime import allow_tf32, autocast, keep_freed_memory, select_autocast_dtype, select_device
 from sllm.tokenizer import TOKENIZER_FILE, load_tokenizer
+from sllm.train.batch_size import (
+    accumulation_steps,
+    available_ram_bytes,
+    largest_fitting,
+    no_micro_batch_fits,
+    per_process_batch,
+    power_of_two_sizes,
+    survives,
+)
 from sllm.train.checkpoint import (
     BEST,
     CHECKPOINTS,
@@ -58,6 +69,7 @@ from sllm.train.distributed import (
     leave_cluster,
     load_full_state,
     mean_over_ranks,
+    min_over_ranks,
     wrap_model,
 )
 from sllm.train.monitor import MetricSinks
@@ -139,20 +151,18 @@ class Trainer:
         self.block_size = t.block_size or cfg.model.block_size
         self.cluster, self.device = join_cluster(select_device(t.device), t.dist_timeout_s)
         allow_tf32(self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.amp_dtype = select_autocast_dtype(self.device, t.dtype)
-        self.windows = TrainWindows(
-            open_split(self.data_dir, "train", meta),
-            self.block_size,
-            t.micro_batch,
-            t.seed,
-            TrainMixture.from_meta(meta),
-        )
+        self.train_tokens = open_split(self.data_dir, "train", meta)
+        self.mixture = TrainMixture.from_meta(meta)
         val_tokens = open_split(self.data_dir, "val", meta)
         self.val_windows = (
             fixed_windows(val_tokens, self.block_size, t.eval_windows) if len(val_tokens) > 1 else None
         )
-        self.tokens_per_step = t.micro_batch * self.block_size * t.grad_accum * self.cluster.world_size
-        self.tokens_per_epoch = t.tokens_per_epoch or len(self.windows.tokens)
+        self.batch_size = t.batch_size or t.micro_batch * t.grad_accum * self.cluster.world_size
+        self.tokens_per_step = self.batch_size * self.block_size
+        self.tokens_per_epoch = t.tokens_per_epoch or len(self.train_tokens)
         _resolve_step_budget(t, self.tokens_per_step, self.tokens_per_epoch)
 
         torch.manual_seed(t.seed)
@@ -175,6 +185,63 @@ class Trainer:
         self.tokens_seen = 0
         self.best_val_loss = math.inf
         self.last_val_loss: float | None = None
+        self.micro_batch: int | None = None if t.micro_batch == "auto" else t.micro_batch
+        if self.micro_batch is not None:
+            self._split_batch(self.micro_batch)
+
+    # ---- batch split ----------------------------------------------------------------
+
+    def _split_batch(self, micro_batch: int) -> None:
+        """Fix the micro-batch, the accumulation that keeps the global batch, and the windows."""
+        self.micro_batch = micro_batch
+        self.grad_accum = accumulation_steps(self.batch_size, micro_batch, self.cluster.world_size)
+        self.windows = TrainWindows(
+            self.train_tokens, self.block_size, micro_batch, self.cfg.train.seed, self.mixture
+        )
+
+    def settle_micro_batch(self) -> None:
+        """`train.micro_batch: auto` becomes a number (unless resume took the recorded one),
+        written into the config so config.yaml records it."""
+        if self.micro_batch is None:
+            self._split_batch(self._search_micro_batch())
+            if self.cluster.is_main:
+                self.log(
+                    f"micro-batch auto: {self.micro_batch} sequences × {self.grad_accum} accumulation × "
+                    f"{self.cluster.world_size} processes = {self.batch_size} sequences per step"
+                )
+        self.cfg.train.micro_batch = self.micro_batch
+
+    def _search_micro_batch(self) -> int:
+        """The largest power-of-two micro-batch whose training step fits, the same on every rank.
+
+        The trials move the weights and fill the optimizer state, so both are put back after."""
+        sizes = power_of_two_sizes(per_process_batch(self.batch_size, self.cluster.world_size))
+        if self.device.type == "cpu":
+            sizes = [size for size in sizes if self._estimated_bytes(size) <= available_ram_bytes() // 2]
+        initial_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        found = largest_fitting(sizes, survives(self._trial_step))
+        self.model.load_state_dict(initial_weights)
+        self.model.zero_grad(set_to_none=True)
+        self.optimizers = build_optimizers(self.model, self.cfg.train, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        found = min_over_ranks(found, self.cluster, self.device)
+        if not found:
+            raise no_micro_batch_fits(self.block_size, self.device)
+        return found
+
+    def _estimated_bytes(self, micro_batch: int) -> int:
+        """Training memory by `training_memory`, whose bf16 activations double in fp32."""
+        checkpointing = self.cfg.train.activation_checkpointing
+        memory = training_memory(self.model, self.cfg.model, micro_batch, self.block_size, checkpointing)
+        return memory.total_bytes + (memory.activations_bytes if self.amp_dtype is None else 0)
+
+    def _trial_step(self, micro_batch: int) -> None:
+        """One full training step on random tokens of the real shape, without gradient sync."""
+        x = torch.randint(0, self.cfg.model.vocab_size, (micro_batch, self.block_size), device=self.device)
+        with gradient_sync(self.ddp_model, False):
+            loss = self.micro_batch_loss(self.ddp_model, x, x, self.device, self.amp_dtype)
+            self.scaler.scale(loss).backward()
+        self._apply_gradients()
 
     # ---- state ----------------------------------------------------------------------
 
@@ -203,6 +270,8 @@ class Trainer:
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.best_val_loss = float(state["best_val_loss"])
+        if self.cfg.train.micro_batch == "auto":
+            self._split_batch(_recorded_micro_batch(checkpoint))
         if self.cluster.is_main:
             self.log(f"resumed from {checkpoint.path} (step {self.step}, {self.tokens_seen:,} tokens seen)")
         return True
@@ -234,6 +303,7 @@ class Trainer:
             "val_loss": self.last_val_loss,
             "model_config": asdict(self.cfg.model),
             "tokenizer_sha256": self.tokenizer.sha256,
+            "micro_batch": self.micro_batch,
         }
         return model_state, train_state, meta
 
@@ -264,15 +334,23 @@ class Trainer:
         t = self.cfg.train
         set_learning_rates(self.optimizers, self.step, t)
         total = torch.zeros((), device=self.device)
-        for micro_step in range(t.grad_accum):
+        for micro_step in range(self.grad_accum):
             index = micro_step * self.cluster.world_size + self.cluster.rank
             torch.manual_seed((t.seed * 1_000_003 + self.step) * 1_009 + index)  # dropout
             x, y = (v.to(self.device, non_blocking=True) for v in self.windows.batch(self.step, index))
-            last_micro_step = micro_step == t.grad_accum - 1
+            last_micro_step = micro_step == self.grad_accum - 1
             with gradient_sync(self.ddp_model, last_micro_step):
                 loss = self.micro_batch_loss(self.ddp_model, x, y, self.device, self.amp_dtype)
-                self.scaler.scale(loss / t.grad_accum).backward()
+                self.scaler.scale(loss / self.grad_accum).backward()
             total += loss.detach()
+        self._apply_gradients()
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        return total / self.grad_accum
+
+    def _apply_gradients(self) -> None:
+        """Clip, step every optimizer, update the loss scale, clear the gradients."""
+        t = self.cfg.train
         if t.grad_clip > 0:
             for optimizer in self.optimizers:
                 self.scaler.unscale_(optimizer)
@@ -282,9 +360,6 @@ class Trainer:
         self.scaler.update()
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.tokens_seen += self.tokens_per_step
-        return total / t.grad_accum
 
     def evaluate(self, sinks: MetricSinks) -> float | None:
         """Validation loss, best checkpoint and samples: on rank 0 with the unwrapped model, or on
@@ -390,6 +465,15 @@ class Trainer:
         )
 
 
+def _recorded_micro_batch(checkpoint: Checkpoint) -> int:
+    """The micro-batch a checkpoint was trained with: resuming with another reads other windows."""
+    if "micro_batch" not in checkpoint.meta:
+        raise UserError(
+            f"{checkpoint.path} does not record its micro-batch; set train.micro_batch to the one it used"
+        )
+    return int(checkpoint.meta["micro_batch"])
+
+
 def train(cfg: Config, log=print) -> TrainResult:
     """Train (or resume, or confirm finished) the run described by `cfg`, in this process or
     as one rank of a `torchrun` job."""
@@ -418,6 +502,7 @@ def _train(trainer: Trainer, cfg: Config, log) -> TrainResult:
     resumed = cfg.train.resume == "auto" and trainer.resume()
     if not resumed and cfg.train.init_from:
         trainer.initialize_from(Path(cfg.train.init_from))
+    trainer.settle_micro_batch()
     if main:
         save_config(cfg, run_dir / CONFIG_FILE)
     if resumed and trainer.step >= cfg.train.max_steps:
