@@ -44,7 +44,7 @@ class _CachedDecoder:
     def _logits(self, idx: torch.Tensor) -> torch.Tensor:
         """The head runs on the last position only: a prefill needs no logits for the prompt."""
         with autocast(self.device, self.amp_dtype):
-            return self.model.logits(self.model.hidden_states(idx, self.cache)[:, -1]).float()
+            return self.model(idx, self.cache, last_position_only=True)[:, -1].float()
 
     def prefill(self, rows: list[list[int]]) -> torch.Tensor:
         width = max(len(ids) for ids in rows)

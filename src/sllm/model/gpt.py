@@ -415,17 +415,22 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         document_ids: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
+        last_position_only: bool = False,
     ) -> torch.Tensor:
-        """Next-token logits (B, T, vocab); with `targets`, their mean cross-entropy instead."""
+        """Next-token logits (B, T, vocab); with `targets`, their mean cross-entropy instead.
+
+        Generation asks for the last position's logits only (B, 1, vocab): a prefill then
+        skips the prompt × vocabulary product. It goes through `forward` (not `hidden_states`
+        and `logits` apart) so that wrappers such as FSDP, which gather the weights in their
+        forward hooks, see the call."""
         hidden = self.hidden_states(idx, cache, document_ids)
         if targets is not None:
             return self.chunked_loss(hidden, targets)
-        return self.logits(hidden)
+        return self.logits(hidden[:, -1:] if last_position_only else hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The LM head on final hidden states (generation passes only the last position's).
-
-        The matmul runs over the padded rows (the fast shape); their logits are sliced off."""
+        """The LM head on final hidden states. The matmul runs over the padded rows (the fast
+        shape); their logits are sliced off."""
         return F.linear(hidden, self.head_weight)[..., : self.cfg.vocab_size]
 
     def chunked_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
