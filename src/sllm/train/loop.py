@@ -329,6 +329,13 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------
 
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """On CUDA the batch goes through pinned memory, so the copy runs asynchronously while
+        the GPU still works on the previous micro-batch."""
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        return batch.to(self.device, non_blocking=True)
+
     def train_step(self) -> torch.Tensor:
         """One optimizer update; returns the mean micro-batch loss (a tensor: no host sync)."""
         t = self.cfg.train
@@ -337,7 +344,7 @@ class Trainer:
         for micro_step in range(self.grad_accum):
             index = micro_step * self.cluster.world_size + self.cluster.rank
             torch.manual_seed((t.seed * 1_000_003 + self.step) * 1_009 + index)  # dropout
-            x, y = (v.to(self.device, non_blocking=True) for v in self.windows.batch(self.step, index))
+            x, y = (self._to_device(v) for v in self.windows.batch(self.step, index))
             last_micro_step = micro_step == self.grad_accum - 1
             with gradient_sync(self.ddp_model, last_micro_step):
                 loss = self.micro_batch_loss(self.ddp_model, x, y, self.device, self.amp_dtype)
