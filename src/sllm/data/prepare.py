@@ -353,7 +353,8 @@ def _write_all(writer: SplitWriter, sources: list[Source], data: DataConfig, nam
             tokens += added_tokens
             bar.update(added_bytes)
             rate = tokens / max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(documents=f"{stats.documents:,}", tokens_per_s=f"{rate:,.0f}", refresh=False)
+            written = sum(c["documents"] for c in progress.counts.values())
+            bar.set_postfix(documents=f"{written:,}", tokens_per_s=f"{rate:,.0f}", refresh=False)
     shards = writer.close()
     _require_kept_documents(stats, cleaner.report)
     _check_splits(progress.counts, data, held_out_splits(sources))
