@@ -159,6 +159,14 @@ def test_sources_with_their_own_fields_and_weights_drive_the_sampler(tmp_path):
         open_split(tmp_path / "out", "train", meta), 16, 64, 0, TrainMixture.from_meta(meta)
     )
     starts = np.concatenate([windows.starts(step, 0) for step in range(300)])
+    english_tokens = en["train_range"][1] - en["train_range"][0]
+    assert meta["splits"]["train"]["tokens"] > 2 * english_tokens
+    with pytest.raises(
+        UserError, match=f"a weighted source has fewer than {english_tokens + 1} training tokens"
+    ):
+        TrainWindows(
+            open_split(tmp_path / "out", "train", meta), english_tokens, 4, 0, TrainMixture.from_meta(meta)
+        )
     from_english = (starts >= en["train_range"][0]).mean()
     assert abs(from_english - 0.7) < 0.02
     assert (

@@ -434,6 +434,7 @@ def validate(cfg: Config) -> None:
     ):
         raise UserError("data.val_ratio and data.test_ratio must be in [0, 1) and sum below 1")
     _validate_cleaning(cfg.data)
+    _positive("data.shard_tokens", cfg.data.shard_tokens)
     _positive("tokenizer.sample_bytes", cfg.tokenizer.sample_bytes)
     if cfg.tokenizer.kind == "bpe" and cfg.tokenizer.vocab_size < 256 + len(cfg.tokenizer.special_tokens):
         raise UserError("tokenizer.vocab_size must be at least 256 + the number of special tokens")
@@ -477,7 +478,6 @@ def _validate_architecture(m: ModelConfig) -> None:
 
 
 def _validate_cleaning(data: DataConfig) -> None:
-    _positive("data.shard_tokens", data.shard_tokens)
     if data.min_chars < 0 or data.max_chars < 0:
         raise UserError("data.min_chars and data.max_chars must not be negative (0 disables them)")
     if data.max_chars and data.max_chars < data.min_chars:

@@ -54,6 +54,8 @@ class TrainWindows:
         self.micro_batch = micro_batch
         self.seed = seed
         self.mixture = mixture
+        if mixture is not None:
+            mixture.check_window(block_size + 1)
 
     def starts(self, step: int, index: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, step, index])

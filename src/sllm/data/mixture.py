@@ -15,6 +15,7 @@ natural mix).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,11 +36,16 @@ class Source:
     split: str = "auto"
 
 
-def _source(data: DataConfig, name: str, inputs: list[str], **kwargs) -> Source:
-    options = ReadOptions.from_config(data)
-    text_field = kwargs.pop("text_field", "") or data.text_field
-    options.text_field = text_field
-    return Source(name, expand_inputs(inputs), options, **kwargs)
+def _source(
+    data: DataConfig,
+    name: str,
+    inputs: list[str],
+    text_field: str = "",
+    weight: float = 0.0,
+    split: str = "auto",
+) -> Source:
+    options = dataclasses.replace(ReadOptions.from_config(data), text_field=text_field or data.text_field)
+    return Source(name, expand_inputs(inputs), options, weight, split)
 
 
 def resolve_sources(data: DataConfig) -> list[Source]:
@@ -63,8 +69,7 @@ def resolve_sources(data: DataConfig) -> list[Source]:
         if not entry.inputs:
             raise UserError(f"data.sources[{number}] has no inputs; give it a list of files")
         name = entry.name or f"source{number}"
-        options = {"text_field": entry.text_field, "weight": entry.weight, "split": entry.split}
-        sources.append(_source(data, name, entry.inputs, **options))
+        sources.append(_source(data, name, entry.inputs, entry.text_field, entry.weight, entry.split))
     _check(sources)
     return sources
 
@@ -112,12 +117,15 @@ class TrainMixture:
             probabilities=weights / weights.sum(),
         )
 
-    def window_starts(self, rng: np.random.Generator, count: int, window: int) -> np.ndarray:
-        """`count` window starts: a source by weight, then a start inside its range."""
+    def check_window(self, window: int) -> None:
+        """Every weighted source must hold at least one window of training tokens."""
         if (self.ends - self.begins < window).any():
             raise UserError(
                 f"a weighted source has fewer than {window} training tokens; lower train.block_size "
                 "or give that source more text"
             )
+
+    def window_starts(self, rng: np.random.Generator, count: int, window: int) -> np.ndarray:
+        """`count` window starts: a source by weight, then a start inside its range."""
         chosen = rng.choice(len(self.probabilities), size=count, p=self.probabilities)
         return rng.integers(self.begins[chosen], self.ends[chosen] - window + 1)

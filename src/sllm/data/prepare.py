@@ -324,7 +324,7 @@ def _resume(
     work: Path, sources: list[Source], data: DataConfig, log, fingerprint: dict[str, Any]
 ) -> SplitWriter | None:
     """A writer that continues the interrupted prepare in `work`, or None to start afresh."""
-    progress = Progress.load(work, fingerprint) if work.is_dir() else None
+    progress = Progress.load(work, fingerprint)
     if progress is None:
         return None
     try:
