@@ -7,10 +7,14 @@ generate greedily from the same random 16-token prompts, alternating sllm and tr
 each repeat so load on the machine hits both alike.
 Tokens/s count new tokens end to end (prefill included), from the median repeat and from the
 fastest one (on a shared machine the fastest is the better estimate of each side's own cost).
-The last columns time our step's matrix products alone, every weight once per token step as a
-decode step reads them: what the engine would reach with no other cost, and its ratio.
+On the CPU a third column times our step's matrix products alone, every weight once per token
+step as a decode step reads them: what the engine would reach with no other cost. On CUDA
+(bf16 weights) the rows are sllm with its CUDA-graph step, `transformers` with its dynamic and
+its static (compiled) cache, and sllm's eager step, plus the fraction of the memory-bound
+limit (weight bytes over the copy bandwidth measured in the same run) reached at batch 1.
 
     python benchmarks/generate_speed.py --shape 10m --batch-sizes 1 8
+    python benchmarks/generate_speed.py --device cuda --shape gpt2-124m --new-tokens 256 --batch-sizes 1 32
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -69,21 +74,34 @@ def to_transformers(model: torch.nn.Module):
     return hf.eval()
 
 
-def time_sllm(model, prompts: torch.Tensor, new_tokens: int) -> float:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_sllm(model, prompts: torch.Tensor, new_tokens: int, cuda_graph: bool | None = None) -> float:
+    device = prompts.device
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
+    synchronize(device)
     start = time.perf_counter()
-    for _ in TokenStream(model, prompts.tolist(), params, None, torch.device("cpu")):
+    for _ in TokenStream(model, prompts.tolist(), params, None, device, amp_dtype, cuda_graph):
         pass
+    synchronize(device)
     return time.perf_counter() - start
 
 
 @torch.inference_mode()
-def time_transformers(hf, prompts: torch.Tensor, new_tokens: int) -> float:
+def time_transformers(hf, prompts: torch.Tensor, new_tokens: int, cache: str = "dynamic") -> float:
+    """`cache="static"` is transformers' static cache, which it compiles the forward for."""
+    synchronize(prompts.device)
     start = time.perf_counter()
     out = hf.generate(
         prompts, attention_mask=torch.ones_like(prompts), do_sample=False, use_cache=True,
         max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
+        cache_implementation=None if cache == "dynamic" else cache,
     )  # fmt: skip
+    synchronize(prompts.device)
     elapsed = time.perf_counter() - start
     assert out.shape[1] == prompts.shape[1] + new_tokens
     return elapsed
@@ -94,17 +112,55 @@ def time_matmul_floor(model: torch.nn.Module, batch: int, new_tokens: int) -> fl
     """Seconds for `new_tokens` steps of nothing but the model's matrix products on `batch` rows."""
     linears = [module.weight for module in model.modules() if isinstance(module, torch.nn.Linear)]
     weights = [*linears, model.head_weight]
-    inputs = [torch.randn(batch, weight.size(1)) for weight in weights]
+    inputs = [
+        torch.randn(batch, weight.size(1), dtype=weight.dtype, device=weight.device) for weight in weights
+    ]
+    synchronize(weights[0].device)
     start = time.perf_counter()
     for _ in range(new_tokens):
         for x, weight in zip(inputs, weights, strict=True):
             F.linear(x, weight)
+    synchronize(weights[0].device)
     return time.perf_counter() - start
+
+
+def memory_bound_tokens_per_s(model: torch.nn.Module, device: torch.device) -> float:
+    """Batch-1 tokens/s if a step did nothing but read every weight once at the copy bandwidth
+    measured here (a 2 GiB device-to-device copy reads and writes each byte)."""
+    source = torch.empty(2**30, dtype=torch.float16, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        target.copy_(source)
+    synchronize(device)
+    bandwidth = 10 * 2 * source.numel() * source.element_size() / (time.perf_counter() - start)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, weights {weight_bytes / 1e9:.3f} GB")
+    return bandwidth / weight_bytes
+
+
+def contenders(model, hf, device: torch.device) -> dict[str, Callable[[torch.Tensor, int], float]]:
+    """Name -> seconds to generate; the first is sllm as users run it, the second the reference."""
+    if device.type == "cuda":
+        return {
+            "sllm (CUDA graph)": lambda prompts, n: time_sllm(model, prompts, n),
+            "transformers dynamic": lambda prompts, n: time_transformers(hf, prompts, n),
+            "transformers static": lambda prompts, n: time_transformers(hf, prompts, n, "static"),
+            "sllm eager": lambda prompts, n: time_sllm(model, prompts, n, cuda_graph=False),
+        }
+    return {
+        "sllm": lambda prompts, n: time_sllm(model, prompts, n),
+        "transformers": lambda prompts, n: time_transformers(hf, prompts, n),
+        "matmul floor": lambda prompts, n: time_matmul_floor(model, prompts.size(0), n),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=SHAPES, default="10m")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -113,38 +169,51 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     torch.manual_seed(0)
     block_size = max(256, args.prompt_tokens + args.new_tokens)
     model = build_model(ModelConfig(block_size=block_size, **SHAPES[args.shape])).eval()
     hf = to_transformers(model)
-    use_column_major_weights(model)  # as `TextGenerator.from_run` does on CPU
     probe = torch.randint(0, model.cfg.vocab_size, (2, 24))
     with torch.inference_mode():
         gap = (model(probe) - hf(probe).logits).abs().max().item()
     assert gap < 1e-4, f"logits differ by {gap}"
+    if device.type == "cuda":  # bf16 weights, as `TextGenerator.from_run` gives them on CUDA
+        model, hf = model.to(device, torch.bfloat16), hf.to(device, torch.bfloat16)
+    else:
+        use_column_major_weights(model)  # as `TextGenerator.from_run` does on CPU
     threads = torch.get_num_threads()
-    print(f"shape {args.shape}: {count_parameters(model) / 1e6:.1f}M parameters, fp32, {threads} threads, "
-          f"torch {torch.__version__}, logit gap {gap:.1e}")  # fmt: skip
+    dtype = next(model.parameters()).dtype
+    print(f"shape {args.shape}: {count_parameters(model) / 1e6:.1f}M parameters, {dtype}, {device}, "
+          f"{threads} threads, torch {torch.__version__}, logit gap {gap:.1e}")  # fmt: skip
+    limit = memory_bound_tokens_per_s(model, device) if device.type == "cuda" else None
+    runs = contenders(model, hf, device)
+    reference = list(runs)[1]
     print(
-        f"{'batch':>5} {'':>6} {'sllm tok/s':>11} {'transformers tok/s':>19} {'ratio':>6} "
-        f"{'matmul floor tok/s':>19} {'floor ratio':>11}"
+        "| batch | "
+        + " | ".join(f"{name} tok/s (median / best)" for name in runs)
+        + " | ratios to "
+        + reference
+        + " |"
     )
+    print("|---" * (len(runs) + 2) + "|")
     for batch in args.batch_sizes:
-        prompts = torch.randint(0, model.cfg.vocab_size, (batch, args.prompt_tokens))
-        time_sllm(model, prompts, 4), time_transformers(hf, prompts, 4), time_matmul_floor(model, batch, 4)
-        ours, theirs, floor = [], [], []
+        prompts = torch.randint(0, model.cfg.vocab_size, (batch, args.prompt_tokens), device=device)
+        for run in runs.values():
+            run(prompts, 4)
+        times: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(args.repeats):
-            ours.append(time_sllm(model, prompts, args.new_tokens))
-            theirs.append(time_transformers(hf, prompts, args.new_tokens))
-            floor.append(time_matmul_floor(model, batch, args.new_tokens))
+            for name, run in runs.items():
+                times[name].append(run(prompts, args.new_tokens))
         tokens = batch * args.new_tokens
-        for label, pick in (("median", statistics.median), ("best", min)):
-            ours_rate, theirs_rate, floor_rate = (tokens / pick(times) for times in (ours, theirs, floor))
-            print(
-                f"{batch:>5} {label:>6} {ours_rate:>11,.0f} {theirs_rate:>19,.0f} "
-                f"{ours_rate / theirs_rate:>5.2f}x {floor_rate:>19,.0f} {floor_rate / theirs_rate:>10.2f}x",
-                flush=True,
-            )
+        rates = {name: (tokens / statistics.median(ts), tokens / min(ts)) for name, ts in times.items()}
+        cells = [f"{median:,.0f} / {best:,.0f}" for median, best in rates.values()]
+        ratios = [f"{name} {rates[name][0] / rates[reference][0]:.2f}×" for name in runs if name != reference]
+        print(f"| {batch} | " + " | ".join(cells) + " | " + ", ".join(ratios) + " |", flush=True)
+        if limit and batch == 1:
+            first = next(iter(rates))
+            share = rates[first][0] / limit
+            print(f"  batch 1: {first} reaches {share:.1%} of the memory-bound {limit:,.0f} tok/s")
 
 
 if __name__ == "__main__":

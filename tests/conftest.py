@@ -101,3 +101,13 @@ def random_run(run_dir: Path, tokenizer: Tokenizer, *overrides: str, seed: int =
     meta = {"step": 7, "tokens_seen": 1792, "val_loss": 5.5, "model_config": asdict(cfg.model)}
     save_checkpoint(run_dir, model.state_dict(), {}, meta, keep_last=1)
     return run_dir
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """`@pytest.mark.gpu` tests skip, with the reason, where CUDA is absent."""
+    if torch.cuda.is_available():
+        return
+    needs_cuda = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(needs_cuda)

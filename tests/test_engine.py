@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch
 from sllm.config import ModelConfig
 from sllm.errors import UserError
 from sllm.infer.cpu_layout import use_column_major_weights
-from sllm.infer.engine import TextGenerator, TextRow, TokenStream
+from sllm.infer.engine import TextGenerator, TextRow, TokenStream, _CachedDecoder
 from sllm.infer.sampling import SamplingParams
 from sllm.model import build_model
 
@@ -177,3 +178,69 @@ def test_text_generator_is_importable_from_the_package():
     import sllm
 
     assert sllm.TextGenerator is TextGenerator
+
+
+def _gqa_rope_model(block_size=16):
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=40, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=block_size, pos="rope"
+    )
+    return build_model(cfg).eval()
+
+
+@pytest.mark.parametrize("make_model", [_model, _gqa_rope_model])
+def test_static_decode_steps_equal_plain_steps_through_a_refill(make_model):
+    model = make_model(block_size=16)
+    prompts = [[5], [3, 14, 15, 9, 2, 6, 5, 3, 5], [2, 7, 1, 8]]
+    params = SamplingParams(max_new_tokens=30, temperature=0)
+    plain = _rows(TokenStream(model, prompts, params, None, CPU, cuda_graph=False))
+    static = _rows(TokenStream(model, prompts, params, None, CPU, cuda_graph=True))
+    assert static == plain
+    assert [len(tokens) for tokens in static] == [30, 30, 30]
+
+
+def test_static_step_logits_equal_the_plain_step_for_a_padded_batch():
+    model = _gqa_rope_model(block_size=32)
+    prompts = [[5, 6], [3, 14, 15, 9, 2, 6, 5], [2, 7, 1]]
+    follow = torch.tensor([[4, 9, 11], [1, 2, 3], [7, 7, 7]])
+    logits = {}
+    with torch.inference_mode():
+        for static in (False, True):
+            decoder = _CachedDecoder(model, 3, CPU, None, static_steps=static)
+            steps = [decoder.prefill(prompts)]
+            steps += [decoder.step(follow[:, t], prompts) for t in range(3)]
+            logits[static] = torch.stack(steps)
+            assert decoder.cache.length == 7 + 3
+    torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=1e-5)
+
+
+def test_a_failed_graph_capture_warns_once_and_decodes_eagerly():
+    model = _model()
+    prompts = [[3, 14, 15], [2, 7]]
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    with torch.inference_mode():
+        decoder = _CachedDecoder(model, 2, CPU, None, static_steps=True)
+        decoder.static_step.use_graph = True  # as on CUDA; capturing on the CPU fails
+        logits = decoder.prefill(prompts)
+        tokens = []
+        with pytest.warns(UserWarning, match="CUDA graph capture failed") as caught:
+            for _ in range(4):
+                token = logits.argmax(dim=-1)
+                tokens.append(token.tolist())
+                logits = decoder.step(token, prompts)
+    assert len(caught) == 1 and not decoder.static_step.use_graph
+    plain = _rows(TokenStream(model, prompts, params, None, CPU, cuda_graph=False))
+    assert [[step[row] for step in tokens] for row in range(2)] == [row[:4] for row in plain]
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decoding_equals_eager_decoding_on_cuda():
+    cuda = torch.device("cuda")
+    model = _gqa_rope_model(block_size=64).to(cuda)
+    prompts = [[5], [3, 14, 15, 9, 2, 6, 5, 3, 5], [2, 7, 1, 8]]
+    params = SamplingParams(max_new_tokens=40, temperature=0)
+    eager = _rows(TokenStream(model, prompts, params, None, cuda, cuda_graph=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a capture that fell back to eager fails the test
+        graphed = _rows(TokenStream(model, prompts, params, None, cuda, cuda_graph=True))
+    assert graphed == eager

@@ -42,10 +42,11 @@ def select_autocast_dtype(device: torch.device, name: str = "auto") -> torch.dty
     return DTYPES[name]
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
+def autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True) -> AbstractContextManager:
+    """`cache=False` for CUDA graph capture: cached casts would be freed when the context exits."""
     if dtype is None:
         return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
 
 
 def allow_tf32(device: torch.device) -> None:

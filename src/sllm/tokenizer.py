@@ -9,6 +9,7 @@ a small JSON of ours marked `"kind": "sllm-char"`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from sllm.errors import UserError
+from sllm.fast_bpe import FastByteLevelBPE, fast_byte_level_bpe
 
 TOKENIZER_FILE = "tokenizer.json"
 UNK_TOKEN = "<|unk|>"
@@ -65,7 +67,8 @@ class Tokenizer:
 
 
 class BPETokenizer(Tokenizer):
-    """Byte-level BPE through HF `tokenizers`; encodes batches on all cores (Rust threads)."""
+    """Byte-level BPE through HF `tokenizers`; encodes batches on all cores, through `tiktoken`
+    when it gives the same ids (`sllm.fast_bpe`)."""
 
     def __init__(self, hf_tokenizer) -> None:
         self.hf = hf_tokenizer
@@ -80,7 +83,14 @@ class BPETokenizer(Tokenizer):
         pad = _first_present(self, PAD_CANDIDATES)
         self.pad_id = eos if pad is None else pad
 
+    @functools.cached_property
+    def fast(self) -> FastByteLevelBPE | None:
+        """Built at the first encode: loading a tokenizer to decode needs none of it."""
+        return fast_byte_level_bpe(self.hf, json.loads(self.hf.to_str()))
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self.fast is not None:
+            return self.fast.encode_batch(texts)
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -25,6 +25,7 @@ from torch import nn
 
 from sllm.errors import UserError
 from sllm.infer.cpu_layout import use_column_major_weights
+from sllm.infer.cuda_graph import StaticDecodeStep
 from sllm.infer.sampling import SamplingParams, TokenHistory, sample_next
 from sllm.runs import open_run
 from sllm.runtime import autocast, select_autocast_dtype, select_device
@@ -32,19 +33,27 @@ from sllm.tokenizer import Tokenizer
 
 
 class _CachedDecoder:
-    """Next-token logits (batch, vocab) for a left-padded batch through a preallocated cache."""
+    """Next-token logits (batch, vocab) for a left-padded batch through a preallocated cache;
+    with `static_steps`, decode steps run as a `StaticDecodeStep` (a CUDA graph on CUDA)."""
 
-    def __init__(self, model: nn.Module, batch: int, device: torch.device, amp_dtype: torch.dtype | None):
+    def __init__(
+        self, model: nn.Module, batch: int, device: torch.device, amp_dtype: torch.dtype | None,
+        static_steps: bool = False,
+    ) -> None:  # fmt: skip
         self.model = model
         self.device = device
         self.amp_dtype = amp_dtype
         dtype = amp_dtype or next(model.parameters()).dtype
         self.cache = model.new_cache(batch, device, dtype)
+        self.static_step = StaticDecodeStep(self._graph_logits, self.cache, batch) if static_steps else None
 
-    def _logits(self, idx: torch.Tensor) -> torch.Tensor:
+    def _logits(self, idx: torch.Tensor, cache_casts: bool = True) -> torch.Tensor:
         """The head runs on the last position only: a prefill needs no logits for the prompt."""
-        with autocast(self.device, self.amp_dtype):
+        with autocast(self.device, self.amp_dtype, cache_casts):
             return self.model(idx, self.cache, last_position_only=True)[:, -1].float()
+
+    def _graph_logits(self, idx: torch.Tensor) -> torch.Tensor:
+        return self._logits(idx, cache_casts=False)
 
     def prefill(self, rows: list[list[int]]) -> torch.Tensor:
         width = max(len(ids) for ids in rows)
@@ -60,13 +69,15 @@ class _CachedDecoder:
         if self.cache.length >= self.cache.max_len:
             keep = (3 * self.model.block_size) // 4
             return self.prefill([ids[-keep:] for ids in rows])
+        if self.static_step is not None:
+            return self.static_step(tokens)
         return self._logits(tokens[:, None])
 
 
 class _WindowDecoder:
     """For models without a KV cache: each row's last `block_size` tokens, every step."""
 
-    def __init__(self, model: nn.Module, batch: int, device: torch.device, amp_dtype: torch.dtype | None):
+    def __init__(self, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None) -> None:
         self.model = model
         self.device = device
         self.amp_dtype = amp_dtype
@@ -85,7 +96,10 @@ class _WindowDecoder:
 
 class TokenStream:
     """New tokens of a batch, step by step: each item holds one token per row, None once the
-    row is finished (EOS, which is not yielded, or `stop(row)`). Iterate it once."""
+    row is finished (EOS, which is not yielded, or `stop(row)`). Iterate it once.
+
+    `cuda_graph` (default: on CUDA) replays each decode step as one CUDA graph; True on
+    another device runs that same static step eagerly, False keeps the plain step."""
 
     def __init__(
         self,
@@ -95,6 +109,7 @@ class TokenStream:
         eos_id: int | None,
         device: torch.device,
         amp_dtype: torch.dtype | None = None,
+        cuda_graph: bool | None = None,
     ) -> None:
         if not prompts or not all(prompts):
             raise ValueError("every prompt must hold at least one token")
@@ -104,6 +119,7 @@ class TokenStream:
         self.eos_id = eos_id
         self.device = device
         self.amp_dtype = amp_dtype
+        self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
         self.finish_reasons: list[str | None] = [None] * len(prompts)
 
     def stop(self, row: int, reason: str = "stop") -> None:
@@ -121,8 +137,10 @@ class TokenStream:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        decoder_class = _CachedDecoder if self.model.supports_kv_cache else _WindowDecoder
-        decoder = decoder_class(self.model, batch, self.device, self.amp_dtype)
+        if self.model.supports_kv_cache:
+            decoder = _CachedDecoder(self.model, batch, self.device, self.amp_dtype, self.cuda_graph)
+        else:
+            decoder = _WindowDecoder(self.model, self.device, self.amp_dtype)
         history = None
         if params.uses_history:
             history = TokenHistory(self.rows, self.model.cfg.vocab_size, self.device)

@@ -147,6 +147,10 @@ class KVCache:
     A batch of prompts with different lengths is left-padded: row b's first `pad[b]` slots
     hold padding that no query attends to, and its positions count from its first real token.
     A padding query attends only to itself, so no softmax row is empty (which would give NaN).
+
+    `make_static()` gives decode steps fixed shapes and no Python state: the slot comes from
+    the device tensor `step_slot` and the step attends over the whole cache under a mask, so
+    a CUDA graph can replay it (`sllm.infer.cuda_graph`); prefills keep the plain path.
     """
 
     def __init__(
@@ -158,8 +162,19 @@ class KVCache:
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
         self.max_len = max_len
+        self.slots = torch.arange(max_len, device=device)
+        self.step_slot: torch.Tensor | None = None
         self.real_slots: torch.Tensor | None = None
         self.reset()
+
+    def make_static(self) -> None:
+        """Keep the slot tables as (batch, max_len) tensors updated in place, and decode at
+        `step_slot`, so tensors captured by a CUDA graph stay the ones in use."""
+        batch = self.keys.size(1)
+        self.step_slot = torch.zeros(1, dtype=torch.long, device=self.keys.device)
+        self.slot_positions = self.slots.expand(batch, -1).clone()
+        self.real_slots = torch.ones_like(self.slot_positions, dtype=torch.bool)
+        self.reset([0] * batch)
 
     def reset(self, pad: list[int] | None = None) -> None:
         """Start over (no reallocation), with `pad[b]` padding slots in front of row b.
@@ -167,19 +182,30 @@ class KVCache:
         Each slot's position (and, when padded, whether it is real) is computed here once, so
         a decode step only slices these tables."""
         self.length = 0
-        slots = torch.arange(self.max_len, device=self.keys.device)
-        self.slot_positions, self.real_slots = slots, None
+        if self.step_slot is not None:
+            first_real = torch.tensor(pad or [0] * self.keys.size(1), device=self.keys.device)[:, None]
+            self.slot_positions.copy_((self.slots[None, :] - first_real).clamp(min=0))
+            self.real_slots.copy_(self.slots[None, :] >= first_real)
+            return
+        self.slot_positions, self.real_slots = self.slots, None
         if pad and any(pad):
             first_real = torch.tensor(pad, device=self.keys.device)[:, None]
-            self.slot_positions = (slots[None, :] - first_real).clamp(min=0)
-            self.real_slots = slots[None, :] >= first_real
+            self.slot_positions = (self.slots[None, :] - first_real).clamp(min=0)
+            self.real_slots = self.slots[None, :] >= first_real
+
+    def _static_step(self, length: int) -> bool:
+        return self.step_slot is not None and length == 1
 
     def positions(self, length: int) -> torch.Tensor:
         """Positions of the next `length` tokens: (length,), or (batch, length) when padded."""
+        if self._static_step(length):
+            return self.slot_positions.index_select(1, self.step_slot)
         return self.slot_positions[..., self.length : self.length + length]
 
     def attention_mask(self, length: int) -> torch.Tensor | None:
         """Boolean mask for the next `length` queries, or None when plain causal attention does."""
+        if self._static_step(length):
+            return ((self.slots <= self.step_slot) & self.real_slots)[:, None, None, :]
         end = self.length + length
         if self.real_slots is None:
             if length == 1 or self.length == 0:
@@ -193,7 +219,12 @@ class KVCache:
         return causal & (real | itself)
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's keys/values after the cached ones; return all of them so far."""
+        """Write this step's keys/values after the cached ones; return all of them so far (all
+        slots, masked, on a static step)."""
+        if self._static_step(k.size(2)):
+            self.keys[layer].index_copy_(2, self.step_slot, k)
+            self.values[layer].index_copy_(2, self.step_slot, v)
+            return self.keys[layer], self.values[layer]
         end = self.length + k.size(2)
         self.keys[layer, :, :, self.length : end] = k
         self.values[layer, :, :, self.length : end] = v

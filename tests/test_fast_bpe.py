@@ -1,0 +1,92 @@
+"""The `tiktoken` fast path gives exactly the ids `tokenizers` gives, or is not used."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+
+import pytest
+
+from sllm.tokenizer import BPETokenizer, train_bpe
+from tests.conftest import SHARED_DATA, constitution_paragraphs
+
+pytest.importorskip("tiktoken")
+
+SPECIALS = ["<|endoftext|>", "<|pad|>"]
+TRICKY = [
+    "",
+    " ",
+    "\n\n\n",
+    "대한민국은 민주공화국이다.<|endoftext|>다음 문서",
+    "<|pad|><|pad|>",
+    "decomposed 한국어: \u1112\u1161\u11ab\u1100\u116e\u11a8\u110b\u1165",
+    "it's we'll they'd I'M  double  spaces\ttab\r\nwindows",
+    "numbers 1234567 3.14159 ١٢٣ ½ 2026-11-24",
+    "emoji 😀👍🏽 and CJK 漢字 かな ﬁ ligature",
+    "   leading and trailing   ",
+    "\x00\x01 control \u200b zero width",
+]
+
+
+def real_texts() -> list[str]:
+    """The constitution, and where ../shared is beside us, Korean reviews and English text."""
+    texts = constitution_paragraphs()
+    if SHARED_DATA.is_dir():
+        reviews = json.loads(next((SHARED_DATA / "nsmc" / "raw").glob("*.json")).read_text("utf-8"))
+        texts += [r["review"] for r in reviews[:3000] if r.get("review")]
+        english = (SHARED_DATA / "tinyshakespeare" / "input.txt").read_text("utf-8")
+        texts += english.split("\n\n")[:3000]
+    return texts
+
+
+def hf_ids(tokenizer: BPETokenizer, texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in tokenizer.hf.encode_batch(texts, add_special_tokens=False)]
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    return real_texts()
+
+
+@pytest.mark.parametrize("vocab_size", [300, 2048])
+def test_fast_path_gives_tokenizers_ids(texts, vocab_size):
+    tokenizer = train_bpe(iter(texts[::2]), vocab_size, SPECIALS)
+    assert tokenizer.fast is not None
+    pieces = [tokenizer.decode([i]) for i in range(len(SPECIALS), tokenizer.vocab_size)]
+    rng = random.Random(0)
+    adjacent_tokens = ["".join(rng.choices(pieces, k=3)) for _ in range(5000)]
+    batch = texts + TRICKY + adjacent_tokens
+    assert tokenizer.encode_batch(batch) == hf_ids(tokenizer, batch)
+    assert [tokenizer.encode(text) for text in TRICKY] == hf_ids(tokenizer, TRICKY)
+
+
+def test_special_token_text_stays_one_id(texts):
+    tokenizer = train_bpe(iter(texts), 400, SPECIALS)
+    ids = tokenizer.encode("끝<|endoftext|>시작")
+    assert ids.count(tokenizer.eos_id) == 1
+
+
+def test_tokenizers_it_cannot_reproduce_keep_tokenizers(texts):
+    from tokenizers import pre_tokenizers
+
+    tokenizer = train_bpe(iter(texts), 400, SPECIALS)
+    tokenizer.hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    assert BPETokenizer(tokenizer.hf).fast is None
+
+    spec = json.loads(train_bpe(iter(texts), 400, SPECIALS).to_json())
+    vocab = spec["model"]["vocab"]
+    last, second_last = sorted(vocab, key=vocab.get)[-2:]
+    vocab[last], vocab[second_last] = vocab[second_last], vocab[last]
+    from tokenizers import Tokenizer
+
+    reordered = BPETokenizer(Tokenizer.from_str(json.dumps(spec)))
+    assert reordered.fast is None
+    assert reordered.encode_batch(texts[:50]) == hf_ids(reordered, texts[:50])
+
+
+def test_without_tiktoken_tokenizers_encodes(texts, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tiktoken", None)
+    tokenizer = train_bpe(iter(texts), 400, SPECIALS)
+    assert tokenizer.fast is None
+    assert tokenizer.encode_batch(texts[:50]) == hf_ids(tokenizer, texts[:50])
