@@ -1,39 +1,52 @@
 """Training throughput: sllm's GPT against `transformers`' GPT2LMHeadModel, same shape and batch.
 
 Both models get the same weights (ours copied into GPT-2's Conv1D layout), the same random
-token batches and the same loss; a row also times sllm's `train.chunked_loss` (the LM head
-fused with the loss chunk by chunk). The contenders are timed in alternating rounds inside
-one process so machine load hits them alike; on a shared machine use many short rounds
-(`--steps 1 --rounds 15`). Prints tokens/s and the ratio to `transformers` with the same
-optimizer as sllm (sllm's AdamW: decay on matrices, the fused kernel), and also
-`transformers` with torch's default AdamW (multi-tensor kernel, same hyperparameters), which
-is what a plain `transformers` training script gets; optionally with `torch.compile` of ours.
+token batches and the same loss. Contenders are timed in alternating rounds inside one
+process, the order rotating, so machine load hits them alike; on a shared CPU use many short
+rounds (`--steps 1 --rounds 15`).
+
+- CPU (fp32): the reference is `transformers` eager with the same optimizer as sllm (sllm's
+  AdamW: decay on matrices, the fused kernel); a row gives it torch's default AdamW (what a
+  plain script builds); rows for sllm's default loss, `train.chunked_loss` and, with
+  `--compile`, `torch.compile`.
+- CUDA (bf16 autocast, TF32, fused AdamW): the reference is `transformers` compiled, the
+  issue's baseline; rows for both eager, sllm compiled, and sllm compiled with the chunked
+  loss, with MFU (`sllm.model.stats`: 6·N + 12·L·d·T FLOPs per token over the GPU's bf16 peak)
+  and peak memory.
+- `--checkpointing` adds activation checkpointing; `--auto-batch` repeats the table at the
+  largest power-of-two micro-batch that survives a step, as `train.micro_batch: auto` finds it.
 
     python benchmarks/train_throughput.py --shape 10m --steps 1 --rounds 15 --threads 1 --compile
-    python benchmarks/train_throughput.py --shape demo --steps 1 --rounds 15 --threads 2
+    python benchmarks/train_throughput.py --device cuda --shape gpt2-124m --batch 16 \
+        --checkpointing --auto-batch
+    python benchmarks/train_throughput.py --device cuda --shape ko-350m --batch 8 --checkpointing
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from sllm.config import ModelConfig, TrainConfig
 from sllm.model import build_model, count_parameters
-from sllm.runtime import keep_freed_memory
+from sllm.model.stats import gpu_peak_flops, training_flops_per_token
+from sllm.runtime import allow_tf32, autocast, keep_freed_memory
+from sllm.train.batch_size import free_memory, largest_fitting, power_of_two_sizes, survives
 from sllm.train.loop import chunked_loss, logits_loss
 from sllm.train.optim import build_optimizers
-
-CPU = torch.device("cpu")
 
 SHAPES = {
     "10m": dict(n_layer=6, n_head=4, n_embd=256, block_size=256, vocab_size=8192),
     "demo": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=2048),
     "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304),
+    "ko-350m": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=32000),
 }
 
 
@@ -62,93 +75,216 @@ def hf_gpt2_from(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
     return hf
 
 
-def sllm_adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
-    (optimizer,) = build_optimizers(model, TrainConfig(lr=1e-4), CPU)
+def sllm_adamw(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    (optimizer,) = build_optimizers(model, TrainConfig(lr=1e-4), device)
     return optimizer
 
 
-def default_adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+def default_adamw(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
     """torch's AdamW as a plain script builds it: every parameter decayed, default kernel."""
     return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
 
-def hf_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten())
+def hf_loss(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | None
+) -> torch.Tensor:
+    with autocast(x.device, amp):
+        logits = model(x).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
 
-def sllm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def sllm_loss(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | None
+) -> torch.Tensor:
     """The trainer's default loss: full logits, fp32 cross-entropy."""
-    return logits_loss(model, x, y, CPU, None)
+    return logits_loss(model, x, y, x.device, amp)
 
 
-def sllm_chunked_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return chunked_loss(model, x, y, CPU, None)
+def sllm_chunked_loss(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | None
+) -> torch.Tensor:
+    return chunked_loss(model, x, y, x.device, amp)
 
 
-def _step_fn(model: torch.nn.Module, loss_fn, make_optimizer):
-    """One training step: forward, loss, backward, clipping, optimizer step."""
-    optimizer = make_optimizer(model)
+@dataclass
+class Contender:
+    """One model with its loss and optimizer; `step(x, y)` is a whole training step."""
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        loss_fn(model, x, y).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    model: torch.nn.Module
+    loss_fn: Callable
+    make_optimizer: Callable[[torch.nn.Module, torch.device], torch.optim.Optimizer]
+    amp: torch.dtype | None
 
-    return step
+    def __post_init__(self) -> None:
+        parameters = next(self.model.parameters())
+        self.optimizer = self.make_optimizer(self.model, parameters.device)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.loss_fn(self.model, x, y, self.amp).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
 
-def _tokens_per_s(step, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _tokens_per_s(contender: Contender, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    device = batches[0][0].device
+    synchronize(device)
     started = time.perf_counter()
     for x, y in batches:
-        step(x, y)
+        contender.step(x, y)
+    synchronize(device)
     return sum(x.numel() for x, _ in batches) / (time.perf_counter() - started)
+
+
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def sllm_contender(
+    cfg: ModelConfig, device: torch.device, loss_fn=sllm_loss, compiled=False, checkpointing=False
+) -> Contender:
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    model.checkpoint_blocks = checkpointing
+    return Contender(torch.compile(model) if compiled else model, loss_fn, sllm_adamw, amp_dtype(device))
+
+
+def transformers_contender(
+    cfg: ModelConfig, device: torch.device, make_optimizer=sllm_adamw, compiled=False
+) -> Contender:
+    torch.manual_seed(0)
+    hf = hf_gpt2_from(build_model(cfg), cfg).to(device)
+    return Contender(torch.compile(hf) if compiled else hf, hf_loss, make_optimizer, amp_dtype(device))
+
+
+def build_contenders(
+    cfg: ModelConfig, device: torch.device, args: argparse.Namespace
+) -> dict[str, Callable[[], Contender]]:
+    """Name -> a builder. The first is the reference: on the CPU `transformers` eager with
+    sllm's AdamW; on CUDA `transformers` compiled with bf16 autocast and the fused AdamW."""
+    ours = functools.partial(functools.partial, sllm_contender, cfg, device)
+    theirs = functools.partial(functools.partial, transformers_contender, cfg, device)
+    if device.type == "cuda":
+        contenders = {
+            "transformers compiled": theirs(compiled=True),
+            "transformers eager": theirs(),
+            "sllm eager": ours(),
+            "sllm compiled": ours(compiled=True),
+            "sllm compiled, chunked loss": ours(sllm_chunked_loss, compiled=True),
+        }
+    else:
+        contenders = {
+            "transformers, same AdamW as sllm": theirs(),
+            "transformers, torch's default AdamW": theirs(default_adamw),
+            "sllm": ours(),
+            "sllm, train.chunked_loss": ours(sllm_chunked_loss),
+        }
+        if args.compile:
+            contenders["sllm compiled"] = ours(compiled=True)
+    if args.checkpointing:
+        contenders["sllm, activation checkpointing"] = ours(
+            compiled=device.type == "cuda", checkpointing=True
+        )
+    return contenders
+
+
+def measure(
+    builders: dict[str, Callable[[], Contender]],
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    rounds: int,
+) -> dict[str, tuple[list[float], float]]:
+    """Tokens/s per round and peak memory (MiB, CUDA only) of each contender. All contenders
+    stay built when they fit in memory together; rounds rotate their order."""
+    device = batches[0][0].device
+    contenders = {name: build() for name, build in builders.items()}
+    for contender in contenders.values():  # warm-up (and compilation)
+        _tokens_per_s(contender, batches[:2])
+    rates: dict[str, list[float]] = {name: [] for name in contenders}
+    peaks = dict.fromkeys(contenders, 0.0)
+    names = list(contenders)
+    for round_index in range(rounds):
+        first = round_index % len(names)  # rotate the order: no contender always runs first
+        for name in names[first:] + names[:first]:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            rates[name].append(_tokens_per_s(contenders[name], batches))
+            if device.type == "cuda":
+                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device) / 2**20)
+    return {name: (rates[name], peaks[name]) for name in names}
+
+
+def largest_micro_batch(cfg: ModelConfig, device: torch.device, limit: int = 256) -> int:
+    """The micro-batch `train.micro_batch: auto` would pick for sllm's eager step with the
+    chunked loss: the largest power of two up to `limit` that survives a training step."""
+    contender = sllm_contender(cfg, device, sllm_chunked_loss)
+
+    def step(size: int) -> None:
+        x = torch.randint(0, cfg.vocab_size, (size, cfg.block_size), device=device)
+        contender.step(x, x)
+
+    return largest_fitting(power_of_two_sizes(limit), survives(step))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=SHAPES, default="10m")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--batch", type=int, default=8, help="micro-batch (sequences)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile of our model")
+    parser.add_argument("--compile", action="store_true", help="CPU: also time torch.compile of our model")
+    parser.add_argument("--checkpointing", action="store_true", help="also time activation checkpointing")
+    parser.add_argument(
+        "--auto-batch", action="store_true", help="also time the largest micro-batch that fits"
+    )
     args = parser.parse_args()
+    if args.auto_batch and args.device != "cuda":
+        parser.error("--auto-batch needs --device cuda: on the CPU running out of memory kills the process")
     if args.threads:
         torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as sllm's trainer does on the CPU; process-wide, so transformers gains too
-    torch.manual_seed(0)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # as sllm's trainer does on the CPU; process-wide, so transformers gains too
+    allow_tf32(device)
     cfg = ModelConfig(dropout=0.0, **SHAPES[args.shape])
-    ours = build_model(cfg)
-    contenders = {
-        "transformers, same AdamW as sllm": _step_fn(hf_gpt2_from(ours, cfg), hf_loss, sllm_adamw),
-        "transformers, torch's default AdamW": _step_fn(hf_gpt2_from(ours, cfg), hf_loss, default_adamw),
-        "sllm": _step_fn(ours, sllm_loss, sllm_adamw),
-        "sllm, train.chunked_loss": _step_fn(build_model(cfg), sllm_chunked_loss, sllm_adamw),
-    }
-    if args.compile:
-        contenders["sllm compiled"] = _step_fn(torch.compile(build_model(cfg)), sllm_loss, sllm_adamw)
-    shape = (args.batch, cfg.block_size)
-    batches = [
-        (torch.randint(0, cfg.vocab_size, shape), torch.randint(0, cfg.vocab_size, shape))
-        for _ in range(args.steps)
-    ]
-    for step in contenders.values():  # warm-up (and compilation)
-        _tokens_per_s(step, batches[:2])
-    rates: dict[str, list[float]] = {name: [] for name in contenders}
-    names = list(contenders)
-    for round_index in range(args.rounds):
-        first = round_index % len(names)  # rotate the order: no contender always runs first
-        for name in names[first:] + names[:first]:
-            rates[name].append(_tokens_per_s(contenders[name], batches))
-    baseline = statistics.median(rates["transformers, same AdamW as sllm"])
-    size = f"{count_parameters(ours) / 1e6:.1f}M parameters"
-    setup = f"fp32, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    print(f"shape {args.shape} ({size}), batch {args.batch} × {cfg.block_size}, {setup}")
-    print(f"{'model':<36} {'tokens/s':>10} {'vs transformers':>16}")
-    for name, values in rates.items():
-        median = statistics.median(values)
-        print(f"{name:<36} {median:>10,.0f} {median / baseline:>15.2f}×")
+    builders = build_contenders(cfg, device, args)
+    micro_batches = [args.batch]
+    if args.auto_batch:
+        micro_batches.append(largest_micro_batch(cfg, device))
+        free_memory()
+    flops_per_token = training_flops_per_token(build_model(cfg), cfg, cfg.block_size)
+    peak_flops = gpu_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    setup = f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, torch {torch.__version__}"
+    size = f"{count_parameters(build_model(cfg)) / 1e6:.1f}M parameters"
+    print(f"shape {args.shape} ({size}), {device}, {setup}, {torch.get_num_threads()} threads")
+    print("| micro-batch | contender | tokens/s | vs " + next(iter(builders)) + " | MFU | peak MiB |")
+    print("|---|---|---|---|---|---|")
+    for micro_batch in micro_batches:
+        shape = (micro_batch, cfg.block_size)
+        batches = [
+            (
+                torch.randint(0, cfg.vocab_size, shape, device=device),
+                torch.randint(0, cfg.vocab_size, shape, device=device),
+            )
+            for _ in range(args.steps)
+        ]
+        results = measure(builders, batches, args.rounds)
+        baseline = statistics.median(next(iter(results.values()))[0])
+        for name, (values, peak) in results.items():
+            median = statistics.median(values)
+            mfu = f"{median * flops_per_token / peak_flops:.1%}" if peak_flops else "–"
+            memory = f"{peak:,.0f}" if peak else "–"
+            print(
+                f"| {micro_batch} | {name} | {median:,.0f} | {median / baseline:.2f}× | {mfu} | {memory} |",
+                flush=True,
+            )
+        free_memory()
 
 
 if __name__ == "__main__":
