@@ -20,6 +20,8 @@ TRICKY = [
     "\n\n\n",
     "대한민국은 민주공화국이다.<|endoftext|>다음 문서",
     "<|pad|><|pad|>",
+    "<|endoftext|>\u0338 NFC would join the special token's '>' with this combining mark",
+    "끝<|endoftext|>",
     "decomposed 한국어: \u1112\u1161\u11ab\u1100\u116e\u11a8\u110b\u1165",
     "it's we'll they'd I'M  double  spaces\ttab\r\nwindows",
     "numbers 1234567 3.14159 ١٢٣ ½ 2026-11-24",
@@ -61,10 +63,15 @@ def test_fast_path_gives_tokenizers_ids(texts, vocab_size):
     assert [tokenizer.encode(text) for text in TRICKY] == hf_ids(tokenizer, TRICKY)
 
 
-def test_special_token_text_stays_one_id(texts):
+def test_special_tokens_are_cut_out_like_tokenizers_does(texts):
     tokenizer = train_bpe(iter(texts), 400, SPECIALS)
     ids = tokenizer.encode("끝<|endoftext|>시작")
     assert ids.count(tokenizer.eos_id) == 1
+    tokenizer.hf.add_special_tokens(["<|user|>", "<|user|>:", "<|end|>"])  # one is the other's prefix
+    tokenizer = BPETokenizer(tokenizer.hf)
+    assert tokenizer.fast is not None
+    chat = ["<|user|>: 안녕하세요<|end|><|user|>한국어<|end|>", "<|user|>:<|user|><|end|>x", *TRICKY]
+    assert tokenizer.encode_batch(chat) == hf_ids(tokenizer, chat)
 
 
 def test_tokenizers_it_cannot_reproduce_keep_tokenizers(texts):

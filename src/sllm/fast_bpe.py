@@ -6,8 +6,8 @@ NFC or no normalizer, the GPT-2 byte-level split regex, a plain BPE whose merges
 multi-byte token in id order (tiktoken ranks a merge by the id of the token it creates; HF by
 the merge's position), all 256 bytes present, and special tokens only. Anything else (another
 pre-tokenizer, byte fallback, dropout, an imported vocab in another order) keeps `tokenizers`.
-A document containing a special token's text goes to `tokenizers` too, which splits such text
-out before normalizing. tests/test_fast_bpe.py checks equal ids on real Korean and English text.
+Special tokens in the text are cut out first and the pieces between them normalized apart,
+as `tokenizers` does. tests/test_fast_bpe.py checks equal ids on real Korean and English text.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import re
 import unicodedata
 from typing import Any
 
@@ -41,20 +42,32 @@ def _unicode_to_byte() -> dict[str, int]:
 
 
 class FastByteLevelBPE:
-    """`tiktoken` encoding of one qualifying HF tokenizer; `encode_batch` gives HF's ids."""
+    """`tiktoken` encoding of one qualifying HF tokenizer; `encode_batch` gives HF's ids.
 
-    def __init__(self, encoding: Any, hf_tokenizer: Any, nfc: bool, special_tokens: list[str]) -> None:
-        self.encoding, self.hf, self.nfc, self.special_tokens = encoding, hf_tokenizer, nfc, special_tokens
+    Like `tokenizers`, it first cuts special tokens out of the raw text (the longest match
+    first), then normalizes and encodes the pieces between them."""
+
+    def __init__(self, encoding: Any, nfc: bool, special_ids: dict[str, int]) -> None:
+        self.encoding, self.nfc, self.special_ids = encoding, nfc, special_ids
+        longest_first = sorted(special_ids, key=len, reverse=True)
+        self.special_split = (
+            re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if special_ids else None
+        )
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        has_special = [any(token in text for token in self.special_tokens) for text in texts]
-        plain = [
-            self._normalize(text) for text, special in zip(texts, has_special, strict=True) if not special
-        ]
-        with_special = [text for text, special in zip(texts, has_special, strict=True) if special]
-        fast = iter(self._encode_plain(plain))
-        slow = iter([e.ids for e in self.hf.encode_batch(with_special, add_special_tokens=False)])
-        return [next(slow) if special else next(fast) for special in has_special]
+        """Every text's pieces (plain text at even places, special tokens at odd ones); the
+        plain pieces of the whole batch are encoded in one call."""
+        pieces = [self.special_split.split(text) if self.special_split else [text] for text in texts]
+        encoded = iter(
+            self._encode_plain([self._normalize(plain) for parts in pieces for plain in parts[::2]])
+        )
+        batch = []
+        for parts in pieces:
+            ids: list[int] = []
+            for place, part in enumerate(parts):
+                ids += next(encoded) if place % 2 == 0 else [self.special_ids[part]]
+            batch.append(ids)
+        return batch
 
     def _encode_plain(self, texts: list[str]) -> list[list[int]]:
         if len(texts) <= 1:
@@ -95,7 +108,7 @@ def fast_byte_level_bpe(hf_tokenizer: Any, spec: dict) -> FastByteLevelBPE | Non
     encoding = tiktoken.Encoding(
         "sllm-bpe", pat_str=GPT2_SPLIT, mergeable_ranks=ranks, special_tokens=specials
     )
-    fast = FastByteLevelBPE(encoding, hf_tokenizer, nfc, list(specials))
+    fast = FastByteLevelBPE(encoding, nfc, specials)
     expected = hf_tokenizer.encode(PROBE, add_special_tokens=False).ids
     return fast if fast.encode_batch([PROBE]) == [expected] else None
 
