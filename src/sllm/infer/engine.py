@@ -45,7 +45,10 @@ class _CachedDecoder:
         self.amp_dtype = amp_dtype
         dtype = amp_dtype or next(model.parameters()).dtype
         self.cache = model.new_cache(batch, device, dtype)
-        self.static_step = StaticDecodeStep(self._graph_logits, self.cache, batch) if static_steps else None
+        self.static_step = None
+        if static_steps:
+            as_graph = device.type == "cuda"
+            self.static_step = StaticDecodeStep(self._graph_logits, self._logits, self.cache, batch, as_graph)
 
     def _logits(self, idx: torch.Tensor, cache_casts: bool = True) -> torch.Tensor:
         """The head runs on the last position only: a prefill needs no logits for the prompt."""
@@ -180,8 +183,11 @@ def stream_tokens(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
 ) -> Iterator[int]:
-    """One prompt's new token ids until `max_new_tokens` or EOS (which is not yielded)."""
-    for (token,) in TokenStream(model, [prompt_ids], params, eos_id, device, amp_dtype):
+    """One prompt's new token ids until `max_new_tokens` or EOS (which is not yielded).
+
+    For samples during training: no CUDA graph, since the model may be sharded (FSDP) and a
+    capture would stall the training step for one short sample."""
+    for (token,) in TokenStream(model, [prompt_ids], params, eos_id, device, amp_dtype, cuda_graph=False):
         if token is not None:
             yield token
 

@@ -148,9 +148,10 @@ class KVCache:
     hold padding that no query attends to, and its positions count from its first real token.
     A padding query attends only to itself, so no softmax row is empty (which would give NaN).
 
-    `make_static()` gives decode steps fixed shapes and no Python state: the slot comes from
-    the device tensor `step_slot` and the step attends over the whole cache under a mask, so
-    a CUDA graph can replay it (`sllm.infer.cuda_graph`); prefills keep the plain path.
+    `make_static()` prepares decode steps with fixed shapes and no Python state: while
+    `static_decoding` is set, a one-token step writes at the device tensor `step_slot` and
+    attends over the whole cache under a mask, so a CUDA graph can replay it
+    (`sllm.infer.cuda_graph`). Everything else keeps the plain path.
     """
 
     def __init__(
@@ -164,6 +165,7 @@ class KVCache:
         self.max_len = max_len
         self.slots = torch.arange(max_len, device=device)
         self.step_slot: torch.Tensor | None = None
+        self.static_decoding = False
         self.real_slots: torch.Tensor | None = None
         self.reset()
 
@@ -193,18 +195,15 @@ class KVCache:
             self.slot_positions = (self.slots[None, :] - first_real).clamp(min=0)
             self.real_slots = self.slots[None, :] >= first_real
 
-    def _static_step(self, length: int) -> bool:
-        return self.step_slot is not None and length == 1
-
     def positions(self, length: int) -> torch.Tensor:
         """Positions of the next `length` tokens: (length,), or (batch, length) when padded."""
-        if self._static_step(length):
+        if self.static_decoding:
             return self.slot_positions.index_select(1, self.step_slot)
         return self.slot_positions[..., self.length : self.length + length]
 
     def attention_mask(self, length: int) -> torch.Tensor | None:
         """Boolean mask for the next `length` queries, or None when plain causal attention does."""
-        if self._static_step(length):
+        if self.static_decoding:
             return ((self.slots <= self.step_slot) & self.real_slots)[:, None, None, :]
         end = self.length + length
         if self.real_slots is None:
@@ -221,9 +220,9 @@ class KVCache:
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's keys/values after the cached ones; return all of them so far (all
         slots, masked, on a static step)."""
-        if self._static_step(k.size(2)):
-            self.keys[layer].index_copy_(2, self.step_slot, k)
-            self.values[layer].index_copy_(2, self.step_slot, v)
+        if self.static_decoding:
+            self.keys[layer].index_copy_(2, self.step_slot, k.to(self.keys.dtype))
+            self.values[layer].index_copy_(2, self.step_slot, v.to(self.values.dtype))
             return self.keys[layer], self.values[layer]
         end = self.length + k.size(2)
         self.keys[layer, :, :, self.length : end] = k
