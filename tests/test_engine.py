@@ -7,7 +7,7 @@ import torch
 from sllm.config import ModelConfig
 from sllm.errors import UserError
 from sllm.infer.cpu_layout import use_column_major_weights
-from sllm.infer.engine import TextGenerator, TextRow, TokenStream, _CachedDecoder
+from sllm.infer.engine import STATIC_DECODERS, TextGenerator, TextRow, TokenStream, _CachedDecoder
 from sllm.infer.sampling import SamplingParams
 from sllm.model import build_model
 
@@ -272,3 +272,21 @@ def test_cuda_graph_steps_equal_plain_steps_on_cuda_through_a_refill(dtype):
         warnings.simplefilter("error")  # a capture that fell back, or an empty graph, fails the test
         static, plain = _static_and_plain_logits(model, prompts, follow, torch.bfloat16, cuda)
     torch.testing.assert_close(static, plain, atol=5e-2, rtol=5e-2)  # bf16 autocast on both
+
+
+def test_static_decoders_are_reused_between_streams_and_never_shared():
+    model = _model()
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    first, second = [[5], [3, 14, 15, 9]], [[2, 7, 1, 8, 2], [6]]  # same batch size, other padding
+    expected = [_rows(TokenStream(model, p, params, None, CPU, cuda_graph=False)) for p in (first, second)]
+    assert _rows(TokenStream(model, first, params, None, CPU, cuda_graph=True)) == expected[0]
+    (kept,) = STATIC_DECODERS.idle[model].values()
+    assert _rows(TokenStream(model, second, params, None, CPU, cuda_graph=True)) == expected[1]
+    assert list(STATIC_DECODERS.idle[model].values()) == [kept]  # the same decoder came back
+
+    running = iter(TokenStream(model, first, params, None, CPU, cuda_graph=True))
+    started = [next(running)]  # holds the idle decoder
+    assert not STATIC_DECODERS.idle[model]
+    assert _rows(TokenStream(model, second, params, None, CPU, cuda_graph=True)) == expected[1]
+    rest = started + list(running)
+    assert [[step[row] for step in rest] for row in range(2)] == expected[0]

@@ -7,8 +7,9 @@ A graph replays fixed addresses and shapes, so the step runs on a static `KVCach
 cache under a mask, and the tokens go in through a fixed input buffer. Python bookkeeping
 (`cache.length`) happens around the replay, never inside it.
 
-Capture happens at the first decode step of a stream (three eager warm-up runs on a side
-stream, as PyTorch's CUDA graph notes ask), on the cache's own device. Before it is trusted,
+Capture happens at the first decode step (three eager warm-up runs on a side stream, as
+PyTorch's CUDA graph notes ask), on the cache's own device, once per decoder: the engine
+lends decoders out between streams. Before it is trusted,
 the graph's output buffer is poisoned and one replay must reproduce the eager logits; on any
 failure or mismatch the stream goes on with the plain step and one warning. With
 `as_graph=False` the static step runs eagerly, which is how the CPU tests cover it.

@@ -4,6 +4,9 @@
   preallocated `KVCache` (the cache supplies each row's positions and attention mask), so a
   step is one forward pass of shape (batch, 1) whatever the lengths. Finished rows (EOS, a
   stop string, `stop(row)`) keep their slot, so shapes stay static, and are ignored.
+- On CUDA each decode step is replayed as one CUDA graph (`sllm.infer.cuda_graph`). The
+  decoder holding the graph and its cache is lent from `STATIC_DECODERS` and given back when
+  the stream ends, so a server captures once per batch size, not per request.
 - When the cache fills the context, every row's newest three quarters are prefilled again
   into the same cache and decoding goes on. Models without a KV cache (the ffn baseline)
   rerun each row's window every step.
@@ -17,8 +20,10 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
@@ -97,6 +102,36 @@ class _WindowDecoder:
         return self.prefill(rows)
 
 
+class _StaticDecoders:
+    """Idle static-step decoders, kept per model between streams: a stream borrows one and
+    gives it back when it ends, so each batch size's CUDA graph is captured once, not once per
+    request. A stream that finds none idle (another stream is running) builds its own. The
+    key holds the weights' addresses, so weights moved or replaced since give a new capture."""
+
+    KEEP = 4  # batch sizes kept per model; each holds a KV cache
+
+    def __init__(self) -> None:
+        self.idle: WeakKeyDictionary[nn.Module, dict[tuple, _CachedDecoder]] = WeakKeyDictionary()
+
+    @contextmanager
+    def borrow(
+        self, model: nn.Module, batch: int, device: torch.device, amp_dtype: torch.dtype | None
+    ) -> Iterator[_CachedDecoder]:
+        key = (batch, device, amp_dtype, tuple(p.data_ptr() for p in model.parameters()))
+        idle = self.idle.setdefault(model, {})
+        decoder = idle.pop(key, None) or _CachedDecoder(model, batch, device, amp_dtype, static_steps=True)
+        try:
+            yield decoder
+        finally:
+            if not decoder.static_step.failed:
+                if len(idle) >= self.KEEP:
+                    idle.pop(next(iter(idle)))
+                idle[key] = decoder
+
+
+STATIC_DECODERS = _StaticDecoders()
+
+
 class TokenStream:
     """New tokens of a batch, step by step: each item holds one token per row, None once the
     row is finished (EOS, which is not yielded, or `stop(row)`). Iterate it once.
@@ -136,14 +171,21 @@ class TokenStream:
 
     @torch.inference_mode()
     def __iter__(self) -> Iterator[list[int | None]]:
+        batch = len(self.rows)
+        if not self.model.supports_kv_cache:
+            decoder = nullcontext(_WindowDecoder(self.model, self.device, self.amp_dtype))
+        elif self.cuda_graph:
+            decoder = STATIC_DECODERS.borrow(self.model, batch, self.device, self.amp_dtype)
+        else:
+            decoder = nullcontext(_CachedDecoder(self.model, batch, self.device, self.amp_dtype))
+        with decoder as borrowed:
+            yield from self._decode(borrowed)
+
+    def _decode(self, decoder: _CachedDecoder | _WindowDecoder) -> Iterator[list[int | None]]:
         params, batch = self.params, len(self.rows)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        if self.model.supports_kv_cache:
-            decoder = _CachedDecoder(self.model, batch, self.device, self.amp_dtype, self.cuda_graph)
-        else:
-            decoder = _WindowDecoder(self.model, self.device, self.amp_dtype)
         history = None
         if params.uses_history:
             history = TokenHistory(self.rows, self.model.cfg.vocab_size, self.device)
