@@ -290,3 +290,13 @@ def test_static_decoders_are_reused_between_streams_and_never_shared():
     assert _rows(TokenStream(model, second, params, None, CPU, cuda_graph=True)) == expected[1]
     rest = started + list(running)
     assert [[step[row] for step in rest] for row in range(2)] == expected[0]
+
+
+def test_a_static_cache_holds_what_the_stream_needs_not_the_whole_context():
+    model = _model(block_size=512)
+    params = SamplingParams(max_new_tokens=130, temperature=0)
+    prompts = [[5, 6, 7], [3]]
+    plain = _rows(TokenStream(model, prompts, params, None, CPU, cuda_graph=False))
+    assert _rows(TokenStream(model, prompts, params, None, CPU, cuda_graph=True)) == plain
+    (decoder,) = STATIC_DECODERS.idle[model].values()
+    assert decoder.cache.max_len == 256  # 3 + 130 tokens, in steps of 128

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -43,13 +44,13 @@ class _CachedDecoder:
 
     def __init__(
         self, model: nn.Module, batch: int, device: torch.device, amp_dtype: torch.dtype | None,
-        static_steps: bool = False,
+        static_steps: bool = False, max_len: int | None = None,
     ) -> None:  # fmt: skip
         self.model = model
         self.device = device
         self.amp_dtype = amp_dtype
         dtype = amp_dtype or next(model.parameters()).dtype
-        self.cache = model.new_cache(batch, device, dtype)
+        self.cache = model.new_cache(batch, device, dtype, max_len)
         self.static_step = None
         if static_steps:
             as_graph = device.type == "cuda"
@@ -75,7 +76,7 @@ class _CachedDecoder:
     def step(self, tokens: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
         """`tokens` (batch,) were just sampled; `rows` are the texts so far, for a refill."""
         if self.cache.length >= self.cache.max_len:
-            keep = (3 * self.model.block_size) // 4
+            keep = (3 * self.cache.max_len) // 4
             return self.prefill([ids[-keep:] for ids in rows])
         if self.static_step is not None:
             return self.static_step(tokens)
@@ -115,11 +116,11 @@ class _StaticDecoders:
 
     @contextmanager
     def borrow(
-        self, model: nn.Module, batch: int, device: torch.device, amp_dtype: torch.dtype | None
+        self, model: nn.Module, batch: int, max_len: int, device: torch.device, amp_dtype: torch.dtype | None
     ) -> Iterator[_CachedDecoder]:
-        key = (batch, device, amp_dtype, tuple(p.data_ptr() for p in model.parameters()))
+        key = (batch, max_len, device, amp_dtype, tuple(p.data_ptr() for p in model.parameters()))
         idle = self.idle.setdefault(model, {})
-        decoder = idle.pop(key, None) or _CachedDecoder(model, batch, device, amp_dtype, static_steps=True)
+        decoder = idle.pop(key, None) or _CachedDecoder(model, batch, device, amp_dtype, True, max_len)
         try:
             yield decoder
         finally:
@@ -130,6 +131,7 @@ class _StaticDecoders:
 
 
 STATIC_DECODERS = _StaticDecoders()
+STATIC_CACHE_STEP = 128  # static caches come in multiples of this many tokens
 
 
 class TokenStream:
@@ -175,11 +177,19 @@ class TokenStream:
         if not self.model.supports_kv_cache:
             decoder = nullcontext(_WindowDecoder(self.model, self.device, self.amp_dtype))
         elif self.cuda_graph:
-            decoder = STATIC_DECODERS.borrow(self.model, batch, self.device, self.amp_dtype)
+            decoder = STATIC_DECODERS.borrow(
+                self.model, batch, self._static_cache_len(), self.device, self.amp_dtype
+            )
         else:
             decoder = nullcontext(_CachedDecoder(self.model, batch, self.device, self.amp_dtype))
         with decoder as borrowed:
             yield from self._decode(borrowed)
+
+    def _static_cache_len(self) -> int:
+        """A static step attends over its whole cache, so the cache holds what this stream
+        needs (in steps of STATIC_CACHE_STEP, to share graphs), not the whole context."""
+        needed = max(len(ids) for ids in self.rows) + self.params.max_new_tokens
+        return min(self.model.block_size, STATIC_CACHE_STEP * math.ceil(needed / STATIC_CACHE_STEP))
 
     def _decode(self, decoder: _CachedDecoder | _WindowDecoder) -> Iterator[list[int | None]]:
         params, batch = self.params, len(self.rows)

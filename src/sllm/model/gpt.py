@@ -397,10 +397,14 @@ class GPT(nn.Module):
         """The LM head (padded rows included): the token embedding unless untied."""
         return self.wte.weight if self.cfg.tie_embeddings else self.lm_head.weight
 
-    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+    def new_cache(
+        self, batch: int, device: torch.device, dtype: torch.dtype, max_len: int | None = None
+    ) -> KVCache:
+        """A cache for `max_len` tokens (default: the whole context)."""
         head_dim = self.cfg.n_embd // self.cfg.n_head
         n_kv_head = self.cfg.n_kv_head or self.cfg.n_head
-        return KVCache(self.cfg.n_layer, batch, n_kv_head, self.block_size, head_dim, device, dtype)
+        max_len = min(max_len or self.block_size, self.block_size)
+        return KVCache(self.cfg.n_layer, batch, n_kv_head, max_len, head_dim, device, dtype)
 
     def hidden_states(
         self, idx: torch.Tensor, cache: KVCache | None = None, document_ids: torch.Tensor | None = None
