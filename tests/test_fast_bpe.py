@@ -97,3 +97,15 @@ def test_without_tiktoken_tokenizers_encodes(texts, monkeypatch):
     tokenizer = train_bpe(iter(texts), 400, SPECIALS)
     assert tokenizer.fast is None
     assert tokenizer.encode_batch(texts[:50]) == hf_ids(tokenizer, texts[:50])
+
+
+@pytest.mark.slow
+def test_every_unicode_character_splits_and_merges_as_in_tokenizers(texts):
+    """The two libraries' regex engines carry their own Unicode tables (letters, numbers)."""
+    tokenizer = train_bpe(iter(texts), 2048, SPECIALS)
+    characters = [chr(cp) for cp in range(0x110000) if not 0xD800 <= cp <= 0xDFFF]
+    pattern = "{0}a {0}1 x{0}{0}, '{0}s  "
+    documents = [
+        "".join(pattern.format(c) for c in characters[i : i + 400]) for i in range(0, len(characters), 400)
+    ]
+    assert tokenizer.encode_batch(documents) == hf_ids(tokenizer, documents)
