@@ -198,12 +198,15 @@ def measure(
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     rounds: int,
 ) -> dict[str, tuple[list[float], float]]:
-    """Tokens/s per round and peak memory (MiB, CUDA only) of each contender. All contenders
-    stay built when they fit in memory together; rounds rotate their order."""
+    """Tokens/s per round and peak memory (MiB, CUDA only) of each contender that ran; one
+    that runs out of memory (at a large auto micro-batch, say) is dropped with a note. All
+    contenders stay built together; rounds rotate their order."""
     device = batches[0][0].device
     contenders = {name: build() for name, build in builders.items()}
-    for contender in contenders.values():  # warm-up (and compilation)
-        _tokens_per_s(contender, batches[:2])
+    for name, contender in list(contenders.items()):  # warm-up (and compilation)
+        if not _fits(lambda contender=contender: _tokens_per_s(contender, batches[:2])):
+            print(f"{name}: out of memory at micro-batch {batches[0][0].size(0)}", flush=True)
+            del contenders[name]
     rates: dict[str, list[float]] = {name: [] for name in contenders}
     peaks = dict.fromkeys(contenders, 0.0)
     names = list(contenders)
@@ -216,6 +219,10 @@ def measure(
             if device.type == "cuda":
                 peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device) / 2**20)
     return {name: (rates[name], peaks[name]) for name in names}
+
+
+def _fits(run: Callable[[], object]) -> bool:
+    return survives(lambda _: run())(0)
 
 
 def largest_micro_batch(cfg: ModelConfig, device: torch.device, limit: int = 256) -> int:
@@ -275,7 +282,8 @@ def main() -> None:
             for _ in range(args.steps)
         ]
         results = measure(builders, batches, args.rounds)
-        baseline = statistics.median(next(iter(results.values()))[0])
+        reference = next(iter(builders))
+        baseline = statistics.median(results[reference][0]) if reference in results else float("nan")
         for name, (values, peak) in results.items():
             median = statistics.median(values)
             mfu = f"{median * flops_per_token / peak_flops:.1%}" if peak_flops else "–"
