@@ -9,9 +9,10 @@ Tokens/s count new tokens end to end (prefill included), from the median repeat 
 fastest one (on a shared machine the fastest is the better estimate of each side's own cost).
 On the CPU a third column times our step's matrix products alone, every weight once per token
 step as a decode step reads them: what the engine would reach with no other cost. On CUDA
-(bf16 weights) the rows are sllm with its CUDA-graph step, `transformers` with its dynamic and
-its static (compiled) cache, and sllm's eager step, plus the fraction of the memory-bound
-limit (weight bytes over the copy bandwidth measured in the same run) reached at batch 1.
+(bf16 weights) the rows are sllm with its CUDA-graph step, `transformers` with its dynamic
+and its static (compiled) cache, sllm's eager step and sllm's compiled CUDA-graph step, and
+the fraction of the memory-bound limit (weight bytes over the copy bandwidth measured in the
+same run) reached at batch 1.
 
     python benchmarks/generate_speed.py --shape 10m --batch-sizes 1 8
     python benchmarks/generate_speed.py --device cuda --shape gpt2-124m --new-tokens 256 --batch-sizes 1 32
@@ -79,13 +80,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_sllm(model, prompts: torch.Tensor, new_tokens: int, cuda_graph: bool | None = None) -> float:
+def time_sllm(
+    model, prompts: torch.Tensor, new_tokens: int, cuda_graph: bool | None = None, compiled: bool = False
+) -> float:
     device = prompts.device
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
     synchronize(device)
     start = time.perf_counter()
-    for _ in TokenStream(model, prompts.tolist(), params, None, device, amp_dtype, cuda_graph):
+    for _ in TokenStream(model, prompts.tolist(), params, None, device, amp_dtype, cuda_graph, compiled):
         pass
     synchronize(device)
     return time.perf_counter() - start
@@ -149,6 +152,7 @@ def contenders(model, hf, device: torch.device) -> dict[str, Callable[[torch.Ten
             "transformers dynamic": lambda prompts, n: time_transformers(hf, prompts, n),
             "transformers static": lambda prompts, n: time_transformers(hf, prompts, n, "static"),
             "sllm eager": lambda prompts, n: time_sllm(model, prompts, n, cuda_graph=False),
+            "sllm (CUDA graph, compiled)": lambda prompts, n: time_sllm(model, prompts, n, compiled=True),
         }
     return {
         "sllm": lambda prompts, n: time_sllm(model, prompts, n),

@@ -300,3 +300,23 @@ def test_a_static_cache_holds_what_the_stream_needs_not_the_whole_context():
     assert _rows(TokenStream(model, prompts, params, None, CPU, cuda_graph=True)) == plain
     (decoder,) = STATIC_DECODERS.idle[model].values()
     assert decoder.cache.max_len == 256  # 3 + 130 tokens, in steps of 128
+
+
+@pytest.mark.slow
+def test_a_compiled_static_step_compiles_once_and_equals_the_plain_step():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = _gqa_rope_model(block_size=64)
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    prompts = [[5], [3, 14, 15, 9, 2, 6, 5, 3, 5]]
+    plain = _rows(TokenStream(model, prompts, params, None, CPU, cuda_graph=False))
+    compiled = TokenStream(model, prompts, params, None, CPU, cuda_graph=True, compile_step=True)
+    assert _rows(compiled) == plain
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # no recompile per position
+
+
+def test_compiling_the_decode_step_needs_cuda(trained_run):
+    with pytest.raises(UserError, match="needs CUDA"):
+        TextGenerator.from_run(trained_run, "cpu", compile_step=True)

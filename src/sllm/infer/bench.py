@@ -47,18 +47,24 @@ def measure_generation(
     batch: int,
     prompt_tokens: int,
     new_tokens: int,
+    compile_step: bool = False,
 ) -> GenerationSpeed:
-    """Greedy generation of `new_tokens` for `batch` random prompts, timed step by step."""
+    """Greedy generation of `new_tokens` for `batch` random prompts, timed step by step, after
+    one untimed run of the same shape (which captures the CUDA graph, compiles the step)."""
     vocab = model.cfg.vocab_size
     prompts = torch.randint(0, vocab, (batch, prompt_tokens), generator=torch.Generator().manual_seed(0))
     rows = prompts.tolist()
-    list(TokenStream(model, rows, SamplingParams(max_new_tokens=2, temperature=0), None, device, amp_dtype))
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
+
+    def stream() -> TokenStream:
+        return TokenStream(model, rows, params, None, device, amp_dtype, compile_step=compile_step)
+
+    list(stream())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
     start = time.perf_counter()
     first = start
-    for step, _ in enumerate(TokenStream(model, rows, params, None, device, amp_dtype)):
+    for step, _ in enumerate(stream()):
         if step == 0:
             first = time.perf_counter()
     end = time.perf_counter()
@@ -80,12 +86,13 @@ def bench_generate(
     prompt_tokens: int = 16,
     new_tokens: int = 128,
     threads: int = 0,
+    compile_step: bool = False,
 ) -> list[GenerationSpeed]:
     """One row per batch size; `threads` > 0 sets torch's CPU threads (on a busy machine
     fewer threads than cores avoids threads waiting on each other)."""
     if threads > 0:
         torch.set_num_threads(threads)
-    generator = TextGenerator.from_run(run_dir, device)
+    generator = TextGenerator.from_run(run_dir, device, compile_step=compile_step)
     context = generator.context_tokens
     if not 0 < prompt_tokens < context or new_tokens < 2 or min(batch_sizes) < 1:
         raise UserError(
@@ -94,7 +101,13 @@ def bench_generate(
     new_tokens = min(new_tokens, context - prompt_tokens)
     return [
         measure_generation(
-            generator.model, generator.device, generator.amp_dtype, batch, prompt_tokens, new_tokens
+            generator.model,
+            generator.device,
+            generator.amp_dtype,
+            batch,
+            prompt_tokens,
+            new_tokens,
+            compile_step,
         )
         for batch in batch_sizes
     ]

@@ -60,14 +60,12 @@ class StaticDecodeStep:
         return logits
 
     def _run(self) -> torch.Tensor:
-        """The static step, eagerly; leaves `cache.length` as it found it, even on an error."""
-        length = self.cache.length
+        """The static step, eagerly (it leaves `cache.length` alone: `__call__` counts)."""
         self.cache.static_decoding = True
         try:
             return self.static_forward(self.tokens)
         finally:
             self.cache.static_decoding = False
-            self.cache.length = length
 
     def _replay(self) -> torch.Tensor:
         """A copy: the graph's own output buffer is overwritten by the next replay."""

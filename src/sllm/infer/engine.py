@@ -40,11 +40,12 @@ from sllm.tokenizer import Tokenizer
 
 class _CachedDecoder:
     """Next-token logits (batch, vocab) for a left-padded batch through a preallocated cache;
-    with `static_steps`, decode steps run as a `StaticDecodeStep` (a CUDA graph on CUDA)."""
+    with `static_steps`, decode steps run as a `StaticDecodeStep` (a CUDA graph on CUDA),
+    with `compile_step` passed through `torch.compile` first."""
 
     def __init__(
         self, model: nn.Module, batch: int, device: torch.device, amp_dtype: torch.dtype | None,
-        static_steps: bool = False, max_len: int | None = None,
+        static_steps: bool = False, max_len: int | None = None, compile_step: bool = False,
     ) -> None:  # fmt: skip
         self.model = model
         self.device = device
@@ -53,8 +54,9 @@ class _CachedDecoder:
         self.cache = model.new_cache(batch, device, dtype, max_len)
         self.static_step = None
         if static_steps:
+            static = torch.compile(self._graph_logits, dynamic=False) if compile_step else self._graph_logits
             as_graph = device.type == "cuda"
-            self.static_step = StaticDecodeStep(self._graph_logits, self._logits, self.cache, batch, as_graph)
+            self.static_step = StaticDecodeStep(static, self._logits, self.cache, batch, as_graph)
 
     def _logits(self, idx: torch.Tensor, cache_casts: bool = True) -> torch.Tensor:
         """The head runs on the last position only: a prefill needs no logits for the prompt."""
@@ -115,12 +117,16 @@ class _StaticDecoders:
         self.idle: WeakKeyDictionary[nn.Module, dict[tuple, _CachedDecoder]] = WeakKeyDictionary()
 
     @contextmanager
-    def borrow(
-        self, model: nn.Module, batch: int, max_len: int, device: torch.device, amp_dtype: torch.dtype | None
-    ) -> Iterator[_CachedDecoder]:
-        key = (batch, max_len, device, amp_dtype, tuple(p.data_ptr() for p in model.parameters()))
+    def borrow(self, stream: TokenStream) -> Iterator[_CachedDecoder]:
+        """A decoder for `stream`'s model, batch size, cache length, device and options."""
+        model, batch, max_len = stream.model, len(stream.rows), stream.static_cache_len()
+        options = (stream.device, stream.amp_dtype, stream.compile_step)
+        key = (batch, max_len, *options, tuple(p.data_ptr() for p in model.parameters()))
         idle = self.idle.setdefault(model, {})
-        decoder = idle.pop(key, None) or _CachedDecoder(model, batch, device, amp_dtype, True, max_len)
+        decoder = idle.pop(key, None)
+        if decoder is None:
+            device, amp_dtype, compile_step = options
+            decoder = _CachedDecoder(model, batch, device, amp_dtype, True, max_len, compile_step)
         try:
             yield decoder
         finally:
@@ -139,7 +145,9 @@ class TokenStream:
     row is finished (EOS, which is not yielded, or `stop(row)`). Iterate it once.
 
     `cuda_graph` (default: on CUDA) replays each decode step as one CUDA graph; True on
-    another device runs that same static step eagerly, False keeps the plain step."""
+    another device runs that same static step eagerly, False keeps the plain step.
+    `compile_step` also passes that step through `torch.compile` (fused kernels; it costs a
+    compilation at the first stream, and its gain on a GPU is not yet measured)."""
 
     def __init__(
         self,
@@ -150,6 +158,7 @@ class TokenStream:
         device: torch.device,
         amp_dtype: torch.dtype | None = None,
         cuda_graph: bool | None = None,
+        compile_step: bool = False,
     ) -> None:
         if not prompts or not all(prompts):
             raise ValueError("every prompt must hold at least one token")
@@ -160,6 +169,7 @@ class TokenStream:
         self.device = device
         self.amp_dtype = amp_dtype
         self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        self.compile_step = compile_step
         self.finish_reasons: list[str | None] = [None] * len(prompts)
 
     def stop(self, row: int, reason: str = "stop") -> None:
@@ -177,15 +187,13 @@ class TokenStream:
         if not self.model.supports_kv_cache:
             decoder = nullcontext(_WindowDecoder(self.model, self.device, self.amp_dtype))
         elif self.cuda_graph:
-            decoder = STATIC_DECODERS.borrow(
-                self.model, batch, self._static_cache_len(), self.device, self.amp_dtype
-            )
+            decoder = STATIC_DECODERS.borrow(self)
         else:
             decoder = nullcontext(_CachedDecoder(self.model, batch, self.device, self.amp_dtype))
         with decoder as borrowed:
             yield from self._decode(borrowed)
 
-    def _static_cache_len(self) -> int:
+    def static_cache_len(self) -> int:
         """A static step attends over its whole cache, so the cache holds what this stream
         needs (in steps of STATIC_CACHE_STEP, to share graphs), not the whole context."""
         needed = max(len(ids) for ids in self.rows) + self.params.max_new_tokens
@@ -334,23 +342,33 @@ class TextStream:
 class TextGenerator:
     """Text in, text out, for a trained run: `TextGenerator.from_run("runs/x").generate(...)`."""
 
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, device: torch.device) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer: Tokenizer, device: torch.device, compile_step: bool = False
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.amp_dtype = select_autocast_dtype(device)
+        self.compile_step = compile_step
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, device: str = "auto", checkpoint: str = "latest") -> TextGenerator:
+    def from_run(
+        cls, run_dir: str | Path, device: str = "auto", checkpoint: str = "latest", compile_step: bool = False
+    ) -> TextGenerator:
         """Load a run; on CUDA the weights become bf16 (or fp16), halving the bytes each step
-        reads; on CPU they are laid out for MKL's fastest one-row products (`cpu_layout`)."""
+        reads; on CPU they are laid out for MKL's fastest one-row products (`cpu_layout`).
+        `compile_step` compiles the CUDA-graph decode step (`TokenStream`)."""
         chosen = select_device(device)
+        if compile_step and chosen.type != "cuda":
+            raise UserError(
+                f"--compile compiles the CUDA-graph decode step; it needs CUDA, not {chosen.type}"
+            )
         run = open_run(run_dir, chosen, checkpoint)
         low_precision = select_autocast_dtype(chosen)
         model = run.model.to(low_precision) if chosen.type == "cuda" and low_precision else run.model
         if chosen.type == "cpu":
             use_column_major_weights(model)
-        return cls(model, run.tokenizer, chosen)
+        return cls(model, run.tokenizer, chosen, compile_step)
 
     @property
     def context_tokens(self) -> int:
@@ -373,8 +391,9 @@ class TextGenerator:
         """The continuations of `prompts`, generated as one batch, as a stream of text pieces."""
         prompt_ids = [self.encode_prompt(prompt, strict) for prompt in prompts]
         tokens = TokenStream(
-            self.model, prompt_ids, params, self.tokenizer.eos_id, self.device, self.amp_dtype
-        )
+            self.model, prompt_ids, params, self.tokenizer.eos_id, self.device, self.amp_dtype,
+            compile_step=self.compile_step,
+        )  # fmt: skip
         return TextStream(tokens, self.tokenizer, params.stop)
 
     def complete(self, prompts: list[str], params: SamplingParams, strict: bool = False) -> list[Completion]:

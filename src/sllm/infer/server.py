@@ -231,9 +231,13 @@ def create_app(
 
 
 def build_app(
-    run_dir: str | Path, device: str = "auto", checkpoint: str = "latest", max_tokens_limit: int = 1024
+    run_dir: str | Path,
+    device: str = "auto",
+    checkpoint: str = "latest",
+    max_tokens_limit: int = 1024,
+    compile_step: bool = False,
 ):
-    generator = TextGenerator.from_run(run_dir, device, checkpoint)
+    generator = TextGenerator.from_run(run_dir, device, checkpoint, compile_step)
     return create_app(generator, load_chat_template(run_dir), Path(run_dir).name, max_tokens_limit)
 
 
@@ -244,8 +248,9 @@ def serve(
     device: str = "auto",
     checkpoint: str = "latest",
     max_tokens_limit: int = 1024,
+    compile_step: bool = False,
 ) -> None:
     """Serve a run until interrupted."""
-    app = build_app(run_dir, device, checkpoint, max_tokens_limit)
+    app = build_app(run_dir, device, checkpoint, max_tokens_limit, compile_step)
     print(f"serving {run_dir} at http://{host}:{port}/ (API under /v1)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -195,6 +195,17 @@ class KVCache:
             self.slot_positions = (self.slots[None, :] - first_real).clamp(min=0)
             self.real_slots = self.slots[None, :] >= first_real
 
+    @property
+    def room(self) -> int:
+        """Tokens that still fit. A static step never reads `length`: that Python int would
+        make a compiled step recompile for every position."""
+        return 1 if self.static_decoding else self.max_len - self.length
+
+    def advance(self, length: int) -> None:
+        """Count `length` stored tokens; a static step's owner counts its own."""
+        if not self.static_decoding:
+            self.length += length
+
     def positions(self, length: int) -> torch.Tensor:
         """Positions of the next `length` tokens: (length,), or (batch, length) when padded."""
         if self.static_decoding:
@@ -413,9 +424,9 @@ class GPT(nn.Module):
 
         `document_ids` (B, T) marks packed documents, which then cannot see each other.
         """
-        past = cache.length if cache is not None else 0
-        if past + idx.size(1) > self.block_size:
-            raise ValueError(f"sequence of {past + idx.size(1)} tokens exceeds the context {self.block_size}")
+        room = cache.room if cache is not None else self.block_size
+        if idx.size(1) > room:
+            raise ValueError(f"{idx.size(1)} more tokens exceed the room left in the context ({room})")
         if document_ids is not None:
             positions, mask = document_attention(document_ids)
         elif cache is None:
@@ -427,7 +438,7 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = self._run_block(block, x, cache, mask, rotate)
         if cache is not None:
-            cache.length += idx.size(1)
+            cache.advance(idx.size(1))
         return self.norm_f(x)
 
     def _run_block(
