@@ -280,13 +280,13 @@ def test_static_decoders_are_reused_between_streams_and_never_shared():
     first, second = [[5], [3, 14, 15, 9]], [[2, 7, 1, 8, 2], [6]]  # same batch size, other padding
     expected = [_rows(TokenStream(model, p, params, None, CPU, cuda_graph=False)) for p in (first, second)]
     assert _rows(TokenStream(model, first, params, None, CPU, cuda_graph=True)) == expected[0]
-    (kept,) = STATIC_DECODERS.idle[model].values()
+    (kept,) = STATIC_DECODERS.idle(model).values()
     assert _rows(TokenStream(model, second, params, None, CPU, cuda_graph=True)) == expected[1]
-    assert list(STATIC_DECODERS.idle[model].values()) == [kept]  # the same decoder came back
+    assert list(STATIC_DECODERS.idle(model).values()) == [kept]  # the same decoder came back
 
     running = iter(TokenStream(model, first, params, None, CPU, cuda_graph=True))
     started = [next(running)]  # holds the idle decoder
-    assert not STATIC_DECODERS.idle[model]
+    assert not STATIC_DECODERS.idle(model)
     assert _rows(TokenStream(model, second, params, None, CPU, cuda_graph=True)) == expected[1]
     rest = started + list(running)
     assert [[step[row] for step in rest] for row in range(2)] == expected[0]
@@ -298,7 +298,7 @@ def test_a_static_cache_holds_what_the_stream_needs_not_the_whole_context():
     prompts = [[5, 6, 7], [3]]
     plain = _rows(TokenStream(model, prompts, params, None, CPU, cuda_graph=False))
     assert _rows(TokenStream(model, prompts, params, None, CPU, cuda_graph=True)) == plain
-    (decoder,) = STATIC_DECODERS.idle[model].values()
+    (decoder,) = STATIC_DECODERS.idle(model).values()
     assert decoder.cache.max_len == 256  # 3 + 130 tokens, in steps of 128
 
 
@@ -320,3 +320,17 @@ def test_a_compiled_static_step_compiles_once_and_equals_the_plain_step():
 def test_compiling_the_decode_step_needs_cuda(trained_run):
     with pytest.raises(UserError, match="needs CUDA"):
         TextGenerator.from_run(trained_run, "cpu", compile_step=True)
+
+
+def test_a_model_with_pooled_decoders_can_be_freed():
+    import gc
+    import weakref
+
+    model = _model()
+    params = SamplingParams(max_new_tokens=4, temperature=0)
+    list(TokenStream(model, [[5], [6, 7]], params, None, CPU, cuda_graph=True))
+    assert STATIC_DECODERS.idle(model)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None

@@ -92,6 +92,50 @@ def test_tokenizers_it_cannot_reproduce_keep_tokenizers(texts):
     assert reordered.encode_batch(texts[:50]) == hf_ids(reordered, texts[:50])
 
 
+def _byte_level_bpe(merges: list[list[str]], **settings) -> BPETokenizer:
+    """A hand-made byte-level BPE: the 256 bytes, then one token per merge, in merge order."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(train_bpe(iter(["a"]), 300, SPECIALS).to_json())
+    bytes_only = {
+        token: i for token, i in spec["model"]["vocab"].items() if len(token) == 1 or token in SPECIALS
+    }
+    vocab = bytes_only | {left + right: len(bytes_only) + n for n, (left, right) in enumerate(merges)}
+    spec["model"] |= {"vocab": vocab, "merges": merges}
+    return BPETokenizer(Tokenizer.from_str(json.dumps(spec | settings)))
+
+
+def test_merges_that_cannot_rebuild_a_token_keep_tokenizers():
+    tokenizer = _byte_level_bpe([["b", "c"], ["a", "b"], ["ab", "c"]])  # "abc" encodes as a + bc
+    assert tokenizer.fast is None
+    assert tokenizer.encode("abc") == hf_ids(tokenizer, ["abc"])[0] != [tokenizer.token_id("abc")]
+    assert _byte_level_bpe([["a", "b"], ["ab", "c"]]).fast is not None
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"padding": {"strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": None,
+                     "pad_id": 1, "pad_type_id": 0, "pad_token": "<|pad|>"}},
+        {"truncation": {"direction": "Right", "max_length": 200, "strategy": "LongestFirst", "stride": 0}},
+    ],
+)  # fmt: skip
+def test_padding_or_truncation_keeps_tokenizers(setting):
+    tokenizer = _byte_level_bpe([["a", "b"]], **setting)
+    assert tokenizer.fast is None
+    texts = ["ab" * 300, "b"]
+    assert tokenizer.encode_batch(texts) == hf_ids(tokenizer, texts)
+
+
+def test_tokenizers_parallelism_off_means_one_encoding_thread(monkeypatch):
+    from sllm.fast_bpe import _threads
+
+    monkeypatch.setenv("RAYON_NUM_THREADS", "3")
+    assert _threads() == 3
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    assert _threads() == 1
+
+
 def test_without_tiktoken_tokenizers_encodes(texts, monkeypatch):
     monkeypatch.setitem(sys.modules, "tiktoken", None)
     tokenizer = train_bpe(iter(texts), 400, SPECIALS)

@@ -4,8 +4,9 @@
 `tiktoken` runs the same algorithm faster. It only takes a tokenizer it can reproduce exactly:
 NFC or no normalizer, the GPT-2 byte-level split regex, a plain BPE whose merges create every
 multi-byte token in id order (tiktoken ranks a merge by the id of the token it creates; HF by
-the merge's position), all 256 bytes present, and special tokens only. Anything else (another
-pre-tokenizer, byte fallback, dropout, an imported vocab in another order) keeps `tokenizers`.
+the merge's position) and rebuild each token from its own text, all 256 bytes present, special
+tokens only, no padding or truncation. Anything else (another pre-tokenizer, byte fallback,
+dropout, an imported vocab in another order) keeps `tokenizers`.
 Special tokens in the text are cut out first and the pieces between them normalized apart,
 as `tokenizers` does. tests/test_fast_bpe.py checks equal ids on real Korean and English text.
 """
@@ -19,6 +20,7 @@ import re
 import unicodedata
 from typing import Any
 
+SMALL_BATCH = 16
 GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 PROBE = "Hello, world! 한국어는 NFC로 ᄒᆞᆫ글 123 4.5e6 it's\n\n  tabs\tand  spaces 😀 ﬁ café"
 
@@ -70,7 +72,7 @@ class FastByteLevelBPE:
         return batch
 
     def _encode_plain(self, texts: list[str]) -> list[list[int]]:
-        if len(texts) <= 1:
+        if len(texts) < SMALL_BATCH:  # a prompt and its pieces: threads would cost more than they save
             return [self.encoding.encode_ordinary(text) for text in texts]
         return self.encoding.encode_ordinary_batch(texts, num_threads=_threads())
 
@@ -81,7 +83,10 @@ class FastByteLevelBPE:
 
 
 def _threads() -> int:
-    """Encoding threads: `RAYON_NUM_THREADS` when set (the knob `tokenizers` reads), else all cores."""
+    """Encoding threads, by the knobs `tokenizers` reads: one when `TOKENIZERS_PARALLELISM` is
+    off, `RAYON_NUM_THREADS` when set, else all cores."""
+    if os.environ.get("TOKENIZERS_PARALLELISM", "").lower() in ("0", "false", "off", "no"):
+        return 1
     configured = os.environ.get("RAYON_NUM_THREADS", "")
     if configured.isdigit() and int(configured) > 0:
         return int(configured)
@@ -102,7 +107,10 @@ def fast_byte_level_bpe(hf_tokenizer: Any, spec: dict) -> FastByteLevelBPE | Non
         or nfc is None
         or not _gpt2_pre_tokenizer(spec)
         or not all(_plain_special(t) for t in added)
-    ):
+        or spec.get("padding") or spec.get("truncation")
+        or getattr(hf_tokenizer, "encode_special_tokens", False)
+        or not _merges_rebuild_every_token(hf_tokenizer, spec)
+    ):  # fmt: skip
         return None
     specials = {token["content"]: token["id"] for token in added}
     encoding = tiktoken.Encoding(
@@ -139,6 +147,19 @@ def _mergeable_ranks(spec: dict) -> dict[bytes, int] | None:
     if not (in_merge_order and complete):
         return None
     return {bytes(to_byte[ch] for ch in token): index for token, index in vocab.items()}
+
+
+def _merges_rebuild_every_token(hf_tokenizer: Any, spec: dict) -> bool:
+    """Whether `tokenizers` turns each token's own text into that one token. `tiktoken` joins
+    any two neighbours that make a token; `tokenizers` only applies the listed merges, so a
+    token that its merges cannot rebuild (merges "b c", "a b", "ab c": "abc" stays a + bc)
+    would encode differently. BPEs trained by `tokenizers` pass."""
+    specials = {token["content"] for token in spec.get("added_tokens") or []}
+    return all(
+        [piece.id for piece in hf_tokenizer.model.tokenize(token)] == [index]
+        for token, index in spec["model"]["vocab"].items()
+        if len(token) > 1 and token not in specials
+    )
 
 
 def _merge_result(merge: str | list[str]) -> str:

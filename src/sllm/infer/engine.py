@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
@@ -54,7 +53,7 @@ class _CachedDecoder:
         self.cache = model.new_cache(batch, device, dtype, max_len)
         self.static_step = None
         if static_steps:
-            static = torch.compile(self._graph_logits, dynamic=False) if compile_step else self._graph_logits
+            static = _compiled(self._graph_logits) if compile_step else self._graph_logits
             as_graph = device.type == "cuda"
             self.static_step = StaticDecodeStep(static, self._logits, self.cache, batch, as_graph)
 
@@ -105,16 +104,35 @@ class _WindowDecoder:
         return self.prefill(rows)
 
 
+def _compiled(step: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`torch.compile` of a decoder's static step. Every decoder's step is the same code, which
+    dynamo recompiles per decoder (it guards on the cache object) and would silently stop
+    compiling after its default 8; the step only runs eagerly while its graph is captured."""
+    compiled = torch.compile(step, dynamic=False)
+
+    def run(idx: torch.Tensor) -> torch.Tensor:
+        with torch._dynamo.config.patch(recompile_limit=COMPILED_STEPS_LIMIT):
+            return compiled(idx)
+
+    return run
+
+
+COMPILED_STEPS_LIMIT = 256
+
+
 class _StaticDecoders:
-    """Idle static-step decoders, kept per model between streams: a stream borrows one and
+    """Idle static-step decoders, kept on each model between streams: a stream borrows one and
     gives it back when it ends, so each batch size's CUDA graph is captured once, not once per
     request. A stream that finds none idle (another stream is running) builds its own. The
-    key holds the weights' addresses, so weights moved or replaced since give a new capture."""
+    key holds the weights' addresses, so weights moved or replaced since give a new capture.
+    The pool lives in the model's `__dict__` (a decoder holds its model, so a table keyed by
+    model would keep every model alive)."""
 
     KEEP = 4  # batch sizes kept per model; each holds a KV cache
 
-    def __init__(self) -> None:
-        self.idle: WeakKeyDictionary[nn.Module, dict[tuple, _CachedDecoder]] = WeakKeyDictionary()
+    @staticmethod
+    def idle(model: nn.Module) -> dict[tuple, _CachedDecoder]:
+        return vars(model).setdefault("_idle_static_decoders", {})
 
     @contextmanager
     def borrow(self, stream: TokenStream) -> Iterator[_CachedDecoder]:
@@ -122,7 +140,7 @@ class _StaticDecoders:
         model, batch, max_len = stream.model, len(stream.rows), stream.static_cache_len()
         options = (stream.device, stream.amp_dtype, stream.compile_step)
         key = (batch, max_len, *options, tuple(p.data_ptr() for p in model.parameters()))
-        idle = self.idle.setdefault(model, {})
+        idle = self.idle(model)
         decoder = idle.pop(key, None)
         if decoder is None:
             device, amp_dtype, compile_step = options
@@ -186,7 +204,7 @@ class TokenStream:
         batch = len(self.rows)
         if not self.model.supports_kv_cache:
             decoder = nullcontext(_WindowDecoder(self.model, self.device, self.amp_dtype))
-        elif self.cuda_graph:
+        elif self.cuda_graph and self.params.max_new_tokens > 1:  # one token needs only the prefill
             decoder = STATIC_DECODERS.borrow(self)
         else:
             decoder = nullcontext(_CachedDecoder(self.model, batch, self.device, self.amp_dtype))

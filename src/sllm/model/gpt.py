@@ -426,7 +426,7 @@ class GPT(nn.Module):
         """
         room = cache.room if cache is not None else self.block_size
         if idx.size(1) > room:
-            raise ValueError(f"{idx.size(1)} more tokens exceed the room left in the context ({room})")
+            raise ValueError(f"{idx.size(1)} tokens do not fit: {room} positions of the context are left")
         if document_ids is not None:
             positions, mask = document_attention(document_ids)
         elif cache is None:
