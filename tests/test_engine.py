@@ -334,3 +334,12 @@ def test_a_model_with_pooled_decoders_can_be_freed():
     del model
     gc.collect()
     assert alive() is None
+
+
+def test_a_copied_model_has_no_pooled_decoders():
+    model = _model()
+    list(
+        TokenStream(model, [[5]], SamplingParams(max_new_tokens=4, temperature=0), None, CPU, cuda_graph=True)
+    )
+    assert STATIC_DECODERS.idle(model)
+    assert not STATIC_DECODERS.idle(copy.deepcopy(model))

@@ -132,7 +132,7 @@ class _StaticDecoders:
 
     @staticmethod
     def idle(model: nn.Module) -> dict[tuple, _CachedDecoder]:
-        return vars(model).setdefault("_idle_static_decoders", {})
+        return vars(model).setdefault("_idle_static_decoders", _IdleDecoders())
 
     @contextmanager
     def borrow(self, stream: TokenStream) -> Iterator[_CachedDecoder]:
@@ -152,6 +152,14 @@ class _StaticDecoders:
                 if len(idle) >= self.KEEP:
                     idle.pop(next(iter(idle)))
                 idle[key] = decoder
+
+
+class _IdleDecoders(dict):
+    """A model's idle decoders. A copied model starts with none: CUDA graphs cannot be copied,
+    and a copy has weights of its own anyway."""
+
+    def __deepcopy__(self, memo: dict) -> _IdleDecoders:
+        return _IdleDecoders()
 
 
 STATIC_DECODERS = _StaticDecoders()
