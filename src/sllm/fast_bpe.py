@@ -99,9 +99,10 @@ def fast_byte_level_bpe(hf_tokenizer: Any, spec: dict) -> FastByteLevelBPE | Non
         import tiktoken
     except ImportError:
         return None
-    ranks = _mergeable_ranks(spec)
-    nfc = _nfc_only(spec.get("normalizer"))
     added = spec.get("added_tokens") or []
+    specials = {token["content"]: token["id"] for token in added}
+    ranks = _mergeable_ranks(spec, set(specials))
+    nfc = _nfc_only(spec.get("normalizer"))
     if (
         ranks is None
         or nfc is None
@@ -109,10 +110,9 @@ def fast_byte_level_bpe(hf_tokenizer: Any, spec: dict) -> FastByteLevelBPE | Non
         or not all(_plain_special(t) for t in added)
         or spec.get("padding") or spec.get("truncation")
         or getattr(hf_tokenizer, "encode_special_tokens", False)
-        or not _merges_rebuild_every_token(hf_tokenizer, spec)
+        or not _merges_rebuild_every_token(hf_tokenizer, ranks)
     ):  # fmt: skip
         return None
-    specials = {token["content"]: token["id"] for token in added}
     encoding = tiktoken.Encoding(
         "sllm-bpe", pat_str=GPT2_SPLIT, mergeable_ranks=ranks, special_tokens=specials
     )
@@ -121,7 +121,7 @@ def fast_byte_level_bpe(hf_tokenizer: Any, spec: dict) -> FastByteLevelBPE | Non
     return fast if fast.encode_batch([PROBE]) == [expected] else None
 
 
-def _mergeable_ranks(spec: dict) -> dict[bytes, int] | None:
+def _mergeable_ranks(spec: dict, specials: set[str]) -> dict[bytes, int] | None:
     """Token bytes -> id, when the ids order the tokens as the merges create them."""
     model = spec.get("model") or {}
     plain_bpe = model.get("type") == "BPE" and not any(
@@ -131,7 +131,6 @@ def _mergeable_ranks(spec: dict) -> dict[bytes, int] | None:
     if not plain_bpe:
         return None
     to_byte = _unicode_to_byte()
-    specials = {token["content"] for token in spec.get("added_tokens") or []}
     vocab = {token: index for token, index in model["vocab"].items() if token not in specials}
     if any(ch not in to_byte for token in vocab for ch in token):
         return None
@@ -149,16 +148,16 @@ def _mergeable_ranks(spec: dict) -> dict[bytes, int] | None:
     return {bytes(to_byte[ch] for ch in token): index for token, index in vocab.items()}
 
 
-def _merges_rebuild_every_token(hf_tokenizer: Any, spec: dict) -> bool:
+def _merges_rebuild_every_token(hf_tokenizer: Any, ranks: dict[bytes, int]) -> bool:
     """Whether `tokenizers` turns each token's own text into that one token. `tiktoken` joins
     any two neighbours that make a token; `tokenizers` only applies the listed merges, so a
     token that its merges cannot rebuild (merges "b c", "a b", "ab c": "abc" stays a + bc)
     would encode differently. BPEs trained by `tokenizers` pass."""
-    specials = {token["content"] for token in spec.get("added_tokens") or []}
+    to_text = {index: token for token, index in hf_tokenizer.get_vocab(with_added_tokens=False).items()}
     return all(
-        [piece.id for piece in hf_tokenizer.model.tokenize(token)] == [index]
-        for token, index in spec["model"]["vocab"].items()
-        if len(token) > 1 and token not in specials
+        [piece.id for piece in hf_tokenizer.model.tokenize(to_text[index])] == [index]
+        for token_bytes, index in ranks.items()
+        if len(token_bytes) > 1
     )
 
 

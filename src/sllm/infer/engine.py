@@ -144,7 +144,9 @@ class _StaticDecoders:
         decoder = idle.pop(key, None)
         if decoder is None:
             device, amp_dtype, compile_step = options
-            decoder = _CachedDecoder(model, batch, device, amp_dtype, True, max_len, compile_step)
+            decoder = _CachedDecoder(
+                model, batch, device, amp_dtype, static_steps=True, max_len=max_len, compile_step=compile_step
+            )
         try:
             yield decoder
         finally:
