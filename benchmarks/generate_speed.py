@@ -1,8 +1,8 @@
 """Generation speed of the sllm engine against `transformers` GPT-2 `generate` on the same weights.
 
 A GPT with random weights is built in the chosen shape, copied into a `GPT2LMHeadModel`
-(GPT-2's Conv1D layers store weights transposed; `gelu_new` is our tanh GELU) and checked
-for equal logits first; ours then gets the CPU weight layout `TextGenerator` gives it. Both
+(`sllm.export.to_transformers`, the mapping the HF export writes) and checked for equal
+logits first; ours then gets the CPU weight layout `TextGenerator` gives it. Both
 generate greedily from the same random 16-token prompts, alternating sllm and transformers
 each repeat so load on the machine hits both alike.
 Tokens/s count new tokens end to end (prefill included), from the median repeat and from the
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from sllm.config import ModelConfig
+from sllm.export import to_transformers
 from sllm.infer.cpu_layout import use_column_major_weights
 from sllm.infer.engine import TokenStream
 from sllm.infer.sampling import SamplingParams
@@ -39,40 +40,6 @@ SHAPES = {
     "demo": {"n_layer": 4, "n_head": 4, "n_embd": 128, "vocab_size": 2048},
     "gpt2-124m": {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50304},
 }
-
-
-def to_transformers(model: torch.nn.Module):
-    """A GPT2LMHeadModel holding `model`'s weights."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = model.cfg
-    hf = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-            n_head=cfg.n_head, activation_function="gelu_new", layer_norm_epsilon=1e-5,
-            bos_token_id=None, eos_token_id=None,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
-        )
-    )  # fmt: skip
-    ours = model.state_dict()
-    names = {"wte.weight": "transformer.wte.weight", "wpe.table.weight": "transformer.wpe.weight",
-             "norm_f.weight": "transformer.ln_f.weight", "norm_f.bias": "transformer.ln_f.bias"}  # fmt: skip
-    parts = {"norm1": "ln_1", "attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "norm2": "ln_2",
-             "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}  # fmt: skip
-    for layer in range(cfg.n_layer):
-        for our, theirs in parts.items():
-            for kind in ("weight", "bias"):
-                names[f"blocks.{layer}.{our}.{kind}"] = f"transformer.h.{layer}.{theirs}.{kind}"
-    state = {}
-    for our, theirs in names.items():
-        tensor = ours[our]
-        is_conv1d = tensor.dim() == 2 and ("attn.c_" in theirs or "mlp.c_" in theirs)
-        state[theirs] = tensor.t().contiguous() if is_conv1d else tensor
-    state["lm_head.weight"] = state["transformer.wte.weight"]
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    if unexpected or any(not name.endswith("attn.bias") for name in missing):
-        raise RuntimeError(f"weight mapping is off: missing {missing}, unexpected {unexpected}")
-    return hf.eval()
 
 
 def synchronize(device: torch.device) -> None:

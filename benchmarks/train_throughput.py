@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from sllm.config import ModelConfig, TrainConfig
+from sllm.export import to_transformers
 from sllm.model import build_model, count_parameters
 from sllm.model.stats import gpu_peak_flops, training_flops_per_token
 from sllm.runtime import allow_tf32, autocast, keep_freed_memory
@@ -48,31 +49,6 @@ SHAPES = {
     "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304),
     "ko-350m": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=32000),
 }
-
-
-def hf_gpt2_from(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
-    """A GPT2LMHeadModel holding the same weights (Conv1D stores Linear weights transposed)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    hf_cfg = GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, layer_norm_epsilon=1e-5, attn_implementation="sdpa",
-    )  # fmt: skip
-    hf = GPT2LMHeadModel(hf_cfg)
-    names = {"norm1": "ln_1", "norm2": "ln_2", "attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj"}
-    names |= {"mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}
-    state = {"transformer.wte.weight": model.wte.weight, "transformer.wpe.weight": model.wpe.table.weight}
-    state |= {"transformer.ln_f.weight": model.norm_f.weight, "transformer.ln_f.bias": model.norm_f.bias}
-    for i, block in enumerate(model.blocks):
-        for ours, theirs in names.items():
-            module = block.get_submodule(ours)
-            transpose = isinstance(module, torch.nn.Linear)
-            state[f"transformer.h.{i}.{theirs}.weight"] = module.weight.t() if transpose else module.weight
-            state[f"transformer.h.{i}.{theirs}.bias"] = module.bias
-    hf.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
-    hf.tie_weights()
-    return hf
 
 
 def sllm_adamw(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
@@ -158,7 +134,7 @@ def transformers_contender(
     cfg: ModelConfig, device: torch.device, make_optimizer=sllm_adamw, compiled=False
 ) -> Contender:
     torch.manual_seed(0)
-    hf = hf_gpt2_from(build_model(cfg), cfg).to(device)
+    hf = to_transformers(build_model(cfg), attn_implementation="sdpa").train().to(device)
     return Contender(torch.compile(hf) if compiled else hf, hf_loss, make_optimizer, amp_dtype(device))
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from sllm.config import ModelConfig, load_config
 from sllm.errors import UserError
+from sllm.infer.decode_step import DecodeStep
 from sllm.infer.engine import TokenStream
 from sllm.infer.sampling import SamplingParams
 from sllm.model import build_model, count_parameters
@@ -246,3 +247,31 @@ def test_new_special_tokens_fill_padding_rows_and_grow_an_untied_head():
     grow_embeddings(untied, VOCAB + 2)
     assert untied.lm_head.weight.shape[0] == untied.wte.weight.shape[0] == VOCAB + 2
     assert untied(torch.tensor([[VOCAB + 1]])).shape[-1] == VOCAB + 2
+
+
+DECODE_STEP_OPTIONS = {
+    "default": {},
+    "sinusoidal": {"pos": "sinusoidal"},
+    "no_bias": {"bias": False},
+    **OPTIONS,
+}
+
+
+@pytest.mark.parametrize("pad", [[0, 0, 0], [3, 0, 5]], ids=["unpadded", "left_padded"])
+@pytest.mark.parametrize("name", DECODE_STEP_OPTIONS)
+def test_decode_step_equals_the_models_one_token_forward(name, pad):
+    model = _model(**DECODE_STEP_OPTIONS[name])
+    idx = torch.randint(0, VOCAB, (3, 8))
+    caches = [model.new_cache(3, idx.device, torch.float32) for _ in range(2)]
+    step = DecodeStep(model)
+    with torch.inference_mode():
+        for cache in caches:
+            cache.reset(pad)
+            model(idx, cache)
+        for _ in range(10):
+            tokens = torch.randint(0, VOCAB, (3,))
+            expected = model(tokens[:, None], caches[0], last_position_only=True)[:, -1]
+            torch.testing.assert_close(step(tokens, caches[1]), expected, rtol=1e-5, atol=1e-5)
+    assert caches[1].length == caches[0].length == 18
+    torch.testing.assert_close(caches[1].keys, caches[0].keys, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[1].values, caches[0].values, rtol=1e-5, atol=1e-5)

@@ -343,3 +343,27 @@ def test_a_copied_model_has_no_pooled_decoders():
     )
     assert STATIC_DECODERS.idle(model)
     assert not STATIC_DECODERS.idle(copy.deepcopy(model))
+
+
+def test_only_a_plain_gpt_in_eval_mode_decodes_without_module_calls():
+    model = _model()
+    assert _CachedDecoder(model, 1, CPU, None).decode_step is not None
+    assert _CachedDecoder(model, 1, CPU, None, static_steps=True).decode_step is None
+    assert _CachedDecoder(copy.deepcopy(model).train(), 1, CPU, None).decode_step is None
+    wrapped = copy.deepcopy(model)
+    wrapped.__class__ = type("ShardedGPT", (type(model),), {})  # as FSDP's fully_shard does
+    assert _CachedDecoder(wrapped, 1, CPU, None).decode_step is None
+    prompts, params = [[5], [3, 14, 15, 9]], SamplingParams(max_new_tokens=12, temperature=0)
+    assert _rows(TokenStream(wrapped, prompts, params, None, CPU)) == _rows(
+        TokenStream(model, prompts, params, None, CPU)
+    )
+
+
+def test_a_decoder_pooled_in_eval_mode_is_not_lent_to_the_model_in_train_mode():
+    model = _model()
+    params = SamplingParams(max_new_tokens=3, temperature=0)
+    list(TokenStream(model, [[5]], params, None, CPU, cuda_graph=True))
+    (eval_decoder,) = STATIC_DECODERS.idle(model).values()
+    list(TokenStream(model.train(), [[5]], params, None, CPU, cuda_graph=True))
+    assert len(STATIC_DECODERS.idle(model)) == 2
+    assert eval_decoder in STATIC_DECODERS.idle(model).values()

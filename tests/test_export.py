@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from sllm.config import load_config
+from sllm.config import ModelConfig, load_config
 from sllm.data.prepare import prepare
 from sllm.errors import UserError
-from sllm.export import check_export, export_run, import_hf
+from sllm.export import check_export, export_run, import_hf, to_transformers
 from sllm.infer.engine import stream_tokens
 from sllm.infer.sampling import SamplingParams
+from sllm.model import build_model
 from sllm.runs import open_run
 from sllm.tokenizer import CharTokenizer
 from sllm.train.checkpoint import CHECKPOINTS, LATEST
@@ -278,3 +279,30 @@ def test_padded_gpt2_exports_only_the_real_vocabulary(transformers, tokenizer, t
     ids = _ids(run.tokenizer)
     with torch.no_grad():
         torch.testing.assert_close(hf_model(ids).logits, run.model(ids), atol=1e-5, rtol=0)
+
+
+LLAMA_STYLE = {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "n_kv_head": 2}
+
+
+@pytest.mark.parametrize(
+    "options, hf_class",
+    [({}, "GPT2LMHeadModel"), (LLAMA_STYLE, "LlamaForCausalLM"),
+     ({**LLAMA_STYLE, "tie_embeddings": False}, "LlamaForCausalLM")],
+)  # fmt: skip
+def test_in_memory_transformers_copy_gives_our_logits(transformers, options, hf_class):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=70, n_layer=2, n_head=4, n_embd=32, block_size=24, **options)
+    model = build_model(cfg).eval()
+    hf_model = to_transformers(model, attn_implementation="sdpa")
+    assert type(hf_model).__name__ == hf_class and not hf_model.training
+    ids = torch.randint(0, 70, (2, 24))
+    with torch.no_grad():
+        assert (hf_model(ids).logits - model(ids)).abs().max() < 1e-5
+
+
+def test_in_memory_transformers_copy_of_a_model_without_equivalent_is_a_user_error(transformers):
+    model = build_model(
+        ModelConfig(vocab_size=70, n_layer=1, n_head=4, n_embd=32, block_size=24, qk_norm=True)
+    )
+    with pytest.raises(UserError, match="qk_norm"):
+        to_transformers(model)

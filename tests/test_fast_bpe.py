@@ -153,3 +153,16 @@ def test_every_unicode_character_splits_and_merges_as_in_tokenizers(texts):
         "".join(pattern.format(c) for c in characters[i : i + 400]) for i in range(0, len(characters), 400)
     ]
     assert tokenizer.encode_batch(documents) == hf_ids(tokenizer, documents)
+
+
+def test_lone_surrogates_encode_as_the_replacement_character_on_both_paths(texts, monkeypatch):
+    fast = train_bpe(iter(texts), 400, SPECIALS)
+    assert fast.fast is not None
+    monkeypatch.setitem(sys.modules, "tiktoken", None)
+    plain = train_bpe(iter(texts), 400, SPECIALS)
+    assert plain.fast is None
+    broken = ["ab\ud800cd", "\udfff", "한\udc00국<|endoftext|>\ud83d"]
+    repaired = ["ab\ufffdcd", "\ufffd", "한\ufffd국<|endoftext|>\ufffd"]
+    for tokenizer in (fast, plain):
+        assert tokenizer.encode_batch(broken) == hf_ids(tokenizer, repaired)
+        assert tokenizer.decode(tokenizer.encode(broken[0])) == repaired[0]

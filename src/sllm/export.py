@@ -78,7 +78,7 @@ class HFArchitecture:
         """Why `cfg` cannot be represented; empty when it can."""
         raise NotImplementedError
 
-    def to_hf_config(self, cfg: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+    def to_hf_config(self, cfg: ModelConfig, tokenizer: Tokenizer | None) -> dict[str, Any]:
         raise NotImplementedError
 
     def from_hf_config(self, hf: dict[str, Any], source: Path) -> ModelConfig:
@@ -107,7 +107,7 @@ class GPT2(HFArchitecture):
         }  # fmt: skip
         return _mismatches(cfg, wanted, "GPT-2")
 
-    def to_hf_config(self, cfg: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+    def to_hf_config(self, cfg: ModelConfig, tokenizer: Tokenizer | None) -> dict[str, Any]:
         return {
             "architectures": [self.hf_class],
             "model_type": self.model_type,
@@ -128,10 +128,8 @@ class GPT2(HFArchitecture):
             "reorder_and_upcast_attn": False,
             "tie_word_embeddings": True,
             "use_cache": True,
-            "bos_token_id": tokenizer.eos_id,
-            "eos_token_id": tokenizer.eos_id,
-            "pad_token_id": tokenizer.pad_id,
             "torch_dtype": "float32",
+            **_special_token_ids(tokenizer),
         }
 
     def from_hf_config(self, hf: dict[str, Any], source: Path) -> ModelConfig:
@@ -209,7 +207,7 @@ class Llama(HFArchitecture):
         }  # fmt: skip
         return _mismatches(cfg, wanted, "Llama")
 
-    def to_hf_config(self, cfg: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+    def to_hf_config(self, cfg: ModelConfig, tokenizer: Tokenizer | None) -> dict[str, Any]:
         return {
             "architectures": [self.hf_class],
             "model_type": self.model_type,
@@ -231,10 +229,8 @@ class Llama(HFArchitecture):
             "initializer_range": 0.02,
             "tie_word_embeddings": cfg.tie_embeddings,
             "use_cache": True,
-            "bos_token_id": tokenizer.eos_id,
-            "eos_token_id": tokenizer.eos_id,
-            "pad_token_id": tokenizer.pad_id,
             "torch_dtype": "float32",
+            **_special_token_ids(tokenizer),
         }
 
     def from_hf_config(self, hf: dict[str, Any], source: Path) -> ModelConfig:
@@ -305,6 +301,12 @@ class Llama(HFArchitecture):
         return name == "lm_head.weight" or name.endswith("rotary_emb.inv_freq")
 
 
+def _special_token_ids(tokenizer: Tokenizer | None) -> dict[str, int | None]:
+    """End of text serves as BOS and EOS; without a tokenizer (a bare model) there are none."""
+    eos, pad = (tokenizer.eos_id, tokenizer.pad_id) if tokenizer else (None, None)
+    return {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": pad}
+
+
 def _mismatches(cfg: ModelConfig, wanted: dict[str, Any], family: str) -> list[str]:
     return [
         f"model.{key} is {getattr(cfg, key)} ({family} needs {value})"
@@ -338,7 +340,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
     out = Path(out_dir)
     _require_empty(out)
     run = open_run(run_dir, torch.device("cpu"), checkpoint)
-    architecture = _architecture_for(run)
+    architecture = _architecture_for(run.config.model, run.path)
     if not isinstance(run.tokenizer, BPETokenizer):
         raise UserError(
             f"{run.path} uses a character-level tokenizer, which has no Hugging Face format; "
@@ -381,14 +383,14 @@ def _require_empty(out: Path) -> None:
         raise UserError(f"{out} already exists and is not empty; choose a new --out or remove it")
 
 
-def _architecture_for(run: LoadedRun) -> HFArchitecture:
+def _architecture_for(cfg: ModelConfig, what: object) -> HFArchitecture:
     reasons = []
     for architecture in ARCHITECTURES.values():
-        problems = architecture.problems(run.config.model)
+        problems = architecture.problems(cfg)
         if not problems:
             return architecture
         reasons.append(f"{architecture.hf_class}: {', '.join(problems)}")
-    raise UserError(f"{run.path} has no Hugging Face equivalent ({'; '.join(reasons)})")
+    raise UserError(f"{what} has no Hugging Face equivalent ({'; '.join(reasons)})")
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -500,6 +502,24 @@ def check_export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "la
     tokens = torch.randint(0, run.config.model.vocab_size, (1, length), generator=generator)
     with torch.no_grad():
         return float((hf_model(tokens).logits - run.model(tokens)).abs().max())
+
+
+def to_transformers(model: torch.nn.Module, **config_overrides: Any) -> torch.nn.Module:
+    """`model`'s weights in the matching `transformers` class, in memory and in eval mode: what
+    its export would load as, for comparing the two in one process (benchmarks).
+    `config_overrides` set config fields, e.g. `attn_implementation="sdpa"`."""
+    transformers = _require_transformers("a transformers copy of the model")
+    cfg = model.cfg
+    architecture = _architecture_for(cfg, "this model")
+    hf_config = architecture.to_hf_config(cfg, None) | config_overrides
+    config = transformers.AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
+    hf_model = getattr(transformers, architecture.hf_class)(config)
+    state = _to_hf_state(architecture, cfg, model.state_dict())
+    missing, unexpected = hf_model.load_state_dict(state, strict=False)
+    if unexpected or any(not architecture.ignored(name) for name in missing):
+        raise RuntimeError(f"weight names do not map: missing {missing}, unexpected {unexpected}")
+    hf_model.tie_weights()
+    return hf_model.eval()
 
 
 def _require_transformers(purpose: str):

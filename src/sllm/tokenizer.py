@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import unicodedata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -28,6 +29,16 @@ PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]")
 
 def nfc(text: str) -> str:
     return unicodedata.normalize("NFC", text)
+
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def replace_lone_surrogates(text: str) -> str:
+    """U+FFFD for each lone surrogate, which JSON escapes such as "\\ud800" put into a str:
+    UTF-8 cannot hold one, so `tokenizers` rejects the whole text and `tiktoken` would encode
+    bytes that decode to nothing valid. (A str never holds a surrogate pair: JSON joins pairs.)"""
+    return LONE_SURROGATE.sub("\ufffd", text)
 
 
 class Tokenizer:
@@ -89,6 +100,7 @@ class BPETokenizer(Tokenizer):
         return fast_byte_level_bpe(self.hf, json.loads(self.hf.to_str()))
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        texts = [replace_lone_surrogates(text) for text in texts]
         if self.fast is not None:
             return self.fast.encode_batch(texts)
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]

@@ -4,6 +4,8 @@
   preallocated `KVCache` (the cache supplies each row's positions and attention mask), so a
   step is one forward pass of shape (batch, 1) whatever the lengths. Finished rows (EOS, a
   stop string, `stop(row)`) keep their slot, so shapes stay static, and are ignored.
+- Elsewhere a decode step runs as a `DecodeStep`: the model's one-token forward without
+  `nn.Module` calls, whose overhead is most of a small model's step on a CPU.
 - On CUDA each decode step is replayed as one CUDA graph (`sllm.infer.cuda_graph`). The
   decoder holding the graph and its cache is lent from `STATIC_DECODERS` and given back when
   the stream ends, so a server captures once per batch size, not per request.
@@ -31,6 +33,7 @@ from torch import nn
 from sllm.errors import UserError
 from sllm.infer.cpu_layout import use_column_major_weights
 from sllm.infer.cuda_graph import StaticDecodeStep
+from sllm.infer.decode_step import DecodeStep, supports_decode_step
 from sllm.infer.sampling import SamplingParams, TokenHistory, sample_next
 from sllm.runs import open_run
 from sllm.runtime import autocast, select_autocast_dtype, select_device
@@ -38,9 +41,10 @@ from sllm.tokenizer import Tokenizer
 
 
 class _CachedDecoder:
-    """Next-token logits (batch, vocab) for a left-padded batch through a preallocated cache;
-    with `static_steps`, decode steps run as a `StaticDecodeStep` (a CUDA graph on CUDA),
-    with `compile_step` passed through `torch.compile` first."""
+    """Next-token logits (batch, vocab) for a left-padded batch through a preallocated cache.
+    Decode steps run as a `DecodeStep` (the model's step without module calls) where the model
+    allows; with `static_steps`, as a `StaticDecodeStep` (a CUDA graph on CUDA), with
+    `compile_step` passed through `torch.compile` first."""
 
     def __init__(
         self, model: nn.Module, batch: int, device: torch.device, amp_dtype: torch.dtype | None,
@@ -52,6 +56,7 @@ class _CachedDecoder:
         dtype = amp_dtype or next(model.parameters()).dtype
         self.cache = model.new_cache(batch, device, dtype, max_len)
         self.static_step = None
+        self.decode_step = DecodeStep(model) if supports_decode_step(model) and not static_steps else None
         if static_steps:
             static = _compiled(self._graph_logits) if compile_step else self._graph_logits
             as_graph = device.type == "cuda"
@@ -81,6 +86,9 @@ class _CachedDecoder:
             return self.prefill([ids[-keep:] for ids in rows])
         if self.static_step is not None:
             return self.static_step(tokens)
+        if self.decode_step is not None:
+            with autocast(self.device, self.amp_dtype):
+                return self.decode_step(tokens, self.cache).float()
         return self._logits(tokens[:, None])
 
 
@@ -124,7 +132,8 @@ class _StaticDecoders:
     """Idle static-step decoders, kept on each model between streams: a stream borrows one and
     gives it back when it ends, so each batch size's CUDA graph is captured once, not once per
     request. A stream that finds none idle (another stream is running) builds its own. The
-    key holds the weights' addresses, so weights moved or replaced since give a new capture.
+    key holds the weights' addresses and the model's mode, so weights moved or replaced since,
+    or a switch between train and eval mode (dropout), give a new capture.
     The pool lives in the model's `__dict__` (a decoder holds its model, so a table keyed by
     model would keep every model alive)."""
 
@@ -139,7 +148,8 @@ class _StaticDecoders:
         """A decoder for `stream`'s model, batch size, cache length, device and options."""
         model, batch, max_len = stream.model, len(stream.rows), stream.static_cache_len()
         options = (stream.device, stream.amp_dtype, stream.compile_step)
-        key = (batch, max_len, *options, tuple(p.data_ptr() for p in model.parameters()))
+        weights = tuple(p.data_ptr() for p in model.parameters())
+        key = (batch, max_len, *options, model.training, weights)
         idle = self.idle(model)
         decoder = idle.pop(key, None)
         if decoder is None:

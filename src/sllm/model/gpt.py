@@ -161,6 +161,7 @@ class KVCache:
         shape = (n_layer, batch, n_head, max_len, head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.layer_keys, self.layer_values = self.keys.unbind(0), self.values.unbind(0)
         self.length = 0
         self.max_len = max_len
         self.slots = torch.arange(max_len, device=device)
@@ -231,14 +232,15 @@ class KVCache:
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's keys/values after the cached ones; return all of them so far (all
         slots, masked, on a static step)."""
+        keys, values = self.layer_keys[layer], self.layer_values[layer]
         if self.static_decoding:
-            self.keys[layer].index_copy_(2, self.step_slot, k.to(self.keys.dtype))
-            self.values[layer].index_copy_(2, self.step_slot, v.to(self.values.dtype))
-            return self.keys[layer], self.values[layer]
-        end = self.length + k.size(2)
-        self.keys[layer, :, :, self.length : end] = k
-        self.values[layer, :, :, self.length : end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+            keys.index_copy_(2, self.step_slot, k.to(keys.dtype))
+            values.index_copy_(2, self.step_slot, v.to(values.dtype))
+            return keys, values
+        new = k.size(2)
+        keys.narrow(2, self.length, new).copy_(k)
+        values.narrow(2, self.length, new).copy_(v)
+        return keys.narrow(2, 0, self.length + new), values.narrow(2, 0, self.length + new)
 
 
 class CausalSelfAttention(nn.Module):
@@ -249,7 +251,7 @@ class CausalSelfAttention(nn.Module):
         self.n_kv_head = cfg.n_kv_head or cfg.n_head
         self.head_dim = cfg.n_embd // cfg.n_head
         kv_width = self.n_kv_head * self.head_dim
-        self.split_sizes = [cfg.n_embd, kv_width, kv_width]
+        self.head_counts = [self.n_head, self.n_kv_head, self.n_kv_head]
         self.qkv = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_width, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.q_norm = RMSNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
@@ -265,12 +267,22 @@ class CausalSelfAttention(nn.Module):
         rotate: Rotation = no_rotation,
     ) -> torch.Tensor:
         """`mask` (from `KVCache.attention_mask`) replaces plain causal attention when given."""
-        batch, length, width = x.shape
-        q, k, v = self.qkv(x).split(self.split_sizes, dim=2)
-        q, k, v = (t.view(batch, length, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        q, k, v = self.split_heads(self.qkv(x))
         q, k = rotate(self.q_norm(q)), rotate(self.k_norm(k))
         if cache is not None:
             k, v = cache.store(self.layer, k, v)
+        return self.resid_dropout(self.proj(self.attend(q, k, v, mask)))
+
+    def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, qkv width) -> q (B, n_head, T, head_dim), k and v (B, n_kv_head, T, head_dim)."""
+        batch, length, _ = qkv.shape
+        return qkv.view(batch, length, -1, self.head_dim).transpose(1, 2).split(self.head_counts, dim=1)
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Each query's mix of the values, heads merged back: (B, T, n_embd)."""
+        batch, _, length, _ = q.shape
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
@@ -278,8 +290,7 @@ class CausalSelfAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )  # fmt: skip
-        y = y.transpose(1, 2).contiguous().view(batch, length, width)
-        return self.resid_dropout(self.proj(y))
+        return y.transpose(1, 2).reshape(batch, length, -1)
 
 
 def document_attention(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
