@@ -3,8 +3,9 @@
 A decode step of a small model multiplies a few rows by each weight matrix: microseconds of
 arithmetic. Going through `nn.Module` costs about as much again per call (the call machinery,
 parameter lookups through `__getattr__`, dropout modules that do nothing at inference), and
-a block makes thirteen such calls. On the 2-core CPU this step ran 1.9× faster than
-`GPT.forward` for the demo shape and 1.4× for a 10M model at batch 1 (docs/log.md).
+a block makes thirteen such calls. On the 2-core CPU this step ran 1.6× as fast as
+`GPT.forward` for the demo shape at batch 1 (1.3× at batch 8) and 1.2× for a 10M model,
+whose step is mostly matrix products (docs/log.md).
 
 `DecodeStep` binds each layer's weights once, when a stream starts, and calls the model's own
 pieces (`split_heads`, `attend`, the norms, the position tables, the activation), so it
