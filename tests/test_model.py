@@ -98,3 +98,13 @@ def test_left_padded_batch_in_the_cache_equals_each_prompt_alone():
             assert torch.isfinite(padded[0]).all()
             got = torch.stack([step[row] for step in padded])
             assert (got - alone).abs().max() <= 1e-5
+
+
+def test_cached_forward_works_with_autograd_on():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=16, block_size=12))
+    idx = torch.randint(0, 50, (1, 10))
+    cache = model.new_cache(1, idx.device, torch.float32)
+    pieces = torch.cat([model(idx[:, :6], cache), model(idx[:, 6:], cache)], dim=1)
+    assert pieces.requires_grad
+    torch.testing.assert_close(pieces, model(idx))

@@ -206,3 +206,13 @@ def test_unreadable_input_file_is_a_user_error(tmp_path, monkeypatch):
     monkeypatch.setattr("builtins.open", refuse)
     with pytest.raises(UserError, match=r"cannot read .*c\.jsonl: Permission denied"):
         _run(_config(tmp_path, [corpus], "data.val_ratio=0", "tokenizer.kind=char"))
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_lone_surrogate_escapes_in_jsonl_prepare_as_the_replacement_character(tmp_path, kind):
+    texts = constitution_paragraphs()[:20]
+    corpus = tmp_path / "c.jsonl"
+    lines = [json.dumps({"text": t}) for t in texts] + ['{"text": "깨진 \\ud800 문자"}']
+    corpus.write_text("\n".join(lines) + "\n", "utf-8")
+    meta = _run(_config(tmp_path, [corpus], "data.val_ratio=0", f"tokenizer.kind={kind}"))
+    assert "깨진 \ufffd 문자" in _documents(tmp_path / "out", "train", meta)

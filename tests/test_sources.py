@@ -198,3 +198,9 @@ def test_prepare_cli_wrong_column_is_one_line_and_exit_2(tmp_path, capsys):
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and error.count("\n") == 1
     assert "qa.csv has no column 'text' (columns: Q, A)" in error
+
+
+def test_lone_surrogates_in_json_records_become_the_replacement_character(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"text": "ab\\ud800cd"}\n{"text": "\\udfff end"}\n{"text": "pair \\ud83d\\ude00"}\n')
+    assert _read([path]) == ["ab\ufffdcd", "\ufffd end", "pair 😀"]

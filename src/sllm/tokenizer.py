@@ -36,8 +36,10 @@ LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 def replace_lone_surrogates(text: str) -> str:
     """U+FFFD for each lone surrogate, which JSON escapes such as "\\ud800" put into a str:
-    UTF-8 cannot hold one, so `tokenizers` rejects the whole text and `tiktoken` would encode
-    bytes that decode to nothing valid. (A str never holds a surrogate pair: JSON joins pairs.)"""
+    UTF-8 cannot hold one, so `tokenizers` rejects the whole text, `tiktoken` would encode
+    bytes that decode to nothing valid, and hashing or saving the text fails. (A str never
+    holds a surrogate pair: JSON joins pairs.) Records are repaired as they are read, prompts
+    as they are encoded."""
     return LONE_SURROGATE.sub("\ufffd", text)
 
 

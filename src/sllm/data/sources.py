@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from sllm.errors import UserError
+from sllm.tokenizer import replace_lone_surrogates
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -243,7 +244,7 @@ def _record_text(record: Any, text_field: str) -> tuple[str | None, str | None]:
         return "", None
     if not isinstance(value, str):
         return None, f"field {text_field!r} holds a {type(value).__name__}, not a string"
-    return value, None
+    return replace_lone_surrogates(value), None
 
 
 def _txt_documents(path: Path, options: ReadOptions, stats: SourceStats) -> Iterator[str]:

@@ -161,7 +161,10 @@ class KVCache:
         shape = (n_layer, batch, n_head, max_len, head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.layer_keys, self.layer_values = self.keys.unbind(0), self.values.unbind(0)
+        # One view per layer, made once (by indexing: views from `unbind` refuse in-place
+        # writes when autograd is on).
+        self.layer_keys = tuple(self.keys[layer] for layer in range(n_layer))
+        self.layer_values = tuple(self.values[layer] for layer in range(n_layer))
         self.length = 0
         self.max_len = max_len
         self.slots = torch.arange(max_len, device=device)
