@@ -286,7 +286,7 @@ LLAMA_STYLE = {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False,
 
 @pytest.mark.parametrize(
     "options, hf_class",
-    [({}, "GPT2LMHeadModel"), (LLAMA_STYLE, "LlamaForCausalLM"),
+    [({}, "GPT2LMHeadModel"), ({"n_kv_head": 4}, "GPT2LMHeadModel"), (LLAMA_STYLE, "LlamaForCausalLM"),
      ({**LLAMA_STYLE, "tie_embeddings": False}, "LlamaForCausalLM")],
 )  # fmt: skip
 def test_in_memory_transformers_copy_gives_our_logits(transformers, options, hf_class):
@@ -306,3 +306,8 @@ def test_in_memory_transformers_copy_of_a_model_without_equivalent_is_a_user_err
     )
     with pytest.raises(UserError, match="qk_norm"):
         to_transformers(model)
+    grouped = build_model(
+        ModelConfig(vocab_size=70, n_layer=1, n_head=4, n_embd=32, block_size=24, n_kv_head=2)
+    )
+    with pytest.raises(UserError, match=r"n_kv_head is 2 \(GPT-2 needs 0 or n_head, 4\)"):
+        to_transformers(grouped)

@@ -103,9 +103,12 @@ class GPT2(HFArchitecture):
     def problems(self, cfg: ModelConfig) -> list[str]:
         wanted = {
             "arch": "gpt", "pos": "learned", "bias": True, "norm": "layernorm", "mlp": "gelu",
-            "mlp_hidden": 0, "qk_norm": False, "n_kv_head": 0, "tie_embeddings": True,
+            "mlp_hidden": 0, "qk_norm": False, "tie_embeddings": True,
         }  # fmt: skip
-        return _mismatches(cfg, wanted, "GPT-2")
+        problems = _mismatches(cfg, wanted, "GPT-2")
+        if cfg.n_kv_head not in (0, cfg.n_head):  # 0 means one key/value head per query head
+            problems.append(f"model.n_kv_head is {cfg.n_kv_head} (GPT-2 needs 0 or n_head, {cfg.n_head})")
+        return problems
 
     def to_hf_config(self, cfg: ModelConfig, tokenizer: Tokenizer | None) -> dict[str, Any]:
         return {
