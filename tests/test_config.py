@@ -37,6 +37,12 @@ def test_saved_config_loads_back_identically(tmp_path):
         ({"sample": {"top_p": 0}}, "top_p"),
         ({"eval": {"stride": 1000}}, "eval.stride"),
         ({"model": {"arch": "rnn"}}, "allowed values: gpt, ffn"),
+        ({"train": {"lr": "nan"}}, "train.lr must be a finite number"),
+        ({"train": {"grad_clip": "inf"}}, "train.grad_clip must be a finite number"),
+        ({"train": {"epochs": "nan"}}, "train.epochs must be a finite number"),
+        ({"train": {"seed": "99999999999999999999999"}}, "train.seed is '99999999999999999999999', too large"),
+        ({"train": {"seed": -1}}, "train.seed must be >= 0"),
+        ({"sample": {"temperature": "nan"}}, "sample.temperature must be a finite number"),
     ],
 )
 def test_invalid_configs_name_the_key(raw, message):

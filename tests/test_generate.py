@@ -120,6 +120,14 @@ def test_presence_and_frequency_penalties_count_generated_tokens_only():
         {"presence_penalty": 2.5},
         {"frequency_penalty": -3},
         {"stop": [""]},
+        {"temperature": float("nan")},
+        {"temperature": float("inf")},
+        {"repetition_penalty": float("nan")},
+        {"top_k": 2.5},
+        {"max_new_tokens": None},
+        {"temperature": "hot"},
+        {"seed": 10**30},
+        {"seed": -1},
     ],
 )
 def test_out_of_range_sampling_parameters_are_user_errors(bad):

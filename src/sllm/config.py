@@ -9,6 +9,7 @@ validated before any work starts, so a typo never costs a training run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -249,24 +250,34 @@ def _coerce(value: Any, expected: Any, key: str) -> Any:
         if isinstance(value, bool):
             return value
     elif expected is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
+        number = _parsed(value, int)
+        if number is not None:
+            if not -(2**63) <= number < 2**63:
+                raise UserError(f"config key {key} is {value!r}, too large for a 64-bit integer")
+            return number
     elif expected is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        number = _parsed(value, float)
+        if number is not None:
+            if not math.isfinite(number):
+                raise UserError(f"config key {key} must be a finite number, got {value!r}")
+            return number
     elif expected is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
     raise UserError(f"config key {key} must be of type {expected.__name__}, got {value!r}")
+
+
+def _parsed(value: Any, kind: type) -> Any:
+    """`value` as an int or float (from a number, or a string such as "3e-4"); None if it is not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float) if kind is float else int):
+        return kind(value)
+    if isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _coerce_union(value: Any, members: list[Any], key: str) -> Any:
@@ -402,6 +413,9 @@ def validate(cfg: Config) -> None:
         _positive(f"train.{key}", getattr(t, key))
     _validate_batch(t)
     _positive("train.lr", t.lr)
+    for key, seed in (("data.split_seed", cfg.data.split_seed), ("train.seed", t.seed), ("sample.seed", cfg.sample.seed)):
+        if seed < 0:
+            raise UserError(f"{key} must be >= 0, got {seed}")
     _positive("eval.batch_size", cfg.eval.batch_size)
     if m.n_embd % m.n_head != 0:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
@@ -493,14 +507,27 @@ def _validate_cleaning(data: DataConfig) -> None:
 def check_sampling(
     temperature: float, top_k: int, top_p: float, repetition_penalty: float, max_new_tokens: int
 ) -> None:
-    """Out-of-range sampling parameters are user errors, wherever they come from."""
-    if temperature < 0:
-        raise UserError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    """Out-of-range sampling parameters are user errors, wherever they come from (NaN fails
+    every range check here, and would otherwise reach the sampler)."""
+    for name, value in (("top_k", top_k), ("max_new_tokens", max_new_tokens)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UserError(f"{name} must be an integer, got {value!r}")
+    for name, value in (
+        ("temperature", temperature),
+        ("top_p", top_p),
+        ("repetition_penalty", repetition_penalty),
+    ):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise UserError(f"{name} must be a number, got {value!r}")
+    if not 0 <= temperature < math.inf:
+        raise UserError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
     if top_k < 0:
         raise UserError(f"top_k must be >= 0 (0 disables it), got {top_k}")
     if not 0 < top_p <= 1:
         raise UserError(f"top_p must be in (0, 1], got {top_p}")
-    if repetition_penalty <= 0:
-        raise UserError(f"repetition_penalty must be > 0 (1 disables it), got {repetition_penalty}")
+    if not 0 < repetition_penalty < math.inf:
+        raise UserError(
+            f"repetition_penalty must be a finite number > 0 (1 disables it), got {repetition_penalty}"
+        )
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")

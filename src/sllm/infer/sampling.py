@@ -34,6 +34,8 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         check_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.max_new_tokens)
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
+            raise UserError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if not 0 <= self.min_p < 1:
             raise UserError(f"min_p must be in [0, 1) (0 disables it), got {self.min_p}")
         for name in ("presence_penalty", "frequency_penalty"):
