@@ -40,7 +40,10 @@ def test_saved_config_loads_back_identically(tmp_path):
         ({"train": {"lr": "nan"}}, "train.lr must be a finite number"),
         ({"train": {"grad_clip": "inf"}}, "train.grad_clip must be a finite number"),
         ({"train": {"epochs": "nan"}}, "train.epochs must be a finite number"),
-        ({"train": {"seed": "99999999999999999999999"}}, "train.seed is '99999999999999999999999', too large"),
+        (
+            {"train": {"seed": "99999999999999999999999"}},
+            "train.seed is '99999999999999999999999', too large",
+        ),
         ({"train": {"seed": -1}}, "train.seed must be >= 0"),
         ({"sample": {"temperature": "nan"}}, "sample.temperature must be a finite number"),
     ],

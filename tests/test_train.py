@@ -187,3 +187,39 @@ def test_init_from_starts_with_another_runs_weights(tmp_path, prepared_dir, trai
     bigger.train.init_from = str(trained_run)
     with pytest.raises(UserError, match=r"train.init_from: .* made for another model \(n_layer: 2 → 3\)"):
         train(bigger, log=_quiet)
+
+
+def test_a_diverged_run_stops_with_a_user_error_and_keeps_its_last_good_checkpoint(tmp_path, prepared_dir):
+    run = tmp_path / "run"
+    steps = [
+        "train.max_steps=8",
+        "train.checkpoint_interval=4",
+        "train.eval_interval=4",
+        "train.log_interval=1",
+    ]
+    train(tiny_config(prepared_dir, run, *steps), log=_quiet)
+    good = _final_weights(run)
+    diverging = [*steps, "train.max_steps=40", "train.lr=1e4", "train.min_lr=0", "train.grad_clip=0"]
+    with pytest.raises(
+        UserError, match=r"training diverged by step \d+: .*\(step-000008\) was saved\. Lower train\.lr"
+    ):
+        train(tiny_config(prepared_dir, run, *diverging), log=_quiet)
+    assert (run / "checkpoints" / "LATEST").read_text().strip() == "step-000008"
+    assert all(torch.equal(good[name], tensor) for name, tensor in _final_weights(run).items())
+
+
+def test_weights_broken_by_the_last_update_are_never_saved(tmp_path, prepared_dir, monkeypatch):
+    original = loop.Trainer.train_step
+
+    def train_step(self):
+        loss = original(self)
+        if self.step == 3:
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("nan"))  # the loss of this step was fine
+        return loss
+
+    monkeypatch.setattr(loop.Trainer, "train_step", train_step)
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match="by step 3: its weights are no longer finite numbers.*none yet"):
+        train(tiny_config(prepared_dir, run, "train.max_steps=6", "train.checkpoint_interval=3"), log=_quiet)
+    assert not (run / "checkpoints" / "LATEST").exists()

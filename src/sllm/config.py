@@ -413,7 +413,11 @@ def validate(cfg: Config) -> None:
         _positive(f"train.{key}", getattr(t, key))
     _validate_batch(t)
     _positive("train.lr", t.lr)
-    for key, seed in (("data.split_seed", cfg.data.split_seed), ("train.seed", t.seed), ("sample.seed", cfg.sample.seed)):
+    for key, seed in (
+        ("data.split_seed", cfg.data.split_seed),
+        ("train.seed", t.seed),
+        ("sample.seed", cfg.sample.seed),
+    ):
         if seed < 0:
             raise UserError(f"{key} must be >= 0, got {seed}")
     _positive("eval.batch_size", cfg.eval.batch_size)

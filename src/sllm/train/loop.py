@@ -184,6 +184,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.best_val_loss = math.inf
+        self.finite_losses = torch.ones((), dtype=torch.bool, device=self.device)
         self.last_val_loss: float | None = None
         self.micro_batch: int | None = None if t.micro_batch == "auto" else t.micro_batch
         if self.micro_batch is not None:
@@ -308,11 +309,32 @@ class Trainer:
         return model_state, train_state, meta
 
     def save(self, name: str) -> None:
-        """A periodic checkpoint; every rank gathers (FSDP), rank 0 writes."""
-        if self.collective_eval or self.cluster.is_main:
-            state = self._state()
-            if self.cluster.is_main:
-                save_checkpoint(self.run_dir, *state, keep_last=self.cfg.train.keep_last, name=name)
+        """A periodic checkpoint; every rank gathers (FSDP), rank 0 checks that every weight is
+        finite (an update can break them before any loss shows it) and writes."""
+        state = self._state() if self.collective_eval or self.cluster.is_main else None
+        broken = self.cluster.is_main and not all(torch.isfinite(v).all() for v in state[0].values())
+        if any_rank(broken, self.cluster, self.device):
+            raise self._diverged("its weights are no longer finite numbers")
+        if self.cluster.is_main:
+            save_checkpoint(self.run_dir, *state, keep_last=self.cfg.train.keep_last, name=name)
+
+    def require_finite_loss(self) -> None:
+        """Stops a diverged run before its loss reaches a log, an evaluation or a checkpoint. The
+        losses since the last check are collected on the device, so the steps between checks
+        do not wait for the host."""
+        if any_rank(not bool(self.finite_losses), self.cluster, self.device):
+            raise self._diverged("its loss became NaN or infinite")
+        self.finite_losses = torch.ones((), dtype=torch.bool, device=self.device)
+
+    def _diverged(self, what: str) -> UserError:
+        t = self.cfg.train
+        latest = self.run_dir / CHECKPOINTS / LATEST
+        kept = latest.read_text(encoding="utf-8").strip() if latest.is_file() else "none yet"
+        return UserError(
+            f"training diverged by step {self.step}: {what}; nothing after the last checkpoint "
+            f"({kept}) was saved. Lower train.lr (now {t.lr:g}), set train.grad_clip (now "
+            f"{t.grad_clip:g}) or lengthen train.warmup_steps (now {t.warmup_steps}), then run again"
+        )
 
     def checkpoint_name(self, must_save: bool) -> str | None:
         """The checkpoint the step just taken ends with, if any: `epoch-N` when it completed
@@ -351,6 +373,7 @@ class Trainer:
                 self.scaler.scale(loss / self.grad_accum).backward()
             total += loss.detach()
         self._apply_gradients()
+        self.finite_losses &= torch.isfinite(total)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
         return total / self.grad_accum
@@ -446,15 +469,20 @@ class Trainer:
                     window_steps += 1
                     bar.update(1)
                     last = self.step == t.max_steps
-                    if self.step % t.log_interval == 0 or last:
+                    logs = self.step % t.log_interval == 0 or last
+                    evaluates = (t.eval_interval and self.step % t.eval_interval == 0) or last
+                    if logs or evaluates:
+                        self.require_finite_loss()
+                    if logs:
                         elapsed = max(time.perf_counter() - window_start, 1e-9)
                         self._log_progress(loss, window_steps * self.tokens_per_step / elapsed, sinks, bar)
                         window_start, window_steps = time.perf_counter(), 0
-                    if (t.eval_interval and self.step % t.eval_interval == 0) or last:
+                    if evaluates:
                         self.evaluate(sinks)
                     stopping = any_rank(stop.requested, self.cluster, self.device)
                     checkpoint = self.checkpoint_name(must_save=last or stopping)
                     if checkpoint:
+                        self.require_finite_loss()
                         self.save(checkpoint)
                     if stopping:
                         stopped_by = stop.signal_name or "a stop signal on another rank"
