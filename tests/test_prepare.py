@@ -1,6 +1,7 @@
 import gzip
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from sllm.errors import UserError
 from sllm.tokenizer import load_tokenizer, nfc
 
 from .conftest import constitution_paragraphs, write_jsonl
+from .test_cli import assert_one_line_error, sllm
 
 
 def _config(tmp_path, inputs, *overrides):
@@ -216,3 +218,17 @@ def test_lone_surrogate_escapes_in_jsonl_prepare_as_the_replacement_character(tm
     corpus.write_text("\n".join(lines) + "\n", "utf-8")
     meta = _run(_config(tmp_path, [corpus], "data.val_ratio=0", f"tokenizer.kind={kind}"))
     assert "깨진 \ufffd 문자" in _documents(tmp_path / "out", "train", meta)
+
+
+@pytest.mark.parametrize("size", [1001, 1000], ids=["odd", "even"])
+def test_a_truncated_token_shard_is_named_as_damaged(prepared_dir, tmp_path, size):
+    damaged = tmp_path / "d"
+    shutil.copytree(prepared_dir, damaged)
+    meta = read_meta(damaged)
+    with open(damaged / "train-00000.bin", "r+b") as handle:
+        handle.truncate(size)
+    with pytest.raises(
+        UserError, match=r"train-00000\.bin is damaged: 1,00[01] bytes where meta\.json promises"
+    ):
+        open_split(damaged, "train", meta)
+    assert_one_line_error(sllm("data", "info", damaged), "train-00000.bin is damaged", "run `sllm prepare`")

@@ -29,7 +29,8 @@ def open_split(data_dir: str | Path, split: str, meta: dict[str, Any]) -> np.nda
     """The split's tokens, its shards read as one array (meta.json lists them; data prepared
     before sharding has one `<split>.bin`)."""
     names = meta.get("shards", {}).get(split, [f"{split}.bin"])
-    return open_shards(Path(data_dir), names, meta["dtype"])
+    tokens = meta["splits"][split]["tokens"]
+    return open_shards(Path(data_dir), names, meta["dtype"], tokens, meta.get("shard_tokens", tokens))
 
 
 class TrainWindows:

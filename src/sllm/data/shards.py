@@ -132,7 +132,20 @@ def open_token_file(path: Path, dtype: str) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def open_shards(directory: Path, names: list[str], dtype: str) -> np.ndarray | TokenShards:
-    """The shards as one array; a single shard is returned as its plain memmap."""
+def open_shards(
+    directory: Path, names: list[str], dtype: str, tokens: int, shard_tokens: int
+) -> np.ndarray | TokenShards:
+    """The shards as one array; a single shard is returned as its plain memmap. Every shard
+    but the last holds `shard_tokens`, all together `tokens` (what meta.json recorded): a
+    file of another size was truncated or overwritten, and reading it would train on garbage."""
+    itemsize = np.dtype(dtype).itemsize
+    for index, name in enumerate(names):
+        path = directory / name
+        expected = tokens - index * shard_tokens if index == len(names) - 1 else shard_tokens
+        if path.is_file() and path.stat().st_size != expected * itemsize:
+            raise UserError(
+                f"{path} is damaged: {path.stat().st_size:,} bytes where meta.json promises "
+                f"{expected:,} tokens of {dtype}; run `sllm prepare` for {directory} again"
+            )
     parts = [open_token_file(directory / name, dtype) for name in names]
     return parts[0] if len(parts) == 1 else TokenShards(parts)
