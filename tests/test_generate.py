@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 import torch
 
@@ -146,3 +148,20 @@ def test_text_generator_on_a_trained_run(trained_run, capsys):
     long_prompt = "국민의 권리와 의무 " * 40
     generator.generate(long_prompt, max_new_tokens=3, temperature=0)
     assert "keeping its last tokens" in capsys.readouterr().err
+
+
+def test_a_run_opened_from_python_names_what_is_wrong(trained_run, tmp_path):
+    with pytest.raises(UserError, match="checkpoint must be 'latest' or 'best', got 'step-000999'"):
+        TextGenerator.from_run(trained_run, device="cpu", checkpoint="step-000999")
+    generator = TextGenerator.from_run(trained_run, device="cpu")
+    for prompts in ([], [3], None):
+        with pytest.raises(UserError, match="prompts must be one or more strings"):
+            generator.generate(prompts)
+    damaged = tmp_path / "run"
+    shutil.copytree(trained_run, damaged)
+    shutil.rmtree(damaged / "checkpoints" / "best")
+    with pytest.raises(UserError, match="has no best checkpoint"):
+        TextGenerator.from_run(damaged, device="cpu", checkpoint="best")
+    (damaged / "config.yaml").write_text("garbage: [\n")
+    with pytest.raises(UserError, match=r"config\.yaml is damaged \(while parsing"):
+        TextGenerator.from_run(damaged, device="cpu")

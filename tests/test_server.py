@@ -18,6 +18,8 @@ from sllm.infer.chat import PLAIN
 from sllm.infer.engine import TextGenerator
 from sllm.infer.server import create_app
 
+from .test_cli import assert_one_line_error, sllm
+
 
 @pytest.fixture(scope="module")
 def generator(trained_run):
@@ -189,3 +191,15 @@ def test_a_real_browser_sends_a_message_and_sees_the_streamed_reply(server_url, 
     assert reply and not reply.startswith("error")
     screenshot = (tmp_path / "chat.png").read_bytes()
     assert screenshot.startswith(b"\x89PNG\r\n\x1a\n") and len(screenshot) > 1000
+
+
+def test_serving_on_a_taken_port_is_one_line_before_the_model_loads(tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        result = sllm("serve", "--run", tmp_path / "no-run-needed", "--port", str(port))
+    finally:
+        taken.close()
+    assert_one_line_error(result, f"cannot listen on 127.0.0.1:{port}", "choose another --port")

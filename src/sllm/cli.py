@@ -20,6 +20,22 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
+def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            span = f"from {low} to {high}" if high is not None else f"{low} or more"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give {span}")
+        return value
+
+    return parse
+
+
 def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file or preset name (e.g. demo)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
@@ -272,8 +288,10 @@ def _add_inspection_commands(commands) -> None:
     data_commands.required = True
     data_info = data_commands.add_parser("info", help="describe a prepared data directory")
     data_info.add_argument("dir", help="prepared data directory")
-    data_info.add_argument("--show-samples", type=int, default=0, help="decode N random training windows")
-    data_info.add_argument("--window-tokens", type=int, default=64, help="tokens per sample window")
+    data_info.add_argument(
+        "--show-samples", type=_int_in(0), default=0, help="decode N random training windows"
+    )
+    data_info.add_argument("--window-tokens", type=_int_in(1), default=64, help="tokens per sample window")
     data_info.set_defaults(func=cmd_data_info)
 
 
@@ -367,8 +385,10 @@ def _add_inference_commands(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP API and a web chat page")
     _run_args(serve, sampling=False)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens accepted")
+    serve.add_argument("--port", type=_int_in(1, 65535), default=8000)
+    serve.add_argument(
+        "--max-tokens-limit", type=_int_in(1), default=1024, help="largest max_tokens accepted"
+    )
     _compile_arg(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -377,10 +397,12 @@ def _add_inference_commands(commands: argparse._SubParsersAction) -> None:
     bench_commands.required = True
     bench_gen = bench_commands.add_parser("generate", help="time to first token, decode and prefill speed")
     _run_args(bench_gen, sampling=False)
-    bench_gen.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64])
-    bench_gen.add_argument("--prompt-tokens", type=int, default=16)
-    bench_gen.add_argument("--new-tokens", type=int, default=128)
-    bench_gen.add_argument("--threads", type=int, default=0, help="CPU threads; 0 keeps torch's default")
+    bench_gen.add_argument("--batch-sizes", type=_int_in(1), nargs="+", default=[1, 8, 32, 64])
+    bench_gen.add_argument("--prompt-tokens", type=_int_in(1), default=16)
+    bench_gen.add_argument("--new-tokens", type=_int_in(1), default=128)
+    bench_gen.add_argument(
+        "--threads", type=_int_in(0), default=0, help="CPU threads; 0 keeps torch's default"
+    )
     _compile_arg(bench_gen)
     bench_gen.set_defaults(func=cmd_bench_generate)
 
@@ -529,8 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     scored.add_argument("--split", action="append", help="split to score (repeatable; default val and test)")
     scored.add_argument("--text", nargs="+", metavar="FILE", help="score UTF-8 text files instead of splits")
     scored.add_argument("--mc", metavar="FILE", help="multiple-choice JSONL {context, choices, answer}")
-    ev.add_argument("--stride", type=int, default=0, help="window stride (default: half the context)")
-    ev.add_argument("--batch-size", type=int, default=0, help="windows per batch")
+    ev.add_argument("--stride", type=_int_in(0), default=0, help="window stride (default: half the context)")
+    ev.add_argument("--batch-size", type=_int_in(0), default=0, help="windows per batch (0: eval.batch_size)")
     ev.add_argument("--checkpoint", choices=["latest", "best"], default="latest")
     ev.add_argument("--device", default="auto")
     ev.set_defaults(func=cmd_eval)

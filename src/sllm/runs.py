@@ -21,6 +21,7 @@ from sllm.tokenizer import Tokenizer, load_tokenizer
 from sllm.train.checkpoint import BEST, CHECKPOINTS, Checkpoint, load_checkpoint, load_latest
 
 CONFIG_FILE = "config.yaml"
+LATEST_NAME = "latest"  # the newest checkpoint that verifies
 
 
 @dataclass
@@ -36,7 +37,14 @@ def read_run_config(run_dir: Path) -> Config:
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"{run_dir} is not a run directory (no {CONFIG_FILE}); train one with `sllm train`")
-    return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")))
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        problem = None if isinstance(raw, dict) else "not a mapping of config sections"
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        problem = str(error).splitlines()[0]
+    if problem:
+        raise UserError(f"{path} is damaged ({problem}); restore the config the run was trained with")
+    return config_from_dict(raw)
 
 
 def open_run(run_dir: str | Path, device: torch.device, checkpoint: str = "latest") -> LoadedRun:
@@ -44,9 +52,16 @@ def open_run(run_dir: str | Path, device: torch.device, checkpoint: str = "lates
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist; check --run")
+    if checkpoint not in (LATEST_NAME, BEST):
+        raise UserError(f"checkpoint must be {LATEST_NAME!r} or {BEST!r}, got {checkpoint!r}")
     config = read_run_config(run_dir)
     tokenizer = load_tokenizer(run_dir)
     if checkpoint == BEST:
+        if not (run_dir / CHECKPOINTS / BEST).is_dir():
+            raise UserError(
+                f"{run_dir} has no best checkpoint (evaluations against a validation split write "
+                "it); use the latest checkpoint instead"
+            )
         found: Checkpoint | None = load_checkpoint(run_dir / CHECKPOINTS / BEST)
     else:
         found = load_latest(run_dir)

@@ -23,11 +23,17 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def select_device(name: str = "auto") -> torch.device:
+    """`auto` (CUDA, else MPS, else CPU), `cpu`, `cuda`, `cuda:N` or `mps`."""
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if name == "auto":
         return torch.device("cuda" if cuda else "mps" if mps else "cpu")
-    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
-        raise UserError(f"device {name} is not available on this machine; use train.device=auto or cpu")
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and not (kind == "cuda" and index.isdigit())):
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    if (kind == "cuda" and not cuda) or (kind == "mps" and not mps):
+        raise UserError(f"device {name} is not available on this machine; use auto or cpu")
+    if index and int(index) >= torch.cuda.device_count():
+        raise UserError(f"device {name} does not exist: this machine has {torch.cuda.device_count()} GPUs")
     return torch.device(name)
 
 

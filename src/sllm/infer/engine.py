@@ -427,6 +427,8 @@ class TextGenerator:
 
     def stream_batch(self, prompts: list[str], params: SamplingParams, strict: bool = False) -> TextStream:
         """The continuations of `prompts`, generated as one batch, as a stream of text pieces."""
+        if not prompts or not all(isinstance(prompt, str) for prompt in prompts):
+            raise UserError(f"prompts must be one or more strings, got {prompts!r}")
         prompt_ids = [self.encode_prompt(prompt, strict) for prompt in prompts]
         tokens = TokenStream(
             self.model, prompt_ids, params, self.tokenizer.eos_id, self.device, self.amp_dtype,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 import uuid
@@ -251,6 +252,26 @@ def serve(
     compile_step: bool = False,
 ) -> None:
     """Serve a run until interrupted."""
+    listening = _listening_socket(host, port)
     app = build_app(run_dir, device, checkpoint, max_tokens_limit, compile_step)
     print(f"serving {run_dir} at http://{host}:{port}/ (API under /v1)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listening])
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads, so a taken port or an unknown
+    address is one line at once rather than uvicorn's log after the load."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        listening = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as error:
+        raise UserError(f"cannot listen on {host}:{port} ({error}); check --host") from None
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listening.bind((host, port))
+    except OSError as error:
+        listening.close()
+        raise UserError(
+            f"cannot listen on {host}:{port} ({error.strerror}); choose another --port or stop what uses it"
+        ) from None
+    return listening
