@@ -367,3 +367,17 @@ def test_a_decoder_pooled_in_eval_mode_is_not_lent_to_the_model_in_train_mode():
     list(TokenStream(model.train(), [[5]], params, None, CPU, cuda_graph=True))
     assert len(STATIC_DECODERS.idle(model)) == 2
     assert eval_decoder in STATIC_DECODERS.idle(model).values()
+
+
+def test_banned_ids_are_never_sampled(trained_run):
+    model = _model()
+    prompts, params = [[5], [3, 14, 15, 9]], SamplingParams(max_new_tokens=12, temperature=0)
+    free = _rows(TokenStream(model, prompts, params, None, CPU))
+    favourite = max(set(free[0] + free[1]), key=(free[0] + free[1]).count)
+    banned = _rows(TokenStream(model, prompts, params, None, CPU, banned_ids=(favourite,)))
+    assert favourite not in banned[0] + banned[1]
+    hot = SamplingParams(max_new_tokens=12, temperature=5.0, seed=0)
+    sampled = _rows(TokenStream(model, prompts * 8, hot, None, CPU, banned_ids=(favourite,)))
+    assert all(favourite not in row for row in sampled)
+    tokenizer = TextGenerator.from_run(trained_run, device="cpu").tokenizer
+    assert tokenizer.pad_id != tokenizer.eos_id and tokenizer.never_generated == (tokenizer.pad_id,)

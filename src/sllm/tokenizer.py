@@ -50,6 +50,12 @@ class Tokenizer:
     eos_id: int
     pad_id: int
 
+    @property
+    def never_generated(self) -> tuple[int, ...]:
+        """Ids generation never samples: padding, unless it doubles as end of text. A short
+        run has not yet learned that no text continues with it."""
+        return () if self.pad_id == self.eos_id else (self.pad_id,)
+
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
 

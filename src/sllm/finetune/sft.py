@@ -112,7 +112,8 @@ def answer_prompts(
     answers = []
     for prompt in cfg.prompts:
         ids = render_prompt(tokenizer, [Message("user", prompt)])[-(model.block_size - 1) :]
-        new = stream_tokens(model, ids, params, tokenizer.token_id(END_TOKEN), device)
+        end = tokenizer.token_id(END_TOKEN)
+        new = stream_tokens(model, ids, params, end, device, banned_ids=tokenizer.never_generated)
         answers.append((prompt, tokenizer.decode(list(new))))
     return answers
 

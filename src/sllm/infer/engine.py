@@ -185,7 +185,8 @@ class TokenStream:
     `cuda_graph` (default: on CUDA) replays each decode step as one CUDA graph; True on
     another device runs that same static step eagerly, False keeps the plain step.
     `compile_step` also passes that step through `torch.compile` (fused kernels; it costs a
-    compilation at the first stream, and its gain on a GPU is not yet measured)."""
+    compilation at the first stream, and its gain on a GPU is not yet measured).
+    `banned_ids` are never sampled (`Tokenizer.never_generated`)."""
 
     def __init__(
         self,
@@ -197,6 +198,7 @@ class TokenStream:
         amp_dtype: torch.dtype | None = None,
         cuda_graph: bool | None = None,
         compile_step: bool = False,
+        banned_ids: tuple[int, ...] = (),
     ) -> None:
         if not prompts or not all(prompts):
             raise ValueError("every prompt must hold at least one token")
@@ -208,6 +210,7 @@ class TokenStream:
         self.amp_dtype = amp_dtype
         self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
         self.compile_step = compile_step
+        self.banned_ids = banned_ids
         self.finish_reasons: list[str | None] = [None] * len(prompts)
 
     def stop(self, row: int, reason: str = "stop") -> None:
@@ -245,8 +248,11 @@ class TokenStream:
         history = None
         if params.uses_history:
             history = TokenHistory(self.rows, self.model.cfg.vocab_size, self.device)
+        banned = torch.tensor(self.banned_ids, dtype=torch.long, device=self.device)
         logits = decoder.prefill(self.rows) if params.max_new_tokens else None
         for step in range(params.max_new_tokens):
+            if self.banned_ids:
+                logits = logits.index_fill(1, banned, float("-inf"))
             tokens = sample_next(logits, params, history, generator)
             new = self._accept(tokens.tolist())
             if any(token is not None for token in new):
@@ -280,12 +286,16 @@ def stream_tokens(
     eos_id: int | None,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
+    banned_ids: tuple[int, ...] = (),
 ) -> Iterator[int]:
     """One prompt's new token ids until `max_new_tokens` or EOS (which is not yielded).
 
     For samples during training: no CUDA graph, since the model may be sharded (FSDP) and a
     capture would stall the training step for one short sample."""
-    for (token,) in TokenStream(model, [prompt_ids], params, eos_id, device, amp_dtype, cuda_graph=False):
+    stream = TokenStream(
+        model, [prompt_ids], params, eos_id, device, amp_dtype, cuda_graph=False, banned_ids=banned_ids
+    )
+    for (token,) in stream:
         if token is not None:
             yield token
 
@@ -432,7 +442,7 @@ class TextGenerator:
         prompt_ids = [self.encode_prompt(prompt, strict) for prompt in prompts]
         tokens = TokenStream(
             self.model, prompt_ids, params, self.tokenizer.eos_id, self.device, self.amp_dtype,
-            compile_step=self.compile_step,
+            compile_step=self.compile_step, banned_ids=self.tokenizer.never_generated,
         )  # fmt: skip
         return TextStream(tokens, self.tokenizer, params.stop)
 

@@ -31,7 +31,9 @@ def sample_prompts(
     results = []
     for prompt in cfg.prompts:
         ids = tokenizer.encode(prompt)[-(model.block_size - 1) :] or [tokenizer.eos_id]
-        new = list(stream_tokens(model, ids, params, tokenizer.eos_id, device, amp_dtype))
+        new = list(
+            stream_tokens(model, ids, params, tokenizer.eos_id, device, amp_dtype, tokenizer.never_generated)
+        )
         results.append((prompt, tokenizer.decode(new)))
     model.train(was_training)
     return results
