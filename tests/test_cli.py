@@ -150,6 +150,22 @@ def test_bad_input_files_give_one_line(tmp_path):
     assert_one_line_error(result, "cannot write the prepared data to /proc/sllm-test")
 
 
+def test_an_output_path_that_is_a_file_or_holds_a_tokenizer_is_one_line(tmp_path, trained_run):
+    corpus = write_jsonl(tmp_path / "ok.jsonl", constitution_paragraphs()[:50])
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    tokenizer = ["tokenizer", "train", "--input", corpus, "--vocab-size", "300", "--out"]
+    for command, fragment in [
+        (["prepare", "--input", corpus, "--out", a_file], "exists and is not a prepared data directory"),
+        (["export", "--run", trained_run, "--out", a_file / "hf"], "cannot write the export to"),
+        (["import", "--hf", tmp_path, "--out", a_file / "run"], "cannot write the imported run to"),
+        ([*tokenizer, a_file], "cannot write the tokenizer to"),
+        ([*tokenizer, trained_run], "already holds a tokenizer.json"),
+    ]:
+        assert_one_line_error(sllm(*command), fragment)
+    assert a_file.read_text() == "keep me"
+
+
 def test_data_prepared_with_another_tokenizer_is_refused(tmp_path, trained_run, prepared_dir):
     corpus = write_jsonl(tmp_path / "c.jsonl", constitution_paragraphs()[:80])
     result = sllm("prepare", "--input", corpus, "--out", tmp_path / "other", "tokenizer.vocab_size=300")

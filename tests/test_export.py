@@ -1,6 +1,7 @@
 """Hugging Face export and import: parity with `transformers`, lossless round trips, refusals."""
 
 import json
+import shutil
 import sys
 import unicodedata
 from pathlib import Path
@@ -311,3 +312,13 @@ def test_in_memory_transformers_copy_of_a_model_without_equivalent_is_a_user_err
     )
     with pytest.raises(UserError, match=r"n_kv_head is 2 \(GPT-2 needs 0 or n_head, 4\)"):
         to_transformers(grouped)
+
+
+def test_importing_truncated_weights_is_a_user_error(exported, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(exported, broken)
+    with open(broken / "model.safetensors", "r+b") as handle:
+        handle.truncate(100)
+    with pytest.raises(UserError, match=r"model\.safetensors is damaged or incomplete"):
+        import_hf(broken, tmp_path / "imported")
+    assert not (tmp_path / "imported").exists()

@@ -113,7 +113,7 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path):
     corpus.write_text('{"text": "좋은 줄"}\n{"text": "깨진 줄"\n{"text": "다음 줄"}\n', "utf-8")
     with pytest.raises(UserError, match=r"bad\.jsonl:2: malformed JSON"):
         _run(_config(tmp_path, [corpus], "data.val_ratio=0"))
-    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]  # no output, no partial work
 
 
 def test_skip_mode_counts_malformed_lines(tmp_path):

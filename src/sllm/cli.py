@@ -63,8 +63,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from sllm.atomic import ensure_writable_dir
     from sllm.data.mixture import resolve_sources
     from sllm.data.prepare import train_tokenizer
+    from sllm.tokenizer import TOKENIZER_FILE
 
     cfg = _load(
         args,
@@ -77,8 +79,12 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
             "tokenizer.sample_bytes": args.sample_bytes,
         },
     )
+    out = Path(args.out)
+    if (out / TOKENIZER_FILE).exists():
+        raise UserError(f"{out} already holds a {TOKENIZER_FILE}; choose a new --out or remove that file")
+    ensure_writable_dir(out, "tokenizer")
     tokenizer = train_tokenizer(resolve_sources(cfg.data), cfg.data, cfg.tokenizer)
-    path = tokenizer.save(Path(args.out))
+    path = tokenizer.save(out)
     print(f"saved {path} ({tokenizer.vocab_size} tokens)")
 
 

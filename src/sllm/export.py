@@ -36,8 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sllm.atomic import ensure_writable_dir
 from sllm.config import Config, ModelConfig, save_config, validate
 from sllm.data.prepare import META_FILE, read_meta
 from sllm.errors import UserError
@@ -342,6 +344,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
     """Write the run's weights, config, tokenizer and model card as an HF model directory."""
     out = Path(out_dir)
     _require_empty(out)
+    ensure_writable_dir(out.parent, "export")
     run = open_run(run_dir, torch.device("cpu"), checkpoint)
     architecture = _architecture_for(run.config.model, run.path)
     if not isinstance(run.tokenizer, BPETokenizer):
@@ -542,6 +545,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     """Make a run directory (config, tokenizer, step-0 checkpoint) from an HF model directory."""
     source, out = Path(hf_dir), Path(out_dir)
     _require_empty(out)
+    ensure_writable_dir(out.parent, "imported run")
     hf_config = _read_hf_config(source)
     architecture = ARCHITECTURES.get(hf_config.get("model_type", ""))
     if architecture is not None and architecture.hf_class not in hf_config.get(
@@ -607,12 +611,12 @@ def _read_hf_tokenizer(source: Path) -> Tokenizer:
 def read_hf_weights(source: Path) -> dict[str, torch.Tensor]:
     """All tensors of model.safetensors (single or sharded), else of pytorch_model.bin."""
     if (source / HF_WEIGHTS).is_file():
-        return load_file(source / HF_WEIGHTS)
+        return _load_safetensors(source / HF_WEIGHTS)
     if (source / HF_WEIGHTS_INDEX).is_file():
         index = json.loads((source / HF_WEIGHTS_INDEX).read_text(encoding="utf-8"))
         weights: dict[str, torch.Tensor] = {}
         for shard in sorted(set(index["weight_map"].values())):
-            weights |= load_file(source / shard)
+            weights |= _load_safetensors(source / shard)
         return weights
     if (source / HF_TORCH_WEIGHTS).is_file():
         try:
@@ -622,6 +626,14 @@ def read_hf_weights(source: Path) -> dict[str, torch.Tensor]:
                 f"{source / HF_TORCH_WEIGHTS} cannot be loaded safely: {exc}".splitlines()[0]
             ) from None
     raise UserError(f"{source} has no {HF_WEIGHTS} or {HF_TORCH_WEIGHTS}; download the weights too")
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as problem:
+        reason = str(problem).splitlines()[0] if str(problem) else type(problem).__name__
+        raise UserError(f"{path} is damaged or incomplete ({reason}); download it again") from None
 
 
 def _to_sllm_state(

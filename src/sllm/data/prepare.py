@@ -296,21 +296,21 @@ def prepare(data: DataConfig, tok: TokenizerConfig, log=print) -> dict[str, Any]
         if existing.get("fingerprint") == fingerprint:
             log(f"{out} is up to date with its inputs; nothing to do")
             return existing
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not a prepared data directory; choose another --out")
 
     started = time.perf_counter()
     work = work_path(out)
-    writer = _resume(work, sources, data, log, fingerprint)
-    if writer is None:
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
-        tokenizer = given or train_tokenizer(sources, data, tok)
-        tokenizer.save(work)
-        progress = Progress(fingerprint)
-        progress.save(work)
-        writer = SplitWriter(work, tokenizer, sources, data, progress)
     try:
+        writer = _resume(work, sources, data, log, fingerprint)
+        if writer is None:
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir()
+            tokenizer = given or train_tokenizer(sources, data, tok)
+            tokenizer.save(work)
+            progress = Progress(fingerprint)
+            progress.save(work)
+            writer = SplitWriter(work, tokenizer, sources, data, progress)
         meta = _write_all(writer, sources, data, out.name)
     except UserError:
         shutil.rmtree(work, ignore_errors=True)  # the input is at fault: nothing worth resuming
