@@ -162,3 +162,9 @@ def test_retention_and_fallback_order_epoch_and_step_checkpoints_by_step(tmp_pat
     weights.write_bytes(weights.read_bytes()[:-10])
     assert load_latest(run_dir).path.name == "epoch-0002"
     assert "step-000009 is damaged" in capsys.readouterr().err
+
+
+def test_checkpoint_weights_get_the_same_file_mode_as_other_files(trained_run):
+    checkpoint = trained_run / "checkpoints" / "step-000120"
+    modes = {path.name: path.stat().st_mode & 0o777 for path in checkpoint.iterdir()}
+    assert modes["model.safetensors"] == modes["meta.json"], modes

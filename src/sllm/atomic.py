@@ -21,6 +21,15 @@ TEMP_MARK = ".tmp-"
 ASIDE_MARK = ".old-"
 
 
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+DEFAULT_FILE_MODE = _default_file_mode()  # what open() gives a new file under this umask
+
+
 def temp_path(target: Path) -> Path:
     return target.parent / f".{target.name}{TEMP_MARK}{os.getpid()}"
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from sllm.atomic import ensure_writable_dir
 from sllm.config import Config, ModelConfig, save_config, validate
@@ -47,7 +47,7 @@ from sllm.model import build_model, count_parameters
 from sllm.model.gpt import mlp_hidden_width
 from sllm.runs import CONFIG_FILE, LoadedRun, open_run
 from sllm.tokenizer import TOKENIZER_FILE, BPETokenizer, Tokenizer, load_tokenizer
-from sllm.train.checkpoint import save_checkpoint
+from sllm.train.checkpoint import save_checkpoint, save_tensors
 from sllm.train.distributed import full_state
 from sllm.train.optim import build_optimizers
 
@@ -357,7 +357,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_file(weights, str(tmp / HF_WEIGHTS), metadata={"format": "pt"})
+        save_tensors(weights, tmp / HF_WEIGHTS, metadata={"format": "pt"})
         _write_json(tmp / HF_CONFIG, architecture.to_hf_config(run.config.model, run.tokenizer))
         _write_json(tmp / "generation_config.json", _generation_config(run))
         _write_tokenizer_files(tmp, run.tokenizer, run.config.model.block_size)

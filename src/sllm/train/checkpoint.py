@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import sys
@@ -25,7 +26,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from sllm.atomic import fsync_path, recover_all, recover_dir, replace_dir, temp_path, write_text_atomic
+from sllm.atomic import (
+    DEFAULT_FILE_MODE,
+    fsync_path,
+    recover_all,
+    recover_dir,
+    replace_dir,
+    temp_path,
+    write_text_atomic,
+)
 from sllm.config import ModelConfig
 from sllm.errors import UserError
 
@@ -95,6 +104,15 @@ def _check_free_space(directory: Path, needed_bytes: int) -> None:
         )
 
 
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
+    """`safetensors` writes its files readable by their owner only; ours get the mode every
+    other file gets, so a shared run directory or export can be read by the group."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, DEFAULT_FILE_MODE)
+
+
 def write_checkpoint(
     target: Path,
     model_state: dict[str, torch.Tensor],
@@ -110,7 +128,7 @@ def write_checkpoint(
     tmp = temp_path(target)
     try:
         tmp.mkdir()
-        save_file(weights, str(tmp / MODEL_FILE))
+        save_tensors(weights, tmp / MODEL_FILE)
         torch.save(train_state, tmp / STATE_FILE)
         files = {name: _sha256(tmp / name) for name in (MODEL_FILE, STATE_FILE)}
         meta_text = json.dumps({**meta, "files": files}, indent=2, ensure_ascii=False)
