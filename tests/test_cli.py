@@ -105,6 +105,15 @@ def test_the_documented_workflow_runs_end_to_end(tmp_path):
         ),
         (["generate", "--run", "no/run", "--prompt", "x"], ["run directory no/run does not exist"]),
         (["eval", "--run", "no/run"], ["run directory no/run does not exist"]),
+        (["eval", "--run", "."], ["is not a run directory (no config.yaml)"]),
+        (["train", "--config", "."], ["config file . is a directory"]),
+        (
+            ["generate", "--run", "no/run", "--prompt", "x", "--temperature", "nan"],
+            ["temperature must be a finite"],
+        ),
+        (["generate", "--run", "no/run", "--prompt", "x", "--device", "tpu"], ["unknown device 'tpu'"]),
+        (["eval", "--run", "no/run", "--batch-size", "-1"], ["--batch-size: -1 is out of range"]),
+        (["serve", "--run", "no/run", "--port", "70000"], ["--port: 70000 is out of range"]),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, args, fragments):

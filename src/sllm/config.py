@@ -366,7 +366,8 @@ def resolve_config_path(name: str) -> Path:
     if path.suffix in ("", ".yaml") and preset.is_file():
         return Path(str(preset))
     presets = ", ".join(sorted(p.name[:-5] for p in list_presets()))
-    raise UserError(f"config file {name} not found; give a YAML path or a preset ({presets})")
+    state = "is a directory" if path.is_dir() else "not found"
+    raise UserError(f"config file {name} {state}; give a YAML path or a preset ({presets})")
 
 
 def list_presets() -> list[Any]:

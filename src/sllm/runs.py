@@ -51,7 +51,8 @@ def open_run(run_dir: str | Path, device: torch.device, checkpoint: str = "lates
     """Load a run's model in eval mode on `device` from its newest (or `best`) checkpoint."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} does not exist; check --run")
+        state = "is a file, not a directory" if run_dir.exists() else "does not exist"
+        raise UserError(f"run directory {run_dir} {state}; check --run")
     if checkpoint not in (LATEST_NAME, BEST):
         raise UserError(f"checkpoint must be {LATEST_NAME!r} or {BEST!r}, got {checkpoint!r}")
     config = read_run_config(run_dir)

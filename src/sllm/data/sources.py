@@ -94,7 +94,8 @@ def read_text_file(path: Path, what: str, expected: str) -> str:
     """A whole (small) file as text, a UTF-8 BOM dropped: for task files read at once. A
     missing, unreadable or non-UTF-8 file is one line naming the file and what was expected."""
     if not path.is_file():
-        raise UserError(f"{what} {path} not found; give {expected}")
+        state = "is a directory" if path.is_dir() else "not found"
+        raise UserError(f"{what} {path} {state}; give {expected}")
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
