@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sllm.errors import UserError
-from sllm.tokenizer import UNK_TOKEN, load_tokenizer, nfc, train_bpe, train_char
+from sllm.tokenizer import UNK_TOKEN, _long_words_cut, load_tokenizer, nfc, train_bpe, train_char
 
 from .conftest import constitution_paragraphs
 
@@ -101,3 +101,12 @@ def test_a_users_own_hf_tokenizer_json_loads(tmp_path):
     (tmp_path / "tokenizer.json").write_text(hf.to_str(), "utf-8")
     loaded = load_tokenizer(tmp_path / "tokenizer.json")
     assert loaded.eos_id == hf.token_to_id("</s>") and loaded.pad_id == hf.token_to_id("<pad>")
+
+
+def test_bpe_training_cuts_only_words_longer_than_256_characters():
+    ordinary = "대한민국은 민주공화국이다. An ordinary sentence, with words."
+    dna = "ACGT" * 200
+    pieces = list(_long_words_cut([ordinary, f"start {dna} end"]))
+    assert pieces[0] == ordinary
+    assert "".join(pieces[1:]) == f"start {dna} end"
+    assert max(len(word) for piece in pieces for word in piece.split()) == 256
