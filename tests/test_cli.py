@@ -120,6 +120,19 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, args, fragments):
     assert_one_line_error(sllm(*args, cwd=tmp_path), *fragments)
 
 
+def test_overrides_may_follow_the_options_and_keep_their_order(tmp_path):
+    before = sllm(
+        "info", "--config", "demo", "model.n_embd=32", "model.vocab_size=1000", "--micro-batch", "2"
+    )
+    after = sllm("info", "--config", "demo", "model.n_embd=64", "--micro-batch", "2", "model.vocab_size=1000",
+                 "model.n_embd=32")  # fmt: skip
+    assert before.returncode == after.returncode == 0, after.stderr
+    assert after.stdout == before.stdout and "gpt model" in after.stdout
+    assert_one_line_error(
+        sllm("info", "--config", "demo", "--micro-batch", "2", "--dta", "x"), "unrecognized"
+    )
+
+
 def test_malformed_jsonl_names_file_and_line(tmp_path):
     corpus = tmp_path / "bad.jsonl"
     corpus.write_text('{"text": "a"}\n{"text": \n', "utf-8")

@@ -8,6 +8,7 @@ Heavy imports (torch) happen inside the commands, so `sllm --help` is instant.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -619,9 +620,23 @@ def _add_hf_commands(commands) -> None:
     imp.set_defaults(func=cmd_import)
 
 
+OVERRIDE = re.compile(r"[A-Za-z_]+(\.[A-Za-z_]+)+=.*", re.DOTALL)
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Like `parse_args`, but `section.key=value` overrides may also follow the options (argparse
+    takes positionals only in one block)."""
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        if not hasattr(args, "overrides") or not all(OVERRIDE.fullmatch(extra) for extra in extras):
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        args.overrides = [*args.overrides, *extras]
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
-        args = build_parser().parse_args(argv)
+        args = _parse(build_parser(), argv)
         command: Callable[[argparse.Namespace], None] = args.func
         command(args)
     except UserError as error:
