@@ -17,6 +17,7 @@ from sllm.infer.sampling import (
     top_p_filter,
 )
 from sllm.model import build_model
+from sllm.train.checkpoint import load_latest, save_checkpoint
 
 
 def _model(**options):
@@ -165,3 +166,13 @@ def test_a_run_opened_from_python_names_what_is_wrong(trained_run, tmp_path):
     (damaged / "config.yaml").write_text("garbage: [\n")
     with pytest.raises(UserError, match=r"config\.yaml is damaged \(while parsing"):
         TextGenerator.from_run(damaged, device="cpu")
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_with_one_line(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    latest = load_latest(run)
+    broken = {name: torch.full_like(tensor, float("nan")) for name, tensor in latest.model_state().items()}
+    save_checkpoint(run, broken, latest.train_state(), {**latest.meta, "step": 121}, keep_last=3)
+    with pytest.raises(UserError, match=r"step-000121 holds weights that are not finite numbers"):
+        TextGenerator.from_run(run, device="cpu")

@@ -70,4 +70,9 @@ def open_run(run_dir: str | Path, device: torch.device, checkpoint: str = "lates
         raise UserError(f"{run_dir} has no checkpoint yet; train it first")
     model = build_model(config.model)
     model.load_state_dict(found.model_state())
+    if not all(torch.isfinite(tensor).all() for tensor in model.state_dict().values()):
+        raise UserError(
+            f"{found.path} holds weights that are not finite numbers (the run diverged before "
+            "sllm stopped such runs); retrain from an earlier checkpoint with a lower train.lr"
+        )
     return LoadedRun(run_dir, config, tokenizer, model.to(device).eval(), found)
