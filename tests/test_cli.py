@@ -125,7 +125,7 @@ def test_overrides_may_follow_the_options_and_keep_their_order(tmp_path):
         "info", "--config", "demo", "model.n_embd=32", "model.vocab_size=1000", "--micro-batch", "2"
     )
     after = sllm("info", "--config", "demo", "model.n_embd=64", "--micro-batch", "2", "model.vocab_size=1000",
-                 "model.n_embd=32")  # fmt: skip
+                 "train.beta1=0.8", "model.n_embd=32")  # fmt: skip
     assert before.returncode == after.returncode == 0, after.stderr
     assert after.stdout == before.stdout and "gpt model" in after.stdout
     assert_one_line_error(

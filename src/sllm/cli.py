@@ -620,7 +620,7 @@ def _add_hf_commands(commands) -> None:
     imp.set_defaults(func=cmd_import)
 
 
-OVERRIDE = re.compile(r"[A-Za-z_]+(\.[A-Za-z_]+)+=.*", re.DOTALL)
+OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=.*", re.DOTALL)
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

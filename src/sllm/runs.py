@@ -18,7 +18,7 @@ from sllm.config import Config, config_from_dict
 from sllm.errors import UserError
 from sllm.model import build_model
 from sllm.tokenizer import Tokenizer, load_tokenizer
-from sllm.train.checkpoint import BEST, CHECKPOINTS, Checkpoint, load_checkpoint, load_latest
+from sllm.train.checkpoint import BEST, CHECKPOINTS, Checkpoint, all_finite, load_checkpoint, load_latest
 
 CONFIG_FILE = "config.yaml"
 LATEST_NAME = "latest"  # the newest checkpoint that verifies
@@ -70,7 +70,7 @@ def open_run(run_dir: str | Path, device: torch.device, checkpoint: str = "lates
         raise UserError(f"{run_dir} has no checkpoint yet; train it first")
     model = build_model(config.model)
     model.load_state_dict(found.model_state())
-    if not all(torch.isfinite(tensor).all() for tensor in model.state_dict().values()):
+    if not all_finite(model.state_dict().values()):
         raise UserError(
             f"{found.path} holds weights that are not finite numbers (the run diverged before "
             "sllm stopped such runs); retrain from an earlier checkpoint with a lower train.lr"

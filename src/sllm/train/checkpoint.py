@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,11 @@ def _check_free_space(directory: Path, needed_bytes: int) -> None:
             f"not enough disk space to save a checkpoint in {directory}: need {needed_bytes / 1e6:,.1f} MB, "
             f"{free_bytes / 1e6:,.1f} MB free; free some space and run the same command to resume"
         )
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every value is a finite number: a diverged run's weights are not."""
+    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
 
 
 def save_tensors(

@@ -52,6 +52,7 @@ from sllm.train.checkpoint import (
     CHECKPOINTS,
     LATEST,
     Checkpoint,
+    all_finite,
     clean_leftovers,
     config_differences,
     epoch_name,
@@ -312,7 +313,7 @@ class Trainer:
         """A periodic checkpoint; every rank gathers (FSDP), rank 0 checks that every weight is
         finite (an update can break them before any loss shows it) and writes."""
         state = self._state() if self.collective_eval or self.cluster.is_main else None
-        broken = self.cluster.is_main and not all(torch.isfinite(v).all() for v in state[0].values())
+        broken = self.cluster.is_main and not all_finite(state[0].values())
         if any_rank(broken, self.cluster, self.device):
             raise self._diverged("its weights are no longer finite numbers")
         if self.cluster.is_main:
@@ -471,7 +472,8 @@ class Trainer:
                     last = self.step == t.max_steps
                     logs = self.step % t.log_interval == 0 or last
                     evaluates = (t.eval_interval and self.step % t.eval_interval == 0) or last
-                    if logs or evaluates:
+                    checked = logs or evaluates
+                    if checked:
                         self.require_finite_loss()
                     if logs:
                         elapsed = max(time.perf_counter() - window_start, 1e-9)
@@ -482,7 +484,8 @@ class Trainer:
                     stopping = any_rank(stop.requested, self.cluster, self.device)
                     checkpoint = self.checkpoint_name(must_save=last or stopping)
                     if checkpoint:
-                        self.require_finite_loss()
+                        if not checked:
+                            self.require_finite_loss()
                         self.save(checkpoint)
                     if stopping:
                         stopped_by = stop.signal_name or "a stop signal on another rank"
