@@ -7,8 +7,9 @@ rounds (`--steps 1 --rounds 15`).
 
 - CPU (fp32): the reference is `transformers` eager with the same optimizer as sllm (sllm's
   AdamW: decay on matrices, the fused kernel); a row gives it torch's default AdamW (what a
-  plain script builds); rows for sllm's default loss, `train.chunked_loss` and, with
-  `--compile`, `torch.compile`.
+  plain script builds); rows for sllm's default loss, `train.chunked_loss`, sllm with MKL
+  products where it would use oneDNN (`SLLM_CPU_MATMUL=mkl`, `sllm.model.cpu_linear`) and,
+  with `--compile`, `torch.compile`.
 - CUDA (bf16 autocast, TF32, fused AdamW): the reference is `transformers` compiled, the
   issue's baseline; rows for both eager, sllm compiled, and sllm compiled with the chunked
   loss, with MFU (`sllm.model.stats`: 6·N + 12·L·d·T FLOPs per token over the GPU's bf16 peak)
@@ -25,10 +26,12 @@ rounds (`--steps 1 --rounds 15`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +40,7 @@ import torch.nn.functional as F
 from sllm.config import ModelConfig, TrainConfig
 from sllm.export import to_transformers
 from sllm.model import build_model, count_parameters
+from sllm.model.cpu_linear import onednn_chosen
 from sllm.model.stats import gpu_peak_flops, training_flops_per_token
 from sllm.runtime import allow_tf32, autocast, keep_freed_memory
 from sllm.train.batch_size import free_memory, largest_fitting, power_of_two_sizes, survives
@@ -90,16 +94,33 @@ class Contender:
     loss_fn: Callable
     make_optimizer: Callable[[torch.nn.Module, torch.device], torch.optim.Optimizer]
     amp: torch.dtype | None
+    cpu_matmul: str | None = None  # SLLM_CPU_MATMUL during this contender's steps
 
     def __post_init__(self) -> None:
         parameters = next(self.model.parameters())
         self.optimizer = self.make_optimizer(self.model, parameters.device)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.loss_fn(self.model, x, y, self.amp).backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with cpu_matmul(self.cpu_matmul):
+            self.loss_fn(self.model, x, y, self.amp).backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+
+@contextlib.contextmanager
+def cpu_matmul(choice: str | None) -> Iterator[None]:
+    """`SLLM_CPU_MATMUL=choice` inside the block (None: leave the environment as it is)."""
+    previous = os.environ.get("SLLM_CPU_MATMUL")
+    if choice is not None:
+        os.environ["SLLM_CPU_MATMUL"] = choice
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("SLLM_CPU_MATMUL", None)
+        else:
+            os.environ["SLLM_CPU_MATMUL"] = previous
 
 
 def synchronize(device: torch.device) -> None:
@@ -122,12 +143,19 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
 
 
 def sllm_contender(
-    cfg: ModelConfig, device: torch.device, loss_fn=sllm_loss, compiled=False, checkpointing=False
+    cfg: ModelConfig,
+    device: torch.device,
+    loss_fn=sllm_loss,
+    compiled=False,
+    checkpointing=False,
+    cpu_matmul: str | None = None,
 ) -> Contender:
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     model.checkpoint_blocks = checkpointing
-    return Contender(torch.compile(model) if compiled else model, loss_fn, sllm_adamw, amp_dtype(device))
+    return Contender(
+        torch.compile(model) if compiled else model, loss_fn, sllm_adamw, amp_dtype(device), cpu_matmul
+    )
 
 
 def transformers_contender(
@@ -160,6 +188,8 @@ def build_contenders(
             "sllm": ours(),
             "sllm, train.chunked_loss": ours(sllm_chunked_loss),
         }
+        if onednn_chosen():  # the oneDNN layers against the MKL products they replace
+            contenders["sllm, SLLM_CPU_MATMUL=mkl"] = ours(cpu_matmul="mkl")
         if args.compile:
             contenders["sllm compiled"] = ours(compiled=True)
     if args.checkpointing:
