@@ -9,7 +9,8 @@ rounds (`--steps 1 --rounds 15`).
   AdamW: decay on matrices, the fused kernel); a row gives it torch's default AdamW (what a
   plain script builds); rows for sllm's default loss, `train.chunked_loss`, sllm with MKL
   products where it would use oneDNN (`SLLM_CPU_MATMUL=mkl`, `sllm.model.cpu_linear`) and,
-  with `--compile`, `torch.compile`.
+  with `--compile`, `torch.compile`; with `--cpu-bf16`, both models under bf16 autocast (fast
+  on CPUs that multiply bf16 natively).
 - CUDA (bf16 autocast, TF32, fused AdamW): the reference is `transformers` compiled, the
   issue's baseline; rows for both eager, sllm compiled, and sllm compiled with the chunked
   loss, with MFU (`sllm.model.stats`: 6·N + 12·L·d·T FLOPs per token over the GPU's bf16 peak)
@@ -166,6 +167,17 @@ def transformers_contender(
     return Contender(torch.compile(hf) if compiled else hf, hf_loss, make_optimizer, amp_dtype(device))
 
 
+def in_bf16(build: Callable[[], Contender]) -> Callable[[], Contender]:
+    """The same contender under bf16 autocast (the CPU rows of `--cpu-bf16`)."""
+
+    def build_in_bf16() -> Contender:
+        contender = build()
+        contender.amp = torch.bfloat16
+        return contender
+
+    return build_in_bf16
+
+
 def build_contenders(
     cfg: ModelConfig, device: torch.device, args: argparse.Namespace
 ) -> dict[str, Callable[[], Contender]]:
@@ -192,6 +204,9 @@ def build_contenders(
             contenders["sllm, SLLM_CPU_MATMUL=mkl"] = ours(cpu_matmul="mkl")
         if args.compile:
             contenders["sllm compiled"] = ours(compiled=True)
+        if args.cpu_bf16:
+            contenders["transformers, bf16 autocast"] = in_bf16(theirs())
+            contenders["sllm, bf16 autocast (train.dtype=bf16)"] = in_bf16(ours())
     if args.checkpointing:
         contenders["sllm, activation checkpointing"] = ours(
             compiled=device.type == "cuda", checkpointing=True
@@ -252,6 +267,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     parser.add_argument("--compile", action="store_true", help="CPU: also time torch.compile of our model")
+    parser.add_argument(
+        "--cpu-bf16", action="store_true", help="CPU: also time both models under bf16 autocast"
+    )
     parser.add_argument("--checkpointing", action="store_true", help="also time activation checkpointing")
     parser.add_argument(
         "--auto-batch", action="store_true", help="also time the largest micro-batch that fits"

@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from sllm.runtime import keep_freed_memory
+from sllm.runtime import cpu_bf16_hint, keep_freed_memory
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -32,3 +32,16 @@ def test_large_tensors_come_from_the_heap_not_fresh_mappings():
     logits_sized = torch.empty(64 * 2**20, dtype=torch.uint8)
     assert libc.mallinfo2().hblkhd == mapped_before  # a fresh mmap would add its 64 MiB here
     del logits_sized
+
+
+def test_bf16_hint_only_for_fp32_cpu_runs_on_cpus_with_native_bf16(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert "train.dtype=bf16" in cpu_bf16_hint(cpu, None)
+    assert cpu_bf16_hint(cpu, torch.bfloat16) is None
+    assert cpu_bf16_hint(torch.device("cuda"), None) is None
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert cpu_bf16_hint(cpu, None) is None
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert cpu_bf16_hint(cpu, None) is not None

@@ -73,7 +73,7 @@ def _interrupt_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(loop.Trainer, "train_step", train_step)
 
 
-@pytest.mark.parametrize("options", [[], ["model.dropout=0.1", "train.grad_accum=2"]])
+@pytest.mark.parametrize("options", [[], ["model.dropout=0.1", "train.grad_accum=2"], ["train.dtype=bf16"]])
 def test_resume_reproduces_uninterrupted_run_bit_for_bit(tmp_path, prepared_dir, monkeypatch, options):
     steps = ["train.max_steps=24", "train.checkpoint_interval=8", "train.eval_interval=8", *options]
     train(tiny_config(prepared_dir, tmp_path / "straight", *steps), log=_quiet)
@@ -88,6 +88,7 @@ def test_resume_reproduces_uninterrupted_run_bit_for_bit(tmp_path, prepared_dir,
     straight, resumed = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "resumed")
     assert straight.keys() == resumed.keys()
     for name in straight:
+        assert straight[name].dtype == torch.float32  # bf16 autocast keeps fp32 weights
         assert torch.equal(straight[name], resumed[name]), name
     losses = {m["step"]: m["loss"] for m in _metrics(tmp_path / "straight") if "loss" in m}
     resumed_losses = {m["step"]: m["loss"] for m in _metrics(tmp_path / "resumed") if "loss" in m}

@@ -20,6 +20,7 @@ import torch
 from sllm.errors import UserError
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+NATIVE_BF16_CHECKS = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -46,6 +47,18 @@ def select_autocast_dtype(device: torch.device, name: str = "auto") -> torch.dty
     if name == "fp16" and device.type == "cpu":
         raise UserError("fp16 autocast is not supported on the CPU; use train.dtype=bf16 or fp32")
     return DTYPES[name]
+
+
+def cpu_bf16_hint(device: torch.device, dtype: torch.dtype | None) -> str | None:
+    """A line for an fp32 run on a CPU that multiplies bf16 natively (AVX512-BF16 or AMX): there
+    `train.dtype=bf16` trained the 10m benchmark shape 1.9x as fast (docs/benchmarks.md). fp32
+    stays the default on the CPU, since it is exact and matches GPU-less references."""
+    if device.type != "cpu" or dtype is not None:
+        return None
+    native = [getattr(torch.cpu, name, lambda: False)() for name in NATIVE_BF16_CHECKS]
+    if not any(native):
+        return None
+    return "this CPU multiplies bf16 natively: train.dtype=bf16 trains about twice as fast as fp32"
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True) -> AbstractContextManager:

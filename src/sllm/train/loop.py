@@ -36,7 +36,14 @@ from sllm.evaluate import score_windows
 from sllm.model import build_model, describe
 from sllm.model.stats import gpu_peak_flops, training_flops_per_token, training_memory
 from sllm.runs import CONFIG_FILE
-from sllm.runtime import allow_tf32, autocast, keep_freed_memory, select_autocast_dtype, select_device
+from sllm.runtime import (
+    allow_tf32,
+    autocast,
+    cpu_bf16_hint,
+    keep_freed_memory,
+    select_autocast_dtype,
+    select_device,
+)
 from sllm.tokenizer import TOKENIZER_FILE, load_tokenizer
 from sllm.train.batch_size import (
     accumulation_steps,
@@ -457,6 +464,8 @@ class Trainer:
         main = self.cluster.is_main
         if main:
             self.log(f"{self.description}, {self.tokens_per_step:,} tokens per step")
+            if hint := cpu_bf16_hint(self.device, self.amp_dtype):
+                self.log(hint)
         sinks = MetricSinks(self.run_dir, self.cfg, self.step, enabled=main)
         show_bar = self.cfg.log.progress and main
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not show_bar, dynamic_ncols=True)
