@@ -33,7 +33,11 @@ def matmul_choice(monkeypatch):
 
 
 def took_onednn(output: torch.Tensor) -> bool:
-    return type(output.grad_fn).__name__ == "_OneDnnLinearBackward"
+    """Whether the output's autograd node (under the reshape back to the input's shape) is ours."""
+    node = output.grad_fn
+    if type(node).__name__ == "ViewBackward0":
+        node = node.next_functions[0][0]
+    return type(node).__name__ == "_OneDnnLinearBackward"
 
 
 @needs_onednn
@@ -118,10 +122,38 @@ def test_choice_follows_the_instruction_set_unless_set(matmul_choice, monkeypatc
     assert not onednn_chosen()
 
 
-def test_an_unknown_choice_is_one_line(matmul_choice):
+def test_an_unknown_choice_is_one_line_before_any_model_exists(matmul_choice):
     matmul_choice("fast")
-    with pytest.raises(UserError, match=r"SLLM_CPU_MATMUL='fast' is not a choice: use onednn or mkl"):
+    message = r"SLLM_CPU_MATMUL='fast' is not a choice: use onednn or mkl"
+    with pytest.raises(UserError, match=message):
         onednn_chosen()
+    with pytest.raises(UserError, match=message):
+        build_model(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+
+
+@needs_onednn
+def test_outputs_may_be_changed_in_place_and_double_backward_is_refused(matmul_choice):
+    matmul_choice("onednn")
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    weight = torch.randn(4, 8, requires_grad=True)
+    grads = []
+    for product in (linear, F.linear):
+        out = product(x, weight)
+        F.relu(out, inplace=True)
+        grads.append(torch.autograd.grad(out.sum(), (x, weight)))
+    for ours, reference in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, reference)
+    (grad_x,) = torch.autograd.grad(linear(x, weight).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_x.sum().backward()
+
+
+@needs_onednn
+def test_a_strided_bias_keeps_f_linear(matmul_choice):
+    matmul_choice("onednn")
+    x, weight, bias = torch.randn(5, 8), torch.randn(3, 8), torch.arange(6.0)[::2]
+    torch.testing.assert_close(linear(x, weight, bias), F.linear(x, weight, bias))
+    torch.testing.assert_close(matmul_transposed(x, weight, bias), F.linear(x, weight, bias))
 
 
 @needs_onednn
