@@ -38,10 +38,12 @@ def test_bf16_hint_only_for_fp32_cpu_runs_on_cpus_with_native_bf16(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    assert "train.dtype=bf16" in cpu_bf16_hint(cpu, None)
-    assert cpu_bf16_hint(cpu, torch.bfloat16) is None
-    assert cpu_bf16_hint(torch.device("cuda"), None) is None
+    ten_million = 10_000_000
+    assert "train.dtype=bf16" in cpu_bf16_hint(cpu, None, ten_million)
+    assert cpu_bf16_hint(cpu, None, 1_000_000) is None  # the demo's size: bf16 gains little there
+    assert cpu_bf16_hint(cpu, torch.bfloat16, ten_million) is None
+    assert cpu_bf16_hint(torch.device("cuda"), None, ten_million) is None
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
-    assert cpu_bf16_hint(cpu, None) is None
+    assert cpu_bf16_hint(cpu, None, ten_million) is None
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
-    assert cpu_bf16_hint(cpu, None) is not None
+    assert cpu_bf16_hint(cpu, None, ten_million) is not None

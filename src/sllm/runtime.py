@@ -21,6 +21,7 @@ from sllm.errors import UserError
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 NATIVE_BF16_CHECKS = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+BF16_HINT_MIN_PARAMETERS = 5_000_000
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -49,11 +50,12 @@ def select_autocast_dtype(device: torch.device, name: str = "auto") -> torch.dty
     return DTYPES[name]
 
 
-def cpu_bf16_hint(device: torch.device, dtype: torch.dtype | None) -> str | None:
-    """A line for an fp32 run on a CPU that multiplies bf16 natively (AVX512-BF16 or AMX): on
-    such a CPU `train.dtype=bf16` trained the 10m benchmark shape 1.5x as fast as fp32, the
-    1M demo shape hardly faster (docs/benchmarks.md). fp32 stays the CPU default: it is exact."""
-    if device.type != "cpu" or dtype is not None:
+def cpu_bf16_hint(device: torch.device, dtype: torch.dtype | None, parameters: int) -> str | None:
+    """A line for an fp32 run of a model of some size on a CPU that multiplies bf16 natively
+    (AVX512-BF16 or AMX): on such a CPU `train.dtype=bf16` trained the 10m benchmark shape 1.5x
+    as fast as fp32, the 1M demo shape only 1.06x (docs/benchmarks.md), so smaller models get
+    no hint. fp32 stays the CPU default: it is exact."""
+    if device.type != "cpu" or dtype is not None or parameters < BF16_HINT_MIN_PARAMETERS:
         return None
     native = [getattr(torch.cpu, name, lambda: False)() for name in NATIVE_BF16_CHECKS]
     if not any(native):

@@ -33,7 +33,7 @@ from sllm.data.mixture import TrainMixture
 from sllm.data.prepare import read_meta
 from sllm.errors import UserError
 from sllm.evaluate import score_windows
-from sllm.model import build_model, describe
+from sllm.model import build_model, count_parameters, describe
 from sllm.model.stats import gpu_peak_flops, training_flops_per_token, training_memory
 from sllm.runs import CONFIG_FILE
 from sllm.runtime import (
@@ -464,7 +464,7 @@ class Trainer:
         main = self.cluster.is_main
         if main:
             self.log(f"{self.description}, {self.tokens_per_step:,} tokens per step")
-            if hint := cpu_bf16_hint(self.device, self.amp_dtype):
+            if hint := cpu_bf16_hint(self.device, self.amp_dtype, count_parameters(self.model)):
                 self.log(hint)
         sinks = MetricSinks(self.run_dir, self.cfg, self.step, enabled=main)
         show_bar = self.cfg.log.progress and main
