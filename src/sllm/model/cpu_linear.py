@@ -71,17 +71,23 @@ def matmul_transposed(
     """`x @ weight.T (+ bias)` for a 2-D `x`, through oneDNN where it is the faster kernel.
     No autograd: for use inside `autograd.Function`s."""
     if _onednn_fits(x, weight, bias):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return _onednn_product(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
+def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`x @ weight.T (+ bias)` by oneDNN, for callers that have checked `_onednn_fits`."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 class _OneDnnLinear(torch.autograd.Function):
-    """`rows @ weight.T + bias` on 2-D rows. Callers reshape outside, so the output is no view
-    made inside a Function and may be changed in place, as `nn.Linear`'s may."""
+    """`rows @ weight.T + bias` on 2-D rows, for inputs `linear` found `_onednn_fits`. Callers
+    reshape outside, so the output is no view made inside a Function and may be changed in
+    place, as `nn.Linear`'s may."""
 
     @staticmethod
     def forward(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return matmul_transposed(rows, weight, bias)
+        return _onednn_product(rows, weight, bias)
 
     @staticmethod
     def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
@@ -95,7 +101,7 @@ class _OneDnnLinear(torch.autograd.Function):
         rows, weight = ctx.saved_tensors
         grad_rows = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_rows = matmul_transposed(grad, weight.t())
+            grad_rows = _onednn_product(grad, weight.t(), None)
         if ctx.needs_input_grad[1]:
             grad_weight = grad.t() @ rows  # MKL: faster than oneDNN for this shape here
         if ctx.has_bias and ctx.needs_input_grad[2]:
