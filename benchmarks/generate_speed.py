@@ -170,16 +170,27 @@ def main() -> None:
     print("|---" * (len(runs) + 2) + "|")
     for batch in args.batch_sizes:
         prompts = torch.randint(0, model.cfg.vocab_size, (batch, args.prompt_tokens), device=device)
-        for run in runs.values():
-            run(prompts, 4)
-        times: dict[str, list[float]] = {name: [] for name in runs}
+        working = dict(runs)
+        for name, run in runs.items():  # warm-up at the timed length: the same cache, graph, compilation
+            try:
+                run(prompts, args.new_tokens)
+            except Exception as error:  # one contender failing (a compiler, say) spares the others
+                print(f"{name}: failed at batch {batch} ({type(error).__name__}: {error})")
+                del working[name]
+        times: dict[str, list[float]] = {name: [] for name in working}
         for _ in range(args.repeats):
-            for name, run in runs.items():
+            for name, run in working.items():
                 times[name].append(run(prompts, args.new_tokens))
         tokens = batch * args.new_tokens
         rates = {name: (tokens / statistics.median(ts), tokens / min(ts)) for name, ts in times.items()}
-        cells = [f"{median:,.0f} / {best:,.0f}" for median, best in rates.values()]
-        ratios = [f"{name} {rates[name][0] / rates[reference][0]:.2f}×" for name in runs if name != reference]
+        cells = [
+            f"{rates[name][0]:,.0f} / {rates[name][1]:,.0f}" if name in rates else "failed" for name in runs
+        ]
+        ratios = [
+            f"{name} {rates[name][0] / rates[reference][0]:.2f}×"
+            for name in rates
+            if name != reference and reference in rates
+        ]
         print(f"| {batch} | " + " | ".join(cells) + " | " + ", ".join(ratios) + " |", flush=True)
         if limit and batch == 1:
             first = next(iter(rates))

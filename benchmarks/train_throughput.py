@@ -14,7 +14,8 @@ rounds (`--steps 1 --rounds 15`).
 - CUDA (bf16 autocast, TF32, fused AdamW): the reference is `transformers` compiled, the
   issue's baseline; rows for both eager, sllm compiled, and sllm compiled with the chunked
   loss, with MFU (`sllm.model.stats`: 6·N + 12·L·d·T FLOPs per token over the GPU's bf16 peak)
-  and peak memory.
+  and peak memory (the contender's weights and optimizer state plus what its steps allocate on
+  top: all contenders share the device, so its own peak would count the others' too).
 - `--checkpointing` adds activation checkpointing; `--auto-batch` repeats the table at the
   largest power-of-two micro-batch that survives a step, as `train.micro_batch: auto` finds it.
 
@@ -34,6 +35,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +49,8 @@ from sllm.runtime import allow_tf32, autocast, keep_freed_memory
 from sllm.train.batch_size import free_memory, largest_fitting, power_of_two_sizes, survives
 from sllm.train.loop import chunked_loss, logits_loss
 from sllm.train.optim import build_optimizers
+
+T = TypeVar("T")
 
 SHAPES = {
     "10m": dict(n_layer=6, n_head=4, n_embd=256, block_size=256, vocab_size=8192),
@@ -70,7 +74,7 @@ def hf_loss(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | None
 ) -> torch.Tensor:
     with autocast(x.device, amp):
-        logits = model(x).logits
+        logits = model(x, use_cache=False).logits  # training builds no KV cache
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
 
@@ -219,31 +223,72 @@ def measure(
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     rounds: int,
 ) -> dict[str, tuple[list[float], float]]:
-    """Tokens/s per round and peak memory (MiB, CUDA only) of each contender that ran; one
-    that runs out of memory (at a large auto micro-batch, say) is dropped with a note. All
-    contenders stay built together; rounds rotate their order."""
-    device = batches[0][0].device
+    """Tokens/s per round and peak memory (MiB, CUDA only) of each contender that ran. All
+    contenders stay built together and rounds rotate their order; one that runs out of memory
+    (at a large auto micro-batch, say), in warm-up or in a round, is dropped with a note."""
     contenders = {name: build() for name, build in builders.items()}
-    for name, contender in list(contenders.items()):  # warm-up (and compilation)
-        if not _fits(lambda contender=contender: _tokens_per_s(contender, batches[:2])):
-            print(f"{name}: out of memory at micro-batch {batches[0][0].size(0)}", flush=True)
-            del contenders[name]
     rates: dict[str, list[float]] = {name: [] for name in contenders}
     peaks = dict.fromkeys(contenders, 0.0)
+    for name in list(contenders):  # warm-up (and compilation); it also makes optimizer state
+        if _unless_out_of_memory(lambda name=name: _tokens_per_s(contenders[name], batches[:2])) is None:
+            _drop(contenders, name, batches[0][0].size(0))
     names = list(contenders)
     for round_index in range(rounds):
         first = round_index % len(names)  # rotate the order: no contender always runs first
         for name in names[first:] + names[:first]:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            rates[name].append(_tokens_per_s(contenders[name], batches))
-            if device.type == "cuda":
-                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device) / 2**20)
-    return {name: (rates[name], peaks[name]) for name in names}
+            if name not in contenders:
+                continue
+            timed = _unless_out_of_memory(lambda name=name: _timed_step(contenders[name], batches))
+            if timed is None:
+                _drop(contenders, name, batches[0][0].size(0))
+                continue
+            rates[name].append(timed[0])
+            peaks[name] = max(peaks[name], timed[1])
+    return {name: (rates[name], peaks[name]) for name in names if name in contenders}
 
 
-def _fits(run: Callable[[], object]) -> bool:
-    return survives(lambda _: run())(0)
+def _drop(contenders: dict[str, Contender], name: str, micro_batch: int) -> None:
+    print(f"{name}: out of memory at micro-batch {micro_batch}", flush=True)
+    del contenders[name]
+    free_memory()
+
+
+def _timed_step(
+    contender: Contender, batches: list[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[float, float]:
+    """Tokens/s, and on CUDA the contender's own peak in MiB: its weights and optimizer state
+    plus the most its steps allocated on top of what was allocated before them. (All
+    contenders stay on the device together, so the device's peak would count the others'
+    weights and optimizer state as well.)"""
+    device = batches[0][0].device
+    if device.type != "cuda":
+        return _tokens_per_s(contender, batches), 0.0
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    rate = _tokens_per_s(contender, batches)
+    steps = torch.cuda.max_memory_allocated(device) - before
+    return rate, (resident_bytes(contender) + steps) / 2**20
+
+
+def resident_bytes(contender: Contender) -> int:
+    """Bytes a contender keeps between steps: weights and optimizer state (gradients are set
+    to None after each step)."""
+    tensors = [*contender.model.parameters()] + [
+        value
+        for state in contender.optimizer.state.values()
+        for value in state.values()
+        if torch.is_tensor(value)
+    ]
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+
+
+def _unless_out_of_memory(run: Callable[[], T]) -> T | None:
+    """`run()`, or None if it ran out of memory. Memory is freed by `_drop`, not here: emptying
+    CUDA's cache after every round would make the next round allocate inside its timing."""
+    try:
+        return run()
+    except torch.OutOfMemoryError:
+        return None
 
 
 def largest_micro_batch(cfg: ModelConfig, device: torch.device, limit: int = 256) -> int:

@@ -61,6 +61,8 @@ def test_activation_checkpointing_estimate_is_smaller():
 def test_known_and_unknown_gpus():
     assert gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert gpu_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert gpu_peak_flops("NVIDIA H200") == 989e12
+    assert gpu_peak_flops("NVIDIA H100 NVL") == gpu_peak_flops("NVIDIA H200 NVL") == 835e12
     assert gpu_peak_flops("Some Future GPU") is None
 
 

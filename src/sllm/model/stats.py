@@ -19,9 +19,12 @@ from torch import nn
 
 from sllm.config import ModelConfig
 
-# Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment, from the vendors' data sheets.
+# Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment, from the vendors' data sheets;
+# the first fragment found in the name wins, so the lower-clocked variants come first.
 GPU_PEAK_BF16 = {
     "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H200 NVL": 835e12,
     "H100": 989e12,
     "H200": 989e12,
     "A100": 312e12,
