@@ -1,3 +1,5 @@
+import contextlib
+import http.client
 import json
 import shutil
 import socket
@@ -26,22 +28,31 @@ def generator(trained_run):
     return TextGenerator.from_run(trained_run, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def server_url(generator):
-    """The app on a free loopback port, served from a thread, stopped after the tests."""
+@contextlib.contextmanager
+def serving(app):
+    """`app` on a free loopback port, served from a thread; yields its URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(generator, PLAIN, "tiny", 64), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.started
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server_url(generator):
+    """The app with a max_tokens limit of 64, served for the module's tests."""
+    with serving(create_app(generator, PLAIN, "tiny", 64)) as url:
+        yield url
 
 
 def _post(url, body):
@@ -118,12 +129,104 @@ def test_completion_stream_matches_non_streaming(server_url):
         ({"prompt": "a", "stop": [""]}, 400, "stop"),
         ({"max_tokens": 3}, 422, "prompt"),
         ({"prompt": ["a"] * 65}, 400, "at most 64 prompts"),
+        ({"prompt": ["a"] * 22, "n": 3}, 400, "counting n choices each, got 66"),
+        ({"prompt": "a", "n": 0}, 422, "n"),
+        ({"prompt": "a", "logprobs": 2}, 400, "not supported by this server: logprobs"),
+        ({"prompt": "a", "logit_bias": {"5": 10}, "best_of": 2}, 400, "logit_bias, best_of"),
     ],
 )
 def test_bad_requests_get_4xx_json_errors(server_url, body, status, fragment):
     got, text = _post(f"{server_url}/v1/completions", body)
     assert got == status
     assert fragment in json.loads(text)["error"]["message"]
+
+
+def test_openai_client_habits_are_honoured(server_url, generator):
+    """Nulls mean defaults, do-nothing values of unsupported options pass, `echo` repeats the
+    prompt, `max_completion_tokens` limits a chat reply."""
+    body = {"prompt": "대한민국은", "max_tokens": 5, "temperature": 0, "top_p": None, "seed": None,
+            "logprobs": None, "best_of": 1, "user": "someone", "echo": True}  # fmt: skip
+    status, text = _post(f"{server_url}/v1/completions", body)
+    assert status == 200, text
+    expected = generator.generate("대한민국은", max_new_tokens=5, temperature=0)
+    assert json.loads(text)["choices"][0]["text"] == "대한민국은" + expected
+    _, streamed = _post(f"{server_url}/v1/completions", {**body, "stream": True})
+    assert "".join(c["choices"][0]["text"] for c in _events(streamed)) == "대한민국은" + expected
+
+    chat = {"messages": [{"role": "user", "content": "국민"}], "temperature": 0, "max_tokens": None}
+    status, text = _post(f"{server_url}/v1/chat/completions", {**chat, "max_completion_tokens": 3})
+    assert status == 200, text
+    assert json.loads(text)["usage"]["completion_tokens"] <= 3
+
+
+def test_n_choices_per_prompt_in_openai_order(server_url, generator):
+    body = {"prompt": ["대한민국은", "제1조"], "n": 3, "max_tokens": 6, "temperature": 0}
+    status, text = _post(f"{server_url}/v1/completions", body)
+    assert status == 200
+    reply = json.loads(text)
+    greedy = [generator.generate(p, max_new_tokens=6, temperature=0) for p in body["prompt"]]
+    assert [c["index"] for c in reply["choices"]] == list(range(6))
+    assert [c["text"] for c in reply["choices"]] == [greedy[0]] * 3 + [greedy[1]] * 3
+    prompt_tokens = sum(len(generator.tokenizer.encode(p)) for p in body["prompt"])
+    assert reply["usage"]["prompt_tokens"] == prompt_tokens  # each prompt counted once
+
+    sampled = {"messages": [{"role": "user", "content": "국민"}], "n": 4, "max_tokens": 8, "seed": 1}
+    status, text = _post(f"{server_url}/v1/chat/completions", sampled)
+    choices = json.loads(text)["choices"]
+    assert status == 200 and [c["index"] for c in choices] == [0, 1, 2, 3]
+    assert len({c["message"]["content"] for c in choices}) > 1  # sampled independently
+
+
+def test_stream_options_include_usage_adds_a_usage_chunk(server_url):
+    body = {"messages": [{"role": "user", "content": "국민"}], "max_tokens": 4, "stream": True}
+    _, streamed = _post(
+        f"{server_url}/v1/chat/completions", {**body, "stream_options": {"include_usage": True}}
+    )
+    *pieces, last = _events(streamed)
+    assert last["choices"] == [] and 1 <= last["usage"]["completion_tokens"] <= 4
+    assert last["usage"]["prompt_tokens"] > 0 and pieces[-1]["choices"][0]["finish_reason"]
+    _, plain = _post(f"{server_url}/v1/chat/completions", body)
+    assert all("usage" not in c for c in _events(plain))
+
+
+def test_a_body_that_is_not_json_is_one_clear_error(server_url):
+    request = urllib.request.Request(f"{server_url}/v1/completions", b"prompt=a", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(request, timeout=30)
+    assert error.value.code == 422
+    assert "Content-Type: application/json" in json.loads(error.value.read())["error"]["message"]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_hangs_up_cancels_its_generation(generator, monkeypatch, stream):
+    """Hanging up frees the model for the next request at once: the generation stops (its rows
+    finish as cancelled) instead of running to max_tokens."""
+    started, streams = threading.Event(), []
+    stream_batch = generator.stream_batch
+
+    def recorded(*args, **kwargs):
+        streams.append(stream_batch(*args, **kwargs))
+        streams[-1].tokens.eos_id = None  # no row ends early: only hanging up can stop them
+        started.set()
+        return streams[-1]
+
+    monkeypatch.setattr(generator, "stream_batch", recorded)
+    new_tokens = 4000
+    with serving(create_app(generator, PLAIN, "tiny", new_tokens)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        client = http.client.HTTPConnection(host, int(port), timeout=30)
+        body = {"prompt": ["헌법"] * 8, "max_tokens": new_tokens, "temperature": 1, "stream": stream}
+        client.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        if stream:
+            client.getresponse().readline()  # the first event: generation is under way
+        assert started.wait(30)
+        time.sleep(0.3)
+        client.close()
+        status, _ = _post(f"{url}/v1/completions", {"prompt": "헌법", "max_tokens": 2})
+    assert status == 200
+    first = streams[0]
+    assert first.tokens.finish_reasons == ["cancelled"] * 8
+    assert max(len(text.ids) for text in first.texts) < new_tokens
 
 
 def test_bad_chat_role_is_rejected(server_url):

@@ -224,6 +224,8 @@ class TokenStream:
 
     @torch.inference_mode()
     def __iter__(self) -> Iterator[list[int | None]]:
+        if self.done:  # every row was stopped before the stream started (a client hung up)
+            return
         batch = len(self.rows)
         if not self.model.supports_kv_cache:
             decoder = nullcontext(_WindowDecoder(self.model, self.device, self.amp_dtype))
@@ -377,6 +379,11 @@ class TextStream:
             piece = text.finish()
             if piece:
                 yield row, piece
+
+    def cancel(self) -> None:
+        """Finish every row now, from any thread: the stream ends after the step in progress."""
+        for row in range(len(self.texts)):
+            self.tokens.stop(row, "cancelled")
 
     def completions(self) -> list[Completion]:
         return [

@@ -6,14 +6,20 @@
   context or max_tokens over the server's limit by us (400); both answer OpenAI's error shape.
 - One model, one worker: each request generates in a thread while holding one lock, so
   concurrent requests queue in arrival order and never share the KV cache. Pieces reach the
-  event loop through a queue, so a client that hangs up cannot leave the lock held.
-- A list of prompts in one completion request is generated as one batch.
+  event loop through a queue. A client that hangs up, streaming or not, cancels its
+  generation, so the requests queued behind it do not wait for text nobody reads.
+- A list of prompts, and `n` choices per prompt, are generated as one batch.
+- OpenAI clients' habits are honoured: a null field means its default, `max_completion_tokens`
+  is the chat name of `max_tokens`, `stream_options.include_usage` adds a usage chunk, `echo`
+  repeats the prompt; options this server cannot honour (`logprobs`, `logit_bias`, tools, ...)
+  are refused with a 400 rather than silently ignored.
 FastAPI and uvicorn are the optional `serve` extra, imported here only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -21,7 +27,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from sllm.errors import UserError
 from sllm.infer.chat import ChatTemplate, Message, load_chat_template
@@ -33,8 +39,8 @@ try:
     import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-    from pydantic import BaseModel, Field
+    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from pydantic import BaseModel, ConfigDict, Field, model_validator
 except ImportError as missing:
     raise UserError(
         f"`sllm serve` needs FastAPI and uvicorn ({missing.name} is missing); "
@@ -42,15 +48,31 @@ except ImportError as missing:
     ) from None
 
 
-MAX_PROMPTS = 64  # one request's prompts form one batch
+MAX_PROMPTS = 64  # one request's prompts (times n) form one batch
+CLIENT_CLOSED_REQUEST = 499  # the status logged for a request whose client hung up
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is there
 SAMPLING_KEYS = {
     "temperature", "top_p", "top_k", "min_p",
     "presence_penalty", "frequency_penalty", "repetition_penalty", "seed",
 }  # fmt: skip
+# OpenAI options that change what comes back and that this server does not implement: refused
+# when set, so a client never takes their absence for their effect. (`user`, `metadata` and
+# the like change nothing and are ignored.)
+UNSUPPORTED = (
+    "logprobs", "top_logprobs", "logit_bias", "suffix", "tools", "functions", "tool_choice",
+    "function_call", "response_format", "best_of",
+)  # fmt: skip
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
 
 
 class SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="allow")  # unknown fields are kept to be checked, not used
+
     model: str | None = None
+    n: int = Field(1, ge=1)
     max_tokens: int = Field(16, ge=0)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -62,15 +84,45 @@ class SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def nulls_mean_defaults(cls, data: Any) -> Any:
+        """OpenAI's clients send `"temperature": null` and the like for "not set"."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    @property
+    def new_tokens(self) -> int:
+        return self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def unsupported(self) -> list[str]:
+        """The options set in this request that the server cannot honour."""
+        extra = self.model_extra or {}
+        return [name for name in UNSUPPORTED if name in extra and _asks_for_something(name, extra[name])]
 
     def params(self, extra_stop: tuple[str, ...] = ()) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         fields = self.model_dump(include=SAMPLING_KEYS)
-        return SamplingParams(max_new_tokens=self.max_tokens, stop=(*stop, *extra_stop), **fields)
+        return SamplingParams(max_new_tokens=self.new_tokens, stop=(*stop, *extra_stop), **fields)
+
+
+def _asks_for_something(option: str, value: Any) -> bool:
+    """Whether an `UNSUPPORTED` option holds more than its do-nothing default."""
+    if option == "best_of":
+        return value != 1
+    if option == "response_format":
+        return not (isinstance(value, dict) and value.get("type", "text") == "text")
+    return value not in (False, "", [], {})  # null was dropped already
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] = Field(min_length=1)
+    prompt: str | Annotated[list[str], Field(min_length=1)]
+    echo: bool = False
 
 
 class ChatMessage(BaseModel):
@@ -81,6 +133,11 @@ class ChatMessage(BaseModel):
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int = Field(256, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)  # the newer name; it wins when set
+
+    @property
+    def new_tokens(self) -> int:
+        return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -97,14 +154,15 @@ class ModelWorker:
     async def stream(
         self, prompts: list[str], params: SamplingParams
     ) -> AsyncIterator[tuple[int, str] | list[Completion]]:
-        """(row, piece) items, then the list of completions as the last item."""
+        """(row, piece) items, then the list of completions as the last item. Closing or
+        cancelling the iterator early (the client went away) cancels the generation."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+        stream = self.generator.stream_batch(prompts, params, strict=True)
 
         def work() -> None:
             with self.lock:
                 try:
-                    stream = self.generator.stream_batch(prompts, params, strict=True)
                     for item in stream:
                         loop.call_soon_threadsafe(queue.put_nowait, item)
                     loop.call_soon_threadsafe(queue.put_nowait, stream.completions())
@@ -112,19 +170,40 @@ class ModelWorker:
                     loop.call_soon_threadsafe(queue.put_nowait, error)
 
         task = loop.run_in_executor(None, work)
-        while True:
-            item = await queue.get()
-            if isinstance(item, Exception):
-                raise item
-            yield item
-            if isinstance(item, list):
-                break
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                finished = isinstance(item, list)
+                yield item
+        finally:
+            if not finished:
+                stream.cancel()
         await task
 
-    async def complete(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
-        async for item in self.stream(prompts, params):
-            if isinstance(item, list):
-                return item
+    async def complete(
+        self, request: Request, prompts: list[str], params: SamplingParams
+    ) -> list[Completion] | None:
+        """The completions, or None if `request`'s client hung up first (the generation is
+        then cancelled)."""
+        work = asyncio.ensure_future(self._last(self.stream(prompts, params)))
+        while not work.done():
+            await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
+            if not work.done() and await request.is_disconnected():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+                return None
+        return work.result()
+
+    @staticmethod
+    async def _last(items: AsyncIterator[tuple[int, str] | list[Completion]]) -> list[Completion]:
+        async with contextlib.aclosing(items):
+            async for item in items:
+                if isinstance(item, list):
+                    return item
         raise AssertionError("the stream ended without completions")
 
 
@@ -133,8 +212,9 @@ def _sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
-def _usage(completions: list[Completion]) -> dict[str, int]:
-    prompt = sum(c.prompt_tokens for c in completions)
+def _usage(completions: list[Completion], n: int) -> dict[str, int]:
+    """Token counts; a prompt's tokens count once however many choices it has."""
+    prompt = sum(c.prompt_tokens for c in completions[::n])
     generated = sum(c.completion_tokens for c in completions)
     return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
@@ -147,39 +227,60 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in error.errors())
-        return _error(422, problems)
+        return _error(422, "; ".join(_problem(e) for e in error.errors()))
 
     @app.exception_handler(UserError)
     async def user_error(_: Request, error: UserError) -> JSONResponse:
         return _error(400, str(error))
 
-    def check(
+    def rows_and_params(
         request: SamplingFields, prompts: list[str], extra_stop: tuple[str, ...] = ()
-    ) -> SamplingParams:
-        if len(prompts) > MAX_PROMPTS:
-            raise UserError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}; split the list")
-        if request.max_tokens > max_tokens_limit:
-            raise UserError(f"max_tokens must be at most {max_tokens_limit}, got {request.max_tokens}")
+    ) -> tuple[list[str], SamplingParams]:
+        """The batch to generate (each prompt n times, choices of one prompt side by side, as
+        OpenAI numbers them) and its sampling parameters, after every check."""
+        unsupported = request.unsupported()
+        if unsupported:
+            raise UserError(f"not supported by this server: {', '.join(unsupported)}; leave them out")
+        rows = [prompt for prompt in prompts for _ in range(request.n)]
+        if len(rows) > MAX_PROMPTS:
+            raise UserError(
+                f"at most {MAX_PROMPTS} prompts per request, counting n choices each, got {len(rows)}; "
+                "split the request"
+            )
+        if request.new_tokens > max_tokens_limit:
+            raise UserError(f"max_tokens must be at most {max_tokens_limit}, got {request.new_tokens}")
         for prompt in prompts:
             generator.encode_prompt(prompt, strict=True)
-        return request.params(extra_stop)
+        return rows, request.params(extra_stop)
 
-    def header(kind: str) -> dict[str, Any]:
-        return {"id": f"{kind}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+    def header(kind: str, kind_object: str) -> dict[str, Any]:
+        head = {"id": f"{kind}-{uuid.uuid4().hex}", "object": kind_object, "created": int(time.time())}
+        return {**head, "model": model_name}
 
     def event_stream(
-        prompts: list[str], params: SamplingParams, chunk: Callable[[int, str | None, str | None], dict]
+        request: SamplingFields,
+        rows: list[str],
+        params: SamplingParams,
+        chunk: Callable[[int, str | None, str | None], dict],
+        echoed: list[str] | None = None,
     ) -> StreamingResponse:
-        """SSE: one chunk per text piece, a closing chunk per row with its finish reason, [DONE]."""
+        """SSE: the echoed prompts if asked, one chunk per text piece, a closing chunk per row
+        with its finish reason, the usage if asked (`stream_options.include_usage`), [DONE]."""
 
         async def events() -> AsyncIterator[str]:
-            async for item in worker.stream(prompts, params):
-                if isinstance(item, list):
-                    for row, completion in enumerate(item):
-                        yield _sse(chunk(row, None, completion.finish_reason))
-                else:
-                    yield _sse(chunk(item[0], item[1], None))
+            for row, prompt in enumerate(echoed or []):
+                yield _sse(chunk(row, prompt, None))
+            async with contextlib.aclosing(worker.stream(rows, params)) as items:
+                async for item in items:
+                    if isinstance(item, list):
+                        for row, completion in enumerate(item):
+                            yield _sse(chunk(row, None, completion.finish_reason))
+                        if request.include_usage:
+                            yield _sse(
+                                {**chunk(0, None, None), "choices": [], "usage": _usage(item, request.n)}
+                            )
+                    else:
+                        yield _sse(chunk(item[0], item[1], None))
             yield _sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -195,40 +296,62 @@ def create_app(
         return page_html
 
     @app.post("/v1/completions")
-    async def completions(request: CompletionRequest):
+    async def completions(request: CompletionRequest, http: Request):
         prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
-        params = check(request, prompts)
-        head = {**header("cmpl"), "object": "text_completion"}
+        rows, params = rows_and_params(request, prompts)
+        echoed = rows if request.echo else None
+        head = header("cmpl", "text_completion")
 
         def chunk(row: int, text: str | None, reason: str | None) -> dict[str, Any]:
             return {**head, "choices": [{"index": row, "text": text or "", "finish_reason": reason}]}
 
         if request.stream:
-            return event_stream(prompts, params, chunk)
-        done = await worker.complete(prompts, params)
-        choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason} for i, c in enumerate(done)]
-        return {**head, "choices": choices, "usage": _usage(done)}
+            return event_stream(request, rows, params, chunk, echoed)
+        done = await worker.complete(http, rows, params)
+        if done is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        texts = [f"{prompt}{c.text}" if echoed else c.text for prompt, c in zip(rows, done, strict=True)]
+        choices = [
+            {"index": i, "text": text, "finish_reason": c.finish_reason}
+            for i, (text, c) in enumerate(zip(texts, done, strict=True))
+        ]
+        return {**head, "choices": choices, "usage": _usage(done, request.n)}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatRequest):
+    async def chat_completions(request: ChatRequest, http: Request):
         messages = [Message(m.role, m.content) for m in request.messages]
-        prompts = [template.render(messages)]
-        params = check(request, prompts, template.stop)
-        head = header("chatcmpl")
+        rows, params = rows_and_params(request, [template.render(messages)], template.stop)
+        head = header("chatcmpl", "chat.completion.chunk" if request.stream else "chat.completion")
 
         def chunk(row: int, text: str | None, reason: str | None) -> dict[str, Any]:
             delta = {} if text is None else {"role": "assistant", "content": text}
-            choice = {"index": row, "delta": delta, "finish_reason": reason}
-            return {**head, "object": "chat.completion.chunk", "choices": [choice]}
+            return {**head, "choices": [{"index": row, "delta": delta, "finish_reason": reason}]}
 
         if request.stream:
-            return event_stream(prompts, params, chunk)
-        [done] = await worker.complete(prompts, params)
-        message = {"role": "assistant", "content": done.text}
-        choice = {"index": 0, "message": message, "finish_reason": done.finish_reason}
-        return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage([done])}
+            return event_stream(request, rows, params, chunk)
+        done = await worker.complete(http, rows, params)
+        if done is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "finish_reason": c.finish_reason,
+            }
+            for i, c in enumerate(done)
+        ]
+        return {**head, "choices": choices, "usage": _usage(done, request.n)}
 
     return app
+
+
+def _problem(error: dict[str, Any]) -> str:
+    """One validation error as `field: message`; a body that is no JSON object says how to send it."""
+    field = ".".join(map(str, error["loc"][1:]))
+    if not field:
+        how = "send a JSON object with Content-Type: application/json"
+        return f"the request body is not a JSON object ({error['msg']}); {how}"
+    return f"{field}: {error['msg']}"
 
 
 def build_app(
