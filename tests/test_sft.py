@@ -1,6 +1,8 @@
-"""SFT: loaders, prompt masking on a hand-made example, packing without leaks, the CLI run."""
+"""SFT: loaders, prompt masking on a hand-made example, packing without leaks, cutting
+over-long examples on the prompt side, epoch samples, the CLI run."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,9 +14,11 @@ from sllm.finetune.chat_template import (
     ROLE_TOKENS,
     grow_embeddings,
     render,
+    render_prompt,
     with_template_tokens,
 )
 from sllm.finetune.packing import pack
+from sllm.finetune.sft import SftConfig, answer_prompts, pack_split, packing_summary
 from sllm.finetune.sft_data import Message, load_sft
 from sllm.infer.chat import load_chat_template
 from sllm.infer.engine import TextGenerator
@@ -70,6 +74,78 @@ def test_loss_weights_are_zero_on_the_prompt(tokenizer):
     question, answer = chat.encode("헌법"), chat.encode("국민")
     assert ids == [user, *question, end, assistant, *answer, end]
     assert weights == [0.0] * (len(question) + 3) + [1.0] * (len(answer) + 1)
+
+
+def test_the_inference_template_encodes_like_the_training_render(tokenizer):
+    chat = with_template_tokens(tokenizer)
+    conversation = [Message("system", "짧게"), Message("user", "대한민국의 주권은?")]
+    assert chat.encode(INFERENCE_TEMPLATE.render(conversation)) == render_prompt(chat, conversation)
+
+
+def test_an_over_long_example_loses_its_oldest_prompt_tokens_not_its_answers(tokenizer):
+    chat = with_template_tokens(tokenizer)
+    conversation = [Message("user", "대한민국 헌법 제1조 " * 10), Message("assistant", "민주공화국"),
+                    Message("user", "주권은?"), Message("assistant", "국민에게 있다")]  # fmt: skip
+    ids, weights = render(chat, conversation)
+    length = len(ids) - 1 - 10  # ten tokens too long, all from the first question
+    rows = pack([(ids, weights)], length, chat.pad_id)
+    assert rows.inputs[0].tolist() == ids[10:-1] and rows.targets[0].tolist() == ids[11:]
+    assert rows.weights[0].tolist() == weights[11:] and sum(weights[11:]) == sum(weights)
+    last_answer = [*chat.encode("국민에게 있다"), chat.token_id(END_TOKEN)]
+    assert rows.targets[0, -len(last_answer) :].tolist() == last_answer
+    assert (rows.cut_prompt, rows.cut_answer, rows.skipped) == (1, 0, 0)
+
+
+def test_an_answer_longer_than_the_row_keeps_its_first_tokens(tokenizer):
+    chat = with_template_tokens(tokenizer)
+    ids, weights = render(chat, [Message("user", "헌법"), Message("assistant", "대한민국 헌법 제1조 " * 5)])
+    answer = weights.index(1.0)
+    rows = pack([(ids, weights)], 8, chat.pad_id)
+    assert rows.inputs[0].tolist() == ids[answer - 1 : answer + 7]
+    assert rows.inputs[0, 0].item() == chat.token_id(ROLE_TOKENS["assistant"])
+    assert rows.targets[0].tolist() == ids[answer : answer + 8] and rows.weights[0].tolist() == [1.0] * 8
+    assert (rows.cut_prompt, rows.cut_answer, rows.skipped) == (0, 1, 0)
+
+
+def test_the_summary_counts_cuts_and_skipped_examples():
+    prompt_cut = ([1, 2, 3, 4, 5, 6, 7], [0, 0, 0, 0, 0, 1, 1])
+    answer_cut = ([1, 2, 3, 4, 5, 6, 7], [0, 0, 1, 1, 1, 1, 1])
+    fits, no_target = ([8, 9, 10], [0, 1, 1]), ([11, 12, 13], [0, 0, 0])
+    train, held_out = pack([prompt_cut, answer_cut, no_target], 4, 0), pack([fits], 4, 0)
+    assert packing_summary(train, held_out, 4) == (
+        "2 train / 1 held-out examples in 2 / 1 rows of 4 tokens; "
+        "2 cut to fit (1 prompt side, 1 answer end), 1 skipped with no answer token"
+    )
+
+
+def test_examples_with_nothing_to_train_on_stop_with_one_line(tmp_path):
+    with pytest.raises(UserError, match="has an assistant token to train on"):
+        pack_split([([1, 2, 3], [0, 0, 0])], [], 8, 0)
+    data = tmp_path / "empty.jsonl"
+    data.write_text(json.dumps({"instruction": "질문", "output": " "}) + "\n", "utf-8")
+    result = sllm("finetune", "sft", "--run", tmp_path, "--data", data, "--out", tmp_path / "sft")
+    assert_one_line_error(result, "no example with an assistant answer")
+
+
+@pytest.mark.parametrize("stops_first", ["eos", "end"])
+def test_epoch_samples_stop_at_eos_as_well_as_at_the_end_token(tokenizer, monkeypatch, stops_first):
+    chat = with_template_tokens(tokenizer)
+    answer = chat.encode("국민에게")
+    stops = {"eos": chat.eos_id, "end": chat.token_id(END_TOKEN)}
+    other = "end" if stops_first == "eos" else "eos"
+    script = [*answer, stops[stops_first], *answer, stops[other]]
+
+    def scripted_stream(model, ids, params, eos_id, device, banned_ids=()):
+        """What the engine does: yield the scripted tokens until `eos_id`, not included."""
+        for token in script:
+            if token == eos_id:
+                return
+            yield token
+
+    monkeypatch.setattr("sllm.finetune.sft.stream_tokens", scripted_stream)
+    model = SimpleNamespace(block_size=32, eval=lambda: None)
+    answers = answer_prompts(model, chat, SftConfig(prompts=["주권은?"]), torch.device("cpu"))
+    assert answers == [("주권은?", chat.decode(answer))]
 
 
 def test_template_tokens_are_appended_and_embeddings_grow(trained_run):
@@ -133,3 +209,25 @@ def test_finetune_sft_through_the_cli_makes_a_usable_run(tmp_path, trained_run):
         rendered, temperature=0, max_new_tokens=30, stop=("<|end|>",)
     )
     assert answer.stdout == expected + "\n"
+
+
+def test_over_long_examples_train_on_their_answers_through_the_cli(tmp_path, trained_run):
+    data = tmp_path / "long.jsonl"
+    record = json.dumps({"instruction": "질문 " * 200, "output": "답 " * 5}, ensure_ascii=False)
+    data.write_text((record + "\n") * 6, "utf-8")
+    out = tmp_path / "sft"
+    settings = [
+        "sft.epochs=1",
+        "sft.batch_size=2",
+        "sft.val_ratio=0.34",
+        "sft.max_new_tokens=4",
+        "sft.device=cpu",
+    ]
+    result = sllm("finetune", "sft", "--run", trained_run, "--data", data, "--out", out, *settings)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "4 train / 2 held-out examples in 4 / 2 rows of 32 tokens; "
+        "6 cut to fit (6 prompt side, 0 answer end), 0 skipped with no answer token"
+    ) in result.stdout
+    (epoch,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epoch["loss"] > 0.1 and epoch["val_loss"] > 0.1

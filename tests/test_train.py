@@ -101,14 +101,16 @@ def test_stop_signal_saves_a_loadable_checkpoint_and_exits_zero(tmp_path, prepar
     command = [
         sys.executable, "-m", "sllm", "train", "--data", str(prepared_dir), "--out", str(run_dir),
         "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
-        "train.max_steps=100000", "train.checkpoint_interval=100000", "train.eval_interval=0",
+        "train.max_steps=100000", "train.checkpoint_interval=100000", "train.eval_interval=7",
         "train.log_interval=1", "train.device=cpu", "log.progress=false", "log.tensorboard=false",
+        "log.samples_at_eval=false",
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
-    while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
-        time.sleep(0.1)
-    time.sleep(0.5)
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and "val_loss" in metrics.read_text()):
+        time.sleep(0.1)  # stopped after an evaluation, so there are scores to report
+    time.sleep(0.3)
     process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr
@@ -117,6 +119,16 @@ def test_stop_signal_saves_a_loadable_checkpoint_and_exits_zero(tmp_path, prepar
     assert checkpoint is not None and checkpoint.step > 0
     assert checkpoint.step >= max(m["step"] for m in _metrics(run_dir))
     assert "Traceback" not in stderr
+    evaluated = [m for m in _metrics(run_dir) if "val_loss" in m][-1]  # the scores it reports are these
+    assert checkpoint.meta["val_step"] == evaluated["step"] == 7 * (checkpoint.step // 7)
+    last_line = stdout.strip().splitlines()[-1]
+    scores = f"val loss {evaluated['val_loss']:.4f}"
+    if evaluated["step"] == checkpoint.step:
+        assert last_line.startswith(f"step {checkpoint.step}: {scores}")
+    else:
+        assert last_line.startswith(
+            f"step {checkpoint.step}: last evaluated at step {evaluated['step']}: {scores}"
+        )
 
 
 def test_damaged_newest_checkpoint_falls_back_with_warning(tmp_path, prepared_dir, capsys):

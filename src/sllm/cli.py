@@ -174,9 +174,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     if result.val_loss is not None and result.is_main:
         import math
 
-        print(
-            f"step {result.step}: val loss {result.val_loss:.4f}, perplexity {math.exp(result.val_loss):.2f}"
-        )
+        scores = f"val loss {result.val_loss:.4f}, perplexity {math.exp(result.val_loss):.2f}"
+        if result.val_step == result.step:
+            print(f"step {result.step}: {scores}")
+        else:  # stopped between evaluations: the scores are older than the weights
+            print(f"step {result.step}: last evaluated at step {result.val_step}: {scores}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

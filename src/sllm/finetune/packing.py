@@ -5,7 +5,13 @@ padding with zero weight. Every token carries the number of its example within t
 (`documents`); the GPT turns that into a causal same-document attention mask and
 positions that restart at each example (document masks *and* position resets), so a
 packed example computes exactly what it would alone. Targets never cross an example's
-end: the last token of each example has no target. Examples longer than a row are cut.
+end: the last token of each example has no target.
+
+An example longer than a row is cut where it costs the fewest targets: its oldest tokens
+go first (the start of the prompt), at most up to the token just before the last answer,
+so every target of that answer survives; only an answer longer than the row itself loses
+its end. Cutting from the end instead would drop the answer and leave a row that trains on
+nothing. Examples without any target are skipped and counted.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+Piece = tuple[list[int], list[int], list[float]]  # one example's inputs, targets, weights
+
 
 @dataclass
 class PackedRows:
@@ -21,42 +29,84 @@ class PackedRows:
     targets: torch.Tensor  # (N, T) next token ids
     weights: torch.Tensor  # (N, T) 1.0 where the target is trained on
     documents: torch.Tensor  # (N, T) example number within the row; padding has its own
-    truncated: int  # examples cut to fit a row
+    examples: int  # examples packed
+    cut_prompt: int  # examples that lost prompt tokens (only) to fit a row
+    cut_answer: int  # examples whose last answer alone is longer than a row: its end is lost
+    skipped: int  # examples with no target, left out
 
     def __len__(self) -> int:
         return len(self.inputs)
 
 
+def _last_answer_start(weights: list[float]) -> int | None:
+    """Index of the first token of the last run of targets; None when there is no target.
+    Token 0 is never a target: nothing comes before it to predict it."""
+    targets = [j for j in range(1, len(weights)) if weights[j] > 0]
+    if not targets:
+        return None
+    start = targets[-1]
+    while start > 1 and weights[start - 1] > 0:
+        start -= 1
+    return start
+
+
+def _kept_span(weights: list[float], length: int) -> tuple[int, int] | None:
+    """The [start, end) tokens of an example that fit a row of `length` inputs (length + 1
+    tokens): drop the oldest first, never the token that predicts the last answer's first
+    target, then the end. None when the example has no target."""
+    answer = _last_answer_start(weights)
+    if answer is None:
+        return None
+    start = min(max(len(weights) - (length + 1), 0), answer - 1)
+    return start, min(len(weights), start + length + 1)
+
+
 def pack(examples: list[tuple[list[int], list[float]]], length: int, pad_id: int) -> PackedRows:
     """Rows of `length` input tokens from (ids, weights) examples; weight j marks token j a target."""
-    rows: list[list[tuple[list[int], list[int], list[float]]]] = [[]]
-    used, truncated = 0, 0
+    pieces: list[Piece] = []
+    cut_prompt, cut_answer, skipped = 0, 0, 0
     for ids, weights in examples:
-        if len(ids) < 2:
+        span = _kept_span(weights, length)
+        if span is None:
+            skipped += 1
             continue
-        pieces = (ids[:-1][:length], ids[1:][:length], weights[1:][:length])
-        truncated += len(ids) - 1 > length
-        if used + len(pieces[0]) > length:
+        start, end = span
+        lost_targets = any(w > 0 for w in weights[end:])
+        cut_answer += lost_targets
+        cut_prompt += not lost_targets and (start > 0 or end < len(ids))
+        pieces.append((ids[start : end - 1], ids[start + 1 : end], weights[start + 1 : end]))
+    return PackedRows(
+        *_fill(_rows(pieces, length), length, pad_id), len(pieces), cut_prompt, cut_answer, skipped
+    )
+
+
+def _rows(pieces: list[Piece], length: int) -> list[list[Piece]]:
+    """Greedy, in order: an example that does not fit the current row opens the next."""
+    rows: list[list[Piece]] = [[]]
+    used = 0
+    for piece in pieces:
+        if used + len(piece[0]) > length:
             rows.append([])
             used = 0
-        rows[-1].append(pieces)
-        used += len(pieces[0])
-    rows = [row for row in rows if row]
-    packed = PackedRows(
-        torch.full((len(rows), length), pad_id, dtype=torch.long),
-        torch.zeros((len(rows), length), dtype=torch.long),
-        torch.zeros((len(rows), length)),
-        torch.zeros((len(rows), length), dtype=torch.long),
-        truncated,
-    )
+        rows[-1].append(piece)
+        used += len(piece[0])
+    return [row for row in rows if row]
+
+
+def _fill(rows: list[list[Piece]], length: int, pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Inputs, targets, weights and document numbers of the rows, padded to `length`."""
+    inputs = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    targets = torch.zeros((len(rows), length), dtype=torch.long)
+    weights = torch.zeros((len(rows), length))
+    documents = torch.zeros((len(rows), length), dtype=torch.long)
     for number, row in enumerate(rows):
         start = 0
-        for document, (inputs, targets, weights) in enumerate(row):
-            end = start + len(inputs)
-            packed.inputs[number, start:end] = torch.tensor(inputs)
-            packed.targets[number, start:end] = torch.tensor(targets)
-            packed.weights[number, start:end] = torch.tensor(weights)
-            packed.documents[number, start:end] = document
+        for document, (piece_inputs, piece_targets, piece_weights) in enumerate(row):
+            end = start + len(piece_inputs)
+            inputs[number, start:end] = torch.tensor(piece_inputs)
+            targets[number, start:end] = torch.tensor(piece_targets)
+            weights[number, start:end] = torch.tensor(piece_weights)
+            documents[number, start:end] = document
             start = end
-        packed.documents[number, start:] = len(row)
-    return packed
+        documents[number, start:] = len(row)
+    return inputs, targets, weights, documents

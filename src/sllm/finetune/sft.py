@@ -3,13 +3,16 @@
 The base run's tokenizer gains the chat template tokens when it lacks them (and the model
 one embedding row per new token); conversations are rendered with `chat_template`, split
 into train and held-out examples by a seeded shuffle, and packed into rows of the
-model's context with document masks and position resets (`packing`). The loss is the
-cross-entropy averaged over the weighted (assistant) targets only.
+model's context with document masks and position resets (`packing`); an example longer
+than a row loses the start of its prompt, not its answer. The loss is the cross-entropy
+averaged over the weighted (assistant) targets only; a run with none to train on stops
+before training rather than report a loss of 0.
 
 The output is an ordinary run directory — config.yaml (with the grown vocabulary),
 tokenizer.json, `checkpoints/step-N` + LATEST after each epoch, `best/` by held-out loss,
 metrics.jsonl — so `sllm generate` and `sllm eval` open it like any run. After each epoch
-the fixed `sft.prompts` are answered greedily (until `<|end|>`) into `samples/`.
+the fixed `sft.prompts` are answered greedily into `samples/`, each until `<|end|>` or
+the end-of-text token, as `sllm generate` stops.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from itertools import takewhile
 from pathlib import Path
 from typing import Literal
 
@@ -106,20 +110,28 @@ def _batch_loss(model: nn.Module, rows: PackedRows, chosen: list[int], device: t
 def answer_prompts(
     model: nn.Module, tokenizer: Tokenizer, cfg: SftConfig, device: torch.device
 ) -> list[tuple[str, str]]:
-    """(question, greedy answer) for each of `cfg.prompts`, rendered with the chat template."""
+    """(question, greedy answer) for each of `cfg.prompts`, rendered with the chat template; an
+    answer ends at `<|end|>` or EOS, whichever comes first."""
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
     model.eval()
     answers = []
+    end = tokenizer.token_id(END_TOKEN)
     for prompt in cfg.prompts:
         ids = render_prompt(tokenizer, [Message("user", prompt)])[-(model.block_size - 1) :]
-        end = tokenizer.token_id(END_TOKEN)
-        new = stream_tokens(model, ids, params, end, device, banned_ids=tokenizer.never_generated)
-        answers.append((prompt, tokenizer.decode(list(new))))
+        stream = stream_tokens(
+            model, ids, params, tokenizer.eos_id, device, banned_ids=tokenizer.never_generated
+        )
+        new = list(takewhile(lambda token: token != end, stream))  # EOS ends the stream itself
+        stream.close()
+        answers.append((prompt, tokenizer.decode(new)))
     return answers
 
 
 @torch.no_grad()
-def validation_loss(model: nn.Module, rows: PackedRows, batch_size: int, device: torch.device) -> float:
+def validation_loss(
+    model: nn.Module, rows: PackedRows, batch_size: int, device: torch.device
+) -> float | None:
+    """Mean loss over the held-out targets; None when there are none (not a perfect 0)."""
     model.eval()
     total, count = 0.0, 0.0
     for start in range(0, len(rows), batch_size):
@@ -127,7 +139,32 @@ def validation_loss(model: nn.Module, rows: PackedRows, batch_size: int, device:
         weight = float(rows.weights[chosen].sum())
         total += float(_batch_loss(model, rows, chosen, device)) * weight
         count += weight
-    return total / max(count, 1.0)
+    return total / count if count else None
+
+
+def pack_split(
+    train_examples: list, val_examples: list, length: int, pad_id: int
+) -> tuple[PackedRows, PackedRows]:
+    """Both splits packed into rows; no row to train on is a UserError, not a loss of 0."""
+    train_rows, val_rows = pack(train_examples, length, pad_id), pack(val_examples, length, pad_id)
+    if not len(train_rows):
+        raise UserError(
+            f"none of the {len(train_examples):,} training examples has an assistant token to train on; "
+            "give the examples non-empty assistant answers"
+        )
+    return train_rows, val_rows
+
+
+def packing_summary(train_rows: PackedRows, val_rows: PackedRows, length: int) -> str:
+    """One line: examples and rows per split, and how many were cut (and where) or skipped."""
+    cut_prompt = train_rows.cut_prompt + val_rows.cut_prompt
+    cut_answer = train_rows.cut_answer + val_rows.cut_answer
+    return (
+        f"{train_rows.examples:,} train / {val_rows.examples:,} held-out examples in "
+        f"{len(train_rows):,} / {len(val_rows):,} rows of {length} tokens; "
+        f"{cut_prompt + cut_answer:,} cut to fit ({cut_prompt:,} prompt side, {cut_answer:,} answer end), "
+        f"{train_rows.skipped + val_rows.skipped:,} skipped with no answer token"
+    )
 
 
 def _split(examples: list, val_ratio: float, seed: int) -> tuple[list, list]:
@@ -164,13 +201,8 @@ def finetune_sft(
     train_examples, val_examples = _split(
         [render(tokenizer, c) for c in data.conversations], cfg.val_ratio, cfg.seed
     )
-    train_rows = pack(train_examples, length, tokenizer.pad_id)
-    val_rows = pack(val_examples, length, tokenizer.pad_id)
-    log(
-        f"{len(train_examples):,} train / {len(val_examples):,} held-out examples in "
-        f"{len(train_rows):,} / {len(val_rows):,} rows of {length} tokens; "
-        f"{train_rows.truncated + val_rows.truncated} cut to fit"
-    )
+    train_rows, val_rows = pack_split(train_examples, val_examples, length, tokenizer.pad_id)
+    log(packing_summary(train_rows, val_rows, length))
     config = copy.deepcopy(base.config)
     config.model.vocab_size, config.train.out_dir = tokenizer.vocab_size, str(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -220,7 +252,7 @@ def _train(
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 tokens_seen += train_rows.inputs[chosen].numel()
-            val_loss = validation_loss(model, val_rows, cfg.batch_size, device) if len(val_rows) else None
+            val_loss = validation_loss(model, val_rows, cfg.batch_size, device)
             sinks.log(step, {"epoch": epoch, "loss": loss.item(), "val_loss": val_loss})
             meta = {"step": step, "tokens_seen": tokens_seen, "val_loss": val_loss,
                     "model_config": asdict(model.cfg), "tokenizer_sha256": tokenizer.sha256}  # fmt: skip

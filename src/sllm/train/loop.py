@@ -91,8 +91,9 @@ class TrainResult:
     run_dir: Path
     step: int
     tokens_seen: int
-    val_loss: float | None
+    val_loss: float | None  # of the last evaluation, at val_step (not always the last step)
     stopped_by: str | None = None
+    val_step: int | None = None
     already_finished: bool = False
     is_main: bool = True
 
@@ -194,6 +195,7 @@ class Trainer:
         self.best_val_loss = math.inf
         self.finite_losses = torch.ones((), dtype=torch.bool, device=self.device)
         self.last_val_loss: float | None = None
+        self.last_val_step: int | None = None
         self.micro_batch: int | None = None if t.micro_batch == "auto" else t.micro_batch
         if self.micro_batch is not None:
             self._split_batch(self.micro_batch)
@@ -310,6 +312,7 @@ class Trainer:
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "val_loss": self.last_val_loss,
+            "val_step": self.last_val_step,
             "model_config": asdict(self.cfg.model),
             "tokenizer_sha256": self.tokenizer.sha256,
             "micro_batch": self.micro_batch,
@@ -411,6 +414,7 @@ class Trainer:
         )
         self.model.train()
         val_loss = self.last_val_loss = scores.loss
+        self.last_val_step = self.step
         metrics = {
             "val_loss": val_loss,
             "val_perplexity": math.exp(val_loss),
@@ -508,8 +512,9 @@ class Trainer:
             where = f"saved step {self.step} to {self.run_dir}"
             self.log(f"{stopped_by} received: {where}; run the same command to resume")
         return TrainResult(
-            self.run_dir, self.step, self.tokens_seen, self.last_val_loss, stopped_by, is_main=main
-        )
+            self.run_dir, self.step, self.tokens_seen, self.last_val_loss, stopped_by,
+            val_step=self.last_val_step, is_main=main,
+        )  # fmt: skip
 
 
 def _recorded_micro_batch(checkpoint: Checkpoint) -> int:
