@@ -264,7 +264,13 @@ def test_finetune_then_eval_sts_through_the_cli(tmp_path, trained_run, freeze):
     assert float(pearson) == pytest.approx(best["pearson"], abs=0.01)
 
     again = sllm("finetune", "sts", "--run", trained_run, "--train", train, "--dev", dev, "--out", out)
-    assert_one_line_error(again, "already holds a fine-tuned model")
+    assert_one_line_error(again, "already holds a trained model")
+    for command in (
+        ("eval", "--device", "cpu"),
+        ("generate", "--prompt", "x"),
+        ("export", "--out", tmp_path / "hf"),
+    ):
+        assert_one_line_error(sllm(*command, "--run", out), "is an STS run", "sllm eval sts")
 
 
 def test_bad_sts_input_gives_one_line_and_exit_2(tmp_path, trained_run):

@@ -410,8 +410,15 @@ def validate(cfg: Config) -> None:
     m, t = cfg.model, cfg.train
     for key in ("n_layer", "n_head", "n_embd", "block_size", "ffn_window"):
         _positive(f"model.{key}", getattr(m, key))
-    for key in ("max_steps", "grad_accum", "checkpoint_interval", "keep_last"):
+    for key in ("max_steps", "grad_accum", "checkpoint_interval", "keep_last", "log_interval",
+                "eval_windows", "dist_timeout_s"):  # fmt: skip
         _positive(f"train.{key}", getattr(t, key))
+    for key in ("warmup_steps", "weight_decay", "min_lr", "grad_clip", "eval_interval"):
+        if getattr(t, key) < 0:
+            raise UserError(f"config key train.{key} must not be negative, got {getattr(t, key)}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(t, key) < 1:
+            raise UserError(f"config key train.{key} must be in [0, 1), got {getattr(t, key)}")
     _validate_batch(t)
     _positive("train.lr", t.lr)
     for key, seed in (

@@ -21,6 +21,7 @@ from sllm.tokenizer import Tokenizer, load_tokenizer
 from sllm.train.checkpoint import BEST, CHECKPOINTS, Checkpoint, all_finite, load_checkpoint, load_latest
 
 CONFIG_FILE = "config.yaml"
+STS_CONFIG_FILE = "sts.yaml"  # marks an STS run (`sllm.finetune.sts`), which is no language model
 LATEST_NAME = "latest"  # the newest checkpoint that verifies
 
 
@@ -55,6 +56,11 @@ def open_run(run_dir: str | Path, device: torch.device, checkpoint: str = "lates
         raise UserError(f"run directory {run_dir} {state}; check --run")
     if checkpoint not in (LATEST_NAME, BEST):
         raise UserError(f"checkpoint must be {LATEST_NAME!r} or {BEST!r}, got {checkpoint!r}")
+    if (run_dir / STS_CONFIG_FILE).is_file():
+        raise UserError(
+            f"{run_dir} is an STS run (a sentence-similarity scorer, not a language model); "
+            f"score it with `sllm eval sts --run {run_dir} --data ...`"
+        )
     config = read_run_config(run_dir)
     tokenizer = load_tokenizer(run_dir)
     if checkpoint == BEST:

@@ -39,14 +39,13 @@ from sllm.finetune.metrics import StsScores, sts_scores
 from sllm.finetune.schedule import warmup_linear_decay
 from sllm.finetune.sts_data import MAX_SCORE, StsPair, load_sts
 from sllm.model import build_model
-from sllm.runs import CONFIG_FILE, LoadedRun, open_run, read_run_config
+from sllm.runs import CONFIG_FILE, STS_CONFIG_FILE, LoadedRun, open_run, read_run_config
 from sllm.runtime import select_device
 from sllm.tokenizer import Tokenizer, load_tokenizer
 from sllm.train.checkpoint import BEST, CHECKPOINTS, load_checkpoint, write_checkpoint
 from sllm.train.monitor import JsonlSink
 
 SECTION = "sts"
-STS_CONFIG_FILE = "sts.yaml"
 GRAD_CLIP = 1.0
 
 
@@ -312,7 +311,7 @@ def _train_epochs(
 
 def _refuse_finished(out_dir: Path) -> None:
     if (out_dir / CHECKPOINTS / BEST).exists():
-        raise UserError(f"{out_dir} already holds a fine-tuned model; choose a new --out")
+        raise UserError(f"{out_dir} already holds a trained model (checkpoints/best); choose a new --out")
 
 
 def _write_run_files(out_dir: Path, base: LoadedRun, cfg: StsConfig, files: dict[str, str]) -> None:

@@ -263,9 +263,15 @@ class Trainer:
             return None
         differences = config_differences(checkpoint.meta.get("model_config", {}), asdict(self.cfg.model))
         if differences:
+            if purpose == "resume":
+                fix = "use the same model settings or a new --out"
+            elif any(difference.startswith("vocab_size") for difference in differences):
+                fix = f"prepare the data with `--tokenizer {run_dir}` and leave model.vocab_size at 0"
+            else:
+                fix = "set those model keys to that run's values"
             raise UserError(
                 f"{purpose}: checkpoint {checkpoint.path} was made for another model "
-                f"({'; '.join(differences)}); use the same model settings or a new --out"
+                f"({'; '.join(differences)}); {fix}"
             )
         return checkpoint
 
