@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from .conftest import constitution_paragraphs, write_jsonl
+from .conftest import constitution_paragraphs, random_run, write_jsonl
 
 
 def sllm(*args, cwd=None):
@@ -194,3 +194,18 @@ def test_data_prepared_with_another_tokenizer_is_refused(tmp_path, trained_run, 
     assert result.returncode == 0, result.stderr
     result = sllm("train", "--data", tmp_path / "other", "--out", trained_run, "train.device=cpu")
     assert_one_line_error(result, "was trained with another tokenizer")
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["chat"]])
+def test_sampling_flags_left_out_take_the_runs_sample_section(tmp_path, tokenizer, command):
+    from sllm.cli import _sampling_params, build_parser
+
+    run = random_run(
+        tmp_path / "run", tokenizer, "sample.temperature=0.3", "sample.top_k=7",
+        "sample.top_p=0.5", "sample.repetition_penalty=1.3",
+    )  # fmt: skip
+    parse = build_parser().parse_args
+    taken = _sampling_params(parse([*command, "--run", str(run)]))
+    assert (taken.temperature, taken.top_k, taken.top_p, taken.repetition_penalty) == (0.3, 7, 0.5, 1.3)
+    given = _sampling_params(parse([*command, "--run", str(run), "--temperature", "0", "--top-k", "0"]))
+    assert (given.temperature, given.top_k, given.top_p) == (0.0, 0, 0.5)

@@ -1,6 +1,8 @@
-"""Hugging Face export and import: parity with `transformers`, lossless round trips, refusals."""
+"""Hugging Face export and import: parity with `transformers`, lossless round trips, refusals,
+and an SFT run's chat format (template and stop token) carried into the export."""
 
 import json
+import re
 import shutil
 import sys
 import unicodedata
@@ -9,10 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from sllm.cli import _sampling_params, build_parser
 from sllm.config import ModelConfig, load_config
 from sllm.data.prepare import prepare
 from sllm.errors import UserError
 from sllm.export import check_export, export_run, import_hf, to_transformers
+from sllm.finetune.chat_template import END_TOKEN, INFERENCE_TEMPLATE, with_template_tokens
+from sllm.infer.chat import ChatTemplate, Message, load_chat_template, save_chat_template
 from sllm.infer.engine import stream_tokens
 from sllm.infer.sampling import SamplingParams
 from sllm.model import build_model
@@ -104,6 +109,8 @@ def test_export_writes_config_generation_config_and_model_card(trained_run, expo
     generation = json.loads((exported / "generation_config.json").read_text())
     run = open_run(trained_run, CPU)
     assert generation["eos_token_id"] == run.tokenizer.eos_id
+    assert "chat_template" not in json.loads((exported / "tokenizer_config.json").read_text())
+    assert not (exported / "chat_template.jinja").exists()
     assert generation["top_p"] == run.config.sample.top_p
     card = (exported / "README.md").read_text()
     assert f"{run.checkpoint.meta['tokens_seen']:,} tokens seen" in card
@@ -322,3 +329,125 @@ def test_importing_truncated_weights_is_a_user_error(exported, tmp_path):
     with pytest.raises(UserError, match=r"model\.safetensors is damaged or incomplete"):
         import_hf(broken, tmp_path / "imported")
     assert not (tmp_path / "imported").exists()
+
+
+def test_export_samples_as_sllm_generate_does_on_the_same_run(tokenizer, tmp_path):
+    """Both follow the run's `sample` section: the defaults and a configured penalty alike."""
+    for name, overrides in (("default", ()), ("demo", ("sample.repetition_penalty=1.1",))):
+        run = random_run(tmp_path / name, tokenizer, *overrides)
+        generation = json.loads(
+            (export_run(run, tmp_path / f"hf-{name}") / "generation_config.json").read_text()
+        )
+        used = _sampling_params(build_parser().parse_args(["generate", "--run", str(run), "--prompt", "p"]))
+        assert (generation["temperature"], generation["top_k"], generation["top_p"]) == (
+            used.temperature, used.top_k, used.top_p,
+        )  # fmt: skip
+        assert generation.get("repetition_penalty", 1.0) == used.repetition_penalty
+    assert used.repetition_penalty == 1.1
+
+
+CONVERSATION = [
+    Message("system", "너는 친절한 도우미다."),
+    Message("user", "대한민국의 수도는?"),
+    Message("assistant", "서울입니다."),
+    Message("user", "그럼 인구는?"),
+]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tokenizer, tmp_path_factory) -> Path:
+    """A run saved the way `sllm finetune sft` saves one: template tokens, chat_template.json."""
+    run_dir = random_run(tmp_path_factory.mktemp("sft") / "run", with_template_tokens(tokenizer))
+    save_chat_template(run_dir, INFERENCE_TEMPLATE)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def sft_export(sft_run, tmp_path_factory) -> Path:
+    return export_run(sft_run, tmp_path_factory.mktemp("hf-sft") / "sft")
+
+
+def _as_dicts(messages: list[Message]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def test_sft_export_chat_template_renders_sllms_prompt(transformers, sft_run, sft_export):
+    run = open_run(sft_run, CPU)
+    ours = load_chat_template(sft_run).render(CONVERSATION)
+    assert ours.startswith("<|system|>너는 친절한 도우미다.<|end|><|user|>") and ours.endswith(
+        "<|assistant|>"
+    )
+    theirs = transformers.AutoTokenizer.from_pretrained(sft_export)
+    messages = _as_dicts(CONVERSATION)
+    assert theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == ours
+    closed = theirs.apply_chat_template(messages, tokenize=False)
+    assert closed == ours.removesuffix("<|assistant|>")
+    ids = theirs.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    assert ids == run.tokenizer.encode(ours)
+    assert ids.count(run.tokenizer.token_id(END_TOKEN)) == 4
+
+
+def test_chat_template_in_tokenizer_config_alone_gives_the_same_prompt(transformers, sft_export, tmp_path):
+    """transformers 5 reads chat_template.jinja first; tokenizer_config.json serves older readers."""
+    jinja = (sft_export / "chat_template.jinja").read_text(encoding="utf-8")
+    assert json.loads((sft_export / "tokenizer_config.json").read_text())["chat_template"] == jinja
+    legacy = tmp_path / "legacy"
+    shutil.copytree(sft_export, legacy)
+    (legacy / "chat_template.jinja").unlink()
+    theirs = transformers.AutoTokenizer.from_pretrained(legacy)
+    prompt = theirs.apply_chat_template(_as_dicts(CONVERSATION), tokenize=False, add_generation_prompt=True)
+    assert prompt == INFERENCE_TEMPLATE.render(CONVERSATION)
+
+
+def test_sft_export_generation_stops_at_the_end_token(transformers, sft_run, sft_export):
+    run = open_run(sft_run, CPU)
+    eos, end = run.tokenizer.eos_id, run.tokenizer.token_id(END_TOKEN)
+    assert json.loads((sft_export / "generation_config.json").read_text())["eos_token_id"] == [eos, end]
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(sft_export).eval()
+    with torch.no_grad():  # every position's hidden state becomes <|end|>'s (longest) embedding row
+        hf_model.transformer.wte.weight[end] *= 10
+        hf_model.transformer.ln_f.weight.zero_()
+        hf_model.transformer.ln_f.bias.copy_(hf_model.transformer.wte.weight[end])
+        prompt = torch.tensor([run.tokenizer.encode(INFERENCE_TEMPLATE.render(CONVERSATION[1:2]))])
+        generated = hf_model.generate(prompt, max_new_tokens=5, do_sample=False)
+    assert generated[0, prompt.size(1) :].tolist() == [end]
+
+
+def test_sft_model_card_example_prompts_through_the_chat_template(transformers, sft_export, exported, capsys):
+    card = (sft_export / "README.md").read_text(encoding="utf-8")
+    example = card.split("```python\n")[1].split("```")[0].replace("path/to/this/directory", str(sft_export))
+    example = example.replace("max_new_tokens=40", "max_new_tokens=8")  # the test model's context is 32
+    assert "apply_chat_template" in example
+    assert "apply_chat_template" not in (exported / "README.md").read_text(encoding="utf-8")
+    exec(example, {})
+    assert capsys.readouterr().out.count("\n") == 1
+
+
+def test_hand_written_chat_template_exports_character_for_character(transformers, tokenizer, tmp_path):
+    template = ChatTemplate(
+        system='### 시스템 "{text}"\\n\n',
+        user="{{user}}: {text} / {text}\t😀\n",
+        assistant="%}} {{% {text}\n",
+        reply_prefix="{{- 'bot' -}}:",
+    )
+    run_dir = random_run(tmp_path / "run", tokenizer)
+    save_chat_template(run_dir, template)
+    theirs = transformers.AutoTokenizer.from_pretrained(export_run(run_dir, tmp_path / "hf"))
+    conversation = [Message("system", "{{ 1 + 1 }} {text} %}"), *CONVERSATION[1:]]
+    prompt = theirs.apply_chat_template(_as_dicts(conversation), tokenize=False, add_generation_prompt=True)
+    assert prompt == template.render(conversation)
+    assert "{{ 1 + 1 }} {text} %}" in prompt  # the content is not read as a template
+    assert "{user}: 대한민국의 수도는? / 대한민국의 수도는?\t😀" in prompt
+
+
+@pytest.mark.parametrize(
+    ("template", "named"),
+    [(ChatTemplate(stop=("대한민국은",)), "the stop string '대한민국은'"),
+     (ChatTemplate(user="{text!r}"), "has a field other than {text}")],
+)  # fmt: skip
+def test_chat_templates_transformers_cannot_follow_are_refused(tokenizer, tmp_path, template, named):
+    run_dir = random_run(tmp_path / "run", tokenizer)
+    save_chat_template(run_dir, template)
+    with pytest.raises(UserError, match=re.escape(named)):
+        export_run(run_dir, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

@@ -215,29 +215,18 @@ def _eval_multiple_choice(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from sllm.infer.chat import PLAIN, Message, load_chat_template
     from sllm.infer.engine import TextGenerator
 
-    sampling = {
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "repetition_penalty": args.repetition_penalty,
-        "seed": args.seed,
-    }
-    from sllm.infer.sampling import SamplingParams
-
-    SamplingParams(**sampling)  # validate before loading the model
-    from sllm.infer.chat import PLAIN, Message, load_chat_template
-
-    generator = TextGenerator.from_run(args.run, args.device, args.checkpoint)
     template = load_chat_template(args.run)
+    params = _sampling_params(args, stop=template.stop)
+    generator = TextGenerator.from_run(args.run, args.device, args.checkpoint)
     if template == PLAIN:  # a base model continues the text
         prompt = args.prompt
         print(prompt, end="", flush=True)
     else:  # an instruction-tuned model answers it
         prompt = template.render([Message("user", args.prompt)])
-    for piece in generator.stream(prompt, **sampling, stop=template.stop):
+    for _, piece in generator.stream_batch([prompt], params):
         print(piece, end="", flush=True)
     print()
 
@@ -316,19 +305,27 @@ def _source_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _sampling_params(args: argparse.Namespace):
-    """Validated sampling settings from the flags `_run_args` adds."""
-    from sllm.infer.sampling import SamplingParams
+def _sampling_params(args: argparse.Namespace, **extra):
+    """Validated sampling settings from the flags `_run_args` adds, the run's `sample` section
+    filling those not given. The flags and --device are checked before the run is read."""
+    from pathlib import Path
 
-    return SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-    )
+    from sllm.config import SampleConfig
+    from sllm.infer.sampling import SamplingParams
+    from sllm.runs import read_run_config
+    from sllm.runtime import select_device
+
+    flags = {name: getattr(args, name) for name in RUN_SAMPLING}
+
+    def params(sample: SampleConfig) -> SamplingParams:
+        chosen = {name: getattr(sample, name) if value is None else value for name, value in flags.items()}
+        return SamplingParams(
+            max_new_tokens=args.max_new_tokens, min_p=args.min_p, seed=args.seed, **chosen, **extra
+        )
+
+    params(SampleConfig())
+    select_device(args.device)
+    return params(read_run_config(Path(args.run)).sample)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -371,18 +368,28 @@ def _compile_arg(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def _run_args(parser: argparse.ArgumentParser, sampling: bool = True) -> None:
+RUN_SAMPLING = ("temperature", "top_k", "top_p", "repetition_penalty")  # default: the run's `sample`
+
+
+def _run_args(parser: argparse.ArgumentParser, sampling: bool = True, max_new_tokens: int = 200) -> None:
+    """--run, --checkpoint, --device and, with `sampling`, the sampling flags. Those left out
+    take the run's `sample` section (what its training samples and its export use)."""
     parser.add_argument("--run", required=True, help="run directory")
     parser.add_argument("--checkpoint", choices=["latest", "best"], default="latest")
     parser.add_argument("--device", default="auto")
-    if sampling:
-        parser.add_argument("--max-new-tokens", type=int, default=200, help="reply length limit")
-        parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-        parser.add_argument("--top-k", type=int, default=50, help="0 disables")
-        parser.add_argument("--top-p", type=float, default=0.95)
-        parser.add_argument("--min-p", type=float, default=0.0, help="0 disables")
-        parser.add_argument("--repetition-penalty", type=float, default=1.1)
-        parser.add_argument("--seed", type=int, default=None)
+    if not sampling:
+        return
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="length limit")
+    for name, kind, note in (
+        ("temperature", float, "0 is greedy"),
+        ("top_k", int, "0 disables"),
+        ("top_p", float, "1 disables"),
+        ("repetition_penalty", float, "1 disables"),
+    ):
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, type=kind, default=None, help=f"{note}; default: the run's sample.{name}")
+    parser.add_argument("--min-p", type=float, default=0.0, help="0 disables")
+    parser.add_argument("--seed", type=int, default=None)
 
 
 def _add_inference_commands(commands: argparse._SubParsersAction) -> None:
@@ -567,16 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     gen = commands.add_parser("generate", help="continue a prompt with a trained run")
-    gen.add_argument("--run", required=True, help="run directory")
+    _run_args(gen, max_new_tokens=100)
     gen.add_argument("--prompt", required=True, help="text to continue")
-    gen.add_argument("--max-new-tokens", type=int, default=100)
-    gen.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    gen.add_argument("--top-k", type=int, default=50, help="0 disables")
-    gen.add_argument("--top-p", type=float, default=0.95)
-    gen.add_argument("--repetition-penalty", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--checkpoint", choices=["latest", "best"], default="latest")
-    gen.add_argument("--device", default="auto")
     gen.set_defaults(func=cmd_generate)
     _add_inspection_commands(commands)
     _add_experiment_commands(commands)

@@ -7,6 +7,12 @@ JSON files `AutoTokenizer` looks for) and a model card. Neither direction needs
 `transformers`: the files are JSON and safetensors. Only `sllm export --check`, which loads
 the export back and compares logits, imports it.
 
+A run with a chat template (an SFT run's `chat_template.json`) exports it as Jinja, in
+`chat_template.jinja` (what transformers 5 writes and reads first) and in
+`tokenizer_config.json` (what older readers know), so `apply_chat_template(...,
+add_generation_prompt=True)` renders sllm's prompt exactly. `generate` stops on token ids, so
+each of the template's stop strings must be one token; those tokens join EOS in `eos_token_id`.
+
 An `HFArchitecture` maps one family of sllm models onto one HF class: which sllm configs it
 can represent, config.json ↔ `ModelConfig`, and the parameter names. Two families:
 - GPT-2 (learned positions, LayerNorm, GELU, biases, tied head). GPT-2 keeps its linear layers
@@ -31,6 +37,7 @@ import json
 import math
 import os
 import shutil
+import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +50,7 @@ from sllm.atomic import ensure_writable_dir
 from sllm.config import Config, ModelConfig, save_config, validate
 from sllm.data.prepare import META_FILE, read_meta
 from sllm.errors import UserError
+from sllm.infer.chat import PLAIN, ROLES, TEMPLATE_FILE, ChatTemplate, load_chat_template
 from sllm.model import build_model, count_parameters
 from sllm.model.gpt import mlp_hidden_width
 from sllm.runs import CONFIG_FILE, LoadedRun, open_run
@@ -55,6 +63,7 @@ HF_WEIGHTS = "model.safetensors"
 HF_WEIGHTS_INDEX = "model.safetensors.index.json"
 HF_TORCH_WEIGHTS = "pytorch_model.bin"
 HF_CONFIG = "config.json"
+HF_CHAT_TEMPLATE = "chat_template.jinja"
 CHECK_TOKENS = 64
 
 
@@ -352,6 +361,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
             f"{run.path} uses a character-level tokenizer, which has no Hugging Face format; "
             "export a run trained with tokenizer.kind=bpe"
         )
+    template = load_chat_template(run.path)
+    chat_jinja = None if template == PLAIN else chat_template_jinja(template)
+    eos_ids = _stop_token_ids(run.tokenizer, template)
     weights = _to_hf_state(architecture, run.config.model, run.model.state_dict())
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -359,9 +371,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
     try:
         save_tensors(weights, tmp / HF_WEIGHTS, metadata={"format": "pt"})
         _write_json(tmp / HF_CONFIG, architecture.to_hf_config(run.config.model, run.tokenizer))
-        _write_json(tmp / "generation_config.json", _generation_config(run))
-        _write_tokenizer_files(tmp, run.tokenizer, run.config.model.block_size)
-        (tmp / "README.md").write_text(model_card(run, architecture), encoding="utf-8")
+        _write_json(tmp / "generation_config.json", _generation_config(run, eos_ids))
+        _write_tokenizer_files(tmp, run.tokenizer, run.config.model.block_size, chat_jinja)
+        (tmp / "README.md").write_text(model_card(run, architecture, chat_jinja is not None), "utf-8")
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     except BaseException:
@@ -403,11 +415,16 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _generation_config(run: LoadedRun) -> dict[str, Any]:
-    """The run's sampling settings. No `max_length`: transformers warns when it meets the
-    `max_new_tokens` users pass, and `model_max_length` already states the context."""
+def _generation_config(run: LoadedRun, eos_ids: list[int]) -> dict[str, Any]:
+    """The run's sampling settings (its config's `sample` section, whose defaults are
+    `sllm generate`'s) and the tokens to stop at. No `max_length`: transformers warns when it
+    meets the `max_new_tokens` users pass, and `model_max_length` already states the context."""
     eos = run.tokenizer.eos_id
-    config: dict[str, Any] = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": run.tokenizer.pad_id}
+    config: dict[str, Any] = {
+        "bos_token_id": eos,
+        "eos_token_id": eos_ids if len(eos_ids) > 1 else eos,
+        "pad_token_id": run.tokenizer.pad_id,
+    }
     s = run.config.sample
     if s.temperature > 0:
         config |= {"do_sample": True, "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p}
@@ -416,27 +433,81 @@ def _generation_config(run: LoadedRun) -> dict[str, Any]:
     return config
 
 
-def _write_tokenizer_files(out: Path, tokenizer: Tokenizer, block_size: int) -> None:
-    """tokenizer.json, and the files that let `AutoTokenizer` build a fast tokenizer from it."""
+def _stop_token_ids(tokenizer: Tokenizer, template: ChatTemplate) -> list[int]:
+    """EOS and the token of each of the template's stop strings: sllm stops on the text, HF
+    `generate` on token ids, so a stop string that is not one token cannot be carried over."""
+    ids = [tokenizer.eos_id]
+    for stop in template.stop:
+        encoded = tokenizer.encode(stop)
+        if len(encoded) != 1:
+            raise UserError(
+                f"the stop string {stop!r} in the run's {TEMPLATE_FILE} is {len(encoded)} tokens; "
+                "Hugging Face generation stops on single tokens, so use a special token such as <|end|>"
+            )
+        if encoded[0] not in ids:
+            ids.append(encoded[0])
+    return ids
+
+
+def chat_template_jinja(template: ChatTemplate) -> str:
+    """`template` as the Jinja `apply_chat_template` runs. Each role's format string becomes the
+    literal pieces between its `{text}` fields, joined with the message's content, so the Jinja
+    renders what `template.render` does, whatever characters the pieces hold."""
+    pieces = {role: _literal_pieces(getattr(template, role)) for role in ROLES}
+    unknown_role = json.dumps(f"sllm chat templates know the roles {', '.join(ROLES)} only")
+    return (
+        "{%- set pieces = " + json.dumps(pieces, ensure_ascii=False) + " -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] not in pieces -%}{{- raise_exception(" + unknown_role + ") -}}{%- endif -%}"
+        "{{- pieces[message['role']] | join(message['content']) -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}"
+        "{{- " + json.dumps(template.reply_prefix, ensure_ascii=False) + " -}}"
+        "{%- endif -%}"
+    )
+
+
+def _literal_pieces(format_string: str) -> list[str]:
+    """The text before, between and after the `{text}` fields (`{{` read as `{`): the format
+    string filled with `content` is `content.join(pieces)`."""
+    pieces = [""]
+    for literal, name, spec, conversion in string.Formatter().parse(format_string):
+        pieces[-1] += literal
+        if name is None:
+            continue
+        if (name, spec, conversion) != ("text", "", None):
+            raise UserError(
+                f"the format {format_string!r} in the run's {TEMPLATE_FILE} has a field other than "
+                "{text}, which the Hugging Face chat template cannot reproduce; use plain {text}"
+            )
+        pieces.append("")
+    return pieces
+
+
+def _write_tokenizer_files(out: Path, tokenizer: Tokenizer, block_size: int, chat_jinja: str | None) -> None:
+    """tokenizer.json, and the files that let `AutoTokenizer` build a fast tokenizer from it, with
+    the chat template if the run has one."""
     tokenizer.save(out)
     eos = tokenizer.decode([tokenizer.eos_id])
     special = {"bos_token": eos, "eos_token": eos, "unk_token": eos}
     special["pad_token"] = tokenizer.decode([tokenizer.pad_id])
     _write_json(out / "special_tokens_map.json", special)
-    _write_json(
-        out / "tokenizer_config.json",
-        {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "model_max_length": block_size,
-            "add_prefix_space": False,
-            "clean_up_tokenization_spaces": False,
-            **special,
-        },
-    )
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": block_size,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        **special,
+    }
+    if chat_jinja is not None:
+        config["chat_template"] = chat_jinja
+        (out / HF_CHAT_TEMPLATE).write_text(chat_jinja, encoding="utf-8")
+    _write_json(out / "tokenizer_config.json", config)
 
 
-def model_card(run: LoadedRun, architecture: HFArchitecture) -> str:
-    """README.md: what the model is, what it was trained on and how well it did."""
+def model_card(run: LoadedRun, architecture: HFArchitecture, chat: bool) -> str:
+    """README.md: what the model is, what it was trained on, how well it did and how to prompt it
+    (`chat`: through its chat template)."""
     cfg, meta = run.config, run.checkpoint.meta
     m = cfg.model
     lines = [
@@ -465,7 +536,7 @@ def model_card(run: LoadedRun, architecture: HFArchitecture) -> str:
             f"- validation loss {val:.4f} (perplexity {math.exp(val):.2f}), "
             f"estimated on {cfg.train.eval_windows} windows of the validation split"
         )
-    lines += ["", *_data_lines(cfg), "", *_usage_lines()]
+    lines += ["", *_data_lines(cfg), "", *_usage_lines(CHAT_USE if chat else TEXT_USE)]
     return "\n".join(lines) + "\n"
 
 
@@ -483,7 +554,20 @@ def _data_lines(cfg: Config) -> list[str]:
     return lines
 
 
-def _usage_lines() -> list[str]:
+TEXT_USE = [
+    'inputs = tokenizer("대한민국은", return_tensors="pt")',
+    "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0]))",
+]
+CHAT_USE = [
+    'messages = [{"role": "user", "content": "대한민국의 수도는?"}]',
+    'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")',
+    "reply = model.generate(**inputs, max_new_tokens=40)[0, inputs['input_ids'].size(1) :]",
+    "print(tokenizer.decode(reply, skip_special_tokens=True))",
+]
+
+
+def _usage_lines(generation: list[str]) -> list[str]:
+    """The model card's example: load the directory with transformers, then `generation`."""
     return [
         "## Use",
         "",
@@ -492,8 +576,7 @@ def _usage_lines() -> list[str]:
         "",
         'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")',
         'model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")',
-        'inputs = tokenizer("대한민국은", return_tensors="pt")',
-        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0]))",
+        *generation,
         "```",
     ]
 

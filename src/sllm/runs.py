@@ -35,6 +35,9 @@ class LoadedRun:
 
 
 def read_run_config(run_dir: Path) -> Config:
+    if not run_dir.is_dir():
+        state = "is a file, not a directory" if run_dir.exists() else "does not exist"
+        raise UserError(f"run directory {run_dir} {state}; check --run")
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"{run_dir} is not a run directory (no {CONFIG_FILE}); train one with `sllm train`")
@@ -51,9 +54,7 @@ def read_run_config(run_dir: Path) -> Config:
 def open_run(run_dir: str | Path, device: torch.device, checkpoint: str = "latest") -> LoadedRun:
     """Load a run's model in eval mode on `device` from its newest (or `best`) checkpoint."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        state = "is a file, not a directory" if run_dir.exists() else "does not exist"
-        raise UserError(f"run directory {run_dir} {state}; check --run")
+    config = read_run_config(run_dir)
     if checkpoint not in (LATEST_NAME, BEST):
         raise UserError(f"checkpoint must be {LATEST_NAME!r} or {BEST!r}, got {checkpoint!r}")
     if (run_dir / STS_CONFIG_FILE).is_file():
@@ -61,7 +62,6 @@ def open_run(run_dir: str | Path, device: torch.device, checkpoint: str = "lates
             f"{run_dir} is an STS run (a sentence-similarity scorer, not a language model); "
             f"score it with `sllm eval sts --run {run_dir} --data ...`"
         )
-    config = read_run_config(run_dir)
     tokenizer = load_tokenizer(run_dir)
     if checkpoint == BEST:
         if not (run_dir / CHECKPOINTS / BEST).is_dir():
