@@ -6,7 +6,7 @@ import torch
 from sllm.config import ModelConfig, TrainConfig
 from sllm.model import build_model
 from sllm.train.loop import train
-from sllm.train.optim import build_optimizers, lr_at
+from sllm.train.optim import build_optimizers, lr_at, optimizer_hint
 
 from .conftest import tiny_config
 
@@ -49,3 +49,11 @@ def test_other_optimizers_train_and_resume(tmp_path, prepared_dir, optimizer):
     assert result.val_loss is not None and result.val_loss < math.log(512) - 0.2
     cfg = tiny_config(prepared_dir, run_dir, f"train.optimizer={optimizer}", "train.max_steps=50")
     assert train(cfg, log=lambda _: None).step == 50
+
+
+def test_adafactor_with_an_adamw_learning_rate_gets_a_note():
+    """Adafactor's step is lr × the weight's RMS: AdamW's lr leaves it near chance (a user walk
+    saw 6.89 against ln(1000) = 6.91 after 80 steps)."""
+    assert "usual value is train.lr=0.01" in optimizer_hint(TrainConfig(optimizer="adafactor", lr=6e-4))
+    assert optimizer_hint(TrainConfig(optimizer="adafactor", lr=1e-2)) is None
+    assert optimizer_hint(TrainConfig(optimizer="adamw", lr=6e-4)) is None

@@ -151,6 +151,39 @@ def test_resume_with_another_model_shape_is_refused(tmp_path, prepared_dir):
     assert load_latest(run_dir).step == 10
 
 
+def test_resume_with_another_optimizer_is_one_line_and_keeps_the_checkpoint(tmp_path, prepared_dir):
+    run_dir = tmp_path / "run"
+    train(tiny_config(prepared_dir, run_dir, "train.max_steps=4", "train.checkpoint_interval=4"), log=_quiet)
+    saved = (run_dir / "checkpoints" / "step-000004" / "model.safetensors").read_bytes()
+    for optimizer in ("muon", "adafactor"):
+        with pytest.raises(
+            UserError, match=rf"trained with train.optimizer=adamw, not {optimizer}; resume with"
+        ):
+            train(
+                tiny_config(prepared_dir, run_dir, "train.max_steps=8", f"train.optimizer={optimizer}"),
+                log=_quiet,
+            )
+    meta = json.loads((run_dir / "checkpoints" / "step-000004" / "meta.json").read_text())
+    del meta["optimizer"]  # a checkpoint from before the meta recorded it
+    (run_dir / "checkpoints" / "step-000004" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"optimizer state in .* does not fit train.optimizer=adafactor"):
+        train(
+            tiny_config(prepared_dir, run_dir, "train.max_steps=8", "train.optimizer=adafactor"), log=_quiet
+        )
+    assert (run_dir / "checkpoints" / "step-000004" / "model.safetensors").read_bytes() == saved
+
+
+def test_resume_says_when_the_batch_or_the_schedule_changed(tmp_path, prepared_dir):
+    run_dir = tmp_path / "run"
+    train(tiny_config(prepared_dir, run_dir, "train.max_steps=4", "train.checkpoint_interval=4"), log=_quiet)
+    lines = []
+    train(tiny_config(prepared_dir, run_dir, "train.max_steps=6", "train.grad_accum=2"), log=lines.append)
+    notes = [line for line in lines if line.startswith("note:")]
+    assert len(notes) == 2
+    assert "tokens per step where the run had" in notes[0] and "train.batch_size" in notes[0]
+    assert notes[1].startswith("note: train.max_steps is 6 where the run had 4")
+
+
 def test_block_size_larger_than_data_is_explained(tmp_path, prepared_dir):
     from sllm.config import load_config
 

@@ -81,7 +81,7 @@ from sllm.train.distributed import (
     wrap_model,
 )
 from sllm.train.monitor import MetricSinks
-from sllm.train.optim import build_optimizers, lr_at, set_learning_rates
+from sllm.train.optim import build_optimizers, lr_at, optimizer_hint, set_learning_rates
 from sllm.train.samples import sample_prompts, write_samples
 from sllm.train.signals import StopRequest
 
@@ -280,8 +280,16 @@ class Trainer:
         checkpoint = self._compatible_checkpoint(self.run_dir, "resume")
         if checkpoint is None:
             return False
+        self._refuse_another_optimizer(checkpoint)
         state = checkpoint.train_state()
-        load_full_state(self.model, self.optimizers, checkpoint.model_state(), state["optimizers"])
+        try:
+            load_full_state(self.model, self.optimizers, checkpoint.model_state(), state["optimizers"])
+        except (KeyError, ValueError) as error:  # a checkpoint older than its meta's "optimizer"
+            raise UserError(
+                f"resume: the optimizer state in {checkpoint.path} does not fit "
+                f"train.optimizer={self.cfg.train.optimizer} ({type(error).__name__}: {error}); "
+                "resume with the optimizer the run was trained with"
+            ) from None
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -291,7 +299,36 @@ class Trainer:
             self._split_batch(_recorded_micro_batch(checkpoint))
         if self.cluster.is_main:
             self.log(f"resumed from {checkpoint.path} (step {self.step}, {self.tokens_seen:,} tokens seen)")
+            self._note_changed_settings(checkpoint.meta)
         return True
+
+    def _refuse_another_optimizer(self, checkpoint: Checkpoint) -> None:
+        """Another optimizer's state cannot continue the run; its weights can start a new one."""
+        saved, wanted = checkpoint.meta.get("optimizer"), self.cfg.train.optimizer
+        if saved is not None and saved != wanted:
+            raise UserError(
+                f"resume: {checkpoint.path} was trained with train.optimizer={saved}, not {wanted}; "
+                f"resume with train.optimizer={saved}, or start a new --out with "
+                f"train.init_from={self.run_dir} to continue its weights with {wanted}"
+            )
+
+    def _note_changed_settings(self, meta: dict) -> None:
+        """Resuming with another global batch or schedule is allowed, but no longer reproduces
+        the uninterrupted run: say so rather than change the training silently."""
+        t, saved_tokens = self.cfg.train, meta.get("tokens_per_step")
+        if saved_tokens is not None and saved_tokens != self.tokens_per_step:
+            self.log(
+                f"note: {self.tokens_per_step:,} tokens per step where the run had {saved_tokens:,} "
+                "(without train.batch_size the global batch follows micro_batch × grad_accum × "
+                "processes); set train.batch_size to keep the run's batch"
+            )
+        for key in ("max_steps", "schedule"):
+            saved = meta.get(key)
+            if saved is not None and saved != getattr(t, key):
+                self.log(
+                    f"note: train.{key} is {getattr(t, key)} where the run had {saved}: the "
+                    f"learning-rate schedule follows the new setting from step {self.step}"
+                )
 
     def initialize_from(self, source_run: Path) -> None:
         """Take another run's newest weights (e.g. a base model for domain training)."""
@@ -319,6 +356,10 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "val_loss": self.last_val_loss,
             "val_step": self.last_val_step,
+            "optimizer": self.cfg.train.optimizer,
+            "schedule": self.cfg.train.schedule,
+            "max_steps": self.cfg.train.max_steps,
+            "tokens_per_step": self.tokens_per_step,
             "model_config": asdict(self.cfg.model),
             "tokenizer_sha256": self.tokenizer.sha256,
             "micro_batch": self.micro_batch,
@@ -474,8 +515,12 @@ class Trainer:
         main = self.cluster.is_main
         if main:
             self.log(f"{self.description}, {self.tokens_per_step:,} tokens per step")
-            if hint := cpu_bf16_hint(self.device, self.amp_dtype, count_parameters(self.model)):
-                self.log(hint)
+            for hint in (
+                cpu_bf16_hint(self.device, self.amp_dtype, count_parameters(self.model)),
+                optimizer_hint(t),
+            ):
+                if hint:
+                    self.log(hint)
         sinks = MetricSinks(self.run_dir, self.cfg, self.step, enabled=main)
         show_bar = self.cfg.log.progress and main
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not show_bar, dynamic_ncols=True)

@@ -3,7 +3,8 @@
 - `adamw`: weight decay on matrices only (biases and norm gains are not decayed: decaying
   them only shrinks useful offsets); the fused kernel on CUDA and on the CPU (5× faster
   than the default multi-tensor one there: 4.6 vs 22.9 ms a step for 7M parameters).
-- `adafactor`: `torch.optim.Adafactor`, factored second moments, for memory-bound runs.
+- `adafactor`: `torch.optim.Adafactor`, factored second moments, for memory-bound runs. Its
+  steps are `train.lr` times each weight's RMS, so it wants a larger lr (1e-2) than AdamW.
 - `muon`: `torch.optim.Muon` (orthogonalized momentum, the optimizer behind the
   modded-nanogpt speed records) for the 2-D weights inside the blocks, with AdamW for
   embeddings, biases and norms, which Muon is not meant for. Muon's learning rate is
@@ -35,6 +36,21 @@ def _adamw(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device) -
     fused = True if device.type in ("cuda", "cpu") else None
     groups = _decay_groups(params, cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+ADAFACTOR_USUAL_LR = 1e-2  # torch's default and the paper's relative step size
+
+
+def optimizer_hint(cfg: TrainConfig) -> str | None:
+    """A line for a learning rate on the wrong scale for its optimizer. Adafactor scales each
+    step by the weight's RMS (`torch.optim.Adafactor`), so AdamW's 6e-4 moves weights of RMS
+    0.02 about 1e-5 per step: a run that seems to train but stays at chance."""
+    if cfg.optimizer == "adafactor" and cfg.lr < ADAFACTOR_USUAL_LR / 10:
+        return (
+            f"note: Adafactor's steps are train.lr times each weight's RMS, so train.lr={cfg.lr:g} "
+            f"barely moves the weights; its usual value is train.lr={ADAFACTOR_USUAL_LR:g}"
+        )
+    return None
 
 
 def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
