@@ -14,6 +14,7 @@ reads the same checkpoint on resume, so multi-node runs need a shared run direct
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -91,7 +92,17 @@ def wrap_model(model: nn.Module, cluster: Cluster, device: torch.device, paralle
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    return DistributedDataParallel(model, device_ids=device_ids, **_no_buffer_sync_per_step())
+
+
+def _no_buffer_sync_per_step() -> dict[str, bool]:
+    """The buffers (position tables, masks) are the same on every rank, so no forward syncs
+    them. torch 2.13 renamed the option and warns, once per rank, about the old name."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 @contextmanager
