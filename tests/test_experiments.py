@@ -1,10 +1,12 @@
 """`sllm queue` and `sllm report` end to end."""
 
 import json
+import warnings
 
 import pytest
 
-from sllm.report import write_report
+from sllm import report as report_module
+from sllm.report import NO_HANGUL_FONT_NOTE, hangul_font, write_report
 from sllm.train.loop import train
 
 from .conftest import tiny_config
@@ -60,3 +62,51 @@ def test_report_overlays_runs_and_lists_config_differences(tmp_path, prepared_di
     assert "Last samples of b" in report
     result = sllm("report", tmp_path / "missing")
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def _korean_named_run(root):
+    run = root / "runs" / "my run 한글 폴더"
+    run.mkdir(parents=True)
+    lines = [
+        {"step": s, "tokens": 64 * s, "loss": 5.0 / s, "lr": 1e-3, "tokens_per_s": 900.0} for s in (1, 2)
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return run
+
+
+def test_report_plots_fall_back_to_an_installed_hangul_font_only_inside_the_report(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setattr(report_module, "_installed_font_families", lambda: {"DejaVu Sans", "NanumGothic"})
+    assert hangul_font() == "NanumGothic"
+    monkeypatch.setattr(
+        report_module, "_installed_font_families", lambda: {"NanumGothic", "Noto Sans CJK JP", "DejaVu Sans"}
+    )
+    assert hangul_font() == "Noto Sans CJK JP"
+    families = []
+    draw = report_module._draw
+
+    def recording_draw(*args):
+        families.append(list(plt.rcParams["font.family"]))
+        return draw(*args)
+
+    monkeypatch.setattr(report_module, "_draw", recording_draw)
+    default = list(plt.rcParams["font.family"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fake font is not really there
+        write_report([_korean_named_run(tmp_path)], tmp_path / "report")
+    assert families == [[*default, "Noto Sans CJK JP"]]
+    assert list(plt.rcParams["font.family"]) == default
+
+
+def test_report_without_a_hangul_font_gives_one_note_instead_of_glyph_warnings(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(report_module, "_installed_font_families", lambda: {"DejaVu Sans"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_report([_korean_named_run(tmp_path)], tmp_path / "report")
+    assert [str(w.message) for w in caught if "Glyph" in str(w.message)] == []
+    assert capsys.readouterr().err.splitlines() == [NO_HANGUL_FONT_NOTE]
+    for name in ("loss", "lr", "tokens_per_s"):
+        assert (tmp_path / "report" / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

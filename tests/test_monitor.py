@@ -73,3 +73,4 @@ def test_wandb_missing_is_a_clear_error(tmp_path, prepared_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(UserError, match="pip install wandb"):
         train(tiny_config(prepared_dir, tmp_path / "run", "log.wandb=true"), log=lambda _: None)
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made

@@ -8,7 +8,8 @@ import pytest
 
 from sllm.config import load_config
 from sllm.data.loader import open_split
-from sllm.data.prepare import prepare, read_meta
+from sllm.data.mixture import resolve_sources
+from sllm.data.prepare import prepare, read_meta, train_tokenizer
 from sllm.errors import UserError
 from sllm.tokenizer import load_tokenizer, nfc
 
@@ -57,6 +58,34 @@ def test_token_counts_equal_encoded_documents_plus_eos(tmp_path):
         assert size == splits[split]["tokens"] * 2  # uint16
     assert meta["dtype"] == "uint16" and meta["eos_id"] == tok.eos_id
     assert meta["tokenizer_sha256"] == tok.sha256
+
+
+def test_a_char_tokenizer_says_a_requested_vocab_size_does_not_apply(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", constitution_paragraphs()[:40])
+    messages: list[str] = []
+    meta = _run(_config(tmp_path, [corpus], "data.val_ratio=0", "tokenizer.kind=char"), messages)
+    note = (
+        "--vocab-size (tokenizer.vocab_size) 400 does not apply to the char kind: "
+        f"its {meta['vocab_size']:,} tokens are the characters seen plus the special tokens"
+    )
+    assert messages[0] == note and meta["vocab_size"] != 400
+    default_size = ["data.val_ratio=0", "tokenizer.kind=char", "tokenizer.vocab_size=8000"]
+    messages.clear()
+    _run(_config(tmp_path / "default", [corpus], *default_size), messages)
+    assert not [m for m in messages if "--vocab-size" in m]  # nobody asked for a size
+
+
+def test_bpe_training_says_when_the_corpus_supports_fewer_tokens_than_requested(tmp_path, capsys):
+    corpus = write_jsonl(tmp_path / "c.jsonl", constitution_paragraphs()[:40])
+    cfg = _config(tmp_path, [corpus], "tokenizer.vocab_size=100000")
+    tokenizer = train_tokenizer(resolve_sources(cfg.data), cfg.data, cfg.tokenizer)
+    assert capsys.readouterr().out == (
+        f"the corpus supported only {tokenizer.vocab_size:,} of the requested 100,000 BPE tokens (the merges "
+        "ran out: no pair is left that occurs 2+ times); give more text or a smaller --vocab-size\n"
+    )
+    cfg = _config(tmp_path, [corpus], "tokenizer.vocab_size=300")
+    assert train_tokenizer(resolve_sources(cfg.data), cfg.data, cfg.tokenizer).vocab_size == 300
+    assert capsys.readouterr().out == ""
 
 
 def test_split_is_by_document_and_seeded(tmp_path):

@@ -3,13 +3,19 @@
 Curves are drawn against tokens seen, not steps, so runs with different batch sizes line up.
 The summary lists the config keys that differ between runs (what the comparison is about),
 best validation loss, median throughput and each run's last samples. matplotlib is imported
-here alone, lazily, and uses the Agg backend so no display is needed.
+here alone, lazily, and uses the Agg backend so no display is needed. Run names are often
+Korean and matplotlib's default font has no Hangul, so the plots fall back to an installed
+Hangul font (only inside the report's rc_context); with none, one note names the fix instead
+of a warning per missing glyph.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import statistics
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +28,27 @@ CURVES = (
     ("val_loss", "validation loss"),
     ("lr", "learning rate"),
     ("tokens_per_s", "tokens / s"),
+)
+HANGUL_FONTS = (
+    "Noto Sans CJK KR",
+    "Noto Sans CJK JP",
+    "Noto Sans CJK SC",
+    "Noto Sans CJK TC",
+    "Noto Sans KR",
+    "Source Han Sans KR",
+    "Source Han Sans K",
+    "Source Han Sans",
+    "NanumGothic",
+    "NanumBarunGothic",
+    "Malgun Gothic",
+    "Apple SD Gothic Neo",
+    "AppleGothic",
+    "UnDotum",
+)
+CJK_CHARACTER = re.compile("[\u1100-\u11ff\u3040-\u30ff\u3130-\u318f\u3400-\u9fff\uac00-\ud7af]")
+NO_HANGUL_FONT_NOTE = (
+    "note: no font with Hangul is installed, so Korean labels in the plots show as boxes; "
+    "install one (Debian: fonts-noto-cjk or fonts-nanum)"
 )
 
 
@@ -49,10 +76,39 @@ def config_differences(runs: list[Path]) -> dict[str, list[Any]]:
     return {k: [f.get(k) for f in flats] for k in keys if len({json.dumps(f.get(k)) for f in flats}) > 1}
 
 
+def _installed_font_families() -> set[str]:
+    from matplotlib import font_manager
+
+    return {font.name for font in font_manager.fontManager.ttflist}
+
+
+def hangul_font() -> str | None:
+    """The first installed font of `HANGUL_FONTS` (all have Hangul; the CJK ones Hanzi and kana too)."""
+    installed = _installed_font_families()
+    return next((name for name in HANGUL_FONTS if name in installed), None)
+
+
 def _plot(runs: list[Path], metrics: dict[Path, list[dict]], out_dir: Path) -> list[Path]:
+    """The curves, with a Hangul font as fallback after the default one (matplotlib >= 3.6
+    takes each glyph from the first family in `font.family` that has it), so Latin text looks
+    as it always did. Without one, Korean run names get one note rather than a warning a glyph."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    font = hangul_font()
+    if font is not None:
+        with plt.rc_context({"font.family": [*plt.rcParams["font.family"], font]}):
+            return _draw(runs, metrics, out_dir)
+    with warnings.catch_warnings():
+        if any(CJK_CHARACTER.search(run.name) for run in runs):
+            print(NO_HANGUL_FONT_NOTE, file=sys.stderr)
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
+        return _draw(runs, metrics, out_dir)
+
+
+def _draw(runs: list[Path], metrics: dict[Path, list[dict]], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
@@ -64,7 +120,10 @@ def _plot(runs: list[Path], metrics: dict[Path, list[dict]], out_dir: Path) -> l
                 axes.plot(*zip(*points, strict=True), label=run.name, marker=".")
         axes.set_xlabel("tokens seen")
         axes.set_title(title)
-        axes.legend()
+        if axes.lines:
+            axes.legend()
+        else:  # e.g. runs without evaluations have no validation curve
+            axes.text(0.5, 0.5, f"no {title} recorded in these runs", ha="center", transform=axes.transAxes)
         axes.grid(alpha=0.3)
         path = out_dir / f"{key}.png"
         figure.savefig(path, dpi=120, bbox_inches="tight")

@@ -67,9 +67,10 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def train_tokenizer(sources: list[Source], data: DataConfig, tok: TokenizerConfig) -> Tokenizer:
+def train_tokenizer(sources: list[Source], data: DataConfig, tok: TokenizerConfig, log=print) -> Tokenizer:
     """Train the configured kind of tokenizer on a sample of the cleaned documents: the first
-    `tok.sample_bytes` bytes of text, taking one document from each source in turn."""
+    `tok.sample_bytes` bytes of text, taking one document from each source in turn. Logs why
+    when the vocabulary is not the requested size."""
     stats = SourceStats()
     cleaner = Cleaner(data)
     streams = [cleaner(read_documents(s.files, s.options, stats)) for s in sources]
@@ -79,7 +80,31 @@ def train_tokenizer(sources: list[Source], data: DataConfig, tok: TokenizerConfi
     else:
         tokenizer = train_bpe(texts, tok.vocab_size, tok.special_tokens, tok.min_frequency)
     _require_kept_documents(stats, cleaner.report)
+    note = _vocab_size_note(tokenizer, tok)
+    if note:
+        log(note)
     return tokenizer
+
+
+def _vocab_size_note(tokenizer: Tokenizer, tok: TokenizerConfig) -> str | None:
+    """Why the trained vocabulary differs from `tok.vocab_size`, which would otherwise go
+    unnoticed until the model's size is off. The char kind ignores the size; it is only
+    worth a word when someone set one (it is not the default)."""
+    size, requested = tokenizer.vocab_size, tok.vocab_size
+    if tok.kind == "char":
+        if requested == TokenizerConfig.vocab_size or size == requested:
+            return None
+        return (
+            f"--vocab-size (tokenizer.vocab_size) {requested:,} does not apply to the char kind: "
+            f"its {size:,} tokens are the characters seen plus the special tokens"
+        )
+    if size < requested:
+        return (
+            f"the corpus supported only {size:,} of the requested {requested:,} BPE tokens (the merges ran "
+            f"out: no pair is left that occurs {tok.min_frequency}+ times); give more text or a smaller "
+            "--vocab-size"
+        )
+    return None
 
 
 def _interleaved_sample(streams: list[Iterator[str]], limit_bytes: int) -> Iterator[str]:
@@ -306,7 +331,7 @@ def prepare(data: DataConfig, tok: TokenizerConfig, log=print) -> dict[str, Any]
         if writer is None:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir()
-            tokenizer = given or train_tokenizer(sources, data, tok)
+            tokenizer = given or train_tokenizer(sources, data, tok, log)
             tokenizer.save(work)
             progress = Progress(fingerprint)
             progress.save(work)

@@ -80,7 +80,7 @@ from sllm.train.distributed import (
     min_over_ranks,
     wrap_model,
 )
-from sllm.train.monitor import MetricSinks
+from sllm.train.monitor import MetricSinks, check_sinks_available
 from sllm.train.optim import build_optimizers, lr_at, optimizer_hint, set_learning_rates
 from sllm.train.samples import sample_prompts, write_samples
 from sllm.train.signals import StopRequest
@@ -595,6 +595,7 @@ def train(cfg: Config, log=print) -> TrainResult:
 
 def _train(trainer: Trainer, cfg: Config, log) -> TrainResult:
     run_dir, main = trainer.run_dir, trainer.cluster.is_main
+    check_sinks_available(cfg)
     if cfg.train.resume == "never" and load_latest(run_dir) is not None:
         raise UserError(f"{run_dir} already has checkpoints; use a new --out or train.resume=auto")
     if main:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Protocol
 
 from sllm.atomic import write_text_atomic
@@ -83,16 +84,26 @@ class TensorBoardSink:
         self.writer.close()
 
 
+def check_sinks_available(cfg: Config) -> None:
+    """A configured sink that cannot work is one line before the run directory is made."""
+    if cfg.log.wandb:
+        _import_wandb()
+
+
+def _import_wandb() -> ModuleType:
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("log.wandb is on but wandb is not installed; `pip install wandb`") from None
+    return wandb
+
+
 class WandbSink:
     """Metrics, sample text and versioned artifacts (tokenizer, config, checkpoints) in W&B.
     `WANDB_MODE=offline` works as usual: everything is written under the run directory."""
 
     def __init__(self, run_dir: Path, cfg: Config) -> None:
-        try:
-            import wandb
-        except ImportError:
-            raise UserError("log.wandb is on but wandb is not installed; `pip install wandb`") from None
-        self.wandb = wandb
+        self.wandb = wandb = _import_wandb()
         id_file = run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
         id_file.write_text(run_id + "\n")
