@@ -113,6 +113,8 @@ def test_the_documented_workflow_runs_end_to_end(tmp_path):
         ),
         (["generate", "--run", "no/run", "--prompt", "x", "--device", "tpu"], ["unknown device 'tpu'"]),
         (["eval", "--run", "no/run", "--batch-size", "-1"], ["--batch-size: -1 is out of range"]),
+        (["eval", "--run", "no/run", "--text", "a.txt", "--data", "d"], ["--data gives prepared data"]),
+        (["bench", "generate", "--run", "no/run", "--new-tokens", "1"], ["--new-tokens: 1 is out of range"]),
         (["serve", "--run", "no/run", "--port", "70000"], ["--port: 70000 is out of range"]),
     ],
 )

@@ -1,4 +1,6 @@
 import math
+import os
+import shutil
 import unicodedata
 
 import numpy as np
@@ -12,6 +14,7 @@ from sllm.errors import UserError
 from sllm.evaluate import evaluate_run, evaluate_texts, score_tokens, unigram_perplexity
 from sllm.model import build_model
 from sllm.runs import open_run
+from sllm.tokenizer import CharTokenizer
 
 from .conftest import constitution_paragraphs, random_run
 from .test_cli import assert_one_line_error, sllm
@@ -140,3 +143,38 @@ def test_python_evaluator_gives_the_cli_numbers(trained_run):
     assert float(row[4]) == pytest.approx(result.bits_per_byte, abs=1e-4)
     assert row[5] == f"{result.scores.accuracy:.1%}"
     assert set(result.as_dict()) >= {"loss", "perplexity", "bits_per_byte", "accuracy", "top5_accuracy"}
+
+
+def _run_with_relative_data(workdir, prepared_dir, tokenizer):
+    """A run in `workdir` whose config says data.dir=data, as `sllm train --data data` writes it."""
+    shutil.copytree(prepared_dir, workdir / "data")
+    return random_run(workdir / "run", tokenizer, "data.dir=data")
+
+
+def test_eval_from_another_directory_scores_the_data_given_with_the_same_numbers(
+    tmp_path, prepared_dir, tokenizer
+):
+    run = _run_with_relative_data(tmp_path / "work", prepared_dir, tokenizer)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    at_home = sllm("eval", "--run", "run", "--device", "cpu", cwd=tmp_path / "work")
+    away = sllm("eval", "--run", run, "--data", tmp_path / "work" / "data", "--device", "cpu", cwd=elsewhere)
+    assert at_home.returncode == away.returncode == 0, away.stderr
+    assert [line.split()[0] for line in at_home.stdout.splitlines()] == ["split", "val", "test"]
+    assert away.stdout == at_home.stdout
+
+
+def test_a_runs_relative_data_dir_missing_here_names_both_fixes(tmp_path, prepared_dir, tokenizer):
+    run = _run_with_relative_data(tmp_path / "work", prepared_dir, tokenizer)
+    result = sllm("eval", "--run", run, "--device", "cpu", cwd=tmp_path)
+    assert_one_line_error(
+        result,
+        f"the run's data.dir data (relative to the current directory {os.path.realpath(tmp_path)})",
+        "run from the directory the run was trained in, or pass --data DIR",
+    )
+
+
+def test_eval_data_prepared_with_another_tokenizer_is_refused(tmp_path, prepared_dir):
+    chars = random_run(tmp_path / "chars", CharTokenizer(["<|endoftext|>"], list("가나다")))
+    result = sllm("eval", "--run", chars, "--data", prepared_dir, "--device", "cpu")
+    assert_one_line_error(result, f"the data in {prepared_dir} was prepared with another tokenizer")

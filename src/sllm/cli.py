@@ -184,6 +184,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from sllm.evaluate import evaluate_run, evaluate_texts
 
+    if args.data and (args.text or args.mc):
+        raise UserError("--data gives prepared data to score by split; --text and --mc score files: drop it")
     if args.mc:
         _eval_multiple_choice(args)
         return
@@ -193,7 +195,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         )
     else:
         results = evaluate_run(
-            args.run, args.split, args.stride, args.batch_size, args.device, args.checkpoint
+            args.run, args.split, args.stride, args.batch_size, args.device, args.checkpoint, args.data
         )
     width = max(6, *(len(r.split) for r in results))
     header = f"{'tokens':>10} {'loss':>8} {'perplexity':>11} {'bits/byte':>10} {'top-1':>7} {'top-5':>7}"
@@ -415,7 +417,9 @@ def _add_inference_commands(commands: argparse._SubParsersAction) -> None:
     _run_args(bench_gen, sampling=False)
     bench_gen.add_argument("--batch-sizes", type=_int_in(1), nargs="+", default=[1, 8, 32, 64])
     bench_gen.add_argument("--prompt-tokens", type=_int_in(1), default=16)
-    bench_gen.add_argument("--new-tokens", type=_int_in(1), default=128)
+    bench_gen.add_argument(
+        "--new-tokens", type=_int_in(2), help="per prompt (default: 128, or as many as fit the context)"
+    )
     bench_gen.add_argument(
         "--threads", type=_int_in(0), default=0, help="CPU threads; 0 keeps torch's default"
     )
@@ -474,12 +478,20 @@ def _add_finetune_commands(commands: argparse._SubParsersAction) -> None:
 
     evaluate = commands.choices["eval"]
     evaluate.add_argument("task", nargs="?", choices=["sts"], help="`sts`: score an STS run on --data")
-    evaluate.add_argument("--data", help="sts: KorSTS .tsv or KLUE-STS .json file to score")
+    evaluate.add_argument(
+        "--data",
+        help="prepared data directory whose splits to score (default: the run's data.dir); "
+        "sts: KorSTS .tsv or KLUE-STS .json file to score",
+    )
     run_eval = evaluate.get_default("func")
 
     def dispatch(args: argparse.Namespace) -> None:
-        if args.task != "sts" and args.data:
-            raise UserError("--data belongs to `sllm eval sts --run DIR --data FILE`; add `sts`")
+        from pathlib import Path
+
+        if args.task != "sts" and args.data and Path(args.data).is_file():
+            raise UserError(
+                f"--data {args.data} is a file, not prepared data; to score an STS file, add `sts`"
+            )
         (cmd_eval_sts if args.task == "sts" else run_eval)(args)
 
     evaluate.set_defaults(func=dispatch)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sllm.data.loader import eval_batches, open_split
-from sllm.data.prepare import read_meta
+from sllm.data.prepare import META_FILE, read_meta
 from sllm.data.sources import read_text_file
 from sllm.errors import UserError
 from sllm.runs import LoadedRun, open_run
@@ -139,18 +139,26 @@ def default_stride(block_size: int, stride: int) -> int:
 
 
 class Evaluator:
-    """A run opened once for scoring the splits of its prepared data or any text files:
+    """A run opened once for scoring the splits of its prepared data (or of `data_dir`, made
+    with the same tokenizer) or any text files:
     `Evaluator.from_run("runs/x").evaluate(split="val")` gives what `sllm eval` prints."""
 
-    def __init__(self, run: LoadedRun, device: torch.device) -> None:
+    def __init__(self, run: LoadedRun, device: torch.device, data_dir: str | Path | None = None) -> None:
         self.run = run
         self.device = device
         self.amp_dtype = select_autocast_dtype(device)
+        self.data_dir = Path(data_dir) if data_dir else None  # None: the run's data.dir
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, device: str = "auto", checkpoint: str = "latest") -> Evaluator:
+    def from_run(
+        cls,
+        run_dir: str | Path,
+        device: str = "auto",
+        checkpoint: str = "latest",
+        data_dir: str | Path | None = None,
+    ) -> Evaluator:
         chosen = select_device(device)
-        return cls(open_run(run_dir, chosen, checkpoint), chosen)
+        return cls(open_run(run_dir, chosen, checkpoint), chosen, data_dir)
 
     def _score(self, tokens: np.ndarray, stride: int, batch_size: int) -> TokenScores:
         stride = default_stride(self.run.model.block_size, stride or self.run.config.eval.stride)
@@ -159,25 +167,29 @@ class Evaluator:
         batch = batch_size or self.run.config.eval.batch_size
         return score_tokens(self.run.model, tokens, stride, batch, self.device, self.amp_dtype)
 
+    def prepared_dir(self) -> Path:
+        """The data whose splits are scored: the one given, else the run's data.dir."""
+        return self.data_dir or run_data_dir(self.run.config.data.dir)
+
     def data_meta(self) -> dict:
-        """The run's prepared data description, refused if made with another tokenizer."""
-        data_dir = self.run.config.data.dir
+        """The prepared data's description, refused if made with another tokenizer."""
+        data_dir = self.prepared_dir()
         meta = read_meta(data_dir)
         if meta["tokenizer_sha256"] != self.run.tokenizer.sha256:
             raise UserError(
-                f"the data in {data_dir} was prepared with another tokenizer than {self.run.path}"
+                f"the data in {data_dir} was prepared with another tokenizer than {self.run.path}; "
+                f"score data prepared with its tokenizer (`sllm prepare --tokenizer {self.run.path}`)"
             )
         return meta
 
     def evaluate(self, split: str = "val", stride: int = 0, batch_size: int = 0) -> EvalResult:
-        """Loss, perplexity, bits per byte and accuracy over a whole split of the run's data."""
+        """Loss, perplexity, bits per byte and accuracy over a whole split of the prepared data."""
         meta = self.data_meta()
         sizes = meta["splits"]
         if split not in sizes or sizes[split]["tokens"] < 2:
             present = [name for name, size in sizes.items() if size["tokens"] >= 2]
             raise UserError(f"split {split!r} has no tokens to score; the data has {', '.join(present)}")
-        data_dir = self.run.config.data.dir
-        tokens = open_split(data_dir, split, meta)
+        tokens = open_split(self.prepared_dir(), split, meta)
         return EvalResult(split, self._score(tokens, stride, batch_size), sizes[split]["bytes"])
 
     def evaluate_text(self, text: str, name: str, stride: int = 0, batch_size: int = 0) -> EvalResult:
@@ -194,9 +206,11 @@ def evaluate_run(
     batch_size: int = 0,
     device: str = "auto",
     checkpoint: str = "latest",
+    data_dir: str | Path | None = None,
 ) -> list[EvalResult]:
-    """Score the requested splits (default: `eval.splits` that have tokens)."""
-    evaluator = Evaluator.from_run(run_dir, device, checkpoint)
+    """Score the requested splits (default: `eval.splits` that have tokens) of `data_dir`,
+    by default the run's data.dir."""
+    evaluator = Evaluator.from_run(run_dir, device, checkpoint, data_dir)
     sizes = evaluator.data_meta()["splits"]
     wanted = splits or [s for s in evaluator.run.config.eval.splits if sizes.get(s, {}).get("tokens", 0) >= 2]
     if not wanted:
@@ -216,6 +230,18 @@ def evaluate_texts(
     texts = {str(path): read_eval_text(Path(path)) for path in files}
     evaluator = Evaluator.from_run(run_dir, device, checkpoint)
     return [evaluator.evaluate_text(text, name, stride, batch_size) for name, text in texts.items()]
+
+
+def run_data_dir(configured: str) -> Path:
+    """A run's data.dir. A relative one is relative to where the run was trained, so one
+    missing here gets a message naming both ways out instead of `sllm prepare`."""
+    data_dir = Path(configured)
+    if data_dir.is_absolute() or (data_dir / META_FILE).is_file():
+        return data_dir
+    raise UserError(
+        f"the run's data.dir {data_dir} (relative to the current directory {Path.cwd()}) is not a "
+        "prepared data directory; run from the directory the run was trained in, or pass --data DIR"
+    )
 
 
 def read_eval_text(path: Path) -> str:

@@ -5,7 +5,9 @@ Each batch size gets random prompts of `prompt_tokens` tokens and greedy decodin
 `TokenStream` that chat and serve use, after one warm-up run. Reported: time to first token
 (prefill plus the first sample), prefill tokens/s, decode tokens/s over the remaining steps,
 and peak memory (CUDA: allocated by torch; CPU: the process's peak resident set).
-New tokens are capped so prompt + reply fit the context, so no refill is timed.
+Prompt + new tokens must fit the context, so no refill is timed; counts that do not are
+refused before the model loads rather than cut (a cut to one new token would time no decode
+step and print a rate of 0). Without --new-tokens a prompt gets 128, or as many as fit.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from torch import nn
 from sllm.errors import UserError
 from sllm.infer.engine import TextGenerator, TokenStream
 from sllm.infer.sampling import SamplingParams
+from sllm.runs import read_run_config
+
+DEFAULT_NEW_TOKENS = 128  # taken only as far as the context allows
 
 
 @dataclass
@@ -79,26 +84,50 @@ def measure_generation(
     )
 
 
+def tokens_to_generate(context: int, prompt_tokens: int, new_tokens: int | None) -> int:
+    """New tokens per prompt: given ones must fit the context after the prompt, none given
+    means up to DEFAULT_NEW_TOKENS that fit. The first comes from the prefill, so timing
+    decode needs at least 2."""
+    if prompt_tokens < 1:
+        raise UserError(f"--prompt-tokens must be 1 or more, got {prompt_tokens}")
+    if new_tokens is None:
+        new_tokens = min(DEFAULT_NEW_TOKENS, context - prompt_tokens)
+        if new_tokens < 2:
+            raise UserError(
+                f"--prompt-tokens {prompt_tokens} leaves no room for 2 new tokens in the run's "
+                f"context of {context} tokens; give at most {context - 2}"
+            )
+    if new_tokens < 2:
+        raise UserError(
+            f"--new-tokens {new_tokens} leaves no decode step to time (the first token comes from "
+            "the prefill); give 2 or more"
+        )
+    if prompt_tokens + new_tokens > context:
+        raise UserError(
+            f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} exceed the run's context "
+            f"of {context} tokens; lower one of them"
+        )
+    return new_tokens
+
+
 def bench_generate(
     run_dir: str | Path,
     device: str = "auto",
     batch_sizes: list[int] | tuple[int, ...] = (1, 8, 32, 64),
     prompt_tokens: int = 16,
-    new_tokens: int = 128,
+    new_tokens: int | None = None,
     threads: int = 0,
     compile_step: bool = False,
 ) -> list[GenerationSpeed]:
     """One row per batch size; `threads` > 0 sets torch's CPU threads (on a busy machine
     fewer threads than cores avoids threads waiting on each other)."""
+    if min(batch_sizes) < 1:
+        raise UserError(f"batch sizes must be 1 or more, got {min(batch_sizes)}")
+    context = read_run_config(Path(run_dir)).model.block_size
+    new_tokens = tokens_to_generate(context, prompt_tokens, new_tokens)
     if threads > 0:
         torch.set_num_threads(threads)
     generator = TextGenerator.from_run(run_dir, device, compile_step=compile_step)
-    context = generator.context_tokens
-    if not 0 < prompt_tokens < context or new_tokens < 2 or min(batch_sizes) < 1:
-        raise UserError(
-            f"need 0 < --prompt-tokens < the context ({context}), --new-tokens >= 2 and batch sizes >= 1"
-        )
-    new_tokens = min(new_tokens, context - prompt_tokens)
     return [
         measure_generation(
             generator.model,
