@@ -192,7 +192,7 @@ def main() -> None:
             if name != reference and reference in rates
         ]
         print(f"| {batch} | " + " | ".join(cells) + " | " + ", ".join(ratios) + " |", flush=True)
-        if limit and batch == 1:
+        if limit and batch == 1 and rates:
             first = next(iter(rates))
             share = rates[first][0] / limit
             print(f"  batch 1: {first} reaches {share:.1%} of the memory-bound {limit:,.0f} tok/s")

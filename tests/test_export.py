@@ -382,7 +382,7 @@ def test_sft_export_chat_template_renders_sllms_prompt(transformers, sft_run, sf
     assert theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == ours
     closed = theirs.apply_chat_template(messages, tokenize=False)
     assert closed == ours.removesuffix("<|assistant|>")
-    ids = theirs.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    ids = theirs.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
     assert ids == run.tokenizer.encode(ours)
     assert ids.count(run.tokenizer.token_id(END_TOKEN)) == 4
 
@@ -440,14 +440,16 @@ def test_hand_written_chat_template_exports_character_for_character(transformers
     assert "{user}: 대한민국의 수도는? / 대한민국의 수도는?\t😀" in prompt
 
 
-@pytest.mark.parametrize(
-    ("template", "named"),
-    [(ChatTemplate(stop=("대한민국은",)), "the stop string '대한민국은'"),
-     (ChatTemplate(user="{text!r}"), "has a field other than {text}")],
-)  # fmt: skip
-def test_chat_templates_transformers_cannot_follow_are_refused(tokenizer, tmp_path, template, named):
+def test_a_stop_string_of_several_tokens_becomes_a_stop_string_of_the_export(tokenizer, tmp_path):
     run_dir = random_run(tmp_path / "run", tokenizer)
-    save_chat_template(run_dir, template)
-    with pytest.raises(UserError, match=re.escape(named)):
+    save_chat_template(run_dir, ChatTemplate(stop=("대한민국은",)))
+    generation = json.loads((export_run(run_dir, tmp_path / "hf") / "generation_config.json").read_text())
+    assert generation["stop_strings"] == ["대한민국은"] and generation["eos_token_id"] == tokenizer.eos_id
+
+
+def test_a_chat_template_transformers_cannot_follow_is_refused(tokenizer, tmp_path):
+    run_dir = random_run(tmp_path / "run", tokenizer)
+    save_chat_template(run_dir, ChatTemplate(user="{text!r}"))
+    with pytest.raises(UserError, match=re.escape("has a field other than {text}")):
         export_run(run_dir, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()

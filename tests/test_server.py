@@ -133,6 +133,7 @@ def test_completion_stream_matches_non_streaming(server_url):
         ({"prompt": "a", "n": 0}, 422, "n"),
         ({"prompt": "a", "logprobs": 2}, 400, "not supported by this server: logprobs"),
         ({"prompt": "a", "logit_bias": {"5": 10}, "best_of": 2}, 400, "logit_bias, best_of"),
+        ({"prompt": "a", "logprobs": 0}, 400, "not supported by this server: logprobs"),
     ],
 )
 def test_bad_requests_get_4xx_json_errors(server_url, body, status, fragment):
@@ -189,12 +190,25 @@ def test_stream_options_include_usage_adds_a_usage_chunk(server_url):
     assert all("usage" not in c for c in _events(plain))
 
 
-def test_a_body_that_is_not_json_is_one_clear_error(server_url):
-    request = urllib.request.Request(f"{server_url}/v1/completions", b"prompt=a", method="POST")
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [(b"prompt=a", {}), (b"prompt=a", {"Content-Type": "application/json"}),
+     (b'{"prompt": "a",}', {"Content-Type": "application/json"})],
+)  # fmt: skip
+def test_a_body_that_is_not_json_is_one_clear_error(server_url, body, headers):
+    request = urllib.request.Request(f"{server_url}/v1/completions", body, headers, method="POST")
     with pytest.raises(urllib.error.HTTPError) as error:
         urllib.request.urlopen(request, timeout=30)
     assert error.value.code == 422
     assert "Content-Type: application/json" in json.loads(error.value.read())["error"]["message"]
+
+
+def test_do_nothing_values_of_unsupported_options_pass_and_limits_name_the_field_sent(server_url):
+    chat = {"messages": [{"role": "user", "content": "국민"}], "max_tokens": 2}
+    status, _ = _post(f"{server_url}/v1/chat/completions", {**chat, "tool_choice": "none", "tools": []})
+    assert status == 200
+    status, text = _post(f"{server_url}/v1/chat/completions", {**chat, "max_completion_tokens": 65})
+    assert status == 400 and "max_completion_tokens must be at most 64" in text
 
 
 @pytest.mark.parametrize("stream", [True, False])

@@ -96,6 +96,14 @@ def test_an_over_long_example_loses_its_oldest_prompt_tokens_not_its_answers(tok
     assert (rows.cut_prompt, rows.cut_answer, rows.skipped) == (1, 0, 0)
 
 
+def test_a_closing_turn_after_the_last_answer_goes_before_the_prompt_does():
+    """Tokens after the last target train nothing: an over-long example drops them first."""
+    ids, weights = list(range(10, 20)), [0, 0, 0, 1, 1, 1, 0, 0, 0, 0]
+    rows = pack([(ids, weights)], 5, 0)
+    assert rows.inputs[0].tolist() == ids[:5] and rows.targets[0].tolist() == ids[1:6]
+    assert rows.weights[0].tolist() == [0, 0, 1, 1, 1]
+
+
 def test_an_answer_longer_than_the_row_keeps_its_first_tokens(tokenizer):
     chat = with_template_tokens(tokenizer)
     ids, weights = render(chat, [Message("user", "헌법"), Message("assistant", "대한민국 헌법 제1조 " * 5)])

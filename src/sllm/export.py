@@ -10,8 +10,8 @@ the export back and compares logits, imports it.
 A run with a chat template (an SFT run's `chat_template.json`) exports it as Jinja, in
 `chat_template.jinja` (what transformers 5 writes and reads first) and in
 `tokenizer_config.json` (what older readers know), so `apply_chat_template(...,
-add_generation_prompt=True)` renders sllm's prompt exactly. `generate` stops on token ids, so
-each of the template's stop strings must be one token; those tokens join EOS in `eos_token_id`.
+add_generation_prompt=True)` renders sllm's prompt exactly. Stop strings of one token (SFT's
+`<|end|>`) join EOS in `eos_token_id`; longer ones go to `stop_strings`.
 
 An `HFArchitecture` maps one family of sllm models onto one HF class: which sllm configs it
 can represent, config.json ↔ `ModelConfig`, and the parameter names. Two families:
@@ -363,7 +363,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
         )
     template = load_chat_template(run.path)
     chat_jinja = None if template == PLAIN else chat_template_jinja(template)
-    eos_ids = _stop_token_ids(run.tokenizer, template)
     weights = _to_hf_state(architecture, run.config.model, run.model.state_dict())
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -371,7 +370,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
     try:
         save_tensors(weights, tmp / HF_WEIGHTS, metadata={"format": "pt"})
         _write_json(tmp / HF_CONFIG, architecture.to_hf_config(run.config.model, run.tokenizer))
-        _write_json(tmp / "generation_config.json", _generation_config(run, eos_ids))
+        _write_json(tmp / "generation_config.json", _generation_config(run, template))
         _write_tokenizer_files(tmp, run.tokenizer, run.config.model.block_size, chat_jinja)
         (tmp / "README.md").write_text(model_card(run, architecture, chat_jinja is not None), "utf-8")
         shutil.rmtree(out, ignore_errors=True)
@@ -415,16 +414,19 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _generation_config(run: LoadedRun, eos_ids: list[int]) -> dict[str, Any]:
-    """The run's sampling settings (its config's `sample` section, whose defaults are
-    `sllm generate`'s) and the tokens to stop at. No `max_length`: transformers warns when it
-    meets the `max_new_tokens` users pass, and `model_max_length` already states the context."""
+def _generation_config(run: LoadedRun, template: ChatTemplate) -> dict[str, Any]:
+    """The run's sampling settings (its config's `sample` section, which `sllm generate` also
+    follows) and where to stop. No `max_length`: transformers warns when it meets the
+    `max_new_tokens` users pass, and `model_max_length` already states the context."""
     eos = run.tokenizer.eos_id
+    eos_ids, stop_strings = _stops(run.tokenizer, template)
     config: dict[str, Any] = {
         "bos_token_id": eos,
         "eos_token_id": eos_ids if len(eos_ids) > 1 else eos,
         "pad_token_id": run.tokenizer.pad_id,
     }
+    if stop_strings:
+        config["stop_strings"] = stop_strings
     s = run.config.sample
     if s.temperature > 0:
         config |= {"do_sample": True, "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p}
@@ -433,20 +435,18 @@ def _generation_config(run: LoadedRun, eos_ids: list[int]) -> dict[str, Any]:
     return config
 
 
-def _stop_token_ids(tokenizer: Tokenizer, template: ChatTemplate) -> list[int]:
-    """EOS and the token of each of the template's stop strings: sllm stops on the text, HF
-    `generate` on token ids, so a stop string that is not one token cannot be carried over."""
-    ids = [tokenizer.eos_id]
+def _stops(tokenizer: Tokenizer, template: ChatTemplate) -> tuple[list[int], list[str]]:
+    """Where HF `generate` stops: EOS and each single-token stop string as `eos_token_id`,
+    which always works; longer stop strings as `stop_strings`, which `generate` honours only
+    when it is given the tokenizer (the model card's example passes it)."""
+    ids, strings = [tokenizer.eos_id], []
     for stop in template.stop:
         encoded = tokenizer.encode(stop)
         if len(encoded) != 1:
-            raise UserError(
-                f"the stop string {stop!r} in the run's {TEMPLATE_FILE} is {len(encoded)} tokens; "
-                "Hugging Face generation stops on single tokens, so use a special token such as <|end|>"
-            )
-        if encoded[0] not in ids:
+            strings.append(stop)
+        elif encoded[0] not in ids:
             ids.append(encoded[0])
-    return ids
+    return ids, strings
 
 
 def chat_template_jinja(template: ChatTemplate) -> str:
@@ -560,8 +560,11 @@ TEXT_USE = [
 ]
 CHAT_USE = [
     'messages = [{"role": "user", "content": "대한민국의 수도는?"}]',
-    'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")',
-    "reply = model.generate(**inputs, max_new_tokens=40)[0, inputs['input_ids'].size(1) :]",
+    "inputs = tokenizer.apply_chat_template(",
+    '    messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"',
+    ")",
+    "new = model.generate(**inputs, tokenizer=tokenizer, max_new_tokens=40)",
+    "reply = new[0, inputs['input_ids'].size(1) :]",
     "print(tokenizer.decode(reply, skip_special_tokens=True))",
 ]
 

@@ -52,13 +52,18 @@ def _last_answer_start(weights: list[float]) -> int | None:
 
 def _kept_span(weights: list[float], length: int) -> tuple[int, int] | None:
     """The [start, end) tokens of an example that fit a row of `length` inputs (length + 1
-    tokens): drop the oldest first, never the token that predicts the last answer's first
-    target, then the end. None when the example has no target."""
+    tokens). One too long drops what trains nothing after its last target (a closing user
+    turn), then its oldest tokens, never the token that predicts the last answer's first
+    target, and only then the answer's end. None when the example has no target."""
     answer = _last_answer_start(weights)
     if answer is None:
         return None
-    start = min(max(len(weights) - (length + 1), 0), answer - 1)
-    return start, min(len(weights), start + length + 1)
+    if len(weights) <= length + 1:
+        return 0, len(weights)
+    last_target = max(j for j, weight in enumerate(weights) if weight > 0)
+    end = max(last_target + 1, length + 1)
+    start = min(end - (length + 1), answer - 1)
+    return start, start + length + 1
 
 
 def pack(examples: list[tuple[list[int], list[float]]], length: int, pad_id: int) -> PackedRows:

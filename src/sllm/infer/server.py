@@ -97,6 +97,11 @@ class SamplingFields(BaseModel):
         return self.max_tokens
 
     @property
+    def new_tokens_field(self) -> str:
+        """The field `new_tokens` came from, for error messages."""
+        return "max_tokens"
+
+    @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
@@ -117,6 +122,10 @@ def _asks_for_something(option: str, value: Any) -> bool:
         return value != 1
     if option == "response_format":
         return not (isinstance(value, dict) and value.get("type", "text") == "text")
+    if option == "logprobs":  # completions' `logprobs: 0` still asks for the sampled tokens'
+        return value is not False
+    if option == "tool_choice":
+        return value != "none"
     return value not in (False, "", [], {})  # null was dropped already
 
 
@@ -138,6 +147,10 @@ class ChatRequest(SamplingFields):
     @property
     def new_tokens(self) -> int:
         return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
+
+    @property
+    def new_tokens_field(self) -> str:
+        return "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -189,13 +202,17 @@ class ModelWorker:
         """The completions, or None if `request`'s client hung up first (the generation is
         then cancelled)."""
         work = asyncio.ensure_future(self._last(self.stream(prompts, params)))
-        while not work.done():
-            await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
-            if not work.done() and await request.is_disconnected():
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await work
-                return None
+        try:
+            while not work.done():
+                await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
+                if not work.done() and await request.is_disconnected():
+                    work.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await work
+                    return None
+        except asyncio.CancelledError:  # the handler itself was cancelled (a shutdown, say)
+            work.cancel()
+            raise
         return work.result()
 
     @staticmethod
@@ -248,7 +265,9 @@ def create_app(
                 "split the request"
             )
         if request.new_tokens > max_tokens_limit:
-            raise UserError(f"max_tokens must be at most {max_tokens_limit}, got {request.new_tokens}")
+            raise UserError(
+                f"{request.new_tokens_field} must be at most {max_tokens_limit}, got {request.new_tokens}"
+            )
         for prompt in prompts:
             generator.encode_prompt(prompt, strict=True)
         return rows, request.params(extra_stop)
@@ -348,7 +367,7 @@ def create_app(
 def _problem(error: dict[str, Any]) -> str:
     """One validation error as `field: message`; a body that is no JSON object says how to send it."""
     field = ".".join(map(str, error["loc"][1:]))
-    if not field:
+    if not field or error["type"] == "json_invalid":  # the location of bad JSON is a character offset
         how = "send a JSON object with Content-Type: application/json"
         return f"the request body is not a JSON object ({error['msg']}); {how}"
     return f"{field}: {error['msg']}"
