@@ -126,6 +126,10 @@ def test_text_eval_refuses_missing_and_non_utf8_files_and_bad_strides(trained_ru
     latin1.write_bytes("café".encode("latin-1"))
     with pytest.raises(UserError, match="is not UTF-8 text"):
         evaluate_texts(trained_run, [latin1], device="cpu")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"text\x00\x01\x02")
+    with pytest.raises(UserError, match="looks like a binary file"):
+        evaluate_texts(trained_run, [binary], device="cpu")
     with pytest.raises(UserError, match="--stride must be between 1 and the context"):
         evaluate_texts(trained_run, [tmp_path / "ko.txt"], stride=-1, device="cpu")
     assert_one_line_error(sllm("eval", "--run", trained_run, "--text", tmp_path / "no.txt"), "not found")

@@ -92,16 +92,20 @@ class SourceStats:
 
 def read_text_file(path: Path, what: str, expected: str) -> str:
     """A whole (small) file as text, a UTF-8 BOM dropped: for task files read at once. A
-    missing, unreadable or non-UTF-8 file is one line naming the file and what was expected."""
+    missing, unreadable, non-UTF-8 or binary file is one line naming the file and what was
+    expected."""
     if not path.is_file():
         state = "is a directory" if path.is_dir() else "not found"
         raise UserError(f"{what} {path} {state}; give {expected}")
     try:
-        return path.read_text(encoding="utf-8-sig")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise UserError(f"{what} {path} is not UTF-8 text; convert it to UTF-8 (e.g. with iconv)") from None
     except OSError as exc:
         raise UserError(f"cannot read {what} {path}: {exc.strerror}") from None
+    if "\x00" in text:  # as `prepare` refuses it: a binary file decodes, but is no text
+        raise UserError(f"{what} {path} looks like a binary file (NUL byte); give {expected}")
+    return text
 
 
 def _base_suffix(path: Path) -> str:
