@@ -1,4 +1,4 @@
-# sllm on a CUDA machine: docker build -t sllm . && docker run --gpus all -v $PWD/runs:/work/runs sllm train --config demo
+# sllm on a CUDA machine: docker build -t sllm . && docker run --gpus all -v $PWD:/work sllm demo
 FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 WORKDIR /opt/sllm
 COPY pyproject.toml README.md ./

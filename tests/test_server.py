@@ -153,6 +153,8 @@ def test_openai_client_habits_are_honoured(server_url, generator):
     assert json.loads(text)["choices"][0]["text"] == "대한민국은" + expected
     _, streamed = _post(f"{server_url}/v1/completions", {**body, "stream": True})
     assert "".join(c["choices"][0]["text"] for c in _events(streamed)) == "대한민국은" + expected
+    status, text = _post(f"{server_url}/v1/completions", {"prompt": "헌법", "max_completion_tokens": 3})
+    assert status == 200 and json.loads(text)["usage"]["completion_tokens"] <= 3
 
     chat = {"messages": [{"role": "user", "content": "국민"}], "temperature": 0, "max_tokens": None}
     status, text = _post(f"{server_url}/v1/chat/completions", {**chat, "max_completion_tokens": 3})
@@ -281,7 +283,15 @@ def _chromium() -> tuple[str, str] | None:
     _chromium() is None,
     reason="headless browser test needs Chromium and its driver (Debian: chromium chromium-driver)",
 )
-def test_a_real_browser_sends_a_message_and_sees_the_streamed_reply(server_url, tmp_path):
+def _message_of_half_the_context(generator) -> str:
+    """A message that fits the context alone but not twice: a second one overflows it."""
+    text, half = "국민", generator.context_tokens // 2 + 1
+    while len(generator.tokenizer.encode(text + " 국민")) <= half:
+        text += " 국민"
+    return text
+
+
+def test_a_real_browser_sends_a_message_and_sees_the_streamed_reply(server_url, generator, tmp_path):
     webdriver = pytest.importorskip("selenium.webdriver", reason="browser test needs selenium")
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -302,10 +312,22 @@ def test_a_real_browser_sends_a_message_and_sees_the_streamed_reply(server_url, 
         driver.find_element(By.ID, "send").click()
         WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".assistant.done"))
         reply = driver.find_element(By.CSS_SELECTOR, ".assistant.done").text
+        long = _message_of_half_the_context(generator)
+        for _ in range(2):  # the second exchange no longer fits after the first: the page drops it
+            driver.find_element(By.ID, "message").send_keys(long)
+            driver.find_element(By.ID, "send").click()
+            done = len(driver.find_elements(By.CSS_SELECTOR, ".assistant.done"))
+            WebDriverWait(driver, 60).until(
+                lambda d, done=done: len(d.find_elements(By.CSS_SELECTOR, ".assistant.done")) > done
+            )
+        replies = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".assistant.done")]
+        notices = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".notice")]
         driver.save_screenshot(str(tmp_path / "chat.png"))
     finally:
         driver.quit()
     assert reply and not reply.startswith("error")
+    assert not any(r.startswith("error") for r in replies), replies
+    assert notices and all("oldest messages were dropped" in n for n in notices)
     screenshot = (tmp_path / "chat.png").read_bytes()
     assert screenshot.startswith(b"\x89PNG\r\n\x1a\n") and len(screenshot) > 1000
 

@@ -74,6 +74,7 @@ class SamplingFields(BaseModel):
     model: str | None = None
     n: int = Field(1, ge=1)
     max_tokens: int = Field(16, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)  # the newer name; it wins when set
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
@@ -94,12 +95,12 @@ class SamplingFields(BaseModel):
 
     @property
     def new_tokens(self) -> int:
-        return self.max_tokens
+        return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
 
     @property
     def new_tokens_field(self) -> str:
         """The field `new_tokens` came from, for error messages."""
-        return "max_tokens"
+        return "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
 
     @property
     def include_usage(self) -> bool:
@@ -142,15 +143,6 @@ class ChatMessage(BaseModel):
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int = Field(256, ge=0)
-    max_completion_tokens: int | None = Field(None, ge=0)  # the newer name; it wins when set
-
-    @property
-    def new_tokens(self) -> int:
-        return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
-
-    @property
-    def new_tokens_field(self) -> str:
-        return "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
 
 
 def _error(status: int, message: str) -> JSONResponse:

@@ -2,7 +2,9 @@
 
 No build step and no external assets, so it works on a machine without internet. The page
 keeps the conversation in the browser, sends it to `/v1/chat/completions` with
-`stream: true`, and appends each Server-Sent Event's text to the reply as it arrives. Replies
+`stream: true`, and appends each Server-Sent Event's text to the reply as it arrives. When the
+conversation outgrows the context, the oldest exchanges are dropped with a notice, as `sllm
+chat` does. Replies
 ask for at most `REPLY_TOKENS`, or the server's `--max-tokens-limit` when that is lower, so the
 page never sends a request its own server refuses.
 """
@@ -21,6 +23,7 @@ _PAGE = """<!doctype html>
   .message { white-space: pre-wrap; padding: .5rem .75rem; margin: .5rem 0; border-radius: .5rem; }
   .user { background: #e8f0fe; }
   .assistant { background: #f1f3f4; }
+  .notice { color: #5f6368; font-size: .85rem; padding: 0 .75rem; }
   #chat-form { display: flex; gap: .5rem; }
   #message { flex: 1; min-height: 3rem; font: inherit; }
 </style>
@@ -49,21 +52,31 @@ function show(role, text) {
   return div;
 }
 
-async function send(text) {
-  messages.push({role: "user", content: text});
-  show("user", text);
-  const reply = show("assistant", "");
-  const response = await fetch("/v1/chat/completions", {
+function ask() {
+  return fetch("/v1/chat/completions", {
     method: "POST",
     headers: {"Content-Type": "application/json"},
     body: JSON.stringify({messages: messages, stream: true, max_tokens: __MAX_TOKENS__,
                           temperature: 0.8, top_p: 0.95}),
   });
-  if (!response.ok) {
-    reply.textContent = "error: " + (await response.json()).error.message;
-    reply.classList.add("done");
-    messages.pop();
-    return;
+}
+
+async function send(text) {
+  messages.push({role: "user", content: text});
+  show("user", text);
+  const reply = show("assistant", "");
+  let response = await ask();
+  while (!response.ok) {
+    const message = (await response.json()).error.message;
+    if (!message.includes("more than the context") || messages.length < 3) {
+      reply.textContent = "error: " + message;
+      reply.classList.add("done");
+      messages.pop();
+      return;
+    }
+    messages.splice(0, 2);  // the oldest exchange, as `sllm chat` drops it
+    log.insertBefore(show("notice", "(the oldest messages were dropped to fit the context)"), reply);
+    response = await ask();
   }
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
