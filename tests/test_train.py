@@ -231,7 +231,9 @@ def test_init_from_starts_with_another_runs_weights(tmp_path, prepared_dir, trai
         torch.testing.assert_close(started[name], source[name], atol=1e-6, rtol=0)
     bigger = tiny_config(prepared_dir, tmp_path / "other", "model.n_layer=3")
     bigger.train.init_from = str(trained_run)
-    with pytest.raises(UserError, match=r"made for another model \(n_layer: 2 → 3\); set those model keys"):
+    with pytest.raises(
+        UserError, match=r"train.init_from: .* made for another model \(n_layer: 2 → 3\); set those"
+    ):
         train(bigger, log=_quiet)
     wider = tiny_config(prepared_dir, tmp_path / "wider", f"model.vocab_size={cfg.model.vocab_size + 8}")
     wider.train.init_from = str(trained_run)
