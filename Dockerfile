@@ -3,7 +3,8 @@ FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 WORKDIR /opt/sllm
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip install --no-cache-dir ".[tensorboard]"
+# The extras README's tour uses: TensorBoard, report plots, HF export checks, serving, downloads.
+RUN pip install --no-cache-dir ".[tensorboard,report,hf,serve,data]"
 WORKDIR /work
 ENTRYPOINT ["sllm"]
 CMD ["--help"]
