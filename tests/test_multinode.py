@@ -39,10 +39,11 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _agent(node_rank: int, port: int, train_args: list[str]) -> list[str]:
+def _agent(port: int, train_args: list[str]) -> list[str]:
+    """README's command for each node. No --node-rank: c10d numbers the nodes itself (torchrun
+    ignores the flag with a warning)."""
     return [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node_rank),
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"sllm-test-{port}",
         "-m", "sllm", *train_args,
     ]  # fmt: skip
@@ -77,14 +78,12 @@ def _run_two_agents(train_args: list[str], log_dir: Path) -> list[tuple[int, str
     """Both agents' exit codes and output; they are stopped if not done within TIMEOUT_S."""
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    logs = [open(log_dir / f"node{rank}.log", "w+") for rank in (0, 1)]  # noqa: SIM115
+    logs = [open(log_dir / f"node{node}.log", "w+") for node in (0, 1)]  # noqa: SIM115
     agents: list[subprocess.Popen] = []
     try:
-        for rank, log in enumerate(logs):
+        for log in logs:
             agents.append(
-                subprocess.Popen(
-                    _agent(rank, port, train_args), stdout=log, stderr=subprocess.STDOUT, env=env
-                )
+                subprocess.Popen(_agent(port, train_args), stdout=log, stderr=subprocess.STDOUT, env=env)
             )
         deadline = time.monotonic() + TIMEOUT_S
         for agent in agents:
