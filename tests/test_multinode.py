@@ -75,7 +75,8 @@ def _stop(agents: list[subprocess.Popen]) -> None:
 
 
 def _run_two_agents(train_args: list[str], log_dir: Path) -> list[tuple[int, str]]:
-    """Both agents' exit codes and output; they are stopped if not done within TIMEOUT_S."""
+    """Both agents' exit codes and output; they are stopped (and the output says so) if not
+    done within TIMEOUT_S."""
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     logs = [open(log_dir / f"node{node}.log", "w+") for node in (0, 1)]  # noqa: SIM115
@@ -89,7 +90,8 @@ def _run_two_agents(train_args: list[str], log_dir: Path) -> list[tuple[int, str
         for agent in agents:
             agent.wait(timeout=max(deadline - time.monotonic(), 0.1))
     except subprocess.TimeoutExpired:
-        pass
+        for log in logs:
+            log.write(f"\n[test] stopped after {TIMEOUT_S} s\n")
     finally:
         _stop(agents)
     results = []
