@@ -98,6 +98,10 @@ def _delete(key: str):
         (_set("dtype", "uint32"), "dtype uint32 does not match vocab_size 512 (prepare stores it as uint16"),
         (_set("eos_id", 512), "eos_id 512 is outside the vocabulary of 512 tokens"),
         (_set("shards.train", []), "shards.train lists 0 files where"),
+        (
+            _set("shards.val", ["../val.bin"]),
+            "shards.val names '../val.bin', which is not a file name inside",
+        ),
         (_set("fingerprint.inputs", [7]), "fingerprint.inputs must be a list of objects with a string path"),
         (_set("format_version", "2"), "format_version is missing or not an integer"),
     ],

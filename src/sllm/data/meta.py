@@ -156,6 +156,9 @@ class DataMeta:
         for split, counts in self.splits.items():
             if min(counts.documents, counts.tokens, counts.bytes) < 0:
                 return f"splits.{split} has a negative count"
+            outside = [n for n in self.shards[split] if Path(n).name != n or n in ("", ".", "..")]
+            if outside:
+                return f"shards.{split} names {outside[0]!r}, which is not a file name inside the directory"
             wanted = max(1, -(-counts.tokens // self.shard_tokens))
             if len(self.shards[split]) != wanted:
                 return (
