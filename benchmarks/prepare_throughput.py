@@ -138,8 +138,9 @@ def throughput(work: Path, size_mb: float, rounds: int) -> list[tuple[str, float
         for name, command in contenders.items():
             seconds, _ = measure(command(number), _env(threads.get(name)))
             times[name].append(seconds)
-    with open(work / "all-0" / "meta.json", encoding="utf-8") as handle:
-        tokens = sum(s["tokens"] for s in json.load(handle)["splits"].values())
+    from sllm.data.meta import DataMeta
+
+    tokens = sum(split.tokens for split in DataMeta.read(work / "all-0").splits.values())
     naive_tokens = (work / "naive-0.bin").stat().st_size // 2
     print(f"tokens: naive loop {naive_tokens:,}, sllm prepare {tokens:,} (prepare also cleans)")
     return [(name, megabytes, tokens, statistics.median(ts)) for name, ts in times.items()]

@@ -106,8 +106,8 @@ def test_prepare_reports_cleaning_counts_in_meta_and_summary(tmp_path):
     cfg = load_config(None, overrides)
     messages: list[str] = []
     meta = prepare(cfg.data, cfg.tokenizer, log=messages.append)
-    assert meta["cleaning"]["dropped"] == {"duplicate": 1, "too_short": 1, "wrong_language": 1}
-    assert meta["cleaning"]["kept"] == meta["splits"]["train"]["documents"] == 40
+    assert meta.cleaning.dropped == {"duplicate": 1, "too_short": 1, "wrong_language": 1}
+    assert meta.cleaning.kept == meta.splits["train"].documents == 40
     assert "dropped: 1 duplicate, 1 too short, 1 wrong language" in messages[-1]
 
 

@@ -262,4 +262,4 @@ def test_downloaded_directory_prepares_end_to_end(tmp_path):
          "tokenizer.vocab_size=400", "data.val_ratio=0.1"],
     )  # fmt: skip
     meta = prepare(cfg.data, cfg.tokenizer, log=lambda _: None)
-    assert sum(split["documents"] for split in meta["splits"].values()) == 120
+    assert sum(split.documents for split in meta.splits.values()) == 120

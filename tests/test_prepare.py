@@ -8,8 +8,9 @@ import pytest
 
 from sllm.config import load_config
 from sllm.data.loader import open_split
+from sllm.data.meta import DataMeta
 from sllm.data.mixture import resolve_sources
-from sllm.data.prepare import prepare, read_meta, train_tokenizer
+from sllm.data.prepare import prepare, train_tokenizer
 from sllm.errors import UserError
 from sllm.tokenizer import load_tokenizer, nfc
 
@@ -50,14 +51,14 @@ def test_token_counts_equal_encoded_documents_plus_eos(tmp_path):
     meta = _run(cfg)
     tok = load_tokenizer(cfg.data.dir)
     expected = sum(len(tok.encode(t)) + 1 for t in texts)
-    splits = meta["splits"]
-    assert splits["train"]["tokens"] + splits["val"]["tokens"] + splits["test"]["tokens"] == expected
-    assert splits["train"]["documents"] + splits["val"]["documents"] == 60
+    splits = meta.splits
+    assert splits["train"].tokens + splits["val"].tokens + splits["test"].tokens == expected
+    assert splits["train"].documents + splits["val"].documents == 60
     for split in ("train", "val"):
         size = (tmp_path / "out" / f"{split}-00000.bin").stat().st_size
-        assert size == splits[split]["tokens"] * 2  # uint16
-    assert meta["dtype"] == "uint16" and meta["eos_id"] == tok.eos_id
-    assert meta["tokenizer_sha256"] == tok.sha256
+        assert size == splits[split].tokens * 2  # uint16
+    assert meta.dtype == "uint16" and meta.eos_id == tok.eos_id
+    assert meta.tokenizer_sha256 == tok.sha256
 
 
 def test_a_char_tokenizer_says_a_requested_vocab_size_does_not_apply(tmp_path):
@@ -66,9 +67,9 @@ def test_a_char_tokenizer_says_a_requested_vocab_size_does_not_apply(tmp_path):
     meta = _run(_config(tmp_path, [corpus], "data.val_ratio=0", "tokenizer.kind=char"), messages)
     note = (
         "--vocab-size (tokenizer.vocab_size) 400 does not apply to the char kind: "
-        f"its {meta['vocab_size']:,} tokens are the characters seen plus the special tokens"
+        f"its {meta.vocab_size:,} tokens are the characters seen plus the special tokens"
     )
-    assert messages[0] == note and meta["vocab_size"] != 400
+    assert messages[0] == note and meta.vocab_size != 400
     default_size = ["data.val_ratio=0", "tokenizer.kind=char", "tokenizer.vocab_size=8000"]
     messages.clear()
     _run(_config(tmp_path / "default", [corpus], *default_size), messages)
@@ -114,7 +115,7 @@ def test_dtype_switches_to_uint32_above_65536_tokens(tmp_path):
     corpus.write_text(alphabet + "\n\n" + alphabet[::-1] + "\n\n" + alphabet[:100], "utf-8")
     cfg = _config(tmp_path, [corpus], "tokenizer.kind=char", "data.txt_mode=paragraph", "data.val_ratio=0")
     meta = _run(cfg)
-    assert meta["vocab_size"] > 65536 and meta["dtype"] == "uint32"
+    assert meta.vocab_size > 65536 and meta.dtype == "uint32"
     tokens = np.fromfile(tmp_path / "out" / "train-00000.bin", dtype=np.uint32)
     assert tokens.max() >= 65536
     assert len(tokens) == 66000 * 2 + 100 + 3
@@ -133,7 +134,7 @@ def test_second_run_is_a_no_op_and_changed_input_rebuilds(tmp_path):
 
     write_jsonl(corpus, constitution_paragraphs()[:41])
     meta = _run(cfg)
-    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 41
+    assert meta.splits["train"].documents + meta.splits["val"].documents == 41
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temp dirs left
 
 
@@ -151,8 +152,8 @@ def test_skip_mode_counts_malformed_lines(tmp_path):
         handle.write('{"text": "좋은 줄"}\nnot json\n{"other": 1}\n{"text": "다음 줄"}\n')
     messages: list[str] = []
     meta = _run(_config(tmp_path, [corpus], "data.val_ratio=0", "data.on_error=skip"), messages)
-    assert meta["skipped"]["malformed_lines"] == 2
-    assert meta["splits"]["train"]["documents"] == 2
+    assert meta.skipped["malformed_lines"] == 2
+    assert meta.splits["train"].documents == 2
     assert "2 malformed lines" in messages[-1]
 
 
@@ -161,7 +162,7 @@ def test_wrong_text_field_is_reported(tmp_path):
     with pytest.raises(UserError, match="no string field 'text'.*body"):
         _run(_config(tmp_path, [corpus]))
     meta = _run(_config(tmp_path, [corpus], "data.text_field=body", "data.val_ratio=0"))
-    assert meta["splits"]["train"]["documents"] == 2
+    assert meta.splits["train"].documents == 2
 
 
 def test_txt_modes_file_and_paragraph(tmp_path):
@@ -169,7 +170,7 @@ def test_txt_modes_file_and_paragraph(tmp_path):
     (tmp_path / "docs" / "a.txt").write_text("첫 문단\n\n둘째 문단\n", "utf-8")
     (tmp_path / "docs" / "b.txt").write_text("다른 파일", "utf-8")
     per_file = _run(_config(tmp_path, [tmp_path / "docs"], "data.val_ratio=0", "tokenizer.kind=char"))
-    assert per_file["splits"]["train"]["documents"] == 2
+    assert per_file.splits["train"].documents == 2
     cfg = _config(
         tmp_path,
         [tmp_path / "docs"],
@@ -177,7 +178,7 @@ def test_txt_modes_file_and_paragraph(tmp_path):
         "tokenizer.kind=char",
         "data.txt_mode=paragraph",
     )
-    assert _run(cfg)["splits"]["train"]["documents"] == 3
+    assert _run(cfg).splits["train"].documents == 3
 
 
 def test_invalid_utf8_reports_byte_offset(tmp_path):
@@ -206,7 +207,7 @@ def test_interrupted_prepare_leaves_previous_output_intact(tmp_path, monkeypatch
     corpus = write_jsonl(tmp_path / "c.jsonl", constitution_paragraphs()[:30])
     cfg = _config(tmp_path, [corpus])
     _run(cfg)
-    before = read_meta(cfg.data.dir)
+    before = DataMeta.read(cfg.data.dir)
     write_jsonl(corpus, constitution_paragraphs()[:31])
 
     def crash(*args, **kwargs):
@@ -215,13 +216,13 @@ def test_interrupted_prepare_leaves_previous_output_intact(tmp_path, monkeypatch
     monkeypatch.setattr("sllm.data.prepare._check_splits", crash)
     with pytest.raises(KeyboardInterrupt):
         _run(cfg)
-    assert read_meta(cfg.data.dir) == before
+    assert DataMeta.read(cfg.data.dir) == before
     assert sorted(os.listdir(tmp_path)) == [".out.partial", "c.jsonl", "out"]  # kept, to resume
     monkeypatch.undo()
     messages: list[str] = []
     meta = _run(cfg, messages)
     assert "resuming" in messages[0]
-    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 31
+    assert meta.splits["train"].documents + meta.splits["val"].documents == 31
     assert sorted(os.listdir(tmp_path)) == ["c.jsonl", "out"]
 
 
@@ -253,7 +254,7 @@ def test_lone_surrogate_escapes_in_jsonl_prepare_as_the_replacement_character(tm
 def test_a_truncated_token_shard_is_named_as_damaged(prepared_dir, tmp_path, size):
     damaged = tmp_path / "d"
     shutil.copytree(prepared_dir, damaged)
-    meta = read_meta(damaged)
+    meta = DataMeta.read(damaged)
     with open(damaged / "train-00000.bin", "r+b") as handle:
         handle.truncate(size)
     with pytest.raises(

@@ -48,9 +48,9 @@ def test_shards_read_back_equal_to_a_single_file_prepare(tmp_path, corpus):
     overrides = [_inputs(corpus), "data.val_ratio=0.1", "data.test_ratio=0.1"]
     single = _prepare(_config(tmp_path / "single", *overrides))
     sharded = _prepare(_config(tmp_path / "sharded", *overrides, "data.shard_tokens=1000"))
-    assert single["splits"] == sharded["splits"] and len(single["shards"]["train"]) == 1
-    names = sharded["shards"]["train"]
-    assert len(names) == -(-sharded["splits"]["train"]["tokens"] // 1000) > 10
+    assert single.splits == sharded.splits and len(single.shards["train"]) == 1
+    names = sharded.shards["train"]
+    assert len(names) == -(-sharded.splits["train"].tokens // 1000) > 10
     sizes = [(tmp_path / "sharded" / name).stat().st_size for name in names]
     assert set(sizes[:-1]) == {2000} and 0 < sizes[-1] <= 2000
     for split in ("train", "val", "test"):
@@ -81,7 +81,7 @@ def test_interrupted_prepare_resumes_to_identical_bytes(tmp_path, corpus, monkey
     overrides = [_inputs(corpus), "data.val_ratio=0.1", "data.test_ratio=0.1", "data.dedup=true",
                  "data.shard_tokens=500"]  # fmt: skip
     straight = _prepare(_config(tmp_path / "straight", *overrides))
-    assert straight["cleaning"]["dropped"]["duplicate"] == 40
+    assert straight.cleaning.dropped["duplicate"] == 40
 
     out = tmp_path / "resumed"
     real_write = prepare_module.SplitWriter.write
@@ -106,7 +106,7 @@ def test_interrupted_prepare_resumes_to_identical_bytes(tmp_path, corpus, monkey
     resumed = _prepare(_config(out, *overrides), messages)
     assert messages[0].startswith(f"resuming the interrupted prepare after {saved['batches_done'] * 16:,}")
     assert resumed == straight
-    names = ["meta.json", "tokenizer.json", *(n for split in straight["shards"].values() for n in split)]
+    names = ["meta.json", "tokenizer.json", *(n for split in straight.shards.values() for n in split)]
     assert sorted(p.name for p in out.iterdir()) == sorted(names)
     assert all(filecmp.cmp(out / n, tmp_path / "straight" / n, shallow=False) for n in names)
     assert not work_path(out).exists()
@@ -130,7 +130,7 @@ def test_held_out_files_fill_val_and_test(tmp_path):
     meta = _prepare(
         _config(tmp_path / "out", _inputs(train), f"data.val_inputs=[{val}]", f"data.test_inputs=[{test}]")
     )
-    assert [meta["splits"][s]["documents"] for s in ("train", "val", "test")] == [100, 20, 5]
+    assert [meta.splits[s].documents for s in ("train", "val", "test")] == [100, 20, 5]
     tok = load_tokenizer(tmp_path / "out")
     val_tokens = np.asarray(open_split(tmp_path / "out", "val", meta)).tolist()
     assert val_tokens == [t for p in paragraphs[100:120] for t in [*tok.encode(p), tok.eos_id]]
@@ -148,37 +148,35 @@ def test_sources_with_their_own_fields_and_weights_drive_the_sampler(tmp_path):
         {"name": "en", "inputs": [str(english)], "weight": 0.7},
     ])  # fmt: skip
     meta = _prepare(_config(tmp_path / "out", f"data.sources={sources}", "data.val_ratio=0"))
-    ko, en = meta["sources"]
-    assert ko["name"] == "ko" and ko["splits"]["train"]["documents"] == len(constitution_paragraphs())
-    assert en["splits"]["train"]["documents"] == 60
-    assert ko["train_range"] == [0, ko["splits"]["train"]["tokens"]]
-    assert en["train_range"][1] == meta["splits"]["train"]["tokens"]
-    assert ko["natural_share"] > 0.8 and ko["sampling_share"] == pytest.approx(0.3)
+    ko, en = meta.sources
+    assert ko.name == "ko" and ko.splits["train"].documents == len(constitution_paragraphs())
+    assert en.splits["train"].documents == 60
+    assert ko.train_range == (0, ko.splits["train"].tokens)
+    assert en.train_range[1] == meta.splits["train"].tokens
+    assert ko.natural_share > 0.8 and ko.sampling_share == pytest.approx(0.3)
 
     windows = TrainWindows(
         open_split(tmp_path / "out", "train", meta), 16, 64, 0, TrainMixture.from_meta(meta)
     )
     starts = np.concatenate([windows.starts(step, 0) for step in range(300)])
-    english_tokens = en["train_range"][1] - en["train_range"][0]
-    assert meta["splits"]["train"]["tokens"] > 2 * english_tokens
+    english_tokens = en.train_range[1] - en.train_range[0]
+    assert meta.splits["train"].tokens > 2 * english_tokens
     with pytest.raises(
         UserError, match=f"a weighted source has fewer than {english_tokens + 1} training tokens"
     ):
         TrainWindows(
             open_split(tmp_path / "out", "train", meta), english_tokens, 4, 0, TrainMixture.from_meta(meta)
         )
-    from_english = (starts >= en["train_range"][0]).mean()
+    from_english = (starts >= en.train_range[0]).mean()
     assert abs(from_english - 0.7) < 0.02
-    assert (
-        starts + 17 <= np.where(starts >= en["train_range"][0], en["train_range"][1], ko["train_range"][1])
-    ).all()
+    assert (starts + 17 <= np.where(starts >= en.train_range[0], en.train_range[1], ko.train_range[1])).all()
 
 
 def test_input_weights_make_one_source_per_input(tmp_path, corpus):
     english = write_jsonl(tmp_path / "en.jsonl", [f"Sentence number {i} in English." for i in range(50)])
     meta = _prepare(_config(tmp_path / "out", _inputs(corpus, english), "data.input_weights=[0.5, 0.5]"))
-    assert [s["name"] for s in meta["sources"]] == [str(corpus), str(english)]
-    assert [s["sampling_share"] for s in meta["sources"]] == [0.5, 0.5]
+    assert [s.name for s in meta.sources] == [str(corpus), str(english)]
+    assert [s.sampling_share for s in meta.sources] == [0.5, 0.5]
     described = describe_data(tmp_path / "out")
     assert f"source {english}: 50 documents" in described and "sampled 50.0%" in described
     run = tmp_path / "run"

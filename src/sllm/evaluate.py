@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sllm.data.loader import eval_batches, open_split
-from sllm.data.prepare import META_FILE, read_meta
+from sllm.data.meta import META_FILE, DataMeta
 from sllm.data.sources import read_text_file
 from sllm.errors import UserError
 from sllm.runs import LoadedRun, open_run
@@ -171,11 +171,11 @@ class Evaluator:
         """The data whose splits are scored: the one given, else the run's data.dir."""
         return self.data_dir or run_data_dir(self.run.config.data.dir)
 
-    def data_meta(self) -> dict:
+    def data_meta(self) -> DataMeta:
         """The prepared data's description, refused if made with another tokenizer."""
         data_dir = self.prepared_dir()
-        meta = read_meta(data_dir)
-        if meta["tokenizer_sha256"] != self.run.tokenizer.sha256:
+        meta = DataMeta.read(data_dir)
+        if meta.tokenizer_sha256 != self.run.tokenizer.sha256:
             raise UserError(
                 f"the data in {data_dir} was prepared with another tokenizer than {self.run.path}; "
                 f"score data prepared with its tokenizer (`sllm prepare --tokenizer {self.run.path}`)"
@@ -185,12 +185,12 @@ class Evaluator:
     def evaluate(self, split: str = "val", stride: int = 0, batch_size: int = 0) -> EvalResult:
         """Loss, perplexity, bits per byte and accuracy over a whole split of the prepared data."""
         meta = self.data_meta()
-        sizes = meta["splits"]
-        if split not in sizes or sizes[split]["tokens"] < 2:
-            present = [name for name, size in sizes.items() if size["tokens"] >= 2]
+        sizes = meta.splits
+        if split not in sizes or sizes[split].tokens < 2:
+            present = [name for name, size in sizes.items() if size.tokens >= 2]
             raise UserError(f"split {split!r} has no tokens to score; the data has {', '.join(present)}")
         tokens = open_split(self.prepared_dir(), split, meta)
-        return EvalResult(split, self._score(tokens, stride, batch_size), sizes[split]["bytes"])
+        return EvalResult(split, self._score(tokens, stride, batch_size), sizes[split].bytes)
 
     def evaluate_text(self, text: str, name: str, stride: int = 0, batch_size: int = 0) -> EvalResult:
         """The same numbers for any text, scored as one document that follows an EOS."""
@@ -211,8 +211,8 @@ def evaluate_run(
     """Score the requested splits (default: `eval.splits` that have tokens) of `data_dir`,
     by default the run's data.dir."""
     evaluator = Evaluator.from_run(run_dir, device, checkpoint, data_dir)
-    sizes = evaluator.data_meta()["splits"]
-    wanted = splits or [s for s in evaluator.run.config.eval.splits if sizes.get(s, {}).get("tokens", 0) >= 2]
+    sizes = evaluator.data_meta().splits
+    wanted = splits or [s for s in evaluator.run.config.eval.splits if s in sizes and sizes[s].tokens >= 2]
     if not wanted:
         raise UserError(f"none of the splits {evaluator.run.config.eval.splits} has tokens to score")
     return [evaluator.evaluate(split, stride, batch_size) for split in wanted]

@@ -48,7 +48,7 @@ from safetensors.torch import load_file
 
 from sllm.atomic import ensure_writable_dir
 from sllm.config import Config, ModelConfig, save_config, validate
-from sllm.data.prepare import META_FILE, read_meta
+from sllm.data.meta import META_FILE, DataMeta
 from sllm.errors import UserError
 from sllm.infer.chat import PLAIN, ROLES, TEMPLATE_FILE, ChatTemplate, load_chat_template
 from sllm.model import build_model, count_parameters
@@ -544,13 +544,15 @@ def _data_lines(cfg: Config) -> list[str]:
     """The training inputs and token counts, from the prepared data's meta.json if it is here."""
     if not (Path(cfg.data.dir) / META_FILE).is_file():
         return ["## Data", "", f"The prepared data (`{cfg.data.dir}`) was not available at export time."]
-    meta = read_meta(cfg.data.dir)
+    meta = DataMeta.read(cfg.data.dir)
     lines = ["## Data", "", "| input | bytes |", "|---|---:|"]
-    lines += [f"| `{Path(i['path']).name}` | {i['bytes']:,} |" for i in meta["fingerprint"]["inputs"]]
+    for source in meta.input_files():
+        size = "?" if source.bytes is None else f"{source.bytes:,}"  # a dataset named on the hub
+        lines.append(f"| `{Path(source.path).name}` | {size} |")
     lines.append("")
-    for split, counts in meta["splits"].items():
-        if counts["tokens"]:
-            lines.append(f"- {split}: {counts['documents']:,} documents, {counts['tokens']:,} tokens")
+    for split, counts in meta.splits.items():
+        if counts.tokens:
+            lines.append(f"- {split}: {counts.documents:,} documents, {counts.tokens:,} tokens")
     return lines
 
 

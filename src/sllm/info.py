@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from sllm.config import Config, load_config
-from sllm.data.prepare import META_FILE, read_meta
+from sllm.data.meta import META_FILE, DataMeta
 from sllm.errors import UserError
 from sllm.model import build_model
 from sllm.model.stats import (
@@ -31,7 +31,7 @@ def resolve_for_info(run: str | None, config: str | None, overrides: list[str]) 
             raise UserError(
                 "the vocabulary size is unknown: set model.vocab_size=N or point data.dir at prepared data"
             )
-        cfg.model.vocab_size = read_meta(cfg.data.dir)["vocab_size"]
+        cfg.model.vocab_size = DataMeta.read(cfg.data.dir).vocab_size
     return cfg
 
 

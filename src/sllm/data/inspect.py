@@ -2,6 +2,7 @@
 
 Seeing decoded windows is the quickest check that the model will read what you meant:
 the right field, sane normalization, EOS between documents (shown as the token itself).
+The per-source lines are shared with prepare's closing summary.
 """
 
 from __future__ import annotations
@@ -11,33 +12,33 @@ from pathlib import Path
 import numpy as np
 
 from sllm.data.loader import open_split
-from sllm.data.prepare import read_meta, source_lines
+from sllm.data.meta import DataMeta
 from sllm.tokenizer import load_tokenizer
 
 
 def describe_data(data_dir: str | Path, show_samples: int = 0, window_tokens: int = 64, seed: int = 0) -> str:
-    meta = read_meta(data_dir)
+    meta = DataMeta.read(data_dir)
     tokenizer = load_tokenizer(data_dir)
     lines = [
-        f"{data_dir}: vocabulary {meta['vocab_size']:,} tokens ({meta['dtype']}), EOS id {meta['eos_id']}, "
-        f"tokenizer sha256 {meta['tokenizer_sha256'][:12]}",
+        f"{data_dir}: vocabulary {meta.vocab_size:,} tokens ({meta.dtype}), EOS id {meta.eos_id}, "
+        f"tokenizer sha256 {meta.tokenizer_sha256[:12]}",
     ]
-    for split, counts in meta["splits"].items():
-        if counts["documents"]:
-            shards = len(meta.get("shards", {}).get(split, [None]))
+    for split, counts in meta.splits.items():
+        if counts.documents:
+            shards = len(meta.shards[split])
             lines.append(
-                f"  {split:<5} {counts['documents']:>9,} documents {counts['tokens']:>12,} tokens "
-                f"{counts['bytes']:>13,} bytes ({counts['bytes'] / counts['tokens']:.2f} bytes/token) "
+                f"  {split:<5} {counts.documents:>9,} documents {counts.tokens:>12,} tokens "
+                f"{counts.bytes:>13,} bytes ({counts.bytes / counts.tokens:.2f} bytes/token) "
                 f"in {shards} shard{'s' if shards > 1 else ''}"
             )
     lines += source_lines(meta)
-    sources = meta["fingerprint"]["inputs"]
-    lines.append(f"  sources ({len(sources)}): " + ", ".join(s["path"] for s in sources[:5]))
-    if len(sources) > 5:
-        lines[-1] += f", … {len(sources) - 5} more"
-    skipped = {k: v for k, v in meta["skipped"].items() if v}
+    inputs = meta.input_files()
+    lines.append(f"  sources ({len(inputs)}): " + ", ".join(i.path for i in inputs[:5]))
+    if len(inputs) > 5:
+        lines[-1] += f", … {len(inputs) - 5} more"
+    skipped = {k: v for k, v in meta.skipped.items() if v}
     if skipped:
-        lines.append("  skipped: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in skipped.items()))
+        lines.append("  skipped: " + counts_line(skipped))
     tokens = open_split(data_dir, "train", meta)
     rng = np.random.default_rng(seed)
     width = min(window_tokens, len(tokens))
@@ -46,3 +47,21 @@ def describe_data(data_dir: str | Path, show_samples: int = 0, window_tokens: in
         text = tokenizer.decode(tokens[start : start + width].tolist())
         lines.append(f"\n--- train window {number + 1}: tokens {start:,}–{start + width:,} ---\n{text}")
     return "\n".join(lines)
+
+
+def source_lines(meta: DataMeta) -> list[str]:
+    """One line per source when there are several: its size and its share of training."""
+    lines = []
+    for source in meta.sources if len(meta.sources) > 1 else []:
+        counts = source.splits.values()
+        documents, tokens = sum(c.documents for c in counts), sum(c.tokens for c in counts)
+        lines.append(
+            f"  source {source.name}: {documents:,} documents, {tokens:,} tokens ({source.split}), "
+            f"train share {source.natural_share:.1%}, sampled {source.sampling_share:.1%}"
+        )
+    return lines
+
+
+def counts_line(counts: dict[str, int]) -> str:
+    """`{"malformed_lines": 2}` → "2 malformed lines"."""
+    return ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in counts.items())

@@ -15,22 +15,20 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
+from sllm.data.meta import DataMeta
 from sllm.data.mixture import TrainMixture
 from sllm.data.shards import TokenShards, open_shards
 from sllm.errors import UserError
 
 
-def open_split(data_dir: str | Path, split: str, meta: dict[str, Any]) -> np.ndarray | TokenShards:
-    """The split's tokens, its shards read as one array (meta.json lists them; data prepared
-    before sharding has one `<split>.bin`)."""
-    names = meta.get("shards", {}).get(split, [f"{split}.bin"])
-    tokens = meta["splits"][split]["tokens"]
-    return open_shards(Path(data_dir), names, meta["dtype"], tokens, meta.get("shard_tokens", tokens))
+def open_split(data_dir: str | Path, split: str, meta: DataMeta) -> np.ndarray | TokenShards:
+    """The split's tokens, its shards (listed in meta.json) read as one array."""
+    tokens = meta.splits[split].tokens
+    return open_shards(Path(data_dir), meta.shards[split], meta.dtype, tokens, meta.shard_tokens)
 
 
 class TrainWindows:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sllm.config import DataConfig
+from sllm.data.meta import DataMeta
 from sllm.data.sources import Input, ReadOptions, expand_inputs
 from sllm.errors import UserError
 
@@ -105,15 +106,15 @@ class TrainMixture:
     probabilities: np.ndarray
 
     @classmethod
-    def from_meta(cls, meta: dict) -> TrainMixture | None:
+    def from_meta(cls, meta: DataMeta) -> TrainMixture | None:
         """The mixture recorded by prepare, or None for the natural mix."""
-        weighted = [s for s in meta.get("sources", []) if s["weight"] > 0]
+        weighted = [s for s in meta.sources if s.weight > 0]
         if not weighted:
             return None
-        weights = np.array([s["weight"] for s in weighted], dtype=np.float64)
+        weights = np.array([s.weight for s in weighted], dtype=np.float64)
         return cls(
-            begins=np.array([s["train_range"][0] for s in weighted], dtype=np.int64),
-            ends=np.array([s["train_range"][1] for s in weighted], dtype=np.int64),
+            begins=np.array([s.train_range[0] for s in weighted], dtype=np.int64),
+            ends=np.array([s.train_range[1] for s in weighted], dtype=np.int64),
             probabilities=weights / weights.sum(),
         )
 

@@ -8,13 +8,13 @@ tokenizer's Rust threads encode the previous batch on every core. Tokens go to s
 `data.shard_tokens` (sllm.data.shards): uint16 when the vocabulary fits, else uint32.
 Memory is bounded by a few batches, whatever the corpus size (exact and near dedup aside).
 
-meta.json keeps a fingerprint of the inputs (content sha256), the tokenizer and the
-settings: re-running on unchanged inputs does nothing, anything changed rebuilds. Work
-happens in a hidden work directory that is renamed into place at the end, so an interrupted
-prepare never leaves a half-written directory that looks complete; the work directory keeps
-`progress.json` (written after each finished shard and every half minute), and a rerun with
-the same inputs and settings continues from there, producing the same bytes as an
-uninterrupted prepare.
+meta.json (its format: sllm.data.meta) keeps a fingerprint of the inputs (content sha256),
+the tokenizer and the settings: re-running on unchanged inputs does nothing, anything changed
+(or an unreadable meta.json) rebuilds. Work happens in a hidden work directory that is renamed
+into place at the end, so an interrupted prepare never leaves a half-written directory that
+looks complete; the work directory keeps `progress.json` (written after each finished shard
+and every half minute), and a rerun with the same inputs and settings continues from there,
+producing the same bytes as an uninterrupted prepare.
 """
 
 from __future__ import annotations
@@ -36,6 +36,17 @@ from tqdm import tqdm
 from sllm.atomic import ensure_writable_dir, recover_dir, replace_dir, write_text_atomic
 from sllm.config import DataConfig, TokenizerConfig
 from sllm.data.clean import Cleaner, CleanReport
+from sllm.data.inspect import counts_line, source_lines
+from sllm.data.meta import (
+    FORMAT_VERSION,
+    META_FILE,
+    SPLITS,
+    CleaningCounts,
+    DataMeta,
+    SourceEntry,
+    SplitCounts,
+    token_dtype,
+)
 from sllm.data.mixture import Source, held_out_splits, resolve_sources
 from sllm.data.prefetch import prefetched
 from sllm.data.shards import ShardWriter
@@ -43,17 +54,10 @@ from sllm.data.sources import HFDataset, Input, SourceStats, read_documents
 from sllm.errors import UserError
 from sllm.tokenizer import Tokenizer, load_tokenizer, train_bpe, train_char
 
-FORMAT_VERSION = 2
-META_FILE = "meta.json"
 PROGRESS_FILE = "progress.json"
 PARTIAL_MARK = ".partial"
 PROGRESS_INTERVAL_S = 30.0
-SPLITS = ("train", "val", "test")
 ENCODE_BATCH_DOCS = 512
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
 
 
 def file_sha256(path: Path) -> str:
@@ -161,16 +165,6 @@ def _fingerprint(
         "tokenizer": tokenizer_key,
         "settings": settings,
     }
-
-
-def read_meta(data_dir: str | Path) -> dict[str, Any]:
-    path = Path(data_dir) / META_FILE
-    if not path.is_file():
-        raise UserError(f"{data_dir} is not a prepared data directory (no meta.json); run `sllm prepare`")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        raise UserError(f"{path} is damaged (invalid JSON); run `sllm prepare` again") from None
 
 
 def _zero_counts() -> dict[str, dict[str, int]]:
@@ -308,7 +302,7 @@ def work_path(out: Path) -> Path:
     return out.parent / f".{out.name}{PARTIAL_MARK}"
 
 
-def prepare(data: DataConfig, tok: TokenizerConfig, log=print) -> dict[str, Any]:
+def prepare(data: DataConfig, tok: TokenizerConfig, log=print) -> DataMeta:
     """Build (or confirm up to date, or resume) the prepared data directory `data.dir`."""
     out = Path(data.dir)
     sources = resolve_sources(data)
@@ -317,8 +311,8 @@ def prepare(data: DataConfig, tok: TokenizerConfig, log=print) -> dict[str, Any]
     given = load_tokenizer(tok.path) if tok.path else None
     fingerprint = _fingerprint(sources, data, tok, given)
     if (out / META_FILE).is_file():
-        existing = read_meta(out)
-        if existing.get("fingerprint") == fingerprint:
+        existing = _existing_meta(out, log)
+        if existing is not None and existing.fingerprint == fingerprint:
             log(f"{out} is up to date with its inputs; nothing to do")
             return existing
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -345,6 +339,16 @@ def prepare(data: DataConfig, tok: TokenizerConfig, log=print) -> dict[str, Any]
     return meta
 
 
+def _existing_meta(out: Path, log) -> DataMeta | None:
+    """The meta.json of a previous prepare of `out`, or None (with the reason) when it cannot be
+    read: the directory is then rebuilt, which is what the error tells the user to do."""
+    try:
+        return DataMeta.read(out)
+    except UserError as exc:
+        log(f"rebuilding: {exc}")
+        return None
+
+
 def _resume(
     work: Path, sources: list[Source], data: DataConfig, log, fingerprint: dict[str, Any]
 ) -> SplitWriter | None:
@@ -361,7 +365,7 @@ def _resume(
     return writer
 
 
-def _write_all(writer: SplitWriter, sources: list[Source], data: DataConfig, name: str) -> dict[str, Any]:
+def _write_all(writer: SplitWriter, sources: list[Source], data: DataConfig, name: str) -> DataMeta:
     """Read, clean, encode and write every document (skipping batches written before an
     interruption: those are read and cleaned again, for the dedup state, but not encoded);
     then write meta.json into the work directory."""
@@ -384,30 +388,34 @@ def _write_all(writer: SplitWriter, sources: list[Source], data: DataConfig, nam
     _require_kept_documents(stats, cleaner.report)
     _check_splits(progress.counts, data, held_out_splits(sources))
     tokenizer = writer.tokenizer
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "tokenizer_sha256": tokenizer.sha256,
-        "dtype": token_dtype(tokenizer.vocab_size).name,
-        "vocab_size": tokenizer.vocab_size,
-        "eos_id": tokenizer.eos_id,
-        "splits": progress.counts,
-        "shard_tokens": data.shard_tokens,
-        "shards": shards,
-        "sources": _source_entries(sources, progress.source_counts),
-        "skipped": {
+    meta = DataMeta(
+        format_version=FORMAT_VERSION,
+        tokenizer_sha256=tokenizer.sha256,
+        dtype=token_dtype(tokenizer.vocab_size).name,
+        vocab_size=tokenizer.vocab_size,
+        eos_id=tokenizer.eos_id,
+        splits=_split_counts(progress.counts),
+        shard_tokens=data.shard_tokens,
+        shards=shards,
+        sources=_source_entries(sources, progress.source_counts),
+        skipped={
             "empty_documents": stats.empty_documents,
             "malformed_lines": stats.malformed_lines,
             "invalid_utf8_lines": stats.invalid_utf8_lines,
         },
-        "cleaning": cleaner.report.as_dict(),
-        "fingerprint": progress.fingerprint,
-    }
-    (writer.work / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), "utf-8")
+        cleaning=CleaningCounts(**cleaner.report.as_dict()),
+        fingerprint=progress.fingerprint,
+    )
+    meta.write(writer.work)
     (writer.work / PROGRESS_FILE).unlink()
     return meta
 
 
-def _source_entries(sources: list[Source], counts: list[dict[str, dict[str, int]]]) -> list[dict[str, Any]]:
+def _split_counts(counts: dict[str, dict[str, int]]) -> dict[str, SplitCounts]:
+    return {split: SplitCounts(**c) for split, c in counts.items()}
+
+
+def _source_entries(sources: list[Source], counts: list[dict[str, dict[str, int]]]) -> list[SourceEntry]:
     """Per source: its counts, its token range in the train split and its share of training
     windows (the weight, normalized; without weights, its natural share of the tokens)."""
     train_tokens = [c["train"]["tokens"] for c in counts]
@@ -417,53 +425,35 @@ def _source_entries(sources: list[Source], counts: list[dict[str, dict[str, int]
     entries, begin = [], 0
     for source, count, tokens, weight in zip(sources, counts, train_tokens, weights, strict=True):
         entries.append(
-            {
-                "name": source.name,
-                "split": source.split,
-                "weight": weight,
-                "files": [str(f) for f in source.files],
-                "splits": count,
-                "train_range": [begin, begin + tokens],
-                "natural_share": tokens / total,
-                "sampling_share": weight / sum(weights) if weighted else tokens / total,
-            }
+            SourceEntry(
+                name=source.name,
+                split=source.split,
+                weight=weight,
+                files=[str(f) for f in source.files],
+                splits=_split_counts(count),
+                train_range=(begin, begin + tokens),
+                natural_share=tokens / total,
+                sampling_share=weight / sum(weights) if weighted else tokens / total,
+            )
         )
         begin += tokens
     return entries
 
 
-def summary(meta: dict[str, Any], seconds: float) -> str:
-    lines = [f"prepared in {seconds:.1f}s: vocab {meta['vocab_size']}, dtype {meta['dtype']}"]
-    for split, c in meta["splits"].items():
-        if c["documents"]:
+def summary(meta: DataMeta, seconds: float) -> str:
+    lines = [f"prepared in {seconds:.1f}s: vocab {meta.vocab_size}, dtype {meta.dtype}"]
+    for split, c in meta.splits.items():
+        if c.documents:
             lines.append(
-                f"  {split:<5} {c['documents']:>9,} documents {c['tokens']:>12,} tokens "
-                f"{c['bytes'] / max(c['tokens'], 1):.2f} bytes/token"
+                f"  {split:<5} {c.documents:>9,} documents {c.tokens:>12,} tokens "
+                f"{c.bytes / max(c.tokens, 1):.2f} bytes/token"
             )
     lines += source_lines(meta)
-    skipped = {k: v for k, v in meta["skipped"].items() if v}
+    skipped = {k: v for k, v in meta.skipped.items() if v}
     if skipped:
-        lines.append("  skipped: " + _counts_line(skipped))
-    cleaning = meta.get("cleaning", {})
-    for label in ("dropped", "changed"):
-        if cleaning.get(label):
-            lines.append(f"  {label + ':':<8} {_counts_line(cleaning[label])}")
+        lines.append("  skipped: " + counts_line(skipped))
+    if meta.cleaning:
+        for label, counts in (("dropped", meta.cleaning.dropped), ("changed", meta.cleaning.changed)):
+            if counts:
+                lines.append(f"  {label + ':':<8} {counts_line(counts)}")
     return "\n".join(lines)
-
-
-def source_lines(meta: dict[str, Any]) -> list[str]:
-    """One line per source when there are several: its size and its share of training."""
-    sources = meta.get("sources", [])
-    lines = []
-    for source in sources if len(sources) > 1 else []:
-        counts = source["splits"].values()
-        documents, tokens = sum(c["documents"] for c in counts), sum(c["tokens"] for c in counts)
-        lines.append(
-            f"  source {source['name']}: {documents:,} documents, {tokens:,} tokens ({source['split']}), "
-            f"train share {source['natural_share']:.1%}, sampled {source['sampling_share']:.1%}"
-        )
-    return lines
-
-
-def _counts_line(counts: dict[str, int]) -> str:
-    return ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in counts.items())

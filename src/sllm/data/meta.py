@@ -1,0 +1,269 @@
+"""THE prepared-data format: `meta.json` as the `DataMeta` dataclass, read, written and validated here.
+
+Everything that needs to know what a prepared data directory holds (the loader, training,
+evaluation, `sllm info`, export) reads it through `DataMeta.read`; only `sllm prepare` writes it.
+Reading checks every field's type against the dataclasses' annotations (one generic walk, so a
+new field is checked by declaring it) and then the cross-field rules (dtype fits the vocabulary,
+EOS inside it, one shard list per split); any problem is a `UserError` naming the file, the field
+and the fix. Format version 1 (before token shards) still loads: its `<split>.bin` files are read
+as one shard each. The fingerprint is kept as the JSON object it is: prepare only compares it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sllm.atomic import write_text_atomic
+from sllm.errors import UserError
+
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+META_FILE = "meta.json"
+SPLITS = ("train", "val", "test")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The token files' element type: uint16 while every id fits, else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
+@dataclass(frozen=True)
+class SplitCounts:
+    """What one split (or one source's share of it) holds; tokens include one EOS per document."""
+
+    documents: int
+    tokens: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class SourceEntry:
+    """One named source: its counts, its token range in the train split, its share of training."""
+
+    name: str
+    split: str
+    weight: float
+    files: list[str]
+    splits: dict[str, SplitCounts]
+    train_range: tuple[int, int]
+    natural_share: float
+    sampling_share: float
+
+
+@dataclass(frozen=True)
+class CleaningCounts:
+    """Documents kept, and how many each cleaning step changed or dropped."""
+
+    kept: int
+    changed: dict[str, int]
+    dropped: dict[str, int]
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input as fingerprinted: its path and size (None for a dataset named on the hub)."""
+
+    path: str
+    bytes: int | None
+
+
+@dataclass(frozen=True)
+class DataMeta:
+    """The contents of a prepared data directory's meta.json, in its on-disk key order."""
+
+    format_version: int
+    tokenizer_sha256: str
+    dtype: str
+    vocab_size: int
+    eos_id: int
+    splits: dict[str, SplitCounts]
+    shard_tokens: int
+    shards: dict[str, list[str]]
+    sources: list[SourceEntry]
+    skipped: dict[str, int]
+    cleaning: CleaningCounts | None
+    fingerprint: dict[str, Any]
+
+    @classmethod
+    def read(cls, data_dir: str | Path) -> DataMeta:
+        """The validated meta.json of `data_dir`."""
+        path = Path(data_dir) / META_FILE
+        if not path.is_file():
+            raise UserError(f"{data_dir} is not a prepared data directory (no meta.json); run `sllm prepare`")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except OSError as exc:
+            raise UserError(f"cannot read {path}: {exc.strerror}; check its permissions") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is damaged (not UTF-8 text); run `sllm prepare` again") from None
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError:
+            raise UserError(f"{path} is damaged (invalid JSON); run `sllm prepare` again") from None
+        return cls.from_json(document, path)
+
+    @classmethod
+    def from_json(cls, document: Any, path: Path) -> DataMeta:
+        """Parsed JSON → a validated DataMeta; `path` only names the file in errors."""
+        if not isinstance(document, dict):
+            raise _invalid(path, f"it holds {_kind(document)} instead of a JSON object")
+        version = document.get("format_version")
+        if type(version) is not int:
+            raise _invalid(path, "format_version is missing or not an integer")
+        if version not in READABLE_VERSIONS:
+            raise UserError(
+                f"{path} has format version {version}, which this sllm does not read (it reads "
+                f"{', '.join(map(str, READABLE_VERSIONS))}); run `sllm prepare` again or upgrade sllm"
+            )
+        if version == 1:
+            document = _from_version_1(document)
+        try:
+            meta = _typed(document, cls, "")
+        except _FieldError as exc:
+            raise _invalid(path, str(exc)) from None
+        meta.validate(path)
+        return meta
+
+    def validate(self, path: Path) -> None:
+        """The rules between fields; `path` names the file in the error."""
+        problem = self._problem()
+        if problem:
+            raise _invalid(path, problem)
+
+    def _problem(self) -> str | None:
+        if self.vocab_size < 1:
+            return f"vocab_size {self.vocab_size} is not positive"
+        expected_dtype = token_dtype(self.vocab_size).name
+        if self.dtype != expected_dtype:
+            return (
+                f"dtype {self.dtype} does not match vocab_size {self.vocab_size:,} "
+                f"(prepare stores it as {expected_dtype}: uint16 up to 65,536 tokens, else uint32)"
+            )
+        if not 0 <= self.eos_id < self.vocab_size:
+            return f"eos_id {self.eos_id} is outside the vocabulary of {self.vocab_size:,} tokens"
+        if set(self.splits) != set(SPLITS) or set(self.shards) != set(SPLITS):
+            return f"splits and shards must each list exactly {', '.join(SPLITS)}"
+        if self.shard_tokens < 1:
+            return f"shard_tokens {self.shard_tokens} is not positive"
+        for split, counts in self.splits.items():
+            if min(counts.documents, counts.tokens, counts.bytes) < 0:
+                return f"splits.{split} has a negative count"
+            outside = [n for n in self.shards[split] if Path(n).name != n or n in ("", ".", "..")]
+            if outside:
+                return f"shards.{split} names {outside[0]!r}, which is not a file name inside the directory"
+            wanted = max(1, -(-counts.tokens // self.shard_tokens))
+            if len(self.shards[split]) != wanted:
+                return (
+                    f"shards.{split} lists {len(self.shards[split])} files where {counts.tokens:,} tokens "
+                    f"in shards of {self.shard_tokens:,} need {wanted}"
+                )
+        if not isinstance(self.fingerprint.get("inputs"), list) or not all(
+            isinstance(entry, dict) and isinstance(entry.get("path"), str)
+            for entry in self.fingerprint["inputs"]
+        ):
+            return "fingerprint.inputs must be a list of objects with a string path"
+        return None
+
+    def write(self, data_dir: str | Path) -> None:
+        """Write meta.json into `data_dir` atomically (after checking the cross-field rules)."""
+        path = Path(data_dir) / META_FILE
+        self.validate(path)
+        write_text_atomic(path, json.dumps(dataclasses.asdict(self), indent=2, ensure_ascii=False))
+
+    def input_files(self) -> list[InputFile]:
+        """The fingerprinted inputs with their sizes (a local dataset dir: its files' total)."""
+        return [InputFile(entry["path"], _input_bytes(entry)) for entry in self.fingerprint["inputs"]]
+
+
+def _input_bytes(entry: dict[str, Any]) -> int | None:
+    if "files" in entry:
+        return sum(_input_bytes(file) or 0 for file in entry["files"])
+    return entry.get("bytes")
+
+
+def _from_version_1(document: dict[str, Any]) -> dict[str, Any]:
+    """A version 1 meta.json (one `<split>.bin` per split, no sources, maybe no cleaning
+    counts) in the shape of the current version."""
+    splits = document.get("splits")
+    if not isinstance(splits, dict):
+        return document  # the type walk names the problem
+    sizes = [c.get("tokens") for c in splits.values() if isinstance(c, dict)]
+    return {
+        "shard_tokens": max([1, *(n for n in sizes if type(n) is int)]),
+        "shards": {split: [f"{split}.bin"] for split in splits},
+        "sources": [],
+        "cleaning": None,
+        **document,
+    }
+
+
+class _FieldError(Exception):
+    """A field of the wrong type or a missing one; becomes the UserError that names the file."""
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """`value`, parsed JSON, checked against the annotation `hint` and converted to it
+    (dataclasses built, lists made tuples where declared); `where` is the dotted field name."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _typed_dataclass(value, hint, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _typed(value, inner, where)
+    if origin is list:
+        _expect(isinstance(value, list), value, "a list", where)
+        return [_typed(item, args[0], f"{where}[{i}]") for i, item in enumerate(value)]
+    if origin is tuple:
+        _expect(isinstance(value, list) and len(value) == len(args), value, f"a list of {len(args)}", where)
+        return tuple(
+            _typed(item, arg, f"{where}[{i}]") for i, (item, arg) in enumerate(zip(value, args, strict=True))
+        )
+    if origin is dict:
+        _expect(isinstance(value, dict), value, "an object", where)
+        return {key: _typed(item, args[1], f"{where}.{key}") for key, item in value.items()}
+    if hint is float:
+        _expect(type(value) in (int, float), value, "a number", where)
+        return float(value)
+    names = {int: "an integer", str: "a string"}
+    _expect(type(value) is hint, value, names[hint], where)
+    return value
+
+
+def _typed_dataclass(value: Any, cls: type, where: str) -> Any:
+    _expect(isinstance(value, dict), value, "an object", where or "the file")
+    hints = typing.get_type_hints(cls)
+    prefix = f"{where}." if where else ""
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in value]
+    if missing:
+        raise _FieldError(f"field {prefix}{missing[0]} is missing")
+    return cls(
+        **{f.name: _typed(value[f.name], hints[f.name], prefix + f.name) for f in dataclasses.fields(cls)}
+    )
+
+
+def _expect(ok: bool, value: Any, expected: str, where: str) -> None:
+    if not ok:
+        raise _FieldError(f"field {where} should be {expected}, not {_kind(value)}")
+
+
+def _kind(value: Any) -> str:
+    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}
+    if value is None:
+        return "null"
+    return kinds.get(type(value), "an object")
+
+
+def _invalid(path: Path, problem: str) -> UserError:
+    return UserError(f"{path} is invalid: {problem}; run `sllm prepare` again")
