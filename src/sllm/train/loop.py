@@ -29,8 +29,8 @@ from tqdm import tqdm
 from sllm.atomic import ensure_writable_dir
 from sllm.config import Config, TrainConfig, save_config
 from sllm.data.loader import TrainWindows, fixed_windows, open_split
+from sllm.data.meta import DataMeta
 from sllm.data.mixture import TrainMixture
-from sllm.data.prepare import read_meta
 from sllm.errors import UserError
 from sllm.evaluate import score_windows
 from sllm.model import build_model, count_parameters, describe
@@ -98,13 +98,13 @@ class TrainResult:
     is_main: bool = True
 
 
-def _resolve_model_config(cfg: Config, meta: dict) -> None:
+def _resolve_model_config(cfg: Config, meta: DataMeta) -> None:
     if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = meta["vocab_size"]
-    elif cfg.model.vocab_size < meta["vocab_size"]:
+        cfg.model.vocab_size = meta.vocab_size
+    elif cfg.model.vocab_size < meta.vocab_size:
         raise UserError(
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's vocabulary "
-            f"({meta['vocab_size']}); set it to 0 to take the data's"
+            f"({meta.vocab_size}); set it to 0 to take the data's"
         )
 
 
@@ -150,9 +150,9 @@ class Trainer:
         t = cfg.train
         self.run_dir = Path(t.out_dir)
         self.data_dir = Path(cfg.data.dir)
-        meta = read_meta(self.data_dir)
+        meta = DataMeta.read(self.data_dir)
         self.tokenizer = load_tokenizer(self.data_dir)
-        if self.tokenizer.sha256 != meta["tokenizer_sha256"]:
+        if self.tokenizer.sha256 != meta.tokenizer_sha256:
             raise UserError(
                 f"{self.data_dir}/tokenizer.json does not match its meta.json; run `sllm prepare` again"
             )
