@@ -279,10 +279,6 @@ def _chromium() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
-@pytest.mark.skipif(
-    _chromium() is None,
-    reason="headless browser test needs Chromium and its driver (Debian: chromium chromium-driver)",
-)
 def _message_of_half_the_context(generator) -> str:
     """A message that fits the context alone but not twice: a second one overflows it."""
     text, half = "국민", generator.context_tokens // 2 + 1
@@ -291,6 +287,10 @@ def _message_of_half_the_context(generator) -> str:
     return text
 
 
+@pytest.mark.skipif(
+    _chromium() is None,
+    reason="headless browser test needs Chromium and its driver (Debian: chromium chromium-driver)",
+)
 def test_a_real_browser_sends_a_message_and_sees_the_streamed_reply(server_url, generator, tmp_path):
     webdriver = pytest.importorskip("selenium.webdriver", reason="browser test needs selenium")
     from selenium.webdriver.chrome.service import Service
