@@ -16,7 +16,7 @@ pytest.importorskip("uvicorn")
 
 import uvicorn
 
-from sllm.infer.chat import PLAIN
+from sllm.infer.chat_template import PLAIN
 from sllm.infer.engine import TextGenerator
 from sllm.infer.server import create_app
 

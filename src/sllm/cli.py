@@ -217,7 +217,7 @@ def _eval_multiple_choice(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from sllm.infer.chat import PLAIN, Message, load_chat_template
+    from sllm.infer.chat_template import PLAIN, Message, load_chat_template
     from sllm.infer.engine import TextGenerator
 
     template = load_chat_template(args.run)
@@ -333,7 +333,8 @@ def _sampling_params(args: argparse.Namespace, **extra):
 def cmd_chat(args: argparse.Namespace) -> None:
     import sys
 
-    from sllm.infer.chat import ChatSession, load_chat_template, run_chat
+    from sllm.infer.chat import ChatSession, run_chat
+    from sllm.infer.chat_template import load_chat_template
     from sllm.infer.engine import TextGenerator
 
     params = _sampling_params(args)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from sllm.errors import UserError
-from sllm.infer.chat import ChatTemplate, Message, load_chat_template
+from sllm.infer.chat_template import ChatTemplate, Message, load_chat_template
 from sllm.infer.engine import Completion, TextGenerator
 from sllm.infer.sampling import SamplingParams
 from sllm.infer.web import chat_page
