@@ -48,7 +48,7 @@ def test_saved_config_loads_back_identically(tmp_path):
             {"train": {"seed": "99999999999999999999999"}},
             "train.seed is '99999999999999999999999', too large",
         ),
-        ({"train": {"seed": -1}}, "train.seed must be >= 0"),
+        ({"train": {"seed": -1}}, "train.seed must not be negative"),
         ({"sample": {"temperature": "nan"}}, "sample.temperature must be a finite number"),
     ],
 )

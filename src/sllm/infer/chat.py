@@ -9,6 +9,7 @@ room for the reply. `/set NAME VALUE` changes a sampling option mid-conversation
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Callable
 from typing import TextIO
 
@@ -40,16 +41,11 @@ def fit_history(
     return kept, dropped
 
 
+# `/set NAME VALUE`: every option of `SamplingParams` but the stop strings, parsed by its type.
 SETTABLE: dict[str, Callable[[str], object]] = {
-    "temperature": float,
-    "top_k": int,
-    "top_p": float,
-    "min_p": float,
-    "repetition_penalty": float,
-    "presence_penalty": float,
-    "frequency_penalty": float,
-    "max_new_tokens": int,
-    "seed": int,
+    f.name: int if int in (hint, *typing.get_args(hint)) else float
+    for f in dataclasses.fields(SamplingParams)
+    if (hint := typing.get_type_hints(SamplingParams)[f.name]) != tuple[str, ...]
 }
 HELP = "commands: /reset (forget the conversation), /exit, /set NAME VALUE (" + ", ".join(SETTABLE) + ")"
 
