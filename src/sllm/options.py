@@ -1,16 +1,19 @@
 """One declaration per setting: `option(default, help, range)` on a dataclass field.
 
 The config sections and `SamplingParams` declare their fields with `option`; the CLI builds
-its flags and help from the same metadata, the server its request fields, and validation its
-range checks, so a default, a description or a bound is written exactly once. A `Range` is
+its flags and help from the same metadata (`add_flag`), the server its request fields, and
+validation its range checks, so a default, a description or a bound is written exactly once. A `Range` is
 an interval with open or closed ends; NaN lies in none, so it fails every range check.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
+import typing
 from dataclasses import Field, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from sllm.errors import UserError
 
@@ -38,8 +41,10 @@ class Range:
         return f"be in {self}"
 
     def __str__(self) -> str:
+        if self.high is None and self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
         low = "-inf" if self.low is None else f"{self.low:g}"
-        high = "inf" if self.high is None else f"{self.high:g}"
+        high = "inf" if self.high is None else f"{self.high}"
         opening = "(" if self.low_open or self.low is None else "["
         closing = ")" if self.high_open or self.high is None else "]"
         return f"{opening}{low}, {high}{closing}"
@@ -69,3 +74,27 @@ def check_range(key: str, value: Any, spec: Field) -> None:
         raise UserError(f"{key} must be a finite number, got {value}")
     if value not in bounds:
         raise UserError(f"{key} must {bounds.requirement()}, got {value}")
+
+
+def add_flag(
+    parser: argparse.ArgumentParser, flag: str, cls: type, name: str, note: str = "", **options: Any
+) -> None:
+    """`flag` for the field `name` of the dataclass `cls`: its help with `note`, its default (unless
+    `options` set another) and its range; a list field repeats, a Literal one offers its values.
+    Without a `type` in `options` values stay strings, for the dataclass's own checks to parse."""
+    spec = {f.name: f for f in dataclasses.fields(cls)}[name]
+    hint = typing.get_type_hints(cls)[name]
+    default = options.get(
+        "default", spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+    )
+    notes = [note] if note else []
+    if default not in (None, "", []):
+        notes.append(f"default: {default:,}" if type(default) is int else f"default: {default}")
+    if spec.metadata["range"] is not None:
+        notes.append(f"range: {spec.metadata['range']}")
+    if typing.get_origin(hint) is list:
+        options.setdefault("action", "append")
+    elif typing.get_origin(hint) is Literal:
+        options.setdefault("choices", typing.get_args(hint))
+    help = f"{spec.metadata['help']} ({'; '.join(notes)})" if notes else spec.metadata["help"]
+    parser.add_argument(flag, help=help.replace("%", "%%"), **options)

@@ -56,7 +56,7 @@ function ask() {
   return fetch("/v1/chat/completions", {
     method: "POST",
     headers: {"Content-Type": "application/json"},
-    body: JSON.stringify({messages: messages, stream: true, max_tokens: __MAX_TOKENS__}),
+    body: JSON.stringify({messages: messages, max_tokens: __MAX_TOKENS__, stream: true}),
   });
 }
 
