@@ -1,9 +1,9 @@
 """What each `sllm` command does with its parsed arguments: build the config, call the one
 function that does the work, print its result.
 
-`sllm.cli` builds the parser and hands each command's namespace to the function of the same
-name here. Heavy modules (torch) are imported inside the functions, so parsing and `--help`
-stay instant.
+`sllm.cli` builds the parser and hands each command's namespace to its function here; the
+first line of a function's docstring is the command's help. Heavy modules (torch) are
+imported inside the functions, so parsing and `--help` stay instant.
 """
 
 from __future__ import annotations
