@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sllm.cli import _sampling_params, build_parser
+from sllm.cli import build_parser
+from sllm.commands import sampling_params
 from sllm.config import ModelConfig, load_config
 from sllm.data.prepare import prepare
 from sllm.errors import UserError
@@ -345,7 +346,7 @@ def test_export_samples_as_sllm_generate_does_on_the_same_run(tokenizer, tmp_pat
         generation = json.loads(
             (export_run(run, tmp_path / f"hf-{name}") / "generation_config.json").read_text()
         )
-        used = _sampling_params(build_parser().parse_args(["generate", "--run", str(run), "--prompt", "p"]))
+        used = sampling_params(build_parser().parse_args(["generate", "--run", str(run), "--prompt", "p"]))
         assert (generation["temperature"], generation["top_k"], generation["top_p"]) == (
             used.temperature, used.top_k, used.top_p,
         )  # fmt: skip
