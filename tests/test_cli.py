@@ -212,3 +212,24 @@ def test_sampling_flags_left_out_take_the_runs_sample_section(tmp_path, tokenize
     assert (taken.temperature, taken.top_k, taken.top_p, taken.repetition_penalty) == (0.3, 7, 0.5, 1.3)
     given = sampling_params(parse([*command, "--run", str(run), "--temperature", "0", "--top-k", "0"]))
     assert (given.temperature, given.top_k, given.top_p) == (0.0, 0, 0.5)
+
+
+def test_flag_help_comes_from_the_declared_fields(capsys):
+    """A shorthand flag shows its config field's help, default and range; a sampling flag its
+    `SamplingParams` field's help and range, and that the run's `sample` section fills it."""
+    from sllm.cli import build_parser
+    from sllm.config import DataConfig
+
+    def help_of(*command):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*command, "--help"])
+        return " ".join(capsys.readouterr().out.split())
+
+    val_ratio = (
+        f"share of documents held out for validation (data.val_ratio; default: {DataConfig().val_ratio}"
+    )
+    assert f"--val-ratio VAL_RATIO {val_ratio}; range: [0, 1))" in help_of("prepare")
+    generate = help_of("generate")
+    assert "1 disables (default: the run's sample.top_p; range: (0, 1])" in generate
+    assert "most tokens generated per prompt (default: 100; range: >= 0)" in generate
+    assert "(default: 200;" in help_of("chat")

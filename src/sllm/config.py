@@ -90,8 +90,8 @@ class DataConfig:
 @dataclass
 class TokenizerConfig:
     kind: Literal["bpe", "char"] = option("bpe", "byte-level BPE or character-level")
-    vocab_size: int = option(8000, "vocabulary size of a trained BPE tokenizer")
-    min_frequency: int = option(2, "minimum pair count for a BPE merge")
+    vocab_size: int = option(8000, "vocabulary size of a trained BPE tokenizer", POSITIVE)
+    min_frequency: int = option(2, "minimum pair count for a BPE merge", NON_NEGATIVE)
     special_tokens: list[str] = option(SPECIAL_TOKENS, "special tokens; must hold an EOS token")
     path: str | None = option(None, "existing tokenizer.json (or its directory) to use")
     sample_bytes: int = option(
@@ -332,14 +332,17 @@ def _build_section(section: str, values: dict[str, Any]) -> Any:
 
 
 def build_dataclass(cls: type, section: str, values: dict[str, Any]) -> Any:
-    """An instance of the config dataclass `cls` from `values`, each checked against its type."""
+    """An instance of the config dataclass `cls` from `values`, each checked against its type
+    and its declared range."""
     hints = typing.get_type_hints(cls)
+    specs = {spec.name: spec for spec in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         if key not in hints:
             valid = ", ".join(hints)
             raise UserError(f"unknown config key {section}.{key}; valid keys of {section}: {valid}")
         kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+        check_range(f"config key {section}.{key}", kwargs[key], specs[key])
     return cls(**kwargs)
 
 
@@ -425,7 +428,7 @@ def save_config(cfg: Config, path: Path) -> None:
 
 
 def _check_ranges(cfg: Config) -> None:
-    """Every field with a declared range, in every section."""
+    """Every field with a declared range, in every section (also of a config built in code)."""
     for section in SECTIONS:
         values = getattr(cfg, section)
         for spec in dataclasses.fields(values):
