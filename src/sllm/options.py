@@ -2,8 +2,8 @@
 
 The config sections and `SamplingParams` declare their fields with `option`; the CLI builds
 its flags and help from the same metadata (`add_flag`), the server its request fields, and
-validation its range checks, so a default, a description or a bound is written exactly once. A `Range` is
-an interval with open or closed ends; NaN lies in none, so it fails every range check.
+validation its range checks, so a default, a description or a bound is written exactly once.
+A `Range` is an interval with open or closed ends; NaN lies in none, so it fails every check.
 """
 
 from __future__ import annotations
@@ -36,18 +36,21 @@ class Range:
         """What a value must do, for error messages: `be positive`, `be in [0, 1)`, ..."""
         if self.high is None and self.low == 0:
             return "be positive" if self.low_open else "not be negative"
-        if self.high is None:
-            return f"be {'>' if self.low_open else '>='} {self.low:g}"
-        return f"be in {self}"
+        return f"be {self}" if self.high is None else f"be in {self}"
 
     def __str__(self) -> str:
+        """`> 0`, `>= 1`, `[0, 1)`, ..."""
         if self.high is None and self.low is not None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        low = "-inf" if self.low is None else f"{self.low:g}"
-        high = "inf" if self.high is None else f"{self.high}"
+            return f"{'>' if self.low_open else '>='} {_number(self.low)}"
+        low = "-inf" if self.low is None else _number(self.low)
+        high = "inf" if self.high is None else _number(self.high)
         opening = "(" if self.low_open or self.low is None else "["
         closing = ")" if self.high_open or self.high is None else "]"
         return f"{opening}{low}, {high}{closing}"
+
+
+def _number(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 POSITIVE = Range(0, low_open=True)
