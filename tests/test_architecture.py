@@ -238,7 +238,7 @@ def test_checkpoints_from_before_the_options_still_match_the_default_model():
 
 
 def test_new_special_tokens_fill_padding_rows_and_grow_an_untied_head():
-    from sllm.finetune.chat_template import grow_embeddings
+    from sllm.infer.chat_template import grow_embeddings
 
     padded = _model(vocab_pad_multiple=16)
     grow_embeddings(padded, VOCAB + 2)

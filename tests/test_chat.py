@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from sllm.errors import UserError
-from sllm.infer.chat import PLAIN, ChatSession, ChatTemplate, Message, load_chat_template, parse_setting
+from sllm.infer.chat import ChatSession, parse_setting
+from sllm.infer.chat_template import PLAIN, ChatTemplate, Message, load_chat_template
 from sllm.infer.engine import TextGenerator
 from sllm.infer.sampling import SamplingParams
 

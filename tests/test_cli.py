@@ -200,14 +200,36 @@ def test_data_prepared_with_another_tokenizer_is_refused(tmp_path, trained_run, 
 
 @pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["chat"]])
 def test_sampling_flags_left_out_take_the_runs_sample_section(tmp_path, tokenizer, command):
-    from sllm.cli import _sampling_params, build_parser
+    from sllm.cli import build_parser
+    from sllm.commands import sampling_params
 
     run = random_run(
         tmp_path / "run", tokenizer, "sample.temperature=0.3", "sample.top_k=7",
         "sample.top_p=0.5", "sample.repetition_penalty=1.3",
     )  # fmt: skip
     parse = build_parser().parse_args
-    taken = _sampling_params(parse([*command, "--run", str(run)]))
+    taken = sampling_params(parse([*command, "--run", str(run)]))
     assert (taken.temperature, taken.top_k, taken.top_p, taken.repetition_penalty) == (0.3, 7, 0.5, 1.3)
-    given = _sampling_params(parse([*command, "--run", str(run), "--temperature", "0", "--top-k", "0"]))
+    given = sampling_params(parse([*command, "--run", str(run), "--temperature", "0", "--top-k", "0"]))
     assert (given.temperature, given.top_k, given.top_p) == (0.0, 0, 0.5)
+
+
+def test_flag_help_comes_from_the_declared_fields(capsys):
+    """A shorthand flag shows its config field's help, default and range; a sampling flag its
+    `SamplingParams` field's help and range, and that the run's `sample` section fills it."""
+    from sllm.cli import build_parser
+    from sllm.config import DataConfig
+
+    def help_of(*command):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*command, "--help"])
+        return " ".join(capsys.readouterr().out.split())
+
+    val_ratio = (
+        f"share of documents held out for validation (data.val_ratio; default: {DataConfig().val_ratio}"
+    )
+    assert f"--val-ratio VAL_RATIO {val_ratio}; range: [0, 1))" in help_of("prepare")
+    generate = help_of("generate")
+    assert "1 disables (default: the run's sample.top_p; range: (0, 1])" in generate
+    assert "most tokens generated per prompt (default: 100; range: >= 0)" in generate
+    assert "(default: 200;" in help_of("chat")

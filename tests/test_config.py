@@ -48,7 +48,7 @@ def test_saved_config_loads_back_identically(tmp_path):
             {"train": {"seed": "99999999999999999999999"}},
             "train.seed is '99999999999999999999999', too large",
         ),
-        ({"train": {"seed": -1}}, "train.seed must be >= 0"),
+        ({"train": {"seed": -1}}, "train.seed must not be negative"),
         ({"sample": {"temperature": "nan"}}, "sample.temperature must be a finite number"),
     ],
 )
@@ -62,3 +62,36 @@ def test_override_syntax_errors():
         parse_override("lr=3")
     assert parse_override("train.lr=1e-3") == ("train", "lr", "1e-3")
     assert isinstance(Config().train.lr, float)
+
+
+def test_every_config_field_is_declared_with_a_one_line_help():
+    """...and each integer or float of a section with the range it must lie in."""
+    import typing
+    from dataclasses import fields
+
+    from sllm.config import SECTIONS, SourceConfig
+
+    for section in [*SECTIONS.values(), SourceConfig]:
+        hints = typing.get_type_hints(section)
+        for spec in fields(section):
+            help = spec.metadata["help"]
+            assert help and "\n" not in help and len(help) <= 100, (section.__name__, spec.name)
+            if hints[spec.name] in (int, float) and section is not SourceConfig:
+                assert spec.metadata["range"] is not None, (section.__name__, spec.name)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"model": {"n_kv_head": -1}}, "config key model.n_kv_head must not be negative, got -1"),
+        ({"data": {"min_script_ratio": 0}}, r"config key data.min_script_ratio must be in \(0, 1\], got 0"),
+        (
+            {"sample": {"presence_penalty": 3}},
+            r"config key sample.presence_penalty must be in \[-2, 2\], got 3",
+        ),
+        ({"train": {"micro_batch": 0}}, "config key train.micro_batch must be positive, got 0"),
+    ],
+)
+def test_a_value_outside_its_declared_range_names_the_key_and_the_range(raw, message):
+    with pytest.raises(UserError, match=message):
+        config_from_dict(raw)

@@ -11,13 +11,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from sllm.cli import _sampling_params, build_parser
+from sllm.cli import build_parser
+from sllm.commands import sampling_params
 from sllm.config import ModelConfig, load_config
 from sllm.data.prepare import prepare
 from sllm.errors import UserError
 from sllm.export import check_export, export_run, import_hf, to_transformers
-from sllm.finetune.chat_template import END_TOKEN, INFERENCE_TEMPLATE, with_template_tokens
-from sllm.infer.chat import ChatTemplate, Message, load_chat_template, save_chat_template
+from sllm.infer.chat_template import (
+    END_TOKEN,
+    SFT_TEMPLATE,
+    ChatTemplate,
+    Message,
+    load_chat_template,
+    save_chat_template,
+    with_template_tokens,
+)
 from sllm.infer.engine import stream_tokens
 from sllm.infer.sampling import SamplingParams
 from sllm.model import build_model
@@ -338,7 +346,7 @@ def test_export_samples_as_sllm_generate_does_on_the_same_run(tokenizer, tmp_pat
         generation = json.loads(
             (export_run(run, tmp_path / f"hf-{name}") / "generation_config.json").read_text()
         )
-        used = _sampling_params(build_parser().parse_args(["generate", "--run", str(run), "--prompt", "p"]))
+        used = sampling_params(build_parser().parse_args(["generate", "--run", str(run), "--prompt", "p"]))
         assert (generation["temperature"], generation["top_k"], generation["top_p"]) == (
             used.temperature, used.top_k, used.top_p,
         )  # fmt: skip
@@ -358,7 +366,7 @@ CONVERSATION = [
 def sft_run(tokenizer, tmp_path_factory) -> Path:
     """A run saved the way `sllm finetune sft` saves one: template tokens, chat_template.json."""
     run_dir = random_run(tmp_path_factory.mktemp("sft") / "run", with_template_tokens(tokenizer))
-    save_chat_template(run_dir, INFERENCE_TEMPLATE)
+    save_chat_template(run_dir, SFT_TEMPLATE)
     return run_dir
 
 
@@ -396,7 +404,7 @@ def test_chat_template_in_tokenizer_config_alone_gives_the_same_prompt(transform
     (legacy / "chat_template.jinja").unlink()
     theirs = transformers.AutoTokenizer.from_pretrained(legacy)
     prompt = theirs.apply_chat_template(_as_dicts(CONVERSATION), tokenize=False, add_generation_prompt=True)
-    assert prompt == INFERENCE_TEMPLATE.render(CONVERSATION)
+    assert prompt == SFT_TEMPLATE.render(CONVERSATION)
 
 
 def test_sft_export_generation_stops_at_the_end_token(transformers, sft_run, sft_export):
@@ -408,7 +416,7 @@ def test_sft_export_generation_stops_at_the_end_token(transformers, sft_run, sft
         hf_model.transformer.wte.weight[end] *= 10
         hf_model.transformer.ln_f.weight.zero_()
         hf_model.transformer.ln_f.bias.copy_(hf_model.transformer.wte.weight[end])
-        prompt = torch.tensor([run.tokenizer.encode(INFERENCE_TEMPLATE.render(CONVERSATION[1:2]))])
+        prompt = torch.tensor([run.tokenizer.encode(SFT_TEMPLATE.render(CONVERSATION[1:2]))])
         generated = hf_model.generate(prompt, max_new_tokens=5, do_sample=False)
     assert generated[0, prompt.size(1) :].tolist() == [end]
 

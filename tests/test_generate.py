@@ -6,8 +6,7 @@ import torch
 from sllm.config import ModelConfig
 from sllm.errors import UserError
 from sllm.infer.engine import TextGenerator, stream_tokens
-from sllm.infer.sampling import (
-    SamplingParams,
+from sllm.infer.logits import (
     TokenHistory,
     apply_presence_frequency,
     apply_repetition_penalty,
@@ -16,6 +15,7 @@ from sllm.infer.sampling import (
     top_k_filter,
     top_p_filter,
 )
+from sllm.infer.sampling import SamplingParams
 from sllm.model import build_model
 from sllm.train.checkpoint import load_latest, save_checkpoint
 

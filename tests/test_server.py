@@ -16,7 +16,7 @@ pytest.importorskip("uvicorn")
 
 import uvicorn
 
-from sllm.infer.chat import PLAIN
+from sllm.infer.chat_template import PLAIN
 from sllm.infer.engine import TextGenerator
 from sllm.infer.server import create_app
 
@@ -279,10 +279,6 @@ def _chromium() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
-@pytest.mark.skipif(
-    _chromium() is None,
-    reason="headless browser test needs Chromium and its driver (Debian: chromium chromium-driver)",
-)
 def _message_of_half_the_context(generator) -> str:
     """A message that fits the context alone but not twice: a second one overflows it."""
     text, half = "국민", generator.context_tokens // 2 + 1
@@ -291,6 +287,10 @@ def _message_of_half_the_context(generator) -> str:
     return text
 
 
+@pytest.mark.skipif(
+    _chromium() is None,
+    reason="headless browser test needs Chromium and its driver (Debian: chromium chromium-driver)",
+)
 def test_a_real_browser_sends_a_message_and_sees_the_streamed_reply(server_url, generator, tmp_path):
     webdriver = pytest.importorskip("selenium.webdriver", reason="browser test needs selenium")
     from selenium.webdriver.chrome.service import Service
@@ -342,3 +342,40 @@ def test_serving_on_a_taken_port_is_one_line_before_the_model_loads(tmp_path):
     finally:
         taken.close()
     assert_one_line_error(result, f"cannot listen on 127.0.0.1:{port}", "choose another --port")
+
+
+def test_sampling_defaults_are_the_same_in_config_cli_api_and_server(trained_run, generator):
+    """`SamplingParams` declares the defaults once: the config's `sample` section holds them, the
+    CLI and the server fill what a user leaves out with the run's section, and the Python API
+    with the declaration itself, so all four draw the same text."""
+    from sllm.cli import build_parser
+    from sllm.commands import sampling_params
+    from sllm.config import Config
+    from sllm.infer.sampling import RUN_OPTIONS, SamplingParams
+    from sllm.infer.server import build_app
+
+    declared = SamplingParams()
+    assert (declared.temperature, declared.top_k, declared.top_p, declared.seed) == (0.8, 50, 0.95, None)
+    assert all(getattr(Config().sample, name) == getattr(declared, name) for name in RUN_OPTIONS)
+    for command, length in (["generate", "--prompt", "x"], 100), (["chat"], 200):
+        cli = sampling_params(build_parser().parse_args([*command, "--run", str(trained_run)]))
+        assert cli == SamplingParams(max_new_tokens=length)
+
+    explicit = {name: getattr(declared, name) for name in RUN_OPTIONS if name != "max_new_tokens"}
+    api = generator.generate("대한민국은", max_new_tokens=8, seed=3)
+    assert api == generator.generate("대한민국은", max_new_tokens=8, seed=3, **explicit)
+    with serving(build_app(trained_run, device="cpu")) as url:
+        status, text = _post(f"{url}/v1/completions", {"prompt": "대한민국은", "max_tokens": 8, "seed": 3})
+    assert status == 200 and json.loads(text)["choices"][0]["text"] == api
+
+
+def test_the_server_samples_as_the_runs_sample_section_says(tmp_path, tokenizer):
+    from sllm.infer.server import build_app
+
+    from .conftest import random_run
+
+    run = random_run(tmp_path / "run", tokenizer, "sample.temperature=0")
+    greedy = TextGenerator.from_run(run, device="cpu").generate("국민", max_new_tokens=6, temperature=0)
+    with serving(build_app(run, device="cpu")) as url:
+        status, text = _post(f"{url}/v1/completions", {"prompt": "국민", "max_tokens": 6})
+    assert status == 200 and json.loads(text)["choices"][0]["text"] == greedy

@@ -8,19 +8,19 @@ import pytest
 import torch
 
 from sllm.errors import UserError
-from sllm.finetune.chat_template import (
+from sllm.finetune.packing import pack
+from sllm.finetune.sft import SftConfig, answer_prompts, pack_split, packing_summary
+from sllm.finetune.sft_data import Message, load_sft
+from sllm.infer.chat_template import (
     END_TOKEN,
-    INFERENCE_TEMPLATE,
     ROLE_TOKENS,
+    SFT_TEMPLATE,
     grow_embeddings,
+    load_chat_template,
     render,
     render_prompt,
     with_template_tokens,
 )
-from sllm.finetune.packing import pack
-from sllm.finetune.sft import SftConfig, answer_prompts, pack_split, packing_summary
-from sllm.finetune.sft_data import Message, load_sft
-from sllm.infer.chat import load_chat_template
 from sllm.infer.engine import TextGenerator
 from sllm.runs import open_run
 
@@ -79,7 +79,7 @@ def test_loss_weights_are_zero_on_the_prompt(tokenizer):
 def test_the_inference_template_encodes_like_the_training_render(tokenizer):
     chat = with_template_tokens(tokenizer)
     conversation = [Message("system", "짧게"), Message("user", "대한민국의 주권은?")]
-    assert chat.encode(INFERENCE_TEMPLATE.render(conversation)) == render_prompt(chat, conversation)
+    assert chat.encode(SFT_TEMPLATE.render(conversation)) == render_prompt(chat, conversation)
 
 
 def test_an_over_long_example_loses_its_oldest_prompt_tokens_not_its_answers(tokenizer):
@@ -212,7 +212,7 @@ def test_finetune_sft_through_the_cli_makes_a_usable_run(tmp_path, trained_run):
     )
     assert answer.returncode == 0, answer.stderr
     assert not answer.stdout.startswith("대한민국은?") and "<|end|>" not in answer.stdout
-    rendered = INFERENCE_TEMPLATE.render([Message("user", "대한민국은?")])
+    rendered = SFT_TEMPLATE.render([Message("user", "대한민국은?")])
     expected = TextGenerator.from_run(out, device="cpu").generate(
         rendered, temperature=0, max_new_tokens=30, stop=("<|end|>",)
     )

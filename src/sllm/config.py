@@ -1,9 +1,11 @@
 """Experiment configuration: dataclasses, YAML files, dotted overrides and validation.
 
-The dataclasses are the one source of truth: every field has a default and a one-line help
-text (`metadata["help"]`), YAML files and `section.key=value` overrides are checked against
-them, and the resolved config is written back as YAML into the run directory. Everything is
-validated before any work starts, so a typo never costs a training run.
+The dataclasses are the one source of truth: every field is one `option` with its default, a
+one-line help text and, for bounded numbers, its range. The CLI's flags and help are built
+from them, YAML files and `section.key=value` overrides are checked against them, and the
+resolved config is written back as YAML into the run directory. The `sample` section is built
+from `SamplingParams`, where the sampling options are declared. Everything is validated before
+any work starts (types, ranges, then cross-field rules), so a typo never costs a training run.
 """
 
 from __future__ import annotations
@@ -20,15 +22,10 @@ from typing import Any, Literal
 import yaml
 
 from sllm.errors import UserError
+from sllm.infer.sampling import RUN_OPTIONS, SamplingParams
+from sllm.options import FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, check_range, option
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]
-
-
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with a default and the help text the CLI and docs show."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -60,10 +57,10 @@ class DataConfig:
     val_inputs: list[str] = option([], "held-out validation files (then val_ratio is not drawn)")
     test_inputs: list[str] = option([], "held-out test files (then test_ratio is not drawn)")
     sources: list[SourceConfig] = option([], "several named sources, each with its own inputs and field")
-    shard_tokens: int = option(100_000_000, "tokens per shard file of a split (the resume unit)")
-    val_ratio: float = option(0.05, "share of documents held out for validation")
-    test_ratio: float = option(0.0, "share of documents held out for testing")
-    split_seed: int = option(1234, "seed of the document-level train/val/test split")
+    shard_tokens: int = option(100_000_000, "tokens per shard file of a split (the resume unit)", POSITIVE)
+    val_ratio: float = option(0.05, "share of documents held out for validation", FRACTION)
+    test_ratio: float = option(0.0, "share of documents held out for testing", FRACTION)
+    split_seed: int = option(1234, "seed of the document-level train/val/test split", NON_NEGATIVE)
     on_error: Literal["raise", "skip"] = option(
         "raise", "malformed input lines: stop with an error, or skip and count them"
     )
@@ -74,103 +71,117 @@ class DataConfig:
     normalize_whitespace: bool = option(
         False, "collapse spaces and blank lines, strip line ends; keeps paragraph breaks"
     )
-    min_chars: int = option(0, "drop documents shorter than this many characters; 0 disables")
-    max_chars: int = option(0, "drop documents longer than this many characters; 0 disables")
+    min_chars: int = option(0, "drop documents shorter than this many characters; 0 disables", NON_NEGATIVE)
+    max_chars: int = option(0, "drop documents longer than this many characters; 0 disables", NON_NEGATIVE)
     language: Literal["any", "ko", "en"] = option(
         "any", "keep only Hangul-heavy (ko) or Latin-heavy (en) documents, by script ratio"
     )
-    min_script_ratio: float = option(0.5, "language filter: least share of letters in the wanted script")
+    min_script_ratio: float = option(
+        0.5, "language filter: least share of letters in the wanted script", PROBABILITY
+    )
     dedup: bool = option(False, "drop exact duplicate documents (keeps 16 bytes per document in memory)")
     near_dedup_threshold: float = option(
-        0.0, "drop near-duplicates above this MinHash Jaccard estimate (needs datasketch); 0 disables"
+        0.0,
+        "drop near-duplicates above this MinHash Jaccard estimate (needs datasketch); 0 disables",
+        FRACTION,
     )
 
 
 @dataclass
 class TokenizerConfig:
     kind: Literal["bpe", "char"] = option("bpe", "byte-level BPE or character-level")
-    vocab_size: int = option(8000, "vocabulary size of a trained BPE tokenizer")
-    min_frequency: int = option(2, "minimum pair count for a BPE merge")
+    vocab_size: int = option(8000, "vocabulary size of a trained BPE tokenizer", POSITIVE)
+    min_frequency: int = option(2, "minimum pair count for a BPE merge", NON_NEGATIVE)
     special_tokens: list[str] = option(SPECIAL_TOKENS, "special tokens; must hold an EOS token")
     path: str | None = option(None, "existing tokenizer.json (or its directory) to use")
     sample_bytes: int = option(
-        1_000_000_000, "train on the first this many bytes of text, taken from the sources in turn"
+        1_000_000_000, "train on the first this many bytes of text, taken from the sources in turn", POSITIVE
     )
 
 
 @dataclass
 class ModelConfig:
     arch: Literal["gpt", "ffn"] = option("gpt", "GPT decoder, or the MLP-only window baseline")
-    n_layer: int = option(6, "number of transformer blocks")
-    n_head: int = option(6, "attention heads per block")
-    n_embd: int = option(384, "embedding width")
-    block_size: int = option(256, "context length in tokens")
-    dropout: float = option(0.0, "dropout probability during training")
+    n_layer: int = option(6, "number of transformer blocks", POSITIVE)
+    n_head: int = option(6, "attention heads per block", POSITIVE)
+    n_embd: int = option(384, "embedding width", POSITIVE)
+    block_size: int = option(256, "context length in tokens", POSITIVE)
+    dropout: float = option(0.0, "dropout probability during training", FRACTION)
     bias: bool = option(True, "biases in linear layers and norms")
     pos: Literal["learned", "sinusoidal", "rope"] = option(
         "learned", "positions: learned or sinusoidal embeddings, or rotary (RoPE) q/k rotation"
     )
-    rope_base: float = option(10000.0, "RoPE: base of the rotation frequencies (HF rope_theta)")
+    rope_base: float = option(10000.0, "RoPE: base of the rotation frequencies (HF rope_theta)", POSITIVE)
     norm: Literal["layernorm", "rmsnorm"] = option("layernorm", "normalization layer of blocks and output")
     mlp: Literal["gelu", "swiglu", "relu2"] = option(
         "gelu", "MLP kind: GELU, gated SiLU (SwiGLU) or squared ReLU"
     )
-    mlp_hidden: int = option(0, "MLP hidden width; 0 means 4 * n_embd (SwiGLU: 8/3 * n_embd, multiple of 64)")
+    mlp_hidden: int = option(
+        0, "MLP hidden width; 0 means 4 * n_embd (SwiGLU: 8/3 * n_embd, multiple of 64)", NON_NEGATIVE
+    )
     qk_norm: bool = option(False, "RMSNorm of queries and keys per head before attention")
-    n_kv_head: int = option(0, "key/value heads (grouped-query attention); 0 means n_head")
+    n_kv_head: int = option(0, "key/value heads (grouped-query attention); 0 means n_head", NON_NEGATIVE)
     tie_embeddings: bool = option(True, "LM head shares the token embedding; false adds a separate lm_head")
-    vocab_pad_multiple: int = option(1, "pad embedding rows to a multiple of this (128 is fast on GPUs)")
-    vocab_size: int = option(0, "vocabulary size; 0 takes it from the prepared data")
-    ffn_window: int = option(8, "ffn baseline: how many previous tokens it sees")
-    ffn_hidden: int = option(0, "ffn baseline: hidden width; 0 means 4 * n_embd")
+    vocab_pad_multiple: int = option(
+        1, "pad embedding rows to a multiple of this (128 is fast on GPUs)", POSITIVE
+    )
+    vocab_size: int = option(0, "vocabulary size; 0 takes it from the prepared data", NON_NEGATIVE)
+    ffn_window: int = option(8, "ffn baseline: how many previous tokens it sees", POSITIVE)
+    ffn_hidden: int = option(0, "ffn baseline: hidden width; 0 means 4 * n_embd", NON_NEGATIVE)
 
 
 @dataclass
 class TrainConfig:
     out_dir: str = option("runs/default", "run directory (checkpoints, metrics, samples)")
-    max_steps: int = option(1000, "optimizer steps to train (unless max_tokens or epochs is set)")
-    max_tokens: int = option(0, "train on this many tokens instead of max_steps; 0 disables")
-    epochs: float = option(0.0, "train for this many epochs instead of max_steps; 0 disables")
-    tokens_per_epoch: int = option(0, "tokens in one epoch; 0 means the train split's size")
+    max_steps: int = option(1000, "optimizer steps to train (unless max_tokens or epochs is set)", POSITIVE)
+    max_tokens: int = option(0, "train on this many tokens instead of max_steps; 0 disables", NON_NEGATIVE)
+    epochs: float = option(0.0, "train for this many epochs instead of max_steps; 0 disables", NON_NEGATIVE)
+    tokens_per_epoch: int = option(0, "tokens in one epoch; 0 means the train split's size", NON_NEGATIVE)
     init_from: str | None = option(None, "start from another run's newest weights (fresh optimizer)")
     micro_batch: int | Literal["auto"] = option(
-        16, "sequences per forward/backward pass; auto: the largest that fits (needs batch_size)"
+        16, "sequences per forward/backward pass; auto: the largest that fits (needs batch_size)", POSITIVE
     )
-    grad_accum: int = option(1, "micro-batches accumulated per optimizer step (unless batch_size is set)")
+    grad_accum: int = option(
+        1, "micro-batches accumulated per optimizer step (unless batch_size is set)", POSITIVE
+    )
     batch_size: int = option(
-        0, "sequences per optimizer step, all processes together; sets grad_accum; 0: micro × accum × procs"
+        0,
+        "sequences per optimizer step, all processes together; sets grad_accum; 0: micro × accum × procs",
+        NON_NEGATIVE,
     )
-    block_size: int = option(0, "training window length; 0 means model.block_size")
-    lr: float = option(6e-4, "peak learning rate")
-    min_lr: float = option(6e-5, "learning rate at the end of the cosine decay")
-    warmup_steps: int = option(100, "linear warmup steps")
-    weight_decay: float = option(0.1, "AdamW weight decay (matrices only)")
-    beta1: float = option(0.9, "AdamW beta1")
-    beta2: float = option(0.95, "AdamW beta2")
-    grad_clip: float = option(1.0, "clip the global gradient norm to this; 0 disables")
+    block_size: int = option(0, "training window length; 0 means model.block_size", NON_NEGATIVE)
+    lr: float = option(6e-4, "peak learning rate", POSITIVE)
+    min_lr: float = option(6e-5, "learning rate at the end of the cosine decay", NON_NEGATIVE)
+    warmup_steps: int = option(100, "linear warmup steps", NON_NEGATIVE)
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices only)", NON_NEGATIVE)
+    beta1: float = option(0.9, "AdamW beta1", FRACTION)
+    beta2: float = option(0.95, "AdamW beta2", FRACTION)
+    grad_clip: float = option(1.0, "clip the global gradient norm to this; 0 disables", NON_NEGATIVE)
     optimizer: Literal["adamw", "adafactor", "muon"] = option(
         "adamw", "AdamW; Adafactor; or Muon for block matrices with AdamW for the rest"
     )
     schedule: Literal["cosine", "wsd"] = option(
         "cosine", "warmup + cosine decay, or warmup + stable + linear decay (WSD)"
     )
-    decay_fraction: float = option(0.2, "WSD: share of the steps spent decaying at the end")
+    decay_fraction: float = option(0.2, "WSD: share of the steps spent decaying at the end", PROBABILITY)
     compile: bool = option(False, "torch.compile the model for training (fastest on CUDA)")
-    seed: int = option(1337, "seed of initialization, batches and dropout")
+    seed: int = option(1337, "seed of initialization, batches and dropout", NON_NEGATIVE)
     device: Literal["auto", "cpu", "cuda", "mps"] = option("auto", "where to train")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "auto", "autocast precision; auto is bf16 or fp16 on GPU, fp32 on CPU"
     )
-    eval_interval: int = option(200, "steps between validation evaluations; 0 disables")
-    eval_windows: int = option(32, "validation windows scored at each periodic evaluation")
-    checkpoint_interval: int = option(200, "steps between checkpoints (with checkpoint_every: steps)")
+    eval_interval: int = option(200, "steps between validation evaluations; 0 disables", NON_NEGATIVE)
+    eval_windows: int = option(32, "validation windows scored at each periodic evaluation", POSITIVE)
+    checkpoint_interval: int = option(
+        200, "steps between checkpoints (with checkpoint_every: steps)", POSITIVE
+    )
     checkpoint_every: Literal["steps", "epoch"] = option(
         "steps", "save step-N every checkpoint_interval steps, or epoch-N at the end of each epoch"
     )
-    keep_last: int = option(3, "periodic checkpoints kept on disk (best/ is kept apart)")
+    keep_last: int = option(3, "periodic checkpoints kept on disk (best/ is kept apart)", POSITIVE)
     resume: Literal["auto", "never"] = option("auto", "continue from LATEST if the run has one")
-    log_interval: int = option(10, "steps between metric log lines")
-    dist_timeout_s: int = option(600, "seconds a rank waits for the others before failing")
+    log_interval: int = option(10, "steps between metric log lines", POSITIVE)
+    dist_timeout_s: int = option(600, "seconds a rank waits for the others before failing", POSITIVE)
     parallel: Literal["ddp", "fsdp"] = option(
         "ddp", "with several processes: replicate (DDP) or shard parameters and state (FSDP2)"
     )
@@ -182,20 +193,33 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    stride: int = option(0, "evaluation window stride; 0 means half the context")
-    batch_size: int = option(16, "windows per evaluation batch")
+    stride: int = option(0, "evaluation window stride; 0 means half the context", NON_NEGATIVE)
+    batch_size: int = option(16, "windows per evaluation batch", POSITIVE)
     splits: list[str] = option(["val", "test"], "splits `sllm eval` scores when present")
 
 
-@dataclass
-class SampleConfig:
-    prompts: list[str] = option(["대한민국은", "The "], "fixed prompts sampled at each eval")
-    max_new_tokens: int = option(64, "tokens generated per prompt")
-    temperature: float = option(0.8, "softmax temperature; 0 is greedy")
-    top_k: int = option(50, "keep the k most likely tokens; 0 disables")
-    top_p: float = option(0.95, "keep the smallest set with this probability mass")
-    repetition_penalty: float = option(1.0, "divide logits of seen tokens by this (>1 avoids loops)")
-    seed: int = option(42, "sampling seed")
+def _sample_section() -> type:
+    """The `sample` section: fixed prompts continued at each evaluation with their own seed, and
+    the sampling options a run keeps (`RUN_OPTIONS`), declared in `SamplingParams`. Those are the
+    defaults of `sllm generate`, `chat` and `serve` for the run, and of its export."""
+    hints = typing.get_type_hints(SamplingParams)
+    declared = {spec.name: spec for spec in dataclasses.fields(SamplingParams)}
+    options = [(name, hints[name], _copy(declared[name])) for name in RUN_OPTIONS]
+    return dataclasses.make_dataclass(
+        "SampleConfig",
+        [
+            ("prompts", list[str], option(["대한민국은", "The "], "fixed prompts sampled at each eval")),
+            *options,
+            ("seed", int, option(42, "seed of the samples at each eval", NON_NEGATIVE)),
+        ],
+    )
+
+
+def _copy(spec: dataclasses.Field) -> Any:
+    return option(spec.default, spec.metadata["help"], spec.metadata["range"])
+
+
+SampleConfig = _sample_section()
 
 
 @dataclass
@@ -308,14 +332,17 @@ def _build_section(section: str, values: dict[str, Any]) -> Any:
 
 
 def build_dataclass(cls: type, section: str, values: dict[str, Any]) -> Any:
-    """An instance of the config dataclass `cls` from `values`, each checked against its type."""
+    """An instance of the config dataclass `cls` from `values`, each checked against its type
+    and its declared range."""
     hints = typing.get_type_hints(cls)
+    specs = {spec.name: spec for spec in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         if key not in hints:
             valid = ", ".join(hints)
             raise UserError(f"unknown config key {section}.{key}; valid keys of {section}: {valid}")
         kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+        check_range(f"config key {section}.{key}", kwargs[key], specs[key])
     return cls(**kwargs)
 
 
@@ -400,35 +427,19 @@ def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), allow_unicode=True, sort_keys=False), "utf-8")
 
 
-def _positive(key: str, value: float) -> None:
-    if value <= 0:
-        raise UserError(f"config key {key} must be positive, got {value}")
+def _check_ranges(cfg: Config) -> None:
+    """Every field with a declared range, in every section (also of a config built in code)."""
+    for section in SECTIONS:
+        values = getattr(cfg, section)
+        for spec in dataclasses.fields(values):
+            check_range(f"config key {section}.{spec.name}", getattr(values, spec.name), spec)
 
 
 def validate(cfg: Config) -> None:
-    """Impossible combinations fail here, before any data is read or any model is built."""
+    """Impossible values and combinations fail here, before any data is read or any model is built."""
+    _check_ranges(cfg)
     m, t = cfg.model, cfg.train
-    for key in ("n_layer", "n_head", "n_embd", "block_size", "ffn_window"):
-        _positive(f"model.{key}", getattr(m, key))
-    for key in ("max_steps", "grad_accum", "checkpoint_interval", "keep_last", "log_interval",
-                "eval_windows", "dist_timeout_s"):  # fmt: skip
-        _positive(f"train.{key}", getattr(t, key))
-    for key in ("warmup_steps", "weight_decay", "min_lr", "grad_clip", "eval_interval"):
-        if getattr(t, key) < 0:
-            raise UserError(f"config key train.{key} must not be negative, got {getattr(t, key)}")
-    for key in ("beta1", "beta2"):
-        if not 0 <= getattr(t, key) < 1:
-            raise UserError(f"config key train.{key} must be in [0, 1), got {getattr(t, key)}")
     _validate_batch(t)
-    _positive("train.lr", t.lr)
-    for key, seed in (
-        ("data.split_seed", cfg.data.split_seed),
-        ("train.seed", t.seed),
-        ("sample.seed", cfg.sample.seed),
-    ):
-        if seed < 0:
-            raise UserError(f"{key} must be >= 0, got {seed}")
-    _positive("eval.batch_size", cfg.eval.batch_size)
     if m.n_embd % m.n_head != 0:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     if m.pos == "sinusoidal" and (m.n_embd // m.n_head) % 2 and m.n_embd % 2:
@@ -441,39 +452,26 @@ def validate(cfg: Config) -> None:
             f"train.block_size ({t.block_size}) is larger than the model context "
             f"model.block_size ({m.block_size}); lower it or raise model.block_size"
         )
-    if cfg.eval.stride > m.block_size or cfg.eval.stride < 0:
+    if cfg.eval.stride > m.block_size:
         raise UserError(f"eval.stride must be between 1 and model.block_size ({m.block_size})")
     if m.arch == "ffn" and m.ffn_window > m.block_size:
         raise UserError("model.ffn_window must not exceed model.block_size")
-    if not 0 <= m.dropout < 1:
-        raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    if t.max_tokens < 0 or t.epochs < 0 or t.tokens_per_epoch < 0:
-        raise UserError("train.max_tokens, train.epochs and train.tokens_per_epoch must not be negative")
     if t.max_tokens and t.epochs:
         raise UserError("set train.max_tokens or train.epochs, not both")
-    if not 0 < t.decay_fraction <= 1:
-        raise UserError(f"train.decay_fraction must be in (0, 1], got {t.decay_fraction}")
     if t.min_lr > t.lr:
         raise UserError(f"train.min_lr ({t.min_lr}) must not exceed train.lr ({t.lr})")
-    if not (0 <= cfg.data.val_ratio < 1 and 0 <= cfg.data.test_ratio < 1) or (
-        cfg.data.val_ratio + cfg.data.test_ratio >= 1
-    ):
+    if cfg.data.val_ratio + cfg.data.test_ratio >= 1:
         raise UserError("data.val_ratio and data.test_ratio must be in [0, 1) and sum below 1")
-    _validate_cleaning(cfg.data)
-    _positive("data.shard_tokens", cfg.data.shard_tokens)
-    _positive("tokenizer.sample_bytes", cfg.tokenizer.sample_bytes)
+    if cfg.data.max_chars and cfg.data.max_chars < cfg.data.min_chars:
+        raise UserError(
+            f"data.max_chars ({cfg.data.max_chars}) is below data.min_chars ({cfg.data.min_chars})"
+        )
     if cfg.tokenizer.kind == "bpe" and cfg.tokenizer.vocab_size < 256 + len(cfg.tokenizer.special_tokens):
         raise UserError("tokenizer.vocab_size must be at least 256 + the number of special tokens")
-    s = cfg.sample
-    check_sampling(s.temperature, s.top_k, s.top_p, s.repetition_penalty, s.max_new_tokens)
 
 
 def _validate_batch(t: TrainConfig) -> None:
     """micro_batch, grad_accum and batch_size: the global batch is given one way, not two."""
-    if t.micro_batch != "auto":
-        _positive("train.micro_batch", t.micro_batch)
-    if t.batch_size < 0:
-        raise UserError(f"config key train.batch_size must not be negative, got {t.batch_size}")
     if t.micro_batch == "auto" and not t.batch_size:
         raise UserError("train.micro_batch: auto needs train.batch_size, the sequences per optimizer step")
     if t.micro_batch == "auto" and t.parallel == "fsdp":
@@ -493,53 +491,7 @@ def _validate_architecture(m: ModelConfig) -> None:
         raise UserError(
             f"model.pos: rope needs an even head width; n_embd / n_head is {m.n_embd // m.n_head}"
         )
-    _positive("model.rope_base", m.rope_base)
-    _positive("model.vocab_pad_multiple", m.vocab_pad_multiple)
-    if m.mlp_hidden < 0:
-        raise UserError(f"model.mlp_hidden must be >= 0 (0 picks the default), got {m.mlp_hidden}")
-    if m.n_kv_head < 0 or (m.n_kv_head and m.n_head % m.n_kv_head):
+    if m.n_kv_head and m.n_head % m.n_kv_head:
         raise UserError(
             f"model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head}); 0 means n_head"
         )
-
-
-def _validate_cleaning(data: DataConfig) -> None:
-    if data.min_chars < 0 or data.max_chars < 0:
-        raise UserError("data.min_chars and data.max_chars must not be negative (0 disables them)")
-    if data.max_chars and data.max_chars < data.min_chars:
-        raise UserError(f"data.max_chars ({data.max_chars}) is below data.min_chars ({data.min_chars})")
-    if not 0 < data.min_script_ratio <= 1:
-        raise UserError(f"data.min_script_ratio must be in (0, 1], got {data.min_script_ratio}")
-    if not 0 <= data.near_dedup_threshold < 1:
-        raise UserError(
-            f"data.near_dedup_threshold must be in [0, 1) (0 disables), got {data.near_dedup_threshold}"
-        )
-
-
-def check_sampling(
-    temperature: float, top_k: int, top_p: float, repetition_penalty: float, max_new_tokens: int
-) -> None:
-    """Out-of-range sampling parameters are user errors, wherever they come from (NaN fails
-    every range check here, and would otherwise reach the sampler)."""
-    for name, value in (("top_k", top_k), ("max_new_tokens", max_new_tokens)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise UserError(f"{name} must be an integer, got {value!r}")
-    for name, value in (
-        ("temperature", temperature),
-        ("top_p", top_p),
-        ("repetition_penalty", repetition_penalty),
-    ):
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise UserError(f"{name} must be a number, got {value!r}")
-    if not 0 <= temperature < math.inf:
-        raise UserError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
-    if top_k < 0:
-        raise UserError(f"top_k must be >= 0 (0 disables it), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1], got {top_p}")
-    if not 0 < repetition_penalty < math.inf:
-        raise UserError(
-            f"repetition_penalty must be a finite number > 0 (1 disables it), got {repetition_penalty}"
-        )
-    if max_new_tokens < 0:
-        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")

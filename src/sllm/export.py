@@ -37,7 +37,6 @@ import json
 import math
 import os
 import shutil
-import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,7 @@ from sllm.atomic import ensure_writable_dir
 from sllm.config import Config, ModelConfig, save_config, validate
 from sllm.data.meta import META_FILE, DataMeta
 from sllm.errors import UserError
-from sllm.infer.chat import PLAIN, ROLES, TEMPLATE_FILE, ChatTemplate, load_chat_template
+from sllm.infer.chat_template import PLAIN, ChatTemplate, load_chat_template, to_jinja
 from sllm.model import build_model, count_parameters
 from sllm.model.gpt import mlp_hidden_width
 from sllm.runs import CONFIG_FILE, LoadedRun, open_run
@@ -362,7 +361,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
             "export a run trained with tokenizer.kind=bpe"
         )
     template = load_chat_template(run.path)
-    chat_jinja = None if template == PLAIN else chat_template_jinja(template)
+    chat_jinja = None if template == PLAIN else to_jinja(template)
     weights = _to_hf_state(architecture, run.config.model, run.model.state_dict())
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -447,41 +446,6 @@ def _stops(tokenizer: Tokenizer, template: ChatTemplate) -> tuple[list[int], lis
         elif encoded[0] not in ids:
             ids.append(encoded[0])
     return ids, strings
-
-
-def chat_template_jinja(template: ChatTemplate) -> str:
-    """`template` as the Jinja `apply_chat_template` runs. Each role's format string becomes the
-    literal pieces between its `{text}` fields, joined with the message's content, so the Jinja
-    renders what `template.render` does, whatever characters the pieces hold."""
-    pieces = {role: _literal_pieces(getattr(template, role)) for role in ROLES}
-    unknown_role = json.dumps(f"sllm chat templates know the roles {', '.join(ROLES)} only")
-    return (
-        "{%- set pieces = " + json.dumps(pieces, ensure_ascii=False) + " -%}"
-        "{%- for message in messages -%}"
-        "{%- if message['role'] not in pieces -%}{{- raise_exception(" + unknown_role + ") -}}{%- endif -%}"
-        "{{- pieces[message['role']] | join(message['content']) -}}"
-        "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}"
-        "{{- " + json.dumps(template.reply_prefix, ensure_ascii=False) + " -}}"
-        "{%- endif -%}"
-    )
-
-
-def _literal_pieces(format_string: str) -> list[str]:
-    """The text before, between and after the `{text}` fields (`{{` read as `{`): the format
-    string filled with `content` is `content.join(pieces)`."""
-    pieces = [""]
-    for literal, name, spec, conversion in string.Formatter().parse(format_string):
-        pieces[-1] += literal
-        if name is None:
-            continue
-        if (name, spec, conversion) != ("text", "", None):
-            raise UserError(
-                f"the format {format_string!r} in the run's {TEMPLATE_FILE} has a field other than "
-                "{text}, which the Hugging Face chat template cannot reproduce; use plain {text}"
-            )
-        pieces.append("")
-    return pieces
 
 
 def _write_tokenizer_files(out: Path, tokenizer: Tokenizer, block_size: int, chat_jinja: str | None) -> None:

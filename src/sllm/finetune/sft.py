@@ -32,18 +32,18 @@ from torch import nn
 
 from sllm.config import dataclass_from_overrides, option, save_config
 from sllm.errors import UserError
-from sllm.finetune.chat_template import (
-    END_TOKEN,
-    INFERENCE_TEMPLATE,
-    grow_embeddings,
-    render,
-    render_prompt,
-    with_template_tokens,
-)
 from sllm.finetune.packing import PackedRows, pack
 from sllm.finetune.schedule import warmup_linear_decay
 from sllm.finetune.sft_data import Message, load_sft
-from sllm.infer.chat import save_chat_template
+from sllm.infer.chat_template import (
+    END_TOKEN,
+    SFT_TEMPLATE,
+    grow_embeddings,
+    render,
+    render_prompt,
+    save_chat_template,
+    with_template_tokens,
+)
 from sllm.infer.engine import stream_tokens
 from sllm.infer.sampling import SamplingParams
 from sllm.runs import CONFIG_FILE, open_run
@@ -208,7 +208,7 @@ def finetune_sft(
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, out_dir / CONFIG_FILE)
     tokenizer.save(out_dir)
-    save_chat_template(out_dir, INFERENCE_TEMPLATE)
+    save_chat_template(out_dir, SFT_TEMPLATE)
     return _train(base.model, train_rows, val_rows, cfg, device, out_dir, tokenizer, log)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from sllm.data.sources import read_text_file
 from sllm.errors import UserError
-from sllm.infer.chat import Message
+from sllm.infer.chat_template import Message
 
 ROLES = ("system", "user", "assistant")
 QUESTION_COLUMNS = ("Q", "question", "instruction", "prompt")

@@ -1,71 +1,22 @@
-"""Multi-turn chat in the terminal (`sllm chat`), and the chat template both chat and serve use.
+"""Multi-turn chat in the terminal (`sllm chat`).
 
-A `ChatTemplate` turns a list of messages into the model's prompt text. A base model gets
-plain continuation (`PLAIN`): the conversation is one growing document, each user message
-is continued directly by the model. An instruction-tuned run can ship `chat_template.json`
-(the fields of `ChatTemplate`) next to its config; `load_chat_template` picks it up, which is
-the hook for SFT. The history is kept within the context: the oldest turns are dropped (with
-a notice) until the prompt leaves room for the reply.
+The conversation is rendered with the run's chat template (`chat_template`: plain
+continuation for a base model, the SFT format for an instruction-tuned run). The history is
+kept within the context: the oldest turns are dropped (with a notice) until the prompt leaves
+room for the reply. `/set NAME VALUE` changes a sampling option mid-conversation.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TextIO
 
 from sllm.errors import UserError
+from sllm.infer.chat_template import ChatTemplate, Message
 from sllm.infer.engine import TextGenerator
 from sllm.infer.sampling import SamplingParams
-
-TEMPLATE_FILE = "chat_template.json"
-ROLES = ("system", "user", "assistant")
-
-
-@dataclass(frozen=True)
-class Message:
-    role: str
-    content: str
-
-
-@dataclass(frozen=True)
-class ChatTemplate:
-    """Format strings per role (`{text}` is the message); `reply_prefix` opens the model's turn."""
-
-    system: str = "{text}\n"
-    user: str = "{text}"
-    assistant: str = "{text}\n"
-    reply_prefix: str = ""
-    stop: tuple[str, ...] = field(default=())
-
-    def render(self, messages: list[Message]) -> str:
-        """The prompt for the model's next reply."""
-        parts = [getattr(self, message.role).format(text=message.content) for message in messages]
-        return "".join(parts) + self.reply_prefix
-
-
-PLAIN = ChatTemplate()
-
-
-def save_chat_template(run_dir: str | Path, template: ChatTemplate) -> None:
-    """Ship a template with a run so `sllm chat` and `sllm generate` format prompts with it."""
-    fields = {**dataclasses.asdict(template), "stop": list(template.stop)}
-    (Path(run_dir) / TEMPLATE_FILE).write_text(json.dumps(fields, ensure_ascii=False, indent=2), "utf-8")
-
-
-def load_chat_template(run_dir: str | Path) -> ChatTemplate:
-    """The run's `chat_template.json` if it has one, else plain continuation."""
-    path = Path(run_dir) / TEMPLATE_FILE
-    if not path.is_file():
-        return PLAIN
-    fields = json.loads(path.read_text(encoding="utf-8"))
-    known = {f.name for f in dataclasses.fields(ChatTemplate)}
-    if not isinstance(fields, dict) or set(fields) - known:
-        raise UserError(f"{path} must be a JSON object with keys among {sorted(known)}")
-    return ChatTemplate(**{**fields, "stop": tuple(fields.get("stop", ()))})
 
 
 def reply_reserve(generator: TextGenerator, params: SamplingParams) -> int:
@@ -90,16 +41,11 @@ def fit_history(
     return kept, dropped
 
 
+# `/set NAME VALUE`: every option of `SamplingParams` but the stop strings, parsed by its type.
 SETTABLE: dict[str, Callable[[str], object]] = {
-    "temperature": float,
-    "top_k": int,
-    "top_p": float,
-    "min_p": float,
-    "repetition_penalty": float,
-    "presence_penalty": float,
-    "frequency_penalty": float,
-    "max_new_tokens": int,
-    "seed": int,
+    f.name: int if int in (hint, *typing.get_args(hint)) else float
+    for f in dataclasses.fields(SamplingParams)
+    if (hint := typing.get_type_hints(SamplingParams)[f.name]) != tuple[str, ...]
 }
 HELP = "commands: /reset (forget the conversation), /exit, /set NAME VALUE (" + ", ".join(SETTABLE) + ")"
 

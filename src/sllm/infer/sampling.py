@@ -1,46 +1,59 @@
-"""Turning next-token logits into tokens: penalties, temperature, top-k, top-p, min-p.
+"""`SamplingParams`: the one declaration of the sampling options, their defaults and ranges.
 
-Each rule is a small function on a (batch, vocab) logits tensor so tests can check the kept
-token sets on hand-made distributions. Temperature 0 means greedy (argmax). The order follows
-common practice (vLLM, HF): penalties on the raw logits, then temperature, then the filters.
-Penalties read a `TokenHistory`: the repetition penalty (CTRL) covers prompt and generated
-tokens, the presence and frequency penalties (OpenAI) only the generated ones.
+Every way to generate reads its options from here: `TextGenerator.generate(**options)`, the
+`sample` section of the config (built from these fields), the flags of `sllm generate` and
+`sllm chat`, and the fields of `sllm serve`'s requests (both built from these fields too).
+Settings a user leaves out take a run's `sample` section, whose defaults are these. The
+module needs no torch, so the config and the CLI can read it at once; the logits
+arithmetic is in `logits`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass
 
-import torch
-
-from sllm.config import SampleConfig, check_sampling
 from sllm.errors import UserError
+from sllm.options import FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, Range, check_range, option
 
 MAX_STOP_STRINGS = 8
+PENALTY = Range(-2, 2)  # OpenAI's range for the presence and frequency penalties
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 64
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stop: tuple[str, ...] = ()
+    max_new_tokens: int = option(64, "most tokens generated per prompt", NON_NEGATIVE)
+    temperature: float = option(0.8, "softmax temperature; 0 is greedy", NON_NEGATIVE)
+    top_k: int = option(50, "keep the k most likely tokens; 0 disables", NON_NEGATIVE)
+    top_p: float = option(
+        0.95, "keep the most likely tokens up to this probability mass; 1 disables", PROBABILITY
+    )
+    min_p: float = option(
+        0.0, "keep tokens at least this share as likely as the likeliest; 0 disables", FRACTION
+    )
+    repetition_penalty: float = option(
+        1.0, "divide logits of tokens already seen, prompt included, by this; 1 disables", POSITIVE
+    )
+    presence_penalty: float = option(
+        0.0, "subtract this from logits of tokens generated; 0 disables", PENALTY
+    )
+    frequency_penalty: float = option(
+        0.0, "subtract this per earlier generation of a token from its logit; 0 disables", PENALTY
+    )
+    seed: int | None = option(
+        None, "seed of the draws; unset: a fresh one each time", Range(0, 2**63, high_open=True)
+    )
+    stop: tuple[str, ...] = option(
+        (), f"strings that end the text, cut before the first (at most {MAX_STOP_STRINGS})"
+    )
 
     def __post_init__(self) -> None:
-        check_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.max_new_tokens)
-        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
-            raise UserError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
-        if not 0 <= self.min_p < 1:
-            raise UserError(f"min_p must be in [0, 1) (0 disables it), got {self.min_p}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                raise UserError(f"{name} must be in [-2, 2] (0 disables it), got {getattr(self, name)}")
+        hints = typing.get_type_hints(SamplingParams)
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            _check_type(spec.name, value, hints[spec.name])
+            check_range(spec.name, value, spec)
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
             raise UserError(f"stop must be at most {MAX_STOP_STRINGS} non-empty strings, got {self.stop!r}")
@@ -51,92 +64,27 @@ class SamplingParams:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
     @classmethod
-    def from_config(cls, cfg: SampleConfig) -> SamplingParams:
-        return cls(
-            cfg.max_new_tokens,
-            cfg.temperature,
-            cfg.top_k,
-            cfg.top_p,
-            cfg.repetition_penalty,
-            cfg.seed,
-        )
+    def from_config(cls, sample: typing.Any) -> SamplingParams:
+        """The options a config's `sample` section holds, with its seed (that of the samples)."""
+        return cls(**{name: getattr(sample, name) for name in RUN_OPTIONS}, seed=sample.seed)
 
 
-class TokenHistory:
-    """Per row: which tokens the prompt holds and how often each token was generated."""
-
-    def __init__(self, prompts: list[list[int]], vocab_size: int, device: torch.device) -> None:
-        self.in_prompt = torch.zeros(len(prompts), vocab_size, dtype=torch.bool, device=device)
-        for row, ids in enumerate(prompts):
-            self.in_prompt[row, torch.tensor(ids, dtype=torch.long, device=device)] = True
-        self.generated = torch.zeros(len(prompts), vocab_size, device=device)
-
-    def add(self, tokens: torch.Tensor) -> None:
-        """Count one new token per row."""
-        self.generated.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=torch.float))
+def run_defaults(sample: typing.Any) -> SamplingParams:
+    """What `sllm generate`, `chat` and `serve` use for the options a user leaves out: the run's
+    `sample` section, without the seed of its samples (each request draws afresh unless seeded)."""
+    return dataclasses.replace(SamplingParams.from_config(sample), seed=None)
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL's penalty (Keskar et al., 2019): logits of `seen` tokens (a boolean mask) are divided
-    by `penalty` if positive and multiplied if negative, so they become less likely for penalty > 1."""
-    if penalty == 1.0:
-        return logits
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)
+# The options a run's `sample` section holds; the seed and the stop strings belong to one use.
+RUN_OPTIONS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name not in ("seed", "stop"))
 
 
-def apply_presence_frequency(
-    logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float
-) -> torch.Tensor:
-    """OpenAI's penalties: subtract `presence` once per generated token and `frequency` per use."""
-    if presence == 0 and frequency == 0:
-        return logits
-    return logits - presence * (counts > 0) - frequency * counts
-
-
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    if k <= 0 or k >= logits.size(-1):
-        return logits
-    kth = torch.topk(logits, k, dim=-1).values[:, -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probability reaches `p` (nucleus)."""
-    if p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    sorted_probs = sorted_logits.softmax(dim=-1)
-    drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= p  # mass before this token
-    drop = drop_sorted.scatter(1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
-    """Keep tokens at least `min_p` times as likely as the most likely one (Nguyen et al., 2024)."""
-    if min_p <= 0:
-        return logits
-    probs = logits.softmax(dim=-1)
-    threshold = min_p * probs.max(dim=-1, keepdim=True).values
-    return logits.masked_fill(probs < threshold, float("-inf"))
-
-
-def sample_next(
-    logits: torch.Tensor,
-    params: SamplingParams,
-    history: TokenHistory | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """One token id per row of `logits` (batch, vocab); `history` feeds the penalties."""
-    logits = logits.float()
-    if history is not None:
-        seen = history.in_prompt | (history.generated > 0)
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-        logits = apply_presence_frequency(
-            logits, history.generated, params.presence_penalty, params.frequency_penalty
-        )
-    if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = top_k_filter(logits / params.temperature, params.top_k)
-    logits = min_p_filter(top_p_filter(logits, params.top_p), params.min_p)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+def _check_type(name: str, value: object, expected: object) -> None:
+    """Integers must be integers and numbers numbers (a bool is neither); None only where allowed."""
+    if value is None and type(None) in typing.get_args(expected):
+        return
+    if int in (expected, *typing.get_args(expected)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UserError(f"{name} must be an integer, got {value!r}")
+    elif expected is float and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+        raise UserError(f"{name} must be a number, got {value!r}")

@@ -9,6 +9,10 @@
   event loop through a queue. A client that hangs up, streaming or not, cancels its
   generation, so the requests queued behind it do not wait for text nobody reads.
 - A list of prompts, and `n` choices per prompt, are generated as one batch.
+- The sampling fields, their ranges and descriptions are `SamplingParams`'s; a field left out
+  takes the run's `sample` section, as `sllm generate` and `sllm chat` do (so a run answers the
+  same way everywhere, rather than with OpenAI's temperature 1). Only the lengths keep
+  OpenAI's defaults: 16 tokens for completions, 256 here for chat replies.
 - OpenAI clients' habits are honoured: a null field means its default, `max_completion_tokens`
   is the chat name of `max_tokens`, `stream_options.include_usage` adds a usage chunk, `echo`
   repeats the prompt; options this server cannot honour (`logprobs`, `logit_bias`, tools, ...)
@@ -20,27 +24,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import socket
 import threading
 import time
+import typing
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from sllm.errors import UserError
-from sllm.infer.chat import ChatTemplate, Message, load_chat_template
+from sllm.infer.chat_template import ChatTemplate, Message, load_chat_template
 from sllm.infer.engine import Completion, TextGenerator
-from sllm.infer.sampling import SamplingParams
+from sllm.infer.sampling import SamplingParams, run_defaults
 from sllm.infer.web import chat_page
+from sllm.runs import read_run_config
 
 try:
     import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-    from pydantic import BaseModel, ConfigDict, Field, model_validator
+    from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 except ImportError as missing:
     raise UserError(
         f"`sllm serve` needs FastAPI and uvicorn ({missing.name} is missing); "
@@ -51,10 +58,8 @@ except ImportError as missing:
 MAX_PROMPTS = 64  # one request's prompts (times n) form one batch
 CLIENT_CLOSED_REQUEST = 499  # the status logged for a request whose client hung up
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is there
-SAMPLING_KEYS = {
-    "temperature", "top_p", "top_k", "min_p",
-    "presence_penalty", "frequency_penalty", "repetition_penalty", "seed",
-}  # fmt: skip
+# The options of `SamplingParams` a request sets by name (the length and `stop` have OpenAI's fields).
+REQUEST_OPTIONS = [f for f in dataclasses.fields(SamplingParams) if f.name not in ("max_new_tokens", "stop")]
 # OpenAI options that change what comes back and that this server does not implement: refused
 # when set, so a client never takes their absence for their effect. (`user`, `metadata` and
 # the like change nothing and are ignored.)
@@ -68,22 +73,16 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class RequestFields(BaseModel):
+    """What every request has besides the sampling options (added from `SamplingParams` below)."""
+
     model_config = ConfigDict(extra="allow")  # unknown fields are kept to be checked, not used
 
     model: str | None = None
     n: int = Field(1, ge=1)
     max_tokens: int = Field(16, ge=0)
     max_completion_tokens: int | None = Field(None, ge=0)  # the newer name; it wins when set
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    min_p: float = Field(0.0, ge=0, lt=1)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float = Field(1.0, gt=0)
     stop: str | list[str] | None = None
-    seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -111,10 +110,30 @@ class SamplingFields(BaseModel):
         extra = self.model_extra or {}
         return [name for name in UNSUPPORTED if name in extra and _asks_for_something(name, extra[name])]
 
-    def params(self, extra_stop: tuple[str, ...] = ()) -> SamplingParams:
+    def params(self, defaults: SamplingParams, extra_stop: tuple[str, ...] = ()) -> SamplingParams:
+        """`defaults` with the options this request sets."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        fields = self.model_dump(include=SAMPLING_KEYS)
-        return SamplingParams(max_new_tokens=self.new_tokens, stop=(*stop, *extra_stop), **fields)
+        chosen = {f.name: getattr(self, f.name) for f in REQUEST_OPTIONS if getattr(self, f.name) is not None}
+        return dataclasses.replace(
+            defaults, max_new_tokens=self.new_tokens, stop=(*stop, *extra_stop), **chosen
+        )
+
+
+def _request_field(option: dataclasses.Field) -> tuple[Any, Any]:
+    """A `SamplingParams` option as an optional request field with its bounds and description;
+    unset (None) means the server's default."""
+    bounds, allowed = {}, option.metadata["range"]
+    if allowed is not None and allowed.low is not None:
+        bounds["gt" if allowed.low_open else "ge"] = allowed.low
+    if allowed is not None and allowed.high is not None:
+        bounds["lt" if allowed.high_open else "le"] = allowed.high
+    kind = typing.get_type_hints(SamplingParams)[option.name]
+    return kind | None, Field(None, description=option.metadata["help"], **bounds)
+
+
+SamplingFields = create_model(
+    "SamplingFields", __base__=RequestFields, **{f.name: _request_field(f) for f in REQUEST_OPTIONS}
+)
 
 
 def _asks_for_something(option: str, value: Any) -> bool:
@@ -229,8 +248,14 @@ def _usage(completions: list[Completion], n: int) -> dict[str, int]:
 
 
 def create_app(
-    generator: TextGenerator, template: ChatTemplate, model_name: str, max_tokens_limit: int = 1024
+    generator: TextGenerator,
+    template: ChatTemplate,
+    model_name: str,
+    max_tokens_limit: int = 1024,
+    defaults: SamplingParams | None = None,
 ) -> FastAPI:
+    """The app; `defaults` (else `SamplingParams`'s) are the options of requests that leave them out."""
+    defaults = defaults or SamplingParams()
     app = FastAPI(title="sllm", docs_url=None, redoc_url=None)
     worker = ModelWorker(generator)
 
@@ -262,7 +287,7 @@ def create_app(
             )
         for prompt in prompts:
             generator.encode_prompt(prompt, strict=True)
-        return rows, request.params(extra_stop)
+        return rows, request.params(defaults, extra_stop)
 
     def header(kind: str, kind_object: str) -> dict[str, Any]:
         head = {"id": f"{kind}-{uuid.uuid4().hex}", "object": kind_object, "created": int(time.time())}
@@ -373,7 +398,8 @@ def build_app(
     compile_step: bool = False,
 ):
     generator = TextGenerator.from_run(run_dir, device, checkpoint, compile_step)
-    return create_app(generator, load_chat_template(run_dir), Path(run_dir).name, max_tokens_limit)
+    template, defaults = load_chat_template(run_dir), run_defaults(read_run_config(Path(run_dir)).sample)
+    return create_app(generator, template, Path(run_dir).name, max_tokens_limit, defaults)
 
 
 def serve(

@@ -4,9 +4,9 @@ No build step and no external assets, so it works on a machine without internet.
 keeps the conversation in the browser, sends it to `/v1/chat/completions` with
 `stream: true`, and appends each Server-Sent Event's text to the reply as it arrives. When the
 conversation outgrows the context, the oldest exchanges are dropped with a notice, as `sllm
-chat` does. Replies
-ask for at most `REPLY_TOKENS`, or the server's `--max-tokens-limit` when that is lower, so the
-page never sends a request its own server refuses.
+chat` does. Replies ask for at most `REPLY_TOKENS`, or the server's `--max-tokens-limit` when
+that is lower, so the page never sends a request its own server refuses. It sets no sampling
+option, so the replies follow the run's `sample` section, as in `sllm chat`.
 """
 
 REPLY_TOKENS = 200
@@ -56,8 +56,7 @@ function ask() {
   return fetch("/v1/chat/completions", {
     method: "POST",
     headers: {"Content-Type": "application/json"},
-    body: JSON.stringify({messages: messages, stream: true, max_tokens: __MAX_TOKENS__,
-                          temperature: 0.8, top_p: 0.95}),
+    body: JSON.stringify({messages: messages, max_tokens: __MAX_TOKENS__, stream: true}),
   });
 }
 

@@ -1,0 +1,297 @@
+"""What each `sllm` command does with its parsed arguments: build the config, call the one
+function that does the work, print its result.
+
+`sllm.cli` builds the parser and hands each command's namespace to its function here; the
+first line of a function's docstring is the command's help. Heavy modules (torch) are
+imported inside the functions, so parsing and `--help` stay instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+from sllm.errors import UserError
+
+
+def load(args: Namespace):
+    """The config file, then the command's shorthand flags (`args.config_keys`), then the
+    dotted overrides, each later one winning."""
+    from sllm.config import load_config
+
+    given = [(key, getattr(args, key)) for key in args.config_keys if getattr(args, key) is not None]
+    flags = [f"{key}={json.dumps(value, ensure_ascii=False)}" for key, value in given]
+    return load_config(args.config, [*flags, *args.overrides])
+
+
+def sampling_params(args: Namespace, **extra):
+    """The sampling flags given, over the run's `sample` section. The flags and --device are
+    checked before the run is read."""
+    from sllm.infer.sampling import SamplingParams, run_defaults
+    from sllm.runs import read_run_config
+    from sllm.runtime import select_device
+
+    names = [f.name for f in dataclasses.fields(SamplingParams) if hasattr(args, f.name)]
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    SamplingParams(**given)
+    select_device(args.device)
+    return dataclasses.replace(run_defaults(read_run_config(Path(args.run)).sample), **given, **extra)
+
+
+def demo(args: Namespace) -> None:
+    """train a small model on the bundled Korean legal corpus (CPU, minutes)"""
+    from sllm.demo import run_demo
+
+    run_demo(args.overrides, data_dir=args.data, run_dir=args.out)
+
+
+def tokenizer_train(args: Namespace) -> None:
+    """train a BPE (or char) tokenizer on your text"""
+    from sllm.atomic import ensure_writable_dir
+    from sllm.data.mixture import resolve_sources
+    from sllm.data.prepare import train_tokenizer
+    from sllm.tokenizer import TOKENIZER_FILE
+
+    cfg = load(args)
+    out = Path(args.out)
+    if (out / TOKENIZER_FILE).exists():
+        raise UserError(f"{out} already holds a {TOKENIZER_FILE}; choose a new --out or remove that file")
+    ensure_writable_dir(out, "tokenizer")
+    tokenizer = train_tokenizer(resolve_sources(cfg.data), cfg.data, cfg.tokenizer)
+    print(f"saved {tokenizer.save(out)} ({tokenizer.vocab_size} tokens)")
+
+
+def tokenizer_stats(args: Namespace) -> None:
+    """tokens per char/byte/word for Korean and English, fallback share, vocab use"""
+    from sllm.data.sources import ReadOptions, expand_inputs
+    from sllm.tokenizer import load_tokenizer
+    from sllm.tokenizer_stats import format_stats, measure_inputs
+
+    data = load(args).data
+    stats = measure_inputs(
+        load_tokenizer(args.tokenizer), expand_inputs(data.inputs), ReadOptions.from_config(data)
+    )
+    print(format_stats(stats))
+
+
+def prepare(args: Namespace) -> None:
+    """tokenize raw text into a prepared data directory"""
+    from sllm.data.prepare import prepare
+
+    cfg = load(args)
+    prepare(cfg.data, cfg.tokenizer)
+
+
+def download(args: Namespace) -> None:
+    """stream a well-known corpus from the Hugging Face hub into JSONL shards"""
+    from sllm.data.download import describe, download, format_presets, get_preset
+
+    if args.list:
+        print(format_presets())
+        return
+    if not args.preset or not args.out:
+        raise UserError(
+            "sllm download needs a PRESET and --out DIR; `sllm download --list` shows the presets"
+        )
+    preset = get_preset(args.preset)
+    print(f"downloading {preset.name} from {preset.source} into {args.out}", flush=True)
+    print(describe(download(args.preset, args.out, args.max_docs, args.max_bytes, args.shard_docs)))
+
+
+def train(args: Namespace) -> None:
+    """pre-train a model; the same command again resumes"""
+    import math
+
+    from sllm.train.loop import train
+
+    cfg = load(args)
+    if args.find_batch_size:
+        from sllm.train.batch_size import find_batch_size
+        from sllm.train.distributed import launched_world_size
+
+        find_batch_size(cfg, launched_world_size())
+    result = train(cfg)
+    if result.val_loss is not None and result.is_main:
+        scores = f"val loss {result.val_loss:.4f}, perplexity {math.exp(result.val_loss):.2f}"
+        if result.val_step == result.step:
+            print(f"step {result.step}: {scores}")
+        else:  # stopped between evaluations: the scores are older than the weights
+            print(f"step {result.step}: last evaluated at step {result.val_step}: {scores}")
+
+
+def evaluate(args: Namespace) -> None:
+    """loss, perplexity, bits per byte (splits or text files); multiple-choice accuracy
+
+    `sllm eval sts` scores an STS run on an STS file instead."""
+    if args.task == "sts":
+        return _evaluate_sts(args)
+    if args.data and Path(args.data).is_file():
+        raise UserError(f"--data {args.data} is a file, not prepared data; to score an STS file, add `sts`")
+    if args.data and (args.text or args.mc):
+        raise UserError("--data gives prepared data to score by split; --text and --mc score files: drop it")
+    if args.mc:
+        return _evaluate_multiple_choice(args)
+    from sllm.evaluate import evaluate_run, evaluate_texts
+
+    if args.text:
+        results = evaluate_texts(
+            args.run, args.text, args.stride, args.batch_size, args.device, args.checkpoint
+        )
+    else:
+        results = evaluate_run(
+            args.run, args.split, args.stride, args.batch_size, args.device, args.checkpoint, args.data
+        )
+    width = max(6, *(len(r.split) for r in results))
+    header = f"{'tokens':>10} {'loss':>8} {'perplexity':>11} {'bits/byte':>10} {'top-1':>7} {'top-5':>7}"
+    print(f"{'split':<{width}} {header}")
+    for r in results:
+        numbers = f"{r.tokens:>10,} {r.loss:>8.4f} {r.perplexity:>11.2f} {r.bits_per_byte:>10.4f}"
+        print(f"{r.split:<{width}} {numbers} {r.scores.accuracy:>7.1%} {r.scores.top5_accuracy:>7.1%}")
+
+
+def _evaluate_multiple_choice(args: Namespace) -> None:
+    from sllm.multiple_choice import evaluate_multiple_choice
+
+    result = evaluate_multiple_choice(args.run, args.mc, args.device, args.checkpoint)
+    print(
+        f"{args.mc}: {result.questions} questions, accuracy {result.accuracy:.4f}, "
+        f"accuracy_norm {result.accuracy_norm:.4f} (chance {result.chance:.4f})"
+    )
+
+
+def _evaluate_sts(args: Namespace) -> None:
+    from sllm.finetune.sts import evaluate_sts
+
+    if not args.data:
+        raise UserError("`sllm eval sts` needs --data FILE (a KorSTS .tsv or KLUE-STS .json file)")
+    scores, summary = evaluate_sts(args.run, args.data, args.device)
+    print(summary)
+    print(f"{'n':>6} {'spearman':>9} {'pearson':>8}  (x100)")
+    print(f"{scores.n:>6} {scores.spearman:>9.2f} {scores.pearson:>8.2f}")
+
+
+def generate(args: Namespace) -> None:
+    """continue a prompt with a trained run"""
+    from sllm.infer.chat_template import PLAIN, Message, load_chat_template
+    from sllm.infer.engine import TextGenerator
+
+    template = load_chat_template(args.run)
+    params = sampling_params(args, stop=template.stop)
+    generator = TextGenerator.from_run(args.run, args.device, args.checkpoint)
+    if template == PLAIN:  # a base model continues the text
+        prompt = args.prompt
+        print(prompt, end="", flush=True)
+    else:  # an instruction-tuned model answers it
+        prompt = template.render([Message("user", args.prompt)])
+    for _, piece in generator.stream_batch([prompt], params):
+        print(piece, end="", flush=True)
+    print()
+
+
+def chat(args: Namespace) -> None:
+    """multi-turn chat with a run in the terminal"""
+    from sllm.infer.chat import ChatSession, run_chat
+    from sllm.infer.chat_template import load_chat_template
+    from sllm.infer.engine import TextGenerator
+
+    params = sampling_params(args)
+    template = load_chat_template(args.run)
+    generator = TextGenerator.from_run(args.run, args.device, args.checkpoint)
+    run_chat(ChatSession(generator, template, params, sys.stdout), sys.stdin)
+
+
+def serve(args: Namespace) -> None:
+    """OpenAI-compatible HTTP API and a web chat page"""
+    from sllm.infer.server import serve
+
+    serve(args.run, args.host, args.port, args.device, args.checkpoint, args.max_tokens_limit, args.compile)
+
+
+def bench_generate(args: Namespace) -> None:
+    """time to first token, decode and prefill speed"""
+    from sllm.infer.bench import bench_generate, format_table
+
+    rows = bench_generate(
+        args.run,
+        args.device,
+        args.batch_sizes,
+        args.prompt_tokens,
+        args.new_tokens,
+        args.threads,
+        args.compile,
+    )
+    print(format_table(rows))
+
+
+def info(args: Namespace) -> None:
+    """parameters, FLOPs per token, memory and KV-cache size of a model"""
+    from sllm.info import describe_costs, resolve_for_info
+
+    if not (args.run or args.config):
+        raise UserError("sllm info needs --run DIR or --config FILE")
+    print(describe_costs(resolve_for_info(args.run, args.config, args.overrides), args.micro_batch))
+
+
+def data_info(args: Namespace) -> None:
+    """describe a prepared data directory"""
+    from sllm.data.inspect import describe_data
+
+    print(describe_data(args.dir, args.show_samples, args.window_tokens))
+
+
+def report(args: Namespace) -> None:
+    """plots and a markdown summary of one or more runs"""
+    from sllm.report import write_report
+
+    print(f"wrote {write_report(args.runs, args.out)}")
+
+
+def queue(args: Namespace) -> None:
+    """run the `sllm train` argument lists of a file, one after another"""
+    from sllm.queue import run_queue
+
+    if any(e.status == "failed" for e in run_queue(args.file)):
+        sys.exit(1)
+
+
+def finetune_sts(args: Namespace) -> None:
+    """sentence similarity regression (KorSTS, KLUE-STS); Spearman on dev"""
+    from sllm.finetune.sts import finetune_sts, sts_config
+
+    best = finetune_sts(args.run, args.train, args.dev, args.out, sts_config(args.overrides))
+    print(
+        f"best dev spearman {best.dev.spearman:.2f}, pearson {best.dev.pearson:.2f} "
+        f"(epoch {best.epoch}); saved to {args.out}"
+    )
+
+
+def finetune_sft(args: Namespace) -> None:
+    """instruction tuning on Alpaca JSON/JSONL, chat JSONL or Q/A CSV"""
+    from sllm.finetune.sft import finetune_sft, sft_config
+
+    result = finetune_sft(args.run, args.data, args.out, sft_config(args.overrides))
+    held_out = "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"
+    print(f"step {result.step}: held-out loss {held_out}; saved to {args.out}")
+
+
+def export(args: Namespace) -> None:
+    """write a run as a Hugging Face model directory"""
+    from sllm.export import check_export, export_run
+
+    out = export_run(args.run, args.out, args.checkpoint)
+    print(f"exported {args.run} to {out}")
+    if args.check:
+        difference = check_export(args.run, out, args.checkpoint)
+        print(f"checked with transformers: largest logit difference {difference:.2e}")
+
+
+def import_hf(args: Namespace) -> None:
+    """make a run from a Hugging Face GPT-2 model directory"""
+    from sllm.export import import_hf
+
+    out = import_hf(args.hf, args.out)
+    print(f"imported {args.hf} into {out}; generate with `sllm generate --run {out}`, or continue training:")
+    print(f"  sllm prepare --config {out}/config.yaml --input TEXT && sllm train --config {out}/config.yaml")

@@ -1,0 +1,181 @@
+"""The chat template: how a conversation becomes the model's text, for SFT, chat, serve and export.
+
+A `ChatTemplate` holds one format string per role (`{text}` is the message) and the prefix
+that opens the model's reply. A base model gets `PLAIN` (continuation: the conversation is
+one growing document); an SFT run ships `SFT_TEMPLATE` as `chat_template.json`, which
+`load_chat_template` picks up for `sllm chat`, `sllm generate` and `sllm serve`.
+
+SFT's format is `<|user|>question<|end|><|assistant|>answer<|end|>…`. For training, `render`
+encodes each message on its own so the token boundaries (and so the loss mask) are exact; the
+training targets are the assistant's text and its `<|end|>` (so the model learns to stop),
+never the prompt or the role tokens. A base tokenizer that lacks these tokens gets them as
+special tokens (BPE only: appended, so every existing id keeps its meaning), and the model one
+new embedding row per token, initialized to the mean row. `to_jinja` writes any template as
+the Jinja of Hugging Face's `apply_chat_template`, rendering exactly what `ChatTemplate.render` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sllm.errors import UserError
+from sllm.tokenizer import BPETokenizer, Tokenizer
+
+TEMPLATE_FILE = "chat_template.json"
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """Format strings per role (`{text}` is the message); `reply_prefix` opens the model's turn."""
+
+    system: str = "{text}\n"
+    user: str = "{text}"
+    assistant: str = "{text}\n"
+    reply_prefix: str = ""
+    stop: tuple[str, ...] = field(default=())
+
+    def render(self, messages: list[Message]) -> str:
+        """The prompt for the model's next reply."""
+        parts = [getattr(self, message.role).format(text=message.content) for message in messages]
+        return "".join(parts) + self.reply_prefix
+
+
+PLAIN = ChatTemplate()
+
+ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+END_TOKEN = "<|end|>"
+TEMPLATE_TOKENS = [*ROLE_TOKENS.values(), END_TOKEN]
+# What SFT trains on, as text: the template an SFT run ships for chat, serve and export.
+SFT_TEMPLATE = ChatTemplate(
+    **{role: f"{token}{{text}}{END_TOKEN}" for role, token in ROLE_TOKENS.items()},
+    reply_prefix=ROLE_TOKENS["assistant"],
+    stop=(END_TOKEN,),
+)
+
+
+def save_chat_template(run_dir: str | Path, template: ChatTemplate) -> None:
+    """Ship a template with a run so `sllm chat`, `generate`, `serve` and `export` use it."""
+    fields = {**dataclasses.asdict(template), "stop": list(template.stop)}
+    (Path(run_dir) / TEMPLATE_FILE).write_text(json.dumps(fields, ensure_ascii=False, indent=2), "utf-8")
+
+
+def load_chat_template(run_dir: str | Path) -> ChatTemplate:
+    """The run's `chat_template.json` if it has one, else plain continuation."""
+    path = Path(run_dir) / TEMPLATE_FILE
+    if not path.is_file():
+        return PLAIN
+    fields = json.loads(path.read_text(encoding="utf-8"))
+    known = {f.name for f in dataclasses.fields(ChatTemplate)}
+    if not isinstance(fields, dict) or set(fields) - known:
+        raise UserError(f"{path} must be a JSON object with keys among {sorted(known)}")
+    return ChatTemplate(**{**fields, "stop": tuple(fields.get("stop", ()))})
+
+
+def to_jinja(template: ChatTemplate) -> str:
+    """`template` as the Jinja `apply_chat_template` runs. Each role's format string becomes the
+    literal pieces between its `{text}` fields, joined with the message's content, so the Jinja
+    renders what `template.render` does, whatever characters the pieces hold."""
+    pieces = {role: _literal_pieces(getattr(template, role)) for role in ROLES}
+    unknown_role = json.dumps(f"sllm chat templates know the roles {', '.join(ROLES)} only")
+    return (
+        "{%- set pieces = " + json.dumps(pieces, ensure_ascii=False) + " -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] not in pieces -%}{{- raise_exception(" + unknown_role + ") -}}{%- endif -%}"
+        "{{- pieces[message['role']] | join(message['content']) -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}"
+        "{{- " + json.dumps(template.reply_prefix, ensure_ascii=False) + " -}}"
+        "{%- endif -%}"
+    )
+
+
+def _literal_pieces(format_string: str) -> list[str]:
+    """The text before, between and after the `{text}` fields (`{{` read as `{`): the format
+    string filled with `content` is `content.join(pieces)`."""
+    pieces = [""]
+    for literal, name, spec, conversion in string.Formatter().parse(format_string):
+        pieces[-1] += literal
+        if name is None:
+            continue
+        if (name, spec, conversion) != ("text", "", None):
+            raise UserError(
+                f"the format {format_string!r} in the run's {TEMPLATE_FILE} has a field other than "
+                "{text}, which the Hugging Face chat template cannot reproduce; use plain {text}"
+            )
+        pieces.append("")
+    return pieces
+
+
+def with_template_tokens(tokenizer: Tokenizer) -> Tokenizer:
+    """The tokenizer itself when it knows the template tokens, else a copy that does."""
+    missing = [t for t in TEMPLATE_TOKENS if tokenizer.token_id(t) is None]
+    if not missing:
+        return tokenizer
+    if not isinstance(tokenizer, BPETokenizer):
+        raise UserError(
+            "SFT needs a BPE tokenizer to add the chat tokens to; pre-train with tokenizer.kind=bpe"
+        )
+    from tokenizers import Tokenizer as HFTokenizer
+
+    hf = HFTokenizer.from_str(tokenizer.to_json())
+    hf.add_special_tokens(missing)
+    return BPETokenizer(hf)
+
+
+def grow_embeddings(model: nn.Module, vocab_size: int) -> None:
+    """Give the token embedding (and an untied `lm_head`) `vocab_size` rows; new rows start at the
+    mean row. Padding rows (`model.vocab_pad_multiple`) are used before any are added."""
+    model.cfg.vocab_size = max(model.cfg.vocab_size, vocab_size)
+    model.wte.weight = _grown(model.wte.weight, vocab_size)
+    if hasattr(model, "lm_head"):
+        model.lm_head.weight = _grown(model.lm_head.weight, vocab_size)
+
+
+def _grown(weight: nn.Parameter, rows: int) -> nn.Parameter:
+    old = weight.data
+    if rows <= old.size(0):
+        return weight
+    new = torch.empty(rows, old.size(1), device=old.device, dtype=old.dtype)
+    new[: old.size(0)] = old
+    new[old.size(0) :] = old.mean(dim=0)
+    return nn.Parameter(new)
+
+
+def render(tokenizer: Tokenizer, conversation: list[Message]) -> tuple[list[int], list[float]]:
+    """SFT's token ids of the conversation and, per token, 1.0 where it is a training target."""
+    ids: list[int] = []
+    weights: list[float] = []
+    end = _id(tokenizer, END_TOKEN)
+    texts = tokenizer.encode_batch([m.content for m in conversation])
+    for message, text in zip(conversation, texts, strict=True):
+        target = 1.0 if message.role == "assistant" else 0.0
+        ids += [_id(tokenizer, ROLE_TOKENS[message.role]), *text, end]
+        weights += [0.0] + [target] * (len(text) + 1)
+    return ids, weights
+
+
+def render_prompt(tokenizer: Tokenizer, conversation: list[Message]) -> list[int]:
+    """The conversation so far, ending with the assistant role token: what generation continues."""
+    ids, _ = render(tokenizer, conversation)
+    return [*ids, _id(tokenizer, ROLE_TOKENS["assistant"])]
+
+
+def _id(tokenizer: Tokenizer, token: str) -> int:
+    token_id = tokenizer.token_id(token)
+    if token_id is None:
+        raise ValueError(f"{token} is not in the tokenizer; call with_template_tokens first")
+    return token_id
