@@ -22,6 +22,7 @@ LAYERS = {
     "sllm": 4,
     "sllm.finetune": 4,
     "sllm.export": 4,
+    "sllm.commands": 4,
     "sllm.queue": 4,
     "sllm.report": 4,
     "sllm.demo": 4,
@@ -38,6 +39,10 @@ LAYERS = {
     "sllm.run": 2,
     "sllm.runs": 2,
     "sllm.config": 1,
+    "sllm.options": 1,
+    # The one declaration of sampling options (no torch): the config's `sample` section is built
+    # from it, so it sits with the config although it lives beside the sampler it describes.
+    "sllm.infer.sampling": 1,
     "sllm.files": 1,
     "sllm.atomic": 1,
     "sllm.runtime": 1,
