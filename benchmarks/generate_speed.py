@@ -37,6 +37,7 @@ from sllm.model import build_model, count_parameters
 
 SHAPES = {
     "10m": {"n_layer": 6, "n_head": 5, "n_embd": 320, "vocab_size": 8192},
+    "6x256": {"n_layer": 6, "n_head": 4, "n_embd": 256, "vocab_size": 8192},  # train_throughput's 10m
     "demo": {"n_layer": 4, "n_head": 4, "n_embd": 128, "vocab_size": 2048},
     "gpt2-124m": {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50304},
 }
