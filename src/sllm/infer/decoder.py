@@ -1,9 +1,9 @@
 """The one decode path: a static KV cache and the `Decoder` that runs the model over it.
 
 - `KVCache` is preallocated once per stream: keys and values (layer, batch, kv_head, slot,
-  head_dim). Where the next tokens go is a device tensor (`start`), positions are computed
-  from it and each row's left-padding, and the mask is sliced from a causal table, so the
-  same step code runs eagerly, compiled, or replayed as a CUDA graph.
+  head_dim). Where the next tokens go is a device tensor (`start`); positions and the mask
+  are sliced from tables made when a batch starts, so the same step code runs eagerly,
+  compiled, or replayed as a CUDA graph.
 - Attention reads the first `span` slots. An eager step reads only the filled ones (a Python
   int the decoder sets); a captured or compiled step reads every slot, masked, so its shapes
   never change and it never reads host state.
@@ -34,8 +34,10 @@ class KVCache:
     """Keys and values of every layer for `slots` tokens per row, preallocated.
 
     Row b's first `pad[b]` slots hold padding: its positions count from its first real token,
-    and no real query attends to a padding key. Padding queries attend causally among
-    themselves, so no softmax row is empty (which would give NaN); their outputs are unused."""
+    and real queries do not see padding keys. The mask is additive, made once per forward in
+    the cache's dtype (a boolean mask would be converted by every layer's attention): -inf
+    above the diagonal, a large finite penalty on padding keys, so a padding query, which
+    sees only padding, still has a finite softmax (its output is unused)."""
 
     def __init__(
         self, cfg: ModelConfig, batch: int, slots: int, device: torch.device, dtype: torch.dtype
@@ -51,26 +53,28 @@ class KVCache:
         self.slots = slots
         self.span = slots
         self.index = torch.arange(slots, device=device)
-        self.causal = self.index[:, None] >= self.index[None, :]  # (query slot, key slot)
+        future = self.index[None, :] > self.index[:, None]  # (query slot, key slot)
+        self.causal = torch.zeros(slots, slots, device=device, dtype=dtype).masked_fill(future, float("-inf"))
+        self.padding_penalty = torch.finfo(dtype).min / 2
         self.start = torch.zeros(1, dtype=torch.long, device=device)
-        self.first_real = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.slot_positions = torch.zeros(batch, slots, dtype=torch.long, device=device)
+        self.padding = torch.zeros(batch, slots, device=device, dtype=dtype)
         self.writing = self.index[:1]
 
     def reset(self, pad: list[int]) -> None:
         """Start over, in place, with `pad[b]` padding slots in front of row b."""
-        self.first_real.copy_(torch.tensor(pad, device=self.first_real.device)[:, None])
+        first_real = torch.tensor(pad, device=self.index.device)[:, None]
+        self.slot_positions.copy_((self.index[None, :] - first_real).clamp(min=0))
+        self.padding.copy_((self.index[None, :] < first_real) * self.padding_penalty)
         self.start.zero_()
 
     def prepare(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions (batch, length) and mask (batch, 1, length, span) of the next `length`
         tokens, which go to slots start .. start+length-1."""
         self.writing = self.start + self.index[:length]
-        positions = (self.writing[None, :] - self.first_real).clamp(min=0)
-        real_key = self.index[None, : self.span] >= self.first_real  # (batch, span)
-        padding_query = self.writing[None, :] < self.first_real  # (batch, length)
-        causal = self.causal.index_select(0, self.writing)[:, : self.span]  # (length, span)
-        mask = causal & (real_key[:, None, :] | padding_query[:, :, None])
-        return positions, mask[:, None]
+        positions = self.slot_positions.index_select(1, self.writing)
+        causal = self.causal.index_select(0, self.writing)[:, : self.span]
+        return positions, causal + self.padding[:, None, None, : self.span]
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the prepared tokens' keys and values; return the first `span` slots."""
