@@ -72,6 +72,22 @@ def test_a_batch_decodes_past_the_context_by_refilling_the_cache():
     assert generated[1][:7] == _argmax_by_full_forward(model, prompts[1], 7)  # before the first refill
 
 
+@pytest.mark.parametrize("fixed_shapes", [False, True], ids=["eager", "fixed_shapes"])
+def test_a_full_cache_refills_with_each_rows_newest_three_quarters(fixed_shapes):
+    model = _model(block_size=8)
+    rows = [[3, 14, 15, 9, 2, 6, 5, 3], [2, 7, 1, 8, 2, 8, 1, 8]]
+    with torch.inference_mode():
+        decoder = Decoder(model, 2, CPU, fixed_shapes=fixed_shapes)
+        decoder.prefill(rows)
+        tokens = torch.tensor([5, 9])
+        for row, token in zip(rows, tokens.tolist(), strict=True):
+            row.append(token)
+        refilled = decoder.step(tokens, rows)
+        expected = model(torch.tensor([row[-6:] for row in rows]))[:, -1]
+    torch.testing.assert_close(refilled, expected, atol=1e-5, rtol=1e-5)
+    assert decoder.length == 6
+
+
 def test_each_row_stops_at_its_own_eos():
     model = _model()
     prompts = [[3, 14, 15], [2, 7, 1, 8, 2, 8]]

@@ -125,7 +125,8 @@ class Decoder:
         if self.cache is None:
             return self._window_logits(rows)
         if self.length == self.cache.slots:
-            return self.prefill([ids[-(3 * self.cache.slots) // 4 :] for ids in rows])
+            keep = max(1, 3 * self.cache.slots // 4)
+            return self.prefill([ids[-keep:] for ids in rows])
         if not self.fixed_shapes or self.failed:
             return self._eager(tokens[:, None])
         self.tokens.copy_(tokens[:, None])
