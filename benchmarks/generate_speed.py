@@ -9,12 +9,14 @@ Tokens/s count new tokens end to end (prefill included), from the median repeat 
 fastest one (on a shared machine the fastest is the better estimate of each side's own cost).
 On the CPU a third column times our step's matrix products alone, every weight once per token
 step as a decode step reads them: what the engine would reach with no other cost. On CUDA
-(bf16 weights) the rows are sllm with its CUDA-graph step, `transformers` with its dynamic
-and its static (compiled) cache, sllm's eager step and sllm's compiled CUDA-graph step, and
+(bf16 weights) the rows are sllm with its CUDA-graph step (captured by each stream, which
+the time includes), `transformers` with its dynamic and its static (compiled) cache, sllm's
+eager step and sllm's compiled CUDA-graph step, and
 the fraction of the memory-bound limit (weight bytes over the copy bandwidth measured in the
 same run) reached at batch 1.
 
     python benchmarks/generate_speed.py --shape 10m --batch-sizes 1 8
+    python benchmarks/generate_speed.py --shape 6x256 --threads 2
     python benchmarks/generate_speed.py --device cuda --shape gpt2-124m --new-tokens 256 --batch-sizes 1 32
 """
 
@@ -37,6 +39,7 @@ from sllm.model import build_model, count_parameters
 
 SHAPES = {
     "10m": {"n_layer": 6, "n_head": 5, "n_embd": 320, "vocab_size": 8192},
+    "6x256": {"n_layer": 6, "n_head": 4, "n_embd": 256, "vocab_size": 8192},  # train_throughput's 10m
     "demo": {"n_layer": 4, "n_head": 4, "n_embd": 128, "vocab_size": 2048},
     "gpt2-124m": {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50304},
 }
@@ -171,7 +174,7 @@ def main() -> None:
     for batch in args.batch_sizes:
         prompts = torch.randint(0, model.cfg.vocab_size, (batch, args.prompt_tokens), device=device)
         working = dict(runs)
-        for name, run in runs.items():  # warm-up at the timed length: the same cache, graph, compilation
+        for name, run in runs.items():  # warm-up at the timed length: the compilation is done
             try:
                 run(prompts, args.new_tokens)
             except Exception as error:  # one contender failing (a compiler, say) spares the others

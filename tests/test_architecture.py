@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from sllm.config import ModelConfig, load_config
 from sllm.errors import UserError
-from sllm.infer.decode_step import DecodeStep
+from sllm.infer.decoder import Decoder, KVCache
 from sllm.infer.engine import TokenStream
 from sllm.infer.sampling import SamplingParams
 from sllm.model import build_model, count_parameters
@@ -58,21 +58,40 @@ def test_changing_a_token_leaves_earlier_logits_unchanged(name):
     assert not torch.allclose(before[:, 12:], after[:, 12:])
 
 
-@pytest.mark.parametrize("name", OPTIONS)
-def test_kv_cache_decoding_equals_full_forward(name):
-    model = _model(**OPTIONS[name])
+DECODE_OPTIONS = {"default": {}, "sinusoidal": {"pos": "sinusoidal"}, "no_bias": {"bias": False}, **OPTIONS}
+
+
+@pytest.mark.parametrize("fixed_shapes", [False, True], ids=["eager", "fixed_shapes"])
+@pytest.mark.parametrize("name", DECODE_OPTIONS)
+def test_kv_cache_decoding_equals_full_forward(name, fixed_shapes):
+    model = _model(**DECODE_OPTIONS[name])
     idx = torch.randint(0, VOCAB, (3, 24))
-    with torch.no_grad():
+    with torch.inference_mode():
         full = model(idx)
-        cache = model.new_cache(3, idx.device, torch.float32)
-        pieces = [model(idx[:, :7], cache), model(idx[:, 7:10], cache)]
-        pieces += [model(idx[:, t : t + 1], cache) for t in range(10, 24)]
-    assert (torch.cat(pieces, dim=1) - full).abs().max() <= 1e-5
+        decoder = Decoder(model, 3, torch.device("cpu"), fixed_shapes=fixed_shapes)
+        rows = idx[:, :7].tolist()
+        steps = [decoder.prefill(rows)] + [decoder.step(idx[:, t], rows) for t in range(7, 24)]
+    assert (torch.stack(steps, dim=1) - full[:, 6:]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("fixed_shapes", [False, True], ids=["eager", "fixed_shapes"])
+@pytest.mark.parametrize("name", ["default", "rope", "gqa", "llama"])
+def test_left_padded_batch_in_the_cache_equals_each_prompt_alone(name, fixed_shapes):
+    model = _model(**DECODE_OPTIONS[name])
+    prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (3, 9, 6)]
+    follow = torch.randint(0, VOCAB, (3, 4))
+    with torch.inference_mode():
+        decoder = Decoder(model, 3, torch.device("cpu"), fixed_shapes=fixed_shapes)
+        padded = [decoder.prefill(prompts)] + [decoder.step(follow[:, t], prompts) for t in range(4)]
+        for row, prompt in enumerate(prompts):
+            alone = model(torch.cat([torch.tensor(prompt), follow[row]])[None])[0, len(prompt) - 1 :]
+            got = torch.stack([step[row] for step in padded])
+            assert (got - alone).abs().max() <= 1e-5
 
 
 def test_gqa_cache_holds_only_the_key_value_heads():
     model = _model(n_kv_head=2)
-    cache = model.new_cache(3, torch.device("cpu"), torch.float32)
+    cache = KVCache(model.cfg, 3, 24, torch.device("cpu"), torch.float32)
     assert cache.keys.shape == (2, 3, 2, 24, 8)
 
 
@@ -247,31 +266,3 @@ def test_new_special_tokens_fill_padding_rows_and_grow_an_untied_head():
     grow_embeddings(untied, VOCAB + 2)
     assert untied.lm_head.weight.shape[0] == untied.wte.weight.shape[0] == VOCAB + 2
     assert untied(torch.tensor([[VOCAB + 1]])).shape[-1] == VOCAB + 2
-
-
-DECODE_STEP_OPTIONS = {
-    "default": {},
-    "sinusoidal": {"pos": "sinusoidal"},
-    "no_bias": {"bias": False},
-    **OPTIONS,
-}
-
-
-@pytest.mark.parametrize("pad", [[0, 0, 0], [3, 0, 5]], ids=["unpadded", "left_padded"])
-@pytest.mark.parametrize("name", DECODE_STEP_OPTIONS)
-def test_decode_step_equals_the_models_one_token_forward(name, pad):
-    model = _model(**DECODE_STEP_OPTIONS[name])
-    idx = torch.randint(0, VOCAB, (3, 8))
-    caches = [model.new_cache(3, idx.device, torch.float32) for _ in range(2)]
-    step = DecodeStep(model)
-    with torch.inference_mode():
-        for cache in caches:
-            cache.reset(pad)
-            model(idx, cache)
-        for _ in range(10):
-            tokens = torch.randint(0, VOCAB, (3,))
-            expected = model(tokens[:, None], caches[0], last_position_only=True)[:, -1]
-            torch.testing.assert_close(step(tokens, caches[1]), expected, rtol=1e-5, atol=1e-5)
-    assert caches[1].length == caches[0].length == 18
-    torch.testing.assert_close(caches[1].keys, caches[0].keys, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(caches[1].values, caches[0].values, rtol=1e-5, atol=1e-5)

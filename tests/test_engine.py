@@ -7,7 +7,8 @@ import torch
 from sllm.config import ModelConfig
 from sllm.errors import UserError
 from sllm.infer.cpu_layout import use_column_major_weights
-from sllm.infer.engine import STATIC_DECODERS, TextGenerator, TextRow, TokenStream, _CachedDecoder
+from sllm.infer.decoder import Decoder
+from sllm.infer.engine import TextGenerator, TextRow, TokenStream
 from sllm.infer.sampling import SamplingParams
 from sllm.model import build_model
 
@@ -69,6 +70,22 @@ def test_a_batch_decodes_past_the_context_by_refilling_the_cache():
     generated = _rows(TokenStream(model, prompts, params, eos_id=None, device=CPU))
     assert [len(tokens) for tokens in generated] == [30, 30]
     assert generated[1][:7] == _argmax_by_full_forward(model, prompts[1], 7)  # before the first refill
+
+
+@pytest.mark.parametrize("fixed_shapes", [False, True], ids=["eager", "fixed_shapes"])
+def test_a_full_cache_refills_with_each_rows_newest_three_quarters(fixed_shapes):
+    model = _model(block_size=8)
+    rows = [[3, 14, 15, 9, 2, 6, 5, 3], [2, 7, 1, 8, 2, 8, 1, 8]]
+    with torch.inference_mode():
+        decoder = Decoder(model, 2, CPU, fixed_shapes=fixed_shapes)
+        decoder.prefill(rows)
+        tokens = torch.tensor([5, 9])
+        for row, token in zip(rows, tokens.tolist(), strict=True):
+            row.append(token)
+        refilled = decoder.step(tokens, rows)
+        expected = model(torch.tensor([row[-6:] for row in rows]))[:, -1]
+    torch.testing.assert_close(refilled, expected, atol=1e-5, rtol=1e-5)
+    assert decoder.length == 6
 
 
 def test_each_row_stops_at_its_own_eos():
@@ -206,12 +223,19 @@ def test_static_step_logits_equal_the_plain_step_for_a_padded_batch():
     torch.testing.assert_close(static, plain, atol=1e-5, rtol=1e-5)
 
 
-def _static_and_plain_logits(model, prompts, follow, amp_dtype=None, device=CPU):
-    """Logits of the prefill and of each forced step, through static and through plain steps."""
+def _static_and_plain_logits(model, prompts, follow, amp_dtype=None, device=CPU, compile_step=False):
+    """Logits of the prefill and of each forced step, through fixed-shape and through eager steps."""
     logits = {}
     with torch.inference_mode():
         for static in (False, True):
-            decoder = _CachedDecoder(model, len(prompts), device, amp_dtype, static_steps=static)
+            decoder = Decoder(
+                model,
+                len(prompts),
+                device,
+                amp_dtype,
+                fixed_shapes=static,
+                compile_step=static and compile_step,
+            )
             rows = [list(p) for p in prompts]
             steps = [decoder.prefill(rows)]
             for tokens in follow:
@@ -220,7 +244,7 @@ def _static_and_plain_logits(model, prompts, follow, amp_dtype=None, device=CPU)
                 steps.append(decoder.step(tokens, rows))
             logits[static] = torch.stack(steps).float()
             if static and device.type == "cuda":
-                assert decoder.static_step.graph is not None and not decoder.static_step.failed
+                assert decoder.graph is not None and not decoder.failed
     return logits[True], logits[False]
 
 
@@ -247,8 +271,8 @@ def test_a_failed_graph_capture_warns_once_and_decodes_eagerly():
     prompts = [[3, 14, 15], [2, 7]]
     params = SamplingParams(max_new_tokens=8, temperature=0)
     with torch.inference_mode():
-        decoder = _CachedDecoder(model, 2, CPU, None, static_steps=True)
-        decoder.static_step.as_graph = True  # as on CUDA; capturing on the CPU fails
+        decoder = Decoder(model, 2, CPU, fixed_shapes=True)
+        decoder.as_graph = True  # as on CUDA; capturing on the CPU fails
         logits = decoder.prefill(prompts)
         tokens = []
         with pytest.warns(UserWarning, match="CUDA graph capture failed") as caught:
@@ -256,7 +280,7 @@ def test_a_failed_graph_capture_warns_once_and_decodes_eagerly():
                 token = logits.argmax(dim=-1)
                 tokens.append(token.tolist())
                 logits = decoder.step(token, prompts)
-    assert len(caught) == 1 and decoder.static_step.failed
+    assert len(caught) == 1 and decoder.failed
     plain = _rows(TokenStream(model, prompts, params, None, CPU, cuda_graph=False))
     assert [[step[row] for step in tokens] for row in range(2)] == [row[:4] for row in plain]
 
@@ -274,47 +298,44 @@ def test_cuda_graph_steps_equal_plain_steps_on_cuda_through_a_refill(dtype):
     torch.testing.assert_close(static, plain, atol=5e-2, rtol=5e-2)  # bf16 autocast on both
 
 
-def test_static_decoders_are_reused_between_streams_and_never_shared():
+def test_interleaved_streams_on_one_model_each_decode_their_own_prompts():
     model = _model()
     params = SamplingParams(max_new_tokens=6, temperature=0)
     first, second = [[5], [3, 14, 15, 9]], [[2, 7, 1, 8, 2], [6]]  # same batch size, other padding
     expected = [_rows(TokenStream(model, p, params, None, CPU, cuda_graph=False)) for p in (first, second)]
-    assert _rows(TokenStream(model, first, params, None, CPU, cuda_graph=True)) == expected[0]
-    (kept,) = STATIC_DECODERS.idle(model).values()
-    assert _rows(TokenStream(model, second, params, None, CPU, cuda_graph=True)) == expected[1]
-    assert list(STATIC_DECODERS.idle(model).values()) == [kept]  # the same decoder came back
-
     running = iter(TokenStream(model, first, params, None, CPU, cuda_graph=True))
-    started = [next(running)]  # holds the idle decoder
-    assert not STATIC_DECODERS.idle(model)
+    started = [next(running)]
     assert _rows(TokenStream(model, second, params, None, CPU, cuda_graph=True)) == expected[1]
     rest = started + list(running)
     assert [[step[row] for step in rest] for row in range(2)] == expected[0]
 
 
-def test_a_static_cache_holds_what_the_stream_needs_not_the_whole_context():
+def test_a_stream_caches_what_it_needs_not_the_whole_context():
     model = _model(block_size=512)
     params = SamplingParams(max_new_tokens=130, temperature=0)
     prompts = [[5, 6, 7], [3]]
     plain = _rows(TokenStream(model, prompts, params, None, CPU, cuda_graph=False))
-    assert _rows(TokenStream(model, prompts, params, None, CPU, cuda_graph=True)) == plain
-    (decoder,) = STATIC_DECODERS.idle(model).values()
-    assert decoder.cache.max_len == 256  # 3 + 130 tokens, in steps of 128
+    static = TokenStream(model, prompts, params, None, CPU, cuda_graph=True)
+    assert static.cache_slots() == 192  # 3 + 130 tokens, in steps of 64
+    assert _rows(static) == plain
+    assert TokenStream(model, prompts, SamplingParams(max_new_tokens=600), None, CPU).cache_slots() == 512
 
 
 @pytest.mark.slow
-def test_a_compiled_static_step_compiles_once_and_equals_the_plain_step():
+def test_a_compiled_step_compiles_once_for_every_stream_and_equals_the_eager_step():
     import torch._dynamo
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     model = _gqa_rope_model(block_size=64)
-    params = SamplingParams(max_new_tokens=12, temperature=0)
+    follow = torch.tensor([[4, 1], [9, 2], [11, 3], [7, 7]])
     prompts = [[5], [3, 14, 15, 9, 2, 6, 5, 3, 5]]
-    plain = _rows(TokenStream(model, prompts, params, None, CPU, cuda_graph=False))
-    compiled = TokenStream(model, prompts, params, None, CPU, cuda_graph=True, compile_step=True)
-    assert _rows(compiled) == plain
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # no recompile per position
+    compiled, eager = _static_and_plain_logits(model, prompts, follow, compile_step=True)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    other = [[7, 8], [2]]  # a second stream of the same shapes (a server's next request)
+    compiled, eager = _static_and_plain_logits(model, other, follow, compile_step=True)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # no recompile per position or stream
 
 
 def test_compiling_the_decode_step_needs_cuda(trained_run):
@@ -322,51 +343,14 @@ def test_compiling_the_decode_step_needs_cuda(trained_run):
         TextGenerator.from_run(trained_run, "cpu", compile_step=True)
 
 
-def test_a_model_with_pooled_decoders_can_be_freed():
-    import gc
-    import weakref
-
+def test_a_model_wrapped_as_fsdp_wraps_it_decodes_the_same_tokens():
     model = _model()
-    params = SamplingParams(max_new_tokens=4, temperature=0)
-    list(TokenStream(model, [[5], [6, 7]], params, None, CPU, cuda_graph=True))
-    assert STATIC_DECODERS.idle(model)
-    alive = weakref.ref(model)
-    del model
-    gc.collect()
-    assert alive() is None
-
-
-def test_a_copied_model_has_no_pooled_decoders():
-    model = _model()
-    list(
-        TokenStream(model, [[5]], SamplingParams(max_new_tokens=4, temperature=0), None, CPU, cuda_graph=True)
-    )
-    assert STATIC_DECODERS.idle(model)
-    assert not STATIC_DECODERS.idle(copy.deepcopy(model))
-
-
-def test_only_a_plain_gpt_in_eval_mode_decodes_without_module_calls():
-    model = _model()
-    assert _CachedDecoder(model, 1, CPU, None).decode_step is not None
-    assert _CachedDecoder(model, 1, CPU, None, static_steps=True).decode_step is None
-    assert _CachedDecoder(copy.deepcopy(model).train(), 1, CPU, None).decode_step is None
     wrapped = copy.deepcopy(model)
     wrapped.__class__ = type("ShardedGPT", (type(model),), {})  # as FSDP's fully_shard does
-    assert _CachedDecoder(wrapped, 1, CPU, None).decode_step is None
     prompts, params = [[5], [3, 14, 15, 9]], SamplingParams(max_new_tokens=12, temperature=0)
     assert _rows(TokenStream(wrapped, prompts, params, None, CPU)) == _rows(
         TokenStream(model, prompts, params, None, CPU)
     )
-
-
-def test_a_decoder_pooled_in_eval_mode_is_not_lent_to_the_model_in_train_mode():
-    model = _model()
-    params = SamplingParams(max_new_tokens=3, temperature=0)
-    list(TokenStream(model, [[5]], params, None, CPU, cuda_graph=True))
-    (eval_decoder,) = STATIC_DECODERS.idle(model).values()
-    list(TokenStream(model.train(), [[5]], params, None, CPU, cuda_graph=True))
-    assert len(STATIC_DECODERS.idle(model)) == 2
-    assert eval_decoder in STATIC_DECODERS.idle(model).values()
 
 
 def test_banned_ids_are_never_sampled(trained_run):

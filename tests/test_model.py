@@ -34,19 +34,6 @@ def test_ffn_baseline_sees_only_its_window():
     assert torch.equal(before[:, 9:], after[:, 9:])
 
 
-@pytest.mark.parametrize("pos", ["learned", "sinusoidal"])
-def test_kv_cache_decoding_equals_full_forward(pos):
-    model = _model(pos=pos)
-    idx = torch.randint(0, 97, (3, 24))
-    with torch.no_grad():
-        full = model(idx)
-        cache = model.new_cache(3, idx.device, torch.float32)
-        pieces = [model(idx[:, :7], cache), model(idx[:, 7:10], cache)]
-        pieces += [model(idx[:, t : t + 1], cache) for t in range(10, 24)]
-    assert cache.length == 24
-    assert (torch.cat(pieces, dim=1) - full).abs().max() <= 1e-5
-
-
 def test_parameter_count_matches_formula():
     vocab, layers, width, context = 97, 2, 32, 24
     model = _model()
@@ -78,33 +65,3 @@ def test_residual_projections_use_scaled_init():
     fc_std = model.blocks[0].mlp.fc.weight.std().item()
     assert abs(fc_std - 0.02) < 0.002
     assert abs(proj_std - 0.02 / 4) < 0.001
-
-
-def test_left_padded_batch_in_the_cache_equals_each_prompt_alone():
-    model = _model()
-    prompts = [torch.randint(0, 97, (n,)) for n in (3, 9, 6)]
-    width = max(len(p) for p in prompts)
-    pad = [width - len(p) for p in prompts]
-    batch = torch.stack(
-        [torch.cat([torch.zeros(n, dtype=torch.long), p]) for n, p in zip(pad, prompts, strict=True)]
-    )
-    follow = torch.randint(0, 97, (3, 4))
-    with torch.no_grad():
-        cache = model.new_cache(3, batch.device, torch.float32)
-        cache.reset(pad)
-        padded = [model(batch, cache)[:, -1]] + [model(follow[:, t : t + 1], cache)[:, -1] for t in range(4)]
-        for row, prompt in enumerate(prompts):
-            alone = model(torch.cat([prompt, follow[row]])[None])[0, len(prompt) - 1 :]
-            assert torch.isfinite(padded[0]).all()
-            got = torch.stack([step[row] for step in padded])
-            assert (got - alone).abs().max() <= 1e-5
-
-
-def test_cached_forward_works_with_autograd_on():
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=16, block_size=12))
-    idx = torch.randint(0, 50, (1, 10))
-    cache = model.new_cache(1, idx.device, torch.float32)
-    pieces = torch.cat([model(idx[:, :6], cache), model(idx[:, 6:], cache)], dim=1)
-    assert pieces.requires_grad
-    torch.testing.assert_close(pieces, model(idx))

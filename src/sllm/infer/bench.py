@@ -55,7 +55,9 @@ def measure_generation(
     compile_step: bool = False,
 ) -> GenerationSpeed:
     """Greedy generation of `new_tokens` for `batch` random prompts, timed step by step, after
-    one untimed run of the same shape (which captures the CUDA graph, compiles the step)."""
+    one untimed run of the same shape (which compiles the step). On CUDA every stream
+    captures its own CUDA graph at its first decode step, so the decode rate includes that
+    capture, as each request's does."""
     vocab = model.cfg.vocab_size
     prompts = torch.randint(0, vocab, (batch, prompt_tokens), generator=torch.Generator().manual_seed(0))
     rows = prompts.tolist()

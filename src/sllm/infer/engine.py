@@ -1,17 +1,10 @@
-"""Generation: prefill a batch of prompts once, then decode one token per row per step.
+"""Generation: batching, sampling, streaming and stop strings on top of the `Decoder`.
 
-- `TokenStream` is the engine. Prompts of different lengths are left-padded into one
-  preallocated `KVCache` (the cache supplies each row's positions and attention mask), so a
-  step is one forward pass of shape (batch, 1) whatever the lengths. Finished rows (EOS, a
-  stop string, `stop(row)`) keep their slot, so shapes stay static, and are ignored.
-- Elsewhere a decode step runs as a `DecodeStep`: the model's one-token forward without
-  `nn.Module` calls, whose overhead is most of a small model's step on a CPU.
-- On CUDA each decode step is replayed as one CUDA graph (`sllm.infer.cuda_graph`). The
-  decoder holding the graph and its cache is lent from `STATIC_DECODERS` and given back when
-  the stream ends, so a server captures once per batch size, not per request.
-- When the cache fills the context, every row's newest three quarters are prefilled again
-  into the same cache and decoding goes on. Models without a KV cache (the ffn baseline)
-  rerun each row's window every step.
+- `TokenStream` samples one token per row per step from a `Decoder` (`sllm.infer.decoder`):
+  prompts of different lengths are left-padded into one cache, so a step is one forward of
+  shape (batch, 1) whatever the lengths. Finished rows (EOS, a stop string, `stop(row)`) keep
+  their slot, so shapes stay static, and are ignored. Each stream builds its own decoder and
+  cache, sized to what it needs; on CUDA its step is captured as a CUDA graph.
 - `TextGenerator` is text in, text out for a run directory. `TextRow` turns a row's tokens
   into text pieces: it waits for complete UTF-8 characters and holds back any tail that could
   still grow into a stop string, so a stop string split across tokens never leaks out and
@@ -22,8 +15,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,151 +24,14 @@ from torch import nn
 
 from sllm.errors import UserError
 from sllm.infer.cpu_layout import use_column_major_weights
-from sllm.infer.cuda_graph import StaticDecodeStep
-from sllm.infer.decode_step import DecodeStep, supports_decode_step
+from sllm.infer.decoder import Decoder
 from sllm.infer.logits import TokenHistory, sample_next
 from sllm.infer.sampling import SamplingParams
 from sllm.runs import open_run
-from sllm.runtime import autocast, select_autocast_dtype, select_device
+from sllm.runtime import select_autocast_dtype, select_device
 from sllm.tokenizer import Tokenizer
 
-
-class _CachedDecoder:
-    """Next-token logits (batch, vocab) for a left-padded batch through a preallocated cache.
-    Decode steps run as a `DecodeStep` (the model's step without module calls) where the model
-    allows; with `static_steps`, as a `StaticDecodeStep` (a CUDA graph on CUDA), with
-    `compile_step` passed through `torch.compile` first."""
-
-    def __init__(
-        self, model: nn.Module, batch: int, device: torch.device, amp_dtype: torch.dtype | None,
-        static_steps: bool = False, max_len: int | None = None, compile_step: bool = False,
-    ) -> None:  # fmt: skip
-        self.model = model
-        self.device = device
-        self.amp_dtype = amp_dtype
-        dtype = amp_dtype or next(model.parameters()).dtype
-        self.cache = model.new_cache(batch, device, dtype, max_len)
-        self.static_step = None
-        self.decode_step = DecodeStep(model) if supports_decode_step(model) and not static_steps else None
-        if static_steps:
-            static = _compiled(self._graph_logits) if compile_step else self._graph_logits
-            as_graph = device.type == "cuda"
-            self.static_step = StaticDecodeStep(static, self._logits, self.cache, batch, as_graph)
-
-    def _logits(self, idx: torch.Tensor, cache_casts: bool = True) -> torch.Tensor:
-        """The head runs on the last position only: a prefill needs no logits for the prompt."""
-        with autocast(self.device, self.amp_dtype, cache_casts):
-            return self.model(idx, self.cache, last_position_only=True)[:, -1].float()
-
-    def _graph_logits(self, idx: torch.Tensor) -> torch.Tensor:
-        return self._logits(idx, cache_casts=False)
-
-    def prefill(self, rows: list[list[int]]) -> torch.Tensor:
-        width = max(len(ids) for ids in rows)
-        pad = [width - len(ids) for ids in rows]
-        idx = torch.tensor(
-            [[0] * p + ids for p, ids in zip(pad, rows, strict=True)], dtype=torch.long, device=self.device
-        )
-        self.cache.reset(pad)
-        return self._logits(idx)
-
-    def step(self, tokens: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
-        """`tokens` (batch,) were just sampled; `rows` are the texts so far, for a refill."""
-        if self.cache.length >= self.cache.max_len:
-            keep = (3 * self.cache.max_len) // 4
-            return self.prefill([ids[-keep:] for ids in rows])
-        if self.static_step is not None:
-            return self.static_step(tokens)
-        if self.decode_step is not None:
-            with autocast(self.device, self.amp_dtype):
-                return self.decode_step(tokens, self.cache).float()
-        return self._logits(tokens[:, None])
-
-
-class _WindowDecoder:
-    """For models without a KV cache: each row's last `block_size` tokens, every step."""
-
-    def __init__(self, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None) -> None:
-        self.model = model
-        self.device = device
-        self.amp_dtype = amp_dtype
-
-    def prefill(self, rows: list[list[int]]) -> torch.Tensor:
-        logits = []
-        with autocast(self.device, self.amp_dtype):
-            for ids in rows:
-                idx = torch.tensor([ids[-self.model.block_size :]], dtype=torch.long, device=self.device)
-                logits.append(self.model(idx)[:, -1, :].float())
-        return torch.cat(logits)
-
-    def step(self, tokens: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
-        return self.prefill(rows)
-
-
-def _compiled(step: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`torch.compile` of a decoder's static step. Every decoder's step is the same code, which
-    dynamo recompiles per decoder (it guards on the cache object) and would silently stop
-    compiling after its default 8; the step only runs eagerly while its graph is captured."""
-    compiled = torch.compile(step, dynamic=False)
-
-    def run(idx: torch.Tensor) -> torch.Tensor:
-        with torch._dynamo.config.patch(recompile_limit=COMPILED_STEPS_LIMIT):
-            return compiled(idx)
-
-    return run
-
-
-COMPILED_STEPS_LIMIT = 256
-
-
-class _StaticDecoders:
-    """Idle static-step decoders, kept on each model between streams: a stream borrows one and
-    gives it back when it ends, so each batch size's CUDA graph is captured once, not once per
-    request. A stream that finds none idle (another stream is running) builds its own. The
-    key holds the weights' addresses and the model's mode, so weights moved or replaced since,
-    or a switch between train and eval mode (dropout), give a new capture.
-    The pool lives in the model's `__dict__` (a decoder holds its model, so a table keyed by
-    model would keep every model alive)."""
-
-    KEEP = 4  # batch sizes kept per model; each holds a KV cache
-
-    @staticmethod
-    def idle(model: nn.Module) -> dict[tuple, _CachedDecoder]:
-        return vars(model).setdefault("_idle_static_decoders", _IdleDecoders())
-
-    @contextmanager
-    def borrow(self, stream: TokenStream) -> Iterator[_CachedDecoder]:
-        """A decoder for `stream`'s model, batch size, cache length, device and options."""
-        model, batch, max_len = stream.model, len(stream.rows), stream.static_cache_len()
-        options = (stream.device, stream.amp_dtype, stream.compile_step)
-        weights = tuple(p.data_ptr() for p in model.parameters())
-        key = (batch, max_len, *options, model.training, weights)
-        idle = self.idle(model)
-        decoder = idle.pop(key, None)
-        if decoder is None:
-            device, amp_dtype, compile_step = options
-            decoder = _CachedDecoder(
-                model, batch, device, amp_dtype, static_steps=True, max_len=max_len, compile_step=compile_step
-            )
-        try:
-            yield decoder
-        finally:
-            if not decoder.static_step.failed:
-                if len(idle) >= self.KEEP:
-                    idle.pop(next(iter(idle)))
-                idle[key] = decoder
-
-
-class _IdleDecoders(dict):
-    """A model's idle decoders. A copied model starts with none: CUDA graphs cannot be copied,
-    and a copy has weights of its own anyway."""
-
-    def __deepcopy__(self, memo: dict) -> _IdleDecoders:
-        return _IdleDecoders()
-
-
-STATIC_DECODERS = _StaticDecoders()
-STATIC_CACHE_STEP = 128  # static caches come in multiples of this many tokens
+STATIC_CACHE_STEP = 64  # a fixed-shape cache holds a multiple of this many slots: fewer compiled shapes
 
 
 class TokenStream:
@@ -184,9 +39,9 @@ class TokenStream:
     row is finished (EOS, which is not yielded, or `stop(row)`). Iterate it once.
 
     `cuda_graph` (default: on CUDA) replays each decode step as one CUDA graph; True on
-    another device runs that same static step eagerly, False keeps the plain step.
+    another device runs that same fixed-shape step eagerly, False the eager step.
     `compile_step` also passes that step through `torch.compile` (fused kernels; it costs a
-    compilation at the first stream, and its gain on a GPU is not yet measured).
+    compilation per batch and cache shape, and its gain on a GPU is not yet measured).
     `banned_ids` are never sampled (`Tokenizer.never_generated`)."""
 
     def __init__(
@@ -227,23 +82,20 @@ class TokenStream:
     def __iter__(self) -> Iterator[list[int | None]]:
         if self.done:  # every row was stopped before the stream started (a client hung up)
             return
-        batch = len(self.rows)
-        if not self.model.supports_kv_cache:
-            decoder = nullcontext(_WindowDecoder(self.model, self.device, self.amp_dtype))
-        elif self.cuda_graph and self.params.max_new_tokens > 1:  # one token needs only the prefill
-            decoder = STATIC_DECODERS.borrow(self)
-        else:
-            decoder = nullcontext(_CachedDecoder(self.model, batch, self.device, self.amp_dtype))
-        with decoder as borrowed:
-            yield from self._decode(borrowed)
+        fixed_shapes = self.cuda_graph and self.params.max_new_tokens > 1  # one token needs only the prefill
+        decoder = Decoder(
+            self.model, len(self.rows), self.device, self.amp_dtype, self.cache_slots(),
+            fixed_shapes, self.compile_step and fixed_shapes,
+        )  # fmt: skip
+        yield from self._decode(decoder)
 
-    def static_cache_len(self) -> int:
-        """A static step attends over its whole cache, so the cache holds what this stream
-        needs (in steps of STATIC_CACHE_STEP, to share graphs), not the whole context."""
+    def cache_slots(self) -> int:
+        """What this stream needs, not the whole context: a fixed-shape step attends over every
+        slot. Rounded up to STATIC_CACHE_STEP, so a compiled step meets few shapes."""
         needed = max(len(ids) for ids in self.rows) + self.params.max_new_tokens
         return min(self.model.block_size, STATIC_CACHE_STEP * math.ceil(needed / STATIC_CACHE_STEP))
 
-    def _decode(self, decoder: _CachedDecoder | _WindowDecoder) -> Iterator[list[int | None]]:
+    def _decode(self, decoder: Decoder) -> Iterator[list[int | None]]:
         params, batch = self.params, len(self.rows)
         generator = None
         if params.seed is not None:

@@ -28,9 +28,9 @@ small named pieces from dicts (`POSITIONS`, `NORMS`, `MLPS`) rather than branchi
   `linear_cross_entropy`, so no full logits exist and DDP still sees one module call.
 - Init follows GPT-2: N(0, 0.02), with the residual projections scaled by 1/sqrt(2·n_layer)
   so the residual stream's variance does not grow with depth.
-- The KV cache is preallocated for the whole context; decoding writes one slot per step.
-  Batches of unequal prompts are left-padded; the cache holds the padding, so it hands out
-  the positions and the attention mask (`KVCache.positions`, `KVCache.attention_mask`).
+- With a KV cache (`sllm.infer.decoder`), `idx` continues the cached text: the cache hands out
+  the positions and the attention mask (it knows the left-padding of a batch) and stores
+  each layer's keys and values.
 - Packed sequences (several documents in one row, as in SFT) pass `document_ids`: each
   token attends only to earlier tokens of its own document, and positions restart at 0 at
   each document start, so a packed document computes exactly what it would alone.
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -142,109 +143,16 @@ NORMS: dict[str, Callable[[int, bool], nn.Module]] = {
 }
 
 
-class KVCache:
-    """Keys and values of every layer, preallocated as (layer, batch, head, max_len, head_dim).
+class AttentionCache(Protocol):
+    """What the model needs from a KV cache (`sllm.infer.decoder.KVCache`)."""
 
-    A batch of prompts with different lengths is left-padded: row b's first `pad[b]` slots
-    hold padding that no query attends to, and its positions count from its first real token.
-    A padding query attends only to itself, so no softmax row is empty (which would give NaN).
-
-    `make_static()` prepares decode steps with fixed shapes and no Python state: while
-    `static_decoding` is set, a one-token step writes at the device tensor `step_slot` and
-    attends over the whole cache under a mask, so a CUDA graph can replay it
-    (`sllm.infer.cuda_graph`). Everything else keeps the plain path.
-    """
-
-    def __init__(
-        self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
-        device: torch.device, dtype: torch.dtype,
-    ) -> None:  # fmt: skip
-        shape = (n_layer, batch, n_head, max_len, head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        # One view per layer, made once (by indexing: views from `unbind` refuse in-place
-        # writes when autograd is on).
-        self.layer_keys = tuple(self.keys[layer] for layer in range(n_layer))
-        self.layer_values = tuple(self.values[layer] for layer in range(n_layer))
-        self.length = 0
-        self.max_len = max_len
-        self.slots = torch.arange(max_len, device=device)
-        self.step_slot: torch.Tensor | None = None
-        self.static_decoding = False
-        self.real_slots: torch.Tensor | None = None
-        self.reset()
-
-    def make_static(self) -> None:
-        """Keep the slot tables as (batch, max_len) tensors updated in place, and decode at
-        `step_slot`, so tensors captured by a CUDA graph stay the ones in use."""
-        batch = self.keys.size(1)
-        self.step_slot = torch.zeros(1, dtype=torch.long, device=self.keys.device)
-        self.slot_positions = self.slots.expand(batch, -1).clone()
-        self.real_slots = torch.ones_like(self.slot_positions, dtype=torch.bool)
-        self.reset([0] * batch)
-
-    def reset(self, pad: list[int] | None = None) -> None:
-        """Start over (no reallocation), with `pad[b]` padding slots in front of row b.
-
-        Each slot's position (and, when padded, whether it is real) is computed here once, so
-        a decode step only slices these tables."""
-        self.length = 0
-        if self.step_slot is not None:
-            first_real = torch.tensor(pad or [0] * self.keys.size(1), device=self.keys.device)[:, None]
-            self.slot_positions.copy_((self.slots[None, :] - first_real).clamp(min=0))
-            self.real_slots.copy_(self.slots[None, :] >= first_real)
-            return
-        self.slot_positions, self.real_slots = self.slots, None
-        if pad and any(pad):
-            first_real = torch.tensor(pad, device=self.keys.device)[:, None]
-            self.slot_positions = (self.slots[None, :] - first_real).clamp(min=0)
-            self.real_slots = self.slots[None, :] >= first_real
-
-    @property
-    def room(self) -> int:
-        """Tokens that still fit. A static step never reads `length`: that Python int would
-        make a compiled step recompile for every position."""
-        return 1 if self.static_decoding else self.max_len - self.length
-
-    def advance(self, length: int) -> None:
-        """Count `length` stored tokens; a static step's owner counts its own."""
-        if not self.static_decoding:
-            self.length += length
-
-    def positions(self, length: int) -> torch.Tensor:
-        """Positions of the next `length` tokens: (length,), or (batch, length) when padded."""
-        if self.static_decoding:
-            return self.slot_positions.index_select(1, self.step_slot)
-        return self.slot_positions[..., self.length : self.length + length]
-
-    def attention_mask(self, length: int) -> torch.Tensor | None:
-        """Boolean mask for the next `length` queries, or None when plain causal attention does."""
-        if self.static_decoding:
-            return ((self.slots <= self.step_slot) & self.real_slots)[:, None, None, :]
-        end = self.length + length
-        if self.real_slots is None:
-            if length == 1 or self.length == 0:
-                return None
-            return _prefix_causal_mask(length, self.length, self.keys.device)
-        real = self.real_slots[:, None, None, :end]  # (batch, 1, 1, end)
-        if length == 1:
-            return real
-        causal = _prefix_causal_mask(length, self.length, self.keys.device)
-        itself = torch.ones_like(causal).tril(diagonal=self.length).triu(diagonal=self.length)
-        return causal & (real | itself)
+    def prepare(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions (batch, length) and attention mask (batch, 1, length, keys) of the next tokens."""
+        ...
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's keys/values after the cached ones; return all of them so far (all
-        slots, masked, on a static step)."""
-        keys, values = self.layer_keys[layer], self.layer_values[layer]
-        if self.static_decoding:
-            keys.index_copy_(2, self.step_slot, k.to(keys.dtype))
-            values.index_copy_(2, self.step_slot, v.to(values.dtype))
-            return keys, values
-        new = k.size(2)
-        keys.narrow(2, self.length, new).copy_(k)
-        values.narrow(2, self.length, new).copy_(v)
-        return keys.narrow(2, 0, self.length + new), values.narrow(2, 0, self.length + new)
+        """Write the next tokens' keys and values; return the keys and values to attend over."""
+        ...
 
 
 class CausalSelfAttention(nn.Module):
@@ -266,11 +174,11 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cache: KVCache | None = None,
+        cache: AttentionCache | None = None,
         mask: torch.Tensor | None = None,
         rotate: Rotation = no_rotation,
     ) -> torch.Tensor:
-        """`mask` (from `KVCache.attention_mask`) replaces plain causal attention when given."""
+        """`mask` (from `KVCache.prepare`) replaces plain causal attention when given."""
         q, k, v = self.split_heads(self.qkv(x))
         q, k = rotate(self.q_norm(q)), rotate(self.k_norm(k))
         if cache is not None:
@@ -307,11 +215,6 @@ def document_attention(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.
     same_document = document_ids[:, :, None] == document_ids[:, None, :]
     causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
     return positions, (same_document & causal).unsqueeze(1)
-
-
-def _prefix_causal_mask(length: int, past: int, device: torch.device) -> torch.Tensor:
-    """Queries at positions past..past+length-1 see every cached key and the causal new ones."""
-    return torch.ones(length, past + length, dtype=torch.bool, device=device).tril(diagonal=past)
 
 
 class MLP(nn.Module):
@@ -377,7 +280,7 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cache: KVCache | None = None,
+        cache: AttentionCache | None = None,
         mask: torch.Tensor | None = None,
         rotate: Rotation = no_rotation,
     ) -> torch.Tensor:
@@ -423,44 +326,30 @@ class GPT(nn.Module):
         """The LM head (padded rows included): the token embedding unless untied."""
         return self.wte.weight if self.cfg.tie_embeddings else self.lm_head.weight
 
-    def new_cache(
-        self, batch: int, device: torch.device, dtype: torch.dtype, max_len: int | None = None
-    ) -> KVCache:
-        """A cache for `max_len` tokens (default: the whole context)."""
-        head_dim = self.cfg.n_embd // self.cfg.n_head
-        n_kv_head = self.cfg.n_kv_head or self.cfg.n_head
-        max_len = min(max_len or self.block_size, self.block_size)
-        return KVCache(self.cfg.n_layer, batch, n_kv_head, max_len, head_dim, device, dtype)
-
     def hidden_states(
-        self, idx: torch.Tensor, cache: KVCache | None = None, document_ids: torch.Tensor | None = None
+        self, idx: torch.Tensor, cache: AttentionCache | None = None, document_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, n_embd); with a cache, idx continues the cached text.
 
         `document_ids` (B, T) marks packed documents, which then cannot see each other.
         """
-        room = cache.room if cache is not None else self.block_size
-        if idx.size(1) > room:
-            raise ValueError(f"{idx.size(1)} tokens do not fit: {room} positions of the context are left")
         if document_ids is not None:
             positions, mask = document_attention(document_ids)
         elif cache is None:
             positions, mask = torch.arange(idx.size(1), device=idx.device), None
         else:
-            positions, mask = cache.positions(idx.size(1)), cache.attention_mask(idx.size(1))
+            positions, mask = cache.prepare(idx.size(1))
         x = self.drop(self.wte(idx) + self.wpe(positions))
         rotate = self.wpe.rotation(positions)
         for block in self.blocks:
             x = self._run_block(block, x, cache, mask, rotate)
-        if cache is not None:
-            cache.advance(idx.size(1))
         return self.norm_f(x)
 
     def _run_block(
         self,
         block: Block,
         x: torch.Tensor,
-        cache: KVCache | None,
+        cache: AttentionCache | None,
         mask: torch.Tensor | None,
         rotate: Rotation,
     ) -> torch.Tensor:
@@ -472,7 +361,7 @@ class GPT(nn.Module):
     def forward(
         self,
         idx: torch.Tensor,
-        cache: KVCache | None = None,
+        cache: AttentionCache | None = None,
         document_ids: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
         last_position_only: bool = False,

@@ -1,0 +1,197 @@
+"""The one decode path: a static KV cache and the `Decoder` that runs the model over it.
+
+- `KVCache` is preallocated once per stream: keys and values (layer, batch, kv_head, slot,
+  head_dim). Where the next tokens go is a device tensor (`start`); positions and the mask
+  are sliced from tables made when a batch starts, so the same step code runs eagerly,
+  compiled, or replayed as a CUDA graph.
+- Attention reads the first `span` slots. An eager step reads only the filled ones (a Python
+  int the decoder sets); a captured or compiled step reads every slot, masked, so its shapes
+  never change and it never reads host state.
+- `Decoder` prefills a left-padded batch, then gives next-token logits one token per row per
+  step, through the model's own `forward`. When the cache is full, each row's newest three
+  quarters are prefilled again. A model without a KV cache (the ffn baseline) recomputes each
+  row's window at every step through the same interface.
+- On CUDA the fixed-shape step is recorded once as a CUDA graph (three warm-up runs on a side
+  stream, as PyTorch's notes ask) and trusted only if a replay reproduces the eager logits;
+  otherwise the stream goes on eagerly with one warning. `compile_step` passes the step
+  through `torch.compile` first.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from sllm.config import ModelConfig
+from sllm.runtime import autocast
+
+LOGIT_TOLERANCE = 0.05  # bf16 logits of the same step, replayed vs eager, relative to their size
+
+
+class KVCache:
+    """Keys and values of every layer for `slots` tokens per row, preallocated.
+
+    Row b's first `pad[b]` slots hold padding: its positions count from its first real token,
+    and real queries do not see padding keys. The mask is additive, made once per forward in
+    the cache's dtype (a boolean mask would be converted by every layer's attention): -inf
+    above the diagonal, a large finite penalty on padding keys, so a padding query, which
+    sees only padding, still has a finite softmax (its output is unused)."""
+
+    def __init__(
+        self, cfg: ModelConfig, batch: int, slots: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        n_kv_head, head_dim = cfg.n_kv_head or cfg.n_head, cfg.n_embd // cfg.n_head
+        shape = (cfg.n_layer, batch, n_kv_head, slots, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        # One view per layer, made once (by indexing: views from `unbind` refuse in-place
+        # writes when autograd is on).
+        self.layer_keys = tuple(self.keys[layer] for layer in range(cfg.n_layer))
+        self.layer_values = tuple(self.values[layer] for layer in range(cfg.n_layer))
+        self.slots = slots
+        self.span = slots
+        self.index = torch.arange(slots, device=device)
+        future = self.index[None, :] > self.index[:, None]  # (query slot, key slot)
+        self.causal = torch.zeros(slots, slots, device=device, dtype=dtype).masked_fill(future, float("-inf"))
+        self.padding_penalty = torch.finfo(dtype).min / 2
+        self.start = torch.zeros(1, dtype=torch.long, device=device)
+        self.slot_positions = torch.zeros(batch, slots, dtype=torch.long, device=device)
+        self.padding = torch.zeros(batch, slots, device=device, dtype=dtype)
+        self.writing = self.index[:1]
+
+    def reset(self, pad: list[int]) -> None:
+        """Start over, in place, with `pad[b]` padding slots in front of row b."""
+        first_real = torch.tensor(pad, device=self.index.device)[:, None]
+        self.slot_positions.copy_((self.index[None, :] - first_real).clamp(min=0))
+        self.padding.copy_((self.index[None, :] < first_real) * self.padding_penalty)
+        self.start.zero_()
+
+    def prepare(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions (batch, length) and mask (batch, 1, length, span) of the next `length`
+        tokens, which go to slots start .. start+length-1."""
+        self.writing = self.start + self.index[:length]
+        positions = self.slot_positions.index_select(1, self.writing)
+        causal = self.causal.index_select(0, self.writing)[:, : self.span]
+        return positions, causal + self.padding[:, None, None, : self.span]
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the prepared tokens' keys and values; return the first `span` slots."""
+        keys, values = self.layer_keys[layer], self.layer_values[layer]
+        keys.index_copy_(2, self.writing, k.to(keys.dtype))
+        values.index_copy_(2, self.writing, v.to(values.dtype))
+        return keys.narrow(2, 0, self.span), values.narrow(2, 0, self.span)
+
+
+class Decoder:
+    """Next-token logits (batch, vocab) for a left-padded batch of rows.
+
+    `fixed_shapes` runs decode steps over the whole cache (the step a CUDA graph records): as
+    a CUDA graph on CUDA, eagerly elsewhere. `compile_step` also compiles that step."""
+
+    def __init__(
+        self, model: nn.Module, batch: int, device: torch.device, amp_dtype: torch.dtype | None = None,
+        slots: int | None = None, fixed_shapes: bool = False, compile_step: bool = False,
+    ) -> None:  # fmt: skip
+        self.model, self.device, self.amp_dtype = model, device, amp_dtype
+        self.cache: KVCache | None = None
+        if model.supports_kv_cache:
+            dtype = amp_dtype or next(model.parameters()).dtype
+            slots = min(slots or model.block_size, model.block_size)
+            self.cache = KVCache(model.cfg, batch, slots, device, dtype)
+        self.length = 0  # filled slots
+        self.fixed_shapes = fixed_shapes or compile_step
+        self.fixed_step = torch.compile(self._fixed_step, dynamic=False) if compile_step else self._fixed_step
+        self.as_graph = self.fixed_shapes and device.type == "cuda"
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_logits: torch.Tensor | None = None
+        self.failed = False  # a capture failed: steps run eagerly
+
+    def prefill(self, rows: list[list[int]]) -> torch.Tensor:
+        """Start over with `rows` (each at most the cache's slots long)."""
+        if self.cache is None:
+            return self._window_logits(rows)
+        width = max(len(ids) for ids in rows)
+        pad = [width - len(ids) for ids in rows]
+        idx = [[0] * p + ids for p, ids in zip(pad, rows, strict=True)]
+        self.cache.reset(pad)
+        self.length = 0
+        return self._eager(torch.tensor(idx, dtype=torch.long, device=self.device))
+
+    def step(self, tokens: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
+        """`tokens` (batch,) were just sampled and appended to `rows` (for a refill or a window)."""
+        if self.cache is None:
+            return self._window_logits(rows)
+        if self.length == self.cache.slots:
+            keep = max(1, 3 * self.cache.slots // 4)
+            return self.prefill([ids[-keep:] for ids in rows])
+        if not self.fixed_shapes or self.failed:
+            return self._eager(tokens[:, None])
+        self.tokens.copy_(tokens[:, None])
+        self.cache.start.fill_(self.length)
+        if self.as_graph and self.graph is None and not self._capture():
+            self.failed = True
+            return self._eager(tokens[:, None])
+        logits = self._replay() if self.as_graph else self.fixed_step(self.tokens)
+        self.length += 1
+        return logits
+
+    def _forward(self, idx: torch.Tensor, cache_casts: bool = True) -> torch.Tensor:
+        """The model on `idx` after what the cache holds; the head runs on the last position only."""
+        with autocast(self.device, self.amp_dtype, cache_casts):
+            return self.model(idx, self.cache, last_position_only=True)[:, -1].float()
+
+    def _eager(self, idx: torch.Tensor) -> torch.Tensor:
+        self.cache.start.fill_(self.length)
+        self.cache.span = self.length + idx.size(1)
+        logits = self._forward(idx)
+        self.length += idx.size(1)
+        return logits
+
+    def _fixed_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One token per row over every slot: no shape or host value changes between steps.
+        Autocast's cast cache is off: a graph would keep casts that are freed after capture."""
+        self.cache.span = self.cache.slots
+        return self._forward(tokens, cache_casts=False)
+
+    def _window_logits(self, rows: list[list[int]]) -> torch.Tensor:
+        """For models without a KV cache: each row's last `block_size` tokens, every step."""
+        block = self.model.block_size
+        with autocast(self.device, self.amp_dtype):
+            return torch.cat(
+                [self.model(torch.tensor([ids[-block:]], device=self.device))[:, -1].float() for ids in rows]
+            )
+
+    def _replay(self) -> torch.Tensor:
+        """A copy: the graph's own output buffer is overwritten by the next replay."""
+        with torch.cuda.device(self.device):
+            self.graph.replay()
+        return self.graph_logits.clone()
+
+    def _capture(self) -> bool:
+        """Record the fixed step; False if capture fails or its replay differs from eager."""
+        try:
+            with torch.cuda.device(self.device):
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(3):
+                        eager = self.fixed_step(self.tokens)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self.graph_logits = self.fixed_step(self.tokens)
+            self.graph = graph
+            self.graph_logits.fill_(float("nan"))  # a graph that recorded nothing would keep eager's
+            gap = (self._replay() - eager).abs().max().item()
+        except Exception as error:  # any failure to capture leaves the eager step, which works
+            warnings.warn(f"CUDA graph capture failed ({error}); decoding eagerly", stacklevel=3)
+            return False
+        if not gap <= LOGIT_TOLERANCE * max(1.0, eager.abs().max().item()):
+            warnings.warn(
+                f"the CUDA graph's logits differ from eager by {gap}; decoding eagerly", stacklevel=3
+            )
+            return False
+        return True
