@@ -34,6 +34,7 @@ from sllm.data.prepare import read_meta
 from sllm.errors import UserError
 from sllm.evaluate import score_windows
 from sllm.model import build_model, count_parameters, describe
+from sllm.model.cpu_linear import onednn_linears
 from sllm.model.stats import gpu_peak_flops, training_flops_per_token, training_memory
 from sllm.runs import CONFIG_FILE
 from sllm.runtime import (
@@ -128,7 +129,7 @@ def logits_loss(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: torch.dtype | None
 ) -> torch.Tensor:
     """Mean next-token cross-entropy from the full logits, taken in fp32."""
-    with autocast(device, dtype):
+    with autocast(device, dtype), onednn_linears(device):
         logits = model(x)
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
@@ -138,7 +139,7 @@ def chunked_loss(
 ) -> torch.Tensor:
     """The same loss computed inside the model's forward (`train.chunked_loss`): the LM head and
     the loss run chunk by chunk, and DDP/FSDP still see one call of the wrapped module."""
-    with autocast(device, dtype):
+    with autocast(device, dtype), onednn_linears(device):
         return model(x, targets=y)
 
 
