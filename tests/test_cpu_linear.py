@@ -112,6 +112,18 @@ def test_only_a_cpu_with_avx512_gets_onednn(monkeypatch):
     cpu_linear.onednn_suits_this_cpu.cache_clear()
 
 
+def test_activation_checkpointing_keeps_f_linear_and_trains(onednn):
+    """Blocks recomputed in backward run outside the mode, so the forward must not use it."""
+    model = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    model.checkpoint_blocks = True
+    idx = torch.randint(0, 64, (2, 8))
+    with onednn_linears(CPU, activation_checkpointing=True):
+        logits = model(idx)
+        F.cross_entropy(logits.flatten(0, 1), idx.flatten()).backward()
+    assert not took_onednn(logits)
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_outputs_may_be_changed_in_place_and_double_backward_is_refused(onednn):
     x = torch.randn(2, 3, 8, requires_grad=True)
     weight = torch.randn(4, 8, requires_grad=True)

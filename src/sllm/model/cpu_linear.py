@@ -9,7 +9,7 @@ training step took 1.2–1.3× less time with its products than with plain `nn.L
 weight gradient `grad.T @ x` with MKL, which stays faster for that shape.
 
 The model knows nothing of it: this is a `TorchFunctionMode` the trainer enters around its
-forward pass. It applies only where the CPU has AVX-512 — by instruction set, never by a
+forward and backward passes. It applies only where the CPU has AVX-512 — by instruction set, never by a
 timing, so a run makes the same choice every time it starts and resume stays exact.
 Everything else keeps `F.linear`: CUDA, bf16, autocast, `torch.compile`, DTensor weights,
 column-major weights (CPU decoding, `sllm.infer.cpu_layout`). Its products have first
@@ -28,10 +28,14 @@ from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
 
 
-def onednn_linears(device: torch.device) -> contextlib.AbstractContextManager:
+def onednn_linears(
+    device: torch.device, activation_checkpointing: bool = False
+) -> contextlib.AbstractContextManager:
     """A context in which `F.linear` goes through oneDNN, where `device` is a CPU with AVX-512;
-    elsewhere a context that changes nothing."""
-    if device.type == "cpu" and onednn_suits_this_cpu():
+    elsewhere a context that changes nothing. Activation checkpointing recomputes blocks during
+    backward, where no mode is active, and a recomputation must save what the forward saved:
+    so with it every product stays `F.linear`."""
+    if device.type == "cpu" and onednn_suits_this_cpu() and not activation_checkpointing:
         return _OneDnnLinears()
     return contextlib.nullcontext()
 

@@ -129,7 +129,7 @@ def logits_loss(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: torch.dtype | None
 ) -> torch.Tensor:
     """Mean next-token cross-entropy from the full logits, taken in fp32."""
-    with autocast(device, dtype), onednn_linears(device):
+    with autocast(device, dtype):
         logits = model(x)
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
@@ -139,7 +139,7 @@ def chunked_loss(
 ) -> torch.Tensor:
     """The same loss computed inside the model's forward (`train.chunked_loss`): the LM head and
     the loss run chunk by chunk, and DDP/FSDP still see one call of the wrapped module."""
-    with autocast(device, dtype), onednn_linears(device):
+    with autocast(device, dtype):
         return model(x, targets=y)
 
 
@@ -250,7 +250,8 @@ class Trainer:
     def _trial_step(self, micro_batch: int) -> None:
         """One full training step on random tokens of the real shape, without gradient sync."""
         x = torch.randint(0, self.cfg.model.vocab_size, (micro_batch, self.block_size), device=self.device)
-        with gradient_sync(self.ddp_model, False):
+        checkpointing = self.cfg.train.activation_checkpointing
+        with gradient_sync(self.ddp_model, False), onednn_linears(self.device, checkpointing):
             loss = self.micro_batch_loss(self.ddp_model, x, x, self.device, self.amp_dtype)
             self.scaler.scale(loss).backward()
         self._apply_gradients()
@@ -427,7 +428,8 @@ class Trainer:
             torch.manual_seed((t.seed * 1_000_003 + self.step) * 1_009 + index)  # dropout
             x, y = (self._to_device(v) for v in self.windows.batch(self.step, index))
             last_micro_step = micro_step == self.grad_accum - 1
-            with gradient_sync(self.ddp_model, last_micro_step):
+            products = onednn_linears(self.device, t.activation_checkpointing)
+            with gradient_sync(self.ddp_model, last_micro_step), products:
                 loss = self.micro_batch_loss(self.ddp_model, x, y, self.device, self.amp_dtype)
                 self.scaler.scale(loss / self.grad_accum).backward()
             total += loss.detach()
