@@ -147,7 +147,7 @@ def script_contender(
 
 
 def plain_contender(
-    cfg: ModelConfig, device: torch.device, micro_batch: int, amp=None, compiled=False, onednn=False
+    cfg: ModelConfig, device: torch.device, micro_batch: int, *, amp=None, compiled=False, onednn=False
 ) -> Contender:
     torch.manual_seed(0)
     model = PlainGPT(cfg).to(device)
@@ -157,7 +157,7 @@ def plain_contender(
 
 
 def transformers_contender(
-    cfg: ModelConfig, device: torch.device, micro_batch: int, amp=None, compiled=False
+    cfg: ModelConfig, device: torch.device, micro_batch: int, *, amp=None, compiled=False
 ) -> Contender:
     torch.manual_seed(0)
     hf = to_transformers(build_model(cfg), attn_implementation="sdpa").train().to(device)
@@ -219,10 +219,10 @@ def build_contenders(
     if device.type == "cuda":
         amp = torch.bfloat16
         contenders = {
-            "transformers compiled": theirs(amp, compiled=True),
-            "transformers eager": theirs(amp),
-            "plain GPT eager": plain(amp),
-            "plain GPT compiled": plain(amp, compiled=True),
+            "transformers compiled": theirs(amp=amp, compiled=True),
+            "transformers eager": theirs(amp=amp),
+            "plain GPT eager": plain(amp=amp),
+            "plain GPT compiled": plain(amp=amp, compiled=True),
             "sllm eager": sllm(),
             "sllm compiled": sllm("train.compile=true"),
             "sllm compiled, chunked loss": sllm("train.compile=true", "train.chunked_loss=true"),
@@ -236,7 +236,7 @@ def build_contenders(
         if args.compile:
             contenders["sllm, train.compile"] = sllm("train.compile=true")
         if args.cpu_bf16:
-            contenders["plain GPT, bf16 autocast"] = plain(torch.bfloat16)
+            contenders["plain GPT, bf16 autocast"] = plain(amp=torch.bfloat16)
             contenders["sllm, train.dtype=bf16"] = sllm("train.dtype=bf16")
     if args.checkpointing:
         compiled = ["train.compile=true"] if device.type == "cuda" else []
