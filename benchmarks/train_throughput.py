@@ -2,7 +2,8 @@
 
 Every contender trains a model of the same shape on micro-batches of the same size, timed in
 alternating rounds inside one process, the order rotating, so machine load hits them alike;
-on a shared CPU use many short rounds (`--steps 1 --rounds 15`). Ratios are to the first row.
+on a shared CPU use many short rounds (`--steps 1 --rounds 15`). Ratios are to the first row:
+of the medians, and the median of each round's ratio (steadier when the load swings).
 
 - plain GPT: what a from-scratch PyTorch script writes (below: `nn.Linear`, SDPA, learned
   positions, LayerNorm, GELU MLP, tied head, full-logits cross-entropy) with torch's foreach
@@ -386,8 +387,8 @@ def print_tables(
     size = f"{count_parameters(build_model(cfg)) / 1e6:.1f}M parameters"
     reference = next(iter(builders))
     print(f"shape {args.shape} ({size}), {device}, {setup}, {torch.get_num_threads()} threads")
-    print(f"| micro-batch | contender | tokens/s | vs {reference} | MFU | peak MiB |")
-    print("|---|---|---|---|---|---|")
+    print(f"| micro-batch | contender | tokens/s | vs {reference} | same round | MFU | peak MiB |")
+    print("|---|---|---|---|---|---|---|")
     for micro_batch in micro_batches:
         shape = (micro_batch, cfg.block_size)
         batches = [
@@ -398,13 +399,18 @@ def print_tables(
             for _ in range(args.steps)
         ]
         results = measure(builders, batches, args.rounds)
-        baseline = statistics.median(results[reference][0]) if reference in results else float("nan")
+        reference_rates = results[reference][0] if reference in results else [float("nan")]
+        baseline = statistics.median(reference_rates)
         for name, (values, peak) in results.items():
             median = statistics.median(values)
+            paired = statistics.median(
+                ours / theirs for ours, theirs in zip(values, reference_rates, strict=False)
+            )
             mfu = f"{median * flops_per_token / peak_flops:.1%}" if peak_flops else "–"
             memory = f"{peak:,.0f}" if peak else "–"
             print(
-                f"| {micro_batch} | {name} | {median:,.0f} | {median / baseline:.2f}× | {mfu} | {memory} |",
+                f"| {micro_batch} | {name} | {median:,.0f} | {median / baseline:.2f}× | {paired:.2f}× "
+                f"| {mfu} | {memory} |",
                 flush=True,
             )
         free_memory()
