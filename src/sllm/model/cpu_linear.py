@@ -2,17 +2,17 @@
 
 torch sends an fp32 matrix product on x86 to MKL, which on AMD processors runs its AVX2
 kernels even where the CPU has AVX-512. oneDNN, also inside every x86 build of torch, picks
-its kernels by instruction set: on the 2-core AMD EPYC (Zen 4) development machine a GPT's
-training step took 1.2–1.3× less time with its products than with plain `nn.Linear`
+its kernels by instruction set: on the 2-core AMD EPYC development VM (Zen 5) a GPT's forward
+and backward took 1.2–1.3× less time with its products than with plain `nn.Linear`
 (docs/log.md). So while `onednn_linears(device)` is entered, every `F.linear` call (each
-`nn.Linear` and the tied LM head) computes `x @ W.T + b` and `grad @ W` with oneDNN and the
+`nn.Linear` and the tied LM head) computes `x @ W.T + b` and `grad @ W` with oneDNN, and the
 weight gradient `grad.T @ x` with MKL, which stays faster for that shape.
 
-The model knows nothing of it: this is a `TorchFunctionMode` the trainer enters around its
-forward and backward passes. It applies only where the CPU has AVX-512 — by instruction set, never by a
+The model knows nothing of it: this is a `TorchFunctionMode` the trainer enters around forward
+and backward. It applies only where the CPU has AVX-512, by instruction set and never by a
 timing, so a run makes the same choice every time it starts and resume stays exact.
 Everything else keeps `F.linear`: CUDA, bf16, autocast, `torch.compile`, DTensor weights,
-column-major weights (CPU decoding, `sllm.infer.cpu_layout`). Its products have first
+column-major weights (CPU decoding), activation checkpointing. Its products have first
 derivatives only (double backward raises).
 """
 
