@@ -1,28 +1,31 @@
-"""Training throughput: sllm's GPT against `transformers`' GPT2LMHeadModel, same shape and batch.
+"""Training throughput: sllm's trainer step against a plain PyTorch GPT and `transformers`' GPT-2.
 
-Both models get the same weights (ours copied into GPT-2's Conv1D layout), the same random
-token batches and the same loss. Contenders are timed in alternating rounds inside one
-process, the order rotating, so machine load hits them alike; on a shared CPU use many short
-rounds (`--steps 1 --rounds 15`).
+Every contender trains a model of the same shape on micro-batches of the same size, timed in
+alternating rounds inside one process, the order rotating, so machine load hits them alike;
+on a shared CPU use many short rounds (`--steps 1 --rounds 15`). Ratios are to the first row:
+of the medians, and the median of each round's ratio (steadier when the load swings).
 
-- CPU (fp32): the reference is `transformers` eager with the same optimizer as sllm (sllm's
-  AdamW: decay on matrices, the fused kernel); a row gives it torch's default AdamW (what a
-  plain script builds); rows for sllm's default loss, `train.chunked_loss`, sllm with MKL
-  products where it would use oneDNN (`SLLM_CPU_MATMUL=mkl`, `sllm.model.cpu_linear`) and,
-  with `--compile`, `torch.compile`; with `--cpu-bf16`, both models under bf16 autocast (fast
-  on CPUs that multiply bf16 natively).
-- CUDA (bf16 autocast, TF32, fused AdamW): the reference is `transformers` compiled, the
-  issue's baseline; rows for both eager, sllm compiled, and sllm compiled with the chunked
-  loss, with MFU (`sllm.model.stats`: 6·N + 12·L·d·T FLOPs per token over the GPU's bf16 peak)
-  and peak memory (the contender's weights and optimizer state plus what its steps allocate on
-  top: all contenders share the device, so its own peak would count the others' too).
-- `--checkpointing` adds activation checkpointing; `--auto-batch` repeats the table at the
-  largest power-of-two micro-batch that survives a step, as `train.micro_batch: auto` finds it.
+- plain GPT: what a from-scratch PyTorch script writes (below: `nn.Linear`, SDPA, learned
+  positions, LayerNorm, GELU MLP, tied head, full-logits cross-entropy) with torch's foreach
+  AdamW (weight decay on matrices only) and the gradient norm clipped at 1.0. The reference.
+- plain GPT + `sllm.model.cpu_linear` (CPUs with AVX-512): the same, its `F.linear` calls
+  through oneDNN: the side-by-side that decides whether that module stays.
+- `transformers` GPT2LMHeadModel (SDPA, sllm's weights copied) with the plain GPT's optimizer.
+- sllm: `Trainer.train_step()` of `sllm.train.loop`, the whole step a run takes (windows read
+  from a prepared data dir, schedule, loss, clipping, sllm's optimizer). Its data is `sllm
+  demo`'s Korean legal text, prepared character-level into a temporary directory with `model.vocab_size`
+  set to the shape's. Rows for `train.chunked_loss`; `--compile` (`train.compile`),
+  `--cpu-bf16` (`train.dtype=bf16`, and the plain GPT under bf16 autocast),
+  `--checkpointing` (`train.activation_checkpointing`).
+- CUDA: everything under bf16 autocast with TF32; `transformers` compiled leads, as in the
+  issue that set the GPU target; rows with MFU (`sllm.model.stats`) and peak memory (the
+  contender's weights and optimizer state plus what its steps allocate on top: all contenders
+  share the device). `--auto-batch` repeats the table at the micro-batch
+  `train.micro_batch: auto` picks.
 
-    python benchmarks/train_throughput.py --shape 10m --steps 1 --rounds 15 --threads 1 --compile
-    python benchmarks/train_throughput.py --device cuda --shape gpt2-124m --batch 16 \
-        --checkpointing --auto-batch
-    python benchmarks/train_throughput.py --device cuda --shape ko-350m --batch 8 --checkpointing
+    python benchmarks/train_throughput.py --shape 10m --steps 1 --rounds 15
+    python benchmarks/train_throughput.py --shape demo --batch 16 --steps 2 --rounds 15
+    python benchmarks/train_throughput.py --device cuda --shape gpt2-124m --batch 16 --auto-batch
 """
 
 from __future__ import annotations
@@ -30,27 +33,31 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import os
+import json
 import statistics
+import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from sllm.config import ModelConfig, TrainConfig
+from sllm.config import ModelConfig, load_config
+from sllm.demo import demo_corpus
 from sllm.export import to_transformers
 from sllm.model import build_model, count_parameters
-from sllm.model.cpu_linear import onednn_chosen
+from sllm.model.cpu_linear import onednn_linears, onednn_suits_this_cpu
 from sllm.model.stats import gpu_peak_flops, training_flops_per_token
 from sllm.runtime import allow_tf32, autocast, keep_freed_memory
-from sllm.train.batch_size import free_memory, largest_fitting, power_of_two_sizes, survives
-from sllm.train.loop import chunked_loss, logits_loss
-from sllm.train.optim import build_optimizers
+from sllm.train.batch_size import free_memory
+from sllm.train.loop import Trainer
 
 T = TypeVar("T")
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 SHAPES = {
     "10m": dict(n_layer=6, n_head=4, n_embd=256, block_size=256, vocab_size=8192),
@@ -60,72 +67,182 @@ SHAPES = {
 }
 
 
-def sllm_adamw(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    (optimizer,) = build_optimizers(model, TrainConfig(lr=1e-4), device)
-    return optimizer
+class PlainBlock(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.attn_proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.fc, self.mlp_proj = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        q, k, v = (
+            t.view(batch, length, self.heads, -1).transpose(1, 2)
+            for t in self.qkv(self.norm1(x)).split(width, dim=2)
+        )
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.attn_proj(y.transpose(1, 2).reshape(batch, length, width))
+        return x + self.mlp_proj(F.gelu(self.fc(self.norm2(x)), approximate="tanh"))
 
 
-def default_adamw(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """torch's AdamW as a plain script builds it: every parameter decayed, default kernel."""
-    return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+class PlainGPT(nn.Module):
+    """GPT-2 as a from-scratch script writes it, the head tied to the token embedding."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(PlainBlock(cfg.n_embd, cfg.n_head) for _ in range(cfg.n_layer))
+        self.norm = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.head.weight = self.wte.weight
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.size(1), device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
 
 
-def hf_loss(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | None
-) -> torch.Tensor:
-    with autocast(x.device, amp):
-        logits = model(x, use_cache=False).logits  # training builds no KV cache
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-
-
-def sllm_loss(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | None
-) -> torch.Tensor:
-    """The trainer's default loss: full logits, fp32 cross-entropy."""
-    return logits_loss(model, x, y, x.device, amp)
-
-
-def sllm_chunked_loss(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | None
-) -> torch.Tensor:
-    return chunked_loss(model, x, y, x.device, amp)
+def plain_adamw(model: nn.Module) -> torch.optim.Optimizer:
+    """torch's foreach AdamW, decaying matrices only."""
+    params = list(model.parameters())
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), foreach=True)
 
 
 @dataclass
 class Contender:
-    """One model with its loss and optimizer; `step(x, y)` is a whole training step."""
+    """`step(x, y)` is one whole training step on a micro-batch of that shape."""
 
-    model: torch.nn.Module
-    loss_fn: Callable
-    make_optimizer: Callable[[torch.nn.Module, torch.device], torch.optim.Optimizer]
-    amp: torch.dtype | None
-    cpu_matmul: str | None = None  # SLLM_CPU_MATMUL during this contender's steps
-
-    def __post_init__(self) -> None:
-        parameters = next(self.model.parameters())
-        self.optimizer = self.make_optimizer(self.model, parameters.device)
-
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        with cpu_matmul(self.cpu_matmul):
-            self.loss_fn(self.model, x, y, self.amp).backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+    step: Callable[[torch.Tensor, torch.Tensor], object]
+    model: nn.Module
+    optimizers: list[torch.optim.Optimizer]
 
 
-@contextlib.contextmanager
-def cpu_matmul(choice: str | None) -> Iterator[None]:
-    """`SLLM_CPU_MATMUL=choice` inside the block (None: leave the environment as it is)."""
-    previous = os.environ.get("SLLM_CPU_MATMUL")
-    if choice is not None:
-        os.environ["SLLM_CPU_MATMUL"] = choice
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("SLLM_CPU_MATMUL", None)
-        else:
-            os.environ["SLLM_CPU_MATMUL"] = previous
+def script_contender(
+    model: nn.Module,
+    logits: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    amp: torch.dtype | None,
+    linears: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> Contender:
+    """The training step a plain script writes, for any model that `logits` can call."""
+    optimizer = plain_adamw(model)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        with autocast(x.device, amp), linears():
+            out = logits(model, x)
+        F.cross_entropy(out.float().flatten(0, 1), y.flatten()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return Contender(step, model, [optimizer])
+
+
+def plain_contender(
+    cfg: ModelConfig, device: torch.device, micro_batch: int, *, amp=None, compiled=False, onednn=False
+) -> Contender:
+    torch.manual_seed(0)
+    model = PlainGPT(cfg).to(device)
+    linears = functools.partial(onednn_linears, device) if onednn else contextlib.nullcontext
+    forward = torch.compile(model) if compiled else model
+    return script_contender(model, lambda _, x: forward(x), amp, linears)
+
+
+def transformers_contender(
+    cfg: ModelConfig, device: torch.device, micro_batch: int, *, amp=None, compiled=False
+) -> Contender:
+    torch.manual_seed(0)
+    hf = to_transformers(build_model(cfg), attn_implementation="sdpa").train().to(device)
+    forward = torch.compile(hf) if compiled else hf
+    return script_contender(hf, lambda _, x: forward(x, use_cache=False).logits, amp)
+
+
+def prepare_demo_text(root: Path) -> Path:
+    """`sllm demo`'s Korean legal text, prepared character-level (seconds) for sllm's trainer."""
+    from sllm.data.prepare import prepare
+
+    cfg = load_config(
+        None,
+        [
+            f"data.inputs={json.dumps(demo_corpus())}",
+            f"data.dir={root / 'data'}",
+            "data.txt_mode=paragraph",
+            "tokenizer.kind=char",
+        ],
+    )
+    prepare(cfg.data, cfg.tokenizer, log=lambda _: None)
+    return Path(cfg.data.dir)
+
+
+def sllm_trainer(
+    cfg: ModelConfig, device: torch.device, data_dir: Path, micro_batch: int | str, *overrides: str
+) -> Trainer:
+    shape = [f"model.{key}={getattr(cfg, key)}" for key in (*SHAPES["10m"], "dropout")]
+    train_cfg = load_config(
+        None,
+        [
+            f"data.dir={data_dir}", f"train.out_dir={data_dir.parent / 'run'}", *shape,
+            f"train.micro_batch={micro_batch}", "train.grad_accum=1",
+            "train.max_steps=1000000", f"train.device={device.type}", "train.eval_windows=1",
+            "log.progress=false", "log.tensorboard=false", *overrides,
+        ],
+    )  # fmt: skip
+    return Trainer(train_cfg, log=lambda *_: None)
+
+
+def sllm_contender(
+    cfg: ModelConfig, device: torch.device, micro_batch: int, data_dir: Path, *overrides: str
+) -> Contender:
+    """sllm's own step. The trainer reads its windows from its data, of the contenders' shape."""
+    trainer = sllm_trainer(cfg, device, data_dir, micro_batch, *overrides)
+    return Contender(lambda x, y: trainer.train_step(), trainer.model, trainer.optimizers)
+
+
+def build_contenders(
+    cfg: ModelConfig, device: torch.device, data_dir: Path, args: argparse.Namespace
+) -> dict[str, Callable[[int], Contender]]:
+    """Name -> a builder taking the micro-batch. The first row is the reference."""
+    plain = functools.partial(functools.partial, plain_contender, cfg, device)
+    theirs = functools.partial(functools.partial, transformers_contender, cfg, device)
+
+    def sllm(*overrides: str) -> Callable[[int], Contender]:
+        return lambda micro_batch: sllm_contender(cfg, device, micro_batch, data_dir, *overrides)
+
+    if device.type == "cuda":
+        amp = torch.bfloat16
+        contenders = {
+            "transformers compiled": theirs(amp=amp, compiled=True),
+            "transformers eager": theirs(amp=amp),
+            "plain GPT eager": plain(amp=amp),
+            "plain GPT compiled": plain(amp=amp, compiled=True),
+            "sllm eager": sllm(),
+            "sllm compiled": sllm("train.compile=true"),
+            "sllm compiled, chunked loss": sllm("train.compile=true", "train.chunked_loss=true"),
+        }
+    else:
+        contenders = {"plain GPT": plain(), "transformers": theirs()}
+        if onednn_suits_this_cpu():
+            contenders["plain GPT + sllm.model.cpu_linear"] = plain(onednn=True)
+        contenders["sllm"] = sllm()
+        contenders["sllm, train.chunked_loss"] = sllm("train.chunked_loss=true")
+        if args.compile:
+            contenders["sllm, train.compile"] = sllm("train.compile=true")
+        if args.cpu_bf16:
+            contenders["plain GPT, bf16 autocast"] = plain(amp=torch.bfloat16)
+            contenders["sllm, train.dtype=bf16"] = sllm("train.dtype=bf16")
+    if args.checkpointing:
+        compiled = ["train.compile=true"] if device.type == "cuda" else []
+        contenders["sllm, activation checkpointing"] = sllm("train.activation_checkpointing=true", *compiled)
+    return contenders
 
 
 def synchronize(device: torch.device) -> None:
@@ -133,7 +250,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _tokens_per_s(contender: Contender, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+def _tokens_per_s(contender: Contender, batches: list[Batch]) -> float:
     device = batches[0][0].device
     synchronize(device)
     started = time.perf_counter()
@@ -143,95 +260,19 @@ def _tokens_per_s(contender: Contender, batches: list[tuple[torch.Tensor, torch.
     return sum(x.numel() for x, _ in batches) / (time.perf_counter() - started)
 
 
-def amp_dtype(device: torch.device) -> torch.dtype | None:
-    return torch.bfloat16 if device.type == "cuda" else None
-
-
-def sllm_contender(
-    cfg: ModelConfig,
-    device: torch.device,
-    loss_fn=sllm_loss,
-    compiled=False,
-    checkpointing=False,
-    cpu_matmul: str | None = None,
-) -> Contender:
-    torch.manual_seed(0)
-    model = build_model(cfg).to(device)
-    model.checkpoint_blocks = checkpointing
-    return Contender(
-        torch.compile(model) if compiled else model, loss_fn, sllm_adamw, amp_dtype(device), cpu_matmul
-    )
-
-
-def transformers_contender(
-    cfg: ModelConfig, device: torch.device, make_optimizer=sllm_adamw, compiled=False
-) -> Contender:
-    torch.manual_seed(0)
-    hf = to_transformers(build_model(cfg), attn_implementation="sdpa").train().to(device)
-    return Contender(torch.compile(hf) if compiled else hf, hf_loss, make_optimizer, amp_dtype(device))
-
-
-def in_bf16(build: Callable[[], Contender]) -> Callable[[], Contender]:
-    """The same contender under bf16 autocast (the CPU rows of `--cpu-bf16`)."""
-
-    def build_in_bf16() -> Contender:
-        contender = build()
-        contender.amp = torch.bfloat16
-        return contender
-
-    return build_in_bf16
-
-
-def build_contenders(
-    cfg: ModelConfig, device: torch.device, args: argparse.Namespace
-) -> dict[str, Callable[[], Contender]]:
-    """Name -> a builder. The first is the reference: on the CPU `transformers` eager with
-    sllm's AdamW; on CUDA `transformers` compiled with bf16 autocast and the fused AdamW."""
-    ours = functools.partial(functools.partial, sllm_contender, cfg, device)
-    theirs = functools.partial(functools.partial, transformers_contender, cfg, device)
-    if device.type == "cuda":
-        contenders = {
-            "transformers compiled": theirs(compiled=True),
-            "transformers eager": theirs(),
-            "sllm eager": ours(),
-            "sllm compiled": ours(compiled=True),
-            "sllm compiled, chunked loss": ours(sllm_chunked_loss, compiled=True),
-        }
-    else:
-        contenders = {
-            "transformers, same AdamW as sllm": theirs(),
-            "transformers, torch's default AdamW": theirs(default_adamw),
-            "sllm": ours(),
-            "sllm, train.chunked_loss": ours(sllm_chunked_loss),
-        }
-        if onednn_chosen():  # the oneDNN layers against the MKL products they replace
-            contenders["sllm, SLLM_CPU_MATMUL=mkl"] = ours(cpu_matmul="mkl")
-        if args.compile:
-            contenders["sllm compiled"] = ours(compiled=True)
-        if args.cpu_bf16:
-            contenders["transformers, bf16 autocast"] = in_bf16(theirs())
-            contenders["sllm, bf16 autocast (train.dtype=bf16)"] = in_bf16(ours())
-    if args.checkpointing:
-        contenders["sllm, activation checkpointing"] = ours(
-            compiled=device.type == "cuda", checkpointing=True
-        )
-    return contenders
-
-
 def measure(
-    builders: dict[str, Callable[[], Contender]],
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
-    rounds: int,
+    builders: dict[str, Callable[[int], Contender]], batches: list[Batch], rounds: int
 ) -> dict[str, tuple[list[float], float]]:
     """Tokens/s per round and peak memory (MiB, CUDA only) of each contender that ran. All
     contenders stay built together and rounds rotate their order; one that runs out of memory
     (at a large auto micro-batch, say), in warm-up or in a round, is dropped with a note."""
-    contenders = {name: build() for name, build in builders.items()}
+    micro_batch = batches[0][0].size(0)
+    contenders = {name: build(micro_batch) for name, build in builders.items()}
     rates: dict[str, list[float]] = {name: [] for name in contenders}
     peaks = dict.fromkeys(contenders, 0.0)
     for name in list(contenders):  # warm-up (and compilation); it also makes optimizer state
         if _unless_out_of_memory(lambda name=name: _tokens_per_s(contenders[name], batches[:2])) is None:
-            _drop(contenders, name, batches[0][0].size(0))
+            _drop(contenders, name, micro_batch)
     names = list(contenders)
     for round_index in range(rounds):
         first = round_index % len(names)  # rotate the order: no contender always runs first
@@ -240,7 +281,7 @@ def measure(
                 continue
             timed = _unless_out_of_memory(lambda name=name: _timed_step(contenders[name], batches))
             if timed is None:
-                _drop(contenders, name, batches[0][0].size(0))
+                _drop(contenders, name, micro_batch)
                 continue
             rates[name].append(timed[0])
             peaks[name] = max(peaks[name], timed[1])
@@ -253,9 +294,7 @@ def _drop(contenders: dict[str, Contender], name: str, micro_batch: int) -> None
     free_memory()
 
 
-def _timed_step(
-    contender: Contender, batches: list[tuple[torch.Tensor, torch.Tensor]]
-) -> tuple[float, float]:
+def _timed_step(contender: Contender, batches: list[Batch]) -> tuple[float, float]:
     """Tokens/s, and on CUDA the contender's own peak in MiB: its weights and optimizer state
     plus the most its steps allocated on top of what was allocated before them. (All
     contenders stay on the device together, so the device's peak would count the others'
@@ -275,7 +314,8 @@ def resident_bytes(contender: Contender) -> int:
     to None after each step)."""
     tensors = [*contender.model.parameters()] + [
         value
-        for state in contender.optimizer.state.values()
+        for optimizer in contender.optimizers
+        for state in optimizer.state.values()
         for value in state.values()
         if torch.is_tensor(value)
     ]
@@ -291,16 +331,13 @@ def _unless_out_of_memory(run: Callable[[], T]) -> T | None:
         return None
 
 
-def largest_micro_batch(cfg: ModelConfig, device: torch.device, limit: int = 256) -> int:
-    """The micro-batch `train.micro_batch: auto` would pick for sllm's eager step with the
-    chunked loss: the largest power of two up to `limit` that survives a training step."""
-    contender = sllm_contender(cfg, device, sllm_chunked_loss)
-
-    def step(size: int) -> None:
-        x = torch.randint(0, cfg.vocab_size, (size, cfg.block_size), device=device)
-        contender.step(x, x)
-
-    return largest_fitting(power_of_two_sizes(limit), survives(step))
+def auto_micro_batch(cfg: ModelConfig, device: torch.device, data_dir: Path, limit: int = 256) -> int:
+    """The micro-batch `train.micro_batch: auto` picks for sllm's step with the chunked loss."""
+    trainer = sllm_trainer(
+        cfg, device, data_dir, "auto", f"train.batch_size={limit}", "train.chunked_loss=true"
+    )
+    trainer.settle_micro_batch()
+    return trainer.micro_batch
 
 
 def main() -> None:
@@ -311,10 +348,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    parser.add_argument("--compile", action="store_true", help="CPU: also time torch.compile of our model")
-    parser.add_argument(
-        "--cpu-bf16", action="store_true", help="CPU: also time both models under bf16 autocast"
-    )
+    parser.add_argument("--compile", action="store_true", help="CPU: also time train.compile")
+    parser.add_argument("--cpu-bf16", action="store_true", help="CPU: also time bf16 autocast")
     parser.add_argument("--checkpointing", action="store_true", help="also time activation checkpointing")
     parser.add_argument(
         "--auto-batch", action="store_true", help="also time the largest micro-batch that fits"
@@ -326,21 +361,34 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cpu":
-        keep_freed_memory()  # as sllm's trainer does on the CPU; process-wide, so transformers gains too
+        keep_freed_memory()  # as sllm's trainer does on the CPU; process-wide, so every contender gains
     allow_tf32(device)
     cfg = ModelConfig(dropout=0.0, **SHAPES[args.shape])
-    builders = build_contenders(cfg, device, args)
-    micro_batches = [args.batch]
-    if args.auto_batch:
-        micro_batches.append(largest_micro_batch(cfg, device))
-        free_memory()
+    with tempfile.TemporaryDirectory() as root:
+        data_dir = prepare_demo_text(Path(root))
+        builders = build_contenders(cfg, device, data_dir, args)
+        micro_batches = [args.batch]
+        if args.auto_batch:
+            micro_batches.append(auto_micro_batch(cfg, device, data_dir))
+            free_memory()
+        print_tables(cfg, device, args, builders, micro_batches)
+
+
+def print_tables(
+    cfg: ModelConfig,
+    device: torch.device,
+    args: argparse.Namespace,
+    builders: dict[str, Callable[[int], Contender]],
+    micro_batches: list[int],
+) -> None:
     flops_per_token = training_flops_per_token(build_model(cfg), cfg, cfg.block_size)
     peak_flops = gpu_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     setup = f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, torch {torch.__version__}"
     size = f"{count_parameters(build_model(cfg)) / 1e6:.1f}M parameters"
+    reference = next(iter(builders))
     print(f"shape {args.shape} ({size}), {device}, {setup}, {torch.get_num_threads()} threads")
-    print("| micro-batch | contender | tokens/s | vs " + next(iter(builders)) + " | MFU | peak MiB |")
-    print("|---|---|---|---|---|---|")
+    print(f"| micro-batch | contender | tokens/s | vs {reference} | same round | MFU | peak MiB |")
+    print("|---|---|---|---|---|---|---|")
     for micro_batch in micro_batches:
         shape = (micro_batch, cfg.block_size)
         batches = [
@@ -351,14 +399,18 @@ def main() -> None:
             for _ in range(args.steps)
         ]
         results = measure(builders, batches, args.rounds)
-        reference = next(iter(builders))
-        baseline = statistics.median(results[reference][0]) if reference in results else float("nan")
+        reference_rates = results[reference][0] if reference in results else [float("nan")]
+        baseline = statistics.median(reference_rates)
         for name, (values, peak) in results.items():
             median = statistics.median(values)
+            paired = statistics.median(
+                ours / theirs for ours, theirs in zip(values, reference_rates, strict=False)
+            )
             mfu = f"{median * flops_per_token / peak_flops:.1%}" if peak_flops else "–"
             memory = f"{peak:,.0f}" if peak else "–"
             print(
-                f"| {micro_batch} | {name} | {median:,.0f} | {median / baseline:.2f}× | {mfu} | {memory} |",
+                f"| {micro_batch} | {name} | {median:,.0f} | {median / baseline:.2f}× | {paired:.2f}× "
+                f"| {mfu} | {memory} |",
                 flush=True,
             )
         free_memory()

@@ -5,7 +5,6 @@ from __future__ import annotations
 from torch import nn
 
 from sllm.config import ModelConfig
-from sllm.model.cpu_linear import onednn_chosen
 from sllm.model.ffn import WindowMLP
 from sllm.model.gpt import GPT
 
@@ -13,11 +12,9 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {"gpt": GPT, "ffn": WindowMLP}
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """The model of `cfg`. A bad `SLLM_CPU_MATMUL` is refused here, before any work, even where
-    no CPU product would read it (CUDA, bf16)."""
+    """The model of `cfg`, on the CPU, with fresh weights."""
     if cfg.vocab_size <= 0:
         raise ValueError("model.vocab_size must be set (from the prepared data) before building")
-    onednn_chosen()
     return ARCHITECTURES[cfg.arch](cfg)
 
 

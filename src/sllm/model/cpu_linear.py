@@ -1,89 +1,92 @@
-"""Linear layers through oneDNN on AVX-512 CPUs, for training and scoring.
+"""Faster fp32 linear layers on AVX-512 CPUs, switched on from outside the model.
 
 torch sends an fp32 matrix product on x86 to MKL, which on AMD processors runs its AVX2
-kernels even where the CPU has AVX-512. oneDNN, also inside every x86 build of torch,
-picks its kernels by instruction set. On the 2-core AMD EPYC (Zen 4) development machine
-its products were 1.1–1.6× MKL's for the forward and input-gradient shapes of a training
-step (block 256 × batch 8 rows by 256–1024 wide matrices), while MKL stayed ahead for the
-weight gradient (docs/log.md). So on a CPU with AVX-512 a layer computes
-`x @ W.T + b` and `grad @ W` with oneDNN and `grad.T @ x` with MKL.
+kernels even where the CPU has AVX-512. oneDNN, also inside every x86 build of torch, picks
+its kernels by instruction set: on the 2-core AMD EPYC development VM (Zen 5) a GPT's forward
+and backward took 1.2–1.3× less time with its products than with plain `nn.Linear`
+(docs/log.md). So while `onednn_linears(device)` is entered, every `F.linear` call (each
+`nn.Linear` and the tied LM head) computes `x @ W.T + b` and `grad @ W` with oneDNN, and the
+weight gradient `grad.T @ x` with MKL, which stays faster for that shape.
 
-The choice follows the instruction set alone, never a timing, so it is the same every time
-a run starts on a machine and resume stays exact. `SLLM_CPU_MATMUL=mkl` (or `onednn`)
-overrides it. Everything else — CUDA, bf16, autocast, `torch.compile`, layers whose weights
-CPU decoding made column-major (`sllm.infer.cpu_layout`) — keeps `F.linear`. The layer has
-first derivatives only (double backward raises) and no `vmap` rule.
+The model knows nothing of it: this is a `TorchFunctionMode` the trainer enters around forward
+and backward. It applies only where the CPU has AVX-512, by instruction set and never by a
+timing, so a run makes the same choice every time it starts and resume stays exact.
+Everything else keeps `F.linear`: CUDA, bf16, autocast, `torch.compile`, DTensor weights,
+column-major weights (CPU decoding), activation checkpointing. Its products have first
+derivatives only (double backward raises).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
-
-from sllm.errors import UserError
-
-CHOICES = ("onednn", "mkl")
+from torch.overrides import TorchFunctionMode
 
 
-def onednn_chosen() -> bool:
-    """oneDNN for fp32 products: as `SLLM_CPU_MATMUL` says, else where the CPU has AVX-512.
-    Read at every call (a dictionary lookup), so a benchmark can time both in one process."""
-    choice = os.environ.get("SLLM_CPU_MATMUL", "").strip().lower()
-    if not choice:
-        return _onednn_by_instruction_set()
-    if choice not in CHOICES:
-        raise UserError(
-            f"SLLM_CPU_MATMUL={choice!r} is not a choice: use onednn or mkl, or unset it to choose by CPU"
-        )
-    return choice == "onednn" and _onednn_available()
+def onednn_linears(
+    device: torch.device, activation_checkpointing: bool = False
+) -> contextlib.AbstractContextManager:
+    """A context in which `F.linear` goes through oneDNN, where `device` is a CPU with AVX-512;
+    elsewhere a context that changes nothing. Activation checkpointing recomputes blocks during
+    backward, where no mode is active, and a recomputation must save what the forward saved:
+    so with it every product stays `F.linear`."""
+    if device.type == "cpu" and onednn_suits_this_cpu() and not activation_checkpointing:
+        return _OneDnnLinears()
+    return contextlib.nullcontext()
 
 
 @functools.cache
-def _onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-@functools.cache
-def _onednn_by_instruction_set() -> bool:
-    return _onednn_available() and torch.backends.cpu.get_cpu_capability() == "AVX512"
-
-
-def _onednn_fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def onednn_suits_this_cpu() -> bool:
+    """This torch has oneDNN's linear and this CPU has AVX-512."""
     return (
-        x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
-        and x.numel() > 0
-        and (bias is None or bias.is_contiguous())
-        and type(weight) in (torch.Tensor, nn.Parameter)
-        and not torch.compiler.is_compiling()
-        and onednn_chosen()
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and torch.backends.cpu.get_cpu_capability() == "AVX512"
     )
 
 
-def matmul_transposed(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """`x @ weight.T (+ bias)` for a 2-D `x`, through oneDNN where it is the faster kernel.
-    No autograd: for use inside `autograd.Function`s."""
-    if _onednn_fits(x, weight, bias):
-        return _onednn_product(x, weight, bias)
-    return F.linear(x, weight, bias)
+class _OneDnnLinears(TorchFunctionMode):
+    """Sends the `F.linear` calls that `_fits` to `_OneDnnLinear`; every other call runs as is."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and _fits(*args, **kwargs):
+            return _linear(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    return (
+        not torch.compiler.is_compiling()
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and x.numel() > 0
+        and weight.is_contiguous()
+        and (bias is None or bias.is_contiguous())
+        and type(weight) in (torch.Tensor, nn.Parameter)
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear` by `_OneDnnLinear` on the rows of `x`. The reshape back happens outside the
+    Function, so the output is no view made inside one and may be changed in place."""
+    rows = _OneDnnLinear.apply(x.reshape(-1, x.size(-1)), weight, bias)
+    return rows.view(*x.shape[:-1], weight.size(0))
 
 
 def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`x @ weight.T (+ bias)` by oneDNN, for callers that have checked `_onednn_fits`."""
+    """`x @ weight.T (+ bias)` by oneDNN, for 2-D `x`."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 class _OneDnnLinear(torch.autograd.Function):
-    """`rows @ weight.T + bias` on 2-D rows, for inputs `linear` found `_onednn_fits`. Callers
-    reshape outside, so the output is no view made inside a Function and may be changed in
-    place, as `nn.Linear`'s may."""
+    """`rows @ weight.T + bias` on 2-D rows, with the gradients `F.linear` has."""
 
     @staticmethod
     def forward(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -107,18 +110,3 @@ class _OneDnnLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum(0)
         return grad_rows, grad_weight, grad_bias
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, through oneDNN for row-major fp32 weights on a CPU where that is faster."""
-    if weight.is_contiguous() and not torch.is_autocast_enabled("cpu") and _onednn_fits(x, weight, bias):
-        rows = _OneDnnLinear.apply(x.reshape(-1, x.size(-1)), weight, bias)
-        return rows.view(*x.shape[:-1], weight.size(0))
-    return F.linear(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    """`nn.Linear` (same parameters, same state dict) whose product goes through `linear`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)

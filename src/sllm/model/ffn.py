@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from sllm.config import ModelConfig
-from sllm.model.cpu_linear import Linear, linear
 
 
 class WindowMLP(nn.Module):
@@ -27,8 +26,8 @@ class WindowMLP(nn.Module):
         hidden = cfg.ffn_hidden or 4 * cfg.n_embd
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pad = nn.Parameter(torch.zeros(cfg.n_embd))
-        self.fc = Linear(self.window * cfg.n_embd, hidden, bias=cfg.bias)
-        self.proj = Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.fc = nn.Linear(self.window * cfg.n_embd, hidden, bias=cfg.bias)
+        self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
         self.norm_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         for module in (self.wte, self.fc, self.proj):
@@ -45,4 +44,4 @@ class WindowMLP(nn.Module):
         return self.norm_f(h)
 
     def forward(self, idx: torch.Tensor, cache: None = None) -> torch.Tensor:
-        return linear(self.hidden_states(idx), self.wte.weight)
+        return F.linear(self.hidden_states(idx), self.wte.weight)

@@ -48,7 +48,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sllm.config import ModelConfig
-from sllm.model.cpu_linear import Linear, linear
 from sllm.model.loss import linear_cross_entropy
 
 Rotation = Callable[[torch.Tensor], torch.Tensor]
@@ -164,8 +163,8 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = cfg.n_embd // cfg.n_head
         kv_width = self.n_kv_head * self.head_dim
         self.head_counts = [self.n_head, self.n_kv_head, self.n_kv_head]
-        self.qkv = Linear(cfg.n_embd, cfg.n_embd + 2 * kv_width, bias=cfg.bias)
-        self.proj = Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_width, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.q_norm = RMSNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
         self.dropout = cfg.dropout
@@ -223,8 +222,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, activation: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
         hidden = mlp_hidden_width(cfg)
-        self.fc = Linear(cfg.n_embd, hidden, bias=cfg.bias)
-        self.proj = Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.activation = activation
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -238,9 +237,9 @@ class SwiGLU(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         hidden = mlp_hidden_width(cfg)
-        self.gate = Linear(cfg.n_embd, hidden, bias=cfg.bias)
-        self.up = Linear(cfg.n_embd, hidden, bias=cfg.bias)
-        self.proj = Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.up = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -307,7 +306,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
         self.norm_f = NORMS[cfg.norm](cfg.n_embd, cfg.bias)
         if not cfg.tie_embeddings:
-            self.lm_head = Linear(cfg.n_embd, padded_vocab_size(cfg), bias=False)
+            self.lm_head = nn.Linear(cfg.n_embd, padded_vocab_size(cfg), bias=False)
         self.apply(self._init_weights)
         residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
         for name, param in self.named_parameters():
@@ -380,7 +379,7 @@ class GPT(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head on final hidden states. The matmul runs over the padded rows (the fast
         shape); their logits are sliced off."""
-        return linear(hidden, self.head_weight)[..., : self.cfg.vocab_size]
+        return F.linear(hidden, self.head_weight)[..., : self.cfg.vocab_size]
 
     def chunked_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy in fp32 without materialising the logits (`linear_cross_entropy`)."""

@@ -18,8 +18,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sllm.model.cpu_linear import matmul_transposed
-
 DEFAULT_CHUNK_TOKENS = 1024
 
 
@@ -35,14 +33,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, count, chunk):
             h = hidden[start : start + chunk].float()
             y = targets[start : start + chunk]
-            log_probs = torch.log_softmax(matmul_transposed(h, weight_f), dim=-1)
+            log_probs = torch.log_softmax(F.linear(h, weight_f), dim=-1)
             total -= log_probs.gather(1, y[:, None]).sum()
             if needs_grad:
                 grad_logits = log_probs.exp_()  # softmax, in place: no second chunk-sized tensor
                 grad_logits[torch.arange(len(y), device=y.device), y] -= 1.0
-                grad_hidden[start : start + chunk] = matmul_transposed(grad_logits, weight_f.t()).to(
-                    hidden.dtype
-                )
+                grad_hidden[start : start + chunk] = (grad_logits @ weight_f).to(hidden.dtype)
                 grad_weight.addmm_(grad_logits.t(), h)
         ctx.count = count
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if needs_grad else None)

@@ -34,6 +34,7 @@ from sllm.data.mixture import TrainMixture
 from sllm.errors import UserError
 from sllm.evaluate import score_windows
 from sllm.model import build_model, count_parameters, describe
+from sllm.model.cpu_linear import onednn_linears
 from sllm.model.stats import gpu_peak_flops, training_flops_per_token, training_memory
 from sllm.runs import CONFIG_FILE
 from sllm.runtime import (
@@ -249,7 +250,8 @@ class Trainer:
     def _trial_step(self, micro_batch: int) -> None:
         """One full training step on random tokens of the real shape, without gradient sync."""
         x = torch.randint(0, self.cfg.model.vocab_size, (micro_batch, self.block_size), device=self.device)
-        with gradient_sync(self.ddp_model, False):
+        checkpointing = self.cfg.train.activation_checkpointing
+        with gradient_sync(self.ddp_model, False), onednn_linears(self.device, checkpointing):
             loss = self.micro_batch_loss(self.ddp_model, x, x, self.device, self.amp_dtype)
             self.scaler.scale(loss).backward()
         self._apply_gradients()
@@ -426,7 +428,8 @@ class Trainer:
             torch.manual_seed((t.seed * 1_000_003 + self.step) * 1_009 + index)  # dropout
             x, y = (self._to_device(v) for v in self.windows.batch(self.step, index))
             last_micro_step = micro_step == self.grad_accum - 1
-            with gradient_sync(self.ddp_model, last_micro_step):
+            products = onednn_linears(self.device, t.activation_checkpointing)
+            with gradient_sync(self.ddp_model, last_micro_step), products:
                 loss = self.micro_batch_loss(self.ddp_model, x, y, self.device, self.amp_dtype)
                 self.scaler.scale(loss / self.grad_accum).backward()
             total += loss.detach()
