@@ -47,7 +47,7 @@ from sllm.model.cpu_linear import onednn_chosen
 from sllm.model.stats import gpu_peak_flops, training_flops_per_token
 from sllm.runtime import allow_tf32, autocast, keep_freed_memory
 from sllm.train.batch_size import free_memory, largest_fitting, power_of_two_sizes, survives
-from sllm.train.loop import chunked_loss, logits_loss
+from sllm.train.objectives import chunked_loss, logits_loss
 from sllm.train.optim import build_optimizers
 
 T = TypeVar("T")

@@ -22,7 +22,7 @@ from sllm.finetune.sft import SftConfig, answer_prompts, pack_split, packing_sum
 from sllm.finetune.sft_data import Message, load_sft
 from sllm.infer.chat import load_chat_template
 from sllm.infer.engine import TextGenerator
-from sllm.runs import open_run
+from sllm.run import open_run
 
 from .conftest import SHARED_DATA
 from .test_cli import assert_one_line_error

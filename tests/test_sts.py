@@ -29,7 +29,7 @@ from sllm.finetune.sts import (
     sts_config,
 )
 from sllm.finetune.sts_data import load_sts
-from sllm.runs import open_run
+from sllm.run import open_run
 
 from .conftest import SHARED_DATA, constitution_paragraphs
 from .test_cli import assert_one_line_error

@@ -162,7 +162,7 @@ def _add_download_command(commands) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     cfg = _load(args, {"data.dir": args.data, "train.out_dir": args.out, "train.init_from": args.init_from})
-    from sllm.train.loop import train
+    from sllm.train.trainer import train
 
     if args.find_batch_size:
         from sllm.train.batch_size import find_batch_size
@@ -314,7 +314,7 @@ def _sampling_params(args: argparse.Namespace, **extra):
 
     from sllm.config import SampleConfig
     from sllm.infer.sampling import SamplingParams
-    from sllm.runs import read_run_config
+    from sllm.run import read_run_config
     from sllm.runtime import select_device
 
     flags = {name: getattr(args, name) for name in RUN_SAMPLING}

@@ -35,7 +35,7 @@ from sllm.infer.cpu_layout import use_column_major_weights
 from sllm.infer.cuda_graph import StaticDecodeStep
 from sllm.infer.decode_step import DecodeStep, supports_decode_step
 from sllm.infer.sampling import SamplingParams, TokenHistory, sample_next
-from sllm.runs import open_run
+from sllm.run import open_run
 from sllm.runtime import autocast, select_autocast_dtype, select_device
 from sllm.tokenizer import Tokenizer
 

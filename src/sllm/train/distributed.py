@@ -86,13 +86,21 @@ def wrap_model(model: nn.Module, cluster: Cluster, device: torch.device, paralle
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.blocks:
+        for block in _transformer_blocks(model):
             fully_shard(block)
         return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, **_no_buffer_sync_per_step())
+
+
+def _transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The GPT's blocks, also inside a model that wraps it (the STS scorer's backbone)."""
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] == "blocks":
+            return list(module)
+    return []
 
 
 def _no_buffer_sync_per_step() -> dict[str, bool]:
