@@ -337,7 +337,7 @@ class PairRegression(Objective):
     tokens_per_sample: int
     evaluation: Evaluate
     prepare: Callable[[nn.Module, torch.device], tuple[torch.Tensor, ...]] | None = None
-    optimizer_groups: Callable[[nn.Module, TrainConfig], list[dict]] | None = None
+    optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None
     run_files: Callable[[Path], None] = field(default=lambda run_dir: None)
     name: str = "sts"
 
@@ -354,9 +354,9 @@ class PairRegression(Objective):
     def optimizers(
         self, model: nn.Module, t: TrainConfig, device: torch.device
     ) -> list[torch.optim.Optimizer]:
-        if self.optimizer_groups is None:
+        if self.optimizer is None:
             return build_optimizers(model, t, device)
-        return [torch.optim.AdamW(self.optimizer_groups(model, t), betas=(t.beta1, t.beta2))]
+        return [self.optimizer(model)]
 
     def batches(self, micro_batch: int, batch_size: int, seed: int) -> BatchSource:
         return TensorRows(self.train_rows, EpochRows(len(self.train_rows[0]), micro_batch, batch_size, seed))
