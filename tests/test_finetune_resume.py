@@ -99,3 +99,23 @@ def test_sts_killed_mid_run_resumes_to_the_uninterrupted_weights(tmp_path, train
         f"sts.freeze={freeze}",
     ]  # fmt: skip
     assert _assert_resume_equals_uninterrupted(tmp_path, command) == 3 * 4  # 60 pairs: 4 steps an epoch
+
+
+def test_queue_runs_a_fine_tuning_once_and_report_reads_it(tmp_path, trained_run):
+    train = write_sts_tsv(tmp_path / "train.tsv", 40, seed=1)
+    dev = write_sts_tsv(tmp_path / "dev.tsv", 20, seed=2)
+    out = tmp_path / "sts"
+    queue = tmp_path / "queue.txt"
+    queue.write_text(
+        f"finetune sts --run {trained_run} --train {train} --dev {dev} --out {out} "
+        "sts.epochs=2 sts.batch_size=16 sts.max_length=32 sts.device=cpu\n"
+    )
+    for expected in ("done", "skipped: finished before"):
+        result = sllm("queue", queue)
+        assert result.returncode == 0, result.stderr
+        status = json.loads((tmp_path / "queue.txt.status.json").read_text())
+        assert [s["status"] for s in status] == [expected]
+    pytest.importorskip("matplotlib")
+    result = sllm("report", out, "--out", tmp_path / "report")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "report" / "plots" / "loss.png").is_file()
