@@ -1,14 +1,18 @@
 """The run plan: derived values are written to plan.json and shown at the start, while the
-config given to the trainer (and config.yaml) stays as the user wrote it."""
+config given to the trainer (and config.yaml) stays as the user wrote it; and the run
+directory's module stays below the trainer."""
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import math
+from pathlib import Path
 
 import yaml
 
+import sllm
 from sllm.train.trainer import train
 
 from .conftest import tiny_config
@@ -35,3 +39,21 @@ def test_plan_is_written_and_the_config_is_left_as_given(tmp_path, prepared_dir)
     assert saved["train"]["epochs"] == 0.25 and saved["train"]["micro_batch"] == "auto"
     assert saved["train"]["max_steps"] == given.train.max_steps  # the default, unused with epochs
     assert saved["model"]["vocab_size"] == 512  # the model as built, so the run opens alone
+
+
+def _sllm_imports(path: Path) -> set[str]:
+    """Every `sllm.*` module a file imports, at the top or inside functions."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return {name for name in names if name.startswith("sllm.")}
+
+
+def test_the_run_directory_module_and_inference_do_not_import_the_trainer():
+    source = Path(sllm.__file__).parent
+    assert not {m for m in _sllm_imports(source / "run.py") if m.startswith(("sllm.train", "sllm.infer"))}
+    for path in (source / "infer").glob("*.py"):
+        assert not {m for m in _sllm_imports(path) if m.startswith("sllm.train")}, path
