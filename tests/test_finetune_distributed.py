@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -42,14 +43,15 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-def test_sft_on_two_processes_equals_one_process_with_accumulation(tmp_path, trained_run):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_sft_on_two_processes_equals_one_process_with_accumulation(tmp_path, trained_run, parallel):
     data = tmp_path / "qa.csv"
     pairs = [("대한민국은?", "민주공화국이다"), ("주권은?", "국민에게 있다"), ("수도는?", "서울이다")]
     data.write_text("Q,A\n" + "\n".join(f"{q},{a}" for q, a in pairs * 8), "utf-8")
     one, two = tmp_path / "one", tmp_path / "two"
     _sft([sys.executable], trained_run, data, one, "sft.micro_batch=2")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    _sft(torchrun, trained_run, data, two)
+    _sft(torchrun, trained_run, data, two, f"sft.parallel={parallel}")
 
     plans = [json.loads((run / "plan.json").read_text()) for run in (one, two)]
     assert [(p["micro_batch"], p["grad_accum"], p["world_size"]) for p in plans] == [(2, 2, 1), (2, 1, 2)]
@@ -59,5 +61,9 @@ def test_sft_on_two_processes_equals_one_process_with_accumulation(tmp_path, tra
         assert abs(loss - losses_two[step]) < 1e-5, (step, loss, losses_two[step])
     reference = load_file(load_latest(one).path / "model.safetensors")
     weights = load_file(load_latest(two).path / "model.safetensors")
+    # Under FSDP the key bias, whose gradient is zero in exact arithmetic (softmax ignores a
+    # shift of all scores), gets another rounding noise from the sharded reduction, and Adam
+    # scales noise to lr-sized steps: 2e-4 measured at lr 1e-3.
+    tolerance = 1e-5 if parallel == "ddp" else 1e-3
     for name in reference:
-        torch.testing.assert_close(reference[name], weights[name], rtol=0, atol=1e-5)
+        torch.testing.assert_close(reference[name], weights[name], rtol=0, atol=tolerance)

@@ -291,15 +291,20 @@ def fit(
         run_files=write_run_files,
     )  # fmt: skip
     config = trainer_config(base, base.model, out_dir, cfg, len(train), samples=False)
-    run_objective(config, objective, log)
+    result = run_objective(config, objective, log)
+    if not (out_dir / CHECKPOINTS / BEST).is_dir():
+        if result.stopped_by:
+            raise UserError(
+                f"{result.stopped_by} received before the first epoch was scored; step {result.step} "
+                "is saved: run the same command to resume"
+            )
+        raise UserError(
+            "no epoch gave a dev Spearman (the predictions were constant); lower sts.lr or train longer"
+        )
     return _best(out_dir, math.ceil(len(train) / cfg.batch_size))
 
 
 def _best(out_dir: Path, steps_per_epoch: int) -> StsResult:
-    if not (out_dir / CHECKPOINTS / BEST).is_dir():
-        raise UserError(
-            "no epoch gave a dev Spearman (the predictions were constant); lower sts.lr or train longer"
-        )
     meta = load_checkpoint(out_dir / CHECKPOINTS / BEST).meta
     scores = meta.val_metrics
     dev = StsScores(scores["spearman"], scores["pearson"], int(scores["n"]))

@@ -320,6 +320,10 @@ class MaskedRows(Objective):
     def samples(self, model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> Samples:
         return self.sample(model, device, dtype)
 
+    def memory_bytes(self, model: nn.Module, micro_batch: int, dtype: torch.dtype | None) -> int | None:
+        memory = training_memory(model, self.model_config, micro_batch, self.tokens_per_sample, False)
+        return memory.total_bytes + (memory.activations_bytes if dtype is None else 0)
+
     def write_run_files(self, run_dir: Path) -> None:
         self.run_files(run_dir)
 
