@@ -1,5 +1,6 @@
 """Fine-tuning resumes exactly: SFT and STS killed with SIGKILL mid-run, then started again with
-the same command, end with the same weights, bit for bit, as runs that were never interrupted."""
+the same command, end with the same weights, bit for bit, as runs that were never interrupted;
+SIGTERM saves and exits 0; `sllm queue` and `sllm report` take fine-tuning runs too."""
 
 from __future__ import annotations
 
@@ -119,3 +120,31 @@ def test_queue_runs_a_fine_tuning_once_and_report_reads_it(tmp_path, trained_run
     result = sllm("report", out, "--out", tmp_path / "report")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "report" / "plots" / "loss.png").is_file()
+
+
+def test_sigterm_during_sft_saves_and_the_same_command_finishes(tmp_path, trained_run, monkeypatch):
+    from sllm.train.trainer import Trainer
+
+    original = Trainer.train_step
+
+    def train_step(self):
+        loss = original(self)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    data = tmp_path / "qa.csv"
+    data.write_text(
+        "Q,A\n" + "\n".join(["대한민국은?,민주공화국이다", "주권은?,국민에게 있다"] * 10), "utf-8"
+    )
+    out = tmp_path / "sft"
+    command = ["finetune", "sft", "--run", trained_run, "--data", data, "--out", out, "sft.epochs=2",
+               "sft.batch_size=2", "sft.val_ratio=0.1", "sft.max_new_tokens=4", "sft.device=cpu"]  # fmt: skip
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    stopped = sllm(*command)
+    assert stopped.returncode == 0, stopped.stderr
+    assert "SIGTERM received: saved step 3" in stopped.stdout and load_latest(out).step == 3
+    monkeypatch.undo()
+    finished = sllm(*command)
+    assert finished.returncode == 0, finished.stderr
+    assert "resumed from" in finished.stdout and load_latest(out).step > 3
