@@ -173,9 +173,10 @@ def finetune_sft(
         write_settings(run_dir, SFT_CONFIG_FILE, settings)
 
     objective = MaskedRows(
-        base.model, replace(base.model.cfg), tokenizer, _tensors(train_rows), _tensors(val_rows),
+        model=base.model, model_config=replace(base.model.cfg), tokenizer=tokenizer,
+        train_rows=_tensors(train_rows), tokens_per_sample=length, run_files=write_run_files,
+        val_rows=_tensors(val_rows),
         sample=lambda model, device, dtype: answer_prompts(model, tokenizer, cfg, device),
-        run_files=write_run_files,
     )  # fmt: skip
     config = trainer_config(
         base.config, objective.model_config, out_dir, cfg, len(train_rows), samples=bool(cfg.prompts)

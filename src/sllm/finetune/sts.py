@@ -286,9 +286,9 @@ def fit(
         run_files(run_dir)
 
     objective = PairRegression(
-        model, base.model, tokenizer, train_rows, tokens_per_sample=2 * train_rows[0].shape[1],
-        evaluation=evaluate, prepare=prepare, optimizer=lambda model: build_optimizer(model, cfg),
-        run_files=write_run_files,
+        model=model, model_config=base.model, tokenizer=tokenizer, train_rows=train_rows,
+        tokens_per_sample=2 * train_rows[0].shape[1], run_files=write_run_files, evaluation=evaluate,
+        prepare=prepare, optimizer=lambda model: build_optimizer(model, cfg),
     )  # fmt: skip
     config = trainer_config(base, base.model, out_dir, cfg, len(train), samples=False)
     result = run_objective(config, objective, log)

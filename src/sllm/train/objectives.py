@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -220,12 +220,16 @@ class LanguageModeling(Objective):
 
 
 class EpochRows:
-    """Row numbers of a dataset of `count` rows for (step, micro-batch index): epoch e is the
-    permutation seeded by (seed, e), spread over `steps_per_epoch` whole steps."""
+    """Batches of equally long row tensors for (step, micro-batch index): epoch e reads the
+    permutation of the rows seeded by (seed, e), spread over whole steps; the last step of an
+    epoch is topped up from the permutation's start."""
 
-    def __init__(self, count: int, micro_batch: int, batch_size: int, seed: int) -> None:
-        self.count, self.micro_batch, self.batch_size, self.seed = count, micro_batch, batch_size, seed
-        self.steps_per_epoch = math.ceil(count / batch_size)
+    def __init__(
+        self, tensors: tuple[torch.Tensor, ...], micro_batch: int, batch_size: int, seed: int
+    ) -> None:
+        self.tensors, self.count = tensors, len(tensors[0])
+        self.micro_batch, self.batch_size, self.seed = micro_batch, batch_size, seed
+        self.steps_per_epoch = math.ceil(self.count / batch_size)
         self._orders: dict[int, torch.Tensor] = {}
 
     def _order(self, epoch: int) -> torch.Tensor:
@@ -234,31 +238,36 @@ class EpochRows:
             self._orders = {epoch: torch.randperm(self.count, generator=generator)}
         return self._orders[epoch]
 
-    def rows(self, step: int, index: int) -> torch.Tensor:
+    def batch(self, step: int, index: int) -> Batch:
         epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
         first = step_in_epoch * self.batch_size + index * self.micro_batch
-        return self._order(epoch)[torch.arange(first, first + self.micro_batch) % self.count]
-
-
-def rows_per_epoch(count: int, batch_size: int) -> int:
-    """Samples one epoch reads: every row once, in whole steps."""
-    return math.ceil(count / batch_size) * batch_size
-
-
-@dataclass
-class TensorRows:
-    """Equally long tensors, one row each per sample; a batch is the chosen rows of each."""
-
-    tensors: tuple[torch.Tensor, ...]
-    rows: EpochRows
-
-    def batch(self, step: int, index: int) -> Batch:
-        chosen = self.rows.rows(step, index)
+        chosen = self._order(epoch)[torch.arange(first, first + self.micro_batch) % self.count]
         return tuple(tensor[chosen] for tensor in self.tensors)
 
 
-Evaluate = Callable[[nn.Module, torch.device, torch.dtype | None, int], Evaluation | None]
-Sample = Callable[[nn.Module, torch.device, torch.dtype | None], Samples]
+@dataclass(kw_only=True)
+class RowsObjective(Objective):
+    """A task on a finite dataset of row tensors, around a model its caller built or loaded."""
+
+    model: nn.Module
+    model_config: ModelConfig
+    tokenizer: Tokenizer
+    train_rows: tuple[torch.Tensor, ...]
+    tokens_per_sample: int
+    run_files: Callable[[Path], None] = lambda run_dir: None
+
+    def tokens_per_epoch(self, batch_size: int) -> int:
+        """Every row once, in whole steps."""
+        return math.ceil(len(self.train_rows[0]) / batch_size) * batch_size * self.tokens_per_sample
+
+    def build_model(self) -> nn.Module:
+        return self.model
+
+    def batches(self, micro_batch: int, batch_size: int, seed: int) -> BatchSource:
+        return EpochRows(self.train_rows, micro_batch, batch_size, seed)
+
+    def write_run_files(self, run_dir: Path) -> None:
+        self.run_files(run_dir)
 
 
 def masked_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -267,32 +276,14 @@ def masked_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tens
     return (losses * weights.flatten()).sum() / weights.sum().clamp(min=1.0)
 
 
-@dataclass
-class MaskedRows(Objective):
+@dataclass(kw_only=True)
+class MaskedRows(RowsObjective):
     """Packed rows (inputs, targets, weights, documents: (N, T) tensors each) for a GPT whose
     forward takes `document_ids`; held-out rows give the validation loss."""
 
-    model: nn.Module
-    model_config: ModelConfig
-    tokenizer: Tokenizer
-    train_rows: tuple[torch.Tensor, ...]
     val_rows: tuple[torch.Tensor, ...]
-    sample: Sample = field(default=lambda model, device, dtype: [])
-    run_files: Callable[[Path], None] = field(default=lambda run_dir: None)
+    sample: Callable[[nn.Module, torch.device, torch.dtype | None], Samples] = lambda m, d, t: []
     name: str = "sft"
-
-    @property
-    def tokens_per_sample(self) -> int:
-        return self.train_rows[0].shape[1]
-
-    def tokens_per_epoch(self, batch_size: int) -> int:
-        return rows_per_epoch(len(self.train_rows[0]), batch_size) * self.tokens_per_sample
-
-    def build_model(self) -> nn.Module:
-        return self.model
-
-    def batches(self, micro_batch: int, batch_size: int, seed: int) -> BatchSource:
-        return TensorRows(self.train_rows, EpochRows(len(self.train_rows[0]), micro_batch, batch_size, seed))
 
     def loss(
         self, model: nn.Module, batch: Batch, device: torch.device, dtype: torch.dtype | None
@@ -324,32 +315,18 @@ class MaskedRows(Objective):
         memory = training_memory(model, self.model_config, micro_batch, self.tokens_per_sample, False)
         return memory.total_bytes + (memory.activations_bytes if dtype is None else 0)
 
-    def write_run_files(self, run_dir: Path) -> None:
-        self.run_files(run_dir)
 
-
-@dataclass
-class PairRegression(Objective):
+@dataclass(kw_only=True)
+class PairRegression(RowsObjective):
     """(first, second, gold) rows through `model(first, second)`, mean squared error against
     gold. `prepare(model, device)` may turn the rows into cheaper ones once the model sits on
-    its device (a frozen backbone pools every sentence once)."""
+    its device (a frozen backbone pools every sentence once); `optimizer` may give parts of
+    the model their own learning rates."""
 
-    model: nn.Module
-    model_config: ModelConfig
-    tokenizer: Tokenizer
-    train_rows: tuple[torch.Tensor, ...]
-    tokens_per_sample: int
-    evaluation: Evaluate
+    evaluation: Callable[[nn.Module, torch.device, torch.dtype | None, int], Evaluation | None]
     prepare: Callable[[nn.Module, torch.device], tuple[torch.Tensor, ...]] | None = None
     optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None
-    run_files: Callable[[Path], None] = field(default=lambda run_dir: None)
     name: str = "sts"
-
-    def tokens_per_epoch(self, batch_size: int) -> int:
-        return rows_per_epoch(len(self.train_rows[0]), batch_size) * self.tokens_per_sample
-
-    def build_model(self) -> nn.Module:
-        return self.model
 
     def start(self, model: nn.Module, device: torch.device) -> None:
         if self.prepare is not None:
@@ -361,9 +338,6 @@ class PairRegression(Objective):
         if self.optimizer is None:
             return build_optimizers(model, t, device)
         return [self.optimizer(model)]
-
-    def batches(self, micro_batch: int, batch_size: int, seed: int) -> BatchSource:
-        return TensorRows(self.train_rows, EpochRows(len(self.train_rows[0]), micro_batch, batch_size, seed))
 
     def loss(
         self, model: nn.Module, batch: Batch, device: torch.device, dtype: torch.dtype | None
@@ -377,9 +351,6 @@ class PairRegression(Objective):
         self, model: nn.Module, device: torch.device, dtype: torch.dtype | None, batch_size: int
     ) -> Evaluation | None:
         return self.evaluation(model, device, dtype, batch_size)
-
-    def write_run_files(self, run_dir: Path) -> None:
-        self.run_files(run_dir)
 
     def describe(self, model: nn.Module) -> str:
         return f"{type(model).__name__}: {count_parameters(model) / 1e6:.2f}M parameters"
