@@ -65,7 +65,7 @@ from sllm.train.distributed import (
     wrap_model,
 )
 from sllm.train.monitor import MetricSinks, check_sinks_available
-from sllm.train.objectives import Batch, LanguageModeling, Objective
+from sllm.train.objectives import Batch, BatchSource, LanguageModeling, Objective
 from sllm.train.optim import lr_factor, optimizer_hint
 from sllm.train.plan import resolve_plan
 from sllm.train.resume import (
@@ -141,7 +141,7 @@ class Trainer:
         self.peak_lrs = [[group["lr"] for group in o.param_groups] for o in self.optimizers]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
-    def _batch_source(self):
+    def _batch_source(self) -> BatchSource:
         return self.objective.batches(self.plan.micro_batch, self.plan.batch_size, self.cfg.train.seed)
 
     # ---- micro-batch ----------------------------------------------------------------
