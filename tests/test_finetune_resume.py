@@ -122,7 +122,7 @@ def test_queue_runs_a_fine_tuning_once_and_report_reads_it(tmp_path, trained_run
     assert (tmp_path / "report" / "plots" / "loss.png").is_file()
 
 
-def test_sigterm_during_sft_saves_and_the_same_command_finishes(tmp_path, trained_run, monkeypatch):
+def test_sigterm_during_sft_saves_and_the_same_settings_finish(tmp_path, trained_run, monkeypatch):
     from sllm.train.trainer import Trainer
 
     original = Trainer.train_step
@@ -145,6 +145,8 @@ def test_sigterm_during_sft_saves_and_the_same_command_finishes(tmp_path, traine
     assert stopped.returncode == 0, stopped.stderr
     assert "SIGTERM received: saved step 3" in stopped.stdout and load_latest(out).step == 3
     monkeypatch.undo()
-    finished = sllm(*command)
+    refused = sllm(*command, "sft.lr=1e-2")  # another run, not this one resumed
+    assert refused.returncode == 2 and "other settings" in refused.stderr
+    finished = sllm(*command, "sft.keep_last=3")  # how it runs may change, not what it trains
     assert finished.returncode == 0, finished.stderr
     assert "resumed from" in finished.stdout and load_latest(out).step > 3

@@ -11,6 +11,7 @@ epoch, and the batch split into micro-batches as `train.batch_size` would be.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -21,7 +22,11 @@ from sllm.config import Config, ModelConfig, TrainConfig, option, validate
 from sllm.errors import UserError
 from sllm.run import BEST, CHECKPOINTS, periodic_checkpoints
 from sllm.train.batch_size import per_process_batch
-from sllm.train.distributed import launched_world_size
+from sllm.train.distributed import launched_as_main, launched_world_size
+
+# How a run is executed rather than what it trains: a resume may change them (the trainer says
+# when the global batch changes), as `sllm train` allows.
+EXECUTION_KEYS = ("device", "dtype", "parallel", "micro_batch", "checkpoint_interval", "keep_last")
 
 
 @dataclass
@@ -84,20 +89,35 @@ def trainer_config(
     return config
 
 
-def keep_settings(out_dir: Path, name: str, settings: dict) -> None:
+def _what_is_trained(settings: dict, section: str) -> dict:
+    options = {k: v for k, v in settings[section].items() if k not in EXECUTION_KEYS}
+    return {**settings, section: options}
+
+
+def keep_settings(out_dir: Path, name: str, settings: dict, section: str) -> None:
     """A fine-tuning resumes only with the settings and data it started with (recorded in
-    `name`, e.g. sft.yaml); a directory holding checkpoints of other ones is refused."""
+    `name`, e.g. sft.yaml; `EXECUTION_KEYS` may change); a directory holding checkpoints of
+    other ones is refused."""
     checkpoints = out_dir / CHECKPOINTS
     started = checkpoints.is_dir() and (periodic_checkpoints(checkpoints) or (checkpoints / BEST).is_dir())
     if not started:
         return
     path = out_dir / name
     recorded = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
-    if recorded != settings:
+    if (
+        not isinstance(recorded, dict)
+        or section not in recorded
+        or (_what_is_trained(recorded, section) != _what_is_trained(settings, section))
+    ):
         raise UserError(
             f"{out_dir} already holds checkpoints of a fine-tuning with other settings or data; "
             "run the same command to resume it, or choose a new --out"
         )
+
+
+def main_process_log(log: Callable[[str], None]) -> Callable[[str], None]:
+    """`log` on rank 0 (or alone), silence on the other ranks of a torchrun job."""
+    return log if launched_as_main() else lambda _: None
 
 
 def write_settings(out_dir: Path, name: str, settings: dict) -> None:

@@ -41,6 +41,7 @@ from sllm.finetune.chat_template import (
 from sllm.finetune.options import (
     FinetuneOptions,
     keep_settings,
+    main_process_log,
     trainer_config,
     validate_options,
     write_settings,
@@ -150,7 +151,8 @@ def finetune_sft(
     that run when the same command was interrupted."""
     out_dir = Path(out_dir)
     settings = {SECTION: asdict(cfg), "base_run": str(base_run), "data": str(data_path)}
-    keep_settings(out_dir, SFT_CONFIG_FILE, settings)
+    keep_settings(out_dir, SFT_CONFIG_FILE, settings, SECTION)
+    log = main_process_log(log)
     data = load_sft(data_path)
     log(data.summary())
     base = open_run(base_run, torch.device("cpu"), cfg.checkpoint)

@@ -37,6 +37,7 @@ from sllm.finetune.metrics import StsScores, sts_scores
 from sllm.finetune.options import (
     FinetuneOptions,
     keep_settings,
+    main_process_log,
     trainer_config,
     validate_options,
     write_settings,
@@ -332,7 +333,8 @@ def finetune_sts(
         "train": str(train_path),
         "dev": str(dev_path),
     }
-    keep_settings(out_dir, STS_CONFIG_FILE, settings)
+    keep_settings(out_dir, STS_CONFIG_FILE, settings, SECTION)
+    log = main_process_log(log)
     train_data, dev_data = load_sts(train_path), load_sts(dev_path)
     log(train_data.summary())
     log(dev_data.summary())

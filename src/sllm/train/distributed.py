@@ -55,6 +55,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_as_main() -> bool:
+    """Whether this process is rank 0 of the launcher's (or the only one), before joining."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def join_cluster(device: torch.device, timeout_s: int) -> tuple[Cluster, torch.device]:
     """Join torchrun's process group if launched by it; returns the cluster and this rank's device."""
     world_size = launched_world_size()
