@@ -45,7 +45,7 @@ LATEST = "LATEST"  # in checkpoints/: the name of the newest complete checkpoint
 BEST = "best"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
-META_FILE = "meta.json"
+CHECKPOINT_META_FILE = "meta.json"  # `CheckpointMeta`; not the prepared data's meta.json
 LATEST_NAME = "latest"  # `open_run(checkpoint=...)`: the newest checkpoint that verifies
 _PERIODIC_NAME = re.compile(r"(step|epoch)-\d+")
 
@@ -127,7 +127,7 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
 def read_checkpoint_meta(path: Path) -> CheckpointMeta:
     """A checkpoint directory's meta.json; ValueError if unreadable."""
     try:
-        raw = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+        raw = json.loads((path / CHECKPOINT_META_FILE).read_text(encoding="utf-8"))
         return CheckpointMeta.from_dict(raw)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"meta.json unreadable ({type(exc).__name__})") from None

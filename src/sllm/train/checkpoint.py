@@ -30,9 +30,9 @@ from sllm.atomic import (
 from sllm.errors import UserError
 from sllm.run import (
     BEST,
+    CHECKPOINT_META_FILE,
     CHECKPOINTS,
     LATEST,
-    META_FILE,
     MODEL_FILE,
     STATE_FILE,
     CheckpointMeta,
@@ -102,8 +102,8 @@ def write_checkpoint(
         save_tensors(weights, tmp / MODEL_FILE)
         torch.save(train_state, tmp / STATE_FILE)
         files = {name: sha256_file(tmp / name) for name in (MODEL_FILE, STATE_FILE)}
-        (tmp / META_FILE).write_text(dataclasses.replace(meta, files=files).to_json(), "utf-8")
-        for name in (MODEL_FILE, STATE_FILE, META_FILE):
+        (tmp / CHECKPOINT_META_FILE).write_text(dataclasses.replace(meta, files=files).to_json(), "utf-8")
+        for name in (MODEL_FILE, STATE_FILE, CHECKPOINT_META_FILE):
             fsync_path(tmp / name)
         replace_dir(tmp, target)
     except OSError as exc:
