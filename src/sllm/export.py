@@ -525,8 +525,7 @@ def model_card(run: LoadedRun, architecture: HFArchitecture, chat: bool) -> str:
         "",
         "## Training",
         "",
-        f"- checkpoint: `{run.checkpoint.path.name}`, step {meta.step:,}, "
-        f"{meta.tokens_seen:,} tokens seen",
+        f"- checkpoint: `{run.checkpoint.path.name}`, step {meta.step:,}, {meta.tokens_seen:,} tokens seen",
     ]
     if meta.imported_from:
         lines.append(f"- started from the Hugging Face model in `{meta.imported_from}`")

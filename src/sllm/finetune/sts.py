@@ -280,7 +280,8 @@ def fit(
         predicted, gold = predict(model, rows, device, batch_size, dtype), rows[-1]
         scores = sts_scores(predicted.tolist(), gold.tolist())
         mse = float(F.mse_loss(predicted, gold))
-        return Evaluation({**asdict(scores), "dev_mse": mse}, mse, -scores.spearman)
+        summary = f"dev spearman {scores.spearman:.2f}, pearson {scores.pearson:.2f}, mse {mse:.3f}"
+        return Evaluation({**asdict(scores), "dev_mse": mse}, mse, -scores.spearman, summary)
 
     def write_run_files(run_dir: Path) -> None:
         tokenizer.save(run_dir)

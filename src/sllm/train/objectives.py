@@ -53,6 +53,7 @@ class Evaluation:
     metrics: dict[str, float]  # logged as they are
     val_loss: float | None  # recorded in the checkpoint's meta
     rank: float | None  # lower is better: `best/` keeps the evaluation with the lowest
+    summary: str | None = None  # a line for the log (pre-training's evaluations go to the bar)
 
 
 class Objective:
@@ -306,7 +307,8 @@ class MaskedRows(RowsObjective):
             count += weight
         if not count:
             return None
-        return Evaluation({"val_loss": total / count}, total / count, total / count)
+        loss = total / count
+        return Evaluation({"val_loss": loss}, loss, loss, f"held-out loss {loss:.4f}")
 
     def samples(self, model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> Samples:
         return self.sample(model, device, dtype)

@@ -357,6 +357,8 @@ class Trainer:
             self.last_val_metrics = evaluation.metrics
             epoch = self.tokens_seen / self.plan.tokens_per_epoch
             sinks.log(self.step, {**evaluation.metrics, "tokens": self.tokens_seen, "epoch": epoch})
+            if evaluation.summary and self.cluster.is_main:
+                self.log(f"step {self.step} (epoch {epoch:.3g}): {evaluation.summary}")
             if evaluation.rank is not None and evaluation.rank < self.best_rank:
                 self.best_rank = evaluation.rank
                 state = self._state()
