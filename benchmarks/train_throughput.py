@@ -11,7 +11,7 @@ of the medians, and the median of each round's ratio (steadier when the load swi
 - plain GPT + `sllm.model.cpu_linear` (CPUs with AVX-512): the same, its `F.linear` calls
   through oneDNN: the side-by-side that decides whether that module stays.
 - `transformers` GPT2LMHeadModel (SDPA, sllm's weights copied) with the plain GPT's optimizer.
-- sllm: `Trainer.train_step()` of `sllm.train.loop`, the whole step a run takes (windows read
+- sllm: `Trainer.train_step()` of `sllm.train.trainer`, the whole step a run takes (windows read
   from a prepared data dir, schedule, loss, clipping, sllm's optimizer). Its data is `sllm
   demo`'s Korean legal text, prepared character-level into a temporary directory with `model.vocab_size`
   set to the shape's. Rows for `train.chunked_loss`; `--compile` (`train.compile`),
@@ -54,7 +54,8 @@ from sllm.model.cpu_linear import onednn_linears, onednn_suits_this_cpu
 from sllm.model.stats import gpu_peak_flops, training_flops_per_token
 from sllm.runtime import allow_tf32, autocast, keep_freed_memory
 from sllm.train.batch_size import free_memory
-from sllm.train.loop import Trainer
+from sllm.train.objectives import LanguageModeling
+from sllm.train.trainer import Trainer
 
 T = TypeVar("T")
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -196,7 +197,7 @@ def sllm_trainer(
             "log.progress=false", "log.tensorboard=false", *overrides,
         ],
     )  # fmt: skip
-    return Trainer(train_cfg, log=lambda *_: None)
+    return Trainer(train_cfg, LanguageModeling(train_cfg), log=lambda *_: None)
 
 
 def sllm_contender(
@@ -337,7 +338,7 @@ def auto_micro_batch(cfg: ModelConfig, device: torch.device, data_dir: Path, lim
         cfg, device, data_dir, "auto", f"train.batch_size={limit}", "train.chunked_loss=true"
     )
     trainer.settle_micro_batch()
-    return trainer.micro_batch
+    return trainer.plan.micro_batch
 
 
 def main() -> None:

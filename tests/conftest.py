@@ -68,7 +68,7 @@ def tokenizer(prepared_dir) -> Tokenizer:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, prepared_dir) -> Path:
-    from sllm.train.loop import train
+    from sllm.train.trainer import train
 
     torch.set_num_threads(1)
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
@@ -88,7 +88,7 @@ def random_run(run_dir: Path, tokenizer: Tokenizer, *overrides: str, seed: int =
 
     from sllm.config import save_config
     from sllm.model import build_model
-    from sllm.runs import CONFIG_FILE
+    from sllm.run import CONFIG_FILE, CheckpointMeta
     from sllm.train.checkpoint import save_checkpoint
 
     cfg = tiny_config(
@@ -98,7 +98,7 @@ def random_run(run_dir: Path, tokenizer: Tokenizer, *overrides: str, seed: int =
     model = build_model(cfg.model)
     tokenizer.save(run_dir)
     save_config(cfg, run_dir / CONFIG_FILE)
-    meta = {"step": 7, "tokens_seen": 1792, "val_loss": 5.5, "model_config": asdict(cfg.model)}
+    meta = CheckpointMeta(step=7, tokens_seen=1792, val_loss=5.5, model_config=asdict(cfg.model))
     save_checkpoint(run_dir, model.state_dict(), {}, meta, keep_last=1)
     return run_dir
 

@@ -219,7 +219,7 @@ def test_presets_load_and_have_the_documented_size(preset, vocab, millions):
 
 
 def test_llama_style_preset_learns_with_checkpointing_and_chunked_loss(prepared_dir, tmp_path):
-    from sllm.train.loop import train
+    from sllm.train.trainer import train
 
     shape = [
         "model.n_layer=2",
@@ -246,7 +246,7 @@ def _tiny_sections(data_dir, run_dir):
 def test_checkpoints_from_before_the_options_still_match_the_default_model():
     from dataclasses import asdict
 
-    from sllm.train.checkpoint import config_differences
+    from sllm.train.resume import config_differences
 
     old_keys = ("arch", "n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "pos", "vocab_size")
     wanted = asdict(ModelConfig(vocab_size=VOCAB))

@@ -4,6 +4,7 @@ memory is injected into the trial step, since the CPU gives no such signal."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,10 +18,10 @@ import yaml
 from safetensors.torch import load_file
 
 from sllm.errors import UserError
-from sllm.train import loop
+from sllm.run import load_latest
 from sllm.train.batch_size import accumulation_steps, largest_fitting, power_of_two_sizes
-from sllm.train.checkpoint import load_latest
-from sllm.train.loop import Trainer, train
+from sllm.train.objectives import LanguageModeling
+from sllm.train.trainer import Trainer, train
 
 from .conftest import tiny_config
 
@@ -30,7 +31,7 @@ AUTO = ["train.micro_batch=auto", "train.batch_size=16"]
 def _fail_above(monkeypatch, limit: int) -> list[int]:
     """Trial steps over `limit` sequences raise an OOM; returns the sizes tried."""
     tried: list[int] = []
-    original = loop.Trainer._trial_step
+    original = Trainer._trial_step
 
     def trial_step(self, micro_batch: int) -> None:
         tried.append(micro_batch)
@@ -38,7 +39,7 @@ def _fail_above(monkeypatch, limit: int) -> list[int]:
             raise torch.OutOfMemoryError("injected: out of memory")
         original(self, micro_batch)
 
-    monkeypatch.setattr(loop.Trainer, "_trial_step", trial_step)
+    monkeypatch.setattr(Trainer, "_trial_step", trial_step)
     return tried
 
 
@@ -66,8 +67,10 @@ def test_largest_fitting_micro_batch_is_chosen_and_accumulation_keeps_the_batch(
     assert "micro-batch auto: 4 sequences × 4 accumulation × 1 processes = 16 sequences per step" in messages
     assert result.tokens_seen == 4 * 16 * 32
     saved = yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())
-    assert saved["train"]["micro_batch"] == 4 and saved["train"]["batch_size"] == 16
-    assert load_latest(tmp_path / "auto").meta["micro_batch"] == 4
+    assert saved["train"]["micro_batch"] == "auto" and saved["train"]["batch_size"] == 16
+    plan = json.loads((tmp_path / "auto" / "plan.json").read_text())
+    assert (plan["micro_batch"], plan["grad_accum"], plan["batch_size"]) == (4, 4, 16)
+    assert load_latest(tmp_path / "auto").meta.micro_batch == 4
 
 
 def test_search_leaves_no_trace_in_weights_or_optimizer(tmp_path, prepared_dir, monkeypatch):
@@ -96,7 +99,7 @@ def test_resume_keeps_the_recorded_micro_batch(tmp_path, prepared_dir, monkeypat
     _fail_above(monkeypatch, 2)
     train(tiny_config(prepared_dir, tmp_path / "straight", *steps), log=lambda _: None)
 
-    original_step = loop.Trainer.train_step
+    original_step = Trainer.train_step
 
     def stop_after_five(self):
         loss = original_step(self)
@@ -104,7 +107,7 @@ def test_resume_keeps_the_recorded_micro_batch(tmp_path, prepared_dir, monkeypat
             os.kill(os.getpid(), signal.SIGTERM)
         return loss
 
-    monkeypatch.setattr(loop.Trainer, "train_step", stop_after_five)
+    monkeypatch.setattr(Trainer, "train_step", stop_after_five)
     assert train(tiny_config(prepared_dir, tmp_path / "resumed", *steps), log=lambda _: None).step == 5
     monkeypatch.undo()
     tried = _fail_above(monkeypatch, 16)  # more would fit now; the run must not change its split
@@ -116,11 +119,12 @@ def test_resume_keeps_the_recorded_micro_batch(tmp_path, prepared_dir, monkeypat
 
 
 def test_cpu_candidates_are_capped_by_the_memory_estimate(tmp_path, prepared_dir, monkeypatch):
-    trainer = Trainer(tiny_config(prepared_dir, tmp_path / "run", *AUTO), log=lambda _: None)
-    monkeypatch.setattr(loop, "available_ram_bytes", lambda: 2 * trainer._estimated_bytes(2))
+    cfg = tiny_config(prepared_dir, tmp_path / "run", *AUTO)
+    trainer = Trainer(cfg, LanguageModeling(cfg), log=lambda _: None)
+    monkeypatch.setattr("sllm.train.trainer.available_ram_bytes", lambda: 2 * trainer._estimated_bytes(2))
     trainer.settle_micro_batch()
-    assert (trainer.micro_batch, trainer.grad_accum) == (2, 8)
-    assert trainer.cfg.train.micro_batch == 2
+    assert (trainer.plan.micro_batch, trainer.plan.grad_accum) == (2, 8)
+    assert cfg.train.micro_batch == "auto"
 
 
 @pytest.mark.parametrize(
@@ -141,17 +145,17 @@ def test_inconsistent_batch_settings_are_refused(tmp_path, prepared_dir, overrid
 LAUNCHER = """
     import os, sys, torch
     from sllm.cli import main
-    from sllm.train import loop
+    from sllm.train.trainer import Trainer
 
     limit = 2 if os.environ["RANK"] == "1" else 8
-    original = loop.Trainer._trial_step
+    original = Trainer._trial_step
 
     def trial_step(self, micro_batch):
         if micro_batch > limit:
             raise torch.OutOfMemoryError("injected")
         original(self, micro_batch)
 
-    loop.Trainer._trial_step = trial_step
+    Trainer._trial_step = trial_step
     main(sys.argv[1:])
 """
 
@@ -173,7 +177,7 @@ def test_ranks_agree_on_the_smallest_fitting_micro_batch(tmp_path, prepared_dir)
         "micro-batch auto: 2 sequences × 4 accumulation × 2 processes = 16 sequences per step"
         in result.stdout
     )
-    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["micro_batch"] == 2
+    assert json.loads((tmp_path / "run" / "plan.json").read_text())["micro_batch"] == 2
 
 
 def test_find_batch_size_flag_keeps_the_configured_global_batch(tmp_path, prepared_dir, monkeypatch, capsys):
@@ -192,4 +196,6 @@ def test_find_batch_size_flag_keeps_the_configured_global_batch(tmp_path, prepar
         in capsys.readouterr().out
     )
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
-    assert (saved["micro_batch"], saved["batch_size"], saved["grad_accum"]) == (2, 12, 1)
+    assert (saved["micro_batch"], saved["batch_size"], saved["grad_accum"]) == ("auto", 12, 1)
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert (plan["micro_batch"], plan["grad_accum"]) == (2, 6)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from sllm.errors import UserError
-from sllm.runs import read_run_config
+from sllm.run import Checkpoint, load_latest, read_run_config, sha256_file, verify_checkpoint
 from sllm.train import checkpoint as ckpt
-from sllm.train.checkpoint import Checkpoint, clean_leftovers, load_latest, verify_checkpoint
-from sllm.train.loop import train
+from sllm.train.checkpoint import clean_leftovers
+from sllm.train.trainer import train
 
 from .conftest import tiny_config
 
@@ -54,7 +54,7 @@ def test_malicious_pickle_in_state_is_refused_without_running(tmp_path, run_with
     target = run_with_two_checkpoints / "checkpoints" / "step-000020"
     torch.save({"optimizer": Payload(), "step": 20}, target / "state.pt")
     meta = json.loads((target / "meta.json").read_text())
-    meta["files"]["state.pt"] = ckpt._sha256(target / "state.pt")  # an attacker controls the hashes too
+    meta["files"]["state.pt"] = sha256_file(target / "state.pt")  # an attacker controls the hashes too
     (target / "meta.json").write_text(json.dumps(meta))
 
     checkpoint = verify_checkpoint(target)

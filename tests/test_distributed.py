@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sllm.train.checkpoint import load_latest
+from sllm.run import load_latest
 
 STEPS = 12
 

@@ -13,7 +13,7 @@ from sllm.data.loader import strided_spans
 from sllm.errors import UserError
 from sllm.evaluate import evaluate_run, evaluate_texts, score_tokens, unigram_perplexity
 from sllm.model import build_model
-from sllm.runs import open_run
+from sllm.run import open_run
 from sllm.tokenizer import CharTokenizer
 
 from .conftest import constitution_paragraphs, random_run

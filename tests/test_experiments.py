@@ -7,7 +7,7 @@ import pytest
 
 from sllm import report as report_module
 from sllm.report import NO_HANGUL_FONT_NOTE, hangul_font, write_report
-from sllm.train.loop import train
+from sllm.train.trainer import train
 
 from .conftest import tiny_config
 from .test_cli import sllm

@@ -29,10 +29,9 @@ from sllm.infer.chat_template import (
 from sllm.infer.engine import stream_tokens
 from sllm.infer.sampling import SamplingParams
 from sllm.model import build_model
-from sllm.runs import open_run
+from sllm.run import CHECKPOINTS, LATEST, open_run
 from sllm.tokenizer import CharTokenizer
-from sllm.train.checkpoint import CHECKPOINTS, LATEST
-from sllm.train.loop import train
+from sllm.train.trainer import train
 
 from .conftest import random_run
 from .test_cli import assert_one_line_error, sllm
@@ -121,8 +120,8 @@ def test_export_writes_config_generation_config_and_model_card(trained_run, expo
     assert not (exported / "chat_template.jinja").exists()
     assert generation["top_p"] == run.config.sample.top_p
     card = (exported / "README.md").read_text()
-    assert f"{run.checkpoint.meta['tokens_seen']:,} tokens seen" in card
-    assert f"validation loss {run.checkpoint.meta['val_loss']:.4f}" in card
+    assert f"{run.checkpoint.meta.tokens_seen:,} tokens seen" in card
+    assert f"validation loss {run.checkpoint.meta.val_loss:.4f}" in card
     assert "`constitution.jsonl`" in card
 
 

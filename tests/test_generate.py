@@ -1,3 +1,4 @@
+import dataclasses
 import shutil
 
 import pytest
@@ -17,7 +18,8 @@ from sllm.infer.logits import (
 )
 from sllm.infer.sampling import SamplingParams
 from sllm.model import build_model
-from sllm.train.checkpoint import load_latest, save_checkpoint
+from sllm.run import load_latest
+from sllm.train.checkpoint import save_checkpoint
 
 
 def _model(**options):
@@ -173,6 +175,8 @@ def test_a_checkpoint_with_nan_weights_is_refused_with_one_line(trained_run, tmp
     shutil.copytree(trained_run, run)
     latest = load_latest(run)
     broken = {name: torch.full_like(tensor, float("nan")) for name, tensor in latest.model_state().items()}
-    save_checkpoint(run, broken, latest.train_state(), {**latest.meta, "step": 121}, keep_last=3)
+    save_checkpoint(
+        run, broken, latest.train_state(), dataclasses.replace(latest.meta, step=121), keep_last=3
+    )
     with pytest.raises(UserError, match=r"step-000121 holds weights that are not finite numbers"):
         TextGenerator.from_run(run, device="cpu")

@@ -37,7 +37,6 @@ LAYERS = {
     "sllm.tokenizer_stats": 2,
     "sllm.fast_bpe": 2,
     "sllm.run": 2,
-    "sllm.runs": 2,
     "sllm.config": 1,
     "sllm.options": 1,
     # The one declaration of sampling options (no torch): the config's `sample` section is built

@@ -6,7 +6,7 @@ import types
 import pytest
 
 from sllm.errors import UserError
-from sllm.train.loop import train
+from sllm.train.trainer import train
 
 from .conftest import tiny_config
 

@@ -5,8 +5,8 @@ import torch
 
 from sllm.config import ModelConfig, TrainConfig
 from sllm.model import build_model
-from sllm.train.loop import train
 from sllm.train.optim import build_optimizers, lr_at, optimizer_hint
+from sllm.train.trainer import train
 
 from .conftest import tiny_config
 

@@ -18,7 +18,7 @@ from sllm.data.prepare import Progress, _interleaved_sample, prepare, work_path
 from sllm.data.shards import TokenShards
 from sllm.errors import UserError
 from sllm.tokenizer import load_tokenizer
-from sllm.train.loop import train
+from sllm.train.trainer import train
 
 from .conftest import constitution_paragraphs, tiny_config, write_jsonl
 

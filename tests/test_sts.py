@@ -15,6 +15,7 @@ from scipy import stats
 from torch import nn
 
 from sllm.cli import main
+from sllm.config import Config, LogConfig
 from sllm.errors import UserError
 from sllm.finetune.metrics import sts_scores
 from sllm.finetune.sts import (
@@ -29,7 +30,7 @@ from sllm.finetune.sts import (
     sts_config,
 )
 from sllm.finetune.sts_data import load_sts
-from sllm.runs import open_run
+from sllm.run import open_run
 
 from .conftest import SHARED_DATA, constitution_paragraphs
 from .test_cli import assert_one_line_error
@@ -183,27 +184,42 @@ def synthetic_pairs(count: int, seed: int, vocab_size: int = 1000) -> EncodedPai
     return EncodedPairs(first, second, torch.tensor(scores), pad_id=0)
 
 
-def test_head_learns_a_synthetic_similarity_task():
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _fit(model, train, dev, cfg, run_dir, tokenizer):
+    quiet_base = Config(log=LogConfig(progress=False, tensorboard=False))
+    return fit(model, train, dev, cfg, run_dir, quiet_base, tokenizer, log=lambda _: None)
+
+
+def test_head_learns_a_synthetic_similarity_task(tmp_path, tokenizer):
     torch.manual_seed(0)
-    cfg = StsConfig(epochs=12, batch_size=32, lr=3e-3, freeze=True, head_hidden=64, head_dropout=0.0)
+    cfg = StsConfig(
+        epochs=12, batch_size=32, lr=3e-3, freeze=True, head_hidden=64, head_dropout=0.0, device="cpu"
+    )
     model = build_sts_model(BagOfTokens(1000, 128), cfg)
     backbone_before = model.backbone.wte.weight.clone()
     train, dev = synthetic_pairs(800, seed=1), synthetic_pairs(200, seed=2)
     untrained = score(model, dev, device=torch.device("cpu"))
-    results = fit(model, train, dev, cfg, device=torch.device("cpu"))
-    assert results[-1].dev.spearman > 90 > untrained.spearman
-    assert results[-1].train_mse < results[0].train_mse
+    best = _fit(model, train, dev, cfg, tmp_path / "sts", tokenizer)
+    records = _records(tmp_path / "sts")
+    evaluations = [r for r in records if "spearman" in r]
+    assert len(evaluations) == 12 and evaluations[-1]["spearman"] > 90 > untrained.spearman
+    assert best.dev.spearman == max(e["spearman"] for e in evaluations)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0]
     assert torch.equal(model.backbone.wte.weight, backbone_before)  # frozen means frozen
 
 
-def test_finetuning_trains_the_backbone_at_its_own_learning_rate(trained_run):
+def test_finetuning_trains_the_backbone_at_its_own_learning_rate(tmp_path, trained_run):
     base = open_run(trained_run, torch.device("cpu"))
-    cfg = StsConfig(epochs=1, batch_size=16, lr=1e-3, backbone_lr=1e-5, warmup_ratio=0.0)
+    cfg = StsConfig(epochs=1, batch_size=16, lr=1e-3, backbone_lr=1e-5, warmup_ratio=0.0, device="cpu")
     model = build_sts_model(base.model, cfg)
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     data = synthetic_pairs(32, seed=3, vocab_size=base.tokenizer.vocab_size)
     data.pad_id = base.tokenizer.pad_id
-    fit(model, data, data, cfg, torch.device("cpu"))
+    _fit(model, data, data, cfg, tmp_path / "sts", base.tokenizer)
     changed = [k for k, v in model.backbone.state_dict().items() if not torch.equal(v, before[k])]
     assert "wte.weight" in changed and "blocks.0.attn.qkv.weight" in changed
     groups = build_optimizer(model, cfg).param_groups
@@ -250,7 +266,7 @@ def test_finetune_then_eval_sts_through_the_cli(tmp_path, trained_run, freeze):
                   f"sts.freeze={freeze}")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "best dev spearman" in result.stdout
-    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in _records(out) if "spearman" in r]  # the dev set is scored after each epoch
     assert [e["epoch"] for e in epochs] == [1, 2]
     best = max(epochs, key=lambda e: e["spearman"])
     for name in ("config.yaml", "sts.yaml", "tokenizer.json", "checkpoints/best/model.safetensors"):
@@ -264,7 +280,7 @@ def test_finetune_then_eval_sts_through_the_cli(tmp_path, trained_run, freeze):
     assert float(pearson) == pytest.approx(best["pearson"], abs=0.01)
 
     again = sllm("finetune", "sts", "--run", trained_run, "--train", train, "--dev", dev, "--out", out)
-    assert_one_line_error(again, "already holds a trained model")
+    assert_one_line_error(again, "already holds checkpoints of a fine-tuning with other settings")
     for command in (
         ("eval", "--device", "cpu"),
         ("generate", "--prompt", "x"),

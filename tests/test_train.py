@@ -12,9 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from sllm.errors import UserError
-from sllm.train import loop
-from sllm.train.checkpoint import load_latest, verify_checkpoint
-from sllm.train.loop import train
+from sllm.run import load_latest, verify_checkpoint
+from sllm.train.trainer import Trainer, train
 
 from .conftest import tiny_config
 
@@ -45,7 +44,7 @@ def test_finished_run_has_run_dir_layout(trained_run):
     checkpoints = trained_run / "checkpoints"
     assert (checkpoints / "LATEST").read_text().strip() == "step-000120"
     assert verify_checkpoint(checkpoints / "step-000120").step == 120
-    assert verify_checkpoint(checkpoints / "best").meta["val_loss"] is not None
+    assert verify_checkpoint(checkpoints / "best").meta.val_loss is not None
     kept = sorted(p.name for p in checkpoints.glob("step-*"))
     assert kept == ["step-000060", "step-000090", "step-000120"]  # keep_last=3
     for name in ("config.yaml", "tokenizer.json", "metrics.jsonl"):
@@ -62,7 +61,7 @@ def test_same_command_again_says_already_finished(trained_run, prepared_dir):
 
 def _interrupt_at(monkeypatch, step: int) -> None:
     """Send a real SIGTERM to this process right after the given step."""
-    original = loop.Trainer.train_step
+    original = Trainer.train_step
 
     def train_step(self):
         loss = original(self)
@@ -70,7 +69,7 @@ def _interrupt_at(monkeypatch, step: int) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
         return loss
 
-    monkeypatch.setattr(loop.Trainer, "train_step", train_step)
+    monkeypatch.setattr(Trainer, "train_step", train_step)
 
 
 @pytest.mark.parametrize("options", [[], ["model.dropout=0.1", "train.grad_accum=2"], ["train.dtype=bf16"]])
@@ -120,7 +119,7 @@ def test_stop_signal_saves_a_loadable_checkpoint_and_exits_zero(tmp_path, prepar
     assert checkpoint.step >= max(m["step"] for m in _metrics(run_dir))
     assert "Traceback" not in stderr
     evaluated = [m for m in _metrics(run_dir) if "val_loss" in m][-1]  # the scores it reports are these
-    assert checkpoint.meta["val_step"] == evaluated["step"] == 7 * (checkpoint.step // 7)
+    assert checkpoint.meta.val_step == evaluated["step"] == 7 * (checkpoint.step // 7)
     last_line = stdout.strip().splitlines()[-1]
     scores = f"val loss {evaluated['val_loss']:.4f}"
     if evaluated["step"] == checkpoint.step:
@@ -235,7 +234,8 @@ def test_init_from_starts_with_another_runs_weights(tmp_path, prepared_dir, trai
         UserError, match=r"train.init_from: .* made for another model \(n_layer: 2 → 3\); set those"
     ):
         train(bigger, log=_quiet)
-    wider = tiny_config(prepared_dir, tmp_path / "wider", f"model.vocab_size={cfg.model.vocab_size + 8}")
+    data_vocab = json.loads((prepared_dir / "meta.json").read_text())["vocab_size"]  # cfg keeps its 0
+    wider = tiny_config(prepared_dir, tmp_path / "wider", f"model.vocab_size={data_vocab + 8}")
     wider.train.init_from = str(trained_run)
     with pytest.raises(UserError, match=r"vocab_size: .*; prepare the data with `--tokenizer .*` and leave"):
         train(wider, log=_quiet)
@@ -261,7 +261,7 @@ def test_a_diverged_run_stops_with_a_user_error_and_keeps_its_last_good_checkpoi
 
 
 def test_weights_broken_by_the_last_update_are_never_saved(tmp_path, prepared_dir, monkeypatch):
-    original = loop.Trainer.train_step
+    original = Trainer.train_step
 
     def train_step(self):
         loss = original(self)
@@ -270,7 +270,7 @@ def test_weights_broken_by_the_last_update_are_never_saved(tmp_path, prepared_di
                 next(self.model.parameters()).fill_(float("nan"))  # the loss of this step was fine
         return loss
 
-    monkeypatch.setattr(loop.Trainer, "train_step", train_step)
+    monkeypatch.setattr(Trainer, "train_step", train_step)
     run = tmp_path / "run"
     with pytest.raises(UserError, match="by step 3: its weights are no longer finite numbers.*none yet"):
         train(tiny_config(prepared_dir, run, "train.max_steps=6", "train.checkpoint_interval=3"), log=_quiet)

@@ -31,7 +31,7 @@ def sampling_params(args: Namespace, **extra):
     """The sampling flags given, over the run's `sample` section. The flags and --device are
     checked before the run is read."""
     from sllm.infer.sampling import SamplingParams, run_defaults
-    from sllm.runs import read_run_config
+    from sllm.run import read_run_config
     from sllm.runtime import select_device
 
     names = [f.name for f in dataclasses.fields(SamplingParams) if hasattr(args, f.name)]
@@ -105,7 +105,7 @@ def train(args: Namespace) -> None:
     """pre-train a model; the same command again resumes"""
     import math
 
-    from sllm.train.loop import train
+    from sllm.train.trainer import train
 
     cfg = load(args)
     if args.find_batch_size:

@@ -26,7 +26,7 @@ from sllm.data.loader import eval_batches, open_split
 from sllm.data.meta import META_FILE, DataMeta
 from sllm.data.sources import read_text_file
 from sllm.errors import UserError
-from sllm.runs import LoadedRun, open_run
+from sllm.run import LoadedRun, open_run
 from sllm.runtime import autocast, select_autocast_dtype, select_device
 from sllm.tokenizer import nfc
 

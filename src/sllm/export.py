@@ -52,9 +52,9 @@ from sllm.errors import UserError
 from sllm.infer.chat_template import PLAIN, ChatTemplate, load_chat_template, to_jinja
 from sllm.model import build_model, count_parameters
 from sllm.model.gpt import mlp_hidden_width
-from sllm.runs import CONFIG_FILE, LoadedRun, open_run
+from sllm.run import CONFIG_FILE, CheckpointMeta, LoadedRun, open_run
 from sllm.tokenizer import TOKENIZER_FILE, BPETokenizer, Tokenizer, load_tokenizer
-from sllm.train.checkpoint import save_checkpoint, save_tensors
+from sllm.train.checkpoint import save_checkpoint, save_tensors, training_state
 from sllm.train.distributed import full_state
 from sllm.train.optim import build_optimizers
 
@@ -489,13 +489,12 @@ def model_card(run: LoadedRun, architecture: HFArchitecture, chat: bool) -> str:
         "",
         "## Training",
         "",
-        f"- checkpoint: `{run.checkpoint.path.name}`, step {meta['step']:,}, "
-        f"{meta.get('tokens_seen', 0):,} tokens seen",
+        f"- checkpoint: `{run.checkpoint.path.name}`, step {meta.step:,}, {meta.tokens_seen:,} tokens seen",
     ]
-    if meta.get("imported_from"):
-        lines.append(f"- started from the Hugging Face model in `{meta['imported_from']}`")
-    if meta.get("val_loss") is not None:
-        val = float(meta["val_loss"])
+    if meta.imported_from:
+        lines.append(f"- started from the Hugging Face model in `{meta.imported_from}`")
+    if meta.val_loss is not None:
+        val = float(meta.val_loss)
         lines.append(
             f"- validation loss {val:.4f} (perplexity {math.exp(val):.2f}), "
             f"estimated on {cfg.train.eval_windows} windows of the validation split"
@@ -622,21 +621,14 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(out)
     save_config(cfg, out / CONFIG_FILE)
-    train_state = {
-        "optimizers": full_state(model, build_optimizers(model, cfg.train, torch.device("cpu")))[1],
-        "scaler": {},
-        "step": 0,
-        "tokens_seen": 0,
-        "best_val_loss": float("inf"),
-    }
-    meta = {
-        "step": 0,
-        "tokens_seen": 0,
-        "val_loss": None,
-        "model_config": asdict(model_cfg),
-        "tokenizer_sha256": tokenizer.sha256,
-        "imported_from": str(source.resolve()),
-    }
+    optimizer_state = full_state(model, build_optimizers(model, cfg.train, torch.device("cpu")))[1]
+    train_state = training_state(optimizer_state, torch.amp.GradScaler("cpu", enabled=False), 0, 0, math.inf)
+    meta = CheckpointMeta(
+        step=0,
+        model_config=asdict(model_cfg),
+        tokenizer_sha256=tokenizer.sha256,
+        imported_from=str(source.resolve()),
+    )
     save_checkpoint(out, model.state_dict(), train_state, meta, keep_last=cfg.train.keep_last)
     return out
 

@@ -21,7 +21,7 @@ from sllm.model.stats import (
     training_flops_per_token,
     training_memory,
 )
-from sllm.runs import read_run_config
+from sllm.run import read_run_config
 
 
 def resolve_for_info(run: str | None, config: str | None, overrides: list[str]) -> Config:

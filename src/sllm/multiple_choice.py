@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sllm.errors import UserError
-from sllm.runs import open_run
+from sllm.run import open_run
 from sllm.runtime import select_device
 from sllm.tokenizer import Tokenizer, nfc
 

@@ -1,9 +1,10 @@
 """`sllm queue FILE`: run a list of training experiments one after another.
 
-Each non-comment line of FILE holds the arguments of one `sllm train` command. Every run is
-its own process, so a crash or a bad config fails that line alone and the queue goes on.
-Because `sllm train` resumes from LATEST and says when a run is already finished, running a
-queue again skips finished runs and resumes interrupted ones. A status file beside FILE
+Each non-comment line of FILE holds the arguments of one `sllm train` command, or a whole
+`finetune sft|sts ...` command. Every run is its own process, so a crash or a bad config
+fails that line alone and the queue goes on. Because every run resumes from LATEST and says
+when it is already finished (all objectives share one trainer), running a queue again skips
+finished runs and resumes interrupted ones. A status file beside FILE
 records each line's outcome as it happens. Ctrl-C reaches the running training process
 too, which saves a checkpoint and exits; the queue then stops without starting the next.
 """
@@ -58,9 +59,15 @@ def _save_status(queue_file: Path, entries: list[QueueEntry]) -> None:
     write_text_atomic(status_path(queue_file), json.dumps([asdict(e) for e in entries], indent=2))
 
 
+def sllm_arguments(entry: QueueEntry) -> list[str]:
+    """The `sllm` command of a line: a fine-tuning as written, anything else `sllm train`."""
+    words = shlex.split(entry.arguments)
+    return words if words[:1] == ["finetune"] else ["train", *words]
+
+
 def _run_one(entry: QueueEntry) -> tuple[int, bool]:
     """Run one training command, echoing its output; (exit code, was it already finished)."""
-    command = [sys.executable, "-m", "sllm", "train", *shlex.split(entry.arguments)]
+    command = [sys.executable, "-m", "sllm", *sllm_arguments(entry)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, bufsize=1)
     already_finished = False
     assert process.stdout is not None
@@ -84,7 +91,7 @@ def run_queue(queue_file: str | Path) -> list[QueueEntry]:
         for entry in entries:
             if interrupted:
                 break
-            print(f"\n=== queue line {entry.line}: sllm train {entry.arguments}", flush=True)
+            print(f"\n=== queue line {entry.line}: sllm {shlex.join(sllm_arguments(entry))}", flush=True)
             entry.status = "running"
             _save_status(path, entries)
             started = time.perf_counter()

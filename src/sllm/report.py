@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sllm.errors import UserError
-from sllm.runs import read_run_config
-from sllm.train.monitor import METRICS_FILE
+from sllm.run import METRICS_FILE, read_run_config
 
 CURVES = (
     ("loss", "train loss"),

@@ -8,8 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from sllm.train import loop
-from sllm.train.loop import train
+from sllm.train.trainer import Trainer, train
 
 from ..conftest import tiny_config
 
@@ -29,7 +28,7 @@ def _dir_bytes(path) -> int:
 def test_two_thousand_steps_keep_disk_and_memory_flat(tmp_path, prepared_dir, monkeypatch):
     samples: list[tuple[int, int]] = []
     disk: list[int] = []
-    original = loop.Trainer.train_step
+    original = Trainer.train_step
 
     def measured_step(self):
         loss = original(self)
@@ -38,7 +37,7 @@ def test_two_thousand_steps_keep_disk_and_memory_flat(tmp_path, prepared_dir, mo
             disk.append(_dir_bytes(self.run_dir / "checkpoints"))
         return loss
 
-    monkeypatch.setattr(loop.Trainer, "train_step", measured_step)
+    monkeypatch.setattr(Trainer, "train_step", measured_step)
     run_dir = tmp_path / "soak"
     cfg = tiny_config(
         prepared_dir, run_dir, "model.n_layer=1", "model.n_embd=32", "model.block_size=16",

@@ -4,36 +4,41 @@ The base run's tokenizer gains the chat template tokens when it lacks them (and 
 one embedding row per new token); conversations are rendered with `chat_template`, split
 into train and held-out examples by a seeded shuffle, and packed into rows of the
 model's context with document masks and position resets (`packing`); an example longer
-than a row loses the start of its prompt, not its answer. The loss is the cross-entropy
-averaged over the weighted (assistant) targets only; a run with none to train on stops
-before training rather than report a loss of 0.
+than a row loses the start of its prompt, not its answer. Training is the one trainer's
+(`sllm.train.trainer`) with the `MaskedRows` objective: the loss averaged over the weighted
+(assistant) targets only, so SFT resumes, accumulates, runs under torchrun and logs as
+pre-training does. A run with nothing to train on stops before training.
 
 The output is an ordinary run directory — config.yaml (with the grown vocabulary),
-tokenizer.json, `checkpoints/step-N` + LATEST after each epoch, `best/` by held-out loss,
-metrics.jsonl — so `sllm generate` and `sllm eval` open it like any run. After each epoch
-the fixed `sft.prompts` are answered greedily into `samples/`, each until `<|end|>` or
-the end-of-text token, as `sllm generate` stops.
+plan.json, sft.yaml (these settings and the data), tokenizer.json, chat_template.json,
+checkpoints after each epoch, `best/` by held-out loss, metrics.jsonl — so `sllm generate`
+and `sllm eval` open it like any run. After each epoch the fixed `sft.prompts` are answered
+greedily into `samples/`, each until `<|end|>` or the end-of-text token, as `sllm generate`
+stops. The same command again resumes an interrupted run.
 """
 
 from __future__ import annotations
 
-import copy
-import math
 import random
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import takewhile
 from pathlib import Path
-from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from sllm.config import dataclass_from_overrides, option, save_config
+from sllm.config import dataclass_from_overrides, option
 from sllm.errors import UserError
+from sllm.finetune.options import (
+    FinetuneOptions,
+    keep_settings,
+    main_process_log,
+    trainer_config,
+    validate_options,
+    write_settings,
+)
 from sllm.finetune.packing import PackedRows, pack
-from sllm.finetune.schedule import warmup_linear_decay
 from sllm.finetune.sft_data import Message, load_sft
 from sllm.infer.chat_template import (
     END_TOKEN,
@@ -46,29 +51,20 @@ from sllm.infer.chat_template import (
 )
 from sllm.infer.engine import stream_tokens
 from sllm.infer.sampling import SamplingParams
-from sllm.runs import CONFIG_FILE, open_run
-from sllm.runtime import select_device
+from sllm.run import SFT_CONFIG_FILE, open_run
 from sllm.tokenizer import Tokenizer
-from sllm.train.checkpoint import load_latest, save_best, save_checkpoint
-from sllm.train.monitor import JsonlSink
-from sllm.train.samples import write_samples
+from sllm.train.objectives import MaskedRows
+from sllm.train.trainer import run_objective
 
 SECTION = "sft"
-GRAD_CLIP = 1.0
 
 
 @dataclass
-class SftConfig:
+class SftConfig(FinetuneOptions):
     epochs: int = option(2, "passes over the training examples")
-    batch_size: int = option(8, "packed rows per optimizer step")
-    lr: float = option(3e-4, "peak learning rate")
-    weight_decay: float = option(0.0, "AdamW weight decay (matrices only)")
-    warmup_ratio: float = option(0.05, "share of the steps spent warming the learning rate up")
+    batch_size: int = option(8, "packed rows per optimizer step, all processes together")
     val_ratio: float = option(0.05, "share of the examples held out for the validation loss")
     block_size: int = option(0, "packed row length; 0 means the model's context")
-    seed: int = option(1234, "seed of the split, the shuffling and dropout")
-    checkpoint: Literal["latest", "best"] = option("latest", "checkpoint of the base run to start from")
-    device: Literal["auto", "cpu", "cuda", "mps"] = option("auto", "where to train")
     prompts: list[str] = option(
         ["대한민국의 수도는?", "오늘 기분이 어때?"], "questions answered after each epoch"
     )
@@ -77,33 +73,12 @@ class SftConfig:
 
 def sft_config(overrides: list[str]) -> SftConfig:
     cfg = dataclass_from_overrides(SftConfig, SECTION, overrides)
-    for key in ("epochs", "batch_size", "lr"):
-        if getattr(cfg, key) <= 0:
-            raise UserError(f"config key {SECTION}.{key} must be positive, got {getattr(cfg, key)}")
-    if (
-        not 0 <= cfg.val_ratio < 1
-        or not 0 <= cfg.warmup_ratio < 1
-        or cfg.block_size < 0
-        or cfg.max_new_tokens < 0
-    ):
+    validate_options(cfg, SECTION)
+    if not 0 <= cfg.val_ratio < 1 or cfg.block_size < 0 or cfg.max_new_tokens < 0:
         raise UserError(
-            f"{SECTION}.val_ratio and {SECTION}.warmup_ratio must be in [0, 1), "
-            f"{SECTION}.block_size and {SECTION}.max_new_tokens >= 0"
+            f"{SECTION}.val_ratio must be in [0, 1), {SECTION}.block_size and {SECTION}.max_new_tokens >= 0"
         )
     return cfg
-
-
-def masked_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy averaged over the weighted targets (the assistant's tokens)."""
-    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    return (losses * weights.flatten()).sum() / weights.sum().clamp(min=1.0)
-
-
-def _batch_loss(model: nn.Module, rows: PackedRows, chosen: list[int], device: torch.device) -> torch.Tensor:
-    inputs, targets, weights, documents = (
-        t[chosen].to(device) for t in (rows.inputs, rows.targets, rows.weights, rows.documents)
-    )
-    return masked_loss(model(inputs, document_ids=documents), targets, weights)
 
 
 @torch.no_grad()
@@ -125,21 +100,6 @@ def answer_prompts(
         stream.close()
         answers.append((prompt, tokenizer.decode(new)))
     return answers
-
-
-@torch.no_grad()
-def validation_loss(
-    model: nn.Module, rows: PackedRows, batch_size: int, device: torch.device
-) -> float | None:
-    """Mean loss over the held-out targets; None when there are none (not a perfect 0)."""
-    model.eval()
-    total, count = 0.0, 0.0
-    for start in range(0, len(rows), batch_size):
-        chosen = list(range(start, min(start + batch_size, len(rows))))
-        weight = float(rows.weights[chosen].sum())
-        total += float(_batch_loss(model, rows, chosen, device)) * weight
-        count += weight
-    return total / count if count else None
 
 
 def pack_split(
@@ -174,6 +134,10 @@ def _split(examples: list, val_ratio: float, seed: int) -> tuple[list, list]:
     return [examples[i] for i in order[held_out:]], [examples[i] for i in order[:held_out]]
 
 
+def _tensors(rows: PackedRows) -> tuple[torch.Tensor, ...]:
+    return rows.inputs, rows.targets, rows.weights, rows.documents
+
+
 @dataclass
 class SftResult:
     step: int
@@ -183,14 +147,15 @@ class SftResult:
 def finetune_sft(
     base_run: str | Path, data_path: str | Path, out_dir: str | Path, cfg: SftConfig, log: Callable = print
 ) -> SftResult:
-    """Instruction-tune the base run on `data_path`; write a run directory at `out_dir`."""
+    """Instruction-tune the base run on `data_path` into the run directory `out_dir`, or resume
+    that run when the same command was interrupted."""
     out_dir = Path(out_dir)
-    if load_latest(out_dir) is not None:
-        raise UserError(f"{out_dir} already holds checkpoints; choose a new --out")
+    settings = {SECTION: asdict(cfg), "base_run": str(base_run), "data": str(data_path)}
+    keep_settings(out_dir, SFT_CONFIG_FILE, settings, SECTION)
+    log = main_process_log(log)
     data = load_sft(data_path)
     log(data.summary())
-    device = select_device(cfg.device)
-    base = open_run(base_run, device, cfg.checkpoint)
+    base = open_run(base_run, torch.device("cpu"), cfg.checkpoint)
     if not hasattr(base.model, "hidden_states"):
         raise UserError("SFT needs a GPT base run (model.arch gpt)")
     length = cfg.block_size or base.model.block_size
@@ -203,68 +168,20 @@ def finetune_sft(
     )
     train_rows, val_rows = pack_split(train_examples, val_examples, length, tokenizer.pad_id)
     log(packing_summary(train_rows, val_rows, length))
-    config = copy.deepcopy(base.config)
-    config.model.vocab_size, config.train.out_dir = tokenizer.vocab_size, str(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, out_dir / CONFIG_FILE)
-    tokenizer.save(out_dir)
-    save_chat_template(out_dir, SFT_TEMPLATE)
-    return _train(base.model, train_rows, val_rows, cfg, device, out_dir, tokenizer, log)
 
+    def write_run_files(run_dir: Path) -> None:
+        tokenizer.save(run_dir)
+        save_chat_template(run_dir, SFT_TEMPLATE)
+        write_settings(run_dir, SFT_CONFIG_FILE, settings)
 
-def _train(
-    model: nn.Module,
-    train_rows: PackedRows,
-    val_rows: PackedRows,
-    cfg: SftConfig,
-    device: torch.device,
-    out_dir: Path,
-    tokenizer: Tokenizer,
-    log: Callable,
-) -> SftResult:
-    torch.manual_seed(cfg.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
+    objective = MaskedRows(
+        model=base.model, model_config=replace(base.model.cfg), tokenizer=tokenizer,
+        train_rows=_tensors(train_rows), tokens_per_sample=length, run_files=write_run_files,
+        val_rows=_tensors(val_rows),
+        sample=lambda model, device, dtype: answer_prompts(model, tokenizer, cfg, device),
+    )  # fmt: skip
+    config = trainer_config(
+        base.config, objective.model_config, out_dir, cfg, len(train_rows), samples=bool(cfg.prompts)
     )
-    total_steps = cfg.epochs * math.ceil(len(train_rows) / cfg.batch_size)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_linear_decay(total_steps, cfg.warmup_ratio)
-    )
-    generator = torch.Generator().manual_seed(cfg.seed)
-    sinks = JsonlSink(out_dir, start_step=0)
-    step, tokens_seen, best, val_loss = 0, 0, math.inf, None
-    try:
-        for epoch in range(1, cfg.epochs + 1):
-            model.train()
-            order = torch.randperm(len(train_rows), generator=generator).tolist()
-            for start in range(0, len(order), cfg.batch_size):
-                chosen = order[start : start + cfg.batch_size]
-                loss = _batch_loss(model, train_rows, chosen, device)
-                loss.backward()
-                nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                tokens_seen += train_rows.inputs[chosen].numel()
-            val_loss = validation_loss(model, val_rows, cfg.batch_size, device)
-            sinks.log(step, {"epoch": epoch, "loss": loss.item(), "val_loss": val_loss})
-            meta = {"step": step, "tokens_seen": tokens_seen, "val_loss": val_loss,
-                    "model_config": asdict(model.cfg), "tokenizer_sha256": tokenizer.sha256}  # fmt: skip
-            state = {"epoch": epoch, "step": step}
-            save_checkpoint(out_dir, model.state_dict(), state, meta, keep_last=1)
-            if val_loss is not None and val_loss < best:
-                best = val_loss
-                save_best(out_dir, model.state_dict(), state, meta)
-            if cfg.prompts:
-                write_samples(out_dir, step, answer_prompts(model, tokenizer, cfg, device))
-            shown = "n/a" if val_loss is None else f"{val_loss:.4f}"
-            log(f"epoch {epoch}/{cfg.epochs}: train loss {loss.item():.4f}, held-out loss {shown}")
-    finally:
-        sinks.close()
-    return SftResult(step, val_loss)
+    result = run_objective(config, objective, log)
+    return SftResult(result.step, result.val_loss)

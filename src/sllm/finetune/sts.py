@@ -9,62 +9,64 @@ states). The head sees `[u, v, |u − v|, u * v]` (the SBERT features) and outpu
 `sts.freeze=true` trains the head alone: the backbone (in eval mode, no dropout) pools
 every sentence once, and the epochs run on those cached vectors, which makes a frozen run
 about as cheap as one pass over the data. Otherwise the backbone trains too, at its own
-lower `sts.backbone_lr`. Both follow a linear
-warmup then linear decay to zero; gradients are clipped to norm 1. Training runs in fp32:
-these models are small, and it spares a gradient scaler.
+lower `sts.backbone_lr`. Training is the one trainer's (`sllm.train.trainer`) with the
+`PairRegression` objective, so STS resumes, accumulates and runs under torchrun as
+pre-training does; the dev set is scored after each epoch and `best/` keeps the epoch with
+the highest Spearman.
 
-The output directory holds the base run's config.yaml (the backbone's shape), sts.yaml
-(these settings and the data files), tokenizer.json, metrics.jsonl (one line per epoch)
-and `checkpoints/best/`, the epoch with the highest dev Spearman, written atomically by
-the same code as pre-training checkpoints. Its model.safetensors holds the backbone under
-`backbone.` and the head under `head.`.
+The output directory holds config.yaml (the backbone's shape), sts.yaml (these settings and
+the data files), tokenizer.json, metrics.jsonl and checkpoints, whose model.safetensors holds
+the backbone under `backbone.` and the head under `head.`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from sllm.config import build_dataclass, dataclass_from_overrides, option, save_config
+from sllm.config import Config, build_dataclass, dataclass_from_overrides, option
 from sllm.errors import UserError
 from sllm.finetune.metrics import StsScores, sts_scores
-from sllm.finetune.schedule import warmup_linear_decay
+from sllm.finetune.options import (
+    FinetuneOptions,
+    keep_settings,
+    main_process_log,
+    trainer_config,
+    validate_options,
+    write_settings,
+)
 from sllm.finetune.sts_data import MAX_SCORE, StsPair, load_sts
 from sllm.model import build_model
-from sllm.runs import CONFIG_FILE, STS_CONFIG_FILE, LoadedRun, open_run, read_run_config
-from sllm.runtime import select_device
+from sllm.run import BEST, CHECKPOINTS, STS_CONFIG_FILE, load_checkpoint, open_run, read_run_config
+from sllm.runtime import autocast, select_device
 from sllm.tokenizer import Tokenizer, load_tokenizer
-from sllm.train.checkpoint import BEST, CHECKPOINTS, load_checkpoint, write_checkpoint
-from sllm.train.monitor import JsonlSink
+from sllm.train.objectives import Evaluation, PairRegression
+from sllm.train.trainer import run_objective
 
 SECTION = "sts"
-GRAD_CLIP = 1.0
 
 
 @dataclass
-class StsConfig:
+class StsConfig(FinetuneOptions):
     epochs: int = option(4, "passes over the training pairs")
-    batch_size: int = option(32, "sentence pairs per optimizer step")
+    batch_size: int = option(32, "sentence pairs per optimizer step, all processes together")
     lr: float = option(1e-3, "peak learning rate of the regression head")
+    weight_decay: float = option(0.01, "AdamW weight decay (matrices only)")
+    warmup_ratio: float = option(0.1, "share of the steps spent warming the learning rate up")
+    seed: int = option(1234, "seed of the head's init, the shuffling and dropout")
     backbone_lr: float = option(1e-4, "peak learning rate of the backbone when it is not frozen")
     freeze: bool = option(False, "keep the backbone fixed and train the head only")
     random_init: bool = option(False, "replace the pre-trained weights by a random init (a baseline)")
     max_length: int = option(64, "tokens kept per sentence; longer sentences are cut")
     head_hidden: int = option(256, "hidden width of the regression head")
     head_dropout: float = option(0.1, "dropout in the regression head during training")
-    weight_decay: float = option(0.01, "AdamW weight decay (matrices only)")
-    warmup_ratio: float = option(0.1, "share of the steps spent warming the learning rate up")
-    seed: int = option(1234, "seed of the head's init, the shuffling and dropout")
-    checkpoint: Literal["latest", "best"] = option("latest", "checkpoint of the base run to start from")
-    device: Literal["auto", "cpu", "cuda", "mps"] = option("auto", "where to train")
 
 
 def sts_config(overrides: list[str]) -> StsConfig:
@@ -75,14 +77,12 @@ def sts_config(overrides: list[str]) -> StsConfig:
 
 
 def validate_sts_config(cfg: StsConfig) -> None:
-    for key in ("epochs", "batch_size", "lr", "backbone_lr", "max_length", "head_hidden"):
+    validate_options(cfg, SECTION)
+    for key in ("backbone_lr", "max_length", "head_hidden"):
         if getattr(cfg, key) <= 0:
             raise UserError(f"config key {SECTION}.{key} must be positive, got {getattr(cfg, key)}")
-    for key in ("head_dropout", "warmup_ratio"):
-        if not 0 <= getattr(cfg, key) < 1:
-            raise UserError(f"config key {SECTION}.{key} must be in [0, 1), got {getattr(cfg, key)}")
-    if cfg.weight_decay < 0:
-        raise UserError(f"config key {SECTION}.weight_decay must be >= 0, got {cfg.weight_decay}")
+    if not 0 <= cfg.head_dropout < 1:
+        raise UserError(f"config key {SECTION}.head_dropout must be in [0, 1), got {cfg.head_dropout}")
 
 
 # ---- the model ------------------------------------------------------------------------
@@ -127,9 +127,15 @@ class StsModel(nn.Module):
     def embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return masked_mean(self.backbone.hidden_states(ids), mask)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """`ids` holds the first sentences then the second ones (2B rows); returns B scores."""
-        u, v = self.embed(ids, mask).chunk(2)
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """B scores from the pairs' token ids and masks (first ids, first mask, second ids,
+        second mask), or from the sentence vectors (u, v) a frozen backbone pooled before."""
+        if len(inputs) == 2:
+            u, v = inputs
+        else:
+            first, first_mask, second, second_mask = inputs
+            ids, mask = torch.cat([first, second]), torch.cat([first_mask, second_mask])
+            u, v = self.embed(ids, mask).chunk(2)
         return self.head(u, v)
 
 
@@ -142,10 +148,12 @@ def build_sts_model(backbone: nn.Module, cfg: StsConfig) -> StsModel:
 
 # ---- data -----------------------------------------------------------------------------
 
+Rows = tuple[torch.Tensor, ...]  # (first ids, first mask, second ids, second mask, gold) or (u, v, gold)
+
 
 @dataclass
 class EncodedPairs:
-    """Token ids of both sentences; batches are (ids, mask, gold) for `StsModel`."""
+    """Token ids of both sentences and the gold scores."""
 
     first: list[list[int]]
     second: list[list[int]]
@@ -155,29 +163,11 @@ class EncodedPairs:
     def __len__(self) -> int:
         return len(self.first)
 
-    def batches(self, order: list[int], batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        """The first sentences stacked over the second ones, right-padded, with the gold scores."""
-        for start in range(0, len(order), batch_size):
-            chosen = order[start : start + batch_size]
-            sentences = [self.first[i] for i in chosen] + [self.second[i] for i in chosen]
-            yield *pad_batch(sentences, self.pad_id), self.scores[chosen]
-
-
-@dataclass
-class PooledPairs:
-    """Sentence vectors of a frozen backbone; batches are (u, v, gold) for `SimilarityHead`."""
-
-    first: torch.Tensor
-    second: torch.Tensor
-    scores: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.first)
-
-    def batches(self, order: list[int], batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        for start in range(0, len(order), batch_size):
-            chosen = order[start : start + batch_size]
-            yield self.first[chosen], self.second[chosen], self.scores[chosen]
+    def tensors(self) -> Rows:
+        """Both sentences right-padded to one width, with their masks and the gold scores."""
+        ids, mask = pad_batch(self.first + self.second, self.pad_id)
+        n = len(self)
+        return ids[:n], mask[:n], ids[n:], mask[n:], self.scores
 
 
 def encode_pairs(tokenizer: Tokenizer, pairs: list[StsPair], max_length: int) -> EncodedPairs:
@@ -205,15 +195,37 @@ def pad_batch(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return ids, mask
 
 
+def _chunks(rows: Rows, device: torch.device, batch_size: int):
+    for start in range(0, len(rows[0]), batch_size):
+        yield tuple(t[start : start + batch_size].to(device) for t in rows)
+
+
 @torch.no_grad()
-def pool_pairs(
-    model: StsModel, data: EncodedPairs, device: torch.device, batch_size: int = 64
-) -> PooledPairs:
-    """Both sentences of every pair through the backbone once, in eval mode."""
+def pool_pairs(model: StsModel, rows: Rows, device: torch.device, batch_size: int = 64) -> Rows:
+    """Both sentences of every pair through the backbone once, in eval mode: (u, v, gold)."""
     model.eval()
-    pooled = [model.embed(ids.to(device), mask.to(device)).cpu().chunk(2) for ids, mask, _ in
-              data.batches(list(range(len(data))), batch_size)]  # fmt: skip
-    return PooledPairs(torch.cat([u for u, _ in pooled]), torch.cat([v for _, v in pooled]), data.scores)
+    pooled = []
+    for first, first_mask, second, second_mask, _ in _chunks(rows, device, batch_size):
+        ids, mask = torch.cat([first, second]), torch.cat([first_mask, second_mask])
+        pooled.append(model.embed(ids, mask).cpu().chunk(2))
+    return torch.cat([u for u, _ in pooled]), torch.cat([v for _, v in pooled]), rows[-1]
+
+
+@torch.no_grad()
+def predict(
+    model: StsModel, rows: Rows, device: torch.device, batch_size: int = 64, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Scores of every pair, from token rows or pooled ones."""
+    model.eval()
+    outputs = []
+    for *inputs, _ in _chunks(rows, device, batch_size):
+        with autocast(device, dtype):
+            outputs.append(model(*inputs).float().cpu())
+    return torch.cat(outputs)
+
+
+def score(model: StsModel, data: EncodedPairs, device: torch.device) -> StsScores:
+    return sts_scores(predict(model, data.tensors(), device).tolist(), data.scores.tolist())
 
 
 # ---- training -------------------------------------------------------------------------
@@ -232,27 +244,10 @@ def build_optimizer(model: StsModel, cfg: StsConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups)
 
 
-Pairs = EncodedPairs | PooledPairs
-
-
-@torch.no_grad()
-def predict(scorer: nn.Module, data: Pairs, device: torch.device, batch_size: int = 64) -> torch.Tensor:
-    """Scores of every pair: `scorer` is the `StsModel` for token ids, its head for pooled pairs."""
-    scorer.eval()
-    order = list(range(len(data)))
-    outputs = [scorer(a.to(device), b.to(device)).cpu() for a, b, _ in data.batches(order, batch_size)]
-    return torch.cat(outputs)
-
-
-def score(scorer: nn.Module, data: Pairs, device: torch.device) -> StsScores:
-    return sts_scores(predict(scorer, data, device).tolist(), data.scores.tolist())
-
-
 @dataclass
-class EpochResult:
-    epoch: int
+class StsResult:
+    epoch: int  # of the best dev Spearman
     step: int
-    train_mse: float
     dev: StsScores
 
 
@@ -261,67 +256,64 @@ def fit(
     train: EncodedPairs,
     dev: EncodedPairs,
     cfg: StsConfig,
-    device: torch.device,
-    on_epoch: Callable[[EpochResult], None] = lambda _: None,
-) -> list[EpochResult]:
-    """Train for `cfg.epochs`, scoring `dev` after each epoch; returns every epoch's result."""
-    if model.freeze:
-        pooled_train, pooled_dev = pool_pairs(model, train, device), pool_pairs(model, dev, device)
-        return _train_epochs(model, model.head, pooled_train, pooled_dev, cfg, device, on_epoch)
-    return _train_epochs(model, model, train, dev, cfg, device, on_epoch)
+    out_dir: Path,
+    base: Config,
+    tokenizer: Tokenizer,
+    run_files: Callable[[Path], None] = lambda run_dir: None,
+    log: Callable[[str], None] = print,
+) -> StsResult:
+    """Train for `cfg.epochs` into the run directory `out_dir`, scoring `dev` after each epoch
+    (or resume that run); returns the best epoch."""
+    train_rows, dev_rows = train.tensors(), dev.tensors()
+    pooled_dev: list[Rows] = []
+
+    def prepare(model: StsModel, device: torch.device) -> Rows:
+        if not model.freeze:
+            return train_rows
+        pooled_dev.append(pool_pairs(model, dev_rows, device))
+        return pool_pairs(model, train_rows, device)
+
+    def evaluate(
+        model: StsModel, device: torch.device, dtype: torch.dtype | None, batch_size: int
+    ) -> Evaluation:
+        rows = pooled_dev[0] if pooled_dev else dev_rows
+        predicted, gold = predict(model, rows, device, batch_size, dtype), rows[-1]
+        scores = sts_scores(predicted.tolist(), gold.tolist())
+        mse = float(F.mse_loss(predicted, gold))
+        summary = f"dev spearman {scores.spearman:.2f}, pearson {scores.pearson:.2f}, mse {mse:.3f}"
+        return Evaluation({**asdict(scores), "dev_mse": mse}, mse, -scores.spearman, summary)
+
+    def write_run_files(run_dir: Path) -> None:
+        tokenizer.save(run_dir)
+        run_files(run_dir)
+
+    objective = PairRegression(
+        model=model, model_config=base.model, tokenizer=tokenizer, train_rows=train_rows,
+        tokens_per_sample=2 * train_rows[0].shape[1], run_files=write_run_files, evaluation=evaluate,
+        prepare=prepare, optimizer=lambda model: build_optimizer(model, cfg),
+    )  # fmt: skip
+    config = trainer_config(base, base.model, out_dir, cfg, len(train), samples=False)
+    result = run_objective(config, objective, log)
+    if not (out_dir / CHECKPOINTS / BEST).is_dir():
+        if result.stopped_by:
+            raise UserError(
+                f"{result.stopped_by} received before the first epoch was scored; step {result.step} "
+                "is saved: run the same command to resume"
+            )
+        raise UserError(
+            "no epoch gave a dev Spearman (the predictions were constant); lower sts.lr or train longer"
+        )
+    return _best(out_dir, math.ceil(len(train) / cfg.batch_size))
 
 
-def _train_epochs(
-    model: StsModel,
-    scorer: nn.Module,
-    train: Pairs,
-    dev: Pairs,
-    cfg: StsConfig,
-    device: torch.device,
-    on_epoch: Callable[[EpochResult], None],
-) -> list[EpochResult]:
-    optimizer = build_optimizer(model, cfg)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_linear_decay(cfg.epochs * steps_per_epoch, cfg.warmup_ratio)
-    )
-    generator = torch.Generator().manual_seed(cfg.seed)
-    results, step = [], 0
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        order = torch.randperm(len(train), generator=generator).tolist()
-        total_loss = 0.0
-        for a, b, gold in train.batches(order, cfg.batch_size):
-            loss = F.mse_loss(scorer(a.to(device), b.to(device)), gold.to(device))
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            total_loss += loss.item() * len(gold)
-            step += 1
-        result = EpochResult(epoch, step, total_loss / len(train), score(scorer, dev, device))
-        results.append(result)
-        on_epoch(result)
-    return results
+def _best(out_dir: Path, steps_per_epoch: int) -> StsResult:
+    meta = load_checkpoint(out_dir / CHECKPOINTS / BEST).meta
+    scores = meta.val_metrics
+    dev = StsScores(scores["spearman"], scores["pearson"], int(scores["n"]))
+    return StsResult(math.ceil(meta.step / steps_per_epoch), meta.step, dev)
 
 
 # ---- runs -----------------------------------------------------------------------------
-
-
-def _refuse_finished(out_dir: Path) -> None:
-    if (out_dir / CHECKPOINTS / BEST).exists():
-        raise UserError(f"{out_dir} already holds a trained model (checkpoints/best); choose a new --out")
-
-
-def _write_run_files(out_dir: Path, base: LoadedRun, cfg: StsConfig, files: dict[str, str]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(base.config, out_dir / CONFIG_FILE)
-    base.tokenizer.save(out_dir)
-    payload = {SECTION: asdict(cfg), "base_run": str(base.path), **files}
-    (out_dir / STS_CONFIG_FILE).write_text(
-        yaml.safe_dump(payload, allow_unicode=True, sort_keys=False), "utf-8"
-    )
 
 
 def finetune_sts(
@@ -331,51 +323,36 @@ def finetune_sts(
     out_dir: str | Path,
     cfg: StsConfig,
     log: Callable[[str], None] = print,
-) -> EpochResult:
-    """Fine-tune the base run on STS pairs; keep the epoch with the best dev Spearman."""
+) -> StsResult:
+    """Fine-tune the base run on STS pairs; keep the epoch with the best dev Spearman. The same
+    command again resumes an interrupted run."""
     validate_sts_config(cfg)
     out_dir = Path(out_dir)
-    _refuse_finished(out_dir)
+    settings = {
+        SECTION: asdict(cfg),
+        "base_run": str(base_run),
+        "train": str(train_path),
+        "dev": str(dev_path),
+    }
+    keep_settings(out_dir, STS_CONFIG_FILE, settings, SECTION)
+    log = main_process_log(log)
     train_data, dev_data = load_sts(train_path), load_sts(dev_path)
     log(train_data.summary())
     log(dev_data.summary())
-    device = select_device(cfg.device)
-    base = open_run(base_run, device, cfg.checkpoint)
+    base = open_run(base_run, torch.device("cpu"), cfg.checkpoint)
     if cfg.max_length > base.model.block_size:
         raise UserError(
             f"sts.max_length ({cfg.max_length}) exceeds the backbone's context ({base.model.block_size})"
         )
     torch.manual_seed(cfg.seed)
-    backbone = build_model(base.config.model).to(device) if cfg.random_init else base.model
-    model = build_sts_model(backbone, cfg).to(device)
-    tokenizer = base.tokenizer
-    train = encode_pairs(tokenizer, train_data.pairs, cfg.max_length)
-    dev = encode_pairs(tokenizer, dev_data.pairs, cfg.max_length)
-    _write_run_files(out_dir, base, cfg, {"train": str(train_path), "dev": str(dev_path)})
-
-    sinks = JsonlSink(out_dir, start_step=0)
-    best: EpochResult | None = None
-
-    def on_epoch(result: EpochResult) -> None:
-        nonlocal best
-        sinks.log(result.step, {"epoch": result.epoch, "train_mse": result.train_mse, **asdict(result.dev)})
-        improved = best is None or result.dev.better_than(best.dev)
-        if improved:
-            best = result
-            meta = {"step": result.step, "epoch": result.epoch, "dev": asdict(result.dev),
-                    "tokenizer_sha256": tokenizer.sha256}  # fmt: skip
-            write_checkpoint(out_dir / CHECKPOINTS / BEST, model.state_dict(), {"epoch": result.epoch}, meta)
-        log(
-            f"epoch {result.epoch}/{cfg.epochs}: train mse {result.train_mse:.3f}, dev spearman "
-            f"{result.dev.spearman:.2f}, pearson {result.dev.pearson:.2f}" + (" (best)" if improved else "")
-        )
-
-    try:
-        fit(model, train, dev, cfg, device, on_epoch)
-    finally:
-        sinks.close()
-    assert best is not None
-    return best
+    backbone = build_model(base.config.model) if cfg.random_init else base.model
+    model = build_sts_model(backbone, cfg)
+    train = encode_pairs(base.tokenizer, train_data.pairs, cfg.max_length)
+    dev = encode_pairs(base.tokenizer, dev_data.pairs, cfg.max_length)
+    return fit(
+        model, train, dev, cfg, out_dir, base.config, base.tokenizer,
+        run_files=lambda run_dir: write_settings(run_dir, STS_CONFIG_FILE, settings), log=log,
+    )  # fmt: skip
 
 
 @dataclass

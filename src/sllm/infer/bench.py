@@ -23,7 +23,7 @@ from torch import nn
 from sllm.errors import UserError
 from sllm.infer.engine import TextGenerator, TokenStream
 from sllm.infer.sampling import SamplingParams
-from sllm.runs import read_run_config
+from sllm.run import read_run_config
 
 DEFAULT_NEW_TOKENS = 128  # taken only as far as the context allows
 

@@ -27,7 +27,7 @@ from sllm.infer.cpu_layout import use_column_major_weights
 from sllm.infer.decoder import Decoder
 from sllm.infer.logits import TokenHistory, sample_next
 from sllm.infer.sampling import SamplingParams
-from sllm.runs import open_run
+from sllm.run import open_run
 from sllm.runtime import select_autocast_dtype, select_device
 from sllm.tokenizer import Tokenizer
 

@@ -40,7 +40,7 @@ from sllm.infer.chat_template import ChatTemplate, Message, load_chat_template
 from sllm.infer.engine import Completion, TextGenerator
 from sllm.infer.sampling import SamplingParams, run_defaults
 from sllm.infer.web import chat_page
-from sllm.runs import read_run_config
+from sllm.run import read_run_config
 
 try:
     import uvicorn

@@ -1,31 +1,22 @@
-"""Checkpoints that survive crashes: atomic writes, verified loads, bounded retention.
+"""Writing checkpoints that survive crashes: atomic directories, LATEST, bounded retention.
 
-A checkpoint is a directory `checkpoints/step-NNNNNN/` (or `epoch-NNNN/` at the end of an
-epoch, with `train.checkpoint_every: epoch`) holding `model.safetensors` (weights, safe to
-load from anyone), `state.pt` (optimizer and counters, loaded with `weights_only=True` so it
-cannot run code) and `meta.json` (step, tokens, val loss, the model config and the sha256 of
-both files). It is written under a temp name, fsynced and renamed; only then does `LATEST`
-(itself replaced atomically) point at it. Loading checks the hashes and falls back to the
-newest older checkpoint that verifies, with a warning. Both kinds of name live side by side (a
-run saving by epoch still saves by step when it stops mid-epoch), so "newest" means the
-highest step recorded in meta.json, never the number in a name.
+A checkpoint directory (names and reading: `sllm.run`) is written under a temp name, its files
+fsynced, then renamed into place; only then does `LATEST` (itself replaced atomically) point at
+it, so a kill at any moment leaves the previous checkpoint intact. `state.pt` holds only
+tensors, numbers and strings, so it loads with `weights_only=True`. Retention keeps the
+`keep_last` newest periodic checkpoints by recorded step; `best/` is kept apart.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
 import os
-import re
 import shutil
-import sys
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from sllm.atomic import (
     DEFAULT_FILE_MODE,
@@ -36,53 +27,32 @@ from sllm.atomic import (
     temp_path,
     write_text_atomic,
 )
-from sllm.config import ModelConfig
 from sllm.errors import UserError
-
-CHECKPOINTS = "checkpoints"
-LATEST = "LATEST"
-BEST = "best"
-MODEL_FILE = "model.safetensors"
-STATE_FILE = "state.pt"
-META_FILE = "meta.json"
-_PERIODIC_NAME = re.compile(r"(step|epoch)-\d+")
-
-
-@dataclass
-class Checkpoint:
-    path: Path
-    meta: dict[str, Any]
-
-    @property
-    def step(self) -> int:
-        return int(self.meta["step"])
-
-    def model_state(self) -> dict[str, torch.Tensor]:
-        return load_file(self.path / MODEL_FILE)
-
-    def train_state(self) -> dict[str, Any]:
-        try:
-            return torch.load(self.path / STATE_FILE, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise UserError(
-                f"{self.path / STATE_FILE} cannot be loaded safely: {exc}".splitlines()[0]
-            ) from None
+from sllm.run import (
+    BEST,
+    CHECKPOINT_META_FILE,
+    CHECKPOINTS,
+    LATEST,
+    MODEL_FILE,
+    STATE_FILE,
+    CheckpointMeta,
+    periodic_checkpoints,
+    sha256_file,
+    step_name,
+)
 
 
-def step_name(step: int) -> str:
-    return f"step-{step:06d}"
-
-
-def epoch_name(epoch: int) -> str:
-    return f"epoch-{epoch:04d}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def training_state(
+    optimizer_state: dict, scaler: torch.amp.GradScaler, step: int, tokens_seen: int, best_rank: float
+) -> dict[str, Any]:
+    """state.pt: what resume needs besides the weights (`best_rank`: lowest evaluation rank so far)."""
+    return {
+        "optimizers": optimizer_state,
+        "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+        "step": step,
+        "tokens_seen": tokens_seen,
+        "best_rank": best_rank,
+    }
 
 
 def _tensor_bytes(value: Any) -> int:
@@ -105,11 +75,6 @@ def _check_free_space(directory: Path, needed_bytes: int) -> None:
         )
 
 
-def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
-    """Whether every value is a finite number: a diverged run's weights are not."""
-    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
-
-
 def save_tensors(
     tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
 ) -> None:
@@ -123,7 +88,7 @@ def write_checkpoint(
     target: Path,
     model_state: dict[str, torch.Tensor],
     train_state: dict[str, Any],
-    meta: dict[str, Any],
+    meta: CheckpointMeta,
 ) -> Path:
     """Write a complete checkpoint directory at `target`, atomically; never harms older ones."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -136,10 +101,9 @@ def write_checkpoint(
         tmp.mkdir()
         save_tensors(weights, tmp / MODEL_FILE)
         torch.save(train_state, tmp / STATE_FILE)
-        files = {name: _sha256(tmp / name) for name in (MODEL_FILE, STATE_FILE)}
-        meta_text = json.dumps({**meta, "files": files}, indent=2, ensure_ascii=False)
-        (tmp / META_FILE).write_text(meta_text, "utf-8")
-        for name in (MODEL_FILE, STATE_FILE, META_FILE):
+        files = {name: sha256_file(tmp / name) for name in (MODEL_FILE, STATE_FILE)}
+        (tmp / CHECKPOINT_META_FILE).write_text(dataclasses.replace(meta, files=files).to_json(), "utf-8")
+        for name in (MODEL_FILE, STATE_FILE, CHECKPOINT_META_FILE):
             fsync_path(tmp / name)
         replace_dir(tmp, target)
     except OSError as exc:
@@ -158,21 +122,25 @@ def save_checkpoint(
     run_dir: Path,
     model_state: dict[str, torch.Tensor],
     train_state: dict[str, Any],
-    meta: dict[str, Any],
+    meta: CheckpointMeta,
     keep_last: int,
     name: str | None = None,
 ) -> Path:
     """Save `checkpoints/<name>` (default `step-N`), point LATEST at it, then prune old periodic
     checkpoints."""
     checkpoint_dir = run_dir / CHECKPOINTS
-    target = checkpoint_dir / (name or step_name(meta["step"]))
+    target = checkpoint_dir / (name or step_name(meta.step))
     write_checkpoint(target, model_state, train_state, meta)
     write_text_atomic(checkpoint_dir / LATEST, target.name + "\n")
-    _prune(checkpoint_dir, keep_last, keep=target.name)
+    for path in periodic_checkpoints(checkpoint_dir)[keep_last:]:
+        if path.name != target.name:
+            shutil.rmtree(path, ignore_errors=True)
     return target
 
 
-def save_best(run_dir: Path, model_state, train_state, meta) -> Path:
+def save_best(
+    run_dir: Path, model_state: dict[str, torch.Tensor], train_state: dict[str, Any], meta: CheckpointMeta
+) -> Path:
     return write_checkpoint(run_dir / CHECKPOINTS / BEST, model_state, train_state, meta)
 
 
@@ -182,85 +150,3 @@ def clean_leftovers(run_dir: Path) -> None:
     checkpoint_dir = Path(run_dir) / CHECKPOINTS
     if checkpoint_dir.is_dir():
         recover_all(checkpoint_dir)
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    """A checkpoint's meta.json with its step and file hashes; ValueError if unreadable."""
-    try:
-        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-        meta["step"], meta["files"] = int(meta["step"]), dict(meta["files"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"meta.json unreadable ({type(exc).__name__})") from None
-    return meta
-
-
-def _recorded_step(path: Path) -> int:
-    """The step in meta.json; -1 when unreadable, so a damaged checkpoint counts as the oldest."""
-    try:
-        return _read_meta(path)["step"]
-    except ValueError:
-        return -1
-
-
-def _periodic_dirs(checkpoint_dir: Path) -> list[Path]:
-    """Periodic checkpoints (`step-*` and `epoch-*`, not `best/`), newest step first."""
-    dirs = [p for p in checkpoint_dir.glob("*") if p.is_dir() and _PERIODIC_NAME.fullmatch(p.name)]
-    return sorted(dirs, key=_recorded_step, reverse=True)
-
-
-def _prune(checkpoint_dir: Path, keep_last: int, keep: str) -> None:
-    for path in _periodic_dirs(checkpoint_dir)[keep_last:]:
-        if path.name != keep:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def verify_checkpoint(path: Path) -> Checkpoint:
-    """Read meta.json and check both files against their sha256; raise ValueError if damaged."""
-    meta = _read_meta(path)
-    for name in (MODEL_FILE, STATE_FILE):
-        if not (path / name).is_file():
-            raise ValueError(f"{name} missing")
-        if _sha256(path / name) != meta["files"].get(name):
-            raise ValueError(f"{name} does not match its sha256")
-    return Checkpoint(path, meta)
-
-
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
-def load_latest(run_dir: Path) -> Checkpoint | None:
-    """The newest checkpoint that verifies, or None when the run has none yet."""
-    checkpoint_dir = Path(run_dir) / CHECKPOINTS
-    candidates = _periodic_dirs(checkpoint_dir)
-    latest_file = checkpoint_dir / LATEST
-    if latest_file.is_file():
-        named = checkpoint_dir / latest_file.read_text(encoding="utf-8").strip()
-        candidates = [named] + [p for p in candidates if p != named]
-    for number, path in enumerate(candidates):
-        try:
-            checkpoint = verify_checkpoint(path)
-        except ValueError as problem:
-            following = candidates[number + 1].name if number + 1 < len(candidates) else "none left"
-            _warn(f"checkpoint {path} is damaged ({problem}); falling back to {following}")
-            continue
-        return checkpoint
-    if candidates:
-        raise UserError(f"no checkpoint in {checkpoint_dir} verifies; all are damaged")
-    return None
-
-
-def load_checkpoint(path: Path) -> Checkpoint:
-    """A specific checkpoint directory (e.g. `best/`), verified."""
-    try:
-        return verify_checkpoint(Path(path))
-    except ValueError as problem:
-        raise UserError(f"checkpoint {path} is damaged or incomplete ({problem})") from None
-
-
-def config_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """Model config fields that differ, as `name: saved → wanted`. A field the checkpoint does
-    not record is older than the checkpoint, which was therefore made with its default."""
-    saved = {**asdict(ModelConfig()), **saved}
-    keys = sorted(set(saved) | set(wanted))
-    return [f"{k}: {saved.get(k)!r} → {wanted.get(k)!r}" for k in keys if saved.get(k) != wanted.get(k)]

@@ -55,6 +55,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_as_main() -> bool:
+    """Whether this process is rank 0 of the launcher's (or the only one), before joining."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def join_cluster(device: torch.device, timeout_s: int) -> tuple[Cluster, torch.device]:
     """Join torchrun's process group if launched by it; returns the cluster and this rank's device."""
     world_size = launched_world_size()
@@ -86,13 +91,21 @@ def wrap_model(model: nn.Module, cluster: Cluster, device: torch.device, paralle
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.blocks:
+        for block in _transformer_blocks(model):
             fully_shard(block)
         return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, **_no_buffer_sync_per_step())
+
+
+def _transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The GPT's blocks, also inside a model that wraps it (the STS scorer's backbone)."""
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] == "blocks":
+            return list(module)
+    return []
 
 
 def _no_buffer_sync_per_step() -> dict[str, bool]:

@@ -19,9 +19,7 @@ from typing import Any, Protocol
 from sllm.atomic import write_text_atomic
 from sllm.config import Config
 from sllm.errors import UserError
-
-METRICS_FILE = "metrics.jsonl"
-WANDB_ID_FILE = "wandb_id"
+from sllm.run import METRICS_FILE, TENSORBOARD_DIR, WANDB_ID_FILE
 
 
 class Sink(Protocol):
@@ -137,7 +135,7 @@ def _tensorboard(run_dir: Path, start_step: int) -> list[Sink]:
     except ImportError:
         print("note: tensorboard is not installed; metrics go to metrics.jsonl only", file=sys.stderr)
         return []
-    return [TensorBoardSink(SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step + 1))]
+    return [TensorBoardSink(SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR), purge_step=start_step + 1))]
 
 
 class MetricSinks:

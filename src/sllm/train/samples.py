@@ -14,6 +14,7 @@ from torch import nn
 from sllm.config import SampleConfig
 from sllm.infer.engine import stream_tokens
 from sllm.infer.sampling import SamplingParams
+from sllm.run import SAMPLES_DIR
 from sllm.tokenizer import Tokenizer
 
 
@@ -40,7 +41,7 @@ def sample_prompts(
 
 
 def write_samples(run_dir: Path, step: int, samples: list[tuple[str, str]]) -> Path:
-    directory = run_dir / "samples"
+    directory = run_dir / SAMPLES_DIR
     directory.mkdir(exist_ok=True)
     path = directory / f"step-{step:06d}.md"
     body = "\n\n".join(f"**{prompt}**{continuation}" for prompt, continuation in samples)

@@ -1,0 +1,124 @@
+"""Settings every fine-tuning shares, and the trainer config they become.
+
+`sts.*` and `sft.*` keep their own short vocabulary (epochs, batch size, one peak rate), and
+each task's dataclass redeclares the fields whose defaults differ. `trainer_config` turns
+them into the `Config` the one trainer runs: the base run's model and logging sections, a
+train section whose schedule is linear warmup then linear decay to zero (a WSD schedule whose
+decay spans every step after the warmup), an evaluation and a checkpoint at the end of each
+epoch, and the batch split into micro-batches as `train.batch_size` would be.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from sllm.config import Config, ModelConfig, TrainConfig, option, validate
+from sllm.errors import UserError
+from sllm.run import BEST, CHECKPOINTS, periodic_checkpoints
+from sllm.train.batch_size import per_process_batch
+from sllm.train.distributed import launched_as_main, launched_world_size
+
+# How a run is executed rather than what it trains: a resume may change them (the trainer says
+# when the global batch changes), as `sllm train` allows.
+EXECUTION_KEYS = ("device", "dtype", "parallel", "micro_batch", "checkpoint_interval", "keep_last")
+
+
+@dataclass
+class FinetuneOptions:
+    epochs: int = option(2, "passes over the training examples")
+    batch_size: int = option(8, "examples per optimizer step, all processes together")
+    lr: float = option(3e-4, "peak learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay (matrices only)")
+    warmup_ratio: float = option(0.05, "share of the steps spent warming the learning rate up")
+    seed: int = option(1234, "seed of the split, the shuffling and dropout")
+    checkpoint: Literal["latest", "best"] = option("latest", "checkpoint of the base run to start from")
+    device: Literal["auto", "cpu", "cuda", "mps"] = option("auto", "where to train")
+    micro_batch: int | Literal["auto"] = option(
+        0, "examples per forward/backward pass; 0: the process's whole share; auto: the largest that fits"
+    )
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto", "autocast precision; auto is bf16 or fp16 on GPU, fp32 on CPU"
+    )
+    parallel: Literal["ddp", "fsdp"] = option("ddp", "with several processes (torchrun): DDP or FSDP2")
+    checkpoint_interval: int = option(0, "steps between checkpoints; 0: at the end of each epoch")
+    keep_last: int = option(2, "periodic checkpoints kept on disk (best/ is kept apart)")
+
+
+def validate_options(cfg: FinetuneOptions, section: str) -> None:
+    for key in ("epochs", "batch_size", "lr", "keep_last"):
+        if getattr(cfg, key) <= 0:
+            raise UserError(f"config key {section}.{key} must be positive, got {getattr(cfg, key)}")
+    for key in ("micro_batch", "checkpoint_interval", "weight_decay"):
+        value = getattr(cfg, key)
+        if value != "auto" and value < 0:
+            raise UserError(f"config key {section}.{key} must be >= 0, got {value}")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise UserError(f"config key {section}.warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+
+
+def trainer_config(
+    base: Config, model: ModelConfig, out_dir: Path, cfg: FinetuneOptions, rows: int, samples: bool
+) -> Config:
+    """The trainer's config for fine-tuning `rows` training examples into `out_dir`."""
+    steps_per_epoch = math.ceil(rows / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    warmup = max(1, round(total * cfg.warmup_ratio))
+    micro_batch = cfg.micro_batch or per_process_batch(cfg.batch_size, launched_world_size())
+    train = TrainConfig(
+        out_dir=str(out_dir), max_steps=total, micro_batch=micro_batch, batch_size=cfg.batch_size,
+        lr=cfg.lr, min_lr=0.0, warmup_steps=warmup, weight_decay=cfg.weight_decay, schedule="wsd",
+        decay_fraction=max(total - warmup, 1) / total, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
+        eval_interval=steps_per_epoch, checkpoint_interval=cfg.checkpoint_interval or steps_per_epoch,
+        keep_last=cfg.keep_last, log_interval=min(10, steps_per_epoch), parallel=cfg.parallel,
+        dist_timeout_s=base.train.dist_timeout_s,
+    )  # fmt: skip
+    config = replace(
+        base,
+        model=model,
+        train=train,
+        eval=replace(base.eval, batch_size=cfg.batch_size),
+        log=replace(base.log, samples_at_eval=samples),
+    )
+    validate(config)
+    return config
+
+
+def _what_is_trained(settings: dict, section: str) -> dict:
+    options = {k: v for k, v in settings[section].items() if k not in EXECUTION_KEYS}
+    return {**settings, section: options}
+
+
+def keep_settings(out_dir: Path, name: str, settings: dict, section: str) -> None:
+    """A fine-tuning resumes only with the settings and data it started with (recorded in
+    `name`, e.g. sft.yaml; `EXECUTION_KEYS` may change); a directory holding checkpoints of
+    other ones is refused."""
+    checkpoints = out_dir / CHECKPOINTS
+    started = checkpoints.is_dir() and (periodic_checkpoints(checkpoints) or (checkpoints / BEST).is_dir())
+    if not started:
+        return
+    path = out_dir / name
+    recorded = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if (
+        not isinstance(recorded, dict)
+        or section not in recorded
+        or (_what_is_trained(recorded, section) != _what_is_trained(settings, section))
+    ):
+        raise UserError(
+            f"{out_dir} already holds checkpoints of a fine-tuning with other settings or data; "
+            "run the same command to resume it, or choose a new --out"
+        )
+
+
+def main_process_log(log: Callable[[str], None]) -> Callable[[str], None]:
+    """`log` on rank 0 (or alone), silence on the other ranks of a torchrun job."""
+    return log if launched_as_main() else lambda _: None
+
+
+def write_settings(out_dir: Path, name: str, settings: dict) -> None:
+    (out_dir / name).write_text(yaml.safe_dump(settings, allow_unicode=True, sort_keys=False), "utf-8")

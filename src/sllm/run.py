@@ -1,0 +1,255 @@
+"""The run directory: the name of every file in it, the checkpoint metadata, and opening a run.
+
+A run directory holds config.yaml (the resolved config), plan.json (what the trainer derived
+from it: steps, micro-batch, accumulation), tokenizer.json, `checkpoints/` (periodic
+`step-N`/`epoch-N` directories, `LATEST`, `best/`), metrics.jsonl, tb/ and samples/. Each
+checkpoint holds model.safetensors, state.pt and meta.json, whose fields are `CheckpointMeta`.
+Reading here verifies the sha256 of both files and falls back to the newest older checkpoint
+that verifies; writing lives with the trainer (`sllm.train.checkpoint`). This module imports
+neither `train` nor `infer`, so generation and evaluation open runs without the trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file
+from torch import nn
+
+from sllm.config import Config, config_from_dict
+from sllm.errors import UserError
+from sllm.model import build_model
+from sllm.tokenizer import TOKENIZER_FILE as TOKENIZER_FILE  # the run keeps a copy under this name
+from sllm.tokenizer import Tokenizer, load_tokenizer
+
+CONFIG_FILE = "config.yaml"
+PLAN_FILE = "plan.json"  # `sllm.train.plan.RunPlan`: the values the trainer derived
+STS_CONFIG_FILE = "sts.yaml"  # marks an STS run (`sllm.finetune.sts`), which is no language model
+SFT_CONFIG_FILE = "sft.yaml"  # the settings and data an SFT run was made with
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tb"
+SAMPLES_DIR = "samples"
+WANDB_ID_FILE = "wandb_id"
+CHECKPOINTS = "checkpoints"
+LATEST = "LATEST"  # in checkpoints/: the name of the newest complete checkpoint
+BEST = "best"
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+CHECKPOINT_META_FILE = "meta.json"  # `CheckpointMeta`; not the prepared data's meta.json
+LATEST_NAME = "latest"  # `open_run(checkpoint=...)`: the newest checkpoint that verifies
+_PERIODIC_NAME = re.compile(r"(step|epoch)-\d+")
+
+
+@dataclass
+class CheckpointMeta:
+    """meta.json of a checkpoint. Fields missing from an older checkpoint take these defaults."""
+
+    step: int
+    tokens_seen: int = 0
+    model_config: dict[str, Any] = field(default_factory=dict)
+    tokenizer_sha256: str | None = None
+    objective: str = "lm"  # what the weights were trained for: lm, sft or sts
+    val_loss: float | None = None  # of the last evaluation, at val_step
+    val_step: int | None = None
+    val_metrics: dict[str, float] = field(default_factory=dict)  # every score of that evaluation
+    optimizer: str | None = None
+    schedule: str | None = None
+    max_steps: int | None = None
+    tokens_per_step: int | None = None
+    micro_batch: int | None = None
+    imported_from: str | None = None  # the Hugging Face directory an imported run came from
+    files: dict[str, str] = field(default_factory=dict)  # sha256 of model and state, set on write
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> CheckpointMeta:
+        """Known fields only: keys an older version wrote and this one no longer reads are dropped."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        meta = cls(**{k: v for k, v in raw.items() if k in names})
+        meta.step, meta.files = int(meta.step), dict(meta.files)
+        return meta
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    meta: CheckpointMeta
+
+    @property
+    def step(self) -> int:
+        return self.meta.step
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return load_file(self.path / MODEL_FILE)
+
+    def train_state(self) -> dict[str, Any]:
+        try:
+            return torch.load(self.path / STATE_FILE, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise UserError(
+                f"{self.path / STATE_FILE} cannot be loaded safely: {exc}".splitlines()[0]
+            ) from None
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def epoch_name(epoch: int) -> str:
+    return f"epoch-{epoch:04d}"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every value is a finite number: a diverged run's weights are not."""
+    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
+
+
+def read_checkpoint_meta(path: Path) -> CheckpointMeta:
+    """A checkpoint directory's meta.json; ValueError if unreadable."""
+    try:
+        raw = json.loads((path / CHECKPOINT_META_FILE).read_text(encoding="utf-8"))
+        return CheckpointMeta.from_dict(raw)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"meta.json unreadable ({type(exc).__name__})") from None
+
+
+def _recorded_step(path: Path) -> int:
+    """The step in meta.json; -1 when unreadable, so a damaged checkpoint counts as the oldest."""
+    try:
+        return read_checkpoint_meta(path).step
+    except ValueError:
+        return -1
+
+
+def periodic_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Periodic checkpoints (`step-*` and `epoch-*`, not `best/`), newest recorded step first:
+    both kinds of name live side by side, so the number in a name never decides."""
+    dirs = [p for p in checkpoint_dir.glob("*") if p.is_dir() and _PERIODIC_NAME.fullmatch(p.name)]
+    return sorted(dirs, key=_recorded_step, reverse=True)
+
+
+def verify_checkpoint(path: Path) -> Checkpoint:
+    """Read meta.json and check both files against their sha256; raise ValueError if damaged."""
+    meta = read_checkpoint_meta(path)
+    for name in (MODEL_FILE, STATE_FILE):
+        if not (path / name).is_file():
+            raise ValueError(f"{name} missing")
+        if sha256_file(path / name) != meta.files.get(name):
+            raise ValueError(f"{name} does not match its sha256")
+    return Checkpoint(path, meta)
+
+
+def load_latest(run_dir: Path) -> Checkpoint | None:
+    """The newest checkpoint that verifies, or None when the run has none yet."""
+    checkpoint_dir = Path(run_dir) / CHECKPOINTS
+    candidates = periodic_checkpoints(checkpoint_dir)
+    latest_file = checkpoint_dir / LATEST
+    if latest_file.is_file():
+        named = checkpoint_dir / latest_file.read_text(encoding="utf-8").strip()
+        candidates = [named] + [p for p in candidates if p != named]
+    for number, path in enumerate(candidates):
+        try:
+            return verify_checkpoint(path)
+        except ValueError as problem:
+            following = candidates[number + 1].name if number + 1 < len(candidates) else "none left"
+            print(
+                f"warning: checkpoint {path} is damaged ({problem}); falling back to {following}",
+                file=sys.stderr,
+            )
+    if candidates:
+        raise UserError(f"no checkpoint in {checkpoint_dir} verifies; all are damaged")
+    return None
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """A specific checkpoint directory (e.g. `best/`), verified."""
+    try:
+        return verify_checkpoint(Path(path))
+    except ValueError as problem:
+        raise UserError(f"checkpoint {path} is damaged or incomplete ({problem})") from None
+
+
+@dataclass
+class LoadedRun:
+    path: Path
+    config: Config
+    tokenizer: Tokenizer
+    model: nn.Module
+    checkpoint: Checkpoint
+
+
+def read_run_config(run_dir: Path) -> Config:
+    if not run_dir.is_dir():
+        state = "is a file, not a directory" if run_dir.exists() else "does not exist"
+        raise UserError(f"run directory {run_dir} {state}; check --run")
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no {CONFIG_FILE}); train one with `sllm train`")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        problem = None if isinstance(raw, dict) else "not a mapping of config sections"
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        problem = str(error).splitlines()[0]
+    if problem:
+        raise UserError(f"{path} is damaged ({problem}); restore the config the run was trained with")
+    return config_from_dict(raw)
+
+
+def find_checkpoint(run_dir: Path, checkpoint: str = LATEST_NAME) -> Checkpoint:
+    """The run's newest verified checkpoint, or its `best/`; one clear line when there is none."""
+    if checkpoint not in (LATEST_NAME, BEST):
+        raise UserError(f"checkpoint must be {LATEST_NAME!r} or {BEST!r}, got {checkpoint!r}")
+    if checkpoint == BEST:
+        if not (run_dir / CHECKPOINTS / BEST).is_dir():
+            raise UserError(
+                f"{run_dir} has no best checkpoint (evaluations against a validation split write "
+                "it); use the latest checkpoint instead"
+            )
+        return load_checkpoint(run_dir / CHECKPOINTS / BEST)
+    found = load_latest(run_dir)
+    if found is None:
+        raise UserError(f"{run_dir} has no checkpoint yet; train it first")
+    return found
+
+
+def open_run(run_dir: str | Path, device: torch.device, checkpoint: str = LATEST_NAME) -> LoadedRun:
+    """Load a run's language model in eval mode on `device` from its newest (or `best`) checkpoint."""
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    if checkpoint not in (LATEST_NAME, BEST):
+        raise UserError(f"checkpoint must be {LATEST_NAME!r} or {BEST!r}, got {checkpoint!r}")
+    if (run_dir / STS_CONFIG_FILE).is_file():
+        raise UserError(
+            f"{run_dir} is an STS run (a sentence-similarity scorer, not a language model); "
+            f"score it with `sllm eval sts --run {run_dir} --data ...`"
+        )
+    tokenizer = load_tokenizer(run_dir)
+    found = find_checkpoint(run_dir, checkpoint)
+    model = build_model(config.model)
+    model.load_state_dict(found.model_state())
+    if not all_finite(model.state_dict().values()):
+        raise UserError(
+            f"{found.path} holds weights that are not finite numbers (the run diverged before "
+            "sllm stopped such runs); retrain from an earlier checkpoint with a lower train.lr"
+        )
+    return LoadedRun(run_dir, config, tokenizer, model.to(device).eval(), found)
