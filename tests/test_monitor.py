@@ -1,72 +1,48 @@
-"""Metric sinks: W&B through a stand-in module that records what sllm asks of it."""
+"""Metric sinks: Weights & Biases through the real `wandb` package in offline mode."""
 
 import sys
-import types
+from pathlib import Path
 
 import pytest
 
 from sllm.errors import UserError
+from sllm.run import WANDB_ID_FILE
 from sllm.train.trainer import train
 
 from .conftest import tiny_config
 
 
-class _Recorder:
-    def __init__(self):
-        self.inits, self.logs, self.artifacts, self.finished = [], [], [], 0
-
-    def module(self) -> types.ModuleType:
-        recorder = self
-        wandb = types.ModuleType("wandb")
-        wandb.util = types.SimpleNamespace(generate_id=lambda: "run123")
-
-        class Run:
-            def log(self, metrics, step):
-                recorder.logs.append((step, metrics))
-
-            def log_artifact(self, artifact):
-                recorder.artifacts.append(artifact)
-
-            def finish(self):
-                recorder.finished += 1
-
-        class Artifact:
-            def __init__(self, name, type):
-                self.name, self.type, self.paths = name, type, []
-
-            def add_file(self, path):
-                self.paths.append(path)
-
-            def add_dir(self, path, name):
-                self.paths.append(path)
-
-        def init(**kwargs):
-            recorder.inits.append(kwargs)
-            return Run()
-
-        wandb.init, wandb.Artifact, wandb.Html = init, Artifact, lambda text: text
-        return wandb
+def _offline_wandb(monkeypatch, home: Path) -> None:
+    """The real wandb package, offline, with every directory it writes under `home`."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for name in ("DIR", "CACHE_DIR", "CONFIG_DIR", "DATA_DIR"):
+        monkeypatch.setenv(f"WANDB_{name}", str(home / name.lower()))
 
 
-def test_wandb_gets_metrics_samples_and_artifacts_and_resumes_the_same_run(
+def test_real_wandb_offline_records_config_metrics_samples_and_artifacts_and_resumes_the_same_run(
     tmp_path, prepared_dir, monkeypatch
 ):
-    recorder = _Recorder()
-    monkeypatch.setitem(sys.modules, "wandb", recorder.module())
+    pytest.importorskip("wandb")
+    _offline_wandb(monkeypatch, tmp_path / "wandb-home")
     run_dir = tmp_path / "run"
     train(tiny_config(prepared_dir, run_dir, "train.max_steps=20", "log.wandb=true"), log=lambda _: None)
-    assert recorder.inits[0]["id"] == "run123" and recorder.inits[0]["resume"] == "allow"
-    assert recorder.inits[0]["config"]["model"]["n_layer"] == 2
-    steps_with_loss = [step for step, metrics in recorder.logs if "loss" in metrics]
-    assert steps_with_loss == [5, 10, 15, 20]
-    assert any("samples" in metrics for _, metrics in recorder.logs)
-    assert [(a.name, a.type) for a in recorder.artifacts] == [
-        ("tokenizer", "tokenizer"), ("config", "config"), ("final", "model"), ("best", "model"),
-    ]  # fmt: skip
-    assert recorder.finished == 1
+
+    run_id = (run_dir / WANDB_ID_FILE).read_text().strip()
+    (first,) = (run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    records = first.read_bytes()
+    for expected in (b'"n_layer":2', b"loss", b"val_loss", b"samples", b"tokenizer.json", b"config.yaml"):
+        assert expected in records, expected
+    for artifact in (b"tokenizer", b"final", b"best", b"model.safetensors"):
+        assert artifact in records, artifact
+    staged = {
+        path.read_bytes() for path in (tmp_path / "wandb-home" / "data_dir").rglob("*") if path.is_file()
+    }
+    assert (run_dir / "tokenizer.json").read_bytes() in staged
+    assert (run_dir / "checkpoints" / "step-000020" / "model.safetensors").read_bytes() in staged
 
     train(tiny_config(prepared_dir, run_dir, "train.max_steps=30", "log.wandb=true"), log=lambda _: None)
-    assert recorder.inits[1]["id"] == "run123"
+    assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # the same W&B run, resumed
 
 
 def test_wandb_missing_is_a_clear_error(tmp_path, prepared_dir, monkeypatch):

@@ -11,6 +11,7 @@ W&B missing (when asked for) is a clear error.
 from __future__ import annotations
 
 import json
+import secrets
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -92,7 +93,10 @@ def _import_wandb() -> ModuleType:
     try:
         import wandb
     except ImportError:
-        raise UserError("log.wandb is on but wandb is not installed; `pip install wandb`") from None
+        raise UserError(
+            "log.wandb is on but wandb is not installed; `pip install wandb` (the tested range: "
+            '`pip install -e ".[wandb]"`)'
+        ) from None
     return wandb
 
 
@@ -103,7 +107,7 @@ class WandbSink:
     def __init__(self, run_dir: Path, cfg: Config) -> None:
         self.wandb = wandb = _import_wandb()
         id_file = run_dir / WANDB_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(8)
         id_file.write_text(run_id + "\n")
         self.run = wandb.init(
             project=cfg.log.wandb_project, name=run_dir.name, id=run_id, resume="allow",
