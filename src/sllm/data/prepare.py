@@ -36,7 +36,7 @@ from tqdm import tqdm
 from sllm.atomic import ensure_writable_dir, recover_dir, replace_dir, write_text_atomic
 from sllm.config import DataConfig, TokenizerConfig
 from sllm.data.clean import Cleaner, CleanReport
-from sllm.data.inspect import counts_line, source_lines
+from sllm.data.inspect import overview_lines
 from sllm.data.meta import (
     FORMAT_VERSION,
     META_FILE,
@@ -217,15 +217,12 @@ def _cleaned_batches(
     sources: list[Source], cleaner: Cleaner, stats: SourceStats
 ) -> Iterator[list[tuple[int, str]]]:
     """(source index, cleaned text) in batches of ENCODE_BATCH_DOCS, sources one after another."""
-    batch: list[tuple[int, str]] = []
-    for index, source in enumerate(sources):
-        for text in cleaner(read_documents(source.files, source.options, stats)):
-            batch.append((index, text))
-            if len(batch) == ENCODE_BATCH_DOCS:
-                yield batch
-                batch = []
-    if batch:
-        yield batch
+    documents = (
+        (index, text)
+        for index, source in enumerate(sources)
+        for text in cleaner(read_documents(source.files, source.options, stats))
+    )
+    return iter(lambda: list(itertools.islice(documents, ENCODE_BATCH_DOCS)), [])
 
 
 class SplitWriter:
@@ -441,19 +438,6 @@ def _source_entries(sources: list[Source], counts: list[dict[str, dict[str, int]
 
 
 def summary(meta: DataMeta, seconds: float) -> str:
-    lines = [f"prepared in {seconds:.1f}s: vocab {meta.vocab_size}, dtype {meta.dtype}"]
-    for split, c in meta.splits.items():
-        if c.documents:
-            lines.append(
-                f"  {split:<5} {c.documents:>9,} documents {c.tokens:>12,} tokens "
-                f"{c.bytes / max(c.tokens, 1):.2f} bytes/token"
-            )
-    lines += source_lines(meta)
-    skipped = {k: v for k, v in meta.skipped.items() if v}
-    if skipped:
-        lines.append("  skipped: " + counts_line(skipped))
-    if meta.cleaning:
-        for label, counts in (("dropped", meta.cleaning.dropped), ("changed", meta.cleaning.changed)):
-            if counts:
-                lines.append(f"  {label + ':':<8} {counts_line(counts)}")
-    return "\n".join(lines)
+    return "\n".join(
+        [f"prepared in {seconds:.1f}s: vocab {meta.vocab_size}, dtype {meta.dtype}", *overview_lines(meta)]
+    )
