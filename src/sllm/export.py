@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,7 +44,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from sllm.atomic import ensure_writable_dir
+from sllm.atomic import ensure_writable_dir, replace_dir, temp_path
 from sllm.config import Config, ModelConfig, save_config, validate
 from sllm.data.meta import META_FILE, DataMeta
 from sllm.errors import UserError
@@ -89,6 +88,23 @@ class HFArchitecture:
         raise NotImplementedError
 
     def to_hf_config(self, cfg: ModelConfig, tokenizer: Tokenizer | None) -> dict[str, Any]:
+        """config.json: the family's fields (`shape`) amid those every family has. End of text
+        serves as BOS and EOS; without a tokenizer (a bare model) there are none."""
+        eos, pad = (tokenizer.eos_id, tokenizer.pad_id) if tokenizer else (None, None)
+        return {
+            "architectures": [self.hf_class],
+            "model_type": self.model_type,
+            "vocab_size": cfg.vocab_size,
+            **self.shape(cfg),
+            "initializer_range": 0.02,
+            "use_cache": True,
+            "torch_dtype": "float32",
+            "bos_token_id": eos,
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+        }
+
+    def shape(self, cfg: ModelConfig) -> dict[str, Any]:
         raise NotImplementedError
 
     def from_hf_config(self, hf: dict[str, Any], source: Path) -> ModelConfig:
@@ -120,11 +136,8 @@ class GPT2(HFArchitecture):
             problems.append(f"model.n_kv_head is {cfg.n_kv_head} (GPT-2 needs 0 or n_head, {cfg.n_head})")
         return problems
 
-    def to_hf_config(self, cfg: ModelConfig, tokenizer: Tokenizer | None) -> dict[str, Any]:
+    def shape(self, cfg: ModelConfig) -> dict[str, Any]:
         return {
-            "architectures": [self.hf_class],
-            "model_type": self.model_type,
-            "vocab_size": cfg.vocab_size,
             "n_positions": cfg.block_size,
             "n_embd": cfg.n_embd,
             "n_layer": cfg.n_layer,
@@ -135,24 +148,14 @@ class GPT2(HFArchitecture):
             "embd_pdrop": cfg.dropout,
             "attn_pdrop": cfg.dropout,
             "layer_norm_epsilon": self.layer_norm_epsilon,
-            "initializer_range": 0.02,
             "scale_attn_weights": True,
             "scale_attn_by_inverse_layer_idx": False,
             "reorder_and_upcast_attn": False,
             "tie_word_embeddings": True,
-            "use_cache": True,
-            "torch_dtype": "float32",
-            **_special_token_ids(tokenizer),
         }
 
     def from_hf_config(self, hf: dict[str, Any], source: Path) -> ModelConfig:
-        absent = [
-            key for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head") if key not in hf
-        ]
-        if absent:
-            raise UserError(
-                f"{source / HF_CONFIG} lacks {', '.join(absent)}; it is not a complete GPT-2 config"
-            )
+        _require_keys(hf, ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"), source, "GPT-2")
         n_embd = hf["n_embd"]
         required = {
             "activation_function": (hf.get("activation_function", "gelu_new"), self.activations),
@@ -220,11 +223,8 @@ class Llama(HFArchitecture):
         }  # fmt: skip
         return _mismatches(cfg, wanted, "Llama")
 
-    def to_hf_config(self, cfg: ModelConfig, tokenizer: Tokenizer | None) -> dict[str, Any]:
+    def shape(self, cfg: ModelConfig) -> dict[str, Any]:
         return {
-            "architectures": [self.hf_class],
-            "model_type": self.model_type,
-            "vocab_size": cfg.vocab_size,
             "hidden_size": cfg.n_embd,
             "intermediate_size": mlp_hidden_width(cfg),
             "num_hidden_layers": cfg.n_layer,
@@ -239,20 +239,12 @@ class Llama(HFArchitecture):
             "attention_bias": False,
             "mlp_bias": False,
             "attention_dropout": cfg.dropout,
-            "initializer_range": 0.02,
             "tie_word_embeddings": cfg.tie_embeddings,
-            "use_cache": True,
-            "torch_dtype": "float32",
-            **_special_token_ids(tokenizer),
         }
 
     def from_hf_config(self, hf: dict[str, Any], source: Path) -> ModelConfig:
         keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-        absent = [key for key in (*keys, "max_position_embeddings") if key not in hf]
-        if absent:
-            raise UserError(
-                f"{source / HF_CONFIG} lacks {', '.join(absent)}; it is not a complete Llama config"
-            )
+        _require_keys(hf, (*keys, "max_position_embeddings"), source, "Llama")
         rope = hf.get("rope_parameters") or {}
         rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
         head_dim = hf["hidden_size"] // hf["num_attention_heads"]
@@ -314,10 +306,12 @@ class Llama(HFArchitecture):
         return name == "lm_head.weight" or name.endswith("rotary_emb.inv_freq")
 
 
-def _special_token_ids(tokenizer: Tokenizer | None) -> dict[str, int | None]:
-    """End of text serves as BOS and EOS; without a tokenizer (a bare model) there are none."""
-    eos, pad = (tokenizer.eos_id, tokenizer.pad_id) if tokenizer else (None, None)
-    return {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": pad}
+def _require_keys(hf: dict[str, Any], keys: tuple[str, ...], source: Path, family: str) -> None:
+    absent = [key for key in keys if key not in hf]
+    if absent:
+        raise UserError(
+            f"{source / HF_CONFIG} lacks {', '.join(absent)}; it is not a complete {family} config"
+        )
 
 
 def _mismatches(cfg: ModelConfig, wanted: dict[str, Any], family: str) -> list[str]:
@@ -363,7 +357,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
     template = load_chat_template(run.path)
     chat_jinja = None if template == PLAIN else to_jinja(template)
     weights = _to_hf_state(architecture, run.config.model, run.model.state_dict())
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = temp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -372,8 +366,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
         _write_json(tmp / "generation_config.json", _generation_config(run, template))
         _write_tokenizer_files(tmp, run.tokenizer, run.config.model.block_size, chat_jinja)
         (tmp / "README.md").write_text(model_card(run, architecture, chat_jinja is not None), "utf-8")
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -608,7 +601,12 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
         raise UserError(
             f"{source} holds a {hf_config.get('model_type')!r} model; sllm can import {known} models"
         )
-    tokenizer = _read_hf_tokenizer(source)
+    if not (source / TOKENIZER_FILE).is_file():
+        raise UserError(
+            f"{source} has no {TOKENIZER_FILE}; write one with transformers: "
+            f"AutoTokenizer.from_pretrained('{source}').save_pretrained('{source}')"
+        )
+    tokenizer = load_tokenizer(source)
     model_cfg = architecture.from_hf_config(hf_config, source)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise UserError(
@@ -641,15 +639,6 @@ def _read_hf_config(source: Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         raise UserError(f"{path} is not valid JSON; download the model again") from None
-
-
-def _read_hf_tokenizer(source: Path) -> Tokenizer:
-    if not (source / TOKENIZER_FILE).is_file():
-        raise UserError(
-            f"{source} has no {TOKENIZER_FILE}; write one with transformers: "
-            f"AutoTokenizer.from_pretrained('{source}').save_pretrained('{source}')"
-        )
-    return load_tokenizer(source)
 
 
 def read_hf_weights(source: Path) -> dict[str, torch.Tensor]:

@@ -145,10 +145,6 @@ class Manifest:
     finished: bool = False
     stopped_by: str | None = None  # "end" of the split, "max_docs" or "max_bytes"
 
-    @classmethod
-    def start(cls, preset: Preset) -> Manifest:
-        return cls(preset.name, preset.hf_id, preset.config, preset.split, preset.data_files, preset.license)
-
 
 @dataclass
 class DownloadResult:
@@ -233,7 +229,7 @@ def download(
     )
     _save(out, manifest)
 
-    records = _guarded(preset, lambda: load(preset))
+    records = _guarded(preset, load)
     budget = _Budget(max_docs, max_bytes, manifest.documents, manifest.bytes)
     documents = budget.take(islice(documents_of(preset, records), manifest.documents, None))
     with tqdm(
@@ -306,20 +302,14 @@ def _write_shards(
         _save(out, manifest)
 
 
-def _guarded(
-    preset: Preset, open_records: Callable[[], Iterable[Mapping[str, Any]]]
-) -> Iterator[Mapping[str, Any]]:
-    """Records from the loader, with its failures (at load time or mid-stream) as one line."""
+def _guarded(preset: Preset, load: Loader) -> Iterator[Mapping[str, Any]]:
+    """The loader's records, with its failures (at load time or mid-stream) as one line."""
     try:
-        iterator = iter(open_records())
+        iterator = iter(load(preset))
     except UserError:
         raise
     except Exception as exc:  # hub, network and format errors of many kinds
         raise _load_error(preset, exc) from None
-    return _guarded_iteration(preset, iterator)
-
-
-def _guarded_iteration(preset: Preset, iterator: Iterator[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
     while True:
         try:
             record = next(iterator)
@@ -377,7 +367,9 @@ def _check_positive(**values: int | None) -> None:
 def _read_manifest(out: Path, preset: Preset) -> Manifest:
     path = out / DOWNLOAD_MANIFEST
     if not path.exists():
-        return Manifest.start(preset)
+        return Manifest(
+            preset.name, preset.hf_id, preset.config, preset.split, preset.data_files, preset.license
+        )
     try:
         manifest = Manifest(**json.loads(path.read_text(encoding="utf-8")))
     except (ValueError, TypeError):

@@ -224,27 +224,18 @@ def _text_chunks(path: Path, on_error: str) -> Iterator[str]:
             raise UserError(f"cannot read {path}: {exc}") from None
 
 
-def _field_value(record: Any, text_field: str) -> tuple[Any, str | None]:
-    """The value at `text_field` (a key, else a dotted path), or a problem description."""
+def _record_text(record: Any, text_field: str) -> tuple[str | None, str | None]:
+    """The text at `text_field` (a key, else a dotted path; null is empty), or a problem description."""
     if not isinstance(record, dict):
         return None, "the record is not a JSON object"
-    if text_field in record:
-        return record[text_field], None
+    keys = [text_field] if text_field in record else text_field.split(".")
     value: Any = record
-    for depth, key in enumerate(text_field.split(".")):
+    for depth, key in enumerate(keys):
         if not isinstance(value, dict) or key not in value:
-            level = value if isinstance(value, dict) else {}
-            where = "" if depth == 0 else f" under {'.'.join(text_field.split('.')[:depth])!r}"
-            fields = ", ".join(level) or "none"
+            fields = ", ".join(value if isinstance(value, dict) else {}) or "none"
+            where = "" if depth == 0 else f" under {'.'.join(keys[:depth])!r}"
             return None, f"no string field {text_field!r} (fields{where}: {fields}); set --text-field"
         value = value[key]
-    return value, None
-
-
-def _record_text(record: Any, text_field: str) -> tuple[str | None, str | None]:
-    value, problem = _field_value(record, text_field)
-    if problem is not None:
-        return None, problem
     if value is None:
         return "", None
     if not isinstance(value, str):
@@ -356,10 +347,7 @@ def _csv_records(path: Path, options: ReadOptions, stats: SourceStats) -> Iterat
     header = next(reader, None)
     if header is None:
         return
-    if options.text_field.split(".")[0] not in header and options.text_field not in header:
-        raise UserError(
-            f"{path} has no column {options.text_field!r} (columns: {', '.join(header)}); set --text-field"
-        )
+    _text_column(path, options.text_field, header)
     try:
         for row in reader:
             yield f"line {reader.line_num}", dict(zip(header, row, strict=False))
@@ -376,17 +364,22 @@ def _parquet_records(path: Path, options: ReadOptions) -> Iterator[tuple[str, An
         reader = parquet.ParquetFile(path)
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...: all mean "not readable"
         raise UserError(f"cannot read {path} as Parquet: {str(exc).splitlines()[0]}") from None
-    columns = reader.schema_arrow.names
-    column = options.text_field if options.text_field in columns else options.text_field.split(".")[0]
-    if column not in columns:
-        raise UserError(
-            f"{path} has no column {options.text_field!r} (columns: {', '.join(columns)}); set --text-field"
-        )
+    column = _text_column(path, options.text_field, reader.schema_arrow.names)
     row = 0
     for batch in reader.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[column]):
         for value in batch.column(0).to_pylist():
             row += 1
             yield f"row {row}", {column: value}
+
+
+def _text_column(source: Input, text_field: str, columns: list[str]) -> str:
+    """The column holding `text_field`: itself, or the first part of a dotted path."""
+    column = text_field if text_field in columns else text_field.split(".")[0]
+    if column not in columns:
+        raise UserError(
+            f"{source} has no column {text_field!r} (columns: {', '.join(columns)}); set --text-field"
+        )
+    return column
 
 
 def _hf_dataset(source: HFDataset, options: ReadOptions) -> Any:
@@ -419,15 +412,8 @@ def _hf_dataset(source: HFDataset, options: ReadOptions) -> Any:
 
 def _hf_records(source: HFDataset, options: ReadOptions) -> Iterator[tuple[str, Any]]:
     dataset = _hf_dataset(source, options)
-    columns = dataset.column_names
-    column = options.text_field if options.text_field in (columns or []) else options.text_field.split(".")[0]
-    if columns is not None:
-        if column not in columns:
-            raise UserError(
-                f"{source} has no column {options.text_field!r} (columns: {', '.join(columns)}); "
-                "set --text-field"
-            )
-        dataset = dataset.select_columns([column])
+    if dataset.column_names is not None:  # a streamed dataset may not know its columns
+        dataset = dataset.select_columns([_text_column(source, options.text_field, dataset.column_names)])
     for row, record in enumerate(dataset, start=1):
         yield f"row {row}", record
 

@@ -293,15 +293,19 @@ def create_app(
         head = {"id": f"{kind}-{uuid.uuid4().hex}", "object": kind_object, "created": int(time.time())}
         return {**head, "model": model_name}
 
-    def event_stream(
+    async def respond(
         request: SamplingFields,
+        http: Request,
         rows: list[str],
         params: SamplingParams,
         chunk: Callable[[int, str | None, str | None], dict],
+        choice: Callable[[str, Completion], dict],
         echoed: list[str] | None = None,
-    ) -> StreamingResponse:
-        """SSE: the echoed prompts if asked, one chunk per text piece, a closing chunk per row
-        with its finish reason, the usage if asked (`stream_options.include_usage`), [DONE]."""
+    ) -> Any:
+        """A streaming request gets SSE: the echoed prompts if asked, one chunk per text piece, a
+        closing chunk per row with its finish reason, the usage if asked, [DONE]. Any other gets
+        the completions as one object (`choice` turns a row's prompt and completion into its
+        fields), or status 499 when its client hung up first."""
 
         async def events() -> AsyncIterator[str]:
             for row, prompt in enumerate(echoed or []):
@@ -319,7 +323,16 @@ def create_app(
                         yield _sse(chunk(item[0], item[1], None))
             yield _sse("[DONE]")
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        if request.stream:
+            return StreamingResponse(events(), media_type="text/event-stream")
+        done = await worker.complete(http, rows, params)
+        if done is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        choices = [
+            {"index": index, **choice(prompt, c), "finish_reason": c.finish_reason}
+            for index, (prompt, c) in enumerate(zip(rows, done, strict=True))
+        ]
+        return {**chunk(0, None, None), "choices": choices, "usage": _usage(done, request.n)}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -335,23 +348,15 @@ def create_app(
     async def completions(request: CompletionRequest, http: Request):
         prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
         rows, params = rows_and_params(request, prompts)
-        echoed = rows if request.echo else None
         head = header("cmpl", "text_completion")
 
         def chunk(row: int, text: str | None, reason: str | None) -> dict[str, Any]:
             return {**head, "choices": [{"index": row, "text": text or "", "finish_reason": reason}]}
 
-        if request.stream:
-            return event_stream(request, rows, params, chunk, echoed)
-        done = await worker.complete(http, rows, params)
-        if done is None:
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        texts = [f"{prompt}{c.text}" if echoed else c.text for prompt, c in zip(rows, done, strict=True)]
-        choices = [
-            {"index": i, "text": text, "finish_reason": c.finish_reason}
-            for i, (text, c) in enumerate(zip(texts, done, strict=True))
-        ]
-        return {**head, "choices": choices, "usage": _usage(done, request.n)}
+        def choice(prompt: str, completion: Completion) -> dict[str, Any]:
+            return {"text": prompt + completion.text if request.echo else completion.text}
+
+        return await respond(request, http, rows, params, chunk, choice, rows if request.echo else None)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatRequest, http: Request):
@@ -363,20 +368,10 @@ def create_app(
             delta = {} if text is None else {"role": "assistant", "content": text}
             return {**head, "choices": [{"index": row, "delta": delta, "finish_reason": reason}]}
 
-        if request.stream:
-            return event_stream(request, rows, params, chunk)
-        done = await worker.complete(http, rows, params)
-        if done is None:
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": c.text},
-                "finish_reason": c.finish_reason,
-            }
-            for i, c in enumerate(done)
-        ]
-        return {**head, "choices": choices, "usage": _usage(done, request.n)}
+        def choice(_: str, completion: Completion) -> dict[str, Any]:
+            return {"message": {"role": "assistant", "content": completion.text}}
+
+        return await respond(request, http, rows, params, chunk, choice)
 
     return app
 
