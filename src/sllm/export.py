@@ -1,34 +1,16 @@
-"""To and from the Hugging Face format: export a run as a `transformers` model directory, and
-import such a directory as a run.
+"""To and from the Hugging Face format: a run as a `transformers` model directory, and back.
 
-Export writes what `from_pretrained` reads: `model.safetensors` under HF's parameter names,
-`config.json`, `generation_config.json`, the tokenizer (`tokenizer.json` plus the two small
-JSON files `AutoTokenizer` looks for) and a model card. Neither direction needs
-`transformers`: the files are JSON and safetensors. Only `sllm export --check`, which loads
-the export back and compares logits, imports it.
-
-A run with a chat template (an SFT run's `chat_template.json`) exports it as Jinja, in
-`chat_template.jinja` (what transformers 5 writes and reads first) and in
-`tokenizer_config.json` (what older readers know), so `apply_chat_template(...,
-add_generation_prompt=True)` renders sllm's prompt exactly. Stop strings of one token (SFT's
-`<|end|>`) join EOS in `eos_token_id`; longer ones go to `stop_strings`.
-
-An `HFArchitecture` maps one family of sllm models onto one HF class: which sllm configs it
-can represent, config.json ↔ `ModelConfig`, and the parameter names. Two families:
-- GPT-2 (learned positions, LayerNorm, GELU, biases, tied head). GPT-2 keeps its linear layers
-  as `Conv1D`, whose weight is (in, out), the transpose of `nn.Linear`'s; both tie the LM head
-  to the token embedding, so no `lm_head.weight` is written.
-- Llama (RoPE, RMSNorm, SwiGLU, no biases, GQA, tied or untied head). Our fused qkv matrix is
-  split into q/k/v_proj by rows; our RoPE already uses HF's rotate_half layout, so q and k
-  need no permutation.
-A `Parameter` may be a row range of one of our tensors: that is how qkv is split, and how the
-padded vocabulary rows (`model.vocab_pad_multiple`) are left out of an export.
-
-An imported run holds config.yaml, tokenizer.json and one checkpoint at step 0 with a fresh
-optimizer state, so `sllm train` continues pre-training from these weights as from a new run.
-Its `data.dir` is `data/<run name>` (not made yet) and `tokenizer.path` is the run's own
-tokenizer, so `sllm prepare --config RUN/config.yaml --input TEXT` prepares new text with
-the imported tokenizer right where `sllm train --config RUN/config.yaml` will read it.
+Export writes what `from_pretrained` reads: weights under HF's names, config.json,
+generation_config.json, the tokenizer files and a model card; the files are JSON and
+safetensors, so only `--check` (load the export, compare logits) imports `transformers`. A
+run's chat template goes out as Jinja (chat_template.jinja, tokenizer_config.json), so
+`apply_chat_template` renders sllm's prompt exactly; one-token stop strings join EOS in
+`eos_token_id`. An `HFArchitecture` maps one family onto one HF class: GPT-2 (its `Conv1D`
+weights are our `nn.Linear` ones transposed) or Llama (our qkv rows split into q/k/v_proj;
+our RoPE already has HF's layout). A `Parameter` may be a row range of our tensor: so qkv is
+split and padded vocabulary rows are left out. An imported run holds config.yaml (its
+data.dir `data/<run name>`, its own tokenizer), tokenizer.json and a step-0 checkpoint, so
+`sllm prepare --config RUN/config.yaml` and `sllm train` continue pre-training from it.
 """
 
 from __future__ import annotations

@@ -1,20 +1,13 @@
 """`sllm download PRESET --out DIR`: well-known corpora streamed from the Hugging Face hub into
 JSONL shards that `sllm prepare --input DIR` reads.
 
-Each preset names a dataset (hub id, config, split), the field or fields that make a document
-(several are joined with a newline: KLUE-STS sentence pairs, KLUE-NLI premise + hypothesis),
-its license and a one-line description; `sllm download --list` prints them. Records stream
-through `datasets.load_dataset(..., streaming=True)`, so only what is written is fetched.
-
-Output: `DIR/<preset>-00000.jsonl`, ... (`{"text": ...}` per line, at most `shard_docs`
-documents each) and `DIR/download.json`, the manifest. A shard is written under a temp name
-and renamed; the manifest is rewritten after every shard. A budget (`max_docs`, and `max_bytes`
-of UTF-8 text, never exceeded) ends the download cleanly. An interrupted download resumes: the
-complete shards are kept, a shard the manifest does not list is deleted, and the stream is read
-again from the start with the documents already written skipped (streamed, not written; a
-hub split streams in a fixed order, so the skipped ones are the same). A finished download run
-again does nothing, unless a larger budget asks for more. Hub and network failures become
-one line naming the preset and the fix.
+A preset names a dataset (hub id, config, split), the fields that make a document (joined
+with a newline), its license and a description (`--list`). Shards (`<preset>-00000.jsonl`, at
+most `shard_docs` documents each) appear whole, then `download.json`, the manifest, lists
+them. A budget (`max_docs`, `max_bytes` never exceeded) ends the download cleanly. An
+interrupted download resumes: unlisted shards are deleted and the stream, which a hub split
+gives in a fixed order, is read again with the documents already written skipped. Hub and
+network failures become one line naming the preset and the fix.
 """
 
 from __future__ import annotations

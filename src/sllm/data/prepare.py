@@ -1,20 +1,13 @@
 """Raw text → prepared data directory: tokenizer.json, token shards per split, meta.json.
 
-Documents are read from each source in turn (sllm.data.mixture), cleaned (sllm.data.clean:
-NFC and the configured rewrites and filters, each counted in meta.json), split by a seeded
-draw per document (so a document never straddles splits) or by their held-out source, encoded
-in batches and joined with EOS. Reading and cleaning run in a background thread while the
-tokenizer's Rust threads encode the previous batch on every core. Tokens go to shards of
-`data.shard_tokens` (sllm.data.shards): uint16 when the vocabulary fits, else uint32.
-Memory is bounded by a few batches, whatever the corpus size (exact and near dedup aside).
-
-meta.json (its format: sllm.data.meta) keeps a fingerprint of the inputs (content sha256),
-the tokenizer and the settings: re-running on unchanged inputs does nothing, anything changed
-(or an unreadable meta.json) rebuilds. Work happens in a hidden work directory that is renamed
-into place at the end, so an interrupted prepare never leaves a half-written directory that
-looks complete; the work directory keeps `progress.json` (written after each finished shard
-and every half minute), and a rerun with the same inputs and settings continues from there,
-producing the same bytes as an uninterrupted prepare.
+Documents are read source by source (sllm.data.mixture), cleaned (sllm.data.clean), split by
+a seeded draw per document or by their held-out source, encoded in batches and joined with
+EOS into shards (sllm.data.shards). A background thread reads and cleans while the
+tokenizer encodes the previous batch on every core; memory stays at a few batches. meta.json
+(sllm.data.meta) fingerprints inputs, tokenizer and settings: an unchanged rerun does
+nothing. Work happens in a hidden directory renamed into place at the end; its
+`progress.json` (saved after each shard and every half minute) lets an interrupted prepare
+resume to the same bytes as an uninterrupted one.
 """
 
 from __future__ import annotations

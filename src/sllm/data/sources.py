@@ -1,17 +1,12 @@
 """Documents from raw files and Hugging Face datasets, one record at a time.
 
-Formats: TXT, JSONL, JSON (an array of objects), CSV/TSV (a named column) and Parquet (a named
-column), each optionally `.gz` or `.zst` compressed (except Parquet, which compresses inside);
-a file, a directory (its `download.json`, written by `sllm download`, is skipped) or a glob;
-and `hf:<name>` inputs read through the `datasets` library.
-The text field may be a dotted path into nested records (`meta.text`).
-
-Memory stays bounded by one record: TXT/JSONL/CSV stream line by line (in binary, so a bad
-byte or a malformed line is reported with its file, line and byte offset); a JSON array is
-parsed element by element from 1 MiB chunks, so its memory is bounded by the largest element;
-Parquet is read in record batches. `pyarrow`, `zstandard` and `datasets` are optional and
-imported only when a file needs them. With `on_error="skip"` malformed records are skipped
-and invalid UTF-8 is replaced; both are counted.
+TXT, JSONL, JSON arrays, CSV/TSV and Parquet (a named column, a dotted path into nested
+records), optionally `.gz` or `.zst`; files, directories (skipping `sllm download`'s
+manifest), globs and `hf:<name>` datasets. Memory stays bounded by one record: lines stream
+in binary (so an error names file, line and byte offset), a JSON array is parsed element by
+element from 1 MiB chunks, Parquet by record batches. `pyarrow`, `zstandard` and `datasets`
+are imported only when needed. With `on_error="skip"` malformed records are skipped and
+invalid UTF-8 replaced; both are counted.
 """
 
 from __future__ import annotations

@@ -1,23 +1,13 @@
 """`sllm serve`: an OpenAI-compatible HTTP API and a one-page web chat, on FastAPI + uvicorn.
 
-- `/v1/completions` and `/v1/chat/completions`, plain JSON or Server-Sent Events
-  (`stream: true`, ending with `data: [DONE]`); `/health`; the chat page at `/`.
-- Requests are validated before any work: field ranges by pydantic (422), a prompt over the
-  context or max_tokens over the server's limit by us (400); both answer OpenAI's error shape.
-- One model, one worker: each request generates in a thread while holding one lock, so
-  concurrent requests queue in arrival order and never share the KV cache. Pieces reach the
-  event loop through a queue. A client that hangs up, streaming or not, cancels its
-  generation, so the requests queued behind it do not wait for text nobody reads.
-- A list of prompts, and `n` choices per prompt, are generated as one batch.
-- The sampling fields, their ranges and descriptions are `SamplingParams`'s; a field left out
-  takes the run's `sample` section, as `sllm generate` and `sllm chat` do (so a run answers the
-  same way everywhere, rather than with OpenAI's temperature 1). Only the lengths keep
-  OpenAI's defaults: 16 tokens for completions, 256 here for chat replies.
-- OpenAI clients' habits are honoured: a null field means its default, `max_completion_tokens`
-  is the chat name of `max_tokens`, `stream_options.include_usage` adds a usage chunk, `echo`
-  repeats the prompt; options this server cannot honour (`logprobs`, `logit_bias`, tools, ...)
-  are refused with a 400 rather than silently ignored.
-FastAPI and uvicorn are the optional `serve` extra, imported here only.
+`/v1/completions` and `/v1/chat/completions` answer plain JSON or Server-Sent Events; `/health`;
+the chat page at `/`. Requests are checked before any work (ranges by pydantic: 422; a prompt
+over the context or max_tokens over the limit: 400), in OpenAI's error shape. One lock runs
+generations one at a time in arrival order, in a thread; a client that hangs up cancels its
+generation. Prompts and `n` choices form one batch. The sampling fields are `SamplingParams`'s;
+one left out takes the run's `sample` section, as `sllm generate` does (lengths keep OpenAI's
+defaults). A null field means its default; options this server cannot honour (`logprobs`,
+`logit_bias`, tools, ...) are refused, never silently ignored. FastAPI and uvicorn are imported here only.
 """
 
 from __future__ import annotations
