@@ -574,11 +574,10 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     ensure_writable_dir(out.parent, "imported run")
     hf_config = _read_hf_config(source)
     architecture = ARCHITECTURES.get(hf_config.get("model_type", ""))
-    if architecture is not None and architecture.hf_class not in hf_config.get(
+    # model_type and architectures (where given) must agree, or the config is not one we know
+    if architecture is None or architecture.hf_class not in hf_config.get(
         "architectures", [architecture.hf_class]
     ):
-        architecture = None  # model_type and architectures disagree: the config is not one we know
-    if architecture is None:
         known = ", ".join(a.hf_class for a in ARCHITECTURES.values())
         raise UserError(
             f"{source} holds a {hf_config.get('model_type')!r} model; sllm can import {known} models"

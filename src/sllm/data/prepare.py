@@ -145,11 +145,8 @@ def _fingerprint(
     sources: list[Source], data: DataConfig, tok: TokenizerConfig, given: Tokenizer | None
 ) -> dict[str, Any]:
     """What the output depends on: input contents, the tokenizer (or its recipe), settings."""
-    tokenizer_key: dict[str, Any]
-    if given is not None:
-        tokenizer_key = {"file_sha256": given.sha256}
-    else:
-        tokenizer_key = {"train": {k: v for k, v in dataclasses.asdict(tok).items() if k != "path"}}
+    recipe = {k: v for k, v in dataclasses.asdict(tok).items() if k != "path"}
+    tokenizer_key = {"train": recipe} if given is None else {"file_sha256": given.sha256}
     settings = {k: v for k, v in dataclasses.asdict(data).items() if k not in ("dir", "inputs")}
     inputs = [_input_fingerprint(file) for source in sources for file in source.files]
     return {
@@ -393,7 +390,9 @@ def _write_all(writer: SplitWriter, sources: list[Source], data: DataConfig, nam
             "malformed_lines": stats.malformed_lines,
             "invalid_utf8_lines": stats.invalid_utf8_lines,
         },
-        cleaning=CleaningCounts(**cleaner.report.as_dict()),
+        cleaning=CleaningCounts(
+            cleaner.report.kept, dict(cleaner.report.changed), dict(cleaner.report.dropped)
+        ),
         fingerprint=progress.fingerprint,
     )
     meta.write(writer.work)

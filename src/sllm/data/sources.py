@@ -20,6 +20,7 @@ import json
 import re
 import sys
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -165,58 +166,58 @@ def _open_binary(path: Path) -> BinaryIO:
         raise UserError(f"cannot read {path}: {exc.strerror}") from None
 
 
-def _read_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean a damaged or unreadable (possibly compressed) file."""
-    errors: tuple[type[BaseException], ...] = (OSError, EOFError)
-    if "zstandard" in sys.modules:
-        errors += (sys.modules["zstandard"].ZstdError,)
-    return errors
+@contextmanager
+def _reading(path: Path) -> Iterator[BinaryIO]:
+    """The file's bytes, decompressed; a read that fails (a damaged or truncated compressed
+    file too) is a UserError naming the file."""
+    with _open_binary(path) as handle:
+        errors: tuple[type[BaseException], ...] = (OSError, EOFError)
+        if "zstandard" in sys.modules:
+            errors += (sys.modules["zstandard"].ZstdError,)
+        try:
+            yield handle
+        except errors as exc:
+            raise UserError(f"cannot read {path}: {exc}") from None
 
 
 def _lines(path: Path, on_error: str, stats: SourceStats) -> Iterator[tuple[int, str]]:
     """(line number, decoded line) with UTF-8 and binary checks; line numbers start at 1."""
     offset = 0
-    with _open_binary(path) as handle:
-        try:
-            for number, raw in enumerate(handle, start=1):
-                if b"\x00" in raw:
-                    raise UserError(f"{path} looks like a binary file (NUL byte at line {number})")
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    if on_error != "skip":
-                        raise UserError(
-                            f"{path}: invalid UTF-8 at byte {offset + exc.start} (line {number}); "
-                            "convert the file to UTF-8 or set data.on_error=skip to replace bad bytes"
-                        ) from None
-                    stats.invalid_utf8_lines += 1
-                    line = raw.decode("utf-8", errors="replace")
-                offset += len(raw)
-                yield number, line
-        except _read_errors() as exc:
-            raise UserError(f"cannot read {path}: {exc}") from None
+    with _reading(path) as handle:
+        for number, raw in enumerate(handle, start=1):
+            if b"\x00" in raw:
+                raise UserError(f"{path} looks like a binary file (NUL byte at line {number})")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                if on_error != "skip":
+                    raise UserError(
+                        f"{path}: invalid UTF-8 at byte {offset + exc.start} (line {number}); "
+                        "convert the file to UTF-8 or set data.on_error=skip to replace bad bytes"
+                    ) from None
+                stats.invalid_utf8_lines += 1
+                line = raw.decode("utf-8", errors="replace")
+            offset += len(raw)
+            yield number, line
 
 
 def _text_chunks(path: Path, on_error: str) -> Iterator[str]:
     """The decoded text of a file in chunks of about JSON_CHUNK_BYTES."""
     decoder = codecs.getincrementaldecoder("utf-8")("replace" if on_error == "skip" else "strict")
     offset = 0
-    with _open_binary(path) as handle:
-        try:
-            while chunk := handle.read(JSON_CHUNK_BYTES):
-                if b"\x00" in chunk:
-                    raise UserError(f"{path} looks like a binary file (NUL byte near byte {offset})")
-                try:
-                    yield decoder.decode(chunk)
-                except UnicodeDecodeError as exc:
-                    raise UserError(
-                        f"{path}: invalid UTF-8 near byte {offset + exc.start}; "
-                        "convert the file to UTF-8 or set data.on_error=skip to replace bad bytes"
-                    ) from None
-                offset += len(chunk)
-            yield decoder.decode(b"", final=True)
-        except _read_errors() as exc:
-            raise UserError(f"cannot read {path}: {exc}") from None
+    with _reading(path) as handle:
+        while chunk := handle.read(JSON_CHUNK_BYTES):
+            if b"\x00" in chunk:
+                raise UserError(f"{path} looks like a binary file (NUL byte near byte {offset})")
+            try:
+                yield decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                raise UserError(
+                    f"{path}: invalid UTF-8 near byte {offset + exc.start}; "
+                    "convert the file to UTF-8 or set data.on_error=skip to replace bad bytes"
+                ) from None
+            offset += len(chunk)
+        yield decoder.decode(b"", final=True)
 
 
 def _record_text(record: Any, text_field: str) -> tuple[str | None, str | None]:
