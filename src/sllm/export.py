@@ -358,15 +358,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
 def _to_hf_state(
     architecture: HFArchitecture, cfg: ModelConfig, state: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    return {
-        architecture.prefix + p.theirs: _hf_tensor(p, state[p.ours]) for p in architecture.parameters(cfg)
-    }
-
-
-def _hf_tensor(parameter: Parameter, tensor: torch.Tensor) -> torch.Tensor:
-    if parameter.rows is not None:
-        tensor = tensor[parameter.rows[0] : parameter.rows[1]]
-    return (tensor.t() if parameter.transposed else tensor).contiguous()
+    """Our tensors under HF's names: row ranges cut out, Conv1D weights transposed."""
+    hf_state = {}
+    for p in architecture.parameters(cfg):
+        tensor = state[p.ours] if p.rows is None else state[p.ours][p.rows[0] : p.rows[1]]
+        hf_state[architecture.prefix + p.theirs] = (tensor.t() if p.transposed else tensor).contiguous()
+    return hf_state
 
 
 def _require_empty(out: Path) -> None:
@@ -427,9 +424,8 @@ def _write_tokenizer_files(out: Path, tokenizer: Tokenizer, block_size: int, cha
     """tokenizer.json, and the files that let `AutoTokenizer` build a fast tokenizer from it, with
     the chat template if the run has one."""
     tokenizer.save(out)
-    eos = tokenizer.decode([tokenizer.eos_id])
-    special = {"bos_token": eos, "eos_token": eos, "unk_token": eos}
-    special["pad_token"] = tokenizer.decode([tokenizer.pad_id])
+    eos, pad = tokenizer.decode([tokenizer.eos_id]), tokenizer.decode([tokenizer.pad_id])
+    special = {"bos_token": eos, "eos_token": eos, "unk_token": eos, "pad_token": pad}
     _write_json(out / "special_tokens_map.json", special)
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -9,6 +9,7 @@ room for the reply. `/set NAME VALUE` changes a sampling option mid-conversation
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from typing import TextIO
 
 from sllm.errors import UserError
@@ -50,17 +51,15 @@ def parse_setting(params: SamplingParams, argument: str) -> SamplingParams:
     return dataclasses.replace(params, **{name: parsed})
 
 
+@dataclass
 class ChatSession:
     """The conversation state and what each input line does to it."""
 
-    def __init__(
-        self, generator: TextGenerator, template: ChatTemplate, params: SamplingParams, out: TextIO
-    ) -> None:
-        self.generator = generator
-        self.template = template
-        self.params = params
-        self.out = out
-        self.messages: list[Message] = []
+    generator: TextGenerator
+    template: ChatTemplate
+    params: SamplingParams
+    out: TextIO
+    messages: list[Message] = field(default_factory=list)
 
     def handle(self, line: str) -> bool:
         """Act on one input line; False means the user asked to leave."""
