@@ -177,13 +177,8 @@ class GPT2(HFArchitecture):
         for layer in range(cfg.n_layer):
             for ours, theirs, transposed in layer_parts:
                 for kind in ("weight", "bias"):
-                    names.append(
-                        Parameter(
-                            f"blocks.{layer}.{ours}.{kind}",
-                            f"h.{layer}.{theirs}.{kind}",
-                            transposed and kind == "weight",
-                        )
-                    )
+                    ours_name, theirs_name = f"blocks.{layer}.{ours}.{kind}", f"h.{layer}.{theirs}.{kind}"
+                    names.append(Parameter(ours_name, theirs_name, transposed and kind == "weight"))
         names += [Parameter(f"norm_f.{kind}", f"ln_f.{kind}") for kind in ("weight", "bias")]
         return names
 

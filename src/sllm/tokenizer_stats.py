@@ -52,12 +52,12 @@ class GroupStats:
 @dataclass
 class TokenizerStats:
     vocab_size: int
+    seen: np.ndarray  # per token id: whether the text used it
     groups: dict[str, GroupStats] = field(default_factory=lambda: {g: GroupStats() for g in GROUPS})
-    seen: np.ndarray | None = None
 
     @property
     def vocab_used(self) -> int:
-        return int(self.seen.sum()) if self.seen is not None else 0
+        return int(self.seen.sum())
 
 
 def fallback_table(tokenizer: Tokenizer) -> np.ndarray:
@@ -73,7 +73,7 @@ def fallback_table(tokenizer: Tokenizer) -> np.ndarray:
 
 def measure(tokenizer: Tokenizer, documents: Iterable[str]) -> TokenizerStats:
     """Token counts per character, byte and word by script, fallback share and vocabulary use."""
-    stats = TokenizerStats(tokenizer.vocab_size, seen=np.zeros(tokenizer.vocab_size, dtype=bool))
+    stats = TokenizerStats(tokenizer.vocab_size, np.zeros(tokenizer.vocab_size, dtype=bool))
     fallback = fallback_table(tokenizer)
     lines = (line for document in documents for line in nfc(document).splitlines() if line.strip())
     for batch in iter(lambda: list(itertools.islice(lines, ENCODE_BATCH_LINES)), []):
