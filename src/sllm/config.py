@@ -422,7 +422,7 @@ def validate(cfg: Config) -> None:
         values = getattr(cfg, section)
         for spec in dataclasses.fields(values):
             check_range(f"config key {section}.{spec.name}", getattr(values, spec.name), spec)
-    m, t = cfg.model, cfg.train
+    m, t, d = cfg.model, cfg.train, cfg.data
     _validate_batch(t)
     if m.n_embd % m.n_head != 0:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
@@ -444,12 +444,10 @@ def validate(cfg: Config) -> None:
         raise UserError("set train.max_tokens or train.epochs, not both")
     if t.min_lr > t.lr:
         raise UserError(f"train.min_lr ({t.min_lr}) must not exceed train.lr ({t.lr})")
-    if cfg.data.val_ratio + cfg.data.test_ratio >= 1:
+    if d.val_ratio + d.test_ratio >= 1:
         raise UserError("data.val_ratio and data.test_ratio must be in [0, 1) and sum below 1")
-    if cfg.data.max_chars and cfg.data.max_chars < cfg.data.min_chars:
-        raise UserError(
-            f"data.max_chars ({cfg.data.max_chars}) is below data.min_chars ({cfg.data.min_chars})"
-        )
+    if d.max_chars and d.max_chars < d.min_chars:
+        raise UserError(f"data.max_chars ({d.max_chars}) is below data.min_chars ({d.min_chars})")
     if cfg.tokenizer.kind == "bpe" and cfg.tokenizer.vocab_size < 256 + len(cfg.tokenizer.special_tokens):
         raise UserError("tokenizer.vocab_size must be at least 256 + the number of special tokens")
 

@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from sllm.atomic import ensure_writable_dir, replace_dir, temp_path
 from sllm.config import Config, ModelConfig, save_config, validate
 from sllm.data.meta import META_FILE, DataMeta
+from sllm.data.sources import require_module
 from sllm.errors import UserError
 from sllm.infer.chat_template import PLAIN, ChatTemplate, load_chat_template, to_jinja
 from sllm.model import build_model, count_parameters
@@ -517,7 +518,7 @@ def _usage_lines(generation: list[str]) -> list[str]:
 
 def check_export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest") -> float:
     """Load the export with `transformers`; the largest |logit difference| on sample text."""
-    transformers = _require_transformers("--check")
+    transformers = require_module("transformers", "--check", extra="hf")
     run = open_run(run_dir, torch.device("cpu"), checkpoint)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(out_dir)).eval()
     generator = torch.Generator().manual_seed(0)
@@ -531,7 +532,7 @@ def to_transformers(model: torch.nn.Module, **config_overrides: Any) -> torch.nn
     """`model`'s weights in the matching `transformers` class, in memory and in eval mode: what
     its export would load as, for comparing the two in one process (benchmarks).
     `config_overrides` set config fields, e.g. `attn_implementation="sdpa"`."""
-    transformers = _require_transformers("a transformers copy of the model")
+    transformers = require_module("transformers", "a transformers copy of the model", extra="hf")
     cfg = model.cfg
     architecture = _architecture_for(cfg, "this model")
     hf_config = architecture.to_hf_config(cfg, None) | config_overrides
@@ -543,16 +544,6 @@ def to_transformers(model: torch.nn.Module, **config_overrides: Any) -> torch.nn
         raise RuntimeError(f"weight names do not map: missing {missing}, unexpected {unexpected}")
     hf_model.tie_weights()
     return hf_model.eval()
-
-
-def _require_transformers(purpose: str):
-    try:
-        import transformers
-    except ImportError:
-        raise UserError(
-            f"{purpose} needs the transformers package; install it with `pip install 'sllm[hf]'`"
-        ) from None
-    return transformers
 
 
 # ---- import -------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sllm.errors import UserError
+from sllm.data.sources import require_module
 from sllm.tokenizer import nfc
 
 ZERO_WIDTH = "\u200b\u2060\ufeff\u00ad\u180e"
@@ -83,14 +83,9 @@ class NearDedup:
     """Keeps a document unless an earlier one has an estimated Jaccard similarity ≥ threshold."""
 
     def __init__(self, threshold: float) -> None:
-        try:
-            from datasketch import MinHash, MinHashLSH
-        except ImportError:
-            raise UserError(
-                "data.near_dedup_threshold needs the `datasketch` package; pip install 'sllm[data]'"
-            ) from None
-        self._minhash = MinHash
-        self.index = MinHashLSH(threshold=threshold, num_perm=MINHASH_PERMUTATIONS)
+        datasketch = require_module("datasketch", "data.near_dedup_threshold")
+        self._minhash = datasketch.MinHash
+        self.index = datasketch.MinHashLSH(threshold=threshold, num_perm=MINHASH_PERMUTATIONS)
         self.count = 0
 
     def __call__(self, text: str) -> bool:

@@ -167,14 +167,8 @@ def format_presets() -> str:
 
 def describe(result: DownloadResult) -> str:
     m = result.manifest
-    if result.already_done:
-        state = "already complete"
-    else:
-        state = {
-            "end": "the whole split",
-            "max_docs": "--max-docs reached",
-            "max_bytes": "--max-bytes reached",
-        }[m.stopped_by or "end"]
+    reached = {"end": "the whole split", "max_docs": "--max-docs reached", "max_bytes": "--max-bytes reached"}
+    state = "already complete" if result.already_done else reached[m.stopped_by or "end"]
     return (
         f"{m.preset}: {m.documents:,} documents, {m.bytes:,} bytes of text in {len(m.shards)} "
         f"shard{'' if len(m.shards) == 1 else 's'} "

@@ -15,6 +15,7 @@ import codecs
 import csv
 import glob
 import gzip
+import importlib
 import io
 import json
 import re
@@ -142,15 +143,13 @@ def expand_inputs(inputs: list[str]) -> list[Input]:
     return found
 
 
-def require_module(module: str, purpose: str) -> Any:
-    """Import an optional dependency, or say how to install it."""
-    import importlib
-
+def require_module(module: str, purpose: str, extra: str = "data") -> Any:
+    """Import an optional dependency, or say which of sllm's extras installs it."""
     try:
         return importlib.import_module(module)
     except ImportError:
         package = module.split(".")[0]
-        raise UserError(f"{purpose} needs the `{package}` package; pip install 'sllm[data]'") from None
+        raise UserError(f"{purpose} needs the `{package}` package; pip install 'sllm[{extra}]'") from None
 
 
 def _open_binary(path: Path) -> BinaryIO:

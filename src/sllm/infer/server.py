@@ -87,11 +87,6 @@ class RequestFields(BaseModel):
         return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
 
     @property
-    def new_tokens_field(self) -> str:
-        """The field `new_tokens` came from, for error messages."""
-        return "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
-
-    @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
@@ -272,9 +267,8 @@ def create_app(
                 "split the request"
             )
         if request.new_tokens > max_tokens_limit:
-            raise UserError(
-                f"{request.new_tokens_field} must be at most {max_tokens_limit}, got {request.new_tokens}"
-            )
+            field = "max_tokens" if request.max_completion_tokens is None else "max_completion_tokens"
+            raise UserError(f"{field} must be at most {max_tokens_limit}, got {request.new_tokens}")
         for prompt in prompts:
             generator.encode_prompt(prompt, strict=True)
         return rows, request.params(defaults, extra_stop)
