@@ -86,10 +86,6 @@ class RequestFields(BaseModel):
     def new_tokens(self) -> int:
         return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
 
-    @property
-    def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
-
     def unsupported(self) -> list[str]:
         """The options set in this request that the server cannot honour."""
         extra = self.model_extra or {}
@@ -299,7 +295,7 @@ def create_app(
                     if isinstance(item, list):
                         for row, completion in enumerate(item):
                             yield _sse(chunk(row, None, completion.finish_reason))
-                        if request.include_usage:
+                        if request.stream_options and request.stream_options.include_usage:
                             yield _sse(
                                 {**chunk(0, None, None), "choices": [], "usage": _usage(item, request.n)}
                             )
