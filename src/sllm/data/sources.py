@@ -17,6 +17,7 @@ import glob
 import gzip
 import importlib
 import io
+import itertools
 import json
 import re
 import sys
@@ -242,15 +243,10 @@ def _txt_documents(path: Path, options: ReadOptions, stats: SourceStats) -> Iter
     if options.txt_mode == "file":
         yield "".join(line for _, line in _lines(path, options.on_error, stats))
         return
-    block: list[str] = []
-    for _, line in _lines(path, options.on_error, stats):
-        if line.strip():
-            block.append(line)
-        elif block:
-            yield "".join(block).rstrip("\r\n")
-            block = []
-    if block:
-        yield "".join(block).rstrip("\r\n")
+    lines = (line for _, line in _lines(path, options.on_error, stats))
+    for filled, paragraph in itertools.groupby(lines, key=lambda line: bool(line.strip())):
+        if filled:
+            yield "".join(paragraph).rstrip("\r\n")
 
 
 def _texts_of_records(
