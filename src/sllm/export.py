@@ -461,9 +461,8 @@ def model_card(run: LoadedRun, architecture: HFArchitecture, chat: bool) -> str:
     if meta.imported_from:
         lines.append(f"- started from the Hugging Face model in `{meta.imported_from}`")
     if meta.val_loss is not None:
-        val = float(meta.val_loss)
         lines.append(
-            f"- validation loss {val:.4f} (perplexity {math.exp(val):.2f}), "
+            f"- validation loss {meta.val_loss:.4f} (perplexity {math.exp(meta.val_loss):.2f}), "
             f"estimated on {cfg.train.eval_windows} windows of the validation split"
         )
     lines += ["", *_data_lines(cfg), "", *_usage_lines(CHAT_USE if chat else TEXT_USE)]

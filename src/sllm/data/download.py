@@ -208,7 +208,7 @@ def download(
     ensure_writable_dir(out, "download")
     recover_all(out)
     manifest = _read_manifest(out, preset)
-    _delete_unlisted_shards(out, preset, manifest)
+    _delete_unlisted_shards(out, manifest)
     if _already_done(manifest, max_docs, max_bytes):
         return DownloadResult(manifest, out, already_done=True)
     manifest = dataclasses.replace(
@@ -222,7 +222,7 @@ def download(
     with tqdm(
         total=max_docs, initial=manifest.documents, unit=" docs", disable=None if progress else True
     ) as bar:
-        _write_shards(out, preset, manifest, documents, shard_docs, bar)
+        _write_shards(out, manifest, documents, shard_docs, bar)
     manifest.finished, manifest.stopped_by = True, budget.stopped_by or "end"
     _save(out, manifest)
     return DownloadResult(manifest, out, already_done=False)
@@ -267,16 +267,11 @@ class _Budget:
 
 
 def _write_shards(
-    out: Path,
-    preset: Preset,
-    manifest: Manifest,
-    documents: Iterator[tuple[str, int]],
-    shard_docs: int,
-    bar: tqdm,
+    out: Path, manifest: Manifest, documents: Iterator[tuple[str, int]], shard_docs: int, bar: tqdm
 ) -> None:
     """Each shard appears whole (temp name, then rename) before the manifest lists it."""
     for first in documents:
-        path = out / f"{preset.name}-{len(manifest.shards):05d}.jsonl"
+        path = out / f"{manifest.preset}-{len(manifest.shards):05d}.jsonl"
         count = size = 0
         with atomic_text_writer(path) as handle:
             for text, text_bytes in chain([first], islice(documents, shard_docs - 1)):
@@ -368,10 +363,10 @@ def _read_manifest(out: Path, preset: Preset) -> Manifest:
     return manifest
 
 
-def _delete_unlisted_shards(out: Path, preset: Preset, manifest: Manifest) -> None:
+def _delete_unlisted_shards(out: Path, manifest: Manifest) -> None:
     """A shard renamed into place just before a crash, not yet in the manifest: written again."""
     listed = {shard["file"] for shard in manifest.shards}
-    for path in out.glob(f"{preset.name}-*.jsonl"):
+    for path in out.glob(f"{manifest.preset}-*.jsonl"):
         if path.name not in listed:
             path.unlink()
 
