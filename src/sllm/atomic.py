@@ -34,10 +34,6 @@ def temp_path(target: Path) -> Path:
     return target.parent / f".{target.name}{TEMP_MARK}{os.getpid()}"
 
 
-def _aside_paths(target: Path) -> list[Path]:
-    return sorted(target.parent.glob(f".{target.name}{ASIDE_MARK}*"))
-
-
 def fsync_path(path: Path) -> None:
     """Flush a file's or a directory's entries to disk (a rename is durable once its dir is)."""
     fd = os.open(path, os.O_RDONLY)
@@ -59,7 +55,7 @@ def replace_dir(tmp: Path, target: Path) -> None:
 
 def recover_dir(target: Path) -> None:
     """Undo a replacement cut short by a crash, and drop leftovers of killed writers."""
-    asides = _aside_paths(target)
+    asides = sorted(target.parent.glob(f".{target.name}{ASIDE_MARK}*"))
     if asides and not target.exists():
         os.replace(asides[-1], target)
         asides = asides[:-1]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import typing
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -76,28 +75,21 @@ def _config_args(parser: argparse.ArgumentParser, command: str) -> None:
 def _run_args(parser: argparse.ArgumentParser, command: str = "") -> None:
     """--run, --checkpoint, --device and, for `generate` and `chat`, a flag per sampling option
     but `stop`; those left out take the run's `sample` section (the seed: a fresh one)."""
-    from sllm.infer.sampling import RUN_OPTIONS, SamplingParams
+    from sllm.infer.sampling import OPTION_TYPES, RUN_OPTIONS, SamplingParams
 
     parser.add_argument("--run", required=True, help="run directory")
     parser.add_argument("--checkpoint", choices=["latest", "best"], default="latest")
     parser.add_argument("--device", default="auto")
     if command not in MAX_NEW_TOKENS:
         return
-    for name, hint in typing.get_type_hints(SamplingParams).items():
-        flag, kind = "--" + name.replace("_", "-"), int if int in (hint, *typing.get_args(hint)) else float
+    for name, kind in OPTION_TYPES.items():
+        flag = "--" + name.replace("_", "-")
         if name == "max_new_tokens":
             add_flag(parser, flag, SamplingParams, name, type=kind, default=MAX_NEW_TOKENS[command])
         elif name in RUN_OPTIONS:
-            add_flag(
-                parser,
-                flag,
-                SamplingParams,
-                name,
-                f"default: the run's sample.{name}",
-                type=kind,
-                default=None,
-            )
-        elif name == "seed":
+            note = f"default: the run's sample.{name}"
+            add_flag(parser, flag, SamplingParams, name, note, type=kind, default=None)
+        else:  # the seed: a fresh one unless given
             add_flag(parser, flag, SamplingParams, name, type=kind)
 
 

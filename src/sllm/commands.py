@@ -66,15 +66,13 @@ def tokenizer_train(args: Namespace) -> None:
 
 def tokenizer_stats(args: Namespace) -> None:
     """tokens per char/byte/word for Korean and English, fallback share, vocab use"""
-    from sllm.data.sources import ReadOptions, expand_inputs
+    from sllm.data.sources import ReadOptions, SourceStats, expand_inputs, read_documents
     from sllm.tokenizer import load_tokenizer
-    from sllm.tokenizer_stats import format_stats, measure_inputs
+    from sllm.tokenizer_stats import format_stats, measure
 
     data = load(args).data
-    stats = measure_inputs(
-        load_tokenizer(args.tokenizer), expand_inputs(data.inputs), ReadOptions.from_config(data)
-    )
-    print(format_stats(stats))
+    documents = read_documents(expand_inputs(data.inputs), ReadOptions.from_config(data), SourceStats())
+    print(format_stats(measure(load_tokenizer(args.tokenizer), documents)))
 
 
 def prepare(args: Namespace) -> None:

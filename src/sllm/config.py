@@ -327,10 +327,6 @@ def _type_names(members: list[Any]) -> str:
     return " or ".join(names)
 
 
-def _build_section(section: str, values: dict[str, Any]) -> Any:
-    return build_dataclass(SECTIONS[section], section, values)
-
-
 def build_dataclass(cls: type, section: str, values: dict[str, Any]) -> Any:
     """An instance of the config dataclass `cls` from `values`, each checked against its type
     and its declared range."""
@@ -366,7 +362,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
             raise UserError(f"unknown config section {section!r}; valid sections: {', '.join(SECTIONS)}")
         if not isinstance(values, dict):
             raise UserError(f"config section {section} must be a mapping of keys to values")
-    cfg = Config(**{name: _build_section(name, raw.get(name) or {}) for name in SECTIONS})
+    cfg = Config(**{name: build_dataclass(cls, name, raw.get(name) or {}) for name, cls in SECTIONS.items()})
     validate(cfg)
     return cfg
 
@@ -389,16 +385,12 @@ def resolve_config_path(name: str) -> Path:
     path = Path(name)
     if path.is_file():
         return path
-    preset = resources.files("sllm") / "configs" / f"{path.stem}.yaml"
-    if path.suffix in ("", ".yaml") and preset.is_file():
-        return Path(str(preset))
-    presets = ", ".join(sorted(p.name[:-5] for p in list_presets()))
+    configs = resources.files("sllm") / "configs"
+    if path.suffix in ("", ".yaml") and (configs / f"{path.stem}.yaml").is_file():
+        return Path(str(configs / f"{path.stem}.yaml"))
+    presets = ", ".join(sorted(p.name[:-5] for p in configs.iterdir() if p.name.endswith(".yaml")))
     state = "is a directory" if path.is_dir() else "not found"
     raise UserError(f"config file {name} {state}; give a YAML path or a preset ({presets})")
-
-
-def list_presets() -> list[Any]:
-    return [p for p in (resources.files("sllm") / "configs").iterdir() if p.name.endswith(".yaml")]
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
@@ -414,11 +406,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             raise UserError(f"config file {path} must be a mapping of sections")
     for text in overrides or []:
         section, name, value = parse_override(text)
-        if section not in SECTIONS:
-            raise UserError(f"unknown config section {section!r} in {text!r}; valid: {', '.join(SECTIONS)}")
-        raw.setdefault(section, {})
-        if raw[section] is None:
-            raw[section] = {}
+        raw[section] = raw.get(section) or {}
         raw[section][name] = value
     return config_from_dict(raw)
 
@@ -427,18 +415,14 @@ def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), allow_unicode=True, sort_keys=False), "utf-8")
 
 
-def _check_ranges(cfg: Config) -> None:
-    """Every field with a declared range, in every section (also of a config built in code)."""
+def validate(cfg: Config) -> None:
+    """Impossible values and combinations fail here, before any data is read or any model is built.
+    Ranges are checked again, for a config built in code."""
     for section in SECTIONS:
         values = getattr(cfg, section)
         for spec in dataclasses.fields(values):
             check_range(f"config key {section}.{spec.name}", getattr(values, spec.name), spec)
-
-
-def validate(cfg: Config) -> None:
-    """Impossible values and combinations fail here, before any data is read or any model is built."""
-    _check_ranges(cfg)
-    m, t = cfg.model, cfg.train
+    m, t, d = cfg.model, cfg.train, cfg.data
     _validate_batch(t)
     if m.n_embd % m.n_head != 0:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
@@ -460,12 +444,10 @@ def validate(cfg: Config) -> None:
         raise UserError("set train.max_tokens or train.epochs, not both")
     if t.min_lr > t.lr:
         raise UserError(f"train.min_lr ({t.min_lr}) must not exceed train.lr ({t.lr})")
-    if cfg.data.val_ratio + cfg.data.test_ratio >= 1:
+    if d.val_ratio + d.test_ratio >= 1:
         raise UserError("data.val_ratio and data.test_ratio must be in [0, 1) and sum below 1")
-    if cfg.data.max_chars and cfg.data.max_chars < cfg.data.min_chars:
-        raise UserError(
-            f"data.max_chars ({cfg.data.max_chars}) is below data.min_chars ({cfg.data.min_chars})"
-        )
+    if d.max_chars and d.max_chars < d.min_chars:
+        raise UserError(f"data.max_chars ({d.max_chars}) is below data.min_chars ({d.min_chars})")
     if cfg.tokenizer.kind == "bpe" and cfg.tokenizer.vocab_size < 256 + len(cfg.tokenizer.special_tokens):
         raise UserError("tokenizer.vocab_size must be at least 256 + the number of special tokens")
 

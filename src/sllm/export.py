@@ -1,41 +1,22 @@
-"""To and from the Hugging Face format: export a run as a `transformers` model directory, and
-import such a directory as a run.
+"""To and from the Hugging Face format: a run as a `transformers` model directory, and back.
 
-Export writes what `from_pretrained` reads: `model.safetensors` under HF's parameter names,
-`config.json`, `generation_config.json`, the tokenizer (`tokenizer.json` plus the two small
-JSON files `AutoTokenizer` looks for) and a model card. Neither direction needs
-`transformers`: the files are JSON and safetensors. Only `sllm export --check`, which loads
-the export back and compares logits, imports it.
-
-A run with a chat template (an SFT run's `chat_template.json`) exports it as Jinja, in
-`chat_template.jinja` (what transformers 5 writes and reads first) and in
-`tokenizer_config.json` (what older readers know), so `apply_chat_template(...,
-add_generation_prompt=True)` renders sllm's prompt exactly. Stop strings of one token (SFT's
-`<|end|>`) join EOS in `eos_token_id`; longer ones go to `stop_strings`.
-
-An `HFArchitecture` maps one family of sllm models onto one HF class: which sllm configs it
-can represent, config.json ↔ `ModelConfig`, and the parameter names. Two families:
-- GPT-2 (learned positions, LayerNorm, GELU, biases, tied head). GPT-2 keeps its linear layers
-  as `Conv1D`, whose weight is (in, out), the transpose of `nn.Linear`'s; both tie the LM head
-  to the token embedding, so no `lm_head.weight` is written.
-- Llama (RoPE, RMSNorm, SwiGLU, no biases, GQA, tied or untied head). Our fused qkv matrix is
-  split into q/k/v_proj by rows; our RoPE already uses HF's rotate_half layout, so q and k
-  need no permutation.
-A `Parameter` may be a row range of one of our tensors: that is how qkv is split, and how the
-padded vocabulary rows (`model.vocab_pad_multiple`) are left out of an export.
-
-An imported run holds config.yaml, tokenizer.json and one checkpoint at step 0 with a fresh
-optimizer state, so `sllm train` continues pre-training from these weights as from a new run.
-Its `data.dir` is `data/<run name>` (not made yet) and `tokenizer.path` is the run's own
-tokenizer, so `sllm prepare --config RUN/config.yaml --input TEXT` prepares new text with
-the imported tokenizer right where `sllm train --config RUN/config.yaml` will read it.
+Export writes what `from_pretrained` reads: weights under HF's names, config.json,
+generation_config.json, the tokenizer files and a model card; the files are JSON and
+safetensors, so only `--check` (load the export, compare logits) imports `transformers`. A
+run's chat template goes out as Jinja (chat_template.jinja, tokenizer_config.json), so
+`apply_chat_template` renders sllm's prompt exactly; one-token stop strings join EOS in
+`eos_token_id`. An `HFArchitecture` maps one family onto one HF class: GPT-2 (its `Conv1D`
+weights are our `nn.Linear` ones transposed) or Llama (our qkv rows split into q/k/v_proj;
+our RoPE already has HF's layout). A `Parameter` may be a row range of our tensor: so qkv is
+split and padded vocabulary rows are left out. An imported run holds config.yaml (its
+data.dir `data/<run name>`, its own tokenizer), tokenizer.json and a step-0 checkpoint, so
+`sllm prepare --config RUN/config.yaml` and `sllm train` continue pre-training from it.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,9 +26,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from sllm.atomic import ensure_writable_dir
+from sllm.atomic import ensure_writable_dir, replace_dir, temp_path
 from sllm.config import Config, ModelConfig, save_config, validate
 from sllm.data.meta import META_FILE, DataMeta
+from sllm.data.sources import require_module
 from sllm.errors import UserError
 from sllm.infer.chat_template import PLAIN, ChatTemplate, load_chat_template, to_jinja
 from sllm.model import build_model, count_parameters
@@ -89,6 +71,23 @@ class HFArchitecture:
         raise NotImplementedError
 
     def to_hf_config(self, cfg: ModelConfig, tokenizer: Tokenizer | None) -> dict[str, Any]:
+        """config.json: the family's fields (`shape`) amid those every family has. End of text
+        serves as BOS and EOS; without a tokenizer (a bare model) there are none."""
+        eos, pad = (tokenizer.eos_id, tokenizer.pad_id) if tokenizer else (None, None)
+        return {
+            "architectures": [self.hf_class],
+            "model_type": self.model_type,
+            "vocab_size": cfg.vocab_size,
+            **self.shape(cfg),
+            "initializer_range": 0.02,
+            "use_cache": True,
+            "torch_dtype": "float32",
+            "bos_token_id": eos,
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+        }
+
+    def shape(self, cfg: ModelConfig) -> dict[str, Any]:
         raise NotImplementedError
 
     def from_hf_config(self, hf: dict[str, Any], source: Path) -> ModelConfig:
@@ -120,11 +119,8 @@ class GPT2(HFArchitecture):
             problems.append(f"model.n_kv_head is {cfg.n_kv_head} (GPT-2 needs 0 or n_head, {cfg.n_head})")
         return problems
 
-    def to_hf_config(self, cfg: ModelConfig, tokenizer: Tokenizer | None) -> dict[str, Any]:
+    def shape(self, cfg: ModelConfig) -> dict[str, Any]:
         return {
-            "architectures": [self.hf_class],
-            "model_type": self.model_type,
-            "vocab_size": cfg.vocab_size,
             "n_positions": cfg.block_size,
             "n_embd": cfg.n_embd,
             "n_layer": cfg.n_layer,
@@ -135,24 +131,14 @@ class GPT2(HFArchitecture):
             "embd_pdrop": cfg.dropout,
             "attn_pdrop": cfg.dropout,
             "layer_norm_epsilon": self.layer_norm_epsilon,
-            "initializer_range": 0.02,
             "scale_attn_weights": True,
             "scale_attn_by_inverse_layer_idx": False,
             "reorder_and_upcast_attn": False,
             "tie_word_embeddings": True,
-            "use_cache": True,
-            "torch_dtype": "float32",
-            **_special_token_ids(tokenizer),
         }
 
     def from_hf_config(self, hf: dict[str, Any], source: Path) -> ModelConfig:
-        absent = [
-            key for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head") if key not in hf
-        ]
-        if absent:
-            raise UserError(
-                f"{source / HF_CONFIG} lacks {', '.join(absent)}; it is not a complete GPT-2 config"
-            )
+        _require_keys(hf, ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"), source, "GPT-2")
         n_embd = hf["n_embd"]
         required = {
             "activation_function": (hf.get("activation_function", "gelu_new"), self.activations),
@@ -192,13 +178,8 @@ class GPT2(HFArchitecture):
         for layer in range(cfg.n_layer):
             for ours, theirs, transposed in layer_parts:
                 for kind in ("weight", "bias"):
-                    names.append(
-                        Parameter(
-                            f"blocks.{layer}.{ours}.{kind}",
-                            f"h.{layer}.{theirs}.{kind}",
-                            transposed and kind == "weight",
-                        )
-                    )
+                    ours_name, theirs_name = f"blocks.{layer}.{ours}.{kind}", f"h.{layer}.{theirs}.{kind}"
+                    names.append(Parameter(ours_name, theirs_name, transposed and kind == "weight"))
         names += [Parameter(f"norm_f.{kind}", f"ln_f.{kind}") for kind in ("weight", "bias")]
         return names
 
@@ -220,11 +201,8 @@ class Llama(HFArchitecture):
         }  # fmt: skip
         return _mismatches(cfg, wanted, "Llama")
 
-    def to_hf_config(self, cfg: ModelConfig, tokenizer: Tokenizer | None) -> dict[str, Any]:
+    def shape(self, cfg: ModelConfig) -> dict[str, Any]:
         return {
-            "architectures": [self.hf_class],
-            "model_type": self.model_type,
-            "vocab_size": cfg.vocab_size,
             "hidden_size": cfg.n_embd,
             "intermediate_size": mlp_hidden_width(cfg),
             "num_hidden_layers": cfg.n_layer,
@@ -239,20 +217,12 @@ class Llama(HFArchitecture):
             "attention_bias": False,
             "mlp_bias": False,
             "attention_dropout": cfg.dropout,
-            "initializer_range": 0.02,
             "tie_word_embeddings": cfg.tie_embeddings,
-            "use_cache": True,
-            "torch_dtype": "float32",
-            **_special_token_ids(tokenizer),
         }
 
     def from_hf_config(self, hf: dict[str, Any], source: Path) -> ModelConfig:
         keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-        absent = [key for key in (*keys, "max_position_embeddings") if key not in hf]
-        if absent:
-            raise UserError(
-                f"{source / HF_CONFIG} lacks {', '.join(absent)}; it is not a complete Llama config"
-            )
+        _require_keys(hf, (*keys, "max_position_embeddings"), source, "Llama")
         rope = hf.get("rope_parameters") or {}
         rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
         head_dim = hf["hidden_size"] // hf["num_attention_heads"]
@@ -314,10 +284,12 @@ class Llama(HFArchitecture):
         return name == "lm_head.weight" or name.endswith("rotary_emb.inv_freq")
 
 
-def _special_token_ids(tokenizer: Tokenizer | None) -> dict[str, int | None]:
-    """End of text serves as BOS and EOS; without a tokenizer (a bare model) there are none."""
-    eos, pad = (tokenizer.eos_id, tokenizer.pad_id) if tokenizer else (None, None)
-    return {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": pad}
+def _require_keys(hf: dict[str, Any], keys: tuple[str, ...], source: Path, family: str) -> None:
+    absent = [key for key in keys if key not in hf]
+    if absent:
+        raise UserError(
+            f"{source / HF_CONFIG} lacks {', '.join(absent)}; it is not a complete {family} config"
+        )
 
 
 def _mismatches(cfg: ModelConfig, wanted: dict[str, Any], family: str) -> list[str]:
@@ -363,7 +335,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
     template = load_chat_template(run.path)
     chat_jinja = None if template == PLAIN else to_jinja(template)
     weights = _to_hf_state(architecture, run.config.model, run.model.state_dict())
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = temp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -372,8 +344,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
         _write_json(tmp / "generation_config.json", _generation_config(run, template))
         _write_tokenizer_files(tmp, run.tokenizer, run.config.model.block_size, chat_jinja)
         (tmp / "README.md").write_text(model_card(run, architecture, chat_jinja is not None), "utf-8")
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -383,15 +354,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
 def _to_hf_state(
     architecture: HFArchitecture, cfg: ModelConfig, state: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    return {
-        architecture.prefix + p.theirs: _hf_tensor(p, state[p.ours]) for p in architecture.parameters(cfg)
-    }
-
-
-def _hf_tensor(parameter: Parameter, tensor: torch.Tensor) -> torch.Tensor:
-    if parameter.rows is not None:
-        tensor = tensor[parameter.rows[0] : parameter.rows[1]]
-    return (tensor.t() if parameter.transposed else tensor).contiguous()
+    """Our tensors under HF's names: row ranges cut out, Conv1D weights transposed."""
+    hf_state = {}
+    for p in architecture.parameters(cfg):
+        tensor = state[p.ours] if p.rows is None else state[p.ours][p.rows[0] : p.rows[1]]
+        hf_state[architecture.prefix + p.theirs] = (tensor.t() if p.transposed else tensor).contiguous()
+    return hf_state
 
 
 def _require_empty(out: Path) -> None:
@@ -452,9 +420,8 @@ def _write_tokenizer_files(out: Path, tokenizer: Tokenizer, block_size: int, cha
     """tokenizer.json, and the files that let `AutoTokenizer` build a fast tokenizer from it, with
     the chat template if the run has one."""
     tokenizer.save(out)
-    eos = tokenizer.decode([tokenizer.eos_id])
-    special = {"bos_token": eos, "eos_token": eos, "unk_token": eos}
-    special["pad_token"] = tokenizer.decode([tokenizer.pad_id])
+    eos, pad = tokenizer.decode([tokenizer.eos_id]), tokenizer.decode([tokenizer.pad_id])
+    special = {"bos_token": eos, "eos_token": eos, "unk_token": eos, "pad_token": pad}
     _write_json(out / "special_tokens_map.json", special)
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -494,9 +461,8 @@ def model_card(run: LoadedRun, architecture: HFArchitecture, chat: bool) -> str:
     if meta.imported_from:
         lines.append(f"- started from the Hugging Face model in `{meta.imported_from}`")
     if meta.val_loss is not None:
-        val = float(meta.val_loss)
         lines.append(
-            f"- validation loss {val:.4f} (perplexity {math.exp(val):.2f}), "
+            f"- validation loss {meta.val_loss:.4f} (perplexity {math.exp(meta.val_loss):.2f}), "
             f"estimated on {cfg.train.eval_windows} windows of the validation split"
         )
     lines += ["", *_data_lines(cfg), "", *_usage_lines(CHAT_USE if chat else TEXT_USE)]
@@ -551,7 +517,7 @@ def _usage_lines(generation: list[str]) -> list[str]:
 
 def check_export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest") -> float:
     """Load the export with `transformers`; the largest |logit difference| on sample text."""
-    transformers = _require_transformers("--check")
+    transformers = require_module("transformers", "--check", extra="hf")
     run = open_run(run_dir, torch.device("cpu"), checkpoint)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(out_dir)).eval()
     generator = torch.Generator().manual_seed(0)
@@ -565,7 +531,7 @@ def to_transformers(model: torch.nn.Module, **config_overrides: Any) -> torch.nn
     """`model`'s weights in the matching `transformers` class, in memory and in eval mode: what
     its export would load as, for comparing the two in one process (benchmarks).
     `config_overrides` set config fields, e.g. `attn_implementation="sdpa"`."""
-    transformers = _require_transformers("a transformers copy of the model")
+    transformers = require_module("transformers", "a transformers copy of the model", extra="hf")
     cfg = model.cfg
     architecture = _architecture_for(cfg, "this model")
     hf_config = architecture.to_hf_config(cfg, None) | config_overrides
@@ -579,16 +545,6 @@ def to_transformers(model: torch.nn.Module, **config_overrides: Any) -> torch.nn
     return hf_model.eval()
 
 
-def _require_transformers(purpose: str):
-    try:
-        import transformers
-    except ImportError:
-        raise UserError(
-            f"{purpose} needs the transformers package; install it with `pip install 'sllm[hf]'`"
-        ) from None
-    return transformers
-
-
 # ---- import -------------------------------------------------------------------------------
 
 
@@ -599,16 +555,20 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     ensure_writable_dir(out.parent, "imported run")
     hf_config = _read_hf_config(source)
     architecture = ARCHITECTURES.get(hf_config.get("model_type", ""))
-    if architecture is not None and architecture.hf_class not in hf_config.get(
+    # model_type and architectures (where given) must agree, or the config is not one we know
+    if architecture is None or architecture.hf_class not in hf_config.get(
         "architectures", [architecture.hf_class]
     ):
-        architecture = None  # model_type and architectures disagree: the config is not one we know
-    if architecture is None:
         known = ", ".join(a.hf_class for a in ARCHITECTURES.values())
         raise UserError(
             f"{source} holds a {hf_config.get('model_type')!r} model; sllm can import {known} models"
         )
-    tokenizer = _read_hf_tokenizer(source)
+    if not (source / TOKENIZER_FILE).is_file():
+        raise UserError(
+            f"{source} has no {TOKENIZER_FILE}; write one with transformers: "
+            f"AutoTokenizer.from_pretrained('{source}').save_pretrained('{source}')"
+        )
+    tokenizer = load_tokenizer(source)
     model_cfg = architecture.from_hf_config(hf_config, source)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise UserError(
@@ -641,15 +601,6 @@ def _read_hf_config(source: Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         raise UserError(f"{path} is not valid JSON; download the model again") from None
-
-
-def _read_hf_tokenizer(source: Path) -> Tokenizer:
-    if not (source / TOKENIZER_FILE).is_file():
-        raise UserError(
-            f"{source} has no {TOKENIZER_FILE}; write one with transformers: "
-            f"AutoTokenizer.from_pretrained('{source}').save_pretrained('{source}')"
-        )
-    return load_tokenizer(source)
 
 
 def read_hf_weights(source: Path) -> dict[str, torch.Tensor]:

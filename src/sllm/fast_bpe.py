@@ -27,20 +27,15 @@ PROBE = "Hello, world! 한국어는 NFC로 ᄒᆞᆫ글 123 4.5e6 it's\n\n  tabs
 
 @functools.cache
 def _unicode_to_byte() -> dict[str, int]:
-    """The inverse of the byte-level alphabet: the printable character standing for each byte."""
+    """The inverse of the byte-level alphabet: a printable byte stands for itself, the others
+    (in byte order) for the characters from U+0100 on."""
     printable = [
         *range(ord("!"), ord("~") + 1),
         *range(ord("¡"), ord("¬") + 1),
         *range(ord("®"), ord("ÿ") + 1),
     ]
-    chars = list(printable)
-    shifted = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + shifted)
-            shifted += 1
-    return {chr(char): byte for byte, char in zip(printable, chars, strict=True)}
+    others = [byte for byte in range(256) if byte not in printable]
+    return {chr(byte): byte for byte in printable} | {chr(256 + i): byte for i, byte in enumerate(others)}
 
 
 class FastByteLevelBPE:

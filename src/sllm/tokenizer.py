@@ -12,12 +12,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import re
 import unicodedata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from sllm.atomic import write_text_atomic
 from sllm.errors import UserError
 from sllm.fast_bpe import FastByteLevelBPE, fast_byte_level_bpe
 
@@ -78,11 +78,19 @@ class Tokenizer:
     def save(self, directory: Path) -> Path:
         """Write `tokenizer.json` into `directory` atomically."""
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / TOKENIZER_FILE
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(self.to_json(), encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        write_text_atomic(directory / TOKENIZER_FILE, self.to_json())
+        return directory / TOKENIZER_FILE
+
+    def _find_special_ids(self) -> None:
+        """`eos_id` (required) and `pad_id` (EOS when there is no padding token)."""
+        eos = _first_present(self, EOS_CANDIDATES)
+        if eos is None:
+            raise UserError(
+                f"the tokenizer has no end-of-text token (looked for {', '.join(EOS_CANDIDATES)}); "
+                "add one to its special tokens"
+            )
+        pad = _first_present(self, PAD_CANDIDATES)
+        self.eos_id, self.pad_id = eos, eos if pad is None else pad
 
 
 class BPETokenizer(Tokenizer):
@@ -92,15 +100,7 @@ class BPETokenizer(Tokenizer):
     def __init__(self, hf_tokenizer) -> None:
         self.hf = hf_tokenizer
         self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
-        eos = _first_present(self, EOS_CANDIDATES)
-        if eos is None:
-            raise UserError(
-                f"the tokenizer has no end-of-text token (looked for {', '.join(EOS_CANDIDATES)}); "
-                "add one to its special tokens"
-            )
-        self.eos_id = eos
-        pad = _first_present(self, PAD_CANDIDATES)
-        self.pad_id = eos if pad is None else pad
+        self._find_special_ids()
 
     @functools.cached_property
     def fast(self) -> FastByteLevelBPE | None:
@@ -132,10 +132,8 @@ class CharTokenizer(Tokenizer):
         self.itos = [*self.special_tokens, UNK_TOKEN, *self.chars]
         self.stoi = {s: i for i, s in enumerate(self.itos)}
         self.vocab_size = len(self.itos)
-        self.eos_id = _first_present(self, EOS_CANDIDATES)
         self.unk_id = len(self.special_tokens)
-        pad = _first_present(self, PAD_CANDIDATES)
-        self.pad_id = self.eos_id if pad is None else pad
+        self._find_special_ids()
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self._encode_one(nfc(t)) for t in texts]

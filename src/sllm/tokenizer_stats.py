@@ -12,13 +12,13 @@ cover, e.g. a rare Hangul syllable spelled as three byte tokens); for the char k
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from sllm.data.clean import dominant_script
-from sllm.data.sources import Input, ReadOptions, SourceStats, read_documents
 from sllm.errors import UserError
 from sllm.tokenizer import CharTokenizer, Tokenizer, nfc
 
@@ -52,12 +52,12 @@ class GroupStats:
 @dataclass
 class TokenizerStats:
     vocab_size: int
+    seen: np.ndarray  # per token id: whether the text used it
     groups: dict[str, GroupStats] = field(default_factory=lambda: {g: GroupStats() for g in GROUPS})
-    seen: np.ndarray | None = None
 
     @property
     def vocab_used(self) -> int:
-        return int(self.seen.sum()) if self.seen is not None else 0
+        return int(self.seen.sum())
 
 
 def fallback_table(tokenizer: Tokenizer) -> np.ndarray:
@@ -71,29 +71,12 @@ def fallback_table(tokenizer: Tokenizer) -> np.ndarray:
     return table
 
 
-def _lines(documents: Iterable[str]) -> Iterator[str]:
-    for document in documents:
-        for line in nfc(document).splitlines():
-            if line.strip():
-                yield line
-
-
-def _batches(lines: Iterator[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for line in lines:
-        batch.append(line)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def measure(tokenizer: Tokenizer, documents: Iterable[str]) -> TokenizerStats:
     """Token counts per character, byte and word by script, fallback share and vocabulary use."""
-    stats = TokenizerStats(tokenizer.vocab_size, seen=np.zeros(tokenizer.vocab_size, dtype=bool))
+    stats = TokenizerStats(tokenizer.vocab_size, np.zeros(tokenizer.vocab_size, dtype=bool))
     fallback = fallback_table(tokenizer)
-    for batch in _batches(_lines(documents), ENCODE_BATCH_LINES):
+    lines = (line for document in documents for line in nfc(document).splitlines() if line.strip())
+    for batch in iter(lambda: list(itertools.islice(lines, ENCODE_BATCH_LINES)), []):
         for line, ids in zip(batch, tokenizer.encode_batch(batch), strict=True):
             group = dominant_script(line) or "other"
             stats.groups[group].add(line, ids, fallback)
@@ -102,10 +85,6 @@ def measure(tokenizer: Tokenizer, documents: Iterable[str]) -> TokenizerStats:
     if stats.groups["all"].lines == 0:
         raise UserError("the input holds no text to measure; check --input and --text-field")
     return stats
-
-
-def measure_inputs(tokenizer: Tokenizer, sources: list[Input], options: ReadOptions) -> TokenizerStats:
-    return measure(tokenizer, read_documents(sources, options, SourceStats()))
 
 
 def format_stats(stats: TokenizerStats) -> str:

@@ -1,16 +1,13 @@
 """Document cleaning between reading and tokenizing: small steps, each switchable and counted.
 
-Rewriting steps run first (NFC, always; control and zero-width characters; whitespace), then
-filters that drop a document for one reason each (length, language, exact duplicate, near
-duplicate). Dedup sees the rewritten text, so copies that differ only in invisible characters
-or spacing count as duplicates; the first copy is kept.
-
-Decisions: zero-width joiner/non-joiner stay (they form emoji sequences and shape scripts);
-ZWSP, word joiner, BOM and soft hyphen go. The language filter compares letter counts by
-script (Hangul vs Latin) — no model to download, and mixed Korean text with English words
-still passes a 0.5 ratio. Exact dedup keeps a 16-byte digest per kept document, near dedup
-(MinHash LSH over character 5-grams through `datasketch`) an index entry per document: both
-grow with the corpus, which is why they are off by default.
+Rewrites run first (NFC, always; control and zero-width characters; whitespace), then filters
+that drop a document for one reason each (length, language, exact or near duplicate), so
+copies differing only in invisible characters or spacing are duplicates; the first is kept.
+Zero-width (non-)joiners stay (emoji sequences, script shaping); ZWSP, word joiner, BOM and
+soft hyphen go. The language filter compares letter counts by script (Hangul vs Latin): no
+model to download, and Korean with English words passes a 0.5 ratio. Exact dedup keeps 16
+bytes per document, near dedup (MinHash LSH over character 5-grams, `datasketch`) an index
+entry: both grow with the corpus, so they are off by default.
 """
 
 from __future__ import annotations
@@ -22,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sllm.errors import UserError
+from sllm.data.sources import require_module
 from sllm.tokenizer import nfc
 
 ZERO_WIDTH = "\u200b\u2060\ufeff\u00ad\u180e"
@@ -86,14 +83,9 @@ class NearDedup:
     """Keeps a document unless an earlier one has an estimated Jaccard similarity ≥ threshold."""
 
     def __init__(self, threshold: float) -> None:
-        try:
-            from datasketch import MinHash, MinHashLSH
-        except ImportError:
-            raise UserError(
-                "data.near_dedup_threshold needs the `datasketch` package; pip install 'sllm[data]'"
-            ) from None
-        self._minhash = MinHash
-        self.index = MinHashLSH(threshold=threshold, num_perm=MINHASH_PERMUTATIONS)
+        datasketch = require_module("datasketch", "data.near_dedup_threshold")
+        self._minhash = datasketch.MinHash
+        self.index = datasketch.MinHashLSH(threshold=threshold, num_perm=MINHASH_PERMUTATIONS)
         self.count = 0
 
     def __call__(self, text: str) -> bool:
@@ -116,9 +108,6 @@ class CleanReport:
     kept: int = 0
     changed: Counter[str] = field(default_factory=Counter)
     dropped: Counter[str] = field(default_factory=Counter)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"kept": self.kept, "changed": dict(self.changed), "dropped": dict(self.dropped)}
 
 
 class Cleaner:

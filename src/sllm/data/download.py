@@ -1,20 +1,13 @@
 """`sllm download PRESET --out DIR`: well-known corpora streamed from the Hugging Face hub into
 JSONL shards that `sllm prepare --input DIR` reads.
 
-Each preset names a dataset (hub id, config, split), the field or fields that make a document
-(several are joined with a newline: KLUE-STS sentence pairs, KLUE-NLI premise + hypothesis),
-its license and a one-line description; `sllm download --list` prints them. Records stream
-through `datasets.load_dataset(..., streaming=True)`, so only what is written is fetched.
-
-Output: `DIR/<preset>-00000.jsonl`, ... (`{"text": ...}` per line, at most `shard_docs`
-documents each) and `DIR/download.json`, the manifest. A shard is written under a temp name
-and renamed; the manifest is rewritten after every shard. A budget (`max_docs`, and `max_bytes`
-of UTF-8 text, never exceeded) ends the download cleanly. An interrupted download resumes: the
-complete shards are kept, a shard the manifest does not list is deleted, and the stream is read
-again from the start with the documents already written skipped (streamed, not written; a
-hub split streams in a fixed order, so the skipped ones are the same). A finished download run
-again does nothing, unless a larger budget asks for more. Hub and network failures become
-one line naming the preset and the fix.
+A preset names a dataset (hub id, config, split), the fields that make a document (joined
+with a newline), its license and a description (`--list`). Shards (`<preset>-00000.jsonl`, at
+most `shard_docs` documents each) appear whole, then `download.json`, the manifest, lists
+them. A budget (`max_docs`, `max_bytes` never exceeded) ends the download cleanly. An
+interrupted download resumes: unlisted shards are deleted and the stream, which a hub split
+gives in a fixed order, is read again with the documents already written skipped. Hub and
+network failures become one line naming the preset and the fix.
 """
 
 from __future__ import annotations
@@ -145,10 +138,6 @@ class Manifest:
     finished: bool = False
     stopped_by: str | None = None  # "end" of the split, "max_docs" or "max_bytes"
 
-    @classmethod
-    def start(cls, preset: Preset) -> Manifest:
-        return cls(preset.name, preset.hf_id, preset.config, preset.split, preset.data_files, preset.license)
-
 
 @dataclass
 class DownloadResult:
@@ -178,14 +167,8 @@ def format_presets() -> str:
 
 def describe(result: DownloadResult) -> str:
     m = result.manifest
-    if result.already_done:
-        state = "already complete"
-    else:
-        state = {
-            "end": "the whole split",
-            "max_docs": "--max-docs reached",
-            "max_bytes": "--max-bytes reached",
-        }[m.stopped_by or "end"]
+    reached = {"end": "the whole split", "max_docs": "--max-docs reached", "max_bytes": "--max-bytes reached"}
+    state = "already complete" if result.already_done else reached[m.stopped_by or "end"]
     return (
         f"{m.preset}: {m.documents:,} documents, {m.bytes:,} bytes of text in {len(m.shards)} "
         f"shard{'' if len(m.shards) == 1 else 's'} "
@@ -225,7 +208,7 @@ def download(
     ensure_writable_dir(out, "download")
     recover_all(out)
     manifest = _read_manifest(out, preset)
-    _delete_unlisted_shards(out, preset, manifest)
+    _delete_unlisted_shards(out, manifest)
     if _already_done(manifest, max_docs, max_bytes):
         return DownloadResult(manifest, out, already_done=True)
     manifest = dataclasses.replace(
@@ -233,13 +216,13 @@ def download(
     )
     _save(out, manifest)
 
-    records = _guarded(preset, lambda: load(preset))
+    records = _guarded(preset, load)
     budget = _Budget(max_docs, max_bytes, manifest.documents, manifest.bytes)
     documents = budget.take(islice(documents_of(preset, records), manifest.documents, None))
     with tqdm(
         total=max_docs, initial=manifest.documents, unit=" docs", disable=None if progress else True
     ) as bar:
-        _write_shards(out, preset, manifest, documents, shard_docs, bar)
+        _write_shards(out, manifest, documents, shard_docs, bar)
     manifest.finished, manifest.stopped_by = True, budget.stopped_by or "end"
     _save(out, manifest)
     return DownloadResult(manifest, out, already_done=False)
@@ -284,16 +267,11 @@ class _Budget:
 
 
 def _write_shards(
-    out: Path,
-    preset: Preset,
-    manifest: Manifest,
-    documents: Iterator[tuple[str, int]],
-    shard_docs: int,
-    bar: tqdm,
+    out: Path, manifest: Manifest, documents: Iterator[tuple[str, int]], shard_docs: int, bar: tqdm
 ) -> None:
     """Each shard appears whole (temp name, then rename) before the manifest lists it."""
     for first in documents:
-        path = out / f"{preset.name}-{len(manifest.shards):05d}.jsonl"
+        path = out / f"{manifest.preset}-{len(manifest.shards):05d}.jsonl"
         count = size = 0
         with atomic_text_writer(path) as handle:
             for text, text_bytes in chain([first], islice(documents, shard_docs - 1)):
@@ -306,20 +284,14 @@ def _write_shards(
         _save(out, manifest)
 
 
-def _guarded(
-    preset: Preset, open_records: Callable[[], Iterable[Mapping[str, Any]]]
-) -> Iterator[Mapping[str, Any]]:
-    """Records from the loader, with its failures (at load time or mid-stream) as one line."""
+def _guarded(preset: Preset, load: Loader) -> Iterator[Mapping[str, Any]]:
+    """The loader's records, with its failures (at load time or mid-stream) as one line."""
     try:
-        iterator = iter(open_records())
+        iterator = iter(load(preset))
     except UserError:
         raise
     except Exception as exc:  # hub, network and format errors of many kinds
         raise _load_error(preset, exc) from None
-    return _guarded_iteration(preset, iterator)
-
-
-def _guarded_iteration(preset: Preset, iterator: Iterator[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
     while True:
         try:
             record = next(iterator)
@@ -377,7 +349,9 @@ def _check_positive(**values: int | None) -> None:
 def _read_manifest(out: Path, preset: Preset) -> Manifest:
     path = out / DOWNLOAD_MANIFEST
     if not path.exists():
-        return Manifest.start(preset)
+        return Manifest(
+            preset.name, preset.hf_id, preset.config, preset.split, preset.data_files, preset.license
+        )
     try:
         manifest = Manifest(**json.loads(path.read_text(encoding="utf-8")))
     except (ValueError, TypeError):
@@ -389,10 +363,10 @@ def _read_manifest(out: Path, preset: Preset) -> Manifest:
     return manifest
 
 
-def _delete_unlisted_shards(out: Path, preset: Preset, manifest: Manifest) -> None:
+def _delete_unlisted_shards(out: Path, manifest: Manifest) -> None:
     """A shard renamed into place just before a crash, not yet in the manifest: written again."""
     listed = {shard["file"] for shard in manifest.shards}
-    for path in out.glob(f"{preset.name}-*.jsonl"):
+    for path in out.glob(f"{manifest.preset}-*.jsonl"):
         if path.name not in listed:
             path.unlink()
 

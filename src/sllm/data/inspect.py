@@ -2,7 +2,7 @@
 
 Seeing decoded windows is the quickest check that the model will read what you meant:
 the right field, sane normalization, EOS between documents (shown as the token itself).
-The per-source lines are shared with prepare's closing summary.
+The overview of splits, sources and cleaning is also prepare's closing summary.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from sllm.data.loader import open_split
-from sllm.data.meta import DataMeta
+from sllm.data.meta import CleaningCounts, DataMeta
 from sllm.tokenizer import load_tokenizer
 
 
@@ -22,23 +22,12 @@ def describe_data(data_dir: str | Path, show_samples: int = 0, window_tokens: in
     lines = [
         f"{data_dir}: vocabulary {meta.vocab_size:,} tokens ({meta.dtype}), EOS id {meta.eos_id}, "
         f"tokenizer sha256 {meta.tokenizer_sha256[:12]}",
+        *overview_lines(meta),
     ]
-    for split, counts in meta.splits.items():
-        if counts.documents:
-            shards = len(meta.shards[split])
-            lines.append(
-                f"  {split:<5} {counts.documents:>9,} documents {counts.tokens:>12,} tokens "
-                f"{counts.bytes:>13,} bytes ({counts.bytes / counts.tokens:.2f} bytes/token) "
-                f"in {shards} shard{'s' if shards > 1 else ''}"
-            )
-    lines += source_lines(meta)
     inputs = meta.input_files()
     lines.append(f"  sources ({len(inputs)}): " + ", ".join(i.path for i in inputs[:5]))
     if len(inputs) > 5:
         lines[-1] += f", … {len(inputs) - 5} more"
-    skipped = {k: v for k, v in meta.skipped.items() if v}
-    if skipped:
-        lines.append("  skipped: " + counts_line(skipped))
     tokens = open_split(data_dir, "train", meta)
     rng = np.random.default_rng(seed)
     width = min(window_tokens, len(tokens))
@@ -49,9 +38,18 @@ def describe_data(data_dir: str | Path, show_samples: int = 0, window_tokens: in
     return "\n".join(lines)
 
 
-def source_lines(meta: DataMeta) -> list[str]:
-    """One line per source when there are several: its size and its share of training."""
+def overview_lines(meta: DataMeta) -> list[str]:
+    """Each split's size; each source's size and share of training, when there are several;
+    what reading skipped and cleaning dropped or changed, by reason."""
     lines = []
+    for split, counts in meta.splits.items():
+        if counts.documents:
+            shards = len(meta.shards[split])
+            lines.append(
+                f"  {split:<5} {counts.documents:>9,} documents {counts.tokens:>12,} tokens "
+                f"{counts.bytes:>13,} bytes ({counts.bytes / counts.tokens:.2f} bytes/token) "
+                f"in {shards} shard{'s' if shards > 1 else ''}"
+            )
     for source in meta.sources if len(meta.sources) > 1 else []:
         counts = source.splits.values()
         documents, tokens = sum(c.documents for c in counts), sum(c.tokens for c in counts)
@@ -59,9 +57,13 @@ def source_lines(meta: DataMeta) -> list[str]:
             f"  source {source.name}: {documents:,} documents, {tokens:,} tokens ({source.split}), "
             f"train share {source.natural_share:.1%}, sampled {source.sampling_share:.1%}"
         )
+    cleaning = meta.cleaning or CleaningCounts(kept=0, changed={}, dropped={})
+    for label, counts in (
+        ("skipped", meta.skipped),
+        ("dropped", cleaning.dropped),
+        ("changed", cleaning.changed),
+    ):
+        listed = ", ".join(f"{n:,} {reason.replace('_', ' ')}" for reason, n in counts.items() if n)
+        if listed:
+            lines.append(f"  {label + ':':<8} {listed}")
     return lines
-
-
-def counts_line(counts: dict[str, int]) -> str:
-    """`{"malformed_lines": 2}` → "2 malformed lines"."""
-    return ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in counts.items())

@@ -31,30 +31,25 @@ def open_split(data_dir: str | Path, split: str, meta: DataMeta) -> np.ndarray |
     return open_shards(Path(data_dir), meta.shards[split], meta.dtype, tokens, meta.shard_tokens)
 
 
+@dataclass(eq=False)
 class TrainWindows:
     """Random windows of `block_size + 1` tokens, addressed by (step, micro-batch index); with a
     mixture, each window first draws its source by weight (sllm.data.mixture)."""
 
-    def __init__(
-        self,
-        tokens: np.ndarray | TokenShards,
-        block_size: int,
-        micro_batch: int,
-        seed: int,
-        mixture: TrainMixture | None = None,
-    ) -> None:
-        if len(tokens) < block_size + 1:
+    tokens: np.ndarray | TokenShards
+    block_size: int
+    micro_batch: int
+    seed: int
+    mixture: TrainMixture | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.tokens) < self.block_size + 1:
             raise UserError(
-                f"the train split has {len(tokens)} tokens, fewer than block_size + 1 "
-                f"({block_size + 1}); lower train.block_size or add data"
+                f"the train split has {len(self.tokens)} tokens, fewer than block_size + 1 "
+                f"({self.block_size + 1}); lower train.block_size or add data"
             )
-        self.tokens = tokens
-        self.block_size = block_size
-        self.micro_batch = micro_batch
-        self.seed = seed
-        self.mixture = mixture
-        if mixture is not None:
-            mixture.check_window(block_size + 1)
+        if self.mixture is not None:
+            self.mixture.check_window(self.block_size + 1)
 
     def starts(self, step: int, index: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, step, index])

@@ -1,16 +1,11 @@
 """Named sources and their mixture: which documents go where, and how often training sees each.
 
-A prepare reads one or more sources: `data.inputs` (one source, or one per input when
-`data.input_weights` is given), held-out `data.val_inputs` / `data.test_inputs`, and the
-entries of `data.sources`, each with its own inputs, text field, weight and split.
-
-Mixture weights are applied by the training sampler, not by dropping or repeating documents
-at prepare time: sources are read one after the other, so each source's training tokens form
-one contiguous range of the train split (recorded in meta.json), and the sampler first draws
-a source by weight, then a window inside that source's range. No data is thrown away, nothing
-is stored twice, the realised mix equals the weights in expectation, and a window never spans
-two sources. With no weights the sampler draws windows uniformly over the whole split (the
-natural mix).
+Sources: `data.inputs` (one per input when weighted), held-out `data.val_inputs` /
+`test_inputs`, and `data.sources` entries with their own inputs, field, weight and split.
+Weights are applied by the training sampler, not by dropping or repeating documents: each
+source's train tokens are one contiguous range of the split (in meta.json), and a window
+first draws its source by weight, then a start inside that range. Nothing is thrown away or
+stored twice, and no window spans two sources. Without weights: the natural mix.
 """
 
 from __future__ import annotations

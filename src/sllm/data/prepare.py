@@ -1,20 +1,13 @@
 """Raw text → prepared data directory: tokenizer.json, token shards per split, meta.json.
 
-Documents are read from each source in turn (sllm.data.mixture), cleaned (sllm.data.clean:
-NFC and the configured rewrites and filters, each counted in meta.json), split by a seeded
-draw per document (so a document never straddles splits) or by their held-out source, encoded
-in batches and joined with EOS. Reading and cleaning run in a background thread while the
-tokenizer's Rust threads encode the previous batch on every core. Tokens go to shards of
-`data.shard_tokens` (sllm.data.shards): uint16 when the vocabulary fits, else uint32.
-Memory is bounded by a few batches, whatever the corpus size (exact and near dedup aside).
-
-meta.json (its format: sllm.data.meta) keeps a fingerprint of the inputs (content sha256),
-the tokenizer and the settings: re-running on unchanged inputs does nothing, anything changed
-(or an unreadable meta.json) rebuilds. Work happens in a hidden work directory that is renamed
-into place at the end, so an interrupted prepare never leaves a half-written directory that
-looks complete; the work directory keeps `progress.json` (written after each finished shard
-and every half minute), and a rerun with the same inputs and settings continues from there,
-producing the same bytes as an uninterrupted prepare.
+Documents are read source by source (sllm.data.mixture), cleaned (sllm.data.clean), split by
+a seeded draw per document or by their held-out source, encoded in batches and joined with
+EOS into shards (sllm.data.shards). A background thread reads and cleans while the
+tokenizer encodes the previous batch on every core; memory stays at a few batches. meta.json
+(sllm.data.meta) fingerprints inputs, tokenizer and settings: an unchanged rerun does
+nothing. Work happens in a hidden directory renamed into place at the end; its
+`progress.json` (saved after each shard and every half minute) lets an interrupted prepare
+resume to the same bytes as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -36,7 +29,7 @@ from tqdm import tqdm
 from sllm.atomic import ensure_writable_dir, recover_dir, replace_dir, write_text_atomic
 from sllm.config import DataConfig, TokenizerConfig
 from sllm.data.clean import Cleaner, CleanReport
-from sllm.data.inspect import counts_line, source_lines
+from sllm.data.inspect import overview_lines
 from sllm.data.meta import (
     FORMAT_VERSION,
     META_FILE,
@@ -152,11 +145,8 @@ def _fingerprint(
     sources: list[Source], data: DataConfig, tok: TokenizerConfig, given: Tokenizer | None
 ) -> dict[str, Any]:
     """What the output depends on: input contents, the tokenizer (or its recipe), settings."""
-    tokenizer_key: dict[str, Any]
-    if given is not None:
-        tokenizer_key = {"file_sha256": given.sha256}
-    else:
-        tokenizer_key = {"train": {k: v for k, v in dataclasses.asdict(tok).items() if k != "path"}}
+    recipe = {k: v for k, v in dataclasses.asdict(tok).items() if k != "path"}
+    tokenizer_key = {"train": recipe} if given is None else {"file_sha256": given.sha256}
     settings = {k: v for k, v in dataclasses.asdict(data).items() if k not in ("dir", "inputs")}
     inputs = [_input_fingerprint(file) for source in sources for file in source.files]
     return {
@@ -217,15 +207,12 @@ def _cleaned_batches(
     sources: list[Source], cleaner: Cleaner, stats: SourceStats
 ) -> Iterator[list[tuple[int, str]]]:
     """(source index, cleaned text) in batches of ENCODE_BATCH_DOCS, sources one after another."""
-    batch: list[tuple[int, str]] = []
-    for index, source in enumerate(sources):
-        for text in cleaner(read_documents(source.files, source.options, stats)):
-            batch.append((index, text))
-            if len(batch) == ENCODE_BATCH_DOCS:
-                yield batch
-                batch = []
-    if batch:
-        yield batch
+    documents = (
+        (index, text)
+        for index, source in enumerate(sources)
+        for text in cleaner(read_documents(source.files, source.options, stats))
+    )
+    return iter(lambda: list(itertools.islice(documents, ENCODE_BATCH_DOCS)), [])
 
 
 class SplitWriter:
@@ -403,7 +390,9 @@ def _write_all(writer: SplitWriter, sources: list[Source], data: DataConfig, nam
             "malformed_lines": stats.malformed_lines,
             "invalid_utf8_lines": stats.invalid_utf8_lines,
         },
-        cleaning=CleaningCounts(**cleaner.report.as_dict()),
+        cleaning=CleaningCounts(
+            cleaner.report.kept, dict(cleaner.report.changed), dict(cleaner.report.dropped)
+        ),
         fingerprint=progress.fingerprint,
     )
     meta.write(writer.work)
@@ -441,19 +430,6 @@ def _source_entries(sources: list[Source], counts: list[dict[str, dict[str, int]
 
 
 def summary(meta: DataMeta, seconds: float) -> str:
-    lines = [f"prepared in {seconds:.1f}s: vocab {meta.vocab_size}, dtype {meta.dtype}"]
-    for split, c in meta.splits.items():
-        if c.documents:
-            lines.append(
-                f"  {split:<5} {c.documents:>9,} documents {c.tokens:>12,} tokens "
-                f"{c.bytes / max(c.tokens, 1):.2f} bytes/token"
-            )
-    lines += source_lines(meta)
-    skipped = {k: v for k, v in meta.skipped.items() if v}
-    if skipped:
-        lines.append("  skipped: " + counts_line(skipped))
-    if meta.cleaning:
-        for label, counts in (("dropped", meta.cleaning.dropped), ("changed", meta.cleaning.changed)):
-            if counts:
-                lines.append(f"  {label + ':':<8} {counts_line(counts)}")
-    return "\n".join(lines)
+    return "\n".join(
+        [f"prepared in {seconds:.1f}s: vocab {meta.vocab_size}, dtype {meta.dtype}", *overview_lines(meta)]
+    )

@@ -123,29 +123,22 @@ class TokenShards:
         return whole if dtype is None else whole.astype(dtype)
 
 
-def open_token_file(path: Path, dtype: str) -> np.ndarray:
-    """A token file as a read-only memmap (an empty array for an empty file)."""
-    if not path.is_file():
-        raise UserError(f"{path} not found; run `sllm prepare` for {path.parent} again")
-    if path.stat().st_size == 0:
-        return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r")
-
-
 def open_shards(
     directory: Path, names: list[str], dtype: str, tokens: int, shard_tokens: int
 ) -> np.ndarray | TokenShards:
     """The shards as one array; a single shard is returned as its plain memmap. Every shard
     but the last holds `shard_tokens`, all together `tokens` (what meta.json recorded): a
     file of another size was truncated or overwritten, and reading it would train on garbage."""
-    itemsize = np.dtype(dtype).itemsize
+    parts = []
     for index, name in enumerate(names):
         path = directory / name
+        if not path.is_file():
+            raise UserError(f"{path} not found; run `sllm prepare` for {directory} again")
         expected = tokens - index * shard_tokens if index == len(names) - 1 else shard_tokens
-        if path.is_file() and path.stat().st_size != expected * itemsize:
+        if path.stat().st_size != expected * np.dtype(dtype).itemsize:
             raise UserError(
                 f"{path} is damaged: {path.stat().st_size:,} bytes where meta.json promises "
                 f"{expected:,} tokens of {dtype}; run `sllm prepare` for {directory} again"
             )
-    parts = [open_token_file(directory / name, dtype) for name in names]
+        parts.append(np.memmap(path, dtype=dtype, mode="r") if expected else np.zeros(0, dtype=dtype))
     return parts[0] if len(parts) == 1 else TokenShards(parts)

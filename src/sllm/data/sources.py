@@ -1,17 +1,12 @@
 """Documents from raw files and Hugging Face datasets, one record at a time.
 
-Formats: TXT, JSONL, JSON (an array of objects), CSV/TSV (a named column) and Parquet (a named
-column), each optionally `.gz` or `.zst` compressed (except Parquet, which compresses inside);
-a file, a directory (its `download.json`, written by `sllm download`, is skipped) or a glob;
-and `hf:<name>` inputs read through the `datasets` library.
-The text field may be a dotted path into nested records (`meta.text`).
-
-Memory stays bounded by one record: TXT/JSONL/CSV stream line by line (in binary, so a bad
-byte or a malformed line is reported with its file, line and byte offset); a JSON array is
-parsed element by element from 1 MiB chunks, so its memory is bounded by the largest element;
-Parquet is read in record batches. `pyarrow`, `zstandard` and `datasets` are optional and
-imported only when a file needs them. With `on_error="skip"` malformed records are skipped
-and invalid UTF-8 is replaced; both are counted.
+TXT, JSONL, JSON arrays, CSV/TSV and Parquet (a named column, a dotted path into nested
+records), optionally `.gz` or `.zst`; files, directories (skipping `sllm download`'s
+manifest), globs and `hf:<name>` datasets. Memory stays bounded by one record: lines stream
+in binary (so an error names file, line and byte offset), a JSON array is parsed element by
+element from 1 MiB chunks, Parquet by record batches. `pyarrow`, `zstandard` and `datasets`
+are imported only when needed. With `on_error="skip"` malformed records are skipped and
+invalid UTF-8 replaced; both are counted.
 """
 
 from __future__ import annotations
@@ -20,11 +15,14 @@ import codecs
 import csv
 import glob
 import gzip
+import importlib
 import io
+import itertools
 import json
 import re
 import sys
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -146,15 +144,13 @@ def expand_inputs(inputs: list[str]) -> list[Input]:
     return found
 
 
-def require_module(module: str, purpose: str) -> Any:
-    """Import an optional dependency, or say how to install it."""
-    import importlib
-
+def require_module(module: str, purpose: str, extra: str = "data") -> Any:
+    """Import an optional dependency, or say which of sllm's extras installs it."""
     try:
         return importlib.import_module(module)
     except ImportError:
         package = module.split(".")[0]
-        raise UserError(f"{purpose} needs the `{package}` package; pip install 'sllm[data]'") from None
+        raise UserError(f"{purpose} needs the `{package}` package; pip install 'sllm[{extra}]'") from None
 
 
 def _open_binary(path: Path) -> BinaryIO:
@@ -170,81 +166,72 @@ def _open_binary(path: Path) -> BinaryIO:
         raise UserError(f"cannot read {path}: {exc.strerror}") from None
 
 
-def _read_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean a damaged or unreadable (possibly compressed) file."""
-    errors: tuple[type[BaseException], ...] = (OSError, EOFError)
-    if "zstandard" in sys.modules:
-        errors += (sys.modules["zstandard"].ZstdError,)
-    return errors
+@contextmanager
+def _reading(path: Path) -> Iterator[BinaryIO]:
+    """The file's bytes, decompressed; a read that fails (a damaged or truncated compressed
+    file too) is a UserError naming the file."""
+    with _open_binary(path) as handle:
+        errors: tuple[type[BaseException], ...] = (OSError, EOFError)
+        if "zstandard" in sys.modules:
+            errors += (sys.modules["zstandard"].ZstdError,)
+        try:
+            yield handle
+        except errors as exc:
+            raise UserError(f"cannot read {path}: {exc}") from None
 
 
 def _lines(path: Path, on_error: str, stats: SourceStats) -> Iterator[tuple[int, str]]:
     """(line number, decoded line) with UTF-8 and binary checks; line numbers start at 1."""
     offset = 0
-    with _open_binary(path) as handle:
-        try:
-            for number, raw in enumerate(handle, start=1):
-                if b"\x00" in raw:
-                    raise UserError(f"{path} looks like a binary file (NUL byte at line {number})")
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    if on_error != "skip":
-                        raise UserError(
-                            f"{path}: invalid UTF-8 at byte {offset + exc.start} (line {number}); "
-                            "convert the file to UTF-8 or set data.on_error=skip to replace bad bytes"
-                        ) from None
-                    stats.invalid_utf8_lines += 1
-                    line = raw.decode("utf-8", errors="replace")
-                offset += len(raw)
-                yield number, line
-        except _read_errors() as exc:
-            raise UserError(f"cannot read {path}: {exc}") from None
+    with _reading(path) as handle:
+        for number, raw in enumerate(handle, start=1):
+            if b"\x00" in raw:
+                raise UserError(f"{path} looks like a binary file (NUL byte at line {number})")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                if on_error != "skip":
+                    raise UserError(
+                        f"{path}: invalid UTF-8 at byte {offset + exc.start} (line {number}); "
+                        "convert the file to UTF-8 or set data.on_error=skip to replace bad bytes"
+                    ) from None
+                stats.invalid_utf8_lines += 1
+                line = raw.decode("utf-8", errors="replace")
+            offset += len(raw)
+            yield number, line
 
 
 def _text_chunks(path: Path, on_error: str) -> Iterator[str]:
     """The decoded text of a file in chunks of about JSON_CHUNK_BYTES."""
     decoder = codecs.getincrementaldecoder("utf-8")("replace" if on_error == "skip" else "strict")
     offset = 0
-    with _open_binary(path) as handle:
-        try:
-            while chunk := handle.read(JSON_CHUNK_BYTES):
-                if b"\x00" in chunk:
-                    raise UserError(f"{path} looks like a binary file (NUL byte near byte {offset})")
-                try:
-                    yield decoder.decode(chunk)
-                except UnicodeDecodeError as exc:
-                    raise UserError(
-                        f"{path}: invalid UTF-8 near byte {offset + exc.start}; "
-                        "convert the file to UTF-8 or set data.on_error=skip to replace bad bytes"
-                    ) from None
-                offset += len(chunk)
-            yield decoder.decode(b"", final=True)
-        except _read_errors() as exc:
-            raise UserError(f"cannot read {path}: {exc}") from None
-
-
-def _field_value(record: Any, text_field: str) -> tuple[Any, str | None]:
-    """The value at `text_field` (a key, else a dotted path), or a problem description."""
-    if not isinstance(record, dict):
-        return None, "the record is not a JSON object"
-    if text_field in record:
-        return record[text_field], None
-    value: Any = record
-    for depth, key in enumerate(text_field.split(".")):
-        if not isinstance(value, dict) or key not in value:
-            level = value if isinstance(value, dict) else {}
-            where = "" if depth == 0 else f" under {'.'.join(text_field.split('.')[:depth])!r}"
-            fields = ", ".join(level) or "none"
-            return None, f"no string field {text_field!r} (fields{where}: {fields}); set --text-field"
-        value = value[key]
-    return value, None
+    with _reading(path) as handle:
+        while chunk := handle.read(JSON_CHUNK_BYTES):
+            if b"\x00" in chunk:
+                raise UserError(f"{path} looks like a binary file (NUL byte near byte {offset})")
+            try:
+                yield decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                raise UserError(
+                    f"{path}: invalid UTF-8 near byte {offset + exc.start}; "
+                    "convert the file to UTF-8 or set data.on_error=skip to replace bad bytes"
+                ) from None
+            offset += len(chunk)
+        yield decoder.decode(b"", final=True)
 
 
 def _record_text(record: Any, text_field: str) -> tuple[str | None, str | None]:
-    value, problem = _field_value(record, text_field)
-    if problem is not None:
-        return None, problem
+    """The text at `text_field` (a key, else a dotted path; null is empty), or a problem description."""
+    if not isinstance(record, dict):
+        return None, "the record is not a JSON object"
+    keys = [text_field] if text_field in record else text_field.split(".")
+    value: Any = record
+    for depth, key in enumerate(keys):
+        if not isinstance(value, dict) or key not in value:
+            fields = ", ".join(value if isinstance(value, dict) else {}) or "none"
+            where = "" if depth == 0 else f" under {'.'.join(keys[:depth])!r}"
+            return None, f"no string field {text_field!r} (fields{where}: {fields}); set --text-field"
+        value = value[key]
     if value is None:
         return "", None
     if not isinstance(value, str):
@@ -256,15 +243,10 @@ def _txt_documents(path: Path, options: ReadOptions, stats: SourceStats) -> Iter
     if options.txt_mode == "file":
         yield "".join(line for _, line in _lines(path, options.on_error, stats))
         return
-    block: list[str] = []
-    for _, line in _lines(path, options.on_error, stats):
-        if line.strip():
-            block.append(line)
-        elif block:
-            yield "".join(block).rstrip("\r\n")
-            block = []
-    if block:
-        yield "".join(block).rstrip("\r\n")
+    lines = (line for _, line in _lines(path, options.on_error, stats))
+    for filled, paragraph in itertools.groupby(lines, key=lambda line: bool(line.strip())):
+        if filled:
+            yield "".join(paragraph).rstrip("\r\n")
 
 
 def _texts_of_records(
@@ -356,10 +338,7 @@ def _csv_records(path: Path, options: ReadOptions, stats: SourceStats) -> Iterat
     header = next(reader, None)
     if header is None:
         return
-    if options.text_field.split(".")[0] not in header and options.text_field not in header:
-        raise UserError(
-            f"{path} has no column {options.text_field!r} (columns: {', '.join(header)}); set --text-field"
-        )
+    _text_column(path, options.text_field, header)
     try:
         for row in reader:
             yield f"line {reader.line_num}", dict(zip(header, row, strict=False))
@@ -376,17 +355,22 @@ def _parquet_records(path: Path, options: ReadOptions) -> Iterator[tuple[str, An
         reader = parquet.ParquetFile(path)
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...: all mean "not readable"
         raise UserError(f"cannot read {path} as Parquet: {str(exc).splitlines()[0]}") from None
-    columns = reader.schema_arrow.names
-    column = options.text_field if options.text_field in columns else options.text_field.split(".")[0]
-    if column not in columns:
-        raise UserError(
-            f"{path} has no column {options.text_field!r} (columns: {', '.join(columns)}); set --text-field"
-        )
+    column = _text_column(path, options.text_field, reader.schema_arrow.names)
     row = 0
     for batch in reader.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[column]):
         for value in batch.column(0).to_pylist():
             row += 1
             yield f"row {row}", {column: value}
+
+
+def _text_column(source: Input, text_field: str, columns: list[str]) -> str:
+    """The column holding `text_field`: itself, or the first part of a dotted path."""
+    column = text_field if text_field in columns else text_field.split(".")[0]
+    if column not in columns:
+        raise UserError(
+            f"{source} has no column {text_field!r} (columns: {', '.join(columns)}); set --text-field"
+        )
+    return column
 
 
 def _hf_dataset(source: HFDataset, options: ReadOptions) -> Any:
@@ -419,15 +403,8 @@ def _hf_dataset(source: HFDataset, options: ReadOptions) -> Any:
 
 def _hf_records(source: HFDataset, options: ReadOptions) -> Iterator[tuple[str, Any]]:
     dataset = _hf_dataset(source, options)
-    columns = dataset.column_names
-    column = options.text_field if options.text_field in (columns or []) else options.text_field.split(".")[0]
-    if columns is not None:
-        if column not in columns:
-            raise UserError(
-                f"{source} has no column {options.text_field!r} (columns: {', '.join(columns)}); "
-                "set --text-field"
-            )
-        dataset = dataset.select_columns([column])
+    if dataset.column_names is not None:  # a streamed dataset may not know its columns
+        dataset = dataset.select_columns([_text_column(source, options.text_field, dataset.column_names)])
     for row, record in enumerate(dataset, start=1):
         yield f"row {row}", record
 

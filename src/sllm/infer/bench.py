@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from sllm.errors import UserError
 from sllm.infer.engine import TextGenerator, TokenStream
@@ -46,25 +45,22 @@ def _peak_memory_mib(device: torch.device) -> float:
 
 
 def measure_generation(
-    model: nn.Module,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    batch: int,
-    prompt_tokens: int,
-    new_tokens: int,
-    compile_step: bool = False,
+    generator: TextGenerator, batch: int, prompt_tokens: int, new_tokens: int
 ) -> GenerationSpeed:
     """Greedy generation of `new_tokens` for `batch` random prompts, timed step by step, after
     one untimed run of the same shape (which compiles the step). On CUDA every stream
     captures its own CUDA graph at its first decode step, so the decode rate includes that
     capture, as each request's does."""
+    model, device = generator.model, generator.device
     vocab = model.cfg.vocab_size
     prompts = torch.randint(0, vocab, (batch, prompt_tokens), generator=torch.Generator().manual_seed(0))
     rows = prompts.tolist()
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
 
     def stream() -> TokenStream:
-        return TokenStream(model, rows, params, None, device, amp_dtype, compile_step=compile_step)
+        return TokenStream(
+            model, rows, params, None, device, generator.amp_dtype, compile_step=generator.compile_step
+        )
 
     list(stream())
     if device.type == "cuda":
@@ -130,18 +126,7 @@ def bench_generate(
     if threads > 0:
         torch.set_num_threads(threads)
     generator = TextGenerator.from_run(run_dir, device, compile_step=compile_step)
-    return [
-        measure_generation(
-            generator.model,
-            generator.device,
-            generator.amp_dtype,
-            batch,
-            prompt_tokens,
-            new_tokens,
-            compile_step,
-        )
-        for batch in batch_sizes
-    ]
+    return [measure_generation(generator, batch, prompt_tokens, new_tokens) for batch in batch_sizes]
 
 
 def format_table(rows: list[GenerationSpeed]) -> str:

@@ -9,27 +9,22 @@ room for the reply. `/set NAME VALUE` changes a sampling option mid-conversation
 from __future__ import annotations
 
 import dataclasses
-import typing
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TextIO
 
 from sllm.errors import UserError
 from sllm.infer.chat_template import ChatTemplate, Message
 from sllm.infer.engine import TextGenerator
-from sllm.infer.sampling import SamplingParams
-
-
-def reply_reserve(generator: TextGenerator, params: SamplingParams) -> int:
-    """Context tokens kept free for the reply: max_new_tokens, at most half the context."""
-    return min(params.max_new_tokens, generator.context_tokens // 2)
+from sllm.infer.sampling import OPTION_TYPES, SamplingParams
 
 
 def fit_history(
     messages: list[Message], template: ChatTemplate, generator: TextGenerator, params: SamplingParams
 ) -> tuple[list[Message], int]:
     """The newest messages whose prompt fits the context with room for the reply, and how
-    many were dropped. System messages are kept; the last message always is."""
-    budget = generator.context_tokens - reply_reserve(generator, params)
+    many were dropped. System messages are kept; the last message always is. The room kept
+    for the reply is max_new_tokens, at most half the context."""
+    budget = generator.context_tokens - min(params.max_new_tokens, generator.context_tokens // 2)
     kept = list(messages)
     dropped = 0
     while len(kept) > 1 and len(generator.tokenizer.encode(template.render(kept))) > budget:
@@ -41,38 +36,30 @@ def fit_history(
     return kept, dropped
 
 
-# `/set NAME VALUE`: every option of `SamplingParams` but the stop strings, parsed by its type.
-SETTABLE: dict[str, Callable[[str], object]] = {
-    f.name: int if int in (hint, *typing.get_args(hint)) else float
-    for f in dataclasses.fields(SamplingParams)
-    if (hint := typing.get_type_hints(SamplingParams)[f.name]) != tuple[str, ...]
-}
-HELP = "commands: /reset (forget the conversation), /exit, /set NAME VALUE (" + ", ".join(SETTABLE) + ")"
+HELP = "commands: /reset (forget the conversation), /exit, /set NAME VALUE (" + ", ".join(OPTION_TYPES) + ")"
 
 
 def parse_setting(params: SamplingParams, argument: str) -> SamplingParams:
     """`/set temperature 0.7` → new params; a bad name or value is a UserError."""
     name, _, value = argument.strip().partition(" ")
-    if name not in SETTABLE or not value.strip():
-        raise UserError(f"usage: /set NAME VALUE with NAME one of {', '.join(SETTABLE)}")
+    if name not in OPTION_TYPES or not value.strip():
+        raise UserError(f"usage: /set NAME VALUE with NAME one of {', '.join(OPTION_TYPES)}")
     try:
-        parsed = SETTABLE[name](value.strip())
+        parsed = OPTION_TYPES[name](value.strip())
     except ValueError:
         raise UserError(f"{value.strip()!r} is not a valid value for {name}") from None
     return dataclasses.replace(params, **{name: parsed})
 
 
+@dataclass
 class ChatSession:
     """The conversation state and what each input line does to it."""
 
-    def __init__(
-        self, generator: TextGenerator, template: ChatTemplate, params: SamplingParams, out: TextIO
-    ) -> None:
-        self.generator = generator
-        self.template = template
-        self.params = params
-        self.out = out
-        self.messages: list[Message] = []
+    generator: TextGenerator
+    template: ChatTemplate
+    params: SamplingParams
+    out: TextIO
+    messages: list[Message] = field(default_factory=list)
 
     def handle(self, line: str) -> bool:
         """Act on one input line; False means the user asked to leave."""

@@ -1,17 +1,12 @@
 """The chat template: how a conversation becomes the model's text, for SFT, chat, serve and export.
 
-A `ChatTemplate` holds one format string per role (`{text}` is the message) and the prefix
-that opens the model's reply. A base model gets `PLAIN` (continuation: the conversation is
-one growing document); an SFT run ships `SFT_TEMPLATE` as `chat_template.json`, which
-`load_chat_template` picks up for `sllm chat`, `sllm generate` and `sllm serve`.
-
-SFT's format is `<|user|>question<|end|><|assistant|>answer<|end|>…`. For training, `render`
-encodes each message on its own so the token boundaries (and so the loss mask) are exact; the
-training targets are the assistant's text and its `<|end|>` (so the model learns to stop),
-never the prompt or the role tokens. A base tokenizer that lacks these tokens gets them as
-special tokens (BPE only: appended, so every existing id keeps its meaning), and the model one
-new embedding row per token, initialized to the mean row. `to_jinja` writes any template as
-the Jinja of Hugging Face's `apply_chat_template`, rendering exactly what `ChatTemplate.render` does.
+A `ChatTemplate` holds a format string per role and the prefix of the model's reply. A base
+model gets `PLAIN` (one growing document); an SFT run ships `SFT_TEMPLATE`
+(`<|user|>question<|end|><|assistant|>answer<|end|>`) as `chat_template.json`. For
+training, `render` encodes each message on its own so the loss mask is exact: targets are
+the assistant's text and its `<|end|>`. A BPE tokenizer lacking these tokens gets them
+appended (existing ids keep their meaning), the model a new embedding row each at the mean
+row. `to_jinja` writes a template as the Jinja of HF's `apply_chat_template`.
 """
 
 from __future__ import annotations

@@ -77,6 +77,12 @@ def run_defaults(sample: typing.Any) -> SamplingParams:
 
 # The options a run's `sample` section holds; the seed and the stop strings belong to one use.
 RUN_OPTIONS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name not in ("seed", "stop"))
+# What each option but the stop strings is parsed as from text (a CLI flag, chat's `/set`).
+OPTION_TYPES: dict[str, type] = {
+    name: int if int in (hint, *typing.get_args(hint)) else float
+    for name, hint in typing.get_type_hints(SamplingParams).items()
+    if name != "stop"
+}
 
 
 def _check_type(name: str, value: object, expected: object) -> None:

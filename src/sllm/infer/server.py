@@ -1,23 +1,13 @@
 """`sllm serve`: an OpenAI-compatible HTTP API and a one-page web chat, on FastAPI + uvicorn.
 
-- `/v1/completions` and `/v1/chat/completions`, plain JSON or Server-Sent Events
-  (`stream: true`, ending with `data: [DONE]`); `/health`; the chat page at `/`.
-- Requests are validated before any work: field ranges by pydantic (422), a prompt over the
-  context or max_tokens over the server's limit by us (400); both answer OpenAI's error shape.
-- One model, one worker: each request generates in a thread while holding one lock, so
-  concurrent requests queue in arrival order and never share the KV cache. Pieces reach the
-  event loop through a queue. A client that hangs up, streaming or not, cancels its
-  generation, so the requests queued behind it do not wait for text nobody reads.
-- A list of prompts, and `n` choices per prompt, are generated as one batch.
-- The sampling fields, their ranges and descriptions are `SamplingParams`'s; a field left out
-  takes the run's `sample` section, as `sllm generate` and `sllm chat` do (so a run answers the
-  same way everywhere, rather than with OpenAI's temperature 1). Only the lengths keep
-  OpenAI's defaults: 16 tokens for completions, 256 here for chat replies.
-- OpenAI clients' habits are honoured: a null field means its default, `max_completion_tokens`
-  is the chat name of `max_tokens`, `stream_options.include_usage` adds a usage chunk, `echo`
-  repeats the prompt; options this server cannot honour (`logprobs`, `logit_bias`, tools, ...)
-  are refused with a 400 rather than silently ignored.
-FastAPI and uvicorn are the optional `serve` extra, imported here only.
+`/v1/completions` and `/v1/chat/completions` answer plain JSON or Server-Sent Events; `/health`;
+the chat page at `/`. Requests are checked before any work (ranges by pydantic: 422; a prompt
+over the context or max_tokens over the limit: 400), in OpenAI's error shape. One lock runs
+generations one at a time in arrival order, in a thread; a client that hangs up cancels its
+generation. Prompts and `n` choices form one batch. The sampling fields are `SamplingParams`'s;
+one left out takes the run's `sample` section, as `sllm generate` does (lengths keep OpenAI's
+defaults). A null field means its default; options this server cannot honour (`logprobs`,
+`logit_bias`, tools, ...) are refused, never silently ignored. FastAPI and uvicorn are imported here only.
 """
 
 from __future__ import annotations
@@ -95,15 +85,6 @@ class RequestFields(BaseModel):
     @property
     def new_tokens(self) -> int:
         return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
-
-    @property
-    def new_tokens_field(self) -> str:
-        """The field `new_tokens` came from, for error messages."""
-        return "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
-
-    @property
-    def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
 
     def unsupported(self) -> list[str]:
         """The options set in this request that the server cannot honour."""
@@ -282,9 +263,8 @@ def create_app(
                 "split the request"
             )
         if request.new_tokens > max_tokens_limit:
-            raise UserError(
-                f"{request.new_tokens_field} must be at most {max_tokens_limit}, got {request.new_tokens}"
-            )
+            field = "max_tokens" if request.max_completion_tokens is None else "max_completion_tokens"
+            raise UserError(f"{field} must be at most {max_tokens_limit}, got {request.new_tokens}")
         for prompt in prompts:
             generator.encode_prompt(prompt, strict=True)
         return rows, request.params(defaults, extra_stop)
@@ -293,15 +273,19 @@ def create_app(
         head = {"id": f"{kind}-{uuid.uuid4().hex}", "object": kind_object, "created": int(time.time())}
         return {**head, "model": model_name}
 
-    def event_stream(
+    async def respond(
         request: SamplingFields,
+        http: Request,
         rows: list[str],
         params: SamplingParams,
         chunk: Callable[[int, str | None, str | None], dict],
+        choice: Callable[[str, Completion], dict],
         echoed: list[str] | None = None,
-    ) -> StreamingResponse:
-        """SSE: the echoed prompts if asked, one chunk per text piece, a closing chunk per row
-        with its finish reason, the usage if asked (`stream_options.include_usage`), [DONE]."""
+    ) -> Any:
+        """A streaming request gets SSE: the echoed prompts if asked, one chunk per text piece, a
+        closing chunk per row with its finish reason, the usage if asked, [DONE]. Any other gets
+        the completions as one object (`choice` turns a row's prompt and completion into its
+        fields), or status 499 when its client hung up first."""
 
         async def events() -> AsyncIterator[str]:
             for row, prompt in enumerate(echoed or []):
@@ -311,7 +295,7 @@ def create_app(
                     if isinstance(item, list):
                         for row, completion in enumerate(item):
                             yield _sse(chunk(row, None, completion.finish_reason))
-                        if request.include_usage:
+                        if request.stream_options and request.stream_options.include_usage:
                             yield _sse(
                                 {**chunk(0, None, None), "choices": [], "usage": _usage(item, request.n)}
                             )
@@ -319,7 +303,16 @@ def create_app(
                         yield _sse(chunk(item[0], item[1], None))
             yield _sse("[DONE]")
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        if request.stream:
+            return StreamingResponse(events(), media_type="text/event-stream")
+        done = await worker.complete(http, rows, params)
+        if done is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        choices = [
+            {"index": index, **choice(prompt, c), "finish_reason": c.finish_reason}
+            for index, (prompt, c) in enumerate(zip(rows, done, strict=True))
+        ]
+        return {**chunk(0, None, None), "choices": choices, "usage": _usage(done, request.n)}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -335,23 +328,15 @@ def create_app(
     async def completions(request: CompletionRequest, http: Request):
         prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
         rows, params = rows_and_params(request, prompts)
-        echoed = rows if request.echo else None
         head = header("cmpl", "text_completion")
 
         def chunk(row: int, text: str | None, reason: str | None) -> dict[str, Any]:
             return {**head, "choices": [{"index": row, "text": text or "", "finish_reason": reason}]}
 
-        if request.stream:
-            return event_stream(request, rows, params, chunk, echoed)
-        done = await worker.complete(http, rows, params)
-        if done is None:
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        texts = [f"{prompt}{c.text}" if echoed else c.text for prompt, c in zip(rows, done, strict=True)]
-        choices = [
-            {"index": i, "text": text, "finish_reason": c.finish_reason}
-            for i, (text, c) in enumerate(zip(texts, done, strict=True))
-        ]
-        return {**head, "choices": choices, "usage": _usage(done, request.n)}
+        def choice(prompt: str, completion: Completion) -> dict[str, Any]:
+            return {"text": prompt + completion.text if request.echo else completion.text}
+
+        return await respond(request, http, rows, params, chunk, choice, rows if request.echo else None)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatRequest, http: Request):
@@ -363,20 +348,10 @@ def create_app(
             delta = {} if text is None else {"role": "assistant", "content": text}
             return {**head, "choices": [{"index": row, "delta": delta, "finish_reason": reason}]}
 
-        if request.stream:
-            return event_stream(request, rows, params, chunk)
-        done = await worker.complete(http, rows, params)
-        if done is None:
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": c.text},
-                "finish_reason": c.finish_reason,
-            }
-            for i, c in enumerate(done)
-        ]
-        return {**head, "choices": choices, "usage": _usage(done, request.n)}
+        def choice(_: str, completion: Completion) -> dict[str, Any]:
+            return {"message": {"role": "assistant", "content": completion.text}}
+
+        return await respond(request, http, rows, params, chunk, choice)
 
     return app
 
