@@ -22,28 +22,13 @@ from typing import Any
 from sllm.errors import UserError
 from sllm.run import METRICS_FILE, read_run_config
 
-CURVES = (
-    ("loss", "train loss"),
-    ("val_loss", "validation loss"),
-    ("lr", "learning rate"),
-    ("tokens_per_s", "tokens / s"),
-)
+CURVES = (("loss", "train loss"), ("val_loss", "validation loss"), ("lr", "learning rate"),
+          ("tokens_per_s", "tokens / s"))  # fmt: skip
 HANGUL_FONTS = (
-    "Noto Sans CJK KR",
-    "Noto Sans CJK JP",
-    "Noto Sans CJK SC",
-    "Noto Sans CJK TC",
-    "Noto Sans KR",
-    "Source Han Sans KR",
-    "Source Han Sans K",
-    "Source Han Sans",
-    "NanumGothic",
-    "NanumBarunGothic",
-    "Malgun Gothic",
-    "Apple SD Gothic Neo",
-    "AppleGothic",
-    "UnDotum",
-)
+    "Noto Sans CJK KR", "Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans CJK TC", "Noto Sans KR",
+    "Source Han Sans KR", "Source Han Sans K", "Source Han Sans", "NanumGothic", "NanumBarunGothic",
+    "Malgun Gothic", "Apple SD Gothic Neo", "AppleGothic", "UnDotum",
+)  # fmt: skip
 CJK_CHARACTER = re.compile("[\u1100-\u11ff\u3040-\u30ff\u3130-\u318f\u3400-\u9fff\uac00-\ud7af]")
 NO_HANGUL_FONT_NOTE = (
     "note: no font with Hangul is installed, so Korean labels in the plots show as boxes; "

@@ -1,17 +1,12 @@
 """Packing short examples into fixed-length rows without letting them see each other.
 
-Examples are placed greedily, in order, into rows of `length` tokens; the rest of a row is
-padding with zero weight. Every token carries the number of its example within the row
-(`documents`); the GPT turns that into a causal same-document attention mask and
-positions that restart at each example (document masks *and* position resets), so a
-packed example computes exactly what it would alone. Targets never cross an example's
-end: the last token of each example has no target.
-
-An example longer than a row is cut where it costs the fewest targets: its oldest tokens
-go first (the start of the prompt), at most up to the token just before the last answer,
-so every target of that answer survives; only an answer longer than the row itself loses
-its end. Cutting from the end instead would drop the answer and leave a row that trains on
-nothing. Examples without any target are skipped and counted.
+Examples go greedily, in order, into rows of `length` tokens, padded with zero weight. Each
+token carries its example's number within the row (`documents`), which the GPT turns into a
+same-document causal mask and positions that restart per example, so a packed example
+computes what it would alone; targets never cross an example's end. An example longer than a
+row loses its oldest tokens (the start of the prompt) first, never the token before its last
+answer, so that answer keeps every target; only an answer longer than the row loses its end.
+Examples without any target are skipped and counted.
 """
 
 from __future__ import annotations

@@ -106,14 +106,13 @@ def write_checkpoint(
         for name in (MODEL_FILE, STATE_FILE, CHECKPOINT_META_FILE):
             fsync_path(tmp / name)
         replace_dir(tmp, target)
-    except OSError as exc:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(
-            f"could not write checkpoint {target.name} ({exc.strerror or exc}); older checkpoints are "
-            "intact: fix the cause and run the same command to resume"
-        ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise UserError(
+                f"could not write checkpoint {target.name} ({exc.strerror or exc}); older checkpoints "
+                "are intact: fix the cause and run the same command to resume"
+            ) from None
         raise
     return target
 

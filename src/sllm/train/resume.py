@@ -48,15 +48,18 @@ def compatible_checkpoint(run_dir: Path, model_config: ModelConfig, purpose: str
     return checkpoint
 
 
-def refuse_another_optimizer(checkpoint: Checkpoint, wanted: str, run_dir: Path) -> None:
-    """Another optimizer's state cannot continue the run; its weights can start a new one."""
-    saved = checkpoint.meta.optimizer
-    if saved is not None and saved != wanted:
+def resume_checkpoint(run_dir: Path, model_config: ModelConfig, optimizer: str) -> Checkpoint | None:
+    """The checkpoint to resume, refused if made for another model or optimizer (whose state
+    cannot continue the run, though its weights can start a new one)."""
+    checkpoint = compatible_checkpoint(run_dir, model_config, "resume")
+    saved = checkpoint.meta.optimizer if checkpoint else None
+    if saved is not None and saved != optimizer:
         raise UserError(
-            f"resume: {checkpoint.path} was trained with train.optimizer={saved}, not {wanted}; "
+            f"resume: {checkpoint.path} was trained with train.optimizer={saved}, not {optimizer}; "
             f"resume with train.optimizer={saved}, or start a new --out with "
-            f"train.init_from={run_dir} to continue its weights with {wanted}"
+            f"train.init_from={run_dir} to continue its weights with {optimizer}"
         )
+    return checkpoint
 
 
 def optimizer_mismatch(checkpoint: Checkpoint, optimizer: str, error: Exception) -> UserError:

@@ -1,22 +1,16 @@
 """The one training loop: pre-training, SFT and STS all run here, driven by an objective.
 
 One step is one optimizer update over `grad_accum` micro-batches on each of `world_size`
-processes (the split is the run plan's, `sllm.train.plan`). Everything that decides what a
-step computes is a function of the step number: the batches (`objective.batches(...).batch(
-step, index)`), the learning rate (`lr_factor(step)`, applied to each parameter group's own
-peak rate) and dropout (the torch RNG is re-seeded from (seed, step, index)). A checkpoint
-therefore needs only the weights, the optimizer state and counters, and a resumed run equals
-an uninterrupted one bit for bit on the CPU, whatever the objective.
-
-The same code gives every objective autocast, accumulation, DDP/FSDP through torchrun,
-SIGINT/SIGTERM saves, checkpoints with retention and `best/`, the progress bar and the metric
-sinks. The caller's config is never changed: the run directory gets the config as run
-(`config.yaml`) and the derived values (`plan.json`).
+processes (the run plan's split, `sllm.train.plan`). The batches, the learning rate and dropout
+(the torch RNG re-seeded from (seed, step, index)) are functions of the step number, so a
+checkpoint needs only weights, optimizer state and counters, and a resumed run equals an
+uninterrupted one bit for bit on the CPU. Every objective thus gets autocast, accumulation,
+DDP/FSDP, signal-safe saves, retention, `best/`, and the metric sinks. The caller's config is
+never changed: the run directory gets it as run (`config.yaml`) and the derived `plan.json`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import math
 import time
@@ -72,11 +66,10 @@ from sllm.train.optim import lr_factor, optimizer_hint
 from sllm.train.plan import resolve_plan
 from sllm.train.resume import (
     changed_settings,
-    compatible_checkpoint,
     init_from_checkpoint,
     optimizer_mismatch,
     recorded_micro_batch,
-    refuse_another_optimizer,
+    resume_checkpoint,
 )
 from sllm.train.samples import write_samples
 from sllm.train.signals import StopRequest
@@ -168,7 +161,7 @@ class Trainer:
         sizes = power_of_two_sizes(per_process_batch(self.plan.batch_size, self.cluster.world_size))
         if self.device.type == "cpu":
             budget = available_ram_bytes() // 2
-            sizes = [size for size in sizes if (self._estimated_bytes(size) or 0) <= budget]
+            sizes = [size for size in sizes if self._estimated_bytes(size) <= budget]
         initial_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         found = largest_fitting(sizes, survives(self._trial_step))
         self.model.load_state_dict(initial_weights)
@@ -179,31 +172,27 @@ class Trainer:
             raise no_micro_batch_fits(self.plan.tokens_per_sample, self.device)
         return found
 
-    def _estimated_bytes(self, micro_batch: int) -> int | None:
-        return self.objective.memory_bytes(self.model, micro_batch, self.amp_dtype)
-
-    def _linear_products(self) -> contextlib.AbstractContextManager:
-        """Where the matrix products of forward and backward run (sllm.model.cpu_linear)."""
-        return onednn_linears(self.device, self.cfg.train.activation_checkpointing)
+    def _estimated_bytes(self, micro_batch: int) -> int:
+        """The objective's estimate (0 when it has none), whose bf16 activations double in fp32."""
+        memory = self.objective.memory(self.model, micro_batch)
+        if memory is None:
+            return 0
+        return memory.total_bytes + (memory.activations_bytes if self.amp_dtype is None else 0)
 
     def _trial_step(self, micro_batch: int) -> None:
         """One full training step on a batch of the real shape, without gradient sync."""
         source = self.objective.batches(micro_batch, self.plan.batch_size, self.cfg.train.seed)
-        batch = self._to_device(source.batch(0, 0))
-        with gradient_sync(self.ddp_model, False), self._linear_products():
-            loss = self.objective.loss(self.ddp_model, batch, self.device, self.amp_dtype)
-            self.scaler.scale(loss).backward()
+        self._backward(source.batch(0, 0), sync=False, share=1)
         self._apply_gradients()
 
     # ---- state ----------------------------------------------------------------------
 
     def resume(self) -> bool:
         """Load the newest verified checkpoint if there is one; True when something was loaded."""
-        checkpoint = compatible_checkpoint(self.run_dir, self.cfg.model, "resume")
+        optimizer = self.cfg.train.optimizer
+        checkpoint = resume_checkpoint(self.run_dir, self.cfg.model, optimizer)
         if checkpoint is None:
             return False
-        optimizer = self.cfg.train.optimizer
-        refuse_another_optimizer(checkpoint, optimizer, self.run_dir)
         state = checkpoint.train_state()
         try:
             load_full_state(self.model, self.optimizers, checkpoint.model_state(), state["optimizers"])
@@ -319,16 +308,22 @@ class Trainer:
         for micro_step in range(grad_accum):
             index = micro_step * self.cluster.world_size + self.cluster.rank
             torch.manual_seed((seed * 1_000_003 + self.step) * 1_009 + index)  # dropout
-            batch = self._to_device(self.batches.batch(self.step, index))
-            with gradient_sync(self.ddp_model, micro_step == grad_accum - 1), self._linear_products():
-                loss = self.objective.loss(self.ddp_model, batch, self.device, self.amp_dtype)
-                self.scaler.scale(loss / grad_accum).backward()
-            total += loss.detach()
+            batch = self.batches.batch(self.step, index)
+            total += self._backward(batch, sync=micro_step == grad_accum - 1, share=grad_accum)
         self._apply_gradients()
         self.finite_losses &= torch.isfinite(total)
         self.step += 1
         self.tokens_seen += self.plan.tokens_per_step
         return total / grad_accum
+
+    def _backward(self, batch: Batch, sync: bool, share: int) -> torch.Tensor:
+        """Forward and backward of one micro-batch whose loss counts `1 / share` of the step's
+        (the matrix products run where `sllm.model.cpu_linear` says); returns the loss."""
+        checkpointing = self.cfg.train.activation_checkpointing
+        with gradient_sync(self.ddp_model, sync), onednn_linears(self.device, checkpointing):
+            loss = self.objective.loss(self.ddp_model, self._to_device(batch), self.device, self.amp_dtype)
+            self.scaler.scale(loss / share).backward()
+        return loss.detach()
 
     def _apply_gradients(self) -> None:
         """Clip, step every optimizer, update the loss scale, clear the gradients."""
