@@ -162,8 +162,18 @@ class Evaluator:
         return score_tokens(self.run.model, tokens, stride, batch, self.device, self.amp_dtype)
 
     def prepared_dir(self) -> Path:
-        """The data whose splits are scored: the one given, else the run's data.dir."""
-        return self.data_dir or run_data_dir(self.run.config.data.dir)
+        """The data whose splits are scored: the one given, else the run's data.dir. A relative
+        one is relative to where the run was trained, so one missing here gets a message naming
+        both ways out instead of `sllm prepare`."""
+        if self.data_dir:
+            return self.data_dir
+        data_dir = Path(self.run.config.data.dir)
+        if data_dir.is_absolute() or (data_dir / META_FILE).is_file():
+            return data_dir
+        raise UserError(
+            f"the run's data.dir {data_dir} (relative to the current directory {Path.cwd()}) is not a "
+            "prepared data directory; run from the directory the run was trained in, or pass --data DIR"
+        )
 
     def data_meta(self) -> DataMeta:
         """The prepared data's description, refused if made with another tokenizer."""
@@ -224,18 +234,6 @@ def evaluate_texts(
     texts = {str(path): read_eval_text(Path(path)) for path in files}
     evaluator = Evaluator.from_run(run_dir, device, checkpoint)
     return [evaluator.evaluate_text(text, name, stride, batch_size) for name, text in texts.items()]
-
-
-def run_data_dir(configured: str) -> Path:
-    """A run's data.dir. A relative one is relative to where the run was trained, so one
-    missing here gets a message naming both ways out instead of `sllm prepare`."""
-    data_dir = Path(configured)
-    if data_dir.is_absolute() or (data_dir / META_FILE).is_file():
-        return data_dir
-    raise UserError(
-        f"the run's data.dir {data_dir} (relative to the current directory {Path.cwd()}) is not a "
-        "prepared data directory; run from the directory the run was trained in, or pass --data DIR"
-    )
 
 
 def read_eval_text(path: Path) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sllm.errors import UserError
-from sllm.run import METRICS_FILE, read_run_config
+from sllm.run import METRICS_FILE, SAMPLES_DIR, read_run_config
 
 CURVES = (("loss", "train loss"), ("val_loss", "validation loss"), ("lr", "learning rate"),
           ("tokens_per_s", "tokens / s"))  # fmt: skip
@@ -116,11 +116,6 @@ def _draw(runs: list[Path], metrics: dict[Path, list[dict]], out_dir: Path) -> l
     return paths
 
 
-def _last_samples(run: Path) -> str:
-    samples = sorted((run / "samples").glob("step-*.md"))
-    return samples[-1].read_text(encoding="utf-8") if samples else "(no samples)"
-
-
 def _summary(runs: list[Path], metrics: dict[Path, list[dict]], plots: list[Path], out_dir: Path) -> str:
     lines = [
         "# Run report",
@@ -147,7 +142,9 @@ def _summary(runs: list[Path], metrics: dict[Path, list[dict]], plots: list[Path
         ]
     lines += ["", "## Curves", ""] + [f"![{p.stem}]({p.relative_to(out_dir)})" for p in plots]
     for run in runs:
-        lines += ["", f"## Last samples of {run.name}", "", _last_samples(run)]
+        samples = sorted((run / SAMPLES_DIR).glob("step-*.md"))
+        last = samples[-1].read_text(encoding="utf-8") if samples else "(no samples)"
+        lines += ["", f"## Last samples of {run.name}", "", last]
     return "\n".join(lines) + "\n"
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from itertools import takewhile
 from pathlib import Path
 
 import torch
@@ -41,12 +40,12 @@ from sllm.infer.chat_template import (
     save_chat_template,
     with_template_tokens,
 )
-from sllm.infer.engine import stream_tokens
 from sllm.infer.sampling import SamplingParams
 from sllm.options import FRACTION, NON_NEGATIVE, POSITIVE
 from sllm.run import SFT_CONFIG_FILE, open_run
 from sllm.tokenizer import Tokenizer
 from sllm.train.objectives import MaskedRows
+from sllm.train.samples import sample_prompts
 from sllm.train.trainer import TrainResult, run_objective
 
 SECTION = "sft"
@@ -68,25 +67,16 @@ def sft_config(overrides: list[str]) -> SftConfig:
     return dataclass_from_overrides(SftConfig, SECTION, overrides)
 
 
-@torch.no_grad()
 def answer_prompts(
     model: nn.Module, tokenizer: Tokenizer, cfg: SftConfig, device: torch.device
 ) -> list[tuple[str, str]]:
     """(question, greedy answer) for each of `cfg.prompts`, rendered with the chat template; an
     answer ends at `<|end|>` or EOS, whichever comes first."""
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
-    model.eval()
-    answers = []
-    end = tokenizer.token_id(END_TOKEN)
-    for prompt in cfg.prompts:
-        ids = render_prompt(tokenizer, [Message("user", prompt)])[-(model.block_size - 1) :]
-        stream = stream_tokens(
-            model, ids, params, tokenizer.eos_id, device, banned_ids=tokenizer.never_generated
-        )
-        new = list(takewhile(lambda token: token != end, stream))  # EOS ends the stream itself
-        stream.close()
-        answers.append((prompt, tokenizer.decode(new)))
-    return answers
+    return sample_prompts(
+        model, tokenizer, cfg.prompts, SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0),
+        device, encode=lambda prompt: render_prompt(tokenizer, [Message("user", prompt)]),
+        stop_id=tokenizer.token_id(END_TOKEN),
+    )  # fmt: skip
 
 
 def pack_split(

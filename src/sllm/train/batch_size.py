@@ -102,11 +102,3 @@ def available_ram_bytes() -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def no_micro_batch_fits(block_size: int, device: torch.device) -> UserError:
-    return UserError(
-        f"train.micro_batch: auto: one sequence of {block_size} tokens already runs out of memory "
-        f"on {device.type}; shorten train.block_size, shrink the model or turn on "
-        "train.activation_checkpointing"
-    )

@@ -28,6 +28,7 @@ from sllm.data.meta import DataMeta
 from sllm.data.mixture import TrainMixture
 from sllm.errors import UserError
 from sllm.evaluate import score_windows
+from sllm.infer.sampling import SamplingParams
 from sllm.model import build_model, count_parameters, describe
 from sllm.model.stats import MemoryEstimate, training_memory
 from sllm.runtime import autocast
@@ -181,7 +182,8 @@ class LanguageModeling(Objective):
     def samples(self, model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> Samples:
         if not self.cfg.sample.prompts:
             return []
-        return sample_prompts(model, self.tokenizer, self.cfg.sample, device, dtype)
+        params = SamplingParams.from_config(self.cfg.sample)
+        return sample_prompts(model, self.tokenizer, self.cfg.sample.prompts, params, device, dtype)
 
     def memory(self, model: nn.Module, micro_batch: int) -> MemoryEstimate | None:
         checkpointing = self.cfg.train.activation_checkpointing
@@ -251,12 +253,6 @@ class RowsObjective(Objective):
         self.run_files(run_dir)
 
 
-def masked_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy averaged over the weighted targets (the assistant's tokens)."""
-    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    return (losses * weights.flatten()).sum() / weights.sum().clamp(min=1.0)
-
-
 @dataclass(kw_only=True)
 class MaskedRows(RowsObjective):
     """Packed rows (inputs, targets, weights, documents: (N, T) tensors each) for a GPT whose
@@ -269,10 +265,12 @@ class MaskedRows(RowsObjective):
     def loss(
         self, model: nn.Module, batch: Batch, device: torch.device, dtype: torch.dtype | None
     ) -> torch.Tensor:
+        """Cross-entropy averaged over the weighted targets (the assistant's tokens)."""
         inputs, targets, weights, documents = batch
         with autocast(device, dtype):
             logits = model(inputs, document_ids=documents)
-        return masked_loss(logits, targets, weights)
+        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+        return (losses * weights.flatten()).sum() / weights.sum().clamp(min=1.0)
 
     @torch.no_grad()
     def evaluate(

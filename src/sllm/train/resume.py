@@ -62,15 +62,6 @@ def resume_checkpoint(run_dir: Path, model_config: ModelConfig, optimizer: str) 
     return checkpoint
 
 
-def optimizer_mismatch(checkpoint: Checkpoint, optimizer: str, error: Exception) -> UserError:
-    """A checkpoint older than its meta's `optimizer` field whose state does not fit."""
-    return UserError(
-        f"resume: the optimizer state in {checkpoint.path} does not fit "
-        f"train.optimizer={optimizer} ({type(error).__name__}: {error}); "
-        "resume with the optimizer the run was trained with"
-    )
-
-
 def recorded_micro_batch(checkpoint: Checkpoint) -> int:
     """The micro-batch a checkpoint was trained with: resuming with another reads other windows."""
     if checkpoint.meta.micro_batch is None:

@@ -42,12 +42,11 @@ from sllm.runtime import allow_tf32, cpu_bf16_hint, keep_freed_memory, select_au
 from sllm.train.batch_size import (
     available_ram_bytes,
     largest_fitting,
-    no_micro_batch_fits,
     per_process_batch,
     power_of_two_sizes,
     survives,
 )
-from sllm.train.checkpoint import clean_leftovers, save_best, save_checkpoint, training_state
+from sllm.train.checkpoint import clean_leftovers, save_checkpoint, training_state, write_checkpoint
 from sllm.train.distributed import (
     any_rank,
     barrier,
@@ -67,7 +66,6 @@ from sllm.train.plan import resolve_plan
 from sllm.train.resume import (
     changed_settings,
     init_from_checkpoint,
-    optimizer_mismatch,
     recorded_micro_batch,
     resume_checkpoint,
 )
@@ -169,7 +167,11 @@ class Trainer:
         self._build_optimizers()
         found = min_over_ranks(found, self.cluster, self.device)
         if not found:
-            raise no_micro_batch_fits(self.plan.tokens_per_sample, self.device)
+            raise UserError(
+                f"train.micro_batch: auto: one sequence of {self.plan.tokens_per_sample} tokens already "
+                f"runs out of memory on {self.device.type}; shorten train.block_size, shrink the model "
+                "or turn on train.activation_checkpointing"
+            )
         return found
 
     def _estimated_bytes(self, micro_batch: int) -> int:
@@ -197,7 +199,11 @@ class Trainer:
         try:
             load_full_state(self.model, self.optimizers, checkpoint.model_state(), state["optimizers"])
         except (KeyError, ValueError) as error:  # a checkpoint older than its meta's "optimizer"
-            raise optimizer_mismatch(checkpoint, optimizer, error) from None
+            raise UserError(
+                f"resume: the optimizer state in {checkpoint.path} does not fit train.optimizer="
+                f"{optimizer} ({type(error).__name__}: {error}); resume with the optimizer the run "
+                "was trained with"
+            ) from None
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -221,28 +227,29 @@ class Trainer:
         if self.cluster.is_main:
             self.log(f"initialized from {checkpoint.path} (a fresh optimizer and schedule)")
 
-    def _meta(self) -> CheckpointMeta:
-        return CheckpointMeta(
-            step=self.step,
-            tokens_seen=self.tokens_seen,
-            model_config=asdict(self.cfg.model),
-            tokenizer_sha256=self.tokenizer.sha256,
-            objective=self.plan.objective,
-            val_loss=self.last_val_loss,
-            val_step=self.last_val_step,
-            val_metrics=self.last_val_metrics,
-            optimizer=self.cfg.train.optimizer,
-            schedule=self.cfg.train.schedule,
-            max_steps=self.plan.max_steps,
-            tokens_per_step=self.plan.tokens_per_step,
-            micro_batch=self.plan.micro_batch,
-        )
-
     def _state(self) -> tuple[dict, dict, CheckpointMeta]:
         """Weights, training state and meta for a checkpoint (collective under FSDP)."""
         model_state, optimizer_state = full_state(self.model, self.optimizers)
         state = training_state(optimizer_state, self.scaler, self.step, self.tokens_seen, self.best_rank)
-        return model_state, state, self._meta()
+        return (
+            model_state,
+            state,
+            CheckpointMeta(
+                step=self.step,
+                tokens_seen=self.tokens_seen,
+                model_config=asdict(self.cfg.model),
+                tokenizer_sha256=self.tokenizer.sha256,
+                objective=self.plan.objective,
+                val_loss=self.last_val_loss,
+                val_step=self.last_val_step,
+                val_metrics=self.last_val_metrics,
+                optimizer=self.cfg.train.optimizer,
+                schedule=self.cfg.train.schedule,
+                max_steps=self.plan.max_steps,
+                tokens_per_step=self.plan.tokens_per_step,
+                micro_batch=self.plan.micro_batch,
+            ),
+        )
 
     def save(self, name: str) -> None:
         """A periodic checkpoint; every rank gathers (FSDP), rank 0 checks that every weight is
@@ -347,11 +354,9 @@ class Trainer:
         evaluation = self.objective.evaluate(
             self.model, self.device, self.amp_dtype, self.cfg.eval.batch_size
         )
-        samples = (
-            self.objective.samples(self.model, self.device, self.amp_dtype)
-            if self.cfg.log.samples_at_eval
-            else []
-        )
+        samples = []
+        if self.cfg.log.samples_at_eval:
+            samples = self.objective.samples(self.model, self.device, self.amp_dtype)
         self.model.train()
         if evaluation is not None:
             self.last_val_loss, self.last_val_step = evaluation.val_loss, self.step
@@ -364,7 +369,7 @@ class Trainer:
                 self.best_rank = evaluation.rank
                 state = self._state()
                 if self.cluster.is_main:
-                    save_best(self.run_dir, *state)
+                    write_checkpoint(self.run_dir / CHECKPOINTS / BEST, *state)
         if samples and self.cluster.is_main:
             path = write_samples(self.run_dir, self.step, samples)
             sinks.text(self.step, "samples", path.read_text(encoding="utf-8"))
