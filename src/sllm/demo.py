@@ -50,9 +50,7 @@ def run_demo(
     train(cfg)
     (val,) = evaluate_run(run_dir, ["val"], cfg.eval.stride, cfg.eval.batch_size, cfg.train.device)
     baseline = unigram_perplexity(
-        open_split(data_dir, "train", meta),
-        open_split(data_dir, "val", meta),
-        meta.vocab_size,
+        open_split(data_dir, "train", meta), open_split(data_dir, "val", meta), meta.vocab_size
     )
     bits = f"{val.bits_per_byte:.3f} bits/byte"
     print(f"\nvalidation perplexity {val.perplexity:.2f} (unigram baseline {baseline:.2f}), {bits}")

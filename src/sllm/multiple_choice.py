@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
+from sllm.data.sources import read_text_file
 from sllm.errors import UserError
 from sllm.run import open_run
 from sllm.runtime import select_device
@@ -44,13 +45,10 @@ class ChoiceResult:
 def read_questions(path: str | Path) -> list[Question]:
     """Parse and check a JSONL file of questions; a bad line stops with `file:line`."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"multiple-choice file {path} not found; check --mc")
-    questions = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                questions.append(_parse_question(line, f"{path}:{number}"))
+    lines = read_text_file(path, "multiple-choice file", "a JSONL file of questions to --mc").split("\n")
+    questions = [
+        _parse_question(line, f"{path}:{n}") for n, line in enumerate(lines, start=1) if line.strip()
+    ]
     if not questions:
         raise UserError(f"{path} holds no questions; give one JSON object per line")
     return questions

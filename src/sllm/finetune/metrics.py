@@ -22,8 +22,6 @@ class StsScores:
 
 
 def sts_scores(predicted: Sequence[float], gold: Sequence[float]) -> StsScores:
-    if len(predicted) != len(gold) or len(gold) < 2:
-        raise ValueError(f"need two equally long sequences of 2+ scores, got {len(predicted)}, {len(gold)}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", stats.ConstantInputWarning)
         spearman = float(stats.spearmanr(predicted, gold).statistic)

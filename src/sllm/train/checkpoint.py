@@ -75,10 +75,7 @@ def save_tensors(
 
 
 def write_checkpoint(
-    target: Path,
-    model_state: dict[str, torch.Tensor],
-    train_state: dict[str, Any],
-    meta: CheckpointMeta,
+    target: Path, model_state: dict[str, torch.Tensor], train_state: dict[str, Any], meta: CheckpointMeta
 ) -> Path:
     """Write a complete checkpoint directory at `target`, atomically; never harms older ones."""
     target.parent.mkdir(parents=True, exist_ok=True)

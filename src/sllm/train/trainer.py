@@ -63,12 +63,7 @@ from sllm.train.monitor import MetricSinks, check_sinks_available
 from sllm.train.objectives import Batch, BatchSource, LanguageModeling, Objective
 from sllm.train.optim import lr_factor, optimizer_hint
 from sllm.train.plan import resolve_plan
-from sllm.train.resume import (
-    changed_settings,
-    init_from_checkpoint,
-    recorded_micro_batch,
-    resume_checkpoint,
-)
+from sllm.train.resume import changed_settings, init_from_checkpoint, recorded_micro_batch, resume_checkpoint
 from sllm.train.samples import write_samples
 from sllm.train.signals import StopRequest
 
@@ -93,7 +88,6 @@ class Trainer:
         self.cfg = replace(cfg, model=objective.model_config)  # as run; the caller's stays as given
         t = cfg.train
         self.run_dir = Path(t.out_dir)
-        self.tokenizer = objective.tokenizer
         self.cluster, self.device = join_cluster(select_device(t.device), t.dist_timeout_s)
         allow_tf32(self.device)
         if self.device.type == "cpu":
@@ -105,7 +99,6 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = objective.build_model().to(self.device)
         objective.start(self.model, self.device)
-        self.description = f"{objective.describe(self.model)} on {self.device.type}"
         self.ddp_model = wrap_model(self.model, self.cluster, self.device, t.parallel)
         # A sharded model needs every rank in each forward pass, evaluation included.
         self.collective_eval = self.cluster.distributed and t.parallel == "fsdp"
@@ -221,7 +214,7 @@ class Trainer:
     def initialize_from(self, source_run: Path) -> None:
         """Take another run's newest weights (e.g. a base model for domain training)."""
         checkpoint = init_from_checkpoint(
-            source_run, self.cfg.model, self.tokenizer.sha256, self.cfg.data.dir
+            source_run, self.cfg.model, self.objective.tokenizer.sha256, self.cfg.data.dir
         )
         load_full_state(self.model, self.optimizers, checkpoint.model_state(), None)
         if self.cluster.is_main:
@@ -238,7 +231,7 @@ class Trainer:
                 step=self.step,
                 tokens_seen=self.tokens_seen,
                 model_config=asdict(self.cfg.model),
-                tokenizer_sha256=self.tokenizer.sha256,
+                tokenizer_sha256=self.objective.tokenizer.sha256,
                 objective=self.plan.objective,
                 val_loss=self.last_val_loss,
                 val_step=self.last_val_step,
@@ -406,7 +399,8 @@ class Trainer:
         t, plan = self.cfg.train, self.plan
         main = self.cluster.is_main
         if main:
-            self.log(f"{self.description}, {plan.tokens_per_step:,} tokens per step")
+            model = f"{self.objective.describe(self.model)} on {self.device.type}"
+            self.log(f"{model}, {plan.tokens_per_step:,} tokens per step")
             for hint in (
                 cpu_bf16_hint(self.device, self.amp_dtype, count_parameters(self.model)),
                 optimizer_hint(t),
