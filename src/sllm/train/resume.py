@@ -62,15 +62,6 @@ def resume_checkpoint(run_dir: Path, model_config: ModelConfig, optimizer: str) 
     return checkpoint
 
 
-def recorded_micro_batch(checkpoint: Checkpoint) -> int:
-    """The micro-batch a checkpoint was trained with: resuming with another reads other windows."""
-    if checkpoint.meta.micro_batch is None:
-        raise UserError(
-            f"{checkpoint.path} does not record its micro-batch; set train.micro_batch to the one it used"
-        )
-    return checkpoint.meta.micro_batch
-
-
 def changed_settings(meta: CheckpointMeta, plan: RunPlan, t: TrainConfig, step: int) -> list[str]:
     """Notes for a resume with another global batch or schedule: allowed, but said."""
     notes = []

@@ -63,7 +63,7 @@ from sllm.train.monitor import MetricSinks, check_sinks_available
 from sllm.train.objectives import Batch, BatchSource, LanguageModeling, Objective
 from sllm.train.optim import lr_factor, optimizer_hint
 from sllm.train.plan import resolve_plan
-from sllm.train.resume import changed_settings, init_from_checkpoint, recorded_micro_batch, resume_checkpoint
+from sllm.train.resume import changed_settings, init_from_checkpoint, resume_checkpoint
 from sllm.train.samples import write_samples
 from sllm.train.signals import StopRequest
 
@@ -202,8 +202,13 @@ class Trainer:
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.best_rank = float(state["best_rank"])
-        if self.plan.micro_batch is None:
-            self.plan = self.plan.with_micro_batch(recorded_micro_batch(checkpoint))
+        if self.plan.micro_batch is None:  # auto: another micro-batch would read other windows
+            if checkpoint.meta.micro_batch is None:
+                raise UserError(
+                    f"{checkpoint.path} does not record its micro-batch; set train.micro_batch to the "
+                    "one it used"
+                )
+            self.plan = self.plan.with_micro_batch(checkpoint.meta.micro_batch)
             self.batches = self._batch_source()
         if self.cluster.is_main:
             self.log(f"resumed from {checkpoint.path} (step {self.step}, {self.tokens_seen:,} tokens seen)")
