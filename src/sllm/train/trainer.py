@@ -229,25 +229,15 @@ class Trainer:
         """Weights, training state and meta for a checkpoint (collective under FSDP)."""
         model_state, optimizer_state = full_state(self.model, self.optimizers)
         state = training_state(optimizer_state, self.scaler, self.step, self.tokens_seen, self.best_rank)
-        return (
-            model_state,
-            state,
-            CheckpointMeta(
-                step=self.step,
-                tokens_seen=self.tokens_seen,
-                model_config=asdict(self.cfg.model),
-                tokenizer_sha256=self.objective.tokenizer.sha256,
-                objective=self.plan.objective,
-                val_loss=self.last_val_loss,
-                val_step=self.last_val_step,
-                val_metrics=self.last_val_metrics,
-                optimizer=self.cfg.train.optimizer,
-                schedule=self.cfg.train.schedule,
-                max_steps=self.plan.max_steps,
-                tokens_per_step=self.plan.tokens_per_step,
-                micro_batch=self.plan.micro_batch,
-            ),
-        )
+        meta = CheckpointMeta(
+            step=self.step, tokens_seen=self.tokens_seen, model_config=asdict(self.cfg.model),
+            tokenizer_sha256=self.objective.tokenizer.sha256, objective=self.plan.objective,
+            val_loss=self.last_val_loss, val_step=self.last_val_step, val_metrics=self.last_val_metrics,
+            optimizer=self.cfg.train.optimizer, schedule=self.cfg.train.schedule,
+            max_steps=self.plan.max_steps, tokens_per_step=self.plan.tokens_per_step,
+            micro_batch=self.plan.micro_batch,
+        )  # fmt: skip
+        return model_state, state, meta
 
     def save(self, name: str) -> None:
         """A periodic checkpoint; every rank gathers (FSDP), rank 0 checks that every weight is
