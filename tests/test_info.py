@@ -1,6 +1,6 @@
 import torch
 
-from sllm.config import ModelConfig
+from sllm.config import ModelConfig, save_config
 from sllm.data.inspect import describe_data
 from sllm.model import build_model, count_parameters
 from sllm.model.stats import (
@@ -10,6 +10,8 @@ from sllm.model.stats import (
     training_flops_per_token,
     training_memory,
 )
+from sllm.run import read_run_config
+from sllm.train.plan import RunPlan
 
 from .test_cli import sllm
 
@@ -74,6 +76,19 @@ def test_info_command_for_a_run_and_a_config(trained_run):
     assert "1,071,872 parameters" in result.stdout
     result = sllm("info", "--config", "demo", "data.dir=nowhere")
     assert result.returncode == 2 and "set model.vocab_size" in result.stderr
+
+
+def test_info_on_a_run_with_auto_micro_batch_uses_the_micro_batch_its_plan_settled(tmp_path, trained_run):
+    cfg = read_run_config(trained_run)
+    cfg.train.micro_batch, cfg.train.grad_accum, cfg.train.batch_size = "auto", 1, 16
+    save_config(cfg, tmp_path / "config.yaml")
+    result = sllm("info", "--run", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "micro-batch 16 × " in result.stdout  # no plan.json: the whole batch, as for a config
+    RunPlan("lm", 1, 16, 4, 4, 32, 16 * 32, 10_000, 20).write(tmp_path)
+    result = sllm("info", "--run", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "micro-batch 4 × " in result.stdout and "micro-batch 16" not in result.stdout
 
 
 def test_data_info_describes_splits_and_decodes_windows(prepared_dir, tokenizer):

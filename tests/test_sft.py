@@ -143,15 +143,15 @@ def test_epoch_samples_stop_at_eos_as_well_as_at_the_end_token(tokenizer, monkey
     other = "end" if stops_first == "eos" else "eos"
     script = [*answer, stops[stops_first], *answer, stops[other]]
 
-    def scripted_stream(model, ids, params, eos_id, device, banned_ids=()):
+    def scripted_stream(model, ids, params, eos_id, device, amp_dtype=None, banned_ids=()):
         """What the engine does: yield the scripted tokens until `eos_id`, not included."""
         for token in script:
             if token == eos_id:
                 return
             yield token
 
-    monkeypatch.setattr("sllm.finetune.sft.stream_tokens", scripted_stream)
-    model = SimpleNamespace(block_size=32, eval=lambda: None)
+    monkeypatch.setattr("sllm.train.samples.stream_tokens", scripted_stream)
+    model = SimpleNamespace(block_size=32, training=False, eval=lambda: None, train=lambda mode: None)
     answers = answer_prompts(model, chat, SftConfig(prompts=["주권은?"]), torch.device("cpu"))
     assert answers == [("주권은?", chat.decode(answer))]
 

@@ -10,6 +10,7 @@ than word frequencies, then three continuations of fixed prompts.
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from sllm.config import load_config
@@ -18,6 +19,7 @@ from sllm.data.prepare import prepare
 from sllm.errors import UserError
 from sllm.evaluate import evaluate_run, unigram_perplexity
 from sllm.infer.engine import TextGenerator
+from sllm.infer.sampling import SamplingParams
 from sllm.train.trainer import train
 
 CORPORA = ("kolaw", "kobill")
@@ -48,18 +50,13 @@ def run_demo(
     train(cfg)
     (val,) = evaluate_run(run_dir, ["val"], cfg.eval.stride, cfg.eval.batch_size, cfg.train.device)
     baseline = unigram_perplexity(
-        open_split(data_dir, "train", meta),
-        open_split(data_dir, "val", meta),
-        meta.vocab_size,
+        open_split(data_dir, "train", meta), open_split(data_dir, "val", meta), meta.vocab_size
     )
     bits = f"{val.bits_per_byte:.3f} bits/byte"
     print(f"\nvalidation perplexity {val.perplexity:.2f} (unigram baseline {baseline:.2f}), {bits}")
     generator = TextGenerator.from_run(run_dir, cfg.train.device)
-    s = cfg.sample
-    for number, prompt in enumerate(s.prompts):
-        text = generator.generate(
-            prompt, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-            top_p=s.top_p, repetition_penalty=s.repetition_penalty, seed=s.seed + number,
-        )  # fmt: skip
+    params = SamplingParams.from_config(cfg.sample)
+    for number, prompt in enumerate(cfg.sample.prompts):
+        text = generator.generate(prompt, **asdict(replace(params, seed=params.seed + number)))
         print(f"\n[{prompt}]{text}")
     return {"val_perplexity": val.perplexity, "unigram_perplexity": baseline}

@@ -1,14 +1,11 @@
 """Loss, perplexity and bits per byte of a model over a whole split or any text file.
 
-Scoring uses strided windows (see `sllm.data.loader.strided_spans`): every token after the
-first is scored exactly once, with up to `block_size - stride` tokens of earlier context,
-so results are exact for the split and comparable between runs. Bits per byte divide the
-summed loss (in bits) by the split's UTF-8 bytes, which makes models with different
-tokenizers comparable.
-
-A text file is scored as one document that follows an EOS token, as every document but the
-first does in the prepared data: the EOS is context only, so every token of the text is
-scored and its bytes (UTF-8 of the NFC text) match the loss exactly.
+Strided windows (`sllm.data.loader.strided_spans`) score every token after the first exactly
+once, with up to `block_size - stride` tokens of context, so results are exact for the split
+and comparable between runs; bits per byte (summed loss in bits over the UTF-8 bytes) also
+compare models with different tokenizers. A text file is scored as one document after an EOS
+token, as every document but the first is in the prepared data: the EOS is context only, so
+every token of the text is scored and its bytes (UTF-8 of the NFC text) match the loss.
 """
 
 from __future__ import annotations
@@ -134,10 +131,6 @@ def score_windows(
     return scores
 
 
-def default_stride(block_size: int, stride: int) -> int:
-    return stride or max(1, block_size // 2)
-
-
 class Evaluator:
     """A run opened once for scoring the splits of its prepared data (or of `data_dir`, made
     with the same tokenizer) or any text files:
@@ -161,15 +154,26 @@ class Evaluator:
         return cls(open_run(run_dir, chosen, checkpoint), chosen, data_dir)
 
     def _score(self, tokens: np.ndarray, stride: int, batch_size: int) -> TokenScores:
-        stride = default_stride(self.run.model.block_size, stride or self.run.config.eval.stride)
-        if not 1 <= stride <= self.run.model.block_size:
-            raise UserError(f"--stride must be between 1 and the context ({self.run.model.block_size})")
+        block_size = self.run.model.block_size
+        stride = stride or self.run.config.eval.stride or max(1, block_size // 2)
+        if not 1 <= stride <= block_size:
+            raise UserError(f"--stride must be between 1 and the context ({block_size})")
         batch = batch_size or self.run.config.eval.batch_size
         return score_tokens(self.run.model, tokens, stride, batch, self.device, self.amp_dtype)
 
     def prepared_dir(self) -> Path:
-        """The data whose splits are scored: the one given, else the run's data.dir."""
-        return self.data_dir or run_data_dir(self.run.config.data.dir)
+        """The data whose splits are scored: the one given, else the run's data.dir. A relative
+        one is relative to where the run was trained, so one missing here gets a message naming
+        both ways out instead of `sllm prepare`."""
+        if self.data_dir:
+            return self.data_dir
+        data_dir = Path(self.run.config.data.dir)
+        if data_dir.is_absolute() or (data_dir / META_FILE).is_file():
+            return data_dir
+        raise UserError(
+            f"the run's data.dir {data_dir} (relative to the current directory {Path.cwd()}) is not a "
+            "prepared data directory; run from the directory the run was trained in, or pass --data DIR"
+        )
 
     def data_meta(self) -> DataMeta:
         """The prepared data's description, refused if made with another tokenizer."""
@@ -230,18 +234,6 @@ def evaluate_texts(
     texts = {str(path): read_eval_text(Path(path)) for path in files}
     evaluator = Evaluator.from_run(run_dir, device, checkpoint)
     return [evaluator.evaluate_text(text, name, stride, batch_size) for name, text in texts.items()]
-
-
-def run_data_dir(configured: str) -> Path:
-    """A run's data.dir. A relative one is relative to where the run was trained, so one
-    missing here gets a message naming both ways out instead of `sllm prepare`."""
-    data_dir = Path(configured)
-    if data_dir.is_absolute() or (data_dir / META_FILE).is_file():
-        return data_dir
-    raise UserError(
-        f"the run's data.dir {data_dir} (relative to the current directory {Path.cwd()}) is not a "
-        "prepared data directory; run from the directory the run was trained in, or pass --data DIR"
-    )
 
 
 def read_eval_text(path: Path) -> str:

@@ -2,11 +2,13 @@
 
 Builds the model on the `meta` device (no memory, no time) from a run's config or a config
 file, and reports parameters by component, training FLOPs per token, a training memory
-estimate with and without activation checkpointing, and the KV-cache bytes per token.
+estimate with and without activation checkpointing, and the KV-cache bytes per token. A run
+trained with `train.micro_batch: auto` is described at the micro-batch its plan.json settled.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -21,11 +23,13 @@ from sllm.model.stats import (
     training_flops_per_token,
     training_memory,
 )
-from sllm.run import read_run_config
+from sllm.run import PLAN_FILE, read_run_config
 
 
 def resolve_for_info(run: str | None, config: str | None, overrides: list[str]) -> Config:
     cfg = read_run_config(Path(run)) if run else load_config(config, overrides)
+    if run and cfg.train.micro_batch == "auto" and (Path(run) / PLAN_FILE).is_file():
+        cfg.train.micro_batch = json.loads((Path(run) / PLAN_FILE).read_text(encoding="utf-8"))["micro_batch"]
     if cfg.model.vocab_size == 0:
         if not (Path(cfg.data.dir) / META_FILE).is_file():
             raise UserError(

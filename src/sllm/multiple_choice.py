@@ -1,17 +1,12 @@
 """Multiple-choice evaluation by log-likelihood, the method of lm-evaluation-harness.
 
-Each line of a JSONL file is `{"context": str, "choices": [str, ...], "answer": int}` (the
-answer may also be the text of the right choice). The model scores every choice as a
-continuation of the context: the summed log-probability of its tokens. `accuracy` counts the
-questions whose right choice has the highest sum; `accuracy_norm` first divides each sum by
-the choice's UTF-8 byte length, so a long choice is not penalised for having more tokens
-(the harness divides by characters; bytes are our unit, as in bits per byte).
-
-Tokenization follows the harness: whitespace that ends the context moves to the front of the
-choice, and the choice's tokens are those of encode(context + choice) after the first
-len(encode(context)), so the text is tokenized as the model would see it whole. The context
-follows an EOS token, as every training document does; when context and choice exceed the
-model's window, the oldest context tokens are dropped.
+Each JSONL line is `{"context": str, "choices": [str, ...], "answer": int or choice text}`.
+Every choice is scored as a continuation of the context (its tokens' summed log-probability);
+`accuracy_norm` first divides by the choice's UTF-8 bytes (the harness uses characters; bytes
+are our unit, as in bits per byte). As in the harness, whitespace ending the context moves to
+the choice, and the choice's tokens are those of encode(context + choice) after the first
+len(encode(context)). The context follows an EOS token, as every training document does, and
+loses its oldest tokens when context and choice exceed the model's window.
 """
 
 from __future__ import annotations
@@ -23,7 +18,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
+from sllm.data.sources import read_text_file
 from sllm.errors import UserError
 from sllm.run import open_run
 from sllm.runtime import select_device
@@ -48,13 +45,10 @@ class ChoiceResult:
 def read_questions(path: str | Path) -> list[Question]:
     """Parse and check a JSONL file of questions; a bad line stops with `file:line`."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"multiple-choice file {path} not found; check --mc")
-    questions = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                questions.append(_parse_question(line, f"{path}:{number}"))
+    lines = read_text_file(path, "multiple-choice file", "a JSONL file of questions to --mc").split("\n")
+    questions = [
+        _parse_question(line, f"{path}:{n}") for n, line in enumerate(lines, start=1) if line.strip()
+    ]
     if not questions:
         raise UserError(f"{path} holds no questions; give one JSON object per line")
     return questions
@@ -105,12 +99,8 @@ def choice_logliks(
         rows.append(sequence)
         spans.append(len(choice_ids))
         lengths.append(len(text.encode("utf-8")))
-    width = max(len(row) for row in rows) - 1
-    inputs = torch.zeros(len(rows), width, dtype=torch.long)
-    targets = torch.zeros(len(rows), width, dtype=torch.long)
-    for number, row in enumerate(rows):
-        inputs[number, : len(row) - 1] = torch.tensor(row[:-1])
-        targets[number, : len(row) - 1] = torch.tensor(row[1:])
+    inputs = pad_sequence([torch.tensor(row[:-1]) for row in rows], batch_first=True)
+    targets = pad_sequence([torch.tensor(row[1:]) for row in rows], batch_first=True)
     log_probs = F.log_softmax(model(inputs.to(device)).float(), dim=-1)
     picked = log_probs.gather(-1, targets.to(device)[..., None])[..., 0].cpu()
     return [

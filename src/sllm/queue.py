@@ -51,12 +51,9 @@ def read_queue(path: Path) -> list[QueueEntry]:
     return entries
 
 
-def status_path(queue_file: Path) -> Path:
-    return queue_file.with_name(queue_file.name + ".status.json")
-
-
 def _save_status(queue_file: Path, entries: list[QueueEntry]) -> None:
-    write_text_atomic(status_path(queue_file), json.dumps([asdict(e) for e in entries], indent=2))
+    status = queue_file.with_name(queue_file.name + ".status.json")
+    write_text_atomic(status, json.dumps([asdict(e) for e in entries], indent=2))
 
 
 def sllm_arguments(entry: QueueEntry) -> list[str]:

@@ -20,30 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from sllm.errors import UserError
-from sllm.run import METRICS_FILE, read_run_config
+from sllm.run import METRICS_FILE, SAMPLES_DIR, read_run_config
 
-CURVES = (
-    ("loss", "train loss"),
-    ("val_loss", "validation loss"),
-    ("lr", "learning rate"),
-    ("tokens_per_s", "tokens / s"),
-)
+CURVES = (("loss", "train loss"), ("val_loss", "validation loss"), ("lr", "learning rate"),
+          ("tokens_per_s", "tokens / s"))  # fmt: skip
 HANGUL_FONTS = (
-    "Noto Sans CJK KR",
-    "Noto Sans CJK JP",
-    "Noto Sans CJK SC",
-    "Noto Sans CJK TC",
-    "Noto Sans KR",
-    "Source Han Sans KR",
-    "Source Han Sans K",
-    "Source Han Sans",
-    "NanumGothic",
-    "NanumBarunGothic",
-    "Malgun Gothic",
-    "Apple SD Gothic Neo",
-    "AppleGothic",
-    "UnDotum",
-)
+    "Noto Sans CJK KR", "Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans CJK TC", "Noto Sans KR",
+    "Source Han Sans KR", "Source Han Sans K", "Source Han Sans", "NanumGothic", "NanumBarunGothic",
+    "Malgun Gothic", "Apple SD Gothic Neo", "AppleGothic", "UnDotum",
+)  # fmt: skip
 CJK_CHARACTER = re.compile("[\u1100-\u11ff\u3040-\u30ff\u3130-\u318f\u3400-\u9fff\uac00-\ud7af]")
 NO_HANGUL_FONT_NOTE = (
     "note: no font with Hangul is installed, so Korean labels in the plots show as boxes; "
@@ -131,11 +116,6 @@ def _draw(runs: list[Path], metrics: dict[Path, list[dict]], out_dir: Path) -> l
     return paths
 
 
-def _last_samples(run: Path) -> str:
-    samples = sorted((run / "samples").glob("step-*.md"))
-    return samples[-1].read_text(encoding="utf-8") if samples else "(no samples)"
-
-
 def _summary(runs: list[Path], metrics: dict[Path, list[dict]], plots: list[Path], out_dir: Path) -> str:
     lines = [
         "# Run report",
@@ -162,7 +142,9 @@ def _summary(runs: list[Path], metrics: dict[Path, list[dict]], plots: list[Path
         ]
     lines += ["", "## Curves", ""] + [f"![{p.stem}]({p.relative_to(out_dir)})" for p in plots]
     for run in runs:
-        lines += ["", f"## Last samples of {run.name}", "", _last_samples(run)]
+        samples = sorted((run / SAMPLES_DIR).glob("step-*.md"))
+        last = samples[-1].read_text(encoding="utf-8") if samples else "(no samples)"
+        lines += ["", f"## Last samples of {run.name}", "", last]
     return "\n".join(lines) + "\n"
 
 

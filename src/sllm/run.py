@@ -236,15 +236,13 @@ def open_run(run_dir: str | Path, device: torch.device, checkpoint: str = LATEST
     """Load a run's language model in eval mode on `device` from its newest (or `best`) checkpoint."""
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
-    if checkpoint not in (LATEST_NAME, BEST):
-        raise UserError(f"checkpoint must be {LATEST_NAME!r} or {BEST!r}, got {checkpoint!r}")
     if (run_dir / STS_CONFIG_FILE).is_file():
         raise UserError(
             f"{run_dir} is an STS run (a sentence-similarity scorer, not a language model); "
             f"score it with `sllm eval sts --run {run_dir} --data ...`"
         )
-    tokenizer = load_tokenizer(run_dir)
     found = find_checkpoint(run_dir, checkpoint)
+    tokenizer = load_tokenizer(run_dir)
     model = build_model(config.model)
     model.load_state_dict(found.model_state())
     if not all_finite(model.state_dict().values()):

@@ -7,7 +7,6 @@ rather than raising, so one bad epoch does not stop a run.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,16 +20,8 @@ class StsScores:
     pearson: float
     n: int
 
-    def better_than(self, other: StsScores | None) -> bool:
-        """Ranked by Spearman; NaN never wins."""
-        if math.isnan(self.spearman):
-            return False
-        return other is None or math.isnan(other.spearman) or self.spearman > other.spearman
-
 
 def sts_scores(predicted: Sequence[float], gold: Sequence[float]) -> StsScores:
-    if len(predicted) != len(gold) or len(gold) < 2:
-        raise ValueError(f"need two equally long sequences of 2+ scores, got {len(predicted)}, {len(gold)}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", stats.ConstantInputWarning)
         spearman = float(stats.spearmanr(predicted, gold).statistic)

@@ -10,6 +10,7 @@ epoch, and the batch split into micro-batches as `train.batch_size` would be.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -18,8 +19,9 @@ from typing import Literal
 
 import yaml
 
-from sllm.config import Config, ModelConfig, TrainConfig, option, validate
+from sllm.config import Config, ModelConfig, TrainConfig, validate
 from sllm.errors import UserError
+from sllm.options import FRACTION, NON_NEGATIVE, POSITIVE, check_range, option
 from sllm.run import BEST, CHECKPOINTS, periodic_checkpoints
 from sllm.train.batch_size import per_process_batch
 from sllm.train.distributed import launched_as_main, launched_world_size
@@ -31,35 +33,33 @@ EXECUTION_KEYS = ("device", "dtype", "parallel", "micro_batch", "checkpoint_inte
 
 @dataclass
 class FinetuneOptions:
-    epochs: int = option(2, "passes over the training examples")
-    batch_size: int = option(8, "examples per optimizer step, all processes together")
-    lr: float = option(3e-4, "peak learning rate")
-    weight_decay: float = option(0.0, "AdamW weight decay (matrices only)")
-    warmup_ratio: float = option(0.05, "share of the steps spent warming the learning rate up")
+    epochs: int = option(2, "passes over the training examples", POSITIVE)
+    batch_size: int = option(8, "examples per optimizer step, all processes together", POSITIVE)
+    lr: float = option(3e-4, "peak learning rate", POSITIVE)
+    weight_decay: float = option(0.0, "AdamW weight decay (matrices only)", NON_NEGATIVE)
+    warmup_ratio: float = option(0.05, "share of the steps spent warming the learning rate up", FRACTION)
     seed: int = option(1234, "seed of the split, the shuffling and dropout")
     checkpoint: Literal["latest", "best"] = option("latest", "checkpoint of the base run to start from")
     device: Literal["auto", "cpu", "cuda", "mps"] = option("auto", "where to train")
     micro_batch: int | Literal["auto"] = option(
-        0, "examples per forward/backward pass; 0: the process's whole share; auto: the largest that fits"
+        0,
+        "examples per forward/backward pass; 0: the process's whole share; auto: the largest that fits",
+        NON_NEGATIVE,
     )
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "auto", "autocast precision; auto is bf16 or fp16 on GPU, fp32 on CPU"
     )
     parallel: Literal["ddp", "fsdp"] = option("ddp", "with several processes (torchrun): DDP or FSDP2")
-    checkpoint_interval: int = option(0, "steps between checkpoints; 0: at the end of each epoch")
-    keep_last: int = option(2, "periodic checkpoints kept on disk (best/ is kept apart)")
+    checkpoint_interval: int = option(
+        0, "steps between checkpoints; 0: at the end of each epoch", NON_NEGATIVE
+    )
+    keep_last: int = option(2, "periodic checkpoints kept on disk (best/ is kept apart)", POSITIVE)
 
 
-def validate_options(cfg: FinetuneOptions, section: str) -> None:
-    for key in ("epochs", "batch_size", "lr", "keep_last"):
-        if getattr(cfg, key) <= 0:
-            raise UserError(f"config key {section}.{key} must be positive, got {getattr(cfg, key)}")
-    for key in ("micro_batch", "checkpoint_interval", "weight_decay"):
-        value = getattr(cfg, key)
-        if value != "auto" and value < 0:
-            raise UserError(f"config key {section}.{key} must be >= 0, got {value}")
-    if not 0 <= cfg.warmup_ratio < 1:
-        raise UserError(f"config key {section}.warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+def check_options(cfg: FinetuneOptions, section: str) -> None:
+    """The declared ranges, also for settings built in code rather than parsed from overrides."""
+    for spec in dataclasses.fields(cfg):
+        check_range(f"config key {section}.{spec.name}", getattr(cfg, spec.name), spec)
 
 
 def trainer_config(
@@ -90,7 +90,7 @@ def trainer_config(
 
 
 def _what_is_trained(settings: dict, section: str) -> dict:
-    options = {k: v for k, v in settings[section].items() if k not in EXECUTION_KEYS}
+    options = {k: v for k, v in settings.get(section, {}).items() if k not in EXECUTION_KEYS}
     return {**settings, section: options}
 
 
@@ -99,16 +99,12 @@ def keep_settings(out_dir: Path, name: str, settings: dict, section: str) -> Non
     `name`, e.g. sft.yaml; `EXECUTION_KEYS` may change); a directory holding checkpoints of
     other ones is refused."""
     checkpoints = out_dir / CHECKPOINTS
-    started = checkpoints.is_dir() and (periodic_checkpoints(checkpoints) or (checkpoints / BEST).is_dir())
-    if not started:
+    if not (periodic_checkpoints(checkpoints) or (checkpoints / BEST).is_dir()):
         return
     path = out_dir / name
     recorded = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
-    if (
-        not isinstance(recorded, dict)
-        or section not in recorded
-        or (_what_is_trained(recorded, section) != _what_is_trained(settings, section))
-    ):
+    wanted = _what_is_trained(settings, section)
+    if not isinstance(recorded, dict) or _what_is_trained(recorded, section) != wanted:
         raise UserError(
             f"{out_dir} already holds checkpoints of a fine-tuning with other settings or data; "
             "run the same command to resume it, or choose a new --out"

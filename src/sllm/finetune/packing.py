@@ -1,17 +1,12 @@
 """Packing short examples into fixed-length rows without letting them see each other.
 
-Examples are placed greedily, in order, into rows of `length` tokens; the rest of a row is
-padding with zero weight. Every token carries the number of its example within the row
-(`documents`); the GPT turns that into a causal same-document attention mask and
-positions that restart at each example (document masks *and* position resets), so a
-packed example computes exactly what it would alone. Targets never cross an example's
-end: the last token of each example has no target.
-
-An example longer than a row is cut where it costs the fewest targets: its oldest tokens
-go first (the start of the prompt), at most up to the token just before the last answer,
-so every target of that answer survives; only an answer longer than the row itself loses
-its end. Cutting from the end instead would drop the answer and leave a row that trains on
-nothing. Examples without any target are skipped and counted.
+Examples go greedily, in order, into rows of `length` tokens, padded with zero weight. Each
+token carries its example's number within the row (`documents`), which the GPT turns into a
+same-document causal mask and positions that restart per example, so a packed example
+computes what it would alone; targets never cross an example's end. An example longer than a
+row loses its oldest tokens (the start of the prompt) first, never the token before its last
+answer, so that answer keeps every target; only an answer longer than the row loses its end.
+Examples without any target are skipped and counted.
 """
 
 from __future__ import annotations
@@ -38,30 +33,21 @@ class PackedRows:
         return len(self.inputs)
 
 
-def _last_answer_start(weights: list[float]) -> int | None:
-    """Index of the first token of the last run of targets; None when there is no target.
-    Token 0 is never a target: nothing comes before it to predict it."""
+def _kept_span(weights: list[float], length: int) -> tuple[int, int] | None:
+    """The [start, end) tokens of an example that fit a row of `length` inputs (length + 1
+    tokens); None when it has no target (token 0 never is one: nothing before predicts it). One
+    too long drops what trains nothing after its last target (a closing user turn), then its
+    oldest tokens, never the token that predicts its last answer's first target, and only then
+    the answer's end."""
     targets = [j for j in range(1, len(weights)) if weights[j] > 0]
     if not targets:
         return None
-    start = targets[-1]
-    while start > 1 and weights[start - 1] > 0:
-        start -= 1
-    return start
-
-
-def _kept_span(weights: list[float], length: int) -> tuple[int, int] | None:
-    """The [start, end) tokens of an example that fit a row of `length` inputs (length + 1
-    tokens). One too long drops what trains nothing after its last target (a closing user
-    turn), then its oldest tokens, never the token that predicts the last answer's first
-    target, and only then the answer's end. None when the example has no target."""
-    answer = _last_answer_start(weights)
-    if answer is None:
-        return None
     if len(weights) <= length + 1:
         return 0, len(weights)
-    last_target = max(j for j, weight in enumerate(weights) if weight > 0)
-    end = max(last_target + 1, length + 1)
+    answer = targets[-1]  # walks back to the first target of the last answer
+    while answer > 1 and weights[answer - 1] > 0:
+        answer -= 1
+    end = max(targets[-1] + 1, length + 1)
     start = min(end - (length + 1), answer - 1)
     return start, start + length + 1
 

@@ -1,20 +1,12 @@
 """Instruction tuning (SFT): next-token loss on the assistant's tokens of templated chats.
 
-The base run's tokenizer gains the chat template tokens when it lacks them (and the model
-one embedding row per new token); conversations are rendered with `chat_template`, split
-into train and held-out examples by a seeded shuffle, and packed into rows of the
-model's context with document masks and position resets (`packing`); an example longer
-than a row loses the start of its prompt, not its answer. Training is the one trainer's
-(`sllm.train.trainer`) with the `MaskedRows` objective: the loss averaged over the weighted
-(assistant) targets only, so SFT resumes, accumulates, runs under torchrun and logs as
-pre-training does. A run with nothing to train on stops before training.
-
-The output is an ordinary run directory — config.yaml (with the grown vocabulary),
-plan.json, sft.yaml (these settings and the data), tokenizer.json, chat_template.json,
-checkpoints after each epoch, `best/` by held-out loss, metrics.jsonl — so `sllm generate`
-and `sllm eval` open it like any run. After each epoch the fixed `sft.prompts` are answered
-greedily into `samples/`, each until `<|end|>` or the end-of-text token, as `sllm generate`
-stops. The same command again resumes an interrupted run.
+The base run's tokenizer gains the chat template's tokens (and the model their embedding
+rows); conversations are rendered with `chat_template`, split into train and held-out
+examples by a seeded shuffle and packed into rows of the model's context (`packing`). Training
+is the one trainer's with the `MaskedRows` objective, so SFT resumes, accumulates and runs
+under torchrun as pre-training does. The output is an ordinary run directory (plus sft.yaml
+and chat_template.json) that `sllm generate` and `sllm eval` open like any run; after each
+epoch the `sft.prompts` are answered greedily into `samples/`, stopping as `generate` does.
 """
 
 from __future__ import annotations
@@ -22,7 +14,6 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from itertools import takewhile
 from pathlib import Path
 
 import torch
@@ -32,10 +23,10 @@ from sllm.config import dataclass_from_overrides, option
 from sllm.errors import UserError
 from sllm.finetune.options import (
     FinetuneOptions,
+    check_options,
     keep_settings,
     main_process_log,
     trainer_config,
-    validate_options,
     write_settings,
 )
 from sllm.finetune.packing import PackedRows, pack
@@ -49,57 +40,43 @@ from sllm.infer.chat_template import (
     save_chat_template,
     with_template_tokens,
 )
-from sllm.infer.engine import stream_tokens
 from sllm.infer.sampling import SamplingParams
+from sllm.options import FRACTION, NON_NEGATIVE, POSITIVE
 from sllm.run import SFT_CONFIG_FILE, open_run
 from sllm.tokenizer import Tokenizer
 from sllm.train.objectives import MaskedRows
-from sllm.train.trainer import run_objective
+from sllm.train.samples import sample_prompts
+from sllm.train.trainer import TrainResult, run_objective
 
 SECTION = "sft"
 
 
 @dataclass
 class SftConfig(FinetuneOptions):
-    epochs: int = option(2, "passes over the training examples")
-    batch_size: int = option(8, "packed rows per optimizer step, all processes together")
-    val_ratio: float = option(0.05, "share of the examples held out for the validation loss")
-    block_size: int = option(0, "packed row length; 0 means the model's context")
+    batch_size: int = option(8, "packed rows per optimizer step, all processes together", POSITIVE)
+    val_ratio: float = option(0.05, "share of the examples held out for the validation loss", FRACTION)
+    block_size: int = option(0, "packed row length; 0 means the model's context", NON_NEGATIVE)
     prompts: list[str] = option(
         ["대한민국의 수도는?", "오늘 기분이 어때?"], "questions answered after each epoch"
     )
-    max_new_tokens: int = option(48, "longest answer to those questions (greedy decoding)")
+    max_new_tokens: int = option(48, "longest answer to those questions (greedy decoding)", NON_NEGATIVE)
 
 
 def sft_config(overrides: list[str]) -> SftConfig:
-    cfg = dataclass_from_overrides(SftConfig, SECTION, overrides)
-    validate_options(cfg, SECTION)
-    if not 0 <= cfg.val_ratio < 1 or cfg.block_size < 0 or cfg.max_new_tokens < 0:
-        raise UserError(
-            f"{SECTION}.val_ratio must be in [0, 1), {SECTION}.block_size and {SECTION}.max_new_tokens >= 0"
-        )
-    return cfg
+    """SftConfig from `sft.key=value` overrides, type- and range-checked."""
+    return dataclass_from_overrides(SftConfig, SECTION, overrides)
 
 
-@torch.no_grad()
 def answer_prompts(
     model: nn.Module, tokenizer: Tokenizer, cfg: SftConfig, device: torch.device
 ) -> list[tuple[str, str]]:
     """(question, greedy answer) for each of `cfg.prompts`, rendered with the chat template; an
     answer ends at `<|end|>` or EOS, whichever comes first."""
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
-    model.eval()
-    answers = []
-    end = tokenizer.token_id(END_TOKEN)
-    for prompt in cfg.prompts:
-        ids = render_prompt(tokenizer, [Message("user", prompt)])[-(model.block_size - 1) :]
-        stream = stream_tokens(
-            model, ids, params, tokenizer.eos_id, device, banned_ids=tokenizer.never_generated
-        )
-        new = list(takewhile(lambda token: token != end, stream))  # EOS ends the stream itself
-        stream.close()
-        answers.append((prompt, tokenizer.decode(new)))
-    return answers
+    return sample_prompts(
+        model, tokenizer, cfg.prompts, SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0),
+        device, encode=lambda prompt: render_prompt(tokenizer, [Message("user", prompt)]),
+        stop_id=tokenizer.token_id(END_TOKEN),
+    )  # fmt: skip
 
 
 def pack_split(
@@ -138,17 +115,12 @@ def _tensors(rows: PackedRows) -> tuple[torch.Tensor, ...]:
     return rows.inputs, rows.targets, rows.weights, rows.documents
 
 
-@dataclass
-class SftResult:
-    step: int
-    val_loss: float | None
-
-
 def finetune_sft(
     base_run: str | Path, data_path: str | Path, out_dir: str | Path, cfg: SftConfig, log: Callable = print
-) -> SftResult:
+) -> TrainResult:
     """Instruction-tune the base run on `data_path` into the run directory `out_dir`, or resume
     that run when the same command was interrupted."""
+    check_options(cfg, SECTION)
     out_dir = Path(out_dir)
     settings = {SECTION: asdict(cfg), "base_run": str(base_run), "data": str(data_path)}
     keep_settings(out_dir, SFT_CONFIG_FILE, settings, SECTION)
@@ -183,5 +155,4 @@ def finetune_sft(
     config = trainer_config(
         base.config, objective.model_config, out_dir, cfg, len(train_rows), samples=bool(cfg.prompts)
     )
-    result = run_objective(config, objective, log)
-    return SftResult(result.step, result.val_loss)
+    return run_objective(config, objective, log)

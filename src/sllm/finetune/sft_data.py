@@ -1,15 +1,11 @@
 """Instruction data as conversations: Alpaca JSON/JSONL, chat JSONL and question/answer CSV.
 
-Every format becomes a list of `Message(role, content)`:
-- Alpaca (`instruction`, optional `input`, `output`): a user turn (the instruction, then
-  the input after a blank line) and an assistant turn;
-- chat (`messages: [{role, content}]`, roles system/user/assistant), taken as is;
-- CSV with a header: the first question column among `QUESTION_COLUMNS` becomes the user
-  turn, the first answer column among `ANSWER_COLUMNS` the assistant turn.
-A `.json` file is one array of records, `.jsonl` one record per line, `.csv` a table.
-Structural problems (bad JSON, a record of no known shape, a role we do not know) stop
-with one `UserError` naming the line or record; examples whose assistant text is empty
-are skipped and counted in the summary, never silently.
+Every format becomes a list of `Message(role, content)`: Alpaca (`instruction`, optional
+`input`, `output`) a user and an assistant turn; chat (`messages: [{role, content}]`) as is;
+a CSV's first question column among `QUESTION_COLUMNS` the user turn and its first answer
+column among `ANSWER_COLUMNS` the assistant turn. `.json` is one array, `.jsonl` one record a
+line. Structural problems stop with one `UserError` naming the line or record; examples with
+an empty answer are skipped and counted in the summary, never silently.
 """
 
 from __future__ import annotations

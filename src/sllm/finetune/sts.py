@@ -1,22 +1,12 @@
 """STS fine-tuning: a regression head on mean-pooled GPT states, scored by Spearman.
 
-Both sentences of a pair go through the backbone in one batch, right-padded with the
-tokenizer's pad id. The model is causal, so real tokens never attend to the padding after
-them; the padding is only kept out of the mean (a masked mean of the final-norm hidden
-states). The head sees `[u, v, |u − v|, u * v]` (the SBERT features) and outputs
-5·sigmoid(·), so every prediction lies in [0, 5]; the loss is MSE against the gold score.
-
-`sts.freeze=true` trains the head alone: the backbone (in eval mode, no dropout) pools
-every sentence once, and the epochs run on those cached vectors, which makes a frozen run
-about as cheap as one pass over the data. Otherwise the backbone trains too, at its own
-lower `sts.backbone_lr`. Training is the one trainer's (`sllm.train.trainer`) with the
-`PairRegression` objective, so STS resumes, accumulates and runs under torchrun as
-pre-training does; the dev set is scored after each epoch and `best/` keeps the epoch with
-the highest Spearman.
-
-The output directory holds config.yaml (the backbone's shape), sts.yaml (these settings and
-the data files), tokenizer.json, metrics.jsonl and checkpoints, whose model.safetensors holds
-the backbone under `backbone.` and the head under `head.`.
+Both sentences of a pair go through the causal backbone in one right-padded batch, so the
+padding only has to be kept out of the mean. The head sees `[u, v, |u − v|, u * v]` (the SBERT
+features) and outputs 5·sigmoid(·), the loss is MSE against the gold score. `sts.freeze=true`
+trains the head alone on sentence vectors the backbone pooled once (about one pass over the
+data); otherwise the backbone trains too, at its own `sts.backbone_lr`. Training is the one
+trainer's (`PairRegression`): the dev set is scored each epoch and `best/` keeps the epoch with
+the highest Spearman. Checkpoints hold the backbone under `backbone.`, the head under `head.`.
 """
 
 from __future__ import annotations
@@ -30,24 +20,27 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from sllm.config import Config, build_dataclass, dataclass_from_overrides, option
 from sllm.errors import UserError
 from sllm.finetune.metrics import StsScores, sts_scores
 from sllm.finetune.options import (
     FinetuneOptions,
+    check_options,
     keep_settings,
     main_process_log,
     trainer_config,
-    validate_options,
     write_settings,
 )
 from sllm.finetune.sts_data import MAX_SCORE, StsPair, load_sts
 from sllm.model import build_model
+from sllm.options import FRACTION, NON_NEGATIVE, POSITIVE
 from sllm.run import BEST, CHECKPOINTS, STS_CONFIG_FILE, load_checkpoint, open_run, read_run_config
 from sllm.runtime import autocast, select_device
 from sllm.tokenizer import Tokenizer, load_tokenizer
 from sllm.train.objectives import Evaluation, PairRegression
+from sllm.train.optim import decay_groups
 from sllm.train.trainer import run_objective
 
 SECTION = "sts"
@@ -55,34 +48,23 @@ SECTION = "sts"
 
 @dataclass
 class StsConfig(FinetuneOptions):
-    epochs: int = option(4, "passes over the training pairs")
-    batch_size: int = option(32, "sentence pairs per optimizer step, all processes together")
-    lr: float = option(1e-3, "peak learning rate of the regression head")
-    weight_decay: float = option(0.01, "AdamW weight decay (matrices only)")
-    warmup_ratio: float = option(0.1, "share of the steps spent warming the learning rate up")
+    epochs: int = option(4, "passes over the training pairs", POSITIVE)
+    batch_size: int = option(32, "sentence pairs per optimizer step, all processes together", POSITIVE)
+    lr: float = option(1e-3, "peak learning rate of the regression head", POSITIVE)
+    weight_decay: float = option(0.01, "AdamW weight decay (matrices only)", NON_NEGATIVE)
+    warmup_ratio: float = option(0.1, "share of the steps spent warming the learning rate up", FRACTION)
     seed: int = option(1234, "seed of the head's init, the shuffling and dropout")
-    backbone_lr: float = option(1e-4, "peak learning rate of the backbone when it is not frozen")
+    backbone_lr: float = option(1e-4, "peak learning rate of the backbone when it is not frozen", POSITIVE)
     freeze: bool = option(False, "keep the backbone fixed and train the head only")
     random_init: bool = option(False, "replace the pre-trained weights by a random init (a baseline)")
-    max_length: int = option(64, "tokens kept per sentence; longer sentences are cut")
-    head_hidden: int = option(256, "hidden width of the regression head")
-    head_dropout: float = option(0.1, "dropout in the regression head during training")
+    max_length: int = option(64, "tokens kept per sentence; longer sentences are cut", POSITIVE)
+    head_hidden: int = option(256, "hidden width of the regression head", POSITIVE)
+    head_dropout: float = option(0.1, "dropout in the regression head during training", FRACTION)
 
 
 def sts_config(overrides: list[str]) -> StsConfig:
-    """StsConfig from `sts.key=value` overrides, validated."""
-    cfg = dataclass_from_overrides(StsConfig, SECTION, overrides)
-    validate_sts_config(cfg)
-    return cfg
-
-
-def validate_sts_config(cfg: StsConfig) -> None:
-    validate_options(cfg, SECTION)
-    for key in ("backbone_lr", "max_length", "head_hidden"):
-        if getattr(cfg, key) <= 0:
-            raise UserError(f"config key {SECTION}.{key} must be positive, got {getattr(cfg, key)}")
-    if not 0 <= cfg.head_dropout < 1:
-        raise UserError(f"config key {SECTION}.head_dropout must be in [0, 1), got {cfg.head_dropout}")
+    """StsConfig from `sts.key=value` overrides, type- and range-checked."""
+    return dataclass_from_overrides(StsConfig, SECTION, overrides)
 
 
 # ---- the model ------------------------------------------------------------------------
@@ -124,18 +106,16 @@ class StsModel(nn.Module):
             self.backbone.eval()
         return self
 
-    def embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return masked_mean(self.backbone.hidden_states(ids), mask)
+    def pool(self, *pairs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(u, v) from (first ids, first mask, second ids, second mask), both in one batch."""
+        first, first_mask, second, second_mask = pairs
+        ids, mask = torch.cat([first, second]), torch.cat([first_mask, second_mask])
+        return masked_mean(self.backbone.hidden_states(ids), mask).chunk(2)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        """B scores from the pairs' token ids and masks (first ids, first mask, second ids,
-        second mask), or from the sentence vectors (u, v) a frozen backbone pooled before."""
-        if len(inputs) == 2:
-            u, v = inputs
-        else:
-            first, first_mask, second, second_mask = inputs
-            ids, mask = torch.cat([first, second]), torch.cat([first_mask, second_mask])
-            u, v = self.embed(ids, mask).chunk(2)
+        """B scores from the pairs' token ids and masks, or from the sentence vectors (u, v) a
+        frozen backbone pooled before."""
+        u, v = inputs if len(inputs) == 2 else self.pool(*inputs)
         return self.head(u, v)
 
 
@@ -186,12 +166,8 @@ def encode_pairs(tokenizer: Tokenizer, pairs: list[StsPair], max_length: int) ->
 
 def pad_batch(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids (N, T) and the mask of real tokens."""
-    length = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.bool)
-    for row, sequence in enumerate(sequences):
-        ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        mask[row, : len(sequence)] = True
+    ids = pad_sequence([torch.tensor(s, dtype=torch.long) for s in sequences], True, pad_id)
+    mask = pad_sequence([torch.ones(len(s), dtype=torch.bool) for s in sequences], batch_first=True)
     return ids, mask
 
 
@@ -204,11 +180,8 @@ def _chunks(rows: Rows, device: torch.device, batch_size: int):
 def pool_pairs(model: StsModel, rows: Rows, device: torch.device, batch_size: int = 64) -> Rows:
     """Both sentences of every pair through the backbone once, in eval mode: (u, v, gold)."""
     model.eval()
-    pooled = []
-    for first, first_mask, second, second_mask, _ in _chunks(rows, device, batch_size):
-        ids, mask = torch.cat([first, second]), torch.cat([first_mask, second_mask])
-        pooled.append(model.embed(ids, mask).cpu().chunk(2))
-    return torch.cat([u for u, _ in pooled]), torch.cat([v for _, v in pooled]), rows[-1]
+    pooled = [model.pool(*pairs) for *pairs, _ in _chunks(rows, device, batch_size)]
+    return torch.cat([u for u, _ in pooled]).cpu(), torch.cat([v for _, v in pooled]).cpu(), rows[-1]
 
 
 @torch.no_grad()
@@ -237,10 +210,7 @@ def build_optimizer(model: StsModel, cfg: StsConfig) -> torch.optim.AdamW:
     parts = [(model.head, cfg.lr)] + ([] if model.freeze else [(model.backbone, cfg.backbone_lr)])
     for module, lr in parts:
         params = [p for p in module.parameters() if p.requires_grad]
-        groups.append(
-            {"params": [p for p in params if p.dim() >= 2], "lr": lr, "weight_decay": cfg.weight_decay}
-        )
-        groups.append({"params": [p for p in params if p.dim() < 2], "lr": lr, "weight_decay": 0.0})
+        groups += [{**group, "lr": lr} for group in decay_groups(params, cfg.weight_decay)]
     return torch.optim.AdamW(groups)
 
 
@@ -303,14 +273,10 @@ def fit(
         raise UserError(
             "no epoch gave a dev Spearman (the predictions were constant); lower sts.lr or train longer"
         )
-    return _best(out_dir, math.ceil(len(train) / cfg.batch_size))
-
-
-def _best(out_dir: Path, steps_per_epoch: int) -> StsResult:
     meta = load_checkpoint(out_dir / CHECKPOINTS / BEST).meta
     scores = meta.val_metrics
     dev = StsScores(scores["spearman"], scores["pearson"], int(scores["n"]))
-    return StsResult(math.ceil(meta.step / steps_per_epoch), meta.step, dev)
+    return StsResult(math.ceil(meta.step / math.ceil(len(train) / cfg.batch_size)), meta.step, dev)
 
 
 # ---- runs -----------------------------------------------------------------------------
@@ -326,7 +292,7 @@ def finetune_sts(
 ) -> StsResult:
     """Fine-tune the base run on STS pairs; keep the epoch with the best dev Spearman. The same
     command again resumes an interrupted run."""
-    validate_sts_config(cfg)
+    check_options(cfg, SECTION)
     out_dir = Path(out_dir)
     settings = {
         SECTION: asdict(cfg),
@@ -355,32 +321,18 @@ def finetune_sts(
     )  # fmt: skip
 
 
-@dataclass
-class StsRun:
-    model: StsModel
-    tokenizer: Tokenizer
-    config: StsConfig
-
-
-def open_sts_run(run_dir: str | Path, device: torch.device) -> StsRun:
-    """The fine-tuned model of an STS run directory, in eval mode, from `checkpoints/best`."""
-    run_dir = Path(run_dir)
+def evaluate_sts(run_dir: str | Path, data_path: str | Path, device: str = "auto") -> tuple[StsScores, str]:
+    """Spearman and Pearson (×100) of an STS run's `best/` on any STS file, and the file's
+    summary line."""
+    data = load_sts(data_path)
+    run_dir, chosen = Path(run_dir), select_device(device)
     settings = run_dir / STS_CONFIG_FILE
     if not settings.is_file():
         raise UserError(
             f"{run_dir} is not an STS run (no {STS_CONFIG_FILE}); make one with `sllm finetune sts`"
         )
-    base_config = read_run_config(run_dir)
     cfg = build_dataclass(StsConfig, SECTION, yaml.safe_load(settings.read_text(encoding="utf-8"))[SECTION])
-    model = build_sts_model(build_model(base_config.model), cfg)
+    model = build_sts_model(build_model(read_run_config(run_dir).model), cfg)
     model.load_state_dict(load_checkpoint(run_dir / CHECKPOINTS / BEST).model_state())
-    return StsRun(model.to(device).eval(), load_tokenizer(run_dir), cfg)
-
-
-def evaluate_sts(run_dir: str | Path, data_path: str | Path, device: str = "auto") -> tuple[StsScores, str]:
-    """Spearman and Pearson (×100) of an STS run on any STS file, and the file's summary line."""
-    data = load_sts(data_path)
-    chosen = select_device(device)
-    run = open_sts_run(run_dir, chosen)
-    encoded = encode_pairs(run.tokenizer, data.pairs, run.config.max_length)
-    return score(run.model, encoded, chosen), data.summary()
+    encoded = encode_pairs(load_tokenizer(run_dir), data.pairs, cfg.max_length)
+    return score(model.to(chosen), encoded, chosen), data.summary()

@@ -1,14 +1,11 @@
 """STS sentence pairs from KorSTS TSV or KLUE-STS JSON files, format auto-detected.
 
-A file whose first non-blank character is `[` is KLUE-STS JSON (an array of objects with
-`sentence1`, `sentence2` and `labels.label`); anything else is read as KorSTS-style TSV
-with a header naming `score`, `sentence1` and `sentence2`. The TSV is split on tabs and
-newlines literally, never through a CSV quoting dialect (KorSTS sentences contain `"`
-characters that a quoting reader would swallow across lines) nor `str.splitlines` (which
-also breaks at form feeds and Unicode line separators inside a sentence). Rows whose
-score is missing, unparsable or outside [0, 5] are skipped and reported (how many, and the
-first few with their line or record number), never dropped silently; a file with fewer
-than two usable rows (too few for a correlation) is a `UserError`.
+A file starting with `[` is KLUE-STS JSON (`sentence1`, `sentence2`, `labels.label`); anything
+else is KorSTS-style TSV with a header naming `score`, `sentence1` and `sentence2`, split on
+tabs and newlines literally: a CSV quoting dialect would swallow KorSTS's `"` across lines and
+`str.splitlines` would break at form feeds inside a sentence. Rows whose score is missing,
+unparsable or outside [0, 5] are skipped and reported; fewer than two usable rows (too few for
+a correlation) is a `UserError`.
 """
 
 from __future__ import annotations

@@ -1,24 +1,12 @@
 """How a global batch splits into micro-batches, and `train.micro_batch: auto`.
 
-`train.batch_size` fixes the sequences per optimizer step over all processes; the
-micro-batch is the sequences of one forward/backward pass, and accumulation makes up the
-rest: micro_batch × grad_accum × world_size = batch_size. Without batch_size the old
-reading holds (batch_size = micro_batch × grad_accum × world_size).
-
-`auto` takes the largest power of two dividing the per-process batch (so accumulation
-stays an integer) that survives one real training step:
-- Candidates are tried doubling from 1, each a full forward, backward and optimizer step
-  on a batch of that shape with the run's own options (compile, activation checkpointing,
-  chunked loss), and the search stops at the first `torch.OutOfMemoryError`; memory is
-  freed after every try. Starting small means at most one try runs out of memory.
-- On the CPU running out of memory is the kernel's OOM killer, not an exception, so the
-  candidates are first capped by `sllm.model.stats.training_memory` (an estimate) against
-  half of the available RAM; the trials then only confirm the step runs.
-- Every process searches alone (no collectives inside a try, which could hang when one rank
-  fails) and they take the minimum, so all read the same windows.
-- The windows a micro-batch reads depend on its size, so the choice is recorded in the
-  resolved config.yaml and in each checkpoint's meta, and a resumed run takes it from the
-  checkpoint instead of searching again: it replays the uninterrupted run exactly.
+micro_batch × grad_accum × world_size = batch_size (without `train.batch_size`, the product
+is the batch). `auto` takes the largest power of two dividing the per-process batch that
+survives one real training step with the run's own options, trying sizes upward from 1 so at
+most one try runs out of memory. On the CPU running out of memory is the OOM killer, not an
+exception, so candidates are first capped by `training_memory`'s estimate against half the
+available RAM. Each rank searches alone (no collectives that could hang) and all take the
+minimum; a resumed run takes the size its checkpoint recorded, as the windows read depend on it.
 """
 
 from __future__ import annotations
@@ -114,11 +102,3 @@ def available_ram_bytes() -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def no_micro_batch_fits(block_size: int, device: torch.device) -> UserError:
-    return UserError(
-        f"train.micro_batch: auto: one sequence of {block_size} tokens already runs out of memory "
-        f"on {device.type}; shorten train.block_size, shrink the model or turn on "
-        "train.activation_checkpointing"
-    )

@@ -29,7 +29,6 @@ from sllm.atomic import (
 )
 from sllm.errors import UserError
 from sllm.run import (
-    BEST,
     CHECKPOINT_META_FILE,
     CHECKPOINTS,
     LATEST,
@@ -66,15 +65,6 @@ def _tensor_bytes(value: Any) -> int:
     return 0
 
 
-def _check_free_space(directory: Path, needed_bytes: int) -> None:
-    free_bytes = shutil.disk_usage(directory).free
-    if free_bytes < needed_bytes:
-        raise UserError(
-            f"not enough disk space to save a checkpoint in {directory}: need {needed_bytes / 1e6:,.1f} MB, "
-            f"{free_bytes / 1e6:,.1f} MB free; free some space and run the same command to resume"
-        )
-
-
 def save_tensors(
     tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
 ) -> None:
@@ -85,17 +75,20 @@ def save_tensors(
 
 
 def write_checkpoint(
-    target: Path,
-    model_state: dict[str, torch.Tensor],
-    train_state: dict[str, Any],
-    meta: CheckpointMeta,
+    target: Path, model_state: dict[str, torch.Tensor], train_state: dict[str, Any], meta: CheckpointMeta
 ) -> Path:
     """Write a complete checkpoint directory at `target`, atomically; never harms older ones."""
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(target)
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
-    needed = _tensor_bytes(weights) + _tensor_bytes(train_state)
-    _check_free_space(target.parent, int(1.05 * needed) + (1 << 20))
+    needed_bytes = int(1.05 * (_tensor_bytes(weights) + _tensor_bytes(train_state))) + (1 << 20)
+    free_bytes = shutil.disk_usage(target.parent).free
+    if free_bytes < needed_bytes:
+        raise UserError(
+            f"not enough disk space to save a checkpoint in {target.parent}: need "
+            f"{needed_bytes / 1e6:,.1f} MB, {free_bytes / 1e6:,.1f} MB free; free some space and run "
+            "the same command to resume"
+        )
     tmp = temp_path(target)
     try:
         tmp.mkdir()
@@ -106,14 +99,13 @@ def write_checkpoint(
         for name in (MODEL_FILE, STATE_FILE, CHECKPOINT_META_FILE):
             fsync_path(tmp / name)
         replace_dir(tmp, target)
-    except OSError as exc:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(
-            f"could not write checkpoint {target.name} ({exc.strerror or exc}); older checkpoints are "
-            "intact: fix the cause and run the same command to resume"
-        ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise UserError(
+                f"could not write checkpoint {target.name} ({exc.strerror or exc}); older checkpoints "
+                "are intact: fix the cause and run the same command to resume"
+            ) from None
         raise
     return target
 
@@ -136,12 +128,6 @@ def save_checkpoint(
         if path.name != target.name:
             shutil.rmtree(path, ignore_errors=True)
     return target
-
-
-def save_best(
-    run_dir: Path, model_state: dict[str, torch.Tensor], train_state: dict[str, Any], meta: CheckpointMeta
-) -> Path:
-    return write_checkpoint(run_dir / CHECKPOINTS / BEST, model_state, train_state, meta)
 
 
 def clean_leftovers(run_dir: Path) -> None:

@@ -1,15 +1,11 @@
 """One process or many through `torchrun`: the same training code path.
 
-`torchrun` (or any launcher that sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR, e.g.
-`accelerate launch --multi_gpu`) starts one process per device; we join its process group with NCCL on
-GPUs and gloo on the CPU, and wrap the model in DDP, or shard it with FSDP2
-(`fully_shard` per block, then the root) for `train.parallel: fsdp`. Without those
-variables everything degrades to a single process with no collectives.
-
-Checkpoints always hold full, unsharded state keyed by parameter name (gathered with
-`torch.distributed.checkpoint.state_dict`), so a checkpoint written by any number of
-processes, sharded or not, loads into any other. Rank 0 alone writes files; every rank
-reads the same checkpoint on resume, so multi-node runs need a shared run directory.
+A launcher that sets RANK / LOCAL_RANK / WORLD_SIZE (torchrun, `accelerate launch`) starts one
+process per device; we join its process group (NCCL on GPUs, gloo on the CPU) and wrap the model
+in DDP, or shard it with FSDP2 (`fully_shard` per block, then the root). Without those variables
+everything is one process with no collectives. Checkpoints hold full, unsharded state keyed by
+parameter name, so one written by any number of processes loads into any other. Rank 0 alone
+writes files and every rank reads the same checkpoint, so multi-node runs need a shared run dir.
 """
 
 from __future__ import annotations

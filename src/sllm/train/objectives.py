@@ -1,16 +1,11 @@
 """What differs between pre-training, SFT and STS: the batches, the loss and the evaluation.
 
-The trainer (`sllm.train.trainer`) does everything else the same way for each. An objective
-supplies the model to train, a batch source whose `batch(step, index)` is a pure function of
-(seed, step, micro-batch index) — so resume replays the uninterrupted run and N processes
-read what one process accumulating N micro-batches reads — the loss of one micro-batch, and
-an evaluation whose `rank` (lower is better) decides `best/`.
-
-- `LanguageModeling`: random windows of the prepared data, next-token loss.
-- `MaskedRows`: packed rows with per-token weights and document ids, the loss averaged over
-  the weighted targets only (SFT: the assistant's tokens).
-- `PairRegression`: (first, second, gold) rows through a scorer, mean squared error (STS).
-Finite datasets (the last two) are read in epochs: every epoch is a seeded permutation of the
+An objective supplies the model to train, a batch source whose `batch(step, index)` is a pure
+function of (seed, step, micro-batch index), so resume replays the uninterrupted run and N
+processes read what one process accumulating N micro-batches reads, the loss of one
+micro-batch, and an evaluation whose `rank` (lower is better) decides `best/`. The trainer
+(`sllm.train.trainer`) does everything else the same way for each. Finite datasets (SFT's
+`MaskedRows`, STS's `PairRegression`) are read in epochs: each a seeded permutation of the
 rows spread over whole steps, the last step topped up from the permutation's start.
 """
 
@@ -33,8 +28,9 @@ from sllm.data.meta import DataMeta
 from sllm.data.mixture import TrainMixture
 from sllm.errors import UserError
 from sllm.evaluate import score_windows
+from sllm.infer.sampling import SamplingParams
 from sllm.model import build_model, count_parameters, describe
-from sllm.model.stats import training_memory
+from sllm.model.stats import MemoryEstimate, training_memory
 from sllm.runtime import autocast
 from sllm.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from sllm.train.optim import build_optimizers
@@ -99,7 +95,7 @@ class Objective:
     def samples(self, model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> Samples:
         return []
 
-    def memory_bytes(self, model: nn.Module, micro_batch: int, dtype: torch.dtype | None) -> int | None:
+    def memory(self, model: nn.Module, micro_batch: int) -> MemoryEstimate | None:
         """Estimated training memory of one micro-batch, if known (caps the CPU batch search)."""
         return None
 
@@ -119,24 +115,6 @@ def _resolved_model(cfg: Config, meta: DataMeta) -> ModelConfig:
             f"({meta.vocab_size}); set it to 0 to take the data's"
         )
     return cfg.model
-
-
-def logits_loss(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: torch.dtype | None
-) -> torch.Tensor:
-    """Mean next-token cross-entropy from the full logits, taken in fp32."""
-    with autocast(device, dtype):
-        logits = model(x)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-
-
-def chunked_loss(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: torch.dtype | None
-) -> torch.Tensor:
-    """The same loss computed inside the model's forward (`train.chunked_loss`): the LM head and
-    the loss run chunk by chunk, and DDP/FSDP still see one call of the wrapped module."""
-    with autocast(device, dtype):
-        return model(x, targets=y)
 
 
 class LanguageModeling(Objective):
@@ -163,7 +141,6 @@ class LanguageModeling(Objective):
             if len(val_tokens) > 1
             else None
         )
-        self.micro_batch_loss = chunked_loss if cfg.train.chunked_loss else logits_loss
 
     def tokens_per_epoch(self, batch_size: int) -> int:
         return len(self.train_tokens)
@@ -179,8 +156,14 @@ class LanguageModeling(Objective):
     def loss(
         self, model: nn.Module, batch: Batch, device: torch.device, dtype: torch.dtype | None
     ) -> torch.Tensor:
+        """Mean next-token cross-entropy in fp32. With `train.chunked_loss` the LM head and the
+        loss run chunk by chunk inside the model's forward, so DDP/FSDP still see one call."""
         x, y = batch
-        return self.micro_batch_loss(model, x, y, device, dtype)
+        with autocast(device, dtype):
+            if self.cfg.train.chunked_loss:
+                return model(x, targets=y)
+            logits = model(x)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
     def evaluate(
         self, model: nn.Module, device: torch.device, dtype: torch.dtype | None, batch_size: int
@@ -199,13 +182,12 @@ class LanguageModeling(Objective):
     def samples(self, model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> Samples:
         if not self.cfg.sample.prompts:
             return []
-        return sample_prompts(model, self.tokenizer, self.cfg.sample, device, dtype)
+        params = SamplingParams.from_config(self.cfg.sample)
+        return sample_prompts(model, self.tokenizer, self.cfg.sample.prompts, params, device, dtype)
 
-    def memory_bytes(self, model: nn.Module, micro_batch: int, dtype: torch.dtype | None) -> int | None:
-        """`training_memory`'s estimate, whose bf16 activations double in fp32."""
+    def memory(self, model: nn.Module, micro_batch: int) -> MemoryEstimate | None:
         checkpointing = self.cfg.train.activation_checkpointing
-        memory = training_memory(model, self.model_config, micro_batch, self.tokens_per_sample, checkpointing)
-        return memory.total_bytes + (memory.activations_bytes if dtype is None else 0)
+        return training_memory(model, self.model_config, micro_batch, self.tokens_per_sample, checkpointing)
 
     def write_run_files(self, run_dir: Path) -> None:
         """A copy of the tokenizer, so the run directory alone can generate; a run directory
@@ -271,12 +253,6 @@ class RowsObjective(Objective):
         self.run_files(run_dir)
 
 
-def masked_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy averaged over the weighted targets (the assistant's tokens)."""
-    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    return (losses * weights.flatten()).sum() / weights.sum().clamp(min=1.0)
-
-
 @dataclass(kw_only=True)
 class MaskedRows(RowsObjective):
     """Packed rows (inputs, targets, weights, documents: (N, T) tensors each) for a GPT whose
@@ -289,10 +265,12 @@ class MaskedRows(RowsObjective):
     def loss(
         self, model: nn.Module, batch: Batch, device: torch.device, dtype: torch.dtype | None
     ) -> torch.Tensor:
+        """Cross-entropy averaged over the weighted targets (the assistant's tokens)."""
         inputs, targets, weights, documents = batch
         with autocast(device, dtype):
             logits = model(inputs, document_ids=documents)
-        return masked_loss(logits, targets, weights)
+        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+        return (losses * weights.flatten()).sum() / weights.sum().clamp(min=1.0)
 
     @torch.no_grad()
     def evaluate(
@@ -313,32 +291,28 @@ class MaskedRows(RowsObjective):
     def samples(self, model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> Samples:
         return self.sample(model, device, dtype)
 
-    def memory_bytes(self, model: nn.Module, micro_batch: int, dtype: torch.dtype | None) -> int | None:
-        memory = training_memory(model, self.model_config, micro_batch, self.tokens_per_sample, False)
-        return memory.total_bytes + (memory.activations_bytes if dtype is None else 0)
+    def memory(self, model: nn.Module, micro_batch: int) -> MemoryEstimate | None:
+        return training_memory(model, self.model_config, micro_batch, self.tokens_per_sample, False)
 
 
 @dataclass(kw_only=True)
 class PairRegression(RowsObjective):
     """(first, second, gold) rows through `model(first, second)`, mean squared error against
-    gold. `prepare(model, device)` may turn the rows into cheaper ones once the model sits on
-    its device (a frozen backbone pools every sentence once); `optimizer` may give parts of
-    the model their own learning rates."""
+    gold. `prepare(model, device)` gives the rows to train on once the model sits on its device
+    (a frozen backbone pools every sentence once); `optimizer` gives parts of the model their
+    own learning rates."""
 
     evaluation: Callable[[nn.Module, torch.device, torch.dtype | None, int], Evaluation | None]
-    prepare: Callable[[nn.Module, torch.device], tuple[torch.Tensor, ...]] | None = None
-    optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None
+    prepare: Callable[[nn.Module, torch.device], tuple[torch.Tensor, ...]]
+    optimizer: Callable[[nn.Module], torch.optim.Optimizer]
     name: str = "sts"
 
     def start(self, model: nn.Module, device: torch.device) -> None:
-        if self.prepare is not None:
-            self.train_rows = self.prepare(model, device)
+        self.train_rows = self.prepare(model, device)
 
     def optimizers(
         self, model: nn.Module, t: TrainConfig, device: torch.device
     ) -> list[torch.optim.Optimizer]:
-        if self.optimizer is None:
-            return build_optimizers(model, t, device)
         return [self.optimizer(model)]
 
     def loss(

@@ -26,7 +26,7 @@ from torch import nn
 from sllm.config import TrainConfig
 
 
-def _decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
+def decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
     return [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
@@ -38,7 +38,7 @@ FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # elsewhere (MPS) torch picks its default
 
 def _adamw(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     fused = True if device.type in FUSED_ADAMW_DEVICES else None
-    groups = _decay_groups(params, cfg.weight_decay)
+    groups = decay_groups(params, cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
@@ -62,7 +62,7 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     if cfg.optimizer == "adafactor":
-        return [torch.optim.Adafactor(_decay_groups(params, cfg.weight_decay), lr=cfg.lr)]
+        return [torch.optim.Adafactor(decay_groups(params, cfg.weight_decay), lr=cfg.lr)]
     if cfg.optimizer == "muon":
         hidden = [p for n, p in named if p.dim() == 2 and n.startswith("blocks.")]
         hidden_ids = {id(p) for p in hidden}
@@ -89,10 +89,3 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * lr_factor(step, cfg)
-
-
-def set_learning_rates(optimizers: list[torch.optim.Optimizer], step: int, cfg: TrainConfig) -> None:
-    factor = lr_factor(step, cfg)
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * factor

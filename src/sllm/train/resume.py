@@ -48,33 +48,18 @@ def compatible_checkpoint(run_dir: Path, model_config: ModelConfig, purpose: str
     return checkpoint
 
 
-def refuse_another_optimizer(checkpoint: Checkpoint, wanted: str, run_dir: Path) -> None:
-    """Another optimizer's state cannot continue the run; its weights can start a new one."""
-    saved = checkpoint.meta.optimizer
-    if saved is not None and saved != wanted:
+def resume_checkpoint(run_dir: Path, model_config: ModelConfig, optimizer: str) -> Checkpoint | None:
+    """The checkpoint to resume, refused if made for another model or optimizer (whose state
+    cannot continue the run, though its weights can start a new one)."""
+    checkpoint = compatible_checkpoint(run_dir, model_config, "resume")
+    saved = checkpoint.meta.optimizer if checkpoint else None
+    if saved is not None and saved != optimizer:
         raise UserError(
-            f"resume: {checkpoint.path} was trained with train.optimizer={saved}, not {wanted}; "
+            f"resume: {checkpoint.path} was trained with train.optimizer={saved}, not {optimizer}; "
             f"resume with train.optimizer={saved}, or start a new --out with "
-            f"train.init_from={run_dir} to continue its weights with {wanted}"
+            f"train.init_from={run_dir} to continue its weights with {optimizer}"
         )
-
-
-def optimizer_mismatch(checkpoint: Checkpoint, optimizer: str, error: Exception) -> UserError:
-    """A checkpoint older than its meta's `optimizer` field whose state does not fit."""
-    return UserError(
-        f"resume: the optimizer state in {checkpoint.path} does not fit "
-        f"train.optimizer={optimizer} ({type(error).__name__}: {error}); "
-        "resume with the optimizer the run was trained with"
-    )
-
-
-def recorded_micro_batch(checkpoint: Checkpoint) -> int:
-    """The micro-batch a checkpoint was trained with: resuming with another reads other windows."""
-    if checkpoint.meta.micro_batch is None:
-        raise UserError(
-            f"{checkpoint.path} does not record its micro-batch; set train.micro_batch to the one it used"
-        )
-    return checkpoint.meta.micro_batch
+    return checkpoint
 
 
 def changed_settings(meta: CheckpointMeta, plan: RunPlan, t: TrainConfig, step: int) -> list[str]:

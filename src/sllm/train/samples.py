@@ -1,17 +1,18 @@
 """Fixed-prompt samples during training, so progress is visible as text, not only as loss.
 
-At each evaluation the configured prompts are continued with a fixed seed and written to
-`samples/step-NNNNNN.md` in the run directory.
+At each evaluation the configured prompts (pre-training) or chat questions (SFT) are continued
+with a fixed seed and written to `samples/step-NNNNNN.md` in the run directory.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from itertools import takewhile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from sllm.config import SampleConfig
 from sllm.infer.engine import stream_tokens
 from sllm.infer.sampling import SamplingParams
 from sllm.run import SAMPLES_DIR
@@ -21,20 +22,26 @@ from sllm.tokenizer import Tokenizer
 def sample_prompts(
     model: nn.Module,
     tokenizer: Tokenizer,
-    cfg: SampleConfig,
+    prompts: list[str],
+    params: SamplingParams,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
+    encode: Callable[[str], list[int]] | None = None,
+    stop_id: int | None = None,
 ) -> list[tuple[str, str]]:
-    """(prompt, continuation) for each configured prompt."""
-    params = SamplingParams.from_config(cfg)
+    """(prompt, continuation) for each prompt, encoded by `encode` (default: as plain text) and
+    continued until EOS or `stop_id`."""
+    encode = encode or tokenizer.encode
     was_training = model.training
     model.eval()
     results = []
-    for prompt in cfg.prompts:
-        ids = tokenizer.encode(prompt)[-(model.block_size - 1) :] or [tokenizer.eos_id]
-        new = list(
-            stream_tokens(model, ids, params, tokenizer.eos_id, device, amp_dtype, tokenizer.never_generated)
+    for prompt in prompts:
+        ids = encode(prompt)[-(model.block_size - 1) :] or [tokenizer.eos_id]
+        stream = stream_tokens(
+            model, ids, params, tokenizer.eos_id, device, amp_dtype, tokenizer.never_generated
         )
+        new = list(takewhile(lambda token: token != stop_id, stream))
+        stream.close()
         results.append((prompt, tokenizer.decode(new)))
     model.train(was_training)
     return results

@@ -1,22 +1,16 @@
 """The one training loop: pre-training, SFT and STS all run here, driven by an objective.
 
 One step is one optimizer update over `grad_accum` micro-batches on each of `world_size`
-processes (the split is the run plan's, `sllm.train.plan`). Everything that decides what a
-step computes is a function of the step number: the batches (`objective.batches(...).batch(
-step, index)`), the learning rate (`lr_factor(step)`, applied to each parameter group's own
-peak rate) and dropout (the torch RNG is re-seeded from (seed, step, index)). A checkpoint
-therefore needs only the weights, the optimizer state and counters, and a resumed run equals
-an uninterrupted one bit for bit on the CPU, whatever the objective.
-
-The same code gives every objective autocast, accumulation, DDP/FSDP through torchrun,
-SIGINT/SIGTERM saves, checkpoints with retention and `best/`, the progress bar and the metric
-sinks. The caller's config is never changed: the run directory gets the config as run
-(`config.yaml`) and the derived values (`plan.json`).
+processes (the run plan's split, `sllm.train.plan`). The batches, the learning rate and dropout
+(the torch RNG re-seeded from (seed, step, index)) are functions of the step number, so a
+checkpoint needs only weights, optimizer state and counters, and a resumed run equals an
+uninterrupted one bit for bit on the CPU. Every objective thus gets autocast, accumulation,
+DDP/FSDP, signal-safe saves, retention, `best/`, and the metric sinks. The caller's config is
+never changed: the run directory gets it as run (`config.yaml`) and the derived `plan.json`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import math
 import time
@@ -48,12 +42,11 @@ from sllm.runtime import allow_tf32, cpu_bf16_hint, keep_freed_memory, select_au
 from sllm.train.batch_size import (
     available_ram_bytes,
     largest_fitting,
-    no_micro_batch_fits,
     per_process_batch,
     power_of_two_sizes,
     survives,
 )
-from sllm.train.checkpoint import clean_leftovers, save_best, save_checkpoint, training_state
+from sllm.train.checkpoint import clean_leftovers, save_checkpoint, training_state, write_checkpoint
 from sllm.train.distributed import (
     any_rank,
     barrier,
@@ -70,14 +63,7 @@ from sllm.train.monitor import MetricSinks, check_sinks_available
 from sllm.train.objectives import Batch, BatchSource, LanguageModeling, Objective
 from sllm.train.optim import lr_factor, optimizer_hint
 from sllm.train.plan import resolve_plan
-from sllm.train.resume import (
-    changed_settings,
-    compatible_checkpoint,
-    init_from_checkpoint,
-    optimizer_mismatch,
-    recorded_micro_batch,
-    refuse_another_optimizer,
-)
+from sllm.train.resume import changed_settings, init_from_checkpoint, resume_checkpoint
 from sllm.train.samples import write_samples
 from sllm.train.signals import StopRequest
 
@@ -102,7 +88,6 @@ class Trainer:
         self.cfg = replace(cfg, model=objective.model_config)  # as run; the caller's stays as given
         t = cfg.train
         self.run_dir = Path(t.out_dir)
-        self.tokenizer = objective.tokenizer
         self.cluster, self.device = join_cluster(select_device(t.device), t.dist_timeout_s)
         allow_tf32(self.device)
         if self.device.type == "cpu":
@@ -114,7 +99,6 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = objective.build_model().to(self.device)
         objective.start(self.model, self.device)
-        self.description = f"{objective.describe(self.model)} on {self.device.type}"
         self.ddp_model = wrap_model(self.model, self.cluster, self.device, t.parallel)
         # A sharded model needs every rank in each forward pass, evaluation included.
         self.collective_eval = self.cluster.distributed and t.parallel == "fsdp"
@@ -168,7 +152,7 @@ class Trainer:
         sizes = power_of_two_sizes(per_process_batch(self.plan.batch_size, self.cluster.world_size))
         if self.device.type == "cpu":
             budget = available_ram_bytes() // 2
-            sizes = [size for size in sizes if (self._estimated_bytes(size) or 0) <= budget]
+            sizes = [size for size in sizes if self._estimated_bytes(size) <= budget]
         initial_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         found = largest_fitting(sizes, survives(self._trial_step))
         self.model.load_state_dict(initial_weights)
@@ -176,46 +160,55 @@ class Trainer:
         self._build_optimizers()
         found = min_over_ranks(found, self.cluster, self.device)
         if not found:
-            raise no_micro_batch_fits(self.plan.tokens_per_sample, self.device)
+            raise UserError(
+                f"train.micro_batch: auto: one sequence of {self.plan.tokens_per_sample} tokens already "
+                f"runs out of memory on {self.device.type}; shorten train.block_size, shrink the model "
+                "or turn on train.activation_checkpointing"
+            )
         return found
 
-    def _estimated_bytes(self, micro_batch: int) -> int | None:
-        return self.objective.memory_bytes(self.model, micro_batch, self.amp_dtype)
-
-    def _linear_products(self) -> contextlib.AbstractContextManager:
-        """Where the matrix products of forward and backward run (sllm.model.cpu_linear)."""
-        return onednn_linears(self.device, self.cfg.train.activation_checkpointing)
+    def _estimated_bytes(self, micro_batch: int) -> int:
+        """The objective's estimate (0 when it has none), whose bf16 activations double in fp32."""
+        memory = self.objective.memory(self.model, micro_batch)
+        if memory is None:
+            return 0
+        return memory.total_bytes + (memory.activations_bytes if self.amp_dtype is None else 0)
 
     def _trial_step(self, micro_batch: int) -> None:
         """One full training step on a batch of the real shape, without gradient sync."""
         source = self.objective.batches(micro_batch, self.plan.batch_size, self.cfg.train.seed)
-        batch = self._to_device(source.batch(0, 0))
-        with gradient_sync(self.ddp_model, False), self._linear_products():
-            loss = self.objective.loss(self.ddp_model, batch, self.device, self.amp_dtype)
-            self.scaler.scale(loss).backward()
+        self._backward(source.batch(0, 0), sync=False, share=1)
         self._apply_gradients()
 
     # ---- state ----------------------------------------------------------------------
 
     def resume(self) -> bool:
         """Load the newest verified checkpoint if there is one; True when something was loaded."""
-        checkpoint = compatible_checkpoint(self.run_dir, self.cfg.model, "resume")
+        optimizer = self.cfg.train.optimizer
+        checkpoint = resume_checkpoint(self.run_dir, self.cfg.model, optimizer)
         if checkpoint is None:
             return False
-        optimizer = self.cfg.train.optimizer
-        refuse_another_optimizer(checkpoint, optimizer, self.run_dir)
         state = checkpoint.train_state()
         try:
             load_full_state(self.model, self.optimizers, checkpoint.model_state(), state["optimizers"])
         except (KeyError, ValueError) as error:  # a checkpoint older than its meta's "optimizer"
-            raise optimizer_mismatch(checkpoint, optimizer, error) from None
+            raise UserError(
+                f"resume: the optimizer state in {checkpoint.path} does not fit train.optimizer="
+                f"{optimizer} ({type(error).__name__}: {error}); resume with the optimizer the run "
+                "was trained with"
+            ) from None
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.best_rank = float(state["best_rank"])
-        if self.plan.micro_batch is None:
-            self.plan = self.plan.with_micro_batch(recorded_micro_batch(checkpoint))
+        if self.plan.micro_batch is None:  # auto: another micro-batch would read other windows
+            if checkpoint.meta.micro_batch is None:
+                raise UserError(
+                    f"{checkpoint.path} does not record its micro-batch; set train.micro_batch to the "
+                    "one it used"
+                )
+            self.plan = self.plan.with_micro_batch(checkpoint.meta.micro_batch)
             self.batches = self._batch_source()
         if self.cluster.is_main:
             self.log(f"resumed from {checkpoint.path} (step {self.step}, {self.tokens_seen:,} tokens seen)")
@@ -226,34 +219,25 @@ class Trainer:
     def initialize_from(self, source_run: Path) -> None:
         """Take another run's newest weights (e.g. a base model for domain training)."""
         checkpoint = init_from_checkpoint(
-            source_run, self.cfg.model, self.tokenizer.sha256, self.cfg.data.dir
+            source_run, self.cfg.model, self.objective.tokenizer.sha256, self.cfg.data.dir
         )
         load_full_state(self.model, self.optimizers, checkpoint.model_state(), None)
         if self.cluster.is_main:
             self.log(f"initialized from {checkpoint.path} (a fresh optimizer and schedule)")
 
-    def _meta(self) -> CheckpointMeta:
-        return CheckpointMeta(
-            step=self.step,
-            tokens_seen=self.tokens_seen,
-            model_config=asdict(self.cfg.model),
-            tokenizer_sha256=self.tokenizer.sha256,
-            objective=self.plan.objective,
-            val_loss=self.last_val_loss,
-            val_step=self.last_val_step,
-            val_metrics=self.last_val_metrics,
-            optimizer=self.cfg.train.optimizer,
-            schedule=self.cfg.train.schedule,
-            max_steps=self.plan.max_steps,
-            tokens_per_step=self.plan.tokens_per_step,
-            micro_batch=self.plan.micro_batch,
-        )
-
     def _state(self) -> tuple[dict, dict, CheckpointMeta]:
         """Weights, training state and meta for a checkpoint (collective under FSDP)."""
         model_state, optimizer_state = full_state(self.model, self.optimizers)
         state = training_state(optimizer_state, self.scaler, self.step, self.tokens_seen, self.best_rank)
-        return model_state, state, self._meta()
+        meta = CheckpointMeta(
+            step=self.step, tokens_seen=self.tokens_seen, model_config=asdict(self.cfg.model),
+            tokenizer_sha256=self.objective.tokenizer.sha256, objective=self.plan.objective,
+            val_loss=self.last_val_loss, val_step=self.last_val_step, val_metrics=self.last_val_metrics,
+            optimizer=self.cfg.train.optimizer, schedule=self.cfg.train.schedule,
+            max_steps=self.plan.max_steps, tokens_per_step=self.plan.tokens_per_step,
+            micro_batch=self.plan.micro_batch,
+        )  # fmt: skip
+        return model_state, state, meta
 
     def save(self, name: str) -> None:
         """A periodic checkpoint; every rank gathers (FSDP), rank 0 checks that every weight is
@@ -319,16 +303,22 @@ class Trainer:
         for micro_step in range(grad_accum):
             index = micro_step * self.cluster.world_size + self.cluster.rank
             torch.manual_seed((seed * 1_000_003 + self.step) * 1_009 + index)  # dropout
-            batch = self._to_device(self.batches.batch(self.step, index))
-            with gradient_sync(self.ddp_model, micro_step == grad_accum - 1), self._linear_products():
-                loss = self.objective.loss(self.ddp_model, batch, self.device, self.amp_dtype)
-                self.scaler.scale(loss / grad_accum).backward()
-            total += loss.detach()
+            batch = self.batches.batch(self.step, index)
+            total += self._backward(batch, sync=micro_step == grad_accum - 1, share=grad_accum)
         self._apply_gradients()
         self.finite_losses &= torch.isfinite(total)
         self.step += 1
         self.tokens_seen += self.plan.tokens_per_step
         return total / grad_accum
+
+    def _backward(self, batch: Batch, sync: bool, share: int) -> torch.Tensor:
+        """Forward and backward of one micro-batch whose loss counts `1 / share` of the step's
+        (the matrix products run where `sllm.model.cpu_linear` says); returns the loss."""
+        checkpointing = self.cfg.train.activation_checkpointing
+        with gradient_sync(self.ddp_model, sync), onednn_linears(self.device, checkpointing):
+            loss = self.objective.loss(self.ddp_model, self._to_device(batch), self.device, self.amp_dtype)
+            self.scaler.scale(loss / share).backward()
+        return loss.detach()
 
     def _apply_gradients(self) -> None:
         """Clip, step every optimizer, update the loss scale, clear the gradients."""
@@ -352,11 +342,9 @@ class Trainer:
         evaluation = self.objective.evaluate(
             self.model, self.device, self.amp_dtype, self.cfg.eval.batch_size
         )
-        samples = (
-            self.objective.samples(self.model, self.device, self.amp_dtype)
-            if self.cfg.log.samples_at_eval
-            else []
-        )
+        samples = []
+        if self.cfg.log.samples_at_eval:
+            samples = self.objective.samples(self.model, self.device, self.amp_dtype)
         self.model.train()
         if evaluation is not None:
             self.last_val_loss, self.last_val_step = evaluation.val_loss, self.step
@@ -369,7 +357,7 @@ class Trainer:
                 self.best_rank = evaluation.rank
                 state = self._state()
                 if self.cluster.is_main:
-                    save_best(self.run_dir, *state)
+                    write_checkpoint(self.run_dir / CHECKPOINTS / BEST, *state)
         if samples and self.cluster.is_main:
             path = write_samples(self.run_dir, self.step, samples)
             sinks.text(self.step, "samples", path.read_text(encoding="utf-8"))
@@ -406,7 +394,8 @@ class Trainer:
         t, plan = self.cfg.train, self.plan
         main = self.cluster.is_main
         if main:
-            self.log(f"{self.description}, {plan.tokens_per_step:,} tokens per step")
+            model = f"{self.objective.describe(self.model)} on {self.device.type}"
+            self.log(f"{model}, {plan.tokens_per_step:,} tokens per step")
             for hint in (
                 cpu_bf16_hint(self.device, self.amp_dtype, count_parameters(self.model)),
                 optimizer_hint(t),
