@@ -5,7 +5,7 @@ import torch
 
 from sllm.config import ModelConfig, TrainConfig
 from sllm.model import build_model
-from sllm.train.optim import build_optimizers, lr_at, optimizer_hint
+from sllm.train.optim import build_optimizers, lr_factor, optimizer_hint
 from sllm.train.trainer import train
 
 from .conftest import tiny_config
@@ -13,17 +13,17 @@ from .conftest import tiny_config
 
 def test_cosine_schedule_warms_up_then_decays_to_min_lr():
     cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
-    assert lr_at(0, cfg) == pytest.approx(0.1)
-    assert lr_at(9, cfg) == pytest.approx(1.0)
-    assert lr_at(60, cfg) == pytest.approx(0.55)
-    assert lr_at(110, cfg) == pytest.approx(0.1)
+    assert cfg.lr * lr_factor(0, cfg) == pytest.approx(0.1)
+    assert cfg.lr * lr_factor(9, cfg) == pytest.approx(1.0)
+    assert cfg.lr * lr_factor(60, cfg) == pytest.approx(0.55)
+    assert cfg.lr * lr_factor(110, cfg) == pytest.approx(0.1)
 
 
 def test_wsd_schedule_is_flat_then_decays_linearly():
     cfg = TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=10, max_steps=100, schedule="wsd", decay_fraction=0.2)
-    assert [lr_at(s, cfg) for s in (10, 50, 79, 80)] == [1.0, 1.0, 1.0, 1.0]
-    assert lr_at(90, cfg) == pytest.approx(0.5)
-    assert lr_at(100, cfg) == pytest.approx(0.0)
+    assert [lr_factor(s, cfg) for s in (10, 50, 79, 80)] == [1.0, 1.0, 1.0, 1.0]
+    assert cfg.lr * lr_factor(90, cfg) == pytest.approx(0.5)
+    assert cfg.lr * lr_factor(100, cfg) == pytest.approx(0.0)
 
 
 def test_weight_decay_only_on_matrices_and_muon_only_on_block_matrices():

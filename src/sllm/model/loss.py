@@ -65,10 +65,3 @@ def linear_cross_entropy(
     return _LinearCrossEntropy.apply(
         hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1), chunk_tokens
     )
-
-
-def reference_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
-) -> torch.Tensor:
-    """The plain computation the fused one must equal (used by tests and benchmarks)."""
-    return F.cross_entropy((hidden @ weight.t()).float().flatten(0, -2), targets.flatten())

@@ -85,7 +85,3 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
         return 1.0 - progress * (1.0 - floor)
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - floor)
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    return cfg.lr * lr_factor(step, cfg)
