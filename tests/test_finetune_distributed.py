@@ -15,27 +15,19 @@ from safetensors.torch import load_file
 
 from sllm.run import load_latest
 
-# torchrun's own parser takes `--run` for an abbreviation of its `--run-path` and stops, so
-# the command reaches sllm through the environment.
-LAUNCHER = """
-import json, os
-from sllm.cli import main
 
-main(json.loads(os.environ["SLLM_ARGS"]))
-"""
-
-
-def _sft(launch: list[str], trained_run: Path, data: Path, out: Path, *extra: str) -> None:
+def _sft(launch: list[str], trained_run: Path, data: Path, out: Path, *extra: str) -> str:
+    """`sllm finetune sft` as a user types it; `--base` names the base run, since torchrun's own
+    parser would take `--run` for its `--run-path`."""
     args = [
-        "finetune", "sft", "--run", str(trained_run), "--data", str(data), "--out", str(out),
+        "-m", "sllm", "finetune", "sft", "--base", str(trained_run), "--data", str(data), "--out", str(out),
         "sft.epochs=2", "sft.batch_size=4", "sft.lr=1e-3", "sft.val_ratio=0.1", "sft.max_new_tokens=4",
         "sft.device=cpu", *extra,
     ]  # fmt: skip
-    launcher = out.parent / "launch.py"
-    launcher.write_text(LAUNCHER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLLM_ARGS": json.dumps(args)}
-    result = subprocess.run([*launch, str(launcher)], capture_output=True, text=True, timeout=300, env=env)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*launch, *args], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -51,7 +43,8 @@ def test_sft_on_two_processes_equals_one_process_with_accumulation(tmp_path, tra
     one, two = tmp_path / "one", tmp_path / "two"
     _sft([sys.executable], trained_run, data, one, "sft.micro_batch=2")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    _sft(torchrun, trained_run, data, two, f"sft.parallel={parallel}")
+    output = _sft(torchrun, trained_run, data, two, f"sft.parallel={parallel}")
+    assert output.count("saved to") == 1  # only rank 0 reports
 
     plans = [json.loads((run / "plan.json").read_text()) for run in (one, two)]
     assert [(p["micro_batch"], p["grad_accum"], p["world_size"]) for p in plans] == [(2, 2, 1), (2, 1, 2)]

@@ -35,6 +35,8 @@ CONFIG_FLAGS: dict[str, list[str]] = {
     "info": [],
 }  # fmt: skip
 MAX_NEW_TOKENS = {"generate": 100, "chat": 200}  # reply lengths; other sampling defaults: the run's
+# torchrun's own parser takes `--run` for an abbreviation of its `--run-path`: `--base` passes it.
+BASE_RUN_HELP = "pre-trained run directory (`--base` under torchrun)"
 OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=.*", re.DOTALL)
 
 
@@ -172,13 +174,13 @@ def _add_training_commands(top: argparse._SubParsersAction) -> None:
 
     finetune = _group(top, "finetune", "fine-tune a pre-trained run on a task")
     sts = _add(finetune, "sts", commands.finetune_sts)
-    sts.add_argument("--run", required=True, help="pre-trained run directory (the backbone)")
+    sts.add_argument("--run", "--base", dest="run", required=True, help=BASE_RUN_HELP + " (the backbone)")
     sts.add_argument("--train", required=True, help="training pairs: KorSTS .tsv or KLUE-STS .json")
     sts.add_argument("--dev", required=True, help="dev pairs, scored each epoch; the best epoch is kept")
     sts.add_argument("--out", required=True, help="run directory to create")
     sts.add_argument("overrides", nargs="*", metavar="sts.key=value", help="settings, e.g. sts.freeze=true")
     sft = _add(finetune, "sft", commands.finetune_sft)
-    sft.add_argument("--run", required=True, help="pre-trained run directory")
+    sft.add_argument("--run", "--base", dest="run", required=True, help=BASE_RUN_HELP)
     sft.add_argument("--data", required=True, help="instruction data: .json, .jsonl or .csv")
     sft.add_argument("--out", required=True, help="run directory to create")
     sft.add_argument("overrides", nargs="*", metavar="sft.key=value", help="settings, e.g. sft.epochs=3")

@@ -260,10 +260,11 @@ def finetune_sts(args: Namespace) -> None:
     from sllm.finetune.sts import finetune_sts, sts_config
 
     best = finetune_sts(args.run, args.train, args.dev, args.out, sts_config(args.overrides))
-    print(
-        f"best dev spearman {best.dev.spearman:.2f}, pearson {best.dev.pearson:.2f} "
-        f"(epoch {best.epoch}); saved to {args.out}"
-    )
+    if best.is_main:
+        print(
+            f"best dev spearman {best.dev.spearman:.2f}, pearson {best.dev.pearson:.2f} "
+            f"(epoch {best.epoch}); saved to {args.out}"
+        )
 
 
 def finetune_sft(args: Namespace) -> None:
@@ -272,7 +273,8 @@ def finetune_sft(args: Namespace) -> None:
 
     result = finetune_sft(args.run, args.data, args.out, sft_config(args.overrides))
     held_out = "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"
-    print(f"step {result.step}: held-out loss {held_out}; saved to {args.out}")
+    if result.is_main:
+        print(f"step {result.step}: held-out loss {held_out}; saved to {args.out}")
 
 
 def export(args: Namespace) -> None:

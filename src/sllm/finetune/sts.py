@@ -219,6 +219,7 @@ class StsResult:
     epoch: int  # of the best dev Spearman
     step: int
     dev: StsScores
+    is_main: bool  # this process is rank 0 (the one that reports)
 
 
 def fit(
@@ -276,7 +277,8 @@ def fit(
     meta = load_checkpoint(out_dir / CHECKPOINTS / BEST).meta
     scores = meta.val_metrics
     dev = StsScores(scores["spearman"], scores["pearson"], int(scores["n"]))
-    return StsResult(math.ceil(meta.step / math.ceil(len(train) / cfg.batch_size)), meta.step, dev)
+    epoch = math.ceil(meta.step / math.ceil(len(train) / cfg.batch_size))
+    return StsResult(epoch, meta.step, dev, result.is_main)
 
 
 # ---- runs -----------------------------------------------------------------------------
