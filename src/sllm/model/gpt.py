@@ -53,8 +53,15 @@ from sllm.model.loss import linear_cross_entropy
 Rotation = Callable[[torch.Tensor], torch.Tensor]
 
 
-def no_rotation(t: torch.Tensor) -> torch.Tensor:
+def unchanged(t: torch.Tensor) -> torch.Tensor:
+    """The identity: no rotation, no qk-norm, no dropout. A plain function, not a module: a
+    decode step on a CPU pays for every module call."""
     return t
+
+
+def dropout(p: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Dropout with probability `p`; with p = 0 (the default), `unchanged`."""
+    return nn.Dropout(p) if p > 0 else unchanged
 
 
 class LearnedPositions(nn.Module):
@@ -66,7 +73,7 @@ class LearnedPositions(nn.Module):
         return self.table(positions)
 
     def rotation(self, positions: torch.Tensor) -> Rotation:
-        return no_rotation
+        return unchanged
 
 
 class SinusoidalPositions(nn.Module):
@@ -86,7 +93,7 @@ class SinusoidalPositions(nn.Module):
         return self.table[positions]
 
     def rotation(self, positions: torch.Tensor) -> Rotation:
-        return no_rotation
+        return unchanged
 
 
 class RotaryPositions(nn.Module):
@@ -145,8 +152,9 @@ NORMS: dict[str, Callable[[int, bool], nn.Module]] = {
 class AttentionCache(Protocol):
     """What the model needs from a KV cache (`sllm.infer.decoder.KVCache`)."""
 
-    def prepare(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions (batch, length) and attention mask (batch, 1, length, keys) of the next tokens."""
+    def prepare(self, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions (batch, length) and attention mask (batch, 1, length, keys) of the next
+        tokens; no mask where causal attention (or, for one token, none) is right."""
         ...
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,17 +173,17 @@ class CausalSelfAttention(nn.Module):
         self.head_counts = [self.n_head, self.n_kv_head, self.n_kv_head]
         self.qkv = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_width, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.q_norm = RMSNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(self.head_dim) if cfg.qk_norm else unchanged
+        self.k_norm = RMSNorm(self.head_dim) if cfg.qk_norm else unchanged
         self.dropout = cfg.dropout
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = dropout(cfg.dropout)
 
     def forward(
         self,
         x: torch.Tensor,
         cache: AttentionCache | None = None,
         mask: torch.Tensor | None = None,
-        rotate: Rotation = no_rotation,
+        rotate: Rotation = unchanged,
     ) -> torch.Tensor:
         """`mask` (from `KVCache.prepare`) replaces plain causal attention when given."""
         q, k, v = self.split_heads(self.qkv(x))
@@ -225,7 +233,7 @@ class MLP(nn.Module):
         self.fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.activation = activation
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.proj(self.activation(self.fc(x))))
@@ -240,7 +248,7 @@ class SwiGLU(nn.Module):
         self.gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.up = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.proj(F.silu(self.gate(x)) * self.up(x)))
@@ -281,7 +289,7 @@ class Block(nn.Module):
         x: torch.Tensor,
         cache: AttentionCache | None = None,
         mask: torch.Tensor | None = None,
-        rotate: Rotation = no_rotation,
+        rotate: Rotation = unchanged,
     ) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cache, mask, rotate)
         return x + self.mlp(self.norm2(x))
@@ -302,7 +310,7 @@ class GPT(nn.Module):
         self.checkpoint_blocks = False  # set by training: recompute each block in backward
         self.wte = nn.Embedding(padded_vocab_size(cfg), cfg.n_embd)
         self.wpe = POSITIONS[cfg.pos](cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
         self.norm_f = NORMS[cfg.norm](cfg.n_embd, cfg.bias)
         if not cfg.tie_embeddings:
