@@ -59,6 +59,13 @@ def unchanged(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` without the module call: a one-token decode step makes 25 such products on
+    rows of a few hundred numbers, where the call's machinery is a visible share (docs/log.md).
+    Hooks on the layer itself would not run; sllm sets none (FSDP wraps whole blocks)."""
+    return F.linear(x, layer.weight, layer.bias)
+
+
 def dropout(p: float) -> Callable[[torch.Tensor], torch.Tensor]:
     """Dropout with probability `p`; with p = 0 (the default), `unchanged`."""
     return nn.Dropout(p) if p > 0 else unchanged
@@ -186,16 +193,20 @@ class CausalSelfAttention(nn.Module):
         rotate: Rotation = unchanged,
     ) -> torch.Tensor:
         """`mask` (from `KVCache.prepare`) replaces plain causal attention when given."""
-        q, k, v = self.split_heads(self.qkv(x))
+        q, k, v = self.split_heads(linear(self.qkv, x))
         q, k = rotate(self.q_norm(q)), rotate(self.k_norm(k))
         if cache is not None:
             k, v = cache.store(self.layer, k, v)
-        return self.resid_dropout(self.proj(self.attend(q, k, v, mask)))
+        return self.resid_dropout(linear(self.proj, self.attend(q, k, v, mask)))
 
     def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, T, qkv width) -> q (B, n_head, T, head_dim), k and v (B, n_kv_head, T, head_dim)."""
         batch, length, _ = qkv.shape
-        return qkv.view(batch, length, -1, self.head_dim).transpose(1, 2).split(self.head_counts, dim=1)
+        return (
+            qkv.view(batch, length, -1, self.head_dim)
+            .transpose(1, 2)
+            .split_with_sizes(self.head_counts, dim=1)
+        )
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
@@ -236,7 +247,7 @@ class MLP(nn.Module):
         self.dropout = dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(self.activation(self.fc(x))))
+        return self.dropout(linear(self.proj, self.activation(linear(self.fc, x))))
 
 
 class SwiGLU(nn.Module):
@@ -251,7 +262,7 @@ class SwiGLU(nn.Module):
         self.dropout = dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.silu(self.gate(x)) * self.up(x)))
+        return self.dropout(linear(self.proj, F.silu(linear(self.gate, x)) * linear(self.up, x)))
 
 
 def mlp_hidden_width(cfg: ModelConfig) -> int:
