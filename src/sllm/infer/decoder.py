@@ -1,12 +1,13 @@
 """The one decode path: a static KV cache and the `Decoder` that runs the model over it.
 
 - `KVCache` is preallocated once per stream: keys and values (layer, batch, kv_head, slot,
-  head_dim). Where the next tokens go is a device tensor (`start`); positions and the mask
-  are sliced from tables made when a batch starts, so the same step code runs eagerly,
-  compiled, or replayed as a CUDA graph.
-- Attention reads the first `span` slots. An eager step reads only the filled ones (a Python
-  int the decoder sets); a captured or compiled step reads every slot, masked, so its shapes
-  never change and it never reads host state.
+  head_dim). Positions and the mask are sliced from tables made when a batch starts, so the
+  same step code runs eagerly, compiled, or replayed as a CUDA graph.
+- An eager forward starts at a Python int (`at`): its positions, written slots and the keys
+  it reads are plain slices of the filled prefix, and a batch without padding needs no mask
+  (one query sees every key; a prefill starts at slot 0 and is plain causal). A captured or
+  compiled step (`at` None) reads every slot, masked, so its shapes never change and it never
+  reads host state.
 - `Decoder` prefills a left-padded batch, then gives next-token logits one token per row per
   step, through the model's own `forward`. When the cache is full, each row's newest three
   quarters are prefilled again. A model without a KV cache (the ffn baseline) recomputes each
@@ -51,7 +52,8 @@ class KVCache:
         self.layer_keys = tuple(self.keys[layer] for layer in range(cfg.n_layer))
         self.layer_values = tuple(self.values[layer] for layer in range(cfg.n_layer))
         self.slots = slots
-        self.span = slots
+        self.at: int | None = None  # first slot of an eager forward; None on a fixed-shape step
+        self.padded = False
         self.index = torch.arange(slots, device=device)
         future = self.index[None, :] > self.index[:, None]  # (query slot, key slot)
         self.causal = torch.zeros(slots, slots, device=device, dtype=dtype).masked_fill(future, float("-inf"))
@@ -66,22 +68,39 @@ class KVCache:
         first_real = torch.tensor(pad, device=self.index.device)[:, None]
         self.slot_positions.copy_((self.index[None, :] - first_real).clamp(min=0))
         self.padding.copy_((self.index[None, :] < first_real) * self.padding_penalty)
+        self.padded = any(pad)
         self.start.zero_()
 
-    def prepare(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions (batch, length) and mask (batch, 1, length, span) of the next `length`
-        tokens, which go to slots start .. start+length-1."""
+    def prepare(self, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions (batch, length) and mask (batch, 1, length, keys), or None where plain
+        attention is right, of the next `length` tokens."""
+        if self.at is None:
+            return self._prepare_fixed(length)
+        end = self.at + length
+        positions = self.slot_positions[:, self.at : end]
+        if not self.padded and (length == 1 or self.at == 0):
+            return positions, None
+        return positions, self.causal[self.at : end, :end] + self.padding[:, None, None, :end]
+
+    def _prepare_fixed(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same from the device tensor `start`, over every slot."""
         self.writing = self.start + self.index[:length]
         positions = self.slot_positions.index_select(1, self.writing)
-        causal = self.causal.index_select(0, self.writing)[:, : self.span]
-        return positions, causal + self.padding[:, None, None, : self.span]
+        causal = self.causal.index_select(0, self.writing)
+        return positions, causal + self.padding[:, None, None, :]
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the prepared tokens' keys and values; return the first `span` slots."""
+        """Write the prepared tokens' keys and values; return the keys and values to attend
+        over: the filled slots in an eager forward, every slot in a fixed-shape step."""
         keys, values = self.layer_keys[layer], self.layer_values[layer]
-        keys.index_copy_(2, self.writing, k.to(keys.dtype))
-        values.index_copy_(2, self.writing, v.to(values.dtype))
-        return keys.narrow(2, 0, self.span), values.narrow(2, 0, self.span)
+        if self.at is None:
+            keys.index_copy_(2, self.writing, k.to(keys.dtype))
+            values.index_copy_(2, self.writing, v.to(values.dtype))
+            return keys, values
+        length = k.size(2)
+        keys.narrow(2, self.at, length).copy_(k)  # copy_ casts to the cache's dtype
+        values.narrow(2, self.at, length).copy_(v)
+        return keys.narrow(2, 0, self.at + length), values.narrow(2, 0, self.at + length)
 
 
 class Decoder:
@@ -144,8 +163,7 @@ class Decoder:
             return self.model(idx, self.cache, last_position_only=True)[:, -1].float()
 
     def _eager(self, idx: torch.Tensor) -> torch.Tensor:
-        self.cache.start.fill_(self.length)
-        self.cache.span = self.length + idx.size(1)
+        self.cache.at = self.length
         logits = self._forward(idx)
         self.length += idx.size(1)
         return logits
@@ -153,7 +171,7 @@ class Decoder:
     def _fixed_step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One token per row over every slot: no shape or host value changes between steps.
         Autocast's cast cache is off: a graph would keep casts that are freed after capture."""
-        self.cache.span = self.cache.slots
+        self.cache.at = None
         return self._forward(tokens, cache_casts=False)
 
     def _window_logits(self, rows: list[list[int]]) -> torch.Tensor:

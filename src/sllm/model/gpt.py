@@ -53,8 +53,22 @@ from sllm.model.loss import linear_cross_entropy
 Rotation = Callable[[torch.Tensor], torch.Tensor]
 
 
-def no_rotation(t: torch.Tensor) -> torch.Tensor:
+def unchanged(t: torch.Tensor) -> torch.Tensor:
+    """The identity: no rotation, no qk-norm, no dropout. A plain function, not a module: a
+    decode step on a CPU pays for every module call."""
     return t
+
+
+def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` without the module call: a one-token decode step makes 25 such products on
+    rows of a few hundred numbers, where the call's machinery is a visible share (docs/log.md).
+    Hooks on the layer itself would not run; sllm sets none (FSDP wraps whole blocks)."""
+    return F.linear(x, layer.weight, layer.bias)
+
+
+def dropout(p: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Dropout with probability `p`; with p = 0 (the default), `unchanged`."""
+    return nn.Dropout(p) if p > 0 else unchanged
 
 
 class LearnedPositions(nn.Module):
@@ -66,7 +80,7 @@ class LearnedPositions(nn.Module):
         return self.table(positions)
 
     def rotation(self, positions: torch.Tensor) -> Rotation:
-        return no_rotation
+        return unchanged
 
 
 class SinusoidalPositions(nn.Module):
@@ -86,7 +100,7 @@ class SinusoidalPositions(nn.Module):
         return self.table[positions]
 
     def rotation(self, positions: torch.Tensor) -> Rotation:
-        return no_rotation
+        return unchanged
 
 
 class RotaryPositions(nn.Module):
@@ -145,8 +159,9 @@ NORMS: dict[str, Callable[[int, bool], nn.Module]] = {
 class AttentionCache(Protocol):
     """What the model needs from a KV cache (`sllm.infer.decoder.KVCache`)."""
 
-    def prepare(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions (batch, length) and attention mask (batch, 1, length, keys) of the next tokens."""
+    def prepare(self, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions (batch, length) and attention mask (batch, 1, length, keys) of the next
+        tokens; no mask where causal attention (or, for one token, none) is right."""
         ...
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,29 +180,33 @@ class CausalSelfAttention(nn.Module):
         self.head_counts = [self.n_head, self.n_kv_head, self.n_kv_head]
         self.qkv = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_width, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.q_norm = RMSNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(self.head_dim) if cfg.qk_norm else unchanged
+        self.k_norm = RMSNorm(self.head_dim) if cfg.qk_norm else unchanged
         self.dropout = cfg.dropout
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = dropout(cfg.dropout)
 
     def forward(
         self,
         x: torch.Tensor,
         cache: AttentionCache | None = None,
         mask: torch.Tensor | None = None,
-        rotate: Rotation = no_rotation,
+        rotate: Rotation = unchanged,
     ) -> torch.Tensor:
         """`mask` (from `KVCache.prepare`) replaces plain causal attention when given."""
-        q, k, v = self.split_heads(self.qkv(x))
+        q, k, v = self.split_heads(linear(self.qkv, x))
         q, k = rotate(self.q_norm(q)), rotate(self.k_norm(k))
         if cache is not None:
             k, v = cache.store(self.layer, k, v)
-        return self.resid_dropout(self.proj(self.attend(q, k, v, mask)))
+        return self.resid_dropout(linear(self.proj, self.attend(q, k, v, mask)))
 
     def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, T, qkv width) -> q (B, n_head, T, head_dim), k and v (B, n_kv_head, T, head_dim)."""
         batch, length, _ = qkv.shape
-        return qkv.view(batch, length, -1, self.head_dim).transpose(1, 2).split(self.head_counts, dim=1)
+        return (
+            qkv.view(batch, length, -1, self.head_dim)
+            .transpose(1, 2)
+            .split_with_sizes(self.head_counts, dim=1)
+        )
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
@@ -225,10 +244,10 @@ class MLP(nn.Module):
         self.fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.activation = activation
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(self.activation(self.fc(x))))
+        return self.dropout(linear(self.proj, self.activation(linear(self.fc, x))))
 
 
 class SwiGLU(nn.Module):
@@ -240,10 +259,10 @@ class SwiGLU(nn.Module):
         self.gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.up = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.silu(self.gate(x)) * self.up(x)))
+        return self.dropout(linear(self.proj, F.silu(linear(self.gate, x)) * linear(self.up, x)))
 
 
 def mlp_hidden_width(cfg: ModelConfig) -> int:
@@ -281,7 +300,7 @@ class Block(nn.Module):
         x: torch.Tensor,
         cache: AttentionCache | None = None,
         mask: torch.Tensor | None = None,
-        rotate: Rotation = no_rotation,
+        rotate: Rotation = unchanged,
     ) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cache, mask, rotate)
         return x + self.mlp(self.norm2(x))
@@ -302,7 +321,7 @@ class GPT(nn.Module):
         self.checkpoint_blocks = False  # set by training: recompute each block in backward
         self.wte = nn.Embedding(padded_vocab_size(cfg), cfg.n_embd)
         self.wpe = POSITIONS[cfg.pos](cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
         self.norm_f = NORMS[cfg.norm](cfg.n_embd, cfg.bias)
         if not cfg.tie_embeddings:
