@@ -18,19 +18,16 @@ from safetensors.torch import load_file
 
 from sllm.run import load_latest
 
+from .test_distributed import _train_args as distributed_train_args
+
 STEPS = 6
 TIMEOUT_S = 240
 
 
 def _train_args(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        "train", "--data", str(data_dir), "--out", str(run_dir),
-        "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "model.dropout=0.1",
-        "train.micro_batch=4", f"train.max_steps={STEPS}", "train.warmup_steps=2", "train.lr=1e-2",
-        f"train.checkpoint_interval={STEPS}", "train.eval_interval=0", "train.log_interval=1",
-        "train.dist_timeout_s=60", "train.device=cpu", "log.progress=false", "log.tensorboard=false",
-        "log.samples_at_eval=false", *extra,
-    ]  # fmt: skip
+    """test_distributed's tiny run, shorter, with no evaluation."""
+    shorter = (f"train.max_steps={STEPS}", f"train.checkpoint_interval={STEPS}", "train.eval_interval=0")
+    return distributed_train_args(data_dir, run_dir, *shorter, "train.dist_timeout_s=60", *extra)
 
 
 def _free_port() -> int:
