@@ -154,7 +154,7 @@ def test_text_generator_on_a_trained_run(trained_run, capsys):
 
 
 def test_a_run_opened_from_python_names_what_is_wrong(trained_run, tmp_path):
-    with pytest.raises(UserError, match="checkpoint must be 'latest' or 'best', got 'step-000999'"):
+    with pytest.raises(UserError, match="has no checkpoint 'step-000999'; it holds: step-"):
         TextGenerator.from_run(trained_run, device="cpu", checkpoint="step-000999")
     generator = TextGenerator.from_run(trained_run, device="cpu")
     for prompts in ([], [3], None):

@@ -35,6 +35,7 @@ CONFIG_FLAGS: dict[str, list[str]] = {
     "info": [],
 }  # fmt: skip
 MAX_NEW_TOKENS = {"generate": 100, "chat": 200}  # reply lengths; other sampling defaults: the run's
+CHECKPOINT_HELP = "latest, best, step-N, epoch-N or a checkpoint directory of the run (default: latest)"
 # torchrun's own parser takes `--run` for an abbreviation of its `--run-path`: `--base` passes it.
 BASE_RUN_HELP = "pre-trained run directory (`--base` under torchrun)"
 OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=.*", re.DOTALL)
@@ -80,7 +81,7 @@ def _run_args(parser: argparse.ArgumentParser, command: str = "") -> None:
     from sllm.infer.sampling import OPTION_TYPES, RUN_OPTIONS, SamplingParams
 
     parser.add_argument("--run", required=True, help="run directory")
-    parser.add_argument("--checkpoint", choices=["latest", "best"], default="latest")
+    parser.add_argument("--checkpoint", default="latest", help=CHECKPOINT_HELP)
     parser.add_argument("--device", default="auto")
     if command not in MAX_NEW_TOKENS:
         return
@@ -225,7 +226,7 @@ def _add_inference_commands(top: argparse._SubParsersAction) -> None:
     export.add_argument("--run", required=True, help="run directory")
     export.add_argument("--out", required=True, help="directory to create")
     export.add_argument("--format", choices=["hf"], default="hf", help="output format")
-    export.add_argument("--checkpoint", choices=["latest", "best"], default="latest")
+    export.add_argument("--checkpoint", default="latest", help=CHECKPOINT_HELP)
     export.add_argument(
         "--check", action="store_true", help="load the export with transformers, compare logits"
     )

@@ -216,24 +216,50 @@ def read_run_config(run_dir: Path) -> Config:
 
 
 def find_checkpoint(run_dir: Path, checkpoint: str = LATEST_NAME) -> Checkpoint:
-    """The run's newest verified checkpoint, or its `best/`; one clear line when there is none."""
-    if checkpoint not in (LATEST_NAME, BEST):
-        raise UserError(f"checkpoint must be {LATEST_NAME!r} or {BEST!r}, got {checkpoint!r}")
-    if checkpoint == BEST:
-        if not (run_dir / CHECKPOINTS / BEST).is_dir():
-            raise UserError(
-                f"{run_dir} has no best checkpoint (evaluations against a validation split write "
-                "it); use the latest checkpoint instead"
-            )
-        return load_checkpoint(run_dir / CHECKPOINTS / BEST)
-    found = load_latest(run_dir)
-    if found is None:
-        raise UserError(f"{run_dir} has no checkpoint yet; train it first")
-    return found
+    """The checkpoint `checkpoint` names: `latest` (the newest that verifies), `best`, `step-N`,
+    `epoch-N` or the path of a checkpoint directory inside the run; one clear line listing
+    what the run holds when there is no such checkpoint."""
+    checkpoints = run_dir / CHECKPOINTS
+    if checkpoint == LATEST_NAME:
+        found = load_latest(run_dir)
+        if found is None:
+            raise UserError(f"{run_dir} has no checkpoint yet; train it first")
+        return found
+    if checkpoint == BEST and not (checkpoints / BEST).is_dir():
+        raise UserError(
+            f"{run_dir} has no best checkpoint (evaluations against a validation split write it); "
+            "use the latest checkpoint instead"
+        )
+    path = _named_checkpoint(checkpoints, checkpoint)
+    if path is None or not path.is_dir():
+        held = [p.name for p in reversed(periodic_checkpoints(checkpoints))] if checkpoints.is_dir() else []
+        if (checkpoints / BEST).is_dir():
+            held.append(BEST)
+        raise UserError(
+            f"{run_dir} has no checkpoint {checkpoint!r}; it holds: {', '.join(held) or 'none yet'} "
+            f"(--checkpoint takes {LATEST_NAME}, {BEST}, step-N, epoch-N or a checkpoint directory)"
+        )
+    return load_checkpoint(path)
+
+
+def _named_checkpoint(checkpoints: Path, name: str) -> Path | None:
+    """The directory `name` means, or None when it names nothing in this run."""
+    number = re.fullmatch(r"(step|epoch)-(\d+)", name)
+    if number:
+        kind, value = number.group(1), int(number.group(2))
+        return checkpoints / (step_name(value) if kind == "step" else epoch_name(value))
+    if name == BEST:
+        return checkpoints / BEST
+    path = Path(name).resolve()
+    inside = path.parent == checkpoints.resolve() and (
+        path.name == BEST or _PERIODIC_NAME.fullmatch(path.name)
+    )
+    return path if inside else None
 
 
 def open_run(run_dir: str | Path, device: torch.device, checkpoint: str = LATEST_NAME) -> LoadedRun:
-    """Load a run's language model in eval mode on `device` from its newest (or `best`) checkpoint."""
+    """Load a run's language model in eval mode on `device` from the checkpoint `checkpoint`
+    names (see `find_checkpoint`)."""
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     if (run_dir / STS_CONFIG_FILE).is_file():

@@ -39,7 +39,7 @@ class FinetuneOptions:
     weight_decay: float = option(0.0, "AdamW weight decay (matrices only)", NON_NEGATIVE)
     warmup_ratio: float = option(0.05, "share of the steps spent warming the learning rate up", FRACTION)
     seed: int = option(1234, "seed of the split, the shuffling and dropout")
-    checkpoint: Literal["latest", "best"] = option("latest", "checkpoint of the base run to start from")
+    checkpoint: str = option("latest", "checkpoint of the base run: latest, best, step-N or epoch-N")
     device: Literal["auto", "cpu", "cuda", "mps"] = option("auto", "where to train")
     micro_batch: int | Literal["auto"] = option(
         0,
