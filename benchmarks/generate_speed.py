@@ -34,8 +34,8 @@ from sllm.config import ModelConfig
 from sllm.export import to_transformers
 from sllm.infer.cpu_layout import use_column_major_weights
 from sllm.infer.engine import TokenStream
-from sllm.infer.sampling import SamplingParams
 from sllm.model import build_model, count_parameters
+from sllm.sampling import SamplingParams
 
 SHAPES = {
     "10m": {"n_layer": 6, "n_head": 5, "n_embd": 320, "vocab_size": 8192},

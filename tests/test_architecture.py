@@ -12,8 +12,8 @@ from sllm.config import ModelConfig, load_config
 from sllm.errors import UserError
 from sllm.infer.decoder import Decoder, KVCache
 from sllm.infer.engine import TokenStream
-from sllm.infer.sampling import SamplingParams
 from sllm.model import build_model, count_parameters
+from sllm.sampling import SamplingParams
 
 from .conftest import tiny_config
 

@@ -11,7 +11,7 @@ from sllm.errors import UserError
 from sllm.infer.chat import ChatSession, parse_setting
 from sllm.infer.chat_template import PLAIN, ChatTemplate, Message, load_chat_template
 from sllm.infer.engine import TextGenerator
-from sllm.infer.sampling import SamplingParams
+from sllm.sampling import SamplingParams
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

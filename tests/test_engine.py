@@ -9,8 +9,8 @@ from sllm.errors import UserError
 from sllm.infer.cpu_layout import use_column_major_weights
 from sllm.infer.decoder import Decoder
 from sllm.infer.engine import TextGenerator, TextRow, TokenStream
-from sllm.infer.sampling import SamplingParams
 from sllm.model import build_model
+from sllm.sampling import SamplingParams
 
 CPU = torch.device("cpu")
 

@@ -27,9 +27,9 @@ from sllm.infer.chat_template import (
     with_template_tokens,
 )
 from sllm.infer.engine import stream_tokens
-from sllm.infer.sampling import SamplingParams
 from sllm.model import build_model
 from sllm.run import CHECKPOINTS, LATEST, open_run
+from sllm.sampling import SamplingParams
 from sllm.tokenizer import CharTokenizer
 from sllm.train.trainer import train
 

@@ -16,9 +16,9 @@ from sllm.infer.logits import (
     top_k_filter,
     top_p_filter,
 )
-from sllm.infer.sampling import SamplingParams
 from sllm.model import build_model
 from sllm.run import load_latest
+from sllm.sampling import SamplingParams
 from sllm.train.checkpoint import save_checkpoint
 
 

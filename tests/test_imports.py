@@ -39,9 +39,7 @@ LAYERS = {
     "sllm.run": 2,
     "sllm.config": 1,
     "sllm.options": 1,
-    # The one declaration of sampling options (no torch): the config's `sample` section is built
-    # from it, so it sits with the config although it lives beside the sampler it describes.
-    "sllm.infer.sampling": 1,
+    "sllm.sampling": 1,  # the one declaration of sampling options: the config builds `sample` from it
     "sllm.files": 1,
     "sllm.atomic": 1,
     "sllm.runtime": 1,

@@ -351,8 +351,8 @@ def test_sampling_defaults_are_the_same_in_config_cli_api_and_server(trained_run
     from sllm.cli import build_parser
     from sllm.commands import sampling_params
     from sllm.config import Config
-    from sllm.infer.sampling import RUN_OPTIONS, SamplingParams
     from sllm.infer.server import build_app
+    from sllm.sampling import RUN_OPTIONS, SamplingParams
 
     declared = SamplingParams()
     assert (declared.temperature, declared.top_k, declared.top_p, declared.seed) == (0.8, 50, 0.95, None)

@@ -78,7 +78,7 @@ def _config_args(parser: argparse.ArgumentParser, command: str) -> None:
 def _run_args(parser: argparse.ArgumentParser, command: str = "") -> None:
     """--run, --checkpoint, --device and, for `generate` and `chat`, a flag per sampling option
     but `stop`; those left out take the run's `sample` section (the seed: a fresh one)."""
-    from sllm.infer.sampling import OPTION_TYPES, RUN_OPTIONS, SamplingParams
+    from sllm.sampling import OPTION_TYPES, RUN_OPTIONS, SamplingParams
 
     parser.add_argument("--run", required=True, help="run directory")
     parser.add_argument("--checkpoint", default="latest", help=CHECKPOINT_HELP)

@@ -30,9 +30,9 @@ def load(args: Namespace):
 def sampling_params(args: Namespace, **extra):
     """The sampling flags given, over the run's `sample` section. The flags and --device are
     checked before the run is read."""
-    from sllm.infer.sampling import SamplingParams, run_defaults
     from sllm.run import read_run_config
     from sllm.runtime import select_device
+    from sllm.sampling import SamplingParams, run_defaults
 
     names = [f.name for f in dataclasses.fields(SamplingParams) if hasattr(args, f.name)]
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}

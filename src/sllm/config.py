@@ -22,8 +22,8 @@ from typing import Any, Literal
 import yaml
 
 from sllm.errors import UserError
-from sllm.infer.sampling import RUN_OPTIONS, SamplingParams
 from sllm.options import FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, check_range, option
+from sllm.sampling import RUN_OPTIONS, SamplingParams
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]
 

@@ -19,7 +19,7 @@ from sllm.data.prepare import prepare
 from sllm.errors import UserError
 from sllm.evaluate import evaluate_run, unigram_perplexity
 from sllm.infer.engine import TextGenerator
-from sllm.infer.sampling import SamplingParams
+from sllm.sampling import SamplingParams
 from sllm.train.trainer import train
 
 CORPORA = ("kolaw", "kobill")

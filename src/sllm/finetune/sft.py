@@ -40,9 +40,9 @@ from sllm.infer.chat_template import (
     save_chat_template,
     with_template_tokens,
 )
-from sllm.infer.sampling import SamplingParams
 from sllm.options import FRACTION, NON_NEGATIVE, POSITIVE
 from sllm.run import SFT_CONFIG_FILE, open_run
+from sllm.sampling import SamplingParams
 from sllm.tokenizer import Tokenizer
 from sllm.train.objectives import MaskedRows
 from sllm.train.samples import sample_prompts

@@ -21,8 +21,8 @@ import torch
 
 from sllm.errors import UserError
 from sllm.infer.engine import TextGenerator, TokenStream
-from sllm.infer.sampling import SamplingParams
 from sllm.run import read_run_config
+from sllm.sampling import SamplingParams
 
 DEFAULT_NEW_TOKENS = 128  # taken only as far as the context allows
 

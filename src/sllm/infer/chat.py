@@ -15,7 +15,7 @@ from typing import TextIO
 from sllm.errors import UserError
 from sllm.infer.chat_template import ChatTemplate, Message
 from sllm.infer.engine import TextGenerator
-from sllm.infer.sampling import OPTION_TYPES, SamplingParams
+from sllm.sampling import OPTION_TYPES, SamplingParams
 
 
 def fit_history(

@@ -26,9 +26,9 @@ from sllm.errors import UserError
 from sllm.infer.cpu_layout import use_column_major_weights
 from sllm.infer.decoder import Decoder
 from sllm.infer.logits import TokenHistory, sample_next
-from sllm.infer.sampling import SamplingParams
 from sllm.run import open_run
 from sllm.runtime import select_autocast_dtype, select_device
+from sllm.sampling import SamplingParams
 from sllm.tokenizer import Tokenizer
 
 STATIC_CACHE_STEP = 64  # a fixed-shape cache holds a multiple of this many slots: fewer compiled shapes

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from sllm.infer.sampling import SamplingParams
+from sllm.sampling import SamplingParams
 
 
 class TokenHistory:

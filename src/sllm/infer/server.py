@@ -28,9 +28,9 @@ from typing import Annotated, Any, Literal
 from sllm.errors import UserError
 from sllm.infer.chat_template import ChatTemplate, Message, load_chat_template
 from sllm.infer.engine import Completion, TextGenerator
-from sllm.infer.sampling import SamplingParams, run_defaults
 from sllm.infer.web import chat_page
 from sllm.run import read_run_config
+from sllm.sampling import SamplingParams, run_defaults
 
 try:
     import uvicorn

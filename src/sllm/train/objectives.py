@@ -28,10 +28,10 @@ from sllm.data.meta import DataMeta
 from sllm.data.mixture import TrainMixture
 from sllm.errors import UserError
 from sllm.evaluate import score_windows
-from sllm.infer.sampling import SamplingParams
 from sllm.model import build_model, count_parameters, describe
 from sllm.model.stats import MemoryEstimate, training_memory
 from sllm.runtime import autocast
+from sllm.sampling import SamplingParams
 from sllm.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from sllm.train.optim import build_optimizers
 from sllm.train.samples import sample_prompts

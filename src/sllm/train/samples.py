@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from sllm.infer.engine import stream_tokens
-from sllm.infer.sampling import SamplingParams
 from sllm.run import SAMPLES_DIR
+from sllm.sampling import SamplingParams
 from sllm.tokenizer import Tokenizer
 
 

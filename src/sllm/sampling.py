@@ -5,7 +5,8 @@ Every way to generate reads its options from here: `TextGenerator.generate(**opt
 `sllm chat`, and the fields of `sllm serve`'s requests (both built from these fields too).
 Settings a user leaves out take a run's `sample` section, whose defaults are these. The
 module needs no torch, so the config and the CLI can read it at once; the logits
-arithmetic is in `logits`.
+arithmetic is in `sllm.infer.logits`; living beside the config (not in `infer`) keeps the
+config from importing the inference package.
 """
 
 from __future__ import annotations
