@@ -204,8 +204,10 @@ def chat(args: Namespace) -> None:
 def serve(args: Namespace) -> None:
     """OpenAI-compatible HTTP API and a web chat page"""
     from sllm.infer.server import serve
+    from sllm.infer.server_limits import ServerLimits
 
-    serve(args.run, args.host, args.port, args.device, args.checkpoint, args.max_tokens_limit, args.compile)
+    limits = ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
+    serve(args.run, args.host, args.port, args.device, args.checkpoint, limits, args.compile)
 
 
 def bench_generate(args: Namespace) -> None:
