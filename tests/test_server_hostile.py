@@ -124,23 +124,25 @@ def test_a_full_queue_is_429_with_retry_after(url, generator, monkeypatch):  # n
     monkeypatch.setattr(generator, "stream_ids", held)
     body = {"prompt": "헌법", "max_tokens": 2}
     with ThreadPoolExecutor(2) as pool:
-        running = pool.submit(_post, f"{url}/v1/completions", body)
-        assert started.wait(10)
-        waiting = pool.submit(_post, f"{url}/v1/completions", body)
-        deadline = time.monotonic() + 10
-        while _health_answers(url, 5)["waiting"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        for stream in (False, True):
-            request = urllib.request.Request(
-                f"{url}/v1/completions", json.dumps({**body, "stream": stream}).encode(),
-                {"Content-Type": "application/json"}, method="POST",
-            )  # fmt: skip
-            with pytest.raises(urllib.error.HTTPError) as refused:
-                urllib.request.urlopen(request, timeout=5)
-            assert refused.value.code == 429 and refused.value.headers["Retry-After"] == "1"
-            error = json.loads(refused.value.read())["error"]
-            assert error["code"] == "rate_limit_exceeded" and "--max-queue 1" in error["message"]
-        release.set()
+        try:
+            running = pool.submit(_post, f"{url}/v1/completions", body)
+            assert started.wait(10)
+            waiting = pool.submit(_post, f"{url}/v1/completions", body)
+            deadline = time.monotonic() + 10
+            while _health_answers(url, 5)["waiting"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            for stream in (False, True):
+                request = urllib.request.Request(
+                    f"{url}/v1/completions", json.dumps({**body, "stream": stream}).encode(),
+                    {"Content-Type": "application/json"}, method="POST",
+                )  # fmt: skip
+                with pytest.raises(urllib.error.HTTPError) as refused:
+                    urllib.request.urlopen(request, timeout=5)
+                assert refused.value.code == 429 and refused.value.headers["Retry-After"] == "1"
+                error = json.loads(refused.value.read())["error"]
+                assert error["code"] == "rate_limit_exceeded" and "--max-queue 1" in error["message"]
+        finally:
+            release.set()
         assert [running.result(30)[0], waiting.result(30)[0]] == [200, 200]
 
 

@@ -90,7 +90,7 @@ async function send(text) {
       const data = event.replace(/^data: /, "");
       if (data === "[DONE]") continue;
       const parsed = JSON.parse(data);
-      const error = parsed.error && "\n(error: " + parsed.error.message + ")";
+      const error = parsed.error && " (error: " + parsed.error.message + ")";
       reply.textContent += error || parsed.choices[0].delta.content || "";
     }
   }
