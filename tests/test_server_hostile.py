@@ -16,7 +16,8 @@ import torch
 
 pytest.importorskip("fastapi")
 
-from sllm.cli import main
+from sllm.cli import build_parser, main
+from sllm.commands import serve_limits
 from sllm.infer.chat_template import PLAIN
 from sllm.infer.engine import TextGenerator, TextRow
 from sllm.infer.logits import TokenHistory, sample_next
@@ -300,6 +301,8 @@ def test_serve_help_states_the_limits_and_a_bad_one_is_one_line(capsys):
         in help
     )
     assert "--max-body-bytes N largest request body; more: 413" in help and "--max-batch N" in help
+    args = build_parser().parse_args(["serve", "--run", "x", "--max-queue", "3"])
+    assert serve_limits(args) == ServerLimits(max_queue=3)  # the others at their defaults
     with pytest.raises(SystemExit) as exit:
         main(["serve", "--run", "no/run", "--max-body-bytes", "0"])
     assert exit.value.code == 2

@@ -218,7 +218,8 @@ def _add_inference_commands(top: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=_int_in(1, 65535), default=8000)
     for limit in dataclasses.fields(ServerLimits):
-        add_flag(serve, "--" + limit.name.replace("_", "-"), ServerLimits, limit.name, type=int, metavar="N")
+        flag = "--" + limit.name.replace("_", "-")
+        add_flag(serve, flag, ServerLimits, limit.name, type=int, default=limit.default, metavar="N")
     serve.add_argument("--compile", action="store_true", help=compile_help)
     bench = _add(_group(top, "bench", "speed benchmarks"), "generate", commands.bench_generate)
     _run_args(bench)

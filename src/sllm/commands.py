@@ -15,6 +15,7 @@ from argparse import Namespace
 from pathlib import Path
 
 from sllm.errors import UserError
+from sllm.infer.server_limits import ServerLimits
 
 
 def load(args: Namespace):
@@ -204,10 +205,13 @@ def chat(args: Namespace) -> None:
 def serve(args: Namespace) -> None:
     """OpenAI-compatible HTTP API and a web chat page"""
     from sllm.infer.server import serve
-    from sllm.infer.server_limits import ServerLimits
 
-    limits = ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
-    serve(args.run, args.host, args.port, args.device, args.checkpoint, limits, args.compile)
+    serve(args.run, args.host, args.port, args.device, args.checkpoint, serve_limits(args), args.compile)
+
+
+def serve_limits(args: Namespace) -> ServerLimits:
+    """The `ServerLimits` the flags of `sllm serve` set."""
+    return ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
 
 
 def bench_generate(args: Namespace) -> None:
