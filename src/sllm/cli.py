@@ -199,15 +199,15 @@ def _add_training_commands(top: argparse._SubParsersAction) -> None:
 
 
 def _add_inference_commands(top: argparse._SubParsersAction) -> None:
+    from sllm.infer.server_limits import ServerLimits
+    from sllm.sampling import MAX_STOP_STRINGS
+
     generate = _add(top, "generate", commands.generate)
     _run_args(generate, "generate")
     generate.add_argument("--prompt", required=True, help="text to continue")
     _run_args(_add(top, "chat", commands.chat), "chat")
 
     compile_help = "CUDA: torch.compile the CUDA-graph decode step (once per batch shape; gain unmeasured)"
-    from sllm.infer.server_limits import ServerLimits
-    from sllm.sampling import MAX_STOP_STRINGS
-
     serve = _add(top, "serve", commands.serve)
     serve.description = (
         "An OpenAI-compatible API under /v1 and a chat page at /. A request over a limit below, with "

@@ -20,8 +20,8 @@ from sllm.options import FRACTION, NON_NEGATIVE, PROBABILITY, Range, check_range
 
 MAX_STOP_STRINGS = 8
 PENALTY = Range(-2, 2)  # OpenAI's range for the presence and frequency penalties
-# Below this a temperature is greedy: dividing logits by less could overflow float32. The upper
-# bounds keep every accepted value finite in float32 arithmetic (past them sampling is uniform).
+# Below this a temperature is greedy: dividing logits by less could overflow float32. The ranges
+# keep every accepted value finite in float32; beyond them a setting would change nothing more.
 GREEDY_BELOW = 1e-5
 TEMPERATURE = Range(0, 100)
 REPETITION_PENALTY = Range(0.01, 100)

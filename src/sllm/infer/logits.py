@@ -3,8 +3,8 @@
 Each rule is a small function on a (batch, vocab) logits tensor so tests can check the kept
 token sets on hand-made distributions. Temperature 0 (or below `GREEDY_BELOW`) means greedy
 (argmax), and top-p always keeps the likeliest token, so no accepted setting leaves a row
-without a token to draw (NaN probabilities). The order follows
-common practice (vLLM, HF): penalties on the raw logits, then temperature, then the filters.
+without a token to draw (NaN probabilities). The order follows common practice (vLLM, HF):
+penalties on the raw logits, then temperature, then the filters.
 Penalties read a `TokenHistory`: the repetition penalty (CTRL) covers prompt and generated
 tokens, the presence and frequency penalties (OpenAI) only the generated ones. What the
 options mean and their defaults: `sampling.SamplingParams`.
