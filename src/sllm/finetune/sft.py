@@ -1,12 +1,9 @@
 """Instruction tuning (SFT): next-token loss on the assistant's tokens of templated chats.
 
-The base run's tokenizer gains the chat template's tokens (and the model their embedding
-rows); conversations are rendered with `chat_template`, split into train and held-out
-examples by a seeded shuffle and packed into rows of the model's context (`packing`). Training
-is the one trainer's with the `MaskedRows` objective, so SFT resumes, accumulates and runs
-under torchrun as pre-training does. The output is an ordinary run directory (plus sft.yaml
-and chat_template.json) that `sllm generate` and `sllm eval` open like any run; after each
-epoch the `sft.prompts` are answered greedily into `samples/`, stopping as `generate` does.
+The base run's tokenizer gains the chat template's tokens (the model their embedding rows);
+conversations are rendered, split by a seeded shuffle and packed into rows of the model's
+context, then trained by the one trainer (`MaskedRows`). The output is an ordinary run
+directory plus sft.yaml and chat_template.json; after each epoch `sft.prompts` are answered.
 """
 
 from __future__ import annotations
@@ -70,8 +67,7 @@ def sft_config(overrides: list[str]) -> SftConfig:
 def answer_prompts(
     model: nn.Module, tokenizer: Tokenizer, cfg: SftConfig, device: torch.device
 ) -> list[tuple[str, str]]:
-    """(question, greedy answer) for each of `cfg.prompts`, rendered with the chat template; an
-    answer ends at `<|end|>` or EOS, whichever comes first."""
+    """(question, greedy answer) for each of `cfg.prompts`, ending at `<|end|>` or EOS."""
     return sample_prompts(
         model, tokenizer, cfg.prompts, SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0),
         device, encode=lambda prompt: render_prompt(tokenizer, [Message("user", prompt)]),
@@ -111,15 +107,10 @@ def _split(examples: list, val_ratio: float, seed: int) -> tuple[list, list]:
     return [examples[i] for i in order[held_out:]], [examples[i] for i in order[:held_out]]
 
 
-def _tensors(rows: PackedRows) -> tuple[torch.Tensor, ...]:
-    return rows.inputs, rows.targets, rows.weights, rows.documents
-
-
 def finetune_sft(
     base_run: str | Path, data_path: str | Path, out_dir: str | Path, cfg: SftConfig, log: Callable = print
 ) -> TrainResult:
-    """Instruction-tune the base run on `data_path` into the run directory `out_dir`, or resume
-    that run when the same command was interrupted."""
+    """Instruction-tune the base run on `data_path` into `out_dir` (or resume that run)."""
     check_options(cfg, SECTION)
     out_dir = Path(out_dir)
     settings = {SECTION: asdict(cfg), "base_run": str(base_run), "data": str(data_path)}
@@ -148,8 +139,8 @@ def finetune_sft(
 
     objective = MaskedRows(
         model=base.model, model_config=replace(base.model.cfg), tokenizer=tokenizer,
-        train_rows=_tensors(train_rows), tokens_per_sample=length, run_files=write_run_files,
-        val_rows=_tensors(val_rows),
+        train_rows=train_rows.tensors(), tokens_per_sample=length, run_files=write_run_files,
+        val_rows=val_rows.tensors(),
         sample=lambda model, device, dtype: answer_prompts(model, tokenizer, cfg, device),
     )  # fmt: skip
     config = trainer_config(

@@ -1,12 +1,10 @@
 """STS fine-tuning: a regression head on mean-pooled GPT states, scored by Spearman.
 
-Both sentences of a pair go through the causal backbone in one right-padded batch, so the
-padding only has to be kept out of the mean. The head sees `[u, v, |u − v|, u * v]` (the SBERT
-features) and outputs 5·sigmoid(·), the loss is MSE against the gold score. `sts.freeze=true`
-trains the head alone on sentence vectors the backbone pooled once (about one pass over the
-data); otherwise the backbone trains too, at its own `sts.backbone_lr`. Training is the one
-trainer's (`PairRegression`): the dev set is scored each epoch and `best/` keeps the epoch with
-the highest Spearman. Checkpoints hold the backbone under `backbone.`, the head under `head.`.
+Both sentences go through the causal backbone in one right-padded batch (padding is kept out
+of the mean); the head sees the SBERT features `[u, v, |u − v|, u * v]` and outputs
+5·sigmoid(·). `sts.freeze=true` trains the head alone on sentence vectors pooled once;
+otherwise the backbone trains too, at `sts.backbone_lr`. The one trainer runs it
+(`PairRegression`); `best/` keeps the epoch with the highest dev Spearman.
 """
 
 from __future__ import annotations
@@ -95,9 +93,7 @@ class StsModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, head: SimilarityHead, freeze: bool) -> None:
         super().__init__()
-        self.backbone = backbone
-        self.head = head
-        self.freeze = freeze
+        self.backbone, self.head, self.freeze = backbone, head, freeze
         backbone.requires_grad_(not freeze)
 
     def train(self, mode: bool = True) -> StsModel:
@@ -113,8 +109,7 @@ class StsModel(nn.Module):
         return masked_mean(self.backbone.hidden_states(ids), mask).chunk(2)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        """B scores from the pairs' token ids and masks, or from the sentence vectors (u, v) a
-        frozen backbone pooled before."""
+        """Scores from the pairs' ids and masks, or from sentence vectors (u, v) pooled before."""
         u, v = inputs if len(inputs) == 2 else self.pool(*inputs)
         return self.head(u, v)
 
@@ -292,21 +287,15 @@ def finetune_sts(
     cfg: StsConfig,
     log: Callable[[str], None] = print,
 ) -> StsResult:
-    """Fine-tune the base run on STS pairs; keep the epoch with the best dev Spearman. The same
-    command again resumes an interrupted run."""
+    """Fine-tune the base run on STS pairs (or resume that run); keep the best dev epoch."""
     check_options(cfg, SECTION)
     out_dir = Path(out_dir)
-    settings = {
-        SECTION: asdict(cfg),
-        "base_run": str(base_run),
-        "train": str(train_path),
-        "dev": str(dev_path),
-    }
+    paths = {"base_run": str(base_run), "train": str(train_path), "dev": str(dev_path)}
+    settings = {SECTION: asdict(cfg), **paths}
     keep_settings(out_dir, STS_CONFIG_FILE, settings, SECTION)
     log = main_process_log(log)
     train_data, dev_data = load_sts(train_path), load_sts(dev_path)
-    log(train_data.summary())
-    log(dev_data.summary())
+    log(f"{train_data.summary()}\n{dev_data.summary()}")
     base = open_run(base_run, torch.device("cpu"), cfg.checkpoint)
     if cfg.max_length > base.model.block_size:
         raise UserError(
@@ -324,8 +313,7 @@ def finetune_sts(
 
 
 def evaluate_sts(run_dir: str | Path, data_path: str | Path, device: str = "auto") -> tuple[StsScores, str]:
-    """Spearman and Pearson (×100) of an STS run's `best/` on any STS file, and the file's
-    summary line."""
+    """Spearman and Pearson (×100) of an STS run's `best/` on an STS file, and its summary."""
     data = load_sts(data_path)
     run_dir, chosen = Path(run_dir), select_device(device)
     settings = run_dir / STS_CONFIG_FILE
