@@ -1,12 +1,7 @@
 """Where and in which precision to run: device auto-selection and autocast settings.
 
-`auto` picks CUDA, then Apple MPS, then the CPU. Precision `auto` means bf16 autocast on
-GPUs that support it, fp16 (with a gradient scaler in training) on older GPUs, and plain
-fp32 on the CPU, where low-precision autocast is slower and less exact.
-
-On the CPU under glibc, training keeps freed large blocks in the heap (`keep_freed_memory`):
-glibc maps every allocation over 32 MB freshly and unmaps it on free, so each step would
-page-fault its logits and their gradients back in.
+`auto` picks CUDA, then Apple MPS, then the CPU; precision `auto` is bf16 autocast on GPUs
+that support it, fp16 (with a gradient scaler) on older ones, plain fp32 on the CPU.
 """
 
 from __future__ import annotations
@@ -51,10 +46,8 @@ def select_autocast_dtype(device: torch.device, name: str = "auto") -> torch.dty
 
 
 def cpu_bf16_hint(device: torch.device, dtype: torch.dtype | None, parameters: int) -> str | None:
-    """A line for an fp32 run of a model of some size on a CPU that multiplies bf16 natively
-    (AVX512-BF16 or AMX): on such a CPU `train.dtype=bf16` trained the 10m benchmark shape 1.5x
-    as fast as fp32, the 1M demo shape only 1.06x (docs/benchmarks.md), so smaller models get
-    no hint. fp32 stays the CPU default: it is exact."""
+    """A line for an fp32 run on a CPU that multiplies bf16 natively (AVX512-BF16 or AMX), where
+    bf16 trained the 10m shape 1.5x as fast, the 1M demo only 1.06x (docs/benchmarks.md)."""
     if device.type != "cpu" or dtype is not None or parameters < BF16_HINT_MIN_PARAMETERS:
         return None
     native = [getattr(torch.cpu, name, lambda: False)() for name in NATIVE_BF16_CHECKS]
@@ -85,12 +78,9 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
 def keep_freed_memory() -> None:
-    """Let glibc reuse freed large blocks instead of returning them to the kernel.
-
-    With mmap off for allocations and heap trimming only above 2 GiB, the (tokens × vocab)
-    tensors freed at the end of a step are reused by the next one without page faults:
-    11 % faster steps at the 10m benchmark shape on one CPU thread (docs/log.md). The cost
-    is that the process keeps its peak heap instead of returning it. Elsewhere a no-op."""
+    """Let glibc reuse freed large blocks instead of unmapping them, so each step's (tokens ×
+    vocab) tensors come back without page faults: 11 % faster steps at the 10m shape on one
+    CPU thread (docs/log.md), at the cost of keeping the peak heap. Elsewhere a no-op."""
     if not sys.platform.startswith("linux"):
         return
     try:

@@ -100,13 +100,6 @@ def packing_summary(train_rows: PackedRows, val_rows: PackedRows, length: int) -
     )
 
 
-def _split(examples: list, val_ratio: float, seed: int) -> tuple[list, list]:
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    held_out = min(len(examples) - 1, round(len(examples) * val_ratio))
-    return [examples[i] for i in order[held_out:]], [examples[i] for i in order[:held_out]]
-
-
 def finetune_sft(
     base_run: str | Path, data_path: str | Path, out_dir: str | Path, cfg: SftConfig, log: Callable = print
 ) -> TrainResult:
@@ -126,9 +119,10 @@ def finetune_sft(
         raise UserError(f"sft.block_size ({length}) exceeds the model's context ({base.model.block_size})")
     tokenizer = with_template_tokens(base.tokenizer)
     grow_embeddings(base.model, tokenizer.vocab_size)
-    train_examples, val_examples = _split(
-        [render(tokenizer, c) for c in data.conversations], cfg.val_ratio, cfg.seed
-    )
+    examples = [render(tokenizer, c) for c in data.conversations]
+    random.Random(cfg.seed).shuffle(examples)
+    held_out = min(len(examples) - 1, round(len(examples) * cfg.val_ratio))
+    train_examples, val_examples = examples[held_out:], examples[:held_out]
     train_rows, val_rows = pack_split(train_examples, val_examples, length, tokenizer.pad_id)
     log(packing_summary(train_rows, val_rows, length))
 

@@ -61,8 +61,10 @@ class JsonlSink(Sink):
 
 
 class TensorBoardSink(Sink):
-    def __init__(self, writer) -> None:
-        self.writer = writer
+    def __init__(self, run_dir: Path, start_step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         for name, value in metrics.items():
@@ -126,15 +128,6 @@ class WandbSink(Sink):
         self.run.finish()
 
 
-def _tensorboard(run_dir: Path, start_step: int) -> list[Sink]:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        print("note: tensorboard is not installed; metrics go to metrics.jsonl only", file=sys.stderr)
-        return []
-    return [TensorBoardSink(SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR), purge_step=start_step + 1))]
-
-
 class MetricSinks:
     """Every configured sink of rank 0; on other ranks (`enabled=False`) calls do nothing."""
 
@@ -144,7 +137,10 @@ class MetricSinks:
             return
         self.sinks.append(JsonlSink(run_dir, start_step))
         if cfg.log.tensorboard:
-            self.sinks += _tensorboard(run_dir, start_step)
+            try:
+                self.sinks.append(TensorBoardSink(run_dir, start_step))
+            except ImportError:
+                print("note: tensorboard is not installed; metrics go to metrics.jsonl only", file=sys.stderr)
         if cfg.log.wandb:
             self.sinks.append(WandbSink(run_dir, cfg))
 

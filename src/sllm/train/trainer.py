@@ -273,22 +273,13 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------
 
-    def _to_device(self, batch: Batch) -> Batch:
-        """On CUDA through pinned memory: the copy overlaps the previous micro-batch's work."""
-        if self.device.type == "cuda":
-            batch = tuple(tensor.pin_memory() for tensor in batch)
-        return tuple(tensor.to(self.device, non_blocking=True) for tensor in batch)
-
-    def _set_learning_rates(self) -> None:
+    def train_step(self) -> torch.Tensor:
+        """One optimizer update; returns the mean micro-batch loss (a tensor: no host sync)."""
+        seed, grad_accum = self.cfg.train.seed, self.plan.grad_accum
         factor = lr_factor(self.step, self.schedule)
         for optimizer, peaks in zip(self.optimizers, self.peak_lrs, strict=True):
             for group, peak in zip(optimizer.param_groups, peaks, strict=True):
                 group["lr"] = peak * factor
-
-    def train_step(self) -> torch.Tensor:
-        """One optimizer update; returns the mean micro-batch loss (a tensor: no host sync)."""
-        seed, grad_accum = self.cfg.train.seed, self.plan.grad_accum
-        self._set_learning_rates()
         total = torch.zeros((), device=self.device)
         for micro_step in range(grad_accum):
             index = micro_step * self.cluster.world_size + self.cluster.rank
@@ -303,9 +294,12 @@ class Trainer:
 
     def _backward(self, batch: Batch, sync: bool, share: int) -> torch.Tensor:
         """Forward and backward of one micro-batch whose loss counts `1 / share` of the step's."""
+        if self.device.type == "cuda":  # pinned: the copy overlaps the previous micro-batch's work
+            batch = tuple(tensor.pin_memory() for tensor in batch)
+        batch = tuple(tensor.to(self.device, non_blocking=True) for tensor in batch)
         checkpointing = self.cfg.train.activation_checkpointing
         with gradient_sync(self.ddp_model, sync), onednn_linears(self.device, checkpointing):
-            loss = self.objective.loss(self.ddp_model, self._to_device(batch), self.device, self.amp_dtype)
+            loss = self.objective.loss(self.ddp_model, batch, self.device, self.amp_dtype)
             self.scaler.scale(loss / share).backward()
         return loss.detach()
 
