@@ -22,7 +22,7 @@ from sllm.data.meta import META_FILE, DataMeta
 from sllm.data.sources import read_text_file
 from sllm.errors import UserError
 from sllm.run import LoadedRun, open_run
-from sllm.runtime import autocast, select_autocast_dtype, select_device
+from sllm.runtime import Dtype, autocast, select_autocast_dtype, select_device
 from sllm.tokenizer import nfc
 
 
@@ -100,7 +100,7 @@ def score_tokens(
     stride: int,
     batch_size: int,
     device: torch.device,
-    amp_dtype: torch.dtype | None = None,
+    amp_dtype: Dtype = None,
 ) -> TokenScores:
     """Scores of every token after the first, each predicted once (strided windows)."""
     scores = TokenScores()
@@ -118,7 +118,7 @@ def score_windows(
     targets: torch.Tensor,
     batch_size: int,
     device: torch.device,
-    amp_dtype: torch.dtype | None = None,
+    amp_dtype: Dtype = None,
 ) -> TokenScores:
     """Scores over fixed windows (training's periodic validation)."""
     scores = TokenScores()

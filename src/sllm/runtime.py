@@ -14,6 +14,7 @@ import torch
 
 from sllm.errors import UserError
 
+Dtype = torch.dtype | None  # an autocast dtype; None: plain fp32
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 NATIVE_BF16_CHECKS = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
 BF16_HINT_MIN_PARAMETERS = 5_000_000
@@ -34,8 +35,7 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def select_autocast_dtype(device: torch.device, name: str = "auto") -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
+def select_autocast_dtype(device: torch.device, name: str = "auto") -> Dtype:
     if name == "auto":
         if device.type != "cuda":
             return None
@@ -45,7 +45,7 @@ def select_autocast_dtype(device: torch.device, name: str = "auto") -> torch.dty
     return DTYPES[name]
 
 
-def cpu_bf16_hint(device: torch.device, dtype: torch.dtype | None, parameters: int) -> str | None:
+def cpu_bf16_hint(device: torch.device, dtype: Dtype, parameters: int) -> str | None:
     """A line for an fp32 run on a CPU that multiplies bf16 natively (AVX512-BF16 or AMX), where
     bf16 trained the 10m shape 1.5x as fast, the 1M demo only 1.06x (docs/benchmarks.md)."""
     if device.type != "cpu" or dtype is not None or parameters < BF16_HINT_MIN_PARAMETERS:
@@ -59,7 +59,7 @@ def cpu_bf16_hint(device: torch.device, dtype: torch.dtype | None, parameters: i
     )
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True) -> AbstractContextManager:
+def autocast(device: torch.device, dtype: Dtype, cache: bool = True) -> AbstractContextManager:
     """`cache=False` for CUDA graph capture: cached casts would be freed when the context exits."""
     if dtype is None:
         return nullcontext()

@@ -1,11 +1,9 @@
 """Instruction data as conversations: Alpaca JSON/JSONL, chat JSONL and question/answer CSV.
 
-Every format becomes a list of `Message(role, content)`: Alpaca (`instruction`, optional
-`input`, `output`) a user and an assistant turn; chat (`messages: [{role, content}]`) as is;
-a CSV's first question column among `QUESTION_COLUMNS` the user turn and its first answer
-column among `ANSWER_COLUMNS` the assistant turn. `.json` is one array, `.jsonl` one record a
-line. Structural problems stop with one `UserError` naming the line or record; examples with
-an empty answer are skipped and counted in the summary, never silently.
+Alpaca (`instruction`, optional `input`, `output`) becomes a user and an assistant turn, chat
+(`messages: [{role, content}]`) stays as is, a CSV's question and answer columns become the
+two turns. Structural problems stop with one `UserError` naming the line or record; examples
+with an empty answer are skipped and counted in the summary.
 """
 
 from __future__ import annotations

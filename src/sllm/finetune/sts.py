@@ -35,7 +35,7 @@ from sllm.finetune.sts_data import MAX_SCORE, StsPair, load_sts
 from sllm.model import build_model
 from sllm.options import FRACTION, NON_NEGATIVE, POSITIVE
 from sllm.run import BEST, CHECKPOINTS, STS_CONFIG_FILE, load_checkpoint, open_run, read_run_config
-from sllm.runtime import autocast, select_device
+from sllm.runtime import Dtype, autocast, select_device
 from sllm.tokenizer import Tokenizer, load_tokenizer
 from sllm.train.objectives import Evaluation, PairRegression
 from sllm.train.optim import decay_groups
@@ -151,12 +151,8 @@ def encode_pairs(tokenizer: Tokenizer, pairs: list[StsPair], max_length: int) ->
     def encode(texts: list[str]) -> list[list[int]]:
         return [ids[:max_length] or [tokenizer.eos_id] for ids in tokenizer.encode_batch(texts)]
 
-    return EncodedPairs(
-        encode([p.sentence1 for p in pairs]),
-        encode([p.sentence2 for p in pairs]),
-        torch.tensor([p.score for p in pairs], dtype=torch.float32),
-        tokenizer.pad_id,
-    )
+    first, second = encode([p.sentence1 for p in pairs]), encode([p.sentence2 for p in pairs])
+    return EncodedPairs(first, second, torch.tensor([p.score for p in pairs]), tokenizer.pad_id)
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,7 +177,7 @@ def pool_pairs(model: StsModel, rows: Rows, device: torch.device, batch_size: in
 
 @torch.no_grad()
 def predict(
-    model: StsModel, rows: Rows, device: torch.device, batch_size: int = 64, dtype: torch.dtype | None = None
+    model: StsModel, rows: Rows, device: torch.device, batch_size: int = 64, dtype: Dtype = None
 ) -> torch.Tensor:
     """Scores of every pair, from token rows or pooled ones."""
     model.eval()
@@ -239,9 +235,7 @@ def fit(
         pooled_dev.append(pool_pairs(model, dev_rows, device))
         return pool_pairs(model, train_rows, device)
 
-    def evaluate(
-        model: StsModel, device: torch.device, dtype: torch.dtype | None, batch_size: int
-    ) -> Evaluation:
+    def evaluate(model: StsModel, device: torch.device, dtype: Dtype, batch_size: int) -> Evaluation:
         rows = pooled_dev[0] if pooled_dev else dev_rows
         predicted, gold = predict(model, rows, device, batch_size, dtype), rows[-1]
         scores = sts_scores(predicted.tolist(), gold.tolist())

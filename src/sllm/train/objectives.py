@@ -27,7 +27,7 @@ from sllm.errors import UserError
 from sllm.evaluate import score_windows
 from sllm.model import build_model, count_parameters, describe
 from sllm.model.stats import MemoryEstimate, training_memory
-from sllm.runtime import autocast
+from sllm.runtime import Dtype, autocast
 from sllm.sampling import SamplingParams
 from sllm.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from sllm.train.optim import build_optimizers
@@ -35,7 +35,6 @@ from sllm.train.samples import sample_prompts
 
 Batch = tuple[torch.Tensor, ...]
 Samples = list[tuple[str, str]]
-Dtype = torch.dtype | None  # the autocast dtype; None: plain fp32
 
 
 class BatchSource(Protocol):
