@@ -123,7 +123,14 @@ def evaluate(args: Namespace) -> None:
 
     `sllm eval sts` scores an STS run on an STS file instead."""
     if args.task == "sts":
-        return _evaluate_sts(args)
+        from sllm.finetune.sts import evaluate_sts
+
+        if not args.data:
+            raise UserError("`sllm eval sts` needs --data FILE (a KorSTS .tsv or KLUE-STS .json file)")
+        scores, summary = evaluate_sts(args.run, args.data, args.device)
+        print(f"{summary}\n{'n':>6} {'spearman':>9} {'pearson':>8}  (x100)")
+        print(f"{scores.n:>6} {scores.spearman:>9.2f} {scores.pearson:>8.2f}")
+        return
     if args.data and Path(args.data).is_file():
         raise UserError(f"--data {args.data} is a file, not prepared data; to score an STS file, add `sts`")
     if args.data and (args.text or args.mc):
@@ -150,17 +157,6 @@ def evaluate(args: Namespace) -> None:
     for r in results:
         numbers = f"{r.tokens:>10,} {r.loss:>8.4f} {r.perplexity:>11.2f} {r.bits_per_byte:>10.4f}"
         print(f"{r.split:<{width}} {numbers} {r.scores.accuracy:>7.1%} {r.scores.top5_accuracy:>7.1%}")
-
-
-def _evaluate_sts(args: Namespace) -> None:
-    from sllm.finetune.sts import evaluate_sts
-
-    if not args.data:
-        raise UserError("`sllm eval sts` needs --data FILE (a KorSTS .tsv or KLUE-STS .json file)")
-    scores, summary = evaluate_sts(args.run, args.data, args.device)
-    print(summary)
-    print(f"{'n':>6} {'spearman':>9} {'pearson':>8}  (x100)")
-    print(f"{scores.n:>6} {scores.spearman:>9.2f} {scores.pearson:>8.2f}")
 
 
 def generate(args: Namespace) -> None:

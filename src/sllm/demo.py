@@ -38,9 +38,7 @@ def demo_corpus() -> list[str]:
     return [str(f) for f in folders]
 
 
-def run_demo(
-    overrides: list[str], data_dir: str = "data/demo", run_dir: str = "runs/demo"
-) -> dict[str, float]:
+def run_demo(overrides: list[str], data_dir: str, run_dir: str) -> dict[str, float]:
     """Run the whole pipeline; returns the validation and unigram-baseline perplexities."""
     cfg = load_config("demo", [f"data.dir={data_dir}", f"train.out_dir={run_dir}", *overrides])
     cfg.data.inputs = demo_corpus()
