@@ -39,15 +39,10 @@ class SftData:
 def load_sft(path: str | Path) -> SftData:
     path = Path(path)
     text = read_text_file(path, "SFT file", "a .json, .jsonl or .csv file")
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        records = _csv_records(path, text)
-    elif suffix == ".jsonl":
-        records = _jsonl_records(path, text)
-    elif suffix == ".json":
-        records = _json_records(path, text)
-    else:
+    readers = {".csv": _csv_records, ".jsonl": _jsonl_records, ".json": _json_records}
+    if path.suffix.lower() not in readers:
         raise UserError(f"SFT file {path} must end in .json, .jsonl or .csv")
+    records = readers[path.suffix.lower()](path, text)
     data = SftData(path, [])
     for where, record in records:
         conversation = _conversation(path, where, record)

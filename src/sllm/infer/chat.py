@@ -23,14 +23,12 @@ def fit_history(
     the context), and how many were dropped; system messages and the last one are kept."""
     budget = generator.context_tokens - min(params.max_new_tokens, generator.context_tokens // 2)
     kept = list(messages)
-    dropped = 0
     while len(kept) > 1 and len(generator.tokenizer.encode(template.render(kept))) > budget:
         oldest = next((i for i, m in enumerate(kept[:-1]) if m.role != "system"), None)
         if oldest is None:
             break
         del kept[oldest]
-        dropped += 1
-    return kept, dropped
+    return kept, len(messages) - len(kept)
 
 
 HELP = "commands: /reset (forget the conversation), /exit, /set NAME VALUE (" + ", ".join(OPTION_TYPES) + ")"
