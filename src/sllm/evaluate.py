@@ -9,6 +9,7 @@ documents are in the prepared data, so its bytes (UTF-8 of the NFC text) match t
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +95,21 @@ class EvalResult:
 
 
 @torch.no_grad()
+def score_batches(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, ...]],
+    device: torch.device,
+    amp_dtype: Dtype = None,
+) -> TokenScores:
+    """Sums over (inputs, targets) batches, or (inputs, targets, scored) to count some targets only."""
+    scores = TokenScores()
+    for inputs, targets, *scored in batches:
+        with autocast(device, amp_dtype):
+            logits = model(inputs.to(device))
+        scores.add(logits, targets.to(device), *(mask.to(device) for mask in scored))
+    return scores
+
+
 def score_tokens(
     model: nn.Module,
     tokens: np.ndarray,
@@ -103,30 +119,7 @@ def score_tokens(
     amp_dtype: Dtype = None,
 ) -> TokenScores:
     """Scores of every token after the first, each predicted once (strided windows)."""
-    scores = TokenScores()
-    for batch in eval_batches(tokens, model.block_size, stride, batch_size):
-        with autocast(device, amp_dtype):
-            logits = model(batch.inputs.to(device))
-        scores.add(logits, batch.targets.to(device), batch.scored.to(device))
-    return scores
-
-
-@torch.no_grad()
-def score_windows(
-    model: nn.Module,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    batch_size: int,
-    device: torch.device,
-    amp_dtype: Dtype = None,
-) -> TokenScores:
-    """Scores over fixed windows (training's periodic validation)."""
-    scores = TokenScores()
-    for first in range(0, len(inputs), batch_size):
-        with autocast(device, amp_dtype):
-            logits = model(inputs[first : first + batch_size].to(device))
-        scores.add(logits, targets[first : first + batch_size].to(device))
-    return scores
+    return score_batches(model, eval_batches(tokens, model.block_size, stride, batch_size), device, amp_dtype)
 
 
 class Evaluator:

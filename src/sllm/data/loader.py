@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -95,8 +96,7 @@ def strided_spans(n_tokens: int, block_size: int, stride: int) -> Iterator[Span]
         begin += stride
 
 
-@dataclass
-class EvalBatch:
+class EvalBatch(NamedTuple):
     inputs: torch.Tensor  # (B, T) padded with 0
     targets: torch.Tensor  # (B, T)
     scored: torch.Tensor  # (B, T) bool: which targets count

@@ -67,6 +67,12 @@ def largest_fitting(sizes: list[int], fits: Callable[[int], bool]) -> int:
     return chosen
 
 
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def survives(step: Callable[[int], None]) -> Callable[[int], bool]:
     """`fits(size)`: runs `step(size)` and says whether it ran out of memory.
 
@@ -78,9 +84,7 @@ def survives(step: Callable[[int], None]) -> Callable[[int], bool]:
             ran = True
         except torch.OutOfMemoryError:
             ran = False
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
         return ran
 
     return fits

@@ -24,7 +24,7 @@ from sllm.data.loader import TrainWindows, fixed_windows, open_split
 from sllm.data.meta import DataMeta
 from sllm.data.mixture import TrainMixture
 from sllm.errors import UserError
-from sllm.evaluate import score_windows
+from sllm.evaluate import score_batches
 from sllm.model import build_model, count_parameters, describe
 from sllm.model.stats import MemoryEstimate, training_memory
 from sllm.runtime import Dtype, autocast
@@ -159,7 +159,8 @@ class LanguageModeling(Objective):
     ) -> Evaluation | None:
         if self.val_windows is None:
             return None
-        scores = score_windows(model, *self.val_windows, batch_size, device, dtype)
+        batches = zip(*(windows.split(batch_size) for windows in self.val_windows), strict=True)
+        scores = score_batches(model, batches, device, dtype)
         metrics = {
             "val_loss": scores.loss,
             "val_perplexity": math.exp(scores.loss),
