@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from sllm.errors import UserError
+from sllm.files import read_yaml
 from sllm.options import FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, check_range, option
 from sllm.sampling import RUN_OPTIONS, SamplingParams
 
@@ -397,11 +398,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     """Read a YAML config (or start from defaults), apply dotted overrides, validate."""
     raw: dict[str, Any] = {}
     if path:
-        text = resolve_config_path(path).read_text(encoding="utf-8")
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
+        raw = read_yaml(resolve_config_path(path), "fix the config file") or {}
         if not isinstance(raw, dict):
             raise UserError(f"config file {path} must be a mapping of sections")
     for text in overrides or []:
