@@ -2,12 +2,12 @@
 
 A damaged or hostile file fails in ways the standard readers do not report as bad input:
 bytes that are not UTF-8 (`UnicodeDecodeError`), nesting deeper than Python's recursion
-(`json` and PyYAML recurse per level: `RecursionError`), numbers too long to convert
-(`ValueError`). `loads_json` turns the JSON ones into the `json.JSONDecodeError` every caller
-already handles, so a line nested too deep is skipped like any malformed line under
-`data.on_error=skip`; `read_text`, `read_json` and `read_yaml` raise a `UserError` naming the
-file and the fix. `typed` checks parsed JSON against a dataclass's annotations, one generic
-walk for every format declared as dataclasses (data meta.json, checkpoint meta.json).
+(`json` and PyYAML recurse per level: `RecursionError`), values that do not convert (an
+integer of 5,000 digits, the date 2001-02-30: `ValueError`). `loads_json` turns the JSON ones
+into the `json.JSONDecodeError` every caller already handles, so a line nested too deep is
+skipped like any malformed line under `data.on_error=skip`; `read_text`, `read_json` and
+`read_yaml` raise a `UserError` naming the file and the fix. `typed` checks parsed JSON
+against a dataclass's annotations: one walk for every format declared as dataclasses.
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def read_yaml(path: Path, fix: str) -> Any:
         problem = str(exc).splitlines()[0]
     except RecursionError:
         problem = "nested too deeply"
-    except ValueError:
-        problem = "a number too long"
+    except ValueError as exc:  # a date, number or tagged value that does not convert
+        problem = f"a value that does not convert: {str(exc).split(':')[0]}"
     raise UserError(f"{path} is not valid YAML ({problem}); {fix}")
 
 
