@@ -280,3 +280,23 @@ def test_an_sft_csv_with_a_very_long_cell_loads(tmp_path):
     data = tmp_path / "sft.csv"
     data.write_text("Q,A\nhi," + "x" * 200_000 + "\n", "utf-8")  # beyond csv's default field limit
     assert len(load_sft(data).conversations) == 1
+
+
+def test_a_metrics_line_cut_inside_a_character_is_dropped(tmp_path):
+    from sllm.report import read_metrics
+    from sllm.train.monitor import _records_up_to
+
+    metrics = tmp_path / "metrics.jsonl"
+    whole = '{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n'
+    metrics.write_bytes(whole.encode() + '{"step": 3, "sample": "대'.encode()[:-1])  # killed mid-write
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0}]
+    assert _records_up_to(metrics, 1) == '{"step": 1, "loss": 5.0}\n'
+    metrics.write_text('{"step": "x"}\n' + NESTED + "\n" + whole, "utf-8")
+    assert _records_up_to(metrics, 5) == whole
+
+
+def test_a_damaged_plan_json_is_named(tmp_path, capsys, tokenizer):
+    run = random_run(tmp_path / "run", tokenizer, "train.micro_batch=auto", "train.batch_size=8")
+    (run / "plan.json").write_text('{"micro_batch": "many"}', "utf-8")
+    line = cli_error(capsys, "info", "--run", run)
+    assert f"{run / 'plan.json'} is damaged (no integer micro_batch)" in line
