@@ -316,7 +316,8 @@ def _load_error(preset: Preset, exc: BaseException) -> UserError:
     if _is_network_error(exc) or not _reachable(preset):
         return UserError(
             f"cannot reach {preset.host} (offline?) to download {preset.name} ({reason[:200]}); check the "
-            "network or set HF_ENDPOINT to a mirror, or fetch the files yourself and use `sllm prepare --input FILE`"
+            "network or set HF_ENDPOINT to a mirror, or fetch the files yourself and use "
+            "`sllm prepare --input FILE`"
         )
     return UserError(
         f"cannot load {preset.name} from {preset.source} ({reason[:200]}); the dataset may have changed on "
