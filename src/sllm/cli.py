@@ -196,6 +196,7 @@ def _add_training_commands(top: argparse._SubParsersAction) -> None:
     report.add_argument("--out", help="where to write report.md and plots/ (default: the first run)")
     queue = _add(top, "queue", commands.queue)
     queue.add_argument("file", help="one experiment per line; # starts a comment")
+    queue.set_defaults(parse_line=lambda argv: _parse(build_parser(), argv))  # checks every line first
 
 
 def _add_inference_commands(top: argparse._SubParsersAction) -> None:

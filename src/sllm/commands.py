@@ -171,7 +171,7 @@ def generate(args: Namespace) -> None:
     generator = TextGenerator.from_run(args.run, args.device, args.checkpoint)
     if template == PLAIN:  # a base model continues the text
         prompt = args.prompt
-        print(prompt, end="", flush=True)
+        print(prompt + generator.tokenizer.separator, end="", flush=True)
     else:  # an instruction-tuned model answers it
         prompt = template.render([Message("user", args.prompt)])
     for _, piece in generator.stream_batch([prompt], params):
@@ -244,10 +244,10 @@ def report(args: Namespace) -> None:
 
 
 def queue(args: Namespace) -> None:
-    """run the `sllm train` argument lists of a file, one after another"""
+    """run the experiments of a file one after another, every line checked first"""
     from sllm.queue import run_queue
 
-    if any(e.status == "failed" for e in run_queue(args.file)):
+    if any(e.status == "failed" for e in run_queue(args.file, args.parse_line)):
         sys.exit(1)
 
 

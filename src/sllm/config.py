@@ -92,9 +92,11 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    kind: Literal["bpe", "char"] = option("bpe", "byte-level BPE or character-level")
-    vocab_size: int = option(8000, "vocabulary size of a trained BPE tokenizer", POSITIVE)
-    min_frequency: int = option(2, "minimum pair count for a BPE merge", NON_NEGATIVE)
+    kind: Literal["bpe", "char", "word"] = option(
+        "bpe", "byte-level BPE, character-level, or word-level (the decoded text joins words with spaces)"
+    )
+    vocab_size: int = option(8000, "vocabulary size of a trained BPE or word tokenizer", POSITIVE)
+    min_frequency: int = option(2, "minimum count of a BPE merge's pair or of a word", NON_NEGATIVE)
     special_tokens: list[str] = option(SPECIAL_TOKENS, "special tokens; must hold an EOS token")
     path: str | None = option(None, "existing tokenizer.json (or its directory) to use")
     sample_bytes: int = option(

@@ -7,7 +7,8 @@ into documents.
 
 A fallback token is one that does not stand for whole characters: for byte-level BPE a token
 whose bytes are not valid UTF-8 alone (a piece of a multi-byte character the merges did not
-cover, e.g. a rare Hangul syllable spelled as three byte tokens); for the char kind `<|unk|>`.
+cover, e.g. a rare Hangul syllable spelled as three byte tokens); for the char and word
+kinds `<|unk|>`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 
 from sllm.data.clean import dominant_script
 from sllm.errors import UserError
-from sllm.tokenizer import CharTokenizer, Tokenizer, nfc
+from sllm.tokenizer import UNK_TOKEN, CharTokenizer, Tokenizer, nfc
 
 GROUPS = ("ko", "en", "other", "all")
 ENCODE_BATCH_LINES = 2048
@@ -63,8 +64,10 @@ class TokenizerStats:
 def fallback_table(tokenizer: Tokenizer) -> np.ndarray:
     """True for each token id that does not stand for whole characters (see the module doc)."""
     table = np.zeros(tokenizer.vocab_size, dtype=bool)
+    unk_id = tokenizer.token_id(UNK_TOKEN)
+    if unk_id is not None:
+        table[unk_id] = True
     if isinstance(tokenizer, CharTokenizer):
-        table[tokenizer.unk_id] = True
         return table
     for token_id in range(tokenizer.vocab_size):
         table[token_id] = "\ufffd" in tokenizer.decode([token_id])
