@@ -39,7 +39,7 @@ def demo(args: Namespace) -> None:
 
 
 def tokenizer_train(args: Namespace) -> None:
-    """train a BPE (or char) tokenizer on your text"""
+    """train a BPE, char or word tokenizer on your text"""
     from sllm.atomic import ensure_writable_dir
     from sllm.data.mixture import resolve_sources
     from sllm.data.prepare import train_tokenizer

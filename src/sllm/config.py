@@ -4,9 +4,10 @@ The dataclasses are the one source of truth: every field is one `option` with it
 one-line help text and, for bounded numbers, its range. The CLI's flags and help are built
 from them, YAML files and `section.key=value` overrides are checked against them, and the
 resolved config is written back as YAML into the run directory. A YAML file may start with
-`base: other.yaml` (beside it, or a preset) and give only what differs. The `sample` section is built
-from `SamplingParams`, where the sampling options are declared. Everything is validated before
-any work starts (types, ranges, then cross-field rules), so a typo never costs a training run.
+`base: other.yaml` (beside it, or a preset) and give only what differs. The `sample` section
+is built from `SamplingParams`, where the sampling options are declared. Everything is
+validated before any work starts (types, ranges, then cross-field rules), so a typo never
+costs a training run.
 """
 
 from __future__ import annotations
@@ -385,7 +386,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, name, value
 
 
-PRESETS = resources.files("sllm") / "configs"
+PRESET_DIR = resources.files("sllm") / "configs"
 
 
 def resolve_config_path(name: str) -> Path:
@@ -402,13 +403,13 @@ def resolve_config_path(name: str) -> Path:
 
 def _preset(name: str) -> Path | None:
     path = Path(name)
-    if path.suffix in ("", ".yaml") and (PRESETS / f"{path.stem}.yaml").is_file():
-        return Path(str(PRESETS / f"{path.stem}.yaml"))
+    if path.suffix in ("", ".yaml") and (PRESET_DIR / f"{path.stem}.yaml").is_file():
+        return Path(str(PRESET_DIR / f"{path.stem}.yaml"))
     return None
 
 
 def _preset_names() -> str:
-    return ", ".join(sorted(p.name[:-5] for p in PRESETS.iterdir() if p.name.endswith(".yaml")))
+    return ", ".join(sorted(p.name[:-5] for p in PRESET_DIR.iterdir() if p.name.endswith(".yaml")))
 
 
 def read_config_file(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -451,7 +452,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     raw = read_config_file(resolve_config_path(path)) if path else {}
     for text in overrides or []:
         section, name, value = parse_override(text)
-        raw[section] = dict(raw.get(section) or {})
+        raw[section] = raw.get(section) or {}
         raw[section][name] = value
     return config_from_dict(raw)
 

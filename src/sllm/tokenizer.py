@@ -279,7 +279,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return CharTokenizer(payload["special_tokens"], payload["chars"])
     from tokenizers import Tokenizer as HFTokenizer
 
-    word_level = isinstance(payload, dict) and (payload.get("model") or {}).get("type") == "WordLevel"
+    model = payload.get("model") if isinstance(payload, dict) else None
+    word_level = isinstance(model, dict) and model.get("type") == "WordLevel"
     try:
         return (WordTokenizer if word_level else BPETokenizer)(HFTokenizer.from_str(text))
     except Exception as exc:
