@@ -104,7 +104,7 @@ def _check_line(args: Namespace, line: int, run_dirs: dict[Path, int]) -> None:
         (sft_config if sft else sts_config)(args.overrides)
         for name in ["data"] if sft else ["train", "dev"]:
             if not Path(getattr(args, name)).is_file():
-                raise UserError(f"--{name} {getattr(args, name)} is not a file")
+                raise UserError(f"--{name} {getattr(args, name)} is not a file; check the path")
         base, out = args.run, Path(args.out)
     if base and Path(base).resolve() not in run_dirs:
         from sllm.run import read_run_config
