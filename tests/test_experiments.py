@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from sllm import report as report_module
+from sllm.cli import main
 from sllm.report import NO_HANGUL_FONT_NOTE, hangul_font, write_report
 from sllm.train.trainer import train
 
@@ -40,7 +41,7 @@ def test_queue_runs_lines_in_order_goes_on_after_a_failure_and_skips_finished_ru
     assert again.returncode == 1
 
 
-def test_queue_checks_every_line_first_and_runs_nothing_when_any_is_bad(tmp_path, prepared_dir):
+def test_queue_checks_every_line_first_and_runs_nothing_when_any_is_bad(tmp_path, prepared_dir, capsys):
     (tmp_path / "unprepared").mkdir()
     (tmp_path / "taken").write_text("a file")
     qa = tmp_path / "qa.csv"
@@ -60,12 +61,14 @@ def test_queue_checks_every_line_first_and_runs_nothing_when_any_is_bad(tmp_path
         f"{tmp_path}/stories.yaml\n"
         f"--dta {prepared_dir}\n"
     )
-    result = sllm("queue", queue)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-    assert result.stderr.startswith(
+    with pytest.raises(SystemExit) as exit_info:
+        main(["queue", str(queue)])
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2 and stderr.count("\n") == 1
+    assert stderr.startswith(
         f"sllm: error: {queue} has 10 bad lines, so nothing ran; fix them and run again: "
     )
-    problems = result.stderr.rstrip("\n").split("; fix them and run again: ")[1].split(" | ")
+    problems = stderr.rstrip("\n").split("; fix them and run again: ")[1].split(" | ")
     expected = [
         "line 2: unknown config key train.max_stepz; valid keys of train: out_dir, max_steps,",
         f"line 3: {tmp_path}/nowhere is not a prepared data directory (no meta.json); run `sllm prepare`",
