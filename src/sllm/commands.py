@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sllm.config import config_from_args
 from sllm.errors import UserError
+from sllm.infer.server_limits import ServerLimits
 
 
 def sampling_params(args: Namespace, **extra):
@@ -195,7 +196,12 @@ def serve(args: Namespace) -> None:
     """OpenAI-compatible HTTP API and a web chat page"""
     from sllm.infer.server import serve
 
-    serve(args.run, args.host, args.port, args.device, args.checkpoint, args.max_tokens_limit, args.compile)
+    serve(args.run, args.host, args.port, args.device, args.checkpoint, serve_limits(args), args.compile)
+
+
+def serve_limits(args: Namespace) -> ServerLimits:
+    """The `ServerLimits` the flags of `sllm serve` set."""
+    return ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
 
 
 def bench_generate(args: Namespace) -> None:
