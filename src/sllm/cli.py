@@ -1,12 +1,9 @@
 """`sllm <command>`: the argument parser; each command runs one function of `sllm.commands`.
 
-Flags that set a config key (`--vocab-size` is `tokenizer.vocab_size`) are the shorthands of
-`CONFIG_FLAGS`: their choices, help, range and shown default come from that key's field in
-`sllm.config`, and their values go through the config's own checks. The sampling flags of
-`generate` and `chat` come from the fields of `SamplingParams`. So no default or description
-of a setting is written here a second time. Errors the user can fix (`UserError`) print one
-line to stderr and exit with code 2; argparse's own errors are folded into the same form.
-Nothing here imports torch, so `sllm --help` is instant.
+The shorthand flags of `CONFIG_FLAGS` (`--vocab-size` is `tokenizer.vocab_size`) and the
+sampling flags take their choices, help, range and default from the config's and
+`SamplingParams`' fields, so none is written twice. A `UserError` (argparse's errors too) is
+one stderr line and exit code 2. Nothing here imports torch, so `sllm --help` is instant.
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
 """Tokenizer quality on real text: compression and coverage, Korean and English apart.
 
-Every line of every document is classified by script (`dominant_script`: Hangul or Latin
-letters at least half of its letters); lines that are mixed or have no letters count only in
-the total. Lines are encoded one by one, so the numbers do not depend on how files are cut
-into documents.
-
-A fallback token is one that does not stand for whole characters: for byte-level BPE a token
-whose bytes are not valid UTF-8 alone (a piece of a multi-byte character the merges did not
-cover, e.g. a rare Hangul syllable spelled as three byte tokens); for the char and word
-kinds `<|unk|>`.
+Each line is classified by its dominant script (mixed lines count only in the total) and
+encoded alone, so the numbers do not depend on how files are cut into documents. A fallback
+token does not stand for whole characters: a byte-level BPE token that is not valid UTF-8
+alone (a rare Hangul syllable spelled in bytes), or the char and word kinds' `<|unk|>`.
 """
 
 from __future__ import annotations
@@ -64,13 +59,11 @@ class TokenizerStats:
 def fallback_table(tokenizer: Tokenizer) -> np.ndarray:
     """True for each token id that does not stand for whole characters (see the module doc)."""
     table = np.zeros(tokenizer.vocab_size, dtype=bool)
+    if not isinstance(tokenizer, CharTokenizer):
+        table[:] = ["\ufffd" in tokenizer.decode([token_id]) for token_id in range(tokenizer.vocab_size)]
     unk_id = tokenizer.token_id(UNK_TOKEN)
     if unk_id is not None:
         table[unk_id] = True
-    if isinstance(tokenizer, CharTokenizer):
-        return table
-    for token_id in range(tokenizer.vocab_size):
-        table[token_id] = "\ufffd" in tokenizer.decode([token_id])
     return table
 
 
