@@ -22,7 +22,7 @@ from sllm.infer.chat_template import (
 )
 from sllm.model.gpt import RotaryPositions
 from sllm.run import open_run
-from sllm.tokenizer import CharTokenizer
+from sllm.tokenizer import CharTokenizer, train_word
 from sllm.train.trainer import train
 
 from .conftest import random_run, tiny_config
@@ -169,9 +169,10 @@ def test_cli_writes_the_file_and_refuses_what_gguf_cannot_hold(trained_run, toke
     qk_norm = random_run(tmp_path / "qk", tokenizer, *LLAMA, "model.qk_norm=true")
     refused = sllm("export", "--run", qk_norm, "--out", tmp_path / "qk.gguf", "--format", "gguf")
     assert_one_line_error(refused, "has no GGUF equivalent", "model.qk_norm is True (Llama needs False)")
-    chars = random_run(tmp_path / "char", CharTokenizer(["<|endoftext|>"], list("가나다")))
-    with pytest.raises(UserError, match="does not use a byte-level BPE tokenizer"):
-        export_gguf(chars, tmp_path / "char.gguf")
+    words = train_word(iter(["가 나 다 라"] * 2), 10, ["<|endoftext|>"])
+    for name, other in (("char", CharTokenizer(["<|endoftext|>"], list("가나다"))), ("word", words)):
+        with pytest.raises(UserError, match="does not use a byte-level BPE tokenizer"):
+            export_gguf(random_run(tmp_path / name, other), tmp_path / f"{name}.gguf")
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".gguf") == ["m.gguf"]
 
 
