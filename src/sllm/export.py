@@ -69,7 +69,6 @@ class HFArchitecture:
 
     def problems(self, cfg: ModelConfig) -> list[str]:
         """Why `cfg` cannot be represented; empty when it can."""
-        raise NotImplementedError
 
     def to_hf_config(self, cfg: ModelConfig, tokenizer: Tokenizer | None) -> dict[str, Any]:
         """config.json: the family's fields (`shape`) amid those every family has. End of text
@@ -88,18 +87,14 @@ class HFArchitecture:
             "pad_token_id": pad,
         }
 
-    def shape(self, cfg: ModelConfig) -> dict[str, Any]:
-        raise NotImplementedError
+    def shape(self, cfg: ModelConfig) -> dict[str, Any]: ...
 
-    def from_hf_config(self, hf: dict[str, Any], source: Path) -> ModelConfig:
-        raise NotImplementedError
+    def from_hf_config(self, hf: dict[str, Any], source: Path) -> ModelConfig: ...
 
-    def parameters(self, cfg: ModelConfig) -> list[Parameter]:
-        raise NotImplementedError
+    def parameters(self, cfg: ModelConfig) -> list[Parameter]: ...
 
     def ignored(self, name: str) -> bool:
         """HF tensors that are not weights (saved buffers) or duplicates of tied ones."""
-        raise NotImplementedError
 
 
 class GPT2(HFArchitecture):
@@ -468,8 +463,8 @@ def model_card(run: LoadedRun, architecture: HFArchitecture, chat: bool) -> str:
             f"- validation loss {meta.val_loss:.4f} (perplexity {math.exp(meta.val_loss):.2f}), "
             f"estimated on {cfg.train.eval_windows} windows of the validation split"
         )
-    lines += ["", *_data_lines(cfg), "", *_usage_lines(CHAT_USE if chat else TEXT_USE)]
-    return "\n".join(lines) + "\n"
+    lines += ["", *_data_lines(cfg), "", "## Use", "", "```python", *USAGE, *(CHAT_USE if chat else TEXT_USE)]
+    return "\n".join(lines) + "\n```\n"
 
 
 def _data_lines(cfg: Config) -> list[str]:
@@ -488,6 +483,12 @@ def _data_lines(cfg: Config) -> list[str]:
     return lines
 
 
+USAGE = [
+    "from transformers import AutoModelForCausalLM, AutoTokenizer",
+    "",
+    'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")',
+    'model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")',
+]
 TEXT_USE = [
     'inputs = tokenizer("대한민국은", return_tensors="pt")',
     "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0]))",
@@ -501,21 +502,6 @@ CHAT_USE = [
     "reply = new[0, inputs['input_ids'].size(1) :]",
     "print(tokenizer.decode(reply, skip_special_tokens=True))",
 ]
-
-
-def _usage_lines(generation: list[str]) -> list[str]:
-    """The model card's example: load the directory with transformers, then `generation`."""
-    return [
-        "## Use",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")',
-        'model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")',
-        *generation,
-        "```",
-    ]
 
 
 def check_export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest") -> float:

@@ -20,7 +20,7 @@ import os
 import re
 import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass, field
 from itertools import chain, islice
 from pathlib import Path
@@ -186,7 +186,12 @@ def stream_from_hub(preset: Preset) -> Iterable[Mapping[str, Any]]:
     datasets = require_module("datasets", f"sllm download {preset.name}")
     if urlparse(preset.data_files or "").scheme in ("http", "https"):
         require_module("aiohttp", f"streaming {preset.data_files}")  # fsspec's HTTP file system needs it
-    with _quiet_hub_retries():  # after the import, which resets the hub logger's level
+    # Offline, the hub client retries for ~25 s with a warning each time; the user gets the one
+    # line at the end instead. Set after the import, which resets the hub logger's level.
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    try:
         return datasets.load_dataset(
             preset.hf_id,
             preset.config,
@@ -195,6 +200,8 @@ def stream_from_hub(preset: Preset) -> Iterable[Mapping[str, Any]]:
             streaming=True,
             **dict(preset.loader_options),
         )
+    finally:
+        hub_logger.setLevel(level)
 
 
 def download(
@@ -297,19 +304,11 @@ def _write_shards(
 def _guarded(preset: Preset, load: Loader) -> Iterator[Mapping[str, Any]]:
     """The loader's records, with its failures (at load time or mid-stream) as one line."""
     try:
-        iterator = iter(load(preset))
+        yield from load(preset)
     except UserError:
         raise
-    except Exception as exc:  # hub, network and format errors of many kinds
+    except Exception as exc:  # hub, network and format errors; a connection lost mid-stream
         raise _load_error(preset, exc) from None
-    while True:
-        try:
-            record = next(iterator)
-        except StopIteration:
-            return
-        except Exception as exc:  # a connection lost mid-stream, a damaged remote file, ...
-            raise _load_error(preset, exc) from None
-        yield record
 
 
 def _load_error(preset: Preset, exc: BaseException) -> UserError:
@@ -348,19 +347,6 @@ def _reachable(preset: Preset) -> bool:
     except (OSError, ValueError):
         return False
     return True
-
-
-@contextmanager
-def _quiet_hub_retries() -> Iterator[None]:
-    """Without a network the hub client retries for ~25 s, logging a warning each time; the
-    user gets the one-line error at the end instead."""
-    logger = logging.getLogger("huggingface_hub")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _check_positive(**values: int | None) -> None:
