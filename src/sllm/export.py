@@ -15,6 +15,7 @@ data.dir `data/<run name>`, its own tokenizer), tokenizer.json and a step-0 chec
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -253,18 +254,14 @@ class Llama(HFArchitecture):
     def parameters(self, cfg: ModelConfig) -> list[Parameter]:
         width = cfg.n_embd
         kv_width = (cfg.n_kv_head or cfg.n_head) * (width // cfg.n_head)
+        ends = (0, width, width + kv_width, width + 2 * kv_width)  # q, k, v rows of our qkv
         names = [Parameter("wte.weight", "model.embed_tokens.weight", rows=(0, cfg.vocab_size))]
         for layer in range(cfg.n_layer):
             ours, theirs = f"blocks.{layer}.", f"model.layers.{layer}."
-            qkv_rows = {
-                "q": (0, width),
-                "k": (width, width + kv_width),
-                "v": (width + kv_width, width + 2 * kv_width),
-            }
             names.append(Parameter(ours + "norm1.weight", theirs + "input_layernorm.weight"))
             names += [
                 Parameter(ours + "attn.qkv.weight", f"{theirs}self_attn.{part}_proj.weight", rows=rows)
-                for part, rows in qkv_rows.items()
+                for part, rows in zip("qkv", itertools.pairwise(ends), strict=True)
             ]
             names.append(Parameter(ours + "attn.proj.weight", theirs + "self_attn.o_proj.weight"))
             names.append(Parameter(ours + "norm2.weight", theirs + "post_attention_layernorm.weight"))
@@ -566,7 +563,10 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
         )
     model = build_model(model_cfg)
     model.load_state_dict(_to_sllm_state(architecture, model_cfg, read_hf_weights(source), source))
-    cfg = _imported_run_config(model_cfg, out)
+    cfg = Config(model=model_cfg)
+    cfg.data.dir, cfg.tokenizer.path = str(Path("data") / out.name), str(out / TOKENIZER_FILE)
+    cfg.train.out_dir = str(out)
+    validate(cfg)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(out)
     save_config(cfg, out / CONFIG_FILE)
@@ -640,12 +640,3 @@ def _to_sllm_state(
     for p in parameters:
         pieces.setdefault(p.ours, []).append(named[p.theirs].t() if p.transposed else named[p.theirs])
     return {ours: torch.cat(tensors).float().contiguous() for ours, tensors in pieces.items()}
-
-
-def _imported_run_config(model_cfg: ModelConfig, out: Path) -> Config:
-    cfg = Config(model=model_cfg)
-    cfg.data.dir = str(Path("data") / out.name)
-    cfg.tokenizer.path = str(out / TOKENIZER_FILE)
-    cfg.train.out_dir = str(out)
-    validate(cfg)
-    return cfg

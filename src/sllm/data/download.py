@@ -382,9 +382,7 @@ def _delete_unlisted_shards(out: Path, manifest: Manifest) -> None:
 
 
 def _already_done(manifest: Manifest, max_docs: int | None, max_bytes: int | None) -> bool:
-    if manifest.stopped_by == "end":
-        return True
-    if max_docs is not None and manifest.documents >= max_docs:
+    if manifest.stopped_by == "end" or (max_docs is not None and manifest.documents >= max_docs):
         return True
     if max_bytes is None:
         return False
