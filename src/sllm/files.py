@@ -17,6 +17,7 @@ import hashlib
 import json
 import types
 import typing
+from dataclasses import MISSING
 from pathlib import Path
 from typing import Any
 
@@ -120,12 +121,7 @@ def _typed_dataclass(value: Any, cls: type, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     prefix = f"{where}." if where else ""
     fields = dataclasses.fields(cls)
-    required = [
-        f.name
-        for f in fields
-        if dataclasses.MISSING is f.default and dataclasses.MISSING is f.default_factory
-    ]
-    missing = [name for name in required if name not in value]
+    missing = [f.name for f in fields if f.name not in value and f.default is f.default_factory is MISSING]
     if missing:
         raise FieldError(f"field {prefix}{missing[0]} is missing")
     return cls(
