@@ -370,7 +370,6 @@ def _text_column(source: Input, text_field: str, columns: list[str]) -> str:
 
 
 def _hf_dataset(source: HFDataset, options: ReadOptions) -> Any:
-    """Load a saved dataset dir with `load_from_disk`, anything else with `load_dataset`."""
     datasets = require_module("datasets", f"reading {source}")
     local = Path(source.name)
     try:
