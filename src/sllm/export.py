@@ -1,16 +1,13 @@
 """To and from the Hugging Face format: a run as a `transformers` model directory, and back.
 
-Export writes what `from_pretrained` reads: weights under HF's names, config.json,
-generation_config.json, the tokenizer files and a model card; the files are JSON and
-safetensors, so only `--check` (load the export, compare logits) imports `transformers`. A
-run's chat template goes out as Jinja (chat_template.jinja, tokenizer_config.json), so
-`apply_chat_template` renders sllm's prompt exactly; one-token stop strings join EOS in
-`eos_token_id`. An `HFArchitecture` maps one family onto one HF class: GPT-2 (its `Conv1D`
-weights are our `nn.Linear` ones transposed) or Llama (our qkv rows split into q/k/v_proj;
-our RoPE already has HF's layout). A `Parameter` may be a row range of our tensor: so qkv is
-split and padded vocabulary rows are left out. An imported run holds config.yaml (its
-data.dir `data/<run name>`, its own tokenizer), tokenizer.json and a step-0 checkpoint, so
-`sllm prepare --config RUN/config.yaml` and `sllm train` continue pre-training from it.
+Export writes what `from_pretrained` reads (weights under HF's names, config.json,
+generation_config.json, tokenizer files, a model card) as JSON and safetensors, so only
+`--check` (load the export, compare logits) imports `transformers`; a run's chat template goes
+out as Jinja, so `apply_chat_template` renders sllm's prompt exactly. An `HFArchitecture` maps
+one family onto one HF class: GPT-2 (its `Conv1D` weights are our `nn.Linear` ones transposed)
+or Llama (our qkv rows split into q/k/v_proj; our RoPE already has HF's layout). An imported
+run (config.yaml, tokenizer.json, a step-0 checkpoint) continues pre-training through
+`sllm prepare --config RUN/config.yaml` and `sllm train`.
 """
 
 from __future__ import annotations

@@ -1,14 +1,11 @@
 """`sllm download PRESET --out DIR`: well-known corpora streamed from the Hugging Face hub into
 JSONL shards that `sllm prepare --input DIR` reads.
 
-A preset names a dataset (hub id, config, split), the fields that make a document (joined
-with a newline), its license and a description (`--list`). Shards (`<preset>-00000.jsonl`, at
-most `shard_docs` documents each) appear whole, then `download.json`, the manifest, lists
-them. A budget (`max_docs`, `max_bytes` never exceeded) ends the download cleanly. An
-interrupted download resumes: unlisted shards are deleted and the stream, which a hub split
-gives in a fixed order, is read again with the documents already written skipped; one that
-fails before its first shard leaves no directory and no manifest. Hub and network failures
-become one line naming the preset and the fix, "cannot reach" when the host takes no connection.
+Shards (`<preset>-00000.jsonl`) appear whole, then `download.json`, the manifest, lists them;
+a budget (`max_docs`, `max_bytes` never exceeded) ends the download cleanly. An interrupted
+download resumes: unlisted shards are deleted and the stream, which a hub split gives in a
+fixed order, is read again with the documents already written skipped; one that fails before
+its first shard leaves no directory. Hub and network failures become one line naming the fix.
 """
 
 from __future__ import annotations
