@@ -12,12 +12,14 @@ Nothing here imports torch, so `sllm --help` is instant.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Callable
 from typing import NoReturn
 
 from sllm import commands
+from sllm.atomic import disk_full_errno
 from sllm.errors import UserError
 from sllm.options import add_flag
 
@@ -269,3 +271,11 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("sllm: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as error:  # a full disk under a writer that names no directory of its own
+        code = disk_full_errno(error)
+        if code is None:
+            raise
+        where = f" writing {error.filename}" if getattr(error, "filename", None) else ""
+        print(f"sllm: error: the disk is full ({os.strerror(code)}){where}; free some space and run "
+              "the same command again", file=sys.stderr)  # fmt: skip
+        sys.exit(UserError.exit_code)

@@ -50,7 +50,7 @@ def demo(args: Namespace) -> None:
 
 def tokenizer_train(args: Namespace) -> None:
     """train a BPE (or char) tokenizer on your text"""
-    from sllm.atomic import ensure_writable_dir
+    from sllm.atomic import ensure_writable_dir, writing_to
     from sllm.data.mixture import resolve_sources
     from sllm.data.prepare import train_tokenizer
     from sllm.tokenizer import TOKENIZER_FILE
@@ -61,7 +61,8 @@ def tokenizer_train(args: Namespace) -> None:
         raise UserError(f"{out} already holds a {TOKENIZER_FILE}; choose a new --out or remove that file")
     ensure_writable_dir(out, "tokenizer")
     tokenizer = train_tokenizer(resolve_sources(cfg.data), cfg.data, cfg.tokenizer)
-    print(f"saved {tokenizer.save(out)} ({tokenizer.vocab_size} tokens)")
+    with writing_to(out, "tokenizer"):
+        print(f"saved {tokenizer.save(out)} ({tokenizer.vocab_size} tokens)")
 
 
 def tokenizer_stats(args: Namespace) -> None:

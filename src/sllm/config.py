@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from sllm.atomic import write_text_atomic
 from sllm.errors import UserError
 from sllm.options import FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, check_range, option
 from sllm.sampling import RUN_OPTIONS, SamplingParams
@@ -412,7 +413,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), allow_unicode=True, sort_keys=False), "utf-8")
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), allow_unicode=True, sort_keys=False))
 
 
 def validate(cfg: Config) -> None:

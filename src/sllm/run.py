@@ -40,6 +40,7 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tb"
 SAMPLES_DIR = "samples"
 WANDB_ID_FILE = "wandb_id"
+LOCK_FILE = ".lock"  # held (flock) by the process training the run; holds its PID
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"  # in checkpoints/: the name of the newest complete checkpoint
 BEST = "best"
@@ -159,13 +160,26 @@ def verify_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(path, meta)
 
 
+def _latest_named(latest_file: Path) -> Path:
+    """The checkpoint LATEST names, which must be one of this run's: a path elsewhere (another
+    run's `../../run/checkpoints/step-N`, an absolute path, a symlink out) is refused."""
+    name = latest_file.read_text(encoding="utf-8").strip()
+    named = latest_file.parent / name
+    if not _PERIODIC_NAME.fullmatch(name) or named.resolve().parent != latest_file.parent.resolve():
+        raise UserError(
+            f"{latest_file} names {name[:80]!r}, which is not a checkpoint of this run; write the name "
+            "of one of its checkpoints (e.g. step-000100) into it, or delete it to take the newest"
+        )
+    return named
+
+
 def load_latest(run_dir: Path) -> Checkpoint | None:
     """The newest checkpoint that verifies, or None when the run has none yet."""
     checkpoint_dir = Path(run_dir) / CHECKPOINTS
     candidates = periodic_checkpoints(checkpoint_dir)
     latest_file = checkpoint_dir / LATEST
     if latest_file.is_file():
-        named = checkpoint_dir / latest_file.read_text(encoding="utf-8").strip()
+        named = _latest_named(latest_file)
         candidates = [named] + [p for p in candidates if p != named]
     for number, path in enumerate(candidates):
         try:

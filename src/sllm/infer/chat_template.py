@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sllm.atomic import write_text_atomic
 from sllm.errors import UserError
 from sllm.tokenizer import BPETokenizer, Tokenizer
 
@@ -65,7 +66,7 @@ SFT_TEMPLATE = ChatTemplate(
 def save_chat_template(run_dir: str | Path, template: ChatTemplate) -> None:
     """Ship a template with a run so `sllm chat`, `generate`, `serve` and `export` use it."""
     fields = {**dataclasses.asdict(template), "stop": list(template.stop)}
-    (Path(run_dir) / TEMPLATE_FILE).write_text(json.dumps(fields, ensure_ascii=False, indent=2), "utf-8")
+    write_text_atomic(Path(run_dir) / TEMPLATE_FILE, json.dumps(fields, ensure_ascii=False, indent=2))
 
 
 def load_chat_template(run_dir: str | Path) -> ChatTemplate:
