@@ -53,7 +53,7 @@ from sllm.data.prefetch import prefetched
 from sllm.data.shards import ShardWriter
 from sllm.data.sources import HFDataset, Input, SourceStats, read_documents
 from sllm.errors import UserError
-from sllm.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, train_bpe, train_char
+from sllm.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, train_bpe, train_char, train_word
 
 PROGRESS_FILE = "progress.json"
 PARTIAL_MARK = ".partial"
@@ -84,7 +84,8 @@ def train_tokenizer(sources: list[Source], data: DataConfig, tok: TokenizerConfi
     if tok.kind == "char":
         tokenizer: Tokenizer = train_char(texts, tok.special_tokens)
     else:
-        tokenizer = train_bpe(texts, tok.vocab_size, tok.special_tokens, tok.min_frequency)
+        train = train_word if tok.kind == "word" else train_bpe
+        tokenizer = train(texts, tok.vocab_size, tok.special_tokens, tok.min_frequency)
     _require_kept_documents(stats, cleaner.report)
     note = _vocab_size_note(tokenizer, tok)
     if note:
@@ -103,6 +104,11 @@ def _vocab_size_note(tokenizer: Tokenizer, tok: TokenizerConfig) -> str | None:
         return (
             f"--vocab-size (tokenizer.vocab_size) {requested:,} does not apply to the char kind: "
             f"its {size:,} tokens are the characters seen plus the special tokens"
+        )
+    if size < requested and tok.kind == "word":
+        return (
+            f"the corpus has only {size:,} tokens (words seen {tok.min_frequency}+ times, special tokens "
+            f"and <|unk|>) of the requested {requested:,}; give more text or a smaller --vocab-size"
         )
     if size < requested:
         return (

@@ -20,7 +20,7 @@ from torch import nn
 
 from sllm.atomic import write_text_atomic
 from sllm.errors import UserError
-from sllm.tokenizer import BPETokenizer, Tokenizer
+from sllm.tokenizer import HFBackedTokenizer, Tokenizer
 
 TEMPLATE_FILE = "chat_template.json"
 ROLES = ("system", "user", "assistant")
@@ -117,15 +117,15 @@ def with_template_tokens(tokenizer: Tokenizer) -> Tokenizer:
     missing = [t for t in TEMPLATE_TOKENS if tokenizer.token_id(t) is None]
     if not missing:
         return tokenizer
-    if not isinstance(tokenizer, BPETokenizer):
+    if not isinstance(tokenizer, HFBackedTokenizer):
         raise UserError(
-            "SFT needs a BPE tokenizer to add the chat tokens to; pre-train with tokenizer.kind=bpe"
+            "SFT needs a BPE or word tokenizer to add the chat tokens to; pre-train with tokenizer.kind=bpe"
         )
     from tokenizers import Tokenizer as HFTokenizer
 
     hf = HFTokenizer.from_str(tokenizer.to_json())
     hf.add_special_tokens(missing)
-    return BPETokenizer(hf)
+    return type(tokenizer)(hf)
 
 
 def grow_embeddings(model: nn.Module, vocab_size: int) -> None:
