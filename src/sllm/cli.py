@@ -146,6 +146,9 @@ def _add_data_commands(top: argparse._SubParsersAction) -> None:
         "--show-samples", type=_int_in(0), default=0, help="decode N random training windows"
     )
     data_info.add_argument("--window-tokens", type=_int_in(1), default=64, help="tokens per sample window")
+    verify = _add(data, "verify", commands.data_verify)
+    verify.add_argument("dir", help="prepared data directory")
+    verify.add_argument("--update", action="store_true", help="record the shard checksums older data lacks")
 
 
 def _add_training_commands(top: argparse._SubParsersAction) -> None:

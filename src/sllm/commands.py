@@ -224,6 +224,13 @@ def data_info(args: Namespace) -> None:
     print(describe_data(args.dir, args.show_samples, args.window_tokens))
 
 
+def data_verify(args: Namespace) -> None:
+    """check every shard of a prepared data directory: size, token ids, sha256"""
+    from sllm.data.verify import verify_data
+
+    print(verify_data(Path(args.dir), args.update))
+
+
 def report(args: Namespace) -> None:
     """plots and a markdown summary of one or more runs"""
     from sllm.report import write_report

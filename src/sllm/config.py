@@ -27,6 +27,7 @@ import yaml
 
 from sllm.atomic import write_text_atomic
 from sllm.errors import UserError
+from sllm.files import read_yaml
 from sllm.options import FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, check_range, option
 from sllm.sampling import RUN_OPTIONS, SamplingParams
 
@@ -417,10 +418,7 @@ def read_config_file(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]
     """The sections of a YAML config with its `base:` chain merged under it: the base's file
     (beside this one, or a preset) first, then this file's keys over it, mapping by mapping;
     scalars and lists are replaced whole."""
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
+    raw = read_yaml(path, "fix the config file") or {}
     if not isinstance(raw, dict):
         raise UserError(f"config file {path} must be a mapping of sections")
     if "base" not in raw:

@@ -31,6 +31,7 @@ from sllm.config import Config, ModelConfig, save_config, validate
 from sllm.data.meta import META_FILE, DataMeta
 from sllm.data.sources import require_module
 from sllm.errors import UserError
+from sllm.files import read_json
 from sllm.infer.chat_template import PLAIN, ChatTemplate, load_chat_template, to_jinja
 from sllm.model import build_model, count_parameters
 from sllm.model.gpt import mlp_hidden_width
@@ -600,10 +601,10 @@ def _read_hf_config(source: Path) -> dict[str, Any]:
     path = source / HF_CONFIG
     if not path.is_file():
         raise UserError(f"{source} is not a Hugging Face model directory (no {HF_CONFIG}); check --hf")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        raise UserError(f"{path} is not valid JSON; download the model again") from None
+    config = read_json(path, "download the model again")
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is damaged (not a JSON object); download the model again")
+    return config
 
 
 def read_hf_weights(source: Path) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from sllm.atomic import write_text_atomic
 from sllm.errors import UserError
 from sllm.fast_bpe import FastByteLevelBPE, fast_byte_level_bpe
+from sllm.files import loads_json, read_text
 
 TOKENIZER_FILE = "tokenizer.json"
 UNK_TOKEN = "<|unk|>"
@@ -270,13 +271,16 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         path = path / TOKENIZER_FILE
     if not path.is_file():
         raise UserError(f"tokenizer file {path} not found; train one with `sllm tokenizer train`")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "train or copy the tokenizer again")
     try:
-        payload = json.loads(text)
-    except json.JSONDecodeError:
-        raise UserError(f"{path} is not a tokenizer.json file (invalid JSON)") from None
+        payload = loads_json(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not a tokenizer.json file (invalid JSON: {exc.msg})") from None
     if isinstance(payload, dict) and payload.get("kind") == "sllm-char":
-        return CharTokenizer(payload["special_tokens"], payload["chars"])
+        lists = [payload.get("special_tokens"), payload.get("chars")]
+        if not all(isinstance(x, list) and all(isinstance(t, str) for t in x) for x in lists):
+            raise UserError(f"{path} is damaged: special_tokens and chars must be lists of strings")
+        return CharTokenizer(*lists)
     from tokenizers import Tokenizer as HFTokenizer
 
     model = payload.get("model") if isinstance(payload, dict) else None

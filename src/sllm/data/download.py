@@ -32,6 +32,7 @@ from tqdm import tqdm
 from sllm.atomic import atomic_text_writer, ensure_writable_dir, recover_all, write_text_atomic
 from sllm.data.sources import DOWNLOAD_MANIFEST, require_module
 from sllm.errors import UserError
+from sllm.files import loads_json
 
 DEFAULT_SHARD_DOCS = 50_000
 NSMC_TRAIN_URL = "https://raw.githubusercontent.com/e9t/nsmc/master/ratings_train.txt"
@@ -376,7 +377,7 @@ def _read_manifest(out: Path, preset: Preset) -> Manifest:
             preset.name, preset.hf_id, preset.config, preset.split, preset.data_files, preset.license
         )
     try:
-        manifest = Manifest(**json.loads(path.read_text(encoding="utf-8")))
+        manifest = Manifest(**loads_json(path.read_text(encoding="utf-8")))
     except (ValueError, TypeError):
         raise UserError(f"{path} is damaged; delete {out} to download again") from None
     if manifest.preset != preset.name:

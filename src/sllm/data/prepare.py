@@ -13,7 +13,6 @@ resume to the same bytes as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import re
@@ -53,6 +52,7 @@ from sllm.data.prefetch import prefetched
 from sllm.data.shards import ShardWriter
 from sllm.data.sources import HFDataset, Input, SourceStats, read_documents
 from sllm.errors import UserError
+from sllm.files import loads_json, sha256_file
 from sllm.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, train_bpe, train_char, train_word
 
 PROGRESS_FILE = "progress.json"
@@ -63,14 +63,10 @@ OUR_SHARD = re.compile(rf"({'|'.join(SPLITS)})(-\d+)?\.bin")
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        return sha256_file(path)
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror}; check its permissions") from None
-    return digest.hexdigest()
 
 
 def train_tokenizer(sources: list[Source], data: DataConfig, tok: TokenizerConfig, log=print) -> Tokenizer:
@@ -193,7 +189,7 @@ class Progress:
     def load(cls, work: Path, fingerprint: dict[str, Any]) -> Progress | None:
         """The saved progress if it belongs to the same inputs and settings, else None."""
         try:
-            saved = cls(**json.loads((work / PROGRESS_FILE).read_text(encoding="utf-8")))
+            saved = cls(**loads_json((work / PROGRESS_FILE).read_text(encoding="utf-8")))
         except (OSError, ValueError, TypeError):
             return None
         return saved if saved.fingerprint == fingerprint else None
@@ -416,6 +412,7 @@ def _write_all(writer: SplitWriter, sources: list[Source], data: DataConfig, nam
             cleaner.report.kept, dict(cleaner.report.changed), dict(cleaner.report.dropped)
         ),
         fingerprint=progress.fingerprint,
+        checksums={name: sha256_file(writer.work / name) for names in shards.values() for name in names},
     )
     meta.write(writer.work)
     (writer.work / PROGRESS_FILE).unlink()

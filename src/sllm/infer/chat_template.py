@@ -20,6 +20,7 @@ from torch import nn
 
 from sllm.atomic import write_text_atomic
 from sllm.errors import UserError
+from sllm.files import FieldError, read_json, typed
 from sllm.tokenizer import HFBackedTokenizer, Tokenizer
 
 TEMPLATE_FILE = "chat_template.json"
@@ -72,11 +73,17 @@ def load_chat_template(run_dir: str | Path) -> ChatTemplate:
     path = Path(run_dir) / TEMPLATE_FILE
     if not path.is_file():
         return PLAIN
-    fields = json.loads(path.read_text(encoding="utf-8"))
+    fix = "restore it, or delete it for plain continuation"
+    fields = read_json(path, fix)
     known = {f.name for f in dataclasses.fields(ChatTemplate)}
     if not isinstance(fields, dict) or set(fields) - known:
         raise UserError(f"{path} must be a JSON object with keys among {sorted(known)}")
-    return ChatTemplate(**{**fields, "stop": tuple(fields.get("stop", ()))})
+    try:
+        template = typed(fields, ChatTemplate)
+        template.render([Message(role, "") for role in ROLES])  # a format field other than {text}
+    except (FieldError, LookupError, ValueError, AttributeError) as exc:
+        raise UserError(f"{path} is not a usable chat template ({exc}); {fix}") from None
+    return template
 
 
 def to_jinja(template: ChatTemplate) -> str:
