@@ -237,11 +237,18 @@ def _add_inference_commands(top: argparse._SubParsersAction) -> None:
 
     export = _add(top, "export", commands.export)
     export.add_argument("--run", required=True, help="run directory")
-    export.add_argument("--out", required=True, help="directory to create")
-    export.add_argument("--format", choices=["hf"], default="hf", help="output format")
+    export.add_argument("--out", required=True, help="directory to create (a .gguf file with --format gguf)")
+    export.add_argument(
+        "--format", choices=["hf", "gguf"], default="hf", help="hf: transformers; gguf: llama.cpp, Ollama"
+    )
+    export.add_argument(
+        "--dtype", choices=["f32", "f16", "bf16", "q8_0"], help="gguf weights (default f16; hf is always f32)"
+    )
     export.add_argument("--checkpoint", default="latest", help=CHECKPOINT_HELP)
     export.add_argument(
-        "--check", action="store_true", help="load the export with transformers, compare logits"
+        "--check",
+        action="store_true",
+        help="load the export with transformers (gguf: llama-cpp-python), compare logits",
     )
     imported = _add(top, "import", commands.import_hf)
     imported.add_argument(

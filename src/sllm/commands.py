@@ -269,14 +269,32 @@ def finetune_sft(args: Namespace) -> None:
 
 
 def export(args: Namespace) -> None:
-    """write a run as a Hugging Face model directory"""
+    """write a run as a Hugging Face model directory or a GGUF file"""
     from sllm.export import check_export, export_run
 
+    if args.format == "gguf":
+        return _export_gguf(args)
+    if args.dtype is not None:
+        raise UserError("--dtype applies to --format gguf only; the hf export is float32")
     out = export_run(args.run, args.out, args.checkpoint)
     print(f"exported {args.run} to {out}")
     if args.check:
         difference = check_export(args.run, out, args.checkpoint)
         print(f"checked with transformers: largest logit difference {difference:.2e}")
+
+
+def _export_gguf(args: Namespace) -> None:
+    from sllm.export_gguf import check_gguf, export_gguf
+
+    out = export_gguf(args.run, args.out, args.checkpoint, args.dtype or "f16")
+    print(f"exported {args.run} to {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    if args.check:
+        parity = check_gguf(args.run, out, args.checkpoint)
+        print(
+            f"checked with llama.cpp: same prompt tokens {parity.same_prompt_tokens}, largest logit "
+            f"difference {parity.max_logit_difference:.2e}, greedy tokens equal "
+            f"{parity.greedy_tokens_equal}/{parity.greedy_tokens}"
+        )
 
 
 def import_hf(args: Namespace) -> None:

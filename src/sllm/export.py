@@ -327,7 +327,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
     _require_empty(out)
     ensure_writable_dir(out.parent, "export")
     run = open_run(run_dir, torch.device("cpu"), checkpoint)
-    architecture = _architecture_for(run.config.model, run.path)
+    architecture = architecture_for(run.config.model, run.path)
     if not isinstance(run.tokenizer, HFBackedTokenizer):
         raise UserError(
             f"{run.path} uses a character-level tokenizer, which has no Hugging Face format; "
@@ -369,14 +369,15 @@ def _require_empty(out: Path) -> None:
         raise UserError(f"{out} already exists and is not empty; choose a new --out or remove it")
 
 
-def _architecture_for(cfg: ModelConfig, what: object) -> HFArchitecture:
+def architecture_for(cfg: ModelConfig, what: object, target: str = "Hugging Face") -> HFArchitecture:
+    """The family `cfg` belongs to; else a UserError naming, per family, what stands in the way."""
     reasons = []
     for architecture in ARCHITECTURES.values():
         problems = architecture.problems(cfg)
         if not problems:
             return architecture
         reasons.append(f"{architecture.hf_class}: {', '.join(problems)}")
-    raise UserError(f"{what} has no Hugging Face equivalent ({'; '.join(reasons)})")
+    raise UserError(f"{what} has no {target} equivalent ({'; '.join(reasons)})")
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -388,7 +389,7 @@ def _generation_config(run: LoadedRun, template: ChatTemplate) -> dict[str, Any]
     follows) and where to stop. No `max_length`: transformers warns when it meets the
     `max_new_tokens` users pass, and `model_max_length` already states the context."""
     eos = run.tokenizer.eos_id
-    eos_ids, stop_strings = _stops(run.tokenizer, template)
+    eos_ids, stop_strings = stop_tokens(run.tokenizer, template)
     config: dict[str, Any] = {
         "bos_token_id": eos,
         "eos_token_id": eos_ids if len(eos_ids) > 1 else eos,
@@ -404,7 +405,7 @@ def _generation_config(run: LoadedRun, template: ChatTemplate) -> dict[str, Any]
     return config
 
 
-def _stops(tokenizer: Tokenizer, template: ChatTemplate) -> tuple[list[int], list[str]]:
+def stop_tokens(tokenizer: Tokenizer, template: ChatTemplate) -> tuple[list[int], list[str]]:
     """Where HF `generate` stops: EOS and each single-token stop string as `eos_token_id`,
     which always works; longer stop strings as `stop_strings`, which `generate` honours only
     when it is given the tokenizer (the model card's example passes it)."""
@@ -536,7 +537,7 @@ def to_transformers(model: torch.nn.Module, **config_overrides: Any) -> torch.nn
     `config_overrides` set config fields, e.g. `attn_implementation="sdpa"`."""
     transformers = require_module("transformers", "a transformers copy of the model", extra="hf")
     cfg = model.cfg
-    architecture = _architecture_for(cfg, "this model")
+    architecture = architecture_for(cfg, "this model")
     hf_config = architecture.to_hf_config(cfg, None) | config_overrides
     config = transformers.AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
     hf_model = getattr(transformers, architecture.hf_class)(config)
