@@ -154,6 +154,35 @@ def test_lock_is_released_when_training_fails(tmp_path, prepared_dir, monkeypatc
     holder.wait()
 
 
+def test_train_refuses_an_out_that_is_not_a_run_and_leaves_its_files(tmp_path, prepared_dir, capsys):
+    own = tmp_path / "mine"
+    own.mkdir()
+    (own / "config.yaml").write_text("my: own settings\n")
+    (own / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--data", str(prepared_dir), "--out", str(own), "train.max_steps=1"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1
+    assert (
+        f"{own} exists and is not an sllm run (it holds config.yaml, notes.txt); choose another --out" in err
+    )
+    assert sorted(p.name for p in own.iterdir()) == ["config.yaml", "notes.txt"]
+    assert (own / "config.yaml").read_text() == "my: own settings\n"
+
+
+def test_a_run_stopped_before_its_first_plan_is_still_ours(tmp_path, prepared_dir, monkeypatch):
+    def refuse(self):
+        raise UserError("stopped before the plan")
+
+    monkeypatch.setattr("sllm.train.trainer.Trainer.settle_micro_batch", refuse)
+    run_dir = tmp_path / "run"
+    with pytest.raises(UserError, match="stopped before the plan"):
+        train(tiny_config(prepared_dir, run_dir, "train.max_steps=2"), log=_quiet)
+    assert not (run_dir / "plan.json").exists() and (run_dir / "tokenizer.json").exists()
+    monkeypatch.undo()
+    assert train(tiny_config(prepared_dir, run_dir, "train.max_steps=2"), log=_quiet).step == 2
+
+
 # ---- memory ---------------------------------------------------------------------------
 
 

@@ -241,6 +241,17 @@ class LoadedRun:
     checkpoint: Checkpoint
 
 
+def refuse_foreign_dir(run_dir: Path) -> None:
+    """`--out` may be new, empty or a run of ours: training writes `config.yaml` and more into
+    it, and must not replace files of the same name that a user keeps there."""
+    if not run_dir.is_dir() or any((run_dir / name).exists() for name in (LOCK_FILE, PLAN_FILE, CHECKPOINTS)):
+        return  # the lock file, made first and never removed, marks a run that stopped early
+    names = sorted(p.name for p in run_dir.iterdir())
+    if names:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise UserError(f"{run_dir} exists and is not an sllm run (it holds {shown}); choose another --out")
+
+
 def read_run_config(run_dir: Path) -> Config:
     if not run_dir.is_dir():
         state = "is a file, not a directory" if run_dir.exists() else "does not exist"

@@ -36,6 +36,7 @@ from sllm.run import (
     all_finite,
     epoch_name,
     load_latest,
+    refuse_foreign_dir,
     step_name,
 )
 from sllm.runtime import allow_tf32, cpu_bf16_hint, keep_freed_memory, select_autocast_dtype, select_device
@@ -460,6 +461,8 @@ def _train(trainer: Trainer, log) -> TrainResult:
     """Rank 0 holds the run directory's lock throughout, and a full disk under it is one line."""
     cfg, run_dir, main = trainer.cfg, trainer.run_dir, trainer.cluster.is_main
     check_sinks_available(cfg)
+    if main:
+        refuse_foreign_dir(run_dir)
     if cfg.train.resume == "never" and load_latest(run_dir) is not None:
         raise UserError(f"{run_dir} already has checkpoints; use a new --out or train.resume=auto")
     with ExitStack() as guards:
