@@ -133,7 +133,7 @@ def evaluate(args: Namespace) -> None:
         raise UserError("--data gives prepared data to score by split; --text and --mc score files: drop it")
     if args.mc:
         return _evaluate_multiple_choice(args)
-    from sllm.evaluate import evaluate_run, evaluate_texts
+    from sllm.evaluate import SCRIPT_GROUPS, evaluate_run, evaluate_texts
 
     if args.text:
         results = evaluate_texts(
@@ -145,10 +145,14 @@ def evaluate(args: Namespace) -> None:
         )
     width = max(6, *(len(r.split) for r in results))
     header = f"{'tokens':>10} {'loss':>8} {'perplexity':>11} {'bits/byte':>10} {'top-1':>7} {'top-5':>7}"
-    print(f"{'split':<{width}} {header}")
+    print(f"{'split':<{width}} {header}" + "".join(f" {'bpb ' + g:>9}" for g in SCRIPT_GROUPS))
     for r in results:
         numbers = f"{r.tokens:>10,} {r.loss:>8.4f} {r.perplexity:>11.2f} {r.bits_per_byte:>10.4f}"
-        print(f"{r.split:<{width}} {numbers} {r.scores.accuracy:>7.1%} {r.scores.top5_accuracy:>7.1%}")
+        by_script = r.scores.script_bits_per_byte(r.script_bytes)
+        scripts = "".join(f" {by_script[g]:>9.4f}" if g in by_script else f" {'-':>9}" for g in SCRIPT_GROUPS)
+        print(
+            f"{r.split:<{width}} {numbers} {r.scores.accuracy:>7.1%} {r.scores.top5_accuracy:>7.1%}{scripts}"
+        )
 
 
 def _evaluate_multiple_choice(args: Namespace) -> None:

@@ -69,7 +69,7 @@ class FastByteLevelBPE:
     def _encode_plain(self, texts: list[str]) -> list[list[int]]:
         if len(texts) < SMALL_BATCH:  # a prompt and its pieces: threads would cost more than they save
             return [self.encoding.encode_ordinary(text) for text in texts]
-        return self.encoding.encode_ordinary_batch(texts, num_threads=_threads())
+        return self.encoding.encode_ordinary_batch(texts, num_threads=threads())
 
     def _normalize(self, text: str) -> str:
         if self.nfc and not unicodedata.is_normalized("NFC", text):
@@ -77,7 +77,7 @@ class FastByteLevelBPE:
         return text
 
 
-def _threads() -> int:
+def threads() -> int:
     """Encoding threads, by the knobs `tokenizers` reads: one when `TOKENIZERS_PARALLELISM` is
     off, `RAYON_NUM_THREADS` when set, else all cores."""
     if os.environ.get("TOKENIZERS_PARALLELISM", "").lower() in ("0", "false", "off", "no"):

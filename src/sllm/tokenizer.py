@@ -4,13 +4,16 @@ Both normalize to Unicode NFC first, so composed and decomposed Hangul encode al
 round-trip exactly: `decode(encode(x)) == nfc(x)`. Byte-level BPE covers every UTF-8 string
 because its base alphabet is the 256 bytes; the char kind covers the characters seen in
 training and maps the rest to `<|unk|>`. Both live in one `tokenizer.json`: the HF format, or
-a small JSON of ours marked `"kind": "sllm-char"`.
+a small JSON of ours marked `"kind": "sllm-char"`. A BPE may first cut Korean text at morpheme
+boundaries (`sllm.morphemes`); its file then carries `"sllm_pretokenize": "kiwi"`, a key the
+`tokenizers` library refuses, so no other tool encodes with it silently without the cut.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import re
 import unicodedata
@@ -25,6 +28,8 @@ TOKENIZER_FILE = "tokenizer.json"
 UNK_TOKEN = "<|unk|>"
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>")
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]")
+PRETOKENIZE_KEY = "sllm_pretokenize"
+PRETOKENIZERS = ("none", "kiwi")
 
 
 def nfc(text: str) -> str:
@@ -97,8 +102,8 @@ class BPETokenizer(Tokenizer):
     """Byte-level BPE through HF `tokenizers`; encodes batches on all cores, through `tiktoken`
     when it gives the same ids (`sllm.fast_bpe`)."""
 
-    def __init__(self, hf_tokenizer) -> None:
-        self.hf = hf_tokenizer
+    def __init__(self, hf_tokenizer, pretokenize: str = "none") -> None:
+        self.hf, self.pretokenize = hf_tokenizer, pretokenize
         self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
         self._find_special_ids()
 
@@ -109,15 +114,44 @@ class BPETokenizer(Tokenizer):
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         texts = [replace_lone_surrogates(text) for text in texts]
+        return self._encode_morphemes(texts) if self.pretokenize == "kiwi" else self._encode_plain(texts)
+
+    def _encode_plain(self, texts: list[str]) -> list[list[int]]:
         if self.fast is not None:
             return self.fast.encode_batch(texts)
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def _encode_morphemes(self, texts: list[str]) -> list[list[int]]:
+        """Added tokens cut out first (the analyzer must not split one), the NFC text between
+        them cut at morphemes; every piece of the batch is encoded in one call and each text's
+        ids joined, as a one-shot encode with the cut as a pre-tokenizer would give."""
+        from sllm.morphemes import morpheme_pieces
+
+        parts = [self._added_split.split(nfc(text)) for text in texts]  # plain text at even places
+        cut = iter(morpheme_pieces([plain for text in parts for plain in text[::2]]))
+        pieces = [
+            [*itertools.chain.from_iterable(next(cut) if i % 2 == 0 else [p] for i, p in enumerate(text))]
+            for text in parts
+        ]
+        encoded = iter(self._encode_plain([piece for text in pieces for piece in text]))
+        return [[*itertools.chain.from_iterable(itertools.islice(encoded, len(text)))] for text in pieces]
+
+    @functools.cached_property
+    def _added_split(self) -> re.Pattern:
+        added = sorted(
+            (t.content for t in self.hf.get_added_tokens_decoder().values()), key=len, reverse=True
+        )
+        return re.compile("(" + "|".join(map(re.escape, added)) + ")" if added else "(?!)")
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
 
     def to_json(self) -> str:
-        return self.hf.to_str()
+        if self.pretokenize == "none":
+            return self.hf.to_str()
+        return json.dumps(
+            {**json.loads(self.hf.to_str()), PRETOKENIZE_KEY: self.pretokenize}, ensure_ascii=False
+        )
 
     def token_id(self, token: str) -> int | None:
         return self.hf.token_to_id(token)
@@ -170,9 +204,14 @@ def _first_present(tokenizer: Tokenizer, candidates: Iterable[str]) -> int | Non
 
 
 def train_bpe(
-    texts: Iterator[str], vocab_size: int, special_tokens: list[str], min_frequency: int = 2
+    texts: Iterator[str],
+    vocab_size: int,
+    special_tokens: list[str],
+    min_frequency: int = 2,
+    pretokenize: str = "none",
 ) -> BPETokenizer:
-    """Train byte-level BPE with NFC normalization and the 256 bytes as base alphabet."""
+    """Train byte-level BPE with NFC normalization and the 256 bytes as base alphabet; with
+    `pretokenize="kiwi"` on the morpheme pieces, so no merge crosses a morpheme boundary."""
     _require_eos(special_tokens)
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
@@ -188,8 +227,17 @@ def train_bpe(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
+    if pretokenize == "kiwi":
+        texts = _morpheme_pieces(texts)
     hf.train_from_iterator(_long_words_cut(texts), trainer=trainer)
-    return BPETokenizer(hf)
+    return BPETokenizer(hf, pretokenize)
+
+
+def _morpheme_pieces(texts: Iterator[str], batch_texts: int = 256) -> Iterator[str]:
+    from sllm.morphemes import morpheme_pieces
+
+    for batch in iter(lambda: [nfc(text) for text in itertools.islice(texts, batch_texts)], []):
+        yield from itertools.chain.from_iterable(morpheme_pieces(batch))
 
 
 LONG_WORD_CHUNK = re.compile(r"\S{256}")
@@ -239,7 +287,14 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return CharTokenizer(payload["special_tokens"], payload["chars"])
     from tokenizers import Tokenizer as HFTokenizer
 
+    pretokenize = payload.pop(PRETOKENIZE_KEY, "none") if isinstance(payload, dict) else "none"
+    if pretokenize not in PRETOKENIZERS:
+        raise UserError(
+            f"{path} asks for the pre-tokenizer {pretokenize!r}; sllm knows {', '.join(PRETOKENIZERS)}"
+        )
     try:
-        return BPETokenizer(HFTokenizer.from_str(text))
+        return BPETokenizer(
+            HFTokenizer.from_str(json.dumps(payload) if pretokenize != "none" else text), pretokenize
+        )
     except Exception as exc:
         raise UserError(f"{path} is not a tokenizer the `tokenizers` library can read: {exc}") from None

@@ -75,7 +75,7 @@ def train_tokenizer(sources: list[Source], data: DataConfig, tok: TokenizerConfi
     if tok.kind == "char":
         tokenizer: Tokenizer = train_char(texts, tok.special_tokens)
     else:
-        tokenizer = train_bpe(texts, tok.vocab_size, tok.special_tokens, tok.min_frequency)
+        tokenizer = train_bpe(texts, tok.vocab_size, tok.special_tokens, tok.min_frequency, tok.pretokenize)
     _require_kept_documents(stats, cleaner.report)
     note = _vocab_size_note(tokenizer, tok)
     if note:
