@@ -1,12 +1,9 @@
 """`sllm <command>`: the argument parser; each command runs one function of `sllm.commands`.
 
-Flags that set a config key (`--vocab-size` is `tokenizer.vocab_size`) are the shorthands of
-`CONFIG_FLAGS`: their choices, help, range and shown default come from that key's field in
-`sllm.config`, and their values go through the config's own checks. The sampling flags of
-`generate` and `chat` come from the fields of `SamplingParams`. So no default or description
-of a setting is written here a second time. Errors the user can fix (`UserError`) print one
-line to stderr and exit with code 2; argparse's own errors are folded into the same form.
-Nothing here imports torch, so `sllm --help` is instant.
+The shorthand flags of `CONFIG_FLAGS` (`--vocab-size` is `tokenizer.vocab_size`) and the
+sampling flags take their choices, help, range and default from the config's and
+`SamplingParams`' fields, so none is written twice. A `UserError` (argparse's errors too) is
+one stderr line and exit code 2. Nothing here imports torch, so `sllm --help` is instant.
 """
 
 from __future__ import annotations
@@ -148,6 +145,9 @@ def _add_data_commands(top: argparse._SubParsersAction) -> None:
         "--show-samples", type=_int_in(0), default=0, help="decode N random training windows"
     )
     data_info.add_argument("--window-tokens", type=_int_in(1), default=64, help="tokens per sample window")
+    verify = _add(data, "verify", commands.data_verify)
+    verify.add_argument("dir", help="prepared data directory")
+    verify.add_argument("--update", action="store_true", help="record the shard checksums older data lacks")
 
 
 def _add_training_commands(top: argparse._SubParsersAction) -> None:
@@ -191,12 +191,14 @@ def _add_training_commands(top: argparse._SubParsersAction) -> None:
     info = _add(top, "info", commands.info)
     info.add_argument("--run", help="run directory")
     info.add_argument("--micro-batch", type=int, help="micro-batch for the memory estimate")
+    info.add_argument("--show-config", action="store_true", help="print the resolved config as YAML")
     _config_args(info, "info")
     report = _add(top, "report", commands.report)
     report.add_argument("runs", nargs="+", help="run directories (several are overlaid)")
     report.add_argument("--out", help="where to write report.md and plots/ (default: the first run)")
     queue = _add(top, "queue", commands.queue)
     queue.add_argument("file", help="one experiment per line; # starts a comment")
+    queue.set_defaults(parse_line=lambda argv: _parse(build_parser(), argv))  # checks every line first
 
 
 def _add_inference_commands(top: argparse._SubParsersAction) -> None:

@@ -1,31 +1,19 @@
-"""What each `sllm` command does with its parsed arguments: build the config, call the one
-function that does the work, print its result.
+"""Each `sllm` command's body: build the config, call the one function that does the work, print.
 
-`sllm.cli` builds the parser and hands each command's namespace to its function here; the
-first line of a function's docstring is the command's help. Heavy modules (torch) are
-imported inside the functions, so parsing and `--help` stay instant.
+The first line of a function's docstring is the command's help (`sllm.cli`). Heavy modules
+(torch) are imported inside the functions, so parsing and `--help` stay instant.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from argparse import Namespace
 from pathlib import Path
 
+from sllm.config import config_from_args
 from sllm.errors import UserError
 from sllm.infer.server_limits import ServerLimits
-
-
-def load(args: Namespace):
-    """The config file, then the command's shorthand flags (`args.config_keys`), then the
-    dotted overrides, each later one winning."""
-    from sllm.config import load_config
-
-    given = [(key, getattr(args, key)) for key in args.config_keys if getattr(args, key) is not None]
-    flags = [f"{key}={json.dumps(value, ensure_ascii=False)}" for key, value in given]
-    return load_config(args.config, [*flags, *args.overrides])
 
 
 def sampling_params(args: Namespace, **extra):
@@ -50,13 +38,13 @@ def demo(args: Namespace) -> None:
 
 
 def tokenizer_train(args: Namespace) -> None:
-    """train a BPE (or char) tokenizer on your text"""
+    """train a BPE, char or word tokenizer on your text"""
     from sllm.atomic import ensure_writable_dir
     from sllm.data.mixture import resolve_sources
     from sllm.data.prepare import train_tokenizer
     from sllm.tokenizer import TOKENIZER_FILE
 
-    cfg = load(args)
+    cfg = config_from_args(args)
     out = Path(args.out)
     if (out / TOKENIZER_FILE).exists():
         raise UserError(f"{out} already holds a {TOKENIZER_FILE}; choose a new --out or remove that file")
@@ -71,7 +59,7 @@ def tokenizer_stats(args: Namespace) -> None:
     from sllm.tokenizer import load_tokenizer
     from sllm.tokenizer_stats import format_stats, measure
 
-    data = load(args).data
+    data = config_from_args(args).data
     documents = read_documents(expand_inputs(data.inputs), ReadOptions.from_config(data), SourceStats())
     print(format_stats(measure(load_tokenizer(args.tokenizer), documents)))
 
@@ -80,7 +68,7 @@ def prepare(args: Namespace) -> None:
     """tokenize raw text into a prepared data directory"""
     from sllm.data.prepare import prepare
 
-    cfg = load(args)
+    cfg = config_from_args(args)
     prepare(cfg.data, cfg.tokenizer)
 
 
@@ -106,7 +94,7 @@ def train(args: Namespace) -> None:
 
     from sllm.train.trainer import train
 
-    cfg = load(args)
+    cfg = config_from_args(args)
     if args.find_batch_size:
         from sllm.train.batch_size import find_batch_size
         from sllm.train.distributed import launched_world_size
@@ -126,23 +114,34 @@ def evaluate(args: Namespace) -> None:
 
     `sllm eval sts` scores an STS run on an STS file instead."""
     if args.task == "sts":
-        return _evaluate_sts(args)
+        from sllm.finetune.sts import evaluate_sts
+
+        if not args.data:
+            raise UserError("`sllm eval sts` needs --data FILE (a KorSTS .tsv or KLUE-STS .json file)")
+        scores, summary = evaluate_sts(args.run, args.data, args.device)
+        print(f"{summary}\n{'n':>6} {'spearman':>9} {'pearson':>8}  (x100)")
+        print(f"{scores.n:>6} {scores.spearman:>9.2f} {scores.pearson:>8.2f}")
+        return
     if args.data and Path(args.data).is_file():
         raise UserError(f"--data {args.data} is a file, not prepared data; to score an STS file, add `sts`")
     if args.data and (args.text or args.mc):
         raise UserError("--data gives prepared data to score by split; --text and --mc score files: drop it")
     if args.mc:
-        return _evaluate_multiple_choice(args)
+        from sllm.multiple_choice import evaluate_multiple_choice
+
+        result = evaluate_multiple_choice(args.run, args.mc, args.device, args.checkpoint)
+        print(
+            f"{args.mc}: {result.questions} questions, accuracy {result.accuracy:.4f}, "
+            f"accuracy_norm {result.accuracy_norm:.4f} (chance {result.chance:.4f})"
+        )
+        return
     from sllm.evaluate import SCRIPT_GROUPS, evaluate_run, evaluate_texts
 
+    options = (args.stride, args.batch_size, args.device, args.checkpoint)
     if args.text:
-        results = evaluate_texts(
-            args.run, args.text, args.stride, args.batch_size, args.device, args.checkpoint
-        )
+        results = evaluate_texts(args.run, args.text, *options)
     else:
-        results = evaluate_run(
-            args.run, args.split, args.stride, args.batch_size, args.device, args.checkpoint, args.data
-        )
+        results = evaluate_run(args.run, args.split, *options, args.data)
     width = max(6, *(len(r.split) for r in results))
     header = f"{'tokens':>10} {'loss':>8} {'perplexity':>11} {'bits/byte':>10} {'top-1':>7} {'top-5':>7}"
     print(f"{'split':<{width}} {header}" + "".join(f" {'bpb ' + g:>9}" for g in SCRIPT_GROUPS))
@@ -155,27 +154,6 @@ def evaluate(args: Namespace) -> None:
         )
 
 
-def _evaluate_multiple_choice(args: Namespace) -> None:
-    from sllm.multiple_choice import evaluate_multiple_choice
-
-    result = evaluate_multiple_choice(args.run, args.mc, args.device, args.checkpoint)
-    print(
-        f"{args.mc}: {result.questions} questions, accuracy {result.accuracy:.4f}, "
-        f"accuracy_norm {result.accuracy_norm:.4f} (chance {result.chance:.4f})"
-    )
-
-
-def _evaluate_sts(args: Namespace) -> None:
-    from sllm.finetune.sts import evaluate_sts
-
-    if not args.data:
-        raise UserError("`sllm eval sts` needs --data FILE (a KorSTS .tsv or KLUE-STS .json file)")
-    scores, summary = evaluate_sts(args.run, args.data, args.device)
-    print(summary)
-    print(f"{'n':>6} {'spearman':>9} {'pearson':>8}  (x100)")
-    print(f"{scores.n:>6} {scores.spearman:>9.2f} {scores.pearson:>8.2f}")
-
-
 def generate(args: Namespace) -> None:
     """continue a prompt with a trained run"""
     from sllm.infer.chat_template import PLAIN, Message, load_chat_template
@@ -186,7 +164,7 @@ def generate(args: Namespace) -> None:
     generator = TextGenerator.from_run(args.run, args.device, args.checkpoint)
     if template == PLAIN:  # a base model continues the text
         prompt = args.prompt
-        print(prompt, end="", flush=True)
+        print(prompt + generator.tokenizer.separator, end="", flush=True)
     else:  # an instruction-tuned model answers it
         prompt = template.render([Message("user", args.prompt)])
     for _, piece in generator.stream_batch([prompt], params):
@@ -222,15 +200,8 @@ def bench_generate(args: Namespace) -> None:
     """time to first token, decode and prefill speed"""
     from sllm.infer.bench import bench_generate, format_table
 
-    rows = bench_generate(
-        args.run,
-        args.device,
-        args.batch_sizes,
-        args.prompt_tokens,
-        args.new_tokens,
-        args.threads,
-        args.compile,
-    )
+    sizes, prompt_tokens, new_tokens = args.batch_sizes, args.prompt_tokens, args.new_tokens
+    rows = bench_generate(args.run, args.device, sizes, prompt_tokens, new_tokens, args.threads, args.compile)
     print(format_table(rows))
 
 
@@ -240,6 +211,12 @@ def info(args: Namespace) -> None:
 
     if not (args.run or args.config):
         raise UserError("sllm info needs --run DIR or --config FILE")
+    if args.show_config:
+        from sllm.config import config_yaml
+        from sllm.run import read_run_config
+
+        print(config_yaml(read_run_config(Path(args.run)) if args.run else config_from_args(args)), end="")
+        return
     print(describe_costs(resolve_for_info(args.run, args.config, args.overrides), args.micro_batch))
 
 
@@ -250,6 +227,13 @@ def data_info(args: Namespace) -> None:
     print(describe_data(args.dir, args.show_samples, args.window_tokens))
 
 
+def data_verify(args: Namespace) -> None:
+    """check every shard of a prepared data directory: size, token ids, sha256"""
+    from sllm.data.verify import verify_data
+
+    print(verify_data(Path(args.dir), args.update))
+
+
 def report(args: Namespace) -> None:
     """plots and a markdown summary of one or more runs"""
     from sllm.report import write_report
@@ -258,10 +242,10 @@ def report(args: Namespace) -> None:
 
 
 def queue(args: Namespace) -> None:
-    """run the `sllm train` argument lists of a file, one after another"""
+    """run the experiments of a file one after another, every line checked first"""
     from sllm.queue import run_queue
 
-    if any(e.status == "failed" for e in run_queue(args.file)):
+    if any(e.status == "failed" for e in run_queue(args.file, args.parse_line)):
         sys.exit(1)
 
 

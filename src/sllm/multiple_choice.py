@@ -1,12 +1,10 @@
 """Multiple-choice evaluation by log-likelihood, the method of lm-evaluation-harness.
 
 Each JSONL line is `{"context": str, "choices": [str, ...], "answer": int or choice text}`.
-Every choice is scored as a continuation of the context (its tokens' summed log-probability);
-`accuracy_norm` first divides by the choice's UTF-8 bytes (the harness uses characters; bytes
-are our unit, as in bits per byte). As in the harness, whitespace ending the context moves to
-the choice, and the choice's tokens are those of encode(context + choice) after the first
-len(encode(context)). The context follows an EOS token, as every training document does, and
-loses its oldest tokens when context and choice exceed the model's window.
+A choice scores its tokens' summed log-probability after the context; `accuracy_norm` divides
+by its UTF-8 bytes (our unit, as in bits per byte). As in the harness, whitespace ending the
+context moves to the choice, whose tokens are those of encode(context + choice) after
+len(encode(context)). The context follows an EOS and loses its oldest tokens to fit the window.
 """
 
 from __future__ import annotations
@@ -22,6 +20,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from sllm.data.sources import read_text_file
 from sllm.errors import UserError
+from sllm.files import loads_json
 from sllm.run import open_run
 from sllm.runtime import select_device
 from sllm.tokenizer import Tokenizer, nfc
@@ -57,7 +56,7 @@ def read_questions(path: str | Path) -> list[Question]:
 def _parse_question(line: str, where: str) -> Question:
     expected = 'expected {"context": str, "choices": [str, ...], "answer": index or choice}'
     try:
-        row = json.loads(line)
+        row = loads_json(line)
         context, choices, answer = row["context"], row["choices"], row["answer"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UserError(f"{where} is not a multiple-choice question; {expected}") from None

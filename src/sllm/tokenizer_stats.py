@@ -1,13 +1,9 @@
 """Tokenizer quality on real text: compression and coverage, Korean and English apart.
 
-Every line of every document is classified by script (`dominant_script`: Hangul or Latin
-letters at least half of its letters); lines that are mixed or have no letters count only in
-the total. Lines are encoded one by one, so the numbers do not depend on how files are cut
-into documents.
-
-A fallback token is one that does not stand for whole characters: for byte-level BPE a token
-whose bytes are not valid UTF-8 alone (a piece of a multi-byte character the merges did not
-cover, e.g. a rare Hangul syllable spelled as three byte tokens); for the char kind `<|unk|>`.
+Each line is classified by its dominant script (mixed lines count only in the total) and
+encoded alone, so the numbers do not depend on how files are cut into documents. A fallback
+token does not stand for whole characters: a byte-level BPE token that is not valid UTF-8
+alone (a rare Hangul syllable spelled in bytes), or the char and word kinds' `<|unk|>`.
 """
 
 from __future__ import annotations
@@ -20,7 +16,7 @@ import numpy as np
 
 from sllm.data.clean import dominant_script
 from sllm.errors import UserError
-from sllm.tokenizer import CharTokenizer, Tokenizer, nfc
+from sllm.tokenizer import UNK_TOKEN, CharTokenizer, Tokenizer, nfc
 
 GROUPS = ("ko", "en", "other", "all")
 ENCODE_BATCH_LINES = 2048
@@ -63,11 +59,11 @@ class TokenizerStats:
 def fallback_table(tokenizer: Tokenizer) -> np.ndarray:
     """True for each token id that does not stand for whole characters (see the module doc)."""
     table = np.zeros(tokenizer.vocab_size, dtype=bool)
-    if isinstance(tokenizer, CharTokenizer):
-        table[tokenizer.unk_id] = True
-        return table
-    for token_id in range(tokenizer.vocab_size):
-        table[token_id] = "\ufffd" in tokenizer.decode([token_id])
+    if not isinstance(tokenizer, CharTokenizer):
+        table[:] = ["\ufffd" in tokenizer.decode([token_id]) for token_id in range(tokenizer.vocab_size)]
+    unk_id = tokenizer.token_id(UNK_TOKEN)
+    if unk_id is not None:
+        table[unk_id] = True
     return table
 
 

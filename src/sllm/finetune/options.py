@@ -1,11 +1,9 @@
 """Settings every fine-tuning shares, and the trainer config they become.
 
-`sts.*` and `sft.*` keep their own short vocabulary (epochs, batch size, one peak rate), and
-each task's dataclass redeclares the fields whose defaults differ. `trainer_config` turns
-them into the `Config` the one trainer runs: the base run's model and logging sections, a
-train section whose schedule is linear warmup then linear decay to zero (a WSD schedule whose
-decay spans every step after the warmup), an evaluation and a checkpoint at the end of each
-epoch, and the batch split into micro-batches as `train.batch_size` would be.
+`sts.*` and `sft.*` keep their own short vocabulary (epochs, batch size, one peak rate).
+`trainer_config` turns them into the `Config` the one trainer runs: linear warmup then linear
+decay to zero (WSD whose decay spans every step after warmup), an evaluation and a checkpoint
+at the end of each epoch.
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ import yaml
 
 from sllm.config import Config, ModelConfig, TrainConfig, validate
 from sllm.errors import UserError
+from sllm.files import read_yaml
 from sllm.options import FRACTION, NON_NEGATIVE, POSITIVE, check_range, option
 from sllm.run import BEST, CHECKPOINTS, periodic_checkpoints
 from sllm.train.batch_size import per_process_batch
@@ -90,19 +89,20 @@ def trainer_config(
 
 
 def _what_is_trained(settings: dict, section: str) -> dict:
-    options = {k: v for k, v in settings.get(section, {}).items() if k not in EXECUTION_KEYS}
-    return {**settings, section: options}
+    return {
+        **settings,
+        section: {k: v for k, v in settings.get(section, {}).items() if k not in EXECUTION_KEYS},
+    }
 
 
 def keep_settings(out_dir: Path, name: str, settings: dict, section: str) -> None:
-    """A fine-tuning resumes only with the settings and data it started with (recorded in
-    `name`, e.g. sft.yaml; `EXECUTION_KEYS` may change); a directory holding checkpoints of
-    other ones is refused."""
+    """A fine-tuning resumes only with the settings and data it started with (in `name`, e.g.
+    sft.yaml; `EXECUTION_KEYS` may change)."""
     checkpoints = out_dir / CHECKPOINTS
     if not (periodic_checkpoints(checkpoints) or (checkpoints / BEST).is_dir()):
         return
     path = out_dir / name
-    recorded = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    recorded = read_yaml(path, "restore it, or choose a new --out") if path.is_file() else None
     wanted = _what_is_trained(settings, section)
     if not isinstance(recorded, dict) or _what_is_trained(recorded, section) != wanted:
         raise UserError(

@@ -1,11 +1,9 @@
 """Instruction data as conversations: Alpaca JSON/JSONL, chat JSONL and question/answer CSV.
 
-Every format becomes a list of `Message(role, content)`: Alpaca (`instruction`, optional
-`input`, `output`) a user and an assistant turn; chat (`messages: [{role, content}]`) as is;
-a CSV's first question column among `QUESTION_COLUMNS` the user turn and its first answer
-column among `ANSWER_COLUMNS` the assistant turn. `.json` is one array, `.jsonl` one record a
-line. Structural problems stop with one `UserError` naming the line or record; examples with
-an empty answer are skipped and counted in the summary, never silently.
+Alpaca (`instruction`, optional `input`, `output`) becomes a user and an assistant turn, chat
+(`messages: [{role, content}]`) stays as is, a CSV's question and answer columns become the
+two turns. Structural problems stop with one `UserError` naming the line or record; examples
+with an empty answer are skipped and counted in the summary.
 """
 
 from __future__ import annotations
@@ -16,8 +14,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sllm.data.sources import read_text_file
+from sllm.data.sources import CSV_FIELD_LIMIT, read_text_file
 from sllm.errors import UserError
+from sllm.files import loads_json
 from sllm.infer.chat_template import Message
 
 ROLES = ("system", "user", "assistant")
@@ -41,15 +40,10 @@ class SftData:
 def load_sft(path: str | Path) -> SftData:
     path = Path(path)
     text = read_text_file(path, "SFT file", "a .json, .jsonl or .csv file")
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        records = _csv_records(path, text)
-    elif suffix == ".jsonl":
-        records = _jsonl_records(path, text)
-    elif suffix == ".json":
-        records = _json_records(path, text)
-    else:
+    readers = {".csv": _csv_records, ".jsonl": _jsonl_records, ".json": _json_records}
+    if path.suffix.lower() not in readers:
         raise UserError(f"SFT file {path} must end in .json, .jsonl or .csv")
+    records = readers[path.suffix.lower()](path, text)
     data = SftData(path, [])
     for where, record in records:
         conversation = _conversation(path, where, record)
@@ -64,7 +58,7 @@ def load_sft(path: str | Path) -> SftData:
 
 def _json_records(path: Path, text: str) -> list[tuple[str, object]]:
     try:
-        records = json.loads(text)
+        records = loads_json(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"SFT file {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(records, list):
@@ -78,13 +72,14 @@ def _jsonl_records(path: Path, text: str) -> list[tuple[str, object]]:
         if not line.strip():
             continue
         try:
-            records.append((f"line {number}", json.loads(line)))
+            records.append((f"line {number}", loads_json(line)))
         except json.JSONDecodeError as exc:
             raise UserError(f"{path} line {number} is not valid JSON ({exc.msg}); fix that line") from None
     return records
 
 
 def _csv_records(path: Path, text: str) -> list[tuple[str, object]]:
+    csv.field_size_limit(CSV_FIELD_LIMIT)  # a long answer in one cell is no damage
     rows = list(csv.DictReader(io.StringIO(text, newline="")))
     header = list(rows[0]) if rows else []
     question = next((c for c in QUESTION_COLUMNS if c in header), None)

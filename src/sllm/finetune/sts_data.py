@@ -1,11 +1,9 @@
 """STS sentence pairs from KorSTS TSV or KLUE-STS JSON files, format auto-detected.
 
-A file starting with `[` is KLUE-STS JSON (`sentence1`, `sentence2`, `labels.label`); anything
-else is KorSTS-style TSV with a header naming `score`, `sentence1` and `sentence2`, split on
-tabs and newlines literally: a CSV quoting dialect would swallow KorSTS's `"` across lines and
-`str.splitlines` would break at form feeds inside a sentence. Rows whose score is missing,
-unparsable or outside [0, 5] are skipped and reported; fewer than two usable rows (too few for
-a correlation) is a `UserError`.
+A file starting with `[` is KLUE-STS JSON; anything else is TSV with a header naming `score`,
+`sentence1` and `sentence2`, split on tabs and newlines literally (a CSV dialect would swallow
+KorSTS's `"` across lines, `splitlines` would break at form feeds). Rows without a score in
+[0, 5] are skipped and reported; fewer than two usable rows is a `UserError`.
 """
 
 from __future__ import annotations
@@ -18,6 +16,7 @@ from pathlib import Path
 
 from sllm.data.sources import read_text_file
 from sllm.errors import UserError
+from sllm.files import loads_json
 
 MAX_SCORE = 5.0
 TSV_COLUMNS = ("score", "sentence1", "sentence2")
@@ -105,7 +104,7 @@ def _tsv_rows(path: Path, text: str) -> Iterator[tuple[str, str, str, str]]:
 
 def _klue_rows(path: Path, text: str) -> Iterator[tuple[str, str, str, object]]:
     try:
-        records = json.loads(text)
+        records = loads_json(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"STS file {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(records, list):

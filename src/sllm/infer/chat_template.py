@@ -1,12 +1,10 @@
 """The chat template: how a conversation becomes the model's text, for SFT, chat, serve and export.
 
-A `ChatTemplate` holds a format string per role and the prefix of the model's reply. A base
-model gets `PLAIN` (one growing document); an SFT run ships `SFT_TEMPLATE`
-(`<|user|>question<|end|><|assistant|>answer<|end|>`) as `chat_template.json`. For
-training, `render` encodes each message on its own so the loss mask is exact: targets are
-the assistant's text and its `<|end|>`. A BPE tokenizer lacking these tokens gets them
-appended (existing ids keep their meaning), the model a new embedding row each at the mean
-row. `to_jinja` writes a template as the Jinja of HF's `apply_chat_template`.
+A base model gets `PLAIN` (one growing document); an SFT run ships `SFT_TEMPLATE`
+(`<|user|>question<|end|><|assistant|>answer<|end|>`) as `chat_template.json`. `render`
+encodes each message on its own so the loss mask is exact (targets: the assistant's text and
+its `<|end|>`). A BPE tokenizer lacking these tokens gets them appended, the model a new
+embedding row each at the mean row. `to_jinja` writes HF's `apply_chat_template` Jinja.
 """
 
 from __future__ import annotations
@@ -21,7 +19,8 @@ import torch
 from torch import nn
 
 from sllm.errors import UserError
-from sllm.tokenizer import BPETokenizer, Tokenizer
+from sllm.files import FieldError, read_json, typed
+from sllm.tokenizer import HFBackedTokenizer, Tokenizer
 
 TEMPLATE_FILE = "chat_template.json"
 ROLES = ("system", "user", "assistant")
@@ -73,17 +72,22 @@ def load_chat_template(run_dir: str | Path) -> ChatTemplate:
     path = Path(run_dir) / TEMPLATE_FILE
     if not path.is_file():
         return PLAIN
-    fields = json.loads(path.read_text(encoding="utf-8"))
+    fix = "restore it, or delete it for plain continuation"
+    fields = read_json(path, fix)
     known = {f.name for f in dataclasses.fields(ChatTemplate)}
     if not isinstance(fields, dict) or set(fields) - known:
         raise UserError(f"{path} must be a JSON object with keys among {sorted(known)}")
-    return ChatTemplate(**{**fields, "stop": tuple(fields.get("stop", ()))})
+    try:
+        template = typed(fields, ChatTemplate)
+        template.render([Message(role, "") for role in ROLES])  # a format field other than {text}
+    except (FieldError, LookupError, ValueError, AttributeError) as exc:
+        raise UserError(f"{path} is not a usable chat template ({exc}); {fix}") from None
+    return template
 
 
 def to_jinja(template: ChatTemplate) -> str:
-    """`template` as the Jinja `apply_chat_template` runs. Each role's format string becomes the
-    literal pieces between its `{text}` fields, joined with the message's content, so the Jinja
-    renders what `template.render` does, whatever characters the pieces hold."""
+    """`template` as `apply_chat_template` Jinja: each role's literal pieces joined with the
+    message's content, so it renders what `template.render` does, whatever the pieces hold."""
     pieces = {role: _literal_pieces(getattr(template, role)) for role in ROLES}
     unknown_role = json.dumps(f"sllm chat templates know the roles {', '.join(ROLES)} only")
     return (
@@ -99,8 +103,7 @@ def to_jinja(template: ChatTemplate) -> str:
 
 
 def _literal_pieces(format_string: str) -> list[str]:
-    """The text before, between and after the `{text}` fields (`{{` read as `{`): the format
-    string filled with `content` is `content.join(pieces)`."""
+    """The text around the `{text}` fields: the format filled with `content` is `content.join(pieces)`."""
     pieces = [""]
     for literal, name, spec, conversion in string.Formatter().parse(format_string):
         pieces[-1] += literal
@@ -120,20 +123,22 @@ def with_template_tokens(tokenizer: Tokenizer) -> Tokenizer:
     missing = [t for t in TEMPLATE_TOKENS if tokenizer.token_id(t) is None]
     if not missing:
         return tokenizer
-    if not isinstance(tokenizer, BPETokenizer):
+    if not isinstance(tokenizer, HFBackedTokenizer):
         raise UserError(
-            "SFT needs a BPE tokenizer to add the chat tokens to; pre-train with tokenizer.kind=bpe"
+            "SFT needs a BPE or word tokenizer to add the chat tokens to; pre-train with tokenizer.kind=bpe"
         )
     from tokenizers import Tokenizer as HFTokenizer
 
     hf = HFTokenizer.from_str(tokenizer.hf.to_str())
     hf.add_special_tokens(missing)
-    return BPETokenizer(hf, tokenizer.pretokenize)
+    grown = type(tokenizer)(hf)
+    grown.pretokenize = tokenizer.pretokenize
+    return grown
 
 
 def grow_embeddings(model: nn.Module, vocab_size: int) -> None:
-    """Give the token embedding (and an untied `lm_head`) `vocab_size` rows; new rows start at the
-    mean row. Padding rows (`model.vocab_pad_multiple`) are used before any are added."""
+    """Give the token embedding (and an untied `lm_head`) `vocab_size` rows, new ones at the mean
+    row; padding rows (`model.vocab_pad_multiple`) are used first."""
     model.cfg.vocab_size = max(model.cfg.vocab_size, vocab_size)
     model.wte.weight = _grown(model.wte.weight, vocab_size)
     if hasattr(model, "lm_head"):
