@@ -183,3 +183,11 @@ def test_a_missing_analyzer_names_the_extra(monkeypatch):
 def test_pretokenize_is_for_bpe_only():
     with pytest.raises(UserError, match="tokenizer.pretokenize applies to tokenizer.kind=bpe only"):
         load_config(None, ["tokenizer.kind=char", "tokenizer.pretokenize=kiwi"])
+
+
+@needs_kiwi
+def test_tokenizer_train_takes_the_pretokenize_flag(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", constitution_paragraphs()[:40])
+    main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "300", "--pretokenize", "kiwi",
+          "--out", str(tmp_path / "tok")])  # fmt: skip
+    assert load_tokenizer(tmp_path / "tok").pretokenize == "kiwi"

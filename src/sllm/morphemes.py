@@ -1,25 +1,23 @@
 """Morpheme-aware pre-tokenization of Korean (`tokenizer.pretokenize: kiwi`).
 
-Byte-level BPE merges inside the pieces its regex cuts, and a Korean word (a stem with its
-particles and endings, 학교에서) is one piece, so plain BPE learns tokens across a morpheme
-boundary. Here text is first cut at the boundaries the `kiwipiepy` analyzer finds, so no merge
-crosses one. Cuts come from the analyzer's character offsets into the text itself, never from
-its morpheme forms (갔다 is 가 + 었 + 다), so the pieces join back to exactly the text. Only a
-boundary beside a Hangul character and not after whitespace is cut: elsewhere the byte-level
-regex decides as before, and a text without Hangul never reaches the analyzer. HF `tokenizers`
-cannot save a Python pre-tokenizer, so the cut runs in sllm's encode path and the tokenizer
-file records it (see `sllm.tokenizer`).
+A Korean word (학교에서: stem + particle) is one piece of byte-level BPE's regex, so plain BPE
+merges across morphemes. Here text is first cut where the `kiwipiepy` analyzer puts a boundary
+beside a Hangul character (not after whitespace: there the regex decides), at its character
+offsets into the text, never from its morpheme forms (갔다 is 가 + 었 + 다), so the pieces join
+back to exactly the text. Text without Hangul never reaches the analyzer.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+from collections.abc import Iterator
 from typing import Any
 
 from sllm.data.clean import SCRIPTS
 from sllm.errors import UserError
 from sllm.fast_bpe import threads
+from sllm.tokenizer import nfc
 
 HANGUL = SCRIPTS["ko"]
 
@@ -34,6 +32,12 @@ def _kiwi(workers: int) -> Any:
             "tokenizer.pretokenize=kiwi needs the `kiwipiepy` package; pip install 'sllm[ko]'"
         ) from None
     return Kiwi(num_workers=workers)
+
+
+def training_pieces(texts: Iterator[str], batch_texts: int = 256) -> Iterator[str]:
+    """The NFC texts' pieces, analyzed a batch at a time, for the BPE trainer."""
+    for batch in iter(lambda: [nfc(text) for text in itertools.islice(texts, batch_texts)], []):
+        yield from itertools.chain.from_iterable(morpheme_pieces(batch))
 
 
 def morpheme_pieces(texts: list[str]) -> list[list[str]]:

@@ -6,9 +6,9 @@ char round-trip exactly: `decode(encode(x)) == nfc(x)`; words do not (they are j
 spaces). Byte-level BPE covers every UTF-8 string because its base alphabet is the 256 bytes;
 the char and word kinds cover what was seen in training and map the rest to `<|unk|>`. Each
 lives in one `tokenizer.json`: the HF format, or a small JSON of ours marked `"kind": "sllm-char"`.
-A BPE may first cut Korean text at morpheme boundaries (`sllm.morphemes`); its file then carries
-`"sllm_pretokenize": "kiwi"`, a key the `tokenizers` library refuses, so no other tool encodes
-with it silently without the cut.
+A BPE may cut Korean at morphemes first (`sllm.morphemes`): HF cannot save that pre-tokenizer,
+so sllm cuts before encoding and the file carries `"sllm_pretokenize": "kiwi"`, which the
+`tokenizers` library alone refuses rather than encode without the cut.
 """
 
 from __future__ import annotations
@@ -255,16 +255,11 @@ def train_bpe(
         show_progress=False,
     )
     if pretokenize == "kiwi":
-        texts = _morpheme_pieces(texts)
+        from sllm.morphemes import training_pieces
+
+        texts = training_pieces(texts)
     hf.train_from_iterator(_long_words_cut(texts), trainer=trainer)
     return BPETokenizer(hf, pretokenize)
-
-
-def _morpheme_pieces(texts: Iterator[str], batch_texts: int = 256) -> Iterator[str]:
-    from sllm.morphemes import morpheme_pieces
-
-    for batch in iter(lambda: [nfc(text) for text in itertools.islice(texts, batch_texts)], []):
-        yield from itertools.chain.from_iterable(morpheme_pieces(batch))
 
 
 LONG_WORD_CHUNK = re.compile(r"\S{256}")
