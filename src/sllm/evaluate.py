@@ -56,7 +56,7 @@ class TokenScores:
         losses = F.cross_entropy(logits, targets, reduction="none")
         self.nll += float(losses.sum())
         if self.labels is not None:
-            labels = self.labels[self.tokens : self.tokens + len(targets)].to(losses.device)
+            labels = self.labels[self.tokens : self.tokens + len(targets)].to(losses.device, torch.long)
             by_group = torch.zeros(len(SCRIPT_GROUPS), device=losses.device).index_add_(0, labels, losses)
             self.script_nll = [a + b for a, b in zip(self.script_nll, by_group.tolist(), strict=True)]
         ranked = logits.topk(min(5, logits.size(-1)), dim=-1).indices
@@ -88,7 +88,7 @@ def script_labels(tokens: np.ndarray, tokenizer: Tokenizer) -> tuple[np.ndarray,
     see the module doc. A document is decoded without its closing EOS; an EOS alone (the end of
     a document begun before a window) goes with the next document."""
     tokens = np.asarray(tokens)
-    labels, script_bytes = np.zeros(len(tokens), dtype=np.int64), np.zeros(len(SCRIPT_GROUPS), dtype=np.int64)
+    labels, script_bytes = np.zeros(len(tokens), dtype=np.int8), np.zeros(len(SCRIPT_GROUPS), dtype=np.int64)
     ends = np.flatnonzero(tokens == tokenizer.eos_id) + 1
     first = 0  # of the tokens not yet given a group
     for begin, end in itertools.pairwise(sorted({0, *ends.tolist(), len(tokens)})):
