@@ -25,7 +25,8 @@ SOURCE_FLAGS = ["--input=data.inputs", "data.text_field", "data.txt_mode"]
 # Shorthand flags per command, each for one config key: `section.key` is `--key`, `--flag=section.key`
 # names the flag.
 CONFIG_FLAGS: dict[str, list[str]] = {
-    "tokenizer train": [*SOURCE_FLAGS, "tokenizer.vocab_size", "tokenizer.kind", "tokenizer.sample_bytes"],
+    "tokenizer train": [*SOURCE_FLAGS, "tokenizer.vocab_size", "tokenizer.kind", "tokenizer.sample_bytes",
+                        "tokenizer.pretokenize"],
     "tokenizer stats": SOURCE_FLAGS,
     "prepare": [*SOURCE_FLAGS, "--tokenizer=tokenizer.path", "--out=data.dir", "data.val_ratio",
                 "data.test_ratio", "--source-weight=data.input_weights", "--val-input=data.val_inputs",

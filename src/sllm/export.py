@@ -333,6 +333,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
             f"{run.path} uses a character-level tokenizer, which has no Hugging Face format; "
             "export a run trained with tokenizer.kind=bpe or word"
         )
+    if run.tokenizer.pretokenize != "none":
+        raise UserError(
+            f"{run.path}'s tokenizer cuts Korean at morphemes with {run.tokenizer.pretokenize}, which "
+            "`transformers` cannot run, so its ids would differ; export a run with tokenizer.pretokenize=none"
+        )
     template = load_chat_template(run.path)
     chat_jinja = None if template == PLAIN else to_jinja(template)
     weights = _to_hf_state(architecture, run.config.model, run.model.state_dict())

@@ -79,9 +79,10 @@ def train_tokenizer(sources: list[Source], data: DataConfig, tok: TokenizerConfi
     texts = _interleaved_sample(streams, tok.sample_bytes)
     if tok.kind == "char":
         tokenizer: Tokenizer = train_char(texts, tok.special_tokens)
+    elif tok.kind == "word":
+        tokenizer = train_word(texts, tok.vocab_size, tok.special_tokens, tok.min_frequency)
     else:
-        train = train_word if tok.kind == "word" else train_bpe
-        tokenizer = train(texts, tok.vocab_size, tok.special_tokens, tok.min_frequency)
+        tokenizer = train_bpe(texts, tok.vocab_size, tok.special_tokens, tok.min_frequency, tok.pretokenize)
     _require_kept_documents(stats, cleaner.report)
     note = _vocab_size_note(tokenizer, tok)
     if note:

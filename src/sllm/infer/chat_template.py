@@ -130,9 +130,11 @@ def with_template_tokens(tokenizer: Tokenizer) -> Tokenizer:
         )
     from tokenizers import Tokenizer as HFTokenizer
 
-    hf = HFTokenizer.from_str(tokenizer.to_json())
+    hf = HFTokenizer.from_str(tokenizer.hf.to_str())
     hf.add_special_tokens(missing)
-    return type(tokenizer)(hf)
+    grown = type(tokenizer)(hf)
+    grown.pretokenize = tokenizer.pretokenize
+    return grown
 
 
 def grow_embeddings(model: nn.Module, vocab_size: int) -> None:
