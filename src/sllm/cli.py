@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import sys
 from collections.abc import Callable
 from typing import NoReturn
 
 from sllm import commands
+from sllm.atomic import disk_full_errno
 from sllm.errors import UserError
 from sllm.options import add_flag
 
@@ -23,7 +25,8 @@ SOURCE_FLAGS = ["--input=data.inputs", "data.text_field", "data.txt_mode"]
 # Shorthand flags per command, each for one config key: `section.key` is `--key`, `--flag=section.key`
 # names the flag.
 CONFIG_FLAGS: dict[str, list[str]] = {
-    "tokenizer train": [*SOURCE_FLAGS, "tokenizer.vocab_size", "tokenizer.kind", "tokenizer.sample_bytes"],
+    "tokenizer train": [*SOURCE_FLAGS, "tokenizer.vocab_size", "tokenizer.kind", "tokenizer.sample_bytes",
+                        "tokenizer.pretokenize"],
     "tokenizer stats": SOURCE_FLAGS,
     "prepare": [*SOURCE_FLAGS, "--tokenizer=tokenizer.path", "--out=data.dir", "data.val_ratio",
                 "data.test_ratio", "--source-weight=data.input_weights", "--val-input=data.val_inputs",
@@ -287,3 +290,11 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("sllm: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as error:  # a full disk under a writer that names no directory of its own
+        code = disk_full_errno(error)
+        if code is None:
+            raise
+        where = f" writing {error.filename}" if getattr(error, "filename", None) else ""
+        print(f"sllm: error: the disk is full ({os.strerror(code)}){where}; free some space and run "
+              "the same command again", file=sys.stderr)  # fmt: skip
+        sys.exit(UserError.exit_code)

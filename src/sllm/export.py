@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from sllm.atomic import ensure_writable_dir, replace_dir, temp_path
+from sllm.atomic import ensure_writable_dir, replace_dir, temp_path, writing_to
 from sllm.config import Config, ModelConfig, save_config, validate
 from sllm.data.meta import META_FILE, DataMeta
 from sllm.data.sources import require_module
@@ -322,22 +322,28 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
             f"{run.path} uses a character-level tokenizer, which has no Hugging Face format; "
             "export a run trained with tokenizer.kind=bpe or word"
         )
+    if run.tokenizer.pretokenize != "none":
+        raise UserError(
+            f"{run.path}'s tokenizer cuts Korean at morphemes with {run.tokenizer.pretokenize}, which "
+            "`transformers` cannot run, so its ids would differ; export a run with tokenizer.pretokenize=none"
+        )
     template = load_chat_template(run.path)
     chat_jinja = None if template == PLAIN else to_jinja(template)
     weights = _to_hf_state(architecture, run.config.model, run.model.state_dict())
     tmp = temp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        save_tensors(weights, tmp / HF_WEIGHTS, metadata={"format": "pt"})
-        _write_json(tmp / HF_CONFIG, architecture.to_hf_config(run.config.model, run.tokenizer))
-        _write_json(tmp / "generation_config.json", _generation_config(run, template))
-        _write_tokenizer_files(tmp, run.tokenizer, run.config.model.block_size, chat_jinja)
-        (tmp / "README.md").write_text(model_card(run, architecture, chat_jinja is not None), "utf-8")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with writing_to(out.parent, f"export {out.name}"):
+        tmp.mkdir(parents=True)
+        try:
+            save_tensors(weights, tmp / HF_WEIGHTS, metadata={"format": "pt"})
+            _write_json(tmp / HF_CONFIG, architecture.to_hf_config(run.config.model, run.tokenizer))
+            _write_json(tmp / "generation_config.json", _generation_config(run, template))
+            _write_tokenizer_files(tmp, run.tokenizer, run.config.model.block_size, chat_jinja)
+            (tmp / "README.md").write_text(model_card(run, architecture, chat_jinja is not None), "utf-8")
+            replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out
 
 
@@ -565,8 +571,9 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     cfg.train.out_dir = str(out)
     validate(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(out)
-    save_config(cfg, out / CONFIG_FILE)
+    with writing_to(out, "imported run"):
+        tokenizer.save(out)
+        save_config(cfg, out / CONFIG_FILE)
     optimizer_state = full_state(model, build_optimizers(model, cfg.train, torch.device("cpu")))[1]
     train_state = training_state(optimizer_state, torch.amp.GradScaler("cpu", enabled=False), 0, 0, math.inf)
     meta = CheckpointMeta(
