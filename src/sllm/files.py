@@ -1,12 +1,11 @@
 """Safe reads of the files sllm is given or keeps: damage is one clear line, never a traceback.
 
 A damaged or hostile file fails in ways the standard readers do not report as bad input:
-bytes that are not UTF-8 (`UnicodeDecodeError`), nesting deeper than Python's recursion
-(`json` and PyYAML recurse per level: `RecursionError`), values that do not convert (an
-integer of 5,000 digits, the date 2001-02-30: `ValueError`). `loads_json` turns the JSON ones
-into the `json.JSONDecodeError` every caller already handles, so a line nested too deep is
-skipped like any malformed line under `data.on_error=skip`; `read_text`, `read_json` and
-`read_yaml` raise a `UserError` naming the file and the fix. `typed` checks parsed JSON
+bytes that are not UTF-8, nesting deeper than Python's recursion (`RecursionError`), values
+that do not convert (an integer of 5,000 digits, the date 2001-02-30: `ValueError`).
+`loads_json` turns the JSON ones into the `json.JSONDecodeError` every caller handles, so a
+line nested too deep is skipped like any malformed line under `data.on_error=skip`; the
+`read_*` functions raise a `UserError` naming the file and the fix. `typed` checks parsed JSON
 against a dataclass's annotations: one walk for every format declared as dataclasses.
 """
 
