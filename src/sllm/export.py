@@ -95,6 +95,12 @@ class HFArchitecture:
         """HF tensors that are not weights (saved buffers) or duplicates of tied ones."""
 
 
+GPT2_BLOCK_PARTS = {
+    "norm1": "ln_1", "attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj",
+    "norm2": "ln_2", "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj",
+}  # fmt: skip
+
+
 class GPT2(HFArchitecture):
     hf_class = "GPT2LMHeadModel"
     model_type = "gpt2"
@@ -161,19 +167,12 @@ class GPT2(HFArchitecture):
             Parameter("wte.weight", "wte.weight", rows=(0, cfg.vocab_size)),
             Parameter("wpe.table.weight", "wpe.weight"),
         ]
-        layer_parts = [
-            ("norm1", "ln_1", False),
-            ("attn.qkv", "attn.c_attn", True),
-            ("attn.proj", "attn.c_proj", True),
-            ("norm2", "ln_2", False),
-            ("mlp.fc", "mlp.c_fc", True),
-            ("mlp.proj", "mlp.c_proj", True),
-        ]
         for layer in range(cfg.n_layer):
-            for ours, theirs, transposed in layer_parts:
+            for ours, theirs in GPT2_BLOCK_PARTS.items():
                 for kind in ("weight", "bias"):
                     ours_name, theirs_name = f"blocks.{layer}.{ours}.{kind}", f"h.{layer}.{theirs}.{kind}"
-                    names.append(Parameter(ours_name, theirs_name, transposed and kind == "weight"))
+                    transposed = kind == "weight" and not ours.startswith("norm")  # Conv1D, not LayerNorm
+                    names.append(Parameter(ours_name, theirs_name, transposed))
         names += [Parameter(f"norm_f.{kind}", f"ln_f.{kind}") for kind in ("weight", "bias")]
         return names
 
