@@ -37,11 +37,13 @@ LAYERS = {
     "sllm.tokenizer": 2,
     "sllm.tokenizer_stats": 2,
     "sllm.fast_bpe": 2,
+    "sllm.morphemes": 2,
     "sllm.run": 2,
     "sllm.config": 1,
     "sllm.options": 1,
     "sllm.sampling": 1,  # the one declaration of sampling options: the config builds `sample` from it
     "sllm.files": 1,
+    "sllm.text": 1,
     "sllm.atomic": 1,
     "sllm.runtime": 1,
     "sllm.errors": 1,
