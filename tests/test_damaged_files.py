@@ -300,3 +300,26 @@ def test_a_damaged_plan_json_is_named(tmp_path, capsys, tokenizer):
     (run / "plan.json").write_text('{"micro_batch": "many"}', "utf-8")
     line = cli_error(capsys, "info", "--run", run)
     assert f"{run / 'plan.json'} is damaged (no integer micro_batch)" in line
+
+
+def test_text_where_a_metric_belongs_is_left_out_of_the_report(tmp_path, run, capsys):
+    records = [
+        {"step": "x", "loss": 1.0},
+        {"step": 1, "loss": [5.0], "tokens": 64, "lr": "fast"},
+        {"step": 2, "loss": 4.0, "tokens": 128, "val_loss": {"a": 1}, "tokens_per_s": 10.0},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), "utf-8")
+    main(["report", str(run), "--out", str(tmp_path / "report")])
+    from sllm.report import read_metrics
+
+    assert read_metrics(run) == [
+        {"step": 1, "tokens": 64},
+        {"step": 2, "loss": 4.0, "tokens": 128, "tokens_per_s": 10.0},
+    ]
+    assert (tmp_path / "report" / "report.md").is_file()
+
+
+def test_a_queue_file_that_is_not_utf8_is_named(tmp_path, capsys):
+    queue = tmp_path / "queue.txt"
+    queue.write_bytes(b"train --data d --out r\n" + NOT_UTF8)
+    assert f"{queue} is damaged (not UTF-8 text)" in cli_error(capsys, "queue", queue)

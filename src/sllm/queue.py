@@ -31,6 +31,7 @@ from sllm.atomic import write_text_atomic
 from sllm.config import config_from_args
 from sllm.data.meta import DataMeta
 from sllm.errors import UserError
+from sllm.files import read_text
 
 
 @dataclass
@@ -46,7 +47,7 @@ def read_queue(path: Path) -> list[QueueEntry]:
     if not path.is_file():
         raise UserError(f"queue file {path} not found")
     entries = []
-    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, raw in enumerate(read_text(path, "save the queue file as UTF-8 text").splitlines(), start=1):
         text = raw.split("#", 1)[0].strip()
         if text:
             try:

@@ -36,6 +36,8 @@ NO_HANGUL_FONT_NOTE = (
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The numeric fields of each record that has a step: a damaged or hand-edited line (a cut
+    line, text where a number belongs) is left out rather than crashing the plots."""
     path = run_dir / METRICS_FILE
     if not path.is_file():
         raise UserError(f"{run_dir} has no {METRICS_FILE}; is it a run directory?")
@@ -43,7 +45,12 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     for line in path.read_bytes().decode("utf-8", "replace").splitlines():
         with contextlib.suppress(json.JSONDecodeError):  # a line a kill cut short: resume drops it
             records.append(loads_json(line))
-    return [record for record in records if isinstance(record, dict)]
+    numeric = (
+        {key: value for key, value in record.items() if type(value) in (int, float)}
+        for record in records
+        if isinstance(record, dict)
+    )
+    return [record for record in numeric if "step" in record]
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

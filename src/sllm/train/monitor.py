@@ -20,7 +20,7 @@ from typing import Any
 from sllm.atomic import write_text_atomic
 from sllm.config import Config
 from sllm.errors import UserError
-from sllm.files import loads_json
+from sllm.files import loads_json, read_text
 from sllm.run import METRICS_FILE, TENSORBOARD_DIR, WANDB_ID_FILE
 
 
@@ -105,7 +105,11 @@ class WandbSink(Sink):
     def __init__(self, run_dir: Path, cfg: Config) -> None:
         self.wandb = wandb = _import_wandb()
         id_file = run_dir / WANDB_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(8)
+        run_id = (
+            read_text(id_file, f"delete {id_file} to start a new W&B run").strip()
+            if id_file.is_file()
+            else secrets.token_hex(8)
+        )
         id_file.write_text(run_id + "\n")
         self.run = wandb.init(
             project=cfg.log.wandb_project, name=run_dir.name, id=run_id, resume="allow",
