@@ -8,7 +8,8 @@
 - `TextGenerator` is text in, text out for a run directory. `TextRow` turns a row's tokens
   into text pieces: it waits for complete UTF-8 characters and holds back any tail that could
   still grow into a stop string, so a stop string split across tokens never leaks out and
-  streaming yields exactly the non-streamed text.
+  streaming yields exactly the non-streamed text. Bytes that never become a whole character
+  (the model broke one off, or generation ended inside one) are dropped, never shown as U+FFFD.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from sllm.runtime import select_autocast_dtype, select_device
 from sllm.sampling import SamplingParams
 from sllm.tokenizer import Tokenizer
 
+BROKEN = "\ufffd"  # what decoding makes of bytes that are not (yet) a whole UTF-8 character
+
 
 class TokenStream:
     """New tokens of a batch, step by step: each item holds one token per row, None once the
@@ -37,8 +40,7 @@ class TokenStream:
 
     `cuda_graph` (default: on CUDA) replays each decode step as one CUDA graph; True on
     another device runs that same fixed-shape step eagerly, False the eager step.
-    `compile_step` also passes that step through `torch.compile` (fused kernels; it costs a
-    compilation per batch and cache shape, and its gain on a GPU is not yet measured).
+    `compile_step` also compiles that step (once per batch and cache shape; GPU gain unmeasured).
     `banned_ids` are never sampled (`Tokenizer.never_generated`)."""
 
     def __init__(
@@ -83,8 +85,7 @@ class TokenStream:
             self.compile_step and fixed_shapes,
         )  # fmt: skip
         generator = None if params.seed is None else torch.Generator(device).manual_seed(params.seed)
-        vocab = self.model.cfg.vocab_size
-        history = TokenHistory(self.rows, vocab, device) if params.uses_history else None
+        history = TokenHistory(self.rows, self.model.cfg.vocab_size, device) if params.uses_history else None
         logits = decoder.prefill(self.rows) if params.max_new_tokens else None
         for step in range(params.max_new_tokens):
             if self.banned.numel():
@@ -146,15 +147,15 @@ class TextRow:
         """The text that became final with `token` ("" while a character or stop is pending)."""
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
+        if text.endswith(BROKEN):  # the next token may still complete the character
             return ""
-        self.text = text
+        self.text = text.replace(BROKEN, "")
         return self._emit(self._final_length())
 
     def finish(self) -> str:
-        """The rest, once no more tokens come."""
+        """The rest, once no more tokens come; a character left incomplete is dropped."""
         if not self.stopped:
-            self.text = self.tokenizer.decode(self.ids)
+            self.text = self.tokenizer.decode(self.ids).replace(BROKEN, "")
             self._final_length()
         return self._emit(len(self.text))
 
@@ -239,9 +240,7 @@ class TextGenerator:
         `compile_step` compiles the CUDA-graph decode step (`TokenStream`)."""
         chosen = select_device(device)
         if compile_step and chosen.type != "cuda":
-            raise UserError(
-                f"--compile compiles the CUDA-graph decode step; it needs CUDA, not {chosen.type}"
-            )
+            raise UserError(f"--compile needs CUDA for its CUDA-graph decode step, not {chosen.type}")
         run = open_run(run_dir, chosen, checkpoint)
         low_precision = select_autocast_dtype(chosen)
         model = run.model.to(low_precision) if chosen.type == "cuda" and low_precision else run.model
@@ -270,7 +269,10 @@ class TextGenerator:
         """The continuations of `prompts`, generated as one batch, as a stream of text pieces."""
         if not prompts or not all(isinstance(prompt, str) for prompt in prompts):
             raise UserError(f"prompts must be one or more strings, got {prompts!r}")
-        prompt_ids = [self.encode_prompt(prompt, strict) for prompt in prompts]
+        return self.stream_ids([self.encode_prompt(prompt, strict) for prompt in prompts], params)
+
+    def stream_ids(self, prompt_ids: list[list[int]], params: SamplingParams) -> TextStream:
+        """As `stream_batch`, for prompts `encode_prompt` has encoded already."""
         tokens = TokenStream(
             self.model, prompt_ids, params, self.tokenizer.eos_id, self.device, self.amp_dtype,
             compile_step=self.compile_step, banned_ids=self.tokenizer.never_generated,
