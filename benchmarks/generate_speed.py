@@ -1,6 +1,7 @@
 """Generation speed of the sllm engine against `transformers` GPT-2 `generate` on the same weights.
 
-A GPT with random weights is built in the chosen shape, copied into a `GPT2LMHeadModel`
+A GPT with random weights is built in each chosen shape (default: `6x256`, the issue's,
+and `demo`; one table), copied into a `GPT2LMHeadModel`
 (`sllm.export.to_transformers`, the mapping the HF export writes) and checked for equal
 logits first; ours then gets the CPU weight layout `TextGenerator` gives it. Both
 generate greedily from the same random 16-token prompts, alternating sllm and transformers
@@ -15,8 +16,8 @@ eager step and sllm's compiled CUDA-graph step, and
 the fraction of the memory-bound limit (weight bytes over the copy bandwidth measured in the
 same run) reached at batch 1.
 
+    python benchmarks/generate_speed.py --threads 2      # the 6x256 and demo shapes, one table
     python benchmarks/generate_speed.py --shape 10m --batch-sizes 1 8
-    python benchmarks/generate_speed.py --shape 6x256 --threads 2
     python benchmarks/generate_speed.py --device cuda --shape gpt2-124m --new-tokens 256 --batch-sizes 1 32
 """
 
@@ -131,22 +132,11 @@ def contenders(model, hf, device: torch.device) -> dict[str, Callable[[torch.Ten
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=SHAPES, default="10m")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--prompt-tokens", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps the default")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+def build_pair(shape: str, args: argparse.Namespace, device: torch.device) -> tuple:
+    """Our model in `shape` with random weights and its `transformers` copy, checked equal first."""
     torch.manual_seed(0)
     block_size = max(256, args.prompt_tokens + args.new_tokens)
-    model = build_model(ModelConfig(block_size=block_size, **SHAPES[args.shape])).eval()
+    model = build_model(ModelConfig(block_size=block_size, **SHAPES[shape])).eval()
     hf = to_transformers(model)
     probe = torch.randint(0, model.cfg.vocab_size, (2, 24))
     with torch.inference_mode():
@@ -156,21 +146,15 @@ def main() -> None:
         model, hf = model.to(device, torch.bfloat16), hf.to(device, torch.bfloat16)
     else:
         use_column_major_weights(model)  # as `TextGenerator.from_run` does on CPU
-    threads = torch.get_num_threads()
     dtype = next(model.parameters()).dtype
-    print(f"shape {args.shape}: {count_parameters(model) / 1e6:.1f}M parameters, {dtype}, {device}, "
-          f"{threads} threads, torch {torch.__version__}, logit gap {gap:.1e}")  # fmt: skip
-    limit = memory_bound_tokens_per_s(model, device) if device.type == "cuda" else None
-    runs = contenders(model, hf, device)
-    reference = list(runs)[1]
-    print(
-        "| batch | "
-        + " | ".join(f"{name} tok/s (median / best)" for name in runs)
-        + " | ratios to "
-        + reference
-        + " |"
-    )
-    print("|---" * (len(runs) + 2) + "|")
+    print(f"shape {shape}: {count_parameters(model) / 1e6:.1f}M parameters, {dtype}, logit gap {gap:.1e}")
+    return model, hf
+
+
+def time_rows(shape: str, model, hf, limit: float | None, args: argparse.Namespace, names: list[str]) -> None:
+    """One table row per batch size for `shape`; `names` are the table's contender columns."""
+    device = next(model.parameters()).device
+    runs, reference = contenders(model, hf, device), names[1]
     for batch in args.batch_sizes:
         prompts = torch.randint(0, model.cfg.vocab_size, (batch, args.prompt_tokens), device=device)
         working = dict(runs)
@@ -187,18 +171,49 @@ def main() -> None:
         tokens = batch * args.new_tokens
         rates = {name: (tokens / statistics.median(ts), tokens / min(ts)) for name, ts in times.items()}
         cells = [
-            f"{rates[name][0]:,.0f} / {rates[name][1]:,.0f}" if name in rates else "failed" for name in runs
+            f"{rates[name][0]:,.0f} / {rates[name][1]:,.0f}" if name in rates else "failed" for name in names
         ]
         ratios = [
             f"{name} {rates[name][0] / rates[reference][0]:.2f}×"
             for name in rates
             if name != reference and reference in rates
         ]
-        print(f"| {batch} | " + " | ".join(cells) + " | " + ", ".join(ratios) + " |", flush=True)
+        print(f"| {shape} | {batch} | " + " | ".join(cells) + " | " + ", ".join(ratios) + " |", flush=True)
         if limit and batch == 1 and rates:
             first = next(iter(rates))
             share = rates[first][0] / limit
             print(f"  batch 1: {first} reaches {share:.1%} of the memory-bound {limit:,.0f} tok/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", nargs="+", choices=SHAPES, default=["6x256", "demo"])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps the default")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    pairs = {shape: build_pair(shape, args, device) for shape in args.shape}  # their lines before the table
+    cuda = device.type == "cuda"
+    limits = {
+        shape: memory_bound_tokens_per_s(model, device) if cuda else None
+        for shape, (model, _) in pairs.items()
+    }
+    names = list(contenders(*pairs[args.shape[0]], device))
+    print(
+        "| shape | batch | "
+        + " | ".join(f"{name} tok/s (median / best)" for name in names)
+        + f" | ratios to {names[1]} |"
+    )
+    print("|---" * (len(names) + 3) + "|")
+    for shape, (model, hf) in pairs.items():
+        time_rows(shape, model, hf, limits[shape], args, names)
 
 
 if __name__ == "__main__":

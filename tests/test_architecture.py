@@ -3,10 +3,13 @@ vocabulary padding, activation checkpointing and the chunked loss."""
 
 import json
 import math
+from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.module import register_module_forward_pre_hook
 
 from sllm.config import ModelConfig, load_config
 from sllm.errors import UserError
@@ -93,6 +96,37 @@ def test_gqa_cache_holds_only_the_key_value_heads():
     model = _model(n_kv_head=2)
     cache = KVCache(model.cfg, 3, 24, torch.device("cpu"), torch.float32)
     assert cache.keys.shape == (2, 3, 2, 24, 8)
+
+
+def _decode_step_overhead(monkeypatch, **overrides) -> tuple[list[str], Counter]:
+    """The `Module.__getattr__` lookups and the module calls (by class) of one decode step."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=VOCAB, n_head=4, n_embd=32, block_size=24, **overrides)).eval()
+    decoder = Decoder(model, 2, torch.device("cpu"))
+    lookups, calls = [], Counter()
+    with torch.inference_mode():
+        decoder.prefill([[5, 6, 7], [3]])
+        lookup = nn.Module.__getattr__
+        monkeypatch.setattr(nn.Module, "__getattr__", lambda m, name: lookups.append(name) or lookup(m, name))
+        hook = register_module_forward_pre_hook(lambda module, args: calls.update([type(module).__name__]))
+        try:
+            decoder.step(torch.tensor([4, 5]), [[5, 6, 7, 4], [3, 5]])
+        finally:
+            hook.remove()
+            monkeypatch.undo()
+    return lookups, calls
+
+
+@pytest.mark.parametrize("name", ["default", "llama_without_qk_norm"])
+def test_a_decode_step_costs_one_module_call_and_no_attribute_fallback_per_block(name, monkeypatch):
+    """On a CPU the module machinery would be a third of a small model's decode step (`gpt.linear`):
+    a block's parts and weights are read from `_modules` and `_parameters`, and only the
+    block itself is called as a module."""
+    options = {"llama_without_qk_norm": {**OPTIONS["llama"], "qk_norm": False}}.get(name, {})
+    two_lookups, two_calls = _decode_step_overhead(monkeypatch, n_layer=2, **options)
+    four_lookups, four_calls = _decode_step_overhead(monkeypatch, n_layer=4, **options)
+    assert four_lookups == two_lookups and len(two_lookups) <= 8
+    assert four_calls - two_calls == Counter(Block=2) and two_calls["Block"] == 2
 
 
 @pytest.mark.parametrize("name", ["rope", "gqa", "llama"])

@@ -310,15 +310,22 @@ def test_interleaved_streams_on_one_model_each_decode_their_own_prompts():
     assert [[step[row] for step in rest] for row in range(2)] == expected[0]
 
 
-def test_a_stream_caches_what_it_needs_not_the_whole_context():
+def test_a_stream_caches_what_it_needs_not_the_whole_context(monkeypatch):
     model = _model(block_size=512)
     params = SamplingParams(max_new_tokens=130, temperature=0)
     prompts = [[5, 6, 7], [3]]
     plain = _rows(TokenStream(model, prompts, params, None, CPU, cuda_graph=False))
-    static = TokenStream(model, prompts, params, None, CPU, cuda_graph=True)
-    assert static.cache_slots() == 192  # 3 + 130 tokens, in steps of 64
-    assert _rows(static) == plain
-    assert TokenStream(model, prompts, SamplingParams(max_new_tokens=600), None, CPU).cache_slots() == 512
+    slots = []
+
+    class Recorded(Decoder):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            slots.append(self.cache.slots)
+
+    monkeypatch.setattr("sllm.infer.engine.Decoder", Recorded)
+    assert _rows(TokenStream(model, prompts, params, None, CPU, cuda_graph=True)) == plain
+    next(iter(TokenStream(model, prompts, SamplingParams(max_new_tokens=600), None, CPU)))
+    assert slots == [192, 512]  # 3 + 130 tokens, in steps of 64; then the whole context
 
 
 @pytest.mark.slow

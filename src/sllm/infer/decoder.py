@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -28,6 +29,7 @@ from torch import nn
 from sllm.config import ModelConfig
 from sllm.runtime import autocast
 
+CACHE_SLOT_STEP = 64  # a cache holds a multiple of this many slots: fewer shapes to compile
 LOGIT_TOLERANCE = 0.05  # bf16 logits of the same step, replayed vs eager, relative to their size
 
 
@@ -106,8 +108,10 @@ class KVCache:
 class Decoder:
     """Next-token logits (batch, vocab) for a left-padded batch of rows.
 
-    `fixed_shapes` runs decode steps over the whole cache (the step a CUDA graph records): as
-    a CUDA graph on CUDA, eagerly elsewhere. `compile_step` also compiles that step."""
+    `slots` is the most tokens a row will hold (default and limit: the context), rounded up to
+    CACHE_SLOT_STEP. `fixed_shapes` runs decode steps over the whole cache (the step a CUDA
+    graph records): as a CUDA graph on CUDA, eagerly elsewhere. `compile_step` also compiles
+    that step."""
 
     def __init__(
         self, model: nn.Module, batch: int, device: torch.device, amp_dtype: torch.dtype | None = None,
@@ -117,8 +121,8 @@ class Decoder:
         self.cache: KVCache | None = None
         if model.supports_kv_cache:
             dtype = amp_dtype or next(model.parameters()).dtype
-            slots = min(slots or model.block_size, model.block_size)
-            self.cache = KVCache(model.cfg, batch, slots, device, dtype)
+            slots = CACHE_SLOT_STEP * math.ceil((slots or model.block_size) / CACHE_SLOT_STEP)
+            self.cache = KVCache(model.cfg, batch, min(slots, model.block_size), device, dtype)
         self.length = 0  # filled slots
         self.fixed_shapes = fixed_shapes or compile_step
         self.fixed_step = torch.compile(self._fixed_step, dynamic=False) if compile_step else self._fixed_step

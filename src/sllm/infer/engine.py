@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,7 +31,6 @@ from sllm.runtime import select_autocast_dtype, select_device
 from sllm.sampling import SamplingParams
 from sllm.tokenizer import Tokenizer
 
-STATIC_CACHE_STEP = 64  # a fixed-shape cache holds a multiple of this many slots: fewer compiled shapes
 BROKEN = "\ufffd"  # what decoding makes of bytes that are not (yet) a whole UTF-8 character
 
 
@@ -42,8 +40,7 @@ class TokenStream:
 
     `cuda_graph` (default: on CUDA) replays each decode step as one CUDA graph; True on
     another device runs that same fixed-shape step eagerly, False the eager step.
-    `compile_step` also passes that step through `torch.compile` (fused kernels; it costs a
-    compilation per batch and cache shape, and its gain on a GPU is not yet measured).
+    `compile_step` also compiles that step (once per batch and cache shape; GPU gain unmeasured).
     `banned_ids` are never sampled (`Tokenizer.never_generated`)."""
 
     def __init__(
@@ -60,15 +57,11 @@ class TokenStream:
     ) -> None:
         if not prompts or not all(prompts):
             raise ValueError("every prompt must hold at least one token")
-        self.model = model
+        self.model, self.params, self.eos_id = model, params, eos_id
         self.rows = [list(ids[-model.block_size :]) for ids in prompts]
-        self.params = params
-        self.eos_id = eos_id
-        self.device = device
-        self.amp_dtype = amp_dtype
+        self.device, self.amp_dtype, self.compile_step = device, amp_dtype, compile_step
         self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
-        self.compile_step = compile_step
-        self.banned_ids = banned_ids
+        self.banned = torch.tensor(banned_ids, dtype=torch.long, device=device)
         self.finish_reasons: list[str | None] = [None] * len(prompts)
 
     def stop(self, row: int, reason: str = "stop") -> None:
@@ -84,32 +77,19 @@ class TokenStream:
     def __iter__(self) -> Iterator[list[int | None]]:
         if self.done:  # every row was stopped before the stream started (a client hung up)
             return
-        fixed_shapes = self.cuda_graph and self.params.max_new_tokens > 1  # one token needs only the prefill
+        params, device = self.params, self.device
+        fixed_shapes = self.cuda_graph and params.max_new_tokens > 1  # one token needs only the prefill
+        needed = max(len(ids) for ids in self.rows) + params.max_new_tokens  # not the whole context
         decoder = Decoder(
-            self.model, len(self.rows), self.device, self.amp_dtype, self.cache_slots(),
-            fixed_shapes, self.compile_step and fixed_shapes,
+            self.model, len(self.rows), device, self.amp_dtype, needed, fixed_shapes,
+            self.compile_step and fixed_shapes,
         )  # fmt: skip
-        yield from self._decode(decoder)
-
-    def cache_slots(self) -> int:
-        """What this stream needs, not the whole context: a fixed-shape step attends over every
-        slot. Rounded up to STATIC_CACHE_STEP, so a compiled step meets few shapes."""
-        needed = max(len(ids) for ids in self.rows) + self.params.max_new_tokens
-        return min(self.model.block_size, STATIC_CACHE_STEP * math.ceil(needed / STATIC_CACHE_STEP))
-
-    def _decode(self, decoder: Decoder) -> Iterator[list[int | None]]:
-        params, batch = self.params, len(self.rows)
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        history = None
-        if params.uses_history:
-            history = TokenHistory(self.rows, self.model.cfg.vocab_size, self.device)
-        banned = torch.tensor(self.banned_ids, dtype=torch.long, device=self.device)
+        generator = None if params.seed is None else torch.Generator(device).manual_seed(params.seed)
+        history = TokenHistory(self.rows, self.model.cfg.vocab_size, device) if params.uses_history else None
         logits = decoder.prefill(self.rows) if params.max_new_tokens else None
         for step in range(params.max_new_tokens):
-            if self.banned_ids:
-                logits = logits.index_fill(1, banned, float("-inf"))
+            if self.banned.numel():
+                logits = logits.index_fill(1, self.banned, float("-inf"))
             tokens = sample_next(logits, params, history, generator)
             new = self._accept(tokens.tolist())
             if any(token is not None for token in new):
@@ -120,19 +100,18 @@ class TokenStream:
                 history.add(tokens)
             if step + 1 < params.max_new_tokens:
                 logits = decoder.step(tokens, self.rows)
-        for row in range(batch):
+        for row in range(len(self.rows)):
             self.stop(row, "length")
 
     def _accept(self, tokens: list[int]) -> list[int | None]:
         new: list[int | None] = []
         for row, token in enumerate(tokens):
-            if self.finish_reasons[row] is None and token == self.eos_id:
-                self.stop(row)
-            if self.finish_reasons[row] is not None:
-                new.append(None)
-                continue
-            self.rows[row].append(token)
-            new.append(token)
+            if token == self.eos_id:
+                self.stop(row)  # a row already finished keeps its reason
+            finished = self.finish_reasons[row] is not None
+            if not finished:
+                self.rows[row].append(token)
+            new.append(None if finished else token)
         return new
 
 
@@ -149,10 +128,9 @@ def stream_tokens(
 
     For samples during training: no CUDA graph, since the model may be sharded (FSDP) and a
     capture would stall the training step for one short sample."""
-    stream = TokenStream(
+    for (token,) in TokenStream(
         model, [prompt_ids], params, eos_id, device, amp_dtype, cuda_graph=False, banned_ids=banned_ids
-    )
-    for (token,) in stream:
+    ):
         if token is not None:
             yield token
 
@@ -161,12 +139,9 @@ class TextRow:
     """One row's new tokens as text pieces, cut before the first stop string."""
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()) -> None:
-        self.tokenizer = tokenizer
-        self.stop = stop
+        self.tokenizer, self.stop = tokenizer, stop
         self.ids: list[int] = []
-        self.text = ""
-        self.emitted = 0
-        self.stopped = False
+        self.text, self.emitted, self.stopped = "", 0, False
 
     def add(self, token: int) -> str:
         """The text that became final with `token` ("" while a character or stop is pending)."""
@@ -241,11 +216,9 @@ class TextStream:
             self.tokens.stop(row, "cancelled")
 
     def completions(self) -> list[Completion]:
+        rows = zip(self.texts, self.tokens.finish_reasons, self.prompt_tokens, strict=True)
         return [
-            Completion(text.text, reason or "length", prompt_tokens, len(text.ids))
-            for text, reason, prompt_tokens in zip(
-                self.texts, self.tokens.finish_reasons, self.prompt_tokens, strict=True
-            )
+            Completion(text.text, reason or "length", prompt, len(text.ids)) for text, reason, prompt in rows
         ]
 
 
@@ -255,11 +228,8 @@ class TextGenerator:
     def __init__(
         self, model: nn.Module, tokenizer: Tokenizer, device: torch.device, compile_step: bool = False
     ) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.device = device
+        self.model, self.tokenizer, self.device, self.compile_step = model, tokenizer, device, compile_step
         self.amp_dtype = select_autocast_dtype(device)
-        self.compile_step = compile_step
 
     @classmethod
     def from_run(
@@ -270,9 +240,7 @@ class TextGenerator:
         `compile_step` compiles the CUDA-graph decode step (`TokenStream`)."""
         chosen = select_device(device)
         if compile_step and chosen.type != "cuda":
-            raise UserError(
-                f"--compile compiles the CUDA-graph decode step; it needs CUDA, not {chosen.type}"
-            )
+            raise UserError(f"--compile needs CUDA for its CUDA-graph decode step, not {chosen.type}")
         run = open_run(run_dir, chosen, checkpoint)
         low_precision = select_autocast_dtype(chosen)
         model = run.model.to(low_precision) if chosen.type == "cuda" and low_precision else run.model

@@ -60,10 +60,17 @@ def unchanged(t: torch.Tensor) -> torch.Tensor:
 
 
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)` without the module call: a one-token decode step makes 25 such products on
-    rows of a few hundred numbers, where the call's machinery is a visible share (docs/log.md).
-    Hooks on the layer itself would not run; sllm sets none (FSDP wraps whole blocks)."""
-    return F.linear(x, layer.weight, layer.bias)
+    """`layer(x)` without the module call, its weights read from `_parameters`.
+
+    A one-token decode step of a small model costs little arithmetic, so `nn.Module`'s
+    machinery would be a third of it on a CPU: `layer.weight` is found by `Module.__getattr__`
+    only after Python's own lookup failed (~0.5 µs; a dict read is ~0.03), and a step reads
+    ~100 weights and parts (docs/log.md). So the model reads parameters and parts from the dicts
+    `__getattr__` itself reads, `_parameters` and `_modules` (FSDP swaps tensors in those too),
+    and a block runs its parts' `forward`. Hooks on parts would not run; sllm sets none (FSDP
+    and activation checkpointing wrap whole blocks)."""
+    weights = layer._parameters
+    return F.linear(x, weights["weight"], weights["bias"])
 
 
 def dropout(p: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -147,11 +154,20 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return self._parameters["weight"] * normed.to(x.dtype)  # `linear` says why not self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """torch's LayerNorm (same state dict), its weights read as `linear` reads them, calling
+    the op under `F.layer_norm`'s Python wrapper (0.5 µs less a call)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = self._parameters
+        return torch.layer_norm(x, self.normalized_shape, weights["weight"], weights["bias"], self.eps)
 
 
 NORMS: dict[str, Callable[[int, bool], nn.Module]] = {
-    "layernorm": lambda width, bias: nn.LayerNorm(width, bias=bias),
+    "layernorm": lambda width, bias: LayerNorm(width, bias=bias),
     "rmsnorm": lambda width, bias: RMSNorm(width),
 }
 
@@ -193,11 +209,12 @@ class CausalSelfAttention(nn.Module):
         rotate: Rotation = unchanged,
     ) -> torch.Tensor:
         """`mask` (from `KVCache.prepare`) replaces plain causal attention when given."""
-        q, k, v = self.split_heads(linear(self.qkv, x))
+        layers = self._modules  # `linear` says why not self.qkv
+        q, k, v = self.split_heads(linear(layers["qkv"], x))
         q, k = rotate(self.q_norm(q)), rotate(self.k_norm(k))
         if cache is not None:
             k, v = cache.store(self.layer, k, v)
-        return self.resid_dropout(linear(self.proj, self.attend(q, k, v, mask)))
+        return self.resid_dropout(linear(layers["proj"], self.attend(q, k, v, mask)))
 
     def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, T, qkv width) -> q (B, n_head, T, head_dim), k and v (B, n_kv_head, T, head_dim)."""
@@ -247,7 +264,8 @@ class MLP(nn.Module):
         self.dropout = dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(linear(self.proj, self.activation(linear(self.fc, x))))
+        layers = self._modules
+        return self.dropout(linear(layers["proj"], self.activation(linear(layers["fc"], x))))
 
 
 class SwiGLU(nn.Module):
@@ -262,7 +280,9 @@ class SwiGLU(nn.Module):
         self.dropout = dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(linear(self.proj, F.silu(linear(self.gate, x)) * linear(self.up, x)))
+        layers = self._modules
+        gated = F.silu(linear(layers["gate"], x)) * linear(layers["up"], x)
+        return self.dropout(linear(layers["proj"], gated))
 
 
 def mlp_hidden_width(cfg: ModelConfig) -> int:
@@ -302,8 +322,10 @@ class Block(nn.Module):
         mask: torch.Tensor | None = None,
         rotate: Rotation = unchanged,
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cache, mask, rotate)
-        return x + self.mlp(self.norm2(x))
+        """The parts run through `forward`, not `__call__` (`linear` says why)."""
+        parts = self._modules
+        x = x + parts["attn"].forward(parts["norm1"].forward(x), cache, mask, rotate)
+        return x + parts["mlp"].forward(parts["norm2"].forward(x))
 
 
 def padded_vocab_size(cfg: ModelConfig) -> int:
@@ -357,11 +379,12 @@ class GPT(nn.Module):
             positions, mask = torch.arange(idx.size(1), device=idx.device), None
         else:
             positions, mask = cache.prepare(idx.size(1))
-        x = self.drop(self.wte(idx) + self.wpe(positions))
-        rotate = self.wpe.rotation(positions)
-        for block in self.blocks:
+        parts = self._modules  # `linear` says why not self.wte
+        x = self.drop(parts["wte"].forward(idx) + parts["wpe"].forward(positions))
+        rotate = parts["wpe"].rotation(positions)
+        for block in parts["blocks"]:
             x = self._run_block(block, x, cache, mask, rotate)
-        return self.norm_f(x)
+        return parts["norm_f"].forward(x)
 
     def _run_block(
         self,
