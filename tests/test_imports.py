@@ -41,6 +41,7 @@ LAYERS = {
     "sllm.options": 1,
     "sllm.sampling": 1,  # the one declaration of sampling options: the config builds `sample` from it
     "sllm.files": 1,
+    "sllm.progress": 1,
     "sllm.atomic": 1,
     "sllm.runtime": 1,
     "sllm.errors": 1,

@@ -6,6 +6,7 @@ Flags that set a config key (`--vocab-size` is `tokenizer.vocab_size`) are the s
 `generate` and `chat` come from the fields of `SamplingParams`. So no default or description
 of a setting is written here a second time. Errors the user can fix (`UserError`) print one
 line to stderr and exit with code 2; argparse's own errors are folded into the same form.
+Every command takes `--quiet`: no progress bars (`sllm.progress`).
 Nothing here imports torch, so `sllm --help` is instant.
 """
 
@@ -20,6 +21,7 @@ from typing import NoReturn
 from sllm import commands
 from sllm.errors import UserError
 from sllm.options import add_flag
+from sllm.progress import QUIET
 
 SOURCE_FLAGS = ["--input=data.inputs", "data.text_field", "data.txt_mode"]
 # Shorthand flags per command, each for one config key: `section.key` is `--key`, `--flag=section.key`
@@ -99,6 +101,7 @@ def _run_args(parser: argparse.ArgumentParser, command: str = "") -> None:
 def _add(group: argparse._SubParsersAction, name: str, run: Callable) -> argparse.ArgumentParser:
     """The command `name`, which runs `run`; the first line of its docstring is the help."""
     parser = group.add_parser(name, help=run.__doc__.splitlines()[0])
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
     return parser
 
@@ -262,7 +265,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args = _parse(build_parser(), argv)
         command: Callable[[argparse.Namespace], None] = args.func
-        command(args)
+        quiet = QUIET.set(args.quiet)
+        try:
+            command(args)
+        finally:
+            QUIET.reset(quiet)
     except UserError as error:
         print(f"sllm: error: {error}", file=sys.stderr)
         sys.exit(UserError.exit_code)

@@ -208,7 +208,7 @@ def _sample_section() -> type:
     return dataclasses.make_dataclass(
         "SampleConfig",
         [
-            ("prompts", list[str], option(["대한민국은", "The "], "fixed prompts sampled at each eval")),
+            ("prompts", list[str], option([], "prompts sampled at each eval; none: the data's first words")),
             *options,
             ("seed", int, option(42, "seed of the samples at each eval", NON_NEGATIVE)),
         ],
@@ -404,11 +404,23 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             raise UserError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
         if not isinstance(raw, dict):
             raise UserError(f"config file {path} must be a mapping of sections")
-    for text in overrides or []:
-        section, name, value = parse_override(text)
+    parsed = [parse_override(text) for text in overrides or []]
+    _prompts_follow_data(raw, parsed)
+    for section, name, value in parsed:
         raw[section] = raw.get(section) or {}
         raw[section][name] = value
     return config_from_dict(raw)
+
+
+def _prompts_follow_data(raw: dict[str, Any], overrides: list[tuple[str, str, Any]]) -> None:
+    """A config's `sample.prompts` are written for its own `data.dir`: an override that points
+    elsewhere without prompts of its own drops them, so the samples start as the new data's
+    documents do (legal-text prompts would run on and on after a model of movie reviews)."""
+    given = {(section, name): value for section, name, value in overrides}
+    own_dir, prompts = (raw.get("data") or {}).get("dir"), (raw.get("sample") or {}).get("prompts")
+    moved = own_dir and Path(str(given.get(("data", "dir"), own_dir))) != Path(str(own_dir))
+    if moved and prompts and ("sample", "prompts") not in given:
+        del raw["sample"]["prompts"]
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -23,6 +23,7 @@ from sllm.data.loader import eval_batches, open_split
 from sllm.data.meta import META_FILE, DataMeta
 from sllm.data.sources import read_text_file
 from sllm.errors import UserError
+from sllm.progress import progress_bar
 from sllm.run import LoadedRun, open_run
 from sllm.runtime import autocast, select_autocast_dtype, select_device
 from sllm.tokenizer import nfc
@@ -103,13 +104,16 @@ def score_tokens(
     batch_size: int,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
+    label: str = "eval",
 ) -> TokenScores:
     """Scores of every token after the first, each predicted once (strided windows)."""
     scores = TokenScores()
-    for batch in eval_batches(tokens, model.block_size, stride, batch_size):
-        with autocast(device, amp_dtype):
-            logits = model(batch.inputs.to(device))
-        scores.add(logits, batch.targets.to(device), batch.scored.to(device))
+    with progress_bar(desc=label, total=len(tokens) - 1, unit=" tokens", unit_scale=True) as bar:
+        for batch in eval_batches(tokens, model.block_size, stride, batch_size):
+            with autocast(device, amp_dtype):
+                logits = model(batch.inputs.to(device))
+            scores.add(logits, batch.targets.to(device), batch.scored.to(device))
+            bar.update(int(batch.scored.sum()))
     return scores
 
 
@@ -153,13 +157,15 @@ class Evaluator:
         chosen = select_device(device)
         return cls(open_run(run_dir, chosen, checkpoint), chosen, data_dir)
 
-    def _score(self, tokens: np.ndarray, stride: int, batch_size: int) -> TokenScores:
+    def _score(self, tokens: np.ndarray, stride: int, batch_size: int, label: str) -> TokenScores:
         block_size = self.run.model.block_size
         stride = stride or self.run.config.eval.stride or max(1, block_size // 2)
         if not 1 <= stride <= block_size:
             raise UserError(f"--stride must be between 1 and the context ({block_size})")
         batch = batch_size or self.run.config.eval.batch_size
-        return score_tokens(self.run.model, tokens, stride, batch, self.device, self.amp_dtype)
+        return score_tokens(
+            self.run.model, tokens, stride, batch, self.device, self.amp_dtype, f"eval {label}"
+        )
 
     def prepared_dir(self) -> Path:
         """The data whose splits are scored: the one given, else the run's data.dir. A relative
@@ -194,13 +200,13 @@ class Evaluator:
             present = [name for name, size in sizes.items() if size.tokens >= 2]
             raise UserError(f"split {split!r} has no tokens to score; the data has {', '.join(present)}")
         tokens = open_split(self.prepared_dir(), split, meta)
-        return EvalResult(split, self._score(tokens, stride, batch_size), sizes[split].bytes)
+        return EvalResult(split, self._score(tokens, stride, batch_size, split), sizes[split].bytes)
 
     def evaluate_text(self, text: str, name: str, stride: int = 0, batch_size: int = 0) -> EvalResult:
         """The same numbers for any text, scored as one document that follows an EOS."""
         tokenizer = self.run.tokenizer
         tokens = np.asarray([tokenizer.eos_id, *tokenizer.encode(text)], dtype=np.int64)
-        return EvalResult(name, self._score(tokens, stride, batch_size), len(text.encode("utf-8")))
+        return EvalResult(name, self._score(tokens, stride, batch_size, name), len(text.encode("utf-8")))
 
 
 def evaluate_run(

@@ -25,6 +25,9 @@ PENALTY = Range(-2, 2)  # OpenAI's range for the presence and frequency penaltie
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = option(64, "most tokens generated per prompt", NON_NEGATIVE)
+    min_new_tokens: int = option(
+        0, "tokens generated before EOS or a one-token stop string may end the text", NON_NEGATIVE
+    )
     temperature: float = option(0.8, "softmax temperature; 0 is greedy", NON_NEGATIVE)
     top_k: int = option(50, "keep the k most likely tokens; 0 disables", NON_NEGATIVE)
     top_p: float = option(

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from sllm.atomic import atomic_text_writer, ensure_writable_dir, recover_all, write_text_atomic
 from sllm.data.sources import DOWNLOAD_MANIFEST, require_module
 from sllm.errors import UserError
+from sllm.progress import progress_bar
 
 DEFAULT_SHARD_DOCS = 50_000
 NSMC_TRAIN_URL = "https://raw.githubusercontent.com/e9t/nsmc/master/ratings_train.txt"
@@ -219,9 +220,7 @@ def download(
     records = _guarded(preset, load)
     budget = _Budget(max_docs, max_bytes, manifest.documents, manifest.bytes)
     documents = budget.take(islice(documents_of(preset, records), manifest.documents, None))
-    with tqdm(
-        total=max_docs, initial=manifest.documents, unit=" docs", disable=None if progress else True
-    ) as bar:
+    with progress_bar(total=max_docs, initial=manifest.documents, unit=" docs", show=progress) as bar:
         _write_shards(out, manifest, documents, shard_docs, bar)
     manifest.finished, manifest.stopped_by = True, budget.stopped_by or "end"
     _save(out, manifest)

@@ -25,7 +25,7 @@ from torch import nn
 from sllm.errors import UserError
 from sllm.infer.cpu_layout import use_column_major_weights
 from sllm.infer.decoder import Decoder
-from sllm.infer.logits import TokenHistory, sample_next
+from sllm.infer.logits import BannedTokens, TokenHistory, sample_next
 from sllm.run import open_run
 from sllm.runtime import select_autocast_dtype, select_device
 from sllm.sampling import SamplingParams
@@ -42,7 +42,8 @@ class TokenStream:
     another device runs that same fixed-shape step eagerly, False the eager step.
     `compile_step` also passes that step through `torch.compile` (fused kernels; it costs a
     compilation per batch and cache shape, and its gain on a GPU is not yet measured).
-    `banned_ids` are never sampled (`Tokenizer.never_generated`)."""
+    `banned_ids` are never sampled (`Tokenizer.never_generated`); `stop_ids` (one-token stop
+    strings) are held back like EOS until `params.min_new_tokens` tokens were generated."""
 
     def __init__(
         self,
@@ -55,6 +56,7 @@ class TokenStream:
         cuda_graph: bool | None = None,
         compile_step: bool = False,
         banned_ids: tuple[int, ...] = (),
+        stop_ids: tuple[int, ...] = (),
     ) -> None:
         if not prompts or not all(prompts):
             raise ValueError("every prompt must hold at least one token")
@@ -66,7 +68,8 @@ class TokenStream:
         self.amp_dtype = amp_dtype
         self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
         self.compile_step = compile_step
-        self.banned_ids = banned_ids
+        ending = stop_ids if eos_id is None else (eos_id, *stop_ids)
+        self.banned = BannedTokens(banned_ids, ending, params.min_new_tokens, device)
         self.finish_reasons: list[str | None] = [None] * len(prompts)
 
     def stop(self, row: int, reason: str = "stop") -> None:
@@ -103,12 +106,9 @@ class TokenStream:
         history = None
         if params.uses_history:
             history = TokenHistory(self.rows, self.model.cfg.vocab_size, self.device)
-        banned = torch.tensor(self.banned_ids, dtype=torch.long, device=self.device)
         logits = decoder.prefill(self.rows) if params.max_new_tokens else None
         for step in range(params.max_new_tokens):
-            if self.banned_ids:
-                logits = logits.index_fill(1, banned, float("-inf"))
-            tokens = sample_next(logits, params, history, generator)
+            tokens = sample_next(self.banned(logits, step), params, history, generator)
             new = self._accept(tokens.tolist())
             if any(token is not None for token in new):
                 yield new
@@ -300,9 +300,10 @@ class TextGenerator:
         if not prompts or not all(isinstance(prompt, str) for prompt in prompts):
             raise UserError(f"prompts must be one or more strings, got {prompts!r}")
         prompt_ids = [self.encode_prompt(prompt, strict) for prompt in prompts]
+        stop_ids = tuple(ids[0] for ids in map(self.tokenizer.encode, params.stop) if len(ids) == 1)
         tokens = TokenStream(
             self.model, prompt_ids, params, self.tokenizer.eos_id, self.device, self.amp_dtype,
-            compile_step=self.compile_step, banned_ids=self.tokenizer.never_generated,
+            compile_step=self.compile_step, banned_ids=self.tokenizer.never_generated, stop_ids=stop_ids,
         )  # fmt: skip
         return TextStream(tokens, self.tokenizer, params.stop)
 

@@ -4,9 +4,9 @@
 the chat page at `/`. Requests are checked before any work (ranges by pydantic: 422; a prompt
 over the context or max_tokens over the limit: 400), in OpenAI's error shape. One lock runs
 generations one at a time in arrival order, in a thread; a client that hangs up cancels its
-generation. Prompts and `n` choices form one batch. The sampling fields are `SamplingParams`'s;
-one left out takes the run's `sample` section, as `sllm generate` does (lengths keep OpenAI's
-defaults). A null field means its default; options this server cannot honour (`logprobs`,
+generation. Prompts and `n` choices form one batch. The sampling fields are `SamplingParams`'s
+(`min_new_tokens` as vLLM's `min_tokens`); one left out takes the run's `sample` section, as
+`sllm generate` does (lengths keep OpenAI's defaults). A null field means its default; options this server cannot honour (`logprobs`,
 `logit_bias`, tools, ...) are refused, never silently ignored. FastAPI and uvicorn are imported here only.
 """
 
@@ -50,6 +50,7 @@ CLIENT_CLOSED_REQUEST = 499  # the status logged for a request whose client hung
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is there
 # The options of `SamplingParams` a request sets by name (the length and `stop` have OpenAI's fields).
 REQUEST_OPTIONS = [f for f in dataclasses.fields(SamplingParams) if f.name not in ("max_new_tokens", "stop")]
+REQUEST_NAMES = {"min_new_tokens": "min_tokens"}  # vLLM's name, which OpenAI clients send as extra_body
 # OpenAI options that change what comes back and that this server does not implement: refused
 # when set, so a client never takes their absence for their effect. (`user`, `metadata` and
 # the like change nothing and are ignored.)
@@ -94,7 +95,8 @@ class RequestFields(BaseModel):
     def params(self, defaults: SamplingParams, extra_stop: tuple[str, ...] = ()) -> SamplingParams:
         """`defaults` with the options this request sets."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        chosen = {f.name: getattr(self, f.name) for f in REQUEST_OPTIONS if getattr(self, f.name) is not None}
+        given = {f.name: getattr(self, REQUEST_NAMES.get(f.name, f.name)) for f in REQUEST_OPTIONS}
+        chosen = {name: value for name, value in given.items() if value is not None}
         return dataclasses.replace(
             defaults, max_new_tokens=self.new_tokens, stop=(*stop, *extra_stop), **chosen
         )
@@ -113,7 +115,9 @@ def _request_field(option: dataclasses.Field) -> tuple[Any, Any]:
 
 
 SamplingFields = create_model(
-    "SamplingFields", __base__=RequestFields, **{f.name: _request_field(f) for f in REQUEST_OPTIONS}
+    "SamplingFields",
+    __base__=RequestFields,
+    **{REQUEST_NAMES.get(f.name, f.name): _request_field(f) for f in REQUEST_OPTIONS},
 )
 
 
