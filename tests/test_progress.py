@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import re
+import select
 import struct
 import subprocess
 import sys
@@ -114,7 +115,7 @@ def test_a_real_terminal_gets_the_bar(corpus_file, tmp_path):
     )
     os.close(follower)
     drawn = b""
-    while chunk := _read(leader):
+    while select.select([leader], [], [], 60)[0] and (chunk := _read(leader)):  # 60 s without output: hung
         drawn += chunk
     assert process.wait(timeout=60) == 0
     os.close(leader)
