@@ -19,6 +19,7 @@ import uvicorn
 from sllm.infer.chat_template import PLAIN
 from sllm.infer.engine import TextGenerator
 from sllm.infer.server import create_app
+from sllm.infer.server_limits import ServerLimits
 
 from .test_cli import assert_one_line_error, sllm
 
@@ -51,7 +52,7 @@ def serving(app):
 @pytest.fixture(scope="module")
 def server_url(generator):
     """The app with a max_tokens limit of 64, served for the module's tests."""
-    with serving(create_app(generator, PLAIN, "tiny", 64)) as url:
+    with serving(create_app(generator, PLAIN, "tiny", ServerLimits(max_tokens_limit=64))) as url:
         yield url
 
 
@@ -120,26 +121,27 @@ def test_completion_stream_matches_non_streaming(server_url):
 
 
 @pytest.mark.parametrize(
-    ("body", "status", "fragment"),
+    ("body", "param", "fragment"),
     [
-        ({"prompt": "국민의 권리와 의무 " * 40}, 400, "more than the context"),
-        ({"prompt": "a", "max_tokens": 65}, 400, "max_tokens must be at most 64"),
-        ({"prompt": "a", "temperature": -1}, 422, "temperature"),
-        ({"prompt": "a", "top_p": 0}, 422, "top_p"),
-        ({"prompt": "a", "stop": [""]}, 400, "stop"),
-        ({"max_tokens": 3}, 422, "prompt"),
-        ({"prompt": ["a"] * 65}, 400, "at most 64 prompts"),
-        ({"prompt": ["a"] * 22, "n": 3}, 400, "counting n choices each, got 66"),
-        ({"prompt": "a", "n": 0}, 422, "n"),
-        ({"prompt": "a", "logprobs": 2}, 400, "not supported by this server: logprobs"),
-        ({"prompt": "a", "logit_bias": {"5": 10}, "best_of": 2}, 400, "logit_bias, best_of"),
-        ({"prompt": "a", "logprobs": 0}, 400, "not supported by this server: logprobs"),
+        ({"prompt": "국민의 권리와 의무 " * 40}, "prompt", "more than the context"),
+        ({"prompt": "a", "max_tokens": 65}, "max_tokens", "max_tokens must be at most 64"),
+        ({"prompt": "a", "temperature": -1}, "temperature", "temperature must be in [0, 100], got -1"),
+        ({"prompt": "a", "top_p": 0}, "top_p", "top_p must be in (0, 1]"),
+        ({"prompt": "a", "stop": [""]}, "stop", "stop must be at most 8 non-empty strings"),
+        ({"max_tokens": 3}, "prompt", "prompt: Field required"),
+        ({"prompt": ["a"] * 65}, "prompt", "at most 64 prompts"),
+        ({"prompt": ["a"] * 22, "n": 3}, "n", "counting n choices each, got 66"),
+        ({"prompt": "a", "n": 0}, "n", "n: Input should be greater than or equal to 1"),
+        ({"prompt": "a", "logprobs": 2}, "logprobs", "not supported by this server: logprobs"),
+        ({"prompt": "a", "logit_bias": {"5": 10}, "best_of": 2}, "logit_bias", "logit_bias, best_of"),
+        ({"prompt": "a", "logprobs": 0}, "logprobs", "not supported by this server: logprobs"),
     ],
 )
-def test_bad_requests_get_4xx_json_errors(server_url, body, status, fragment):
+def test_bad_requests_get_400_json_errors(server_url, body, param, fragment):
     got, text = _post(f"{server_url}/v1/completions", body)
-    assert got == status
-    assert fragment in json.loads(text)["error"]["message"]
+    error = json.loads(text)["error"]
+    assert got == 400 and error["type"] == "invalid_request_error"
+    assert error["param"] == param and fragment in error["message"]
 
 
 def test_openai_client_habits_are_honoured(server_url, generator):
@@ -201,7 +203,7 @@ def test_a_body_that_is_not_json_is_one_clear_error(server_url, body, headers):
     request = urllib.request.Request(f"{server_url}/v1/completions", body, headers, method="POST")
     with pytest.raises(urllib.error.HTTPError) as error:
         urllib.request.urlopen(request, timeout=30)
-    assert error.value.code == 422
+    assert error.value.code == 400
     assert "Content-Type: application/json" in json.loads(error.value.read())["error"]["message"]
 
 
@@ -218,17 +220,17 @@ def test_a_client_that_hangs_up_cancels_its_generation(generator, monkeypatch, s
     """Hanging up frees the model for the next request at once: the generation stops (its rows
     finish as cancelled) instead of running to max_tokens."""
     started, streams = threading.Event(), []
-    stream_batch = generator.stream_batch
+    stream_ids = generator.stream_ids
 
     def recorded(*args, **kwargs):
-        streams.append(stream_batch(*args, **kwargs))
+        streams.append(stream_ids(*args, **kwargs))
         streams[-1].tokens.eos_id = None  # no row ends early: only hanging up can stop them
         started.set()
         return streams[-1]
 
-    monkeypatch.setattr(generator, "stream_batch", recorded)
+    monkeypatch.setattr(generator, "stream_ids", recorded)
     new_tokens = 4000
-    with serving(create_app(generator, PLAIN, "tiny", new_tokens)) as url:
+    with serving(create_app(generator, PLAIN, "tiny", ServerLimits(max_tokens_limit=new_tokens))) as url:
         host, port = url.removeprefix("http://").split(":")
         client = http.client.HTTPConnection(host, int(port), timeout=30)
         body = {"prompt": ["헌법"] * 8, "max_tokens": new_tokens, "temperature": 1, "stream": stream}
@@ -247,7 +249,7 @@ def test_a_client_that_hangs_up_cancels_its_generation(generator, monkeypatch, s
 
 def test_bad_chat_role_is_rejected(server_url):
     got, text = _post(f"{server_url}/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]})
-    assert got == 422 and "role" in json.loads(text)["error"]["message"]
+    assert got == 400 and "role" in json.loads(text)["error"]["message"]
 
 
 def test_eight_concurrent_requests_are_all_answered(server_url, generator):

@@ -8,6 +8,7 @@ used, so `import sllm` (and `sllm --help`) stays instant.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -18,13 +19,10 @@ if TYPE_CHECKING:
     from sllm.infer.engine import TextGenerator
 
 
+_LAZY = {"TextGenerator": "sllm.infer.engine", "Evaluator": "sllm.evaluate"}
+
+
 def __getattr__(name: str) -> Any:
-    if name == "TextGenerator":
-        from sllm.infer.engine import TextGenerator
-
-        return TextGenerator
-    if name == "Evaluator":
-        from sllm.evaluate import Evaluator
-
-        return Evaluator
-    raise AttributeError(f"module 'sllm' has no attribute {name!r}")
+    if name not in _LAZY:
+        raise AttributeError(f"module 'sllm' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)

@@ -1,18 +1,16 @@
 """`sllm <command>`: the argument parser; each command runs one function of `sllm.commands`.
 
-Flags that set a config key (`--vocab-size` is `tokenizer.vocab_size`) are the shorthands of
-`CONFIG_FLAGS`: their choices, help, range and shown default come from that key's field in
-`sllm.config`, and their values go through the config's own checks. The sampling flags of
-`generate` and `chat` come from the fields of `SamplingParams`. So no default or description
-of a setting is written here a second time. Errors the user can fix (`UserError`) print one
-line to stderr and exit with code 2; argparse's own errors are folded into the same form.
-Every command takes `--quiet`: no progress bars (`sllm.progress`).
-Nothing here imports torch, so `sllm --help` is instant.
+The shorthand flags of `CONFIG_FLAGS` (`--vocab-size` is `tokenizer.vocab_size`) and the
+sampling flags take their choices, help, range and default from the config's and
+`SamplingParams`' fields, so none is written twice. A `UserError` (argparse's errors too) is
+one stderr line and exit code 2. Every command takes `--quiet`: no progress bars
+(`sllm.progress`). Nothing here imports torch, so `sllm --help` is instant.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
 from collections.abc import Callable
@@ -201,6 +199,9 @@ def _add_training_commands(top: argparse._SubParsersAction) -> None:
 
 
 def _add_inference_commands(top: argparse._SubParsersAction) -> None:
+    from sllm.infer.server_limits import ServerLimits
+    from sllm.sampling import MAX_STOP_STRINGS
+
     generate = _add(top, "generate", commands.generate)
     _run_args(generate, "generate")
     generate.add_argument("--prompt", required=True, help="text to continue")
@@ -208,12 +209,17 @@ def _add_inference_commands(top: argparse._SubParsersAction) -> None:
 
     compile_help = "CUDA: torch.compile the CUDA-graph decode step (once per batch shape; gain unmeasured)"
     serve = _add(top, "serve", commands.serve)
+    serve.description = (
+        "An OpenAI-compatible API under /v1 and a chat page at /. A request over a limit below, with "
+        f"a prompt longer than the context or more than {MAX_STOP_STRINGS} stop strings is refused "
+        "with OpenAI's error body before any work; tokenizing and generating run off the event loop."
+    )
     _run_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=_int_in(1, 65535), default=8000)
-    serve.add_argument(
-        "--max-tokens-limit", type=_int_in(1), default=1024, help="largest max_tokens accepted"
-    )
+    for limit in dataclasses.fields(ServerLimits):
+        flag = "--" + limit.name.replace("_", "-")
+        add_flag(serve, flag, ServerLimits, limit.name, type=int, default=limit.default, metavar="N")
     serve.add_argument("--compile", action="store_true", help=compile_help)
     bench = _add(_group(top, "bench", "speed benchmarks"), "generate", commands.bench_generate)
     _run_args(bench)

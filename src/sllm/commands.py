@@ -1,9 +1,7 @@
-"""What each `sllm` command does with its parsed arguments: build the config, call the one
-function that does the work, print its result.
+"""Each `sllm` command's body: build the config, call the one function that does the work, print.
 
-`sllm.cli` builds the parser and hands each command's namespace to its function here; the
-first line of a function's docstring is the command's help. Heavy modules (torch) are
-imported inside the functions, so parsing and `--help` stay instant.
+The first line of a function's docstring is the command's help (`sllm.cli`). Heavy modules
+(torch) are imported inside the functions, so parsing and `--help` stay instant.
 """
 
 from __future__ import annotations
@@ -15,6 +13,7 @@ from argparse import Namespace
 from pathlib import Path
 
 from sllm.errors import UserError
+from sllm.infer.server_limits import ServerLimits
 
 
 def load(args: Namespace):
@@ -125,50 +124,40 @@ def evaluate(args: Namespace) -> None:
 
     `sllm eval sts` scores an STS run on an STS file instead."""
     if args.task == "sts":
-        return _evaluate_sts(args)
+        from sllm.finetune.sts import evaluate_sts
+
+        if not args.data:
+            raise UserError("`sllm eval sts` needs --data FILE (a KorSTS .tsv or KLUE-STS .json file)")
+        scores, summary = evaluate_sts(args.run, args.data, args.device)
+        print(f"{summary}\n{'n':>6} {'spearman':>9} {'pearson':>8}  (x100)")
+        print(f"{scores.n:>6} {scores.spearman:>9.2f} {scores.pearson:>8.2f}")
+        return
     if args.data and Path(args.data).is_file():
         raise UserError(f"--data {args.data} is a file, not prepared data; to score an STS file, add `sts`")
     if args.data and (args.text or args.mc):
         raise UserError("--data gives prepared data to score by split; --text and --mc score files: drop it")
     if args.mc:
-        return _evaluate_multiple_choice(args)
+        from sllm.multiple_choice import evaluate_multiple_choice
+
+        result = evaluate_multiple_choice(args.run, args.mc, args.device, args.checkpoint)
+        print(
+            f"{args.mc}: {result.questions} questions, accuracy {result.accuracy:.4f}, "
+            f"accuracy_norm {result.accuracy_norm:.4f} (chance {result.chance:.4f})"
+        )
+        return
     from sllm.evaluate import evaluate_run, evaluate_texts
 
+    options = (args.stride, args.batch_size, args.device, args.checkpoint)
     if args.text:
-        results = evaluate_texts(
-            args.run, args.text, args.stride, args.batch_size, args.device, args.checkpoint
-        )
+        results = evaluate_texts(args.run, args.text, *options)
     else:
-        results = evaluate_run(
-            args.run, args.split, args.stride, args.batch_size, args.device, args.checkpoint, args.data
-        )
+        results = evaluate_run(args.run, args.split, *options, args.data)
     width = max(6, *(len(r.split) for r in results))
     header = f"{'tokens':>10} {'loss':>8} {'perplexity':>11} {'bits/byte':>10} {'top-1':>7} {'top-5':>7}"
     print(f"{'split':<{width}} {header}")
     for r in results:
         numbers = f"{r.tokens:>10,} {r.loss:>8.4f} {r.perplexity:>11.2f} {r.bits_per_byte:>10.4f}"
         print(f"{r.split:<{width}} {numbers} {r.scores.accuracy:>7.1%} {r.scores.top5_accuracy:>7.1%}")
-
-
-def _evaluate_multiple_choice(args: Namespace) -> None:
-    from sllm.multiple_choice import evaluate_multiple_choice
-
-    result = evaluate_multiple_choice(args.run, args.mc, args.device, args.checkpoint)
-    print(
-        f"{args.mc}: {result.questions} questions, accuracy {result.accuracy:.4f}, "
-        f"accuracy_norm {result.accuracy_norm:.4f} (chance {result.chance:.4f})"
-    )
-
-
-def _evaluate_sts(args: Namespace) -> None:
-    from sllm.finetune.sts import evaluate_sts
-
-    if not args.data:
-        raise UserError("`sllm eval sts` needs --data FILE (a KorSTS .tsv or KLUE-STS .json file)")
-    scores, summary = evaluate_sts(args.run, args.data, args.device)
-    print(summary)
-    print(f"{'n':>6} {'spearman':>9} {'pearson':>8}  (x100)")
-    print(f"{scores.n:>6} {scores.spearman:>9.2f} {scores.pearson:>8.2f}")
 
 
 def generate(args: Namespace) -> None:
@@ -208,22 +197,20 @@ def serve(args: Namespace) -> None:
     """OpenAI-compatible HTTP API and a web chat page"""
     from sllm.infer.server import serve
 
-    serve(args.run, args.host, args.port, args.device, args.checkpoint, args.max_tokens_limit, args.compile)
+    serve(args.run, args.host, args.port, args.device, args.checkpoint, serve_limits(args), args.compile)
+
+
+def serve_limits(args: Namespace) -> ServerLimits:
+    """The `ServerLimits` the flags of `sllm serve` set."""
+    return ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
 
 
 def bench_generate(args: Namespace) -> None:
     """time to first token, decode and prefill speed"""
     from sllm.infer.bench import bench_generate, format_table
 
-    rows = bench_generate(
-        args.run,
-        args.device,
-        args.batch_sizes,
-        args.prompt_tokens,
-        args.new_tokens,
-        args.threads,
-        args.compile,
-    )
+    sizes, prompt_tokens, new_tokens = args.batch_sizes, args.prompt_tokens, args.new_tokens
+    rows = bench_generate(args.run, args.device, sizes, prompt_tokens, new_tokens, args.threads, args.compile)
     print(format_table(rows))
 
 

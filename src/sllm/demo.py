@@ -1,10 +1,8 @@
 """`sllm demo`: tokenizer → prepare → train → eval → samples on bundled Korean legal text.
 
-The corpus is the Korean constitution and ten National Assembly bills that the `konlpy`
-package ships as plain files. We find them through the installed package's location
-without importing konlpy (importing it starts a JVM). The demo prints the model's
-validation perplexity next to a unigram baseline's, so a user sees that it learned more
-than word frequencies, then three continuations of fixed prompts.
+The corpus (the Korean constitution and ten bills) ships with `konlpy`, found without
+importing it (that starts a JVM). The validation perplexity is printed next to a unigram
+baseline's, so a user sees the model learned more than word frequencies.
 """
 
 from __future__ import annotations
@@ -40,9 +38,7 @@ def demo_corpus() -> list[str]:
     return [str(f) for f in folders]
 
 
-def run_demo(
-    overrides: list[str], data_dir: str = "data/demo", run_dir: str = "runs/demo"
-) -> dict[str, float]:
+def run_demo(overrides: list[str], data_dir: str, run_dir: str) -> dict[str, float]:
     """Run the whole pipeline; returns the validation and unigram-baseline perplexities."""
     cfg = load_config("demo", [f"train.out_dir={run_dir}", *overrides])
     cfg.data.dir, cfg.data.inputs = data_dir, demo_corpus()  # the demo's data, so its prompts stay

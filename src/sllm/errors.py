@@ -1,8 +1,5 @@
-"""Errors a user can fix.
-
-A `UserError` carries one sentence that names the problem and the fix. The CLI prints it on
-one line to stderr and exits with code 2, without a traceback; programming errors stay
-ordinary exceptions so their tracebacks reach us.
+"""Errors a user can fix: one sentence naming the problem and the fix, printed by the CLI on
+one stderr line with exit code 2; programming errors stay exceptions with tracebacks.
 """
 
 

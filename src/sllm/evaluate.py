@@ -1,16 +1,15 @@
 """Loss, perplexity and bits per byte of a model over a whole split or any text file.
 
 Strided windows (`sllm.data.loader.strided_spans`) score every token after the first exactly
-once, with up to `block_size - stride` tokens of context, so results are exact for the split
-and comparable between runs; bits per byte (summed loss in bits over the UTF-8 bytes) also
-compare models with different tokenizers. A text file is scored as one document after an EOS
-token, as every document but the first is in the prepared data: the EOS is context only, so
-every token of the text is scored and its bytes (UTF-8 of the NFC text) match the loss.
+once, so results are exact for the split; bits per byte also compare models with different
+tokenizers. A text file is scored as one document after an EOS token (context only), as
+documents are in the prepared data, so its bytes (UTF-8 of the NFC text) match the loss.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,14 +17,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
-from sllm.data.loader import eval_batches, open_split
+from sllm.data.loader import EvalBatch, eval_batches, open_split
 from sllm.data.meta import META_FILE, DataMeta
 from sllm.data.sources import read_text_file
 from sllm.errors import UserError
 from sllm.progress import progress_bar
 from sllm.run import LoadedRun, open_run
-from sllm.runtime import autocast, select_autocast_dtype, select_device
+from sllm.runtime import Dtype, autocast, select_autocast_dtype, select_device
 from sllm.tokenizer import nfc
 
 
@@ -97,47 +97,45 @@ class EvalResult:
 
 
 @torch.no_grad()
+def score_batches(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, ...]],
+    device: torch.device,
+    amp_dtype: Dtype = None,
+) -> TokenScores:
+    """Sums over (inputs, targets) batches, or (inputs, targets, scored) to count some targets only."""
+    scores = TokenScores()
+    for inputs, targets, *scored in batches:
+        with autocast(device, amp_dtype):
+            logits = model(inputs.to(device))
+        scores.add(logits, targets.to(device), *(mask.to(device) for mask in scored))
+    return scores
+
+
 def score_tokens(
     model: nn.Module,
     tokens: np.ndarray,
     stride: int,
     batch_size: int,
     device: torch.device,
-    amp_dtype: torch.dtype | None = None,
+    amp_dtype: Dtype = None,
     label: str = "eval",
 ) -> TokenScores:
     """Scores of every token after the first, each predicted once (strided windows)."""
-    scores = TokenScores()
     with progress_bar(desc=label, total=len(tokens) - 1, unit=" tokens", unit_scale=True) as bar:
-        for batch in eval_batches(tokens, model.block_size, stride, batch_size):
-            with autocast(device, amp_dtype):
-                logits = model(batch.inputs.to(device))
-            scores.add(logits, batch.targets.to(device), batch.scored.to(device))
-            bar.update(int(batch.scored.sum()))
-    return scores
+        batches = _counted(eval_batches(tokens, model.block_size, stride, batch_size), bar)
+        return score_batches(model, batches, device, amp_dtype)
 
 
-@torch.no_grad()
-def score_windows(
-    model: nn.Module,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    batch_size: int,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-) -> TokenScores:
-    """Scores over fixed windows (training's periodic validation)."""
-    scores = TokenScores()
-    for first in range(0, len(inputs), batch_size):
-        with autocast(device, amp_dtype):
-            logits = model(inputs[first : first + batch_size].to(device))
-        scores.add(logits, targets[first : first + batch_size].to(device))
-    return scores
+def _counted(batches: Iterator[EvalBatch], bar: tqdm) -> Iterator[EvalBatch]:
+    """`batches`, each one's scored tokens added to `bar` once it has been scored."""
+    for batch in batches:
+        yield batch
+        bar.update(int(batch.scored.sum()))
 
 
 class Evaluator:
-    """A run opened once for scoring the splits of its prepared data (or of `data_dir`, made
-    with the same tokenizer) or any text files:
+    """A run opened once for scoring prepared splits (its own data or `data_dir`) or text:
     `Evaluator.from_run("runs/x").evaluate(split="val")` gives what `sllm eval` prints."""
 
     def __init__(self, run: LoadedRun, device: torch.device, data_dir: str | Path | None = None) -> None:
@@ -168,9 +166,7 @@ class Evaluator:
         )
 
     def prepared_dir(self) -> Path:
-        """The data whose splits are scored: the one given, else the run's data.dir. A relative
-        one is relative to where the run was trained, so one missing here gets a message naming
-        both ways out instead of `sllm prepare`."""
+        """The data given, else the run's data.dir (relative to where the run was trained)."""
         if self.data_dir:
             return self.data_dir
         data_dir = Path(self.run.config.data.dir)
@@ -218,8 +214,7 @@ def evaluate_run(
     checkpoint: str = "latest",
     data_dir: str | Path | None = None,
 ) -> list[EvalResult]:
-    """Score the requested splits (default: `eval.splits` that have tokens) of `data_dir`,
-    by default the run's data.dir."""
+    """Score the splits (default: `eval.splits` that have tokens) of `data_dir` or the run's data."""
     evaluator = Evaluator.from_run(run_dir, device, checkpoint, data_dir)
     sizes = evaluator.data_meta().splits
     wanted = splits or [s for s in evaluator.run.config.eval.splits if s in sizes and sizes[s].tokens >= 2]
@@ -251,8 +246,7 @@ def read_eval_text(path: Path) -> str:
 
 
 def unigram_perplexity(train_tokens: np.ndarray, eval_tokens: np.ndarray, vocab_size: int) -> float:
-    """Perplexity of a context-free model (add-one smoothed token frequencies of train):
-    the bar a language model must clear to have learned anything beyond word counts."""
+    """Perplexity of add-one smoothed train token frequencies: the bar beyond word counts."""
     counts = np.bincount(np.asarray(train_tokens, dtype=np.int64), minlength=vocab_size) + 1.0
     log_probs = np.log(counts / counts.sum())
     return float(np.exp(-log_probs[np.asarray(eval_tokens[1:], dtype=np.int64)].mean()))

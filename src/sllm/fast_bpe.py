@@ -1,14 +1,10 @@
 """Encode GPT-2-style byte-level BPE with `tiktoken`, 3-4x faster per core than `tokenizers`.
 
-`tokenizers` trains our BPE and owns the file; encoding is most of `sllm prepare`'s time, and
-`tiktoken` runs the same algorithm faster. It only takes a tokenizer it can reproduce exactly:
-NFC or no normalizer, the GPT-2 byte-level split regex, a plain BPE whose merges create every
-multi-byte token in id order (tiktoken ranks a merge by the id of the token it creates; HF by
-the merge's position) and rebuild each token from its own text, all 256 bytes present, special
-tokens only, no padding or truncation. Anything else (another pre-tokenizer, byte fallback,
-dropout, an imported vocab in another order) keeps `tokenizers`.
-Special tokens in the text are cut out first and the pieces between them normalized apart,
-as `tokenizers` does. tests/test_fast_bpe.py checks equal ids on real Korean and English text.
+`tokenizers` trains our BPE and owns the file; `tiktoken` takes only a tokenizer it reproduces
+exactly: NFC or no normalizer, the GPT-2 byte-level split, a plain BPE whose merges create every
+multi-byte token in id order (tiktoken ranks a merge by the id it creates, HF by position) and
+rebuild each token from its own text, all 256 bytes, special tokens only, no padding or
+truncation. Anything else keeps `tokenizers`. tests/test_fast_bpe.py checks equal ids.
 """
 
 from __future__ import annotations
@@ -55,9 +51,11 @@ class FastByteLevelBPE:
         """Every text's pieces (plain text at even places, special tokens at odd ones); the
         plain pieces of the whole batch are encoded in one call."""
         pieces = [self.special_split.split(text) if self.special_split else [text] for text in texts]
-        encoded = iter(
-            self._encode_plain([self._normalize(plain) for parts in pieces for plain in parts[::2]])
-        )
+        plain = [self._normalize(text) for parts in pieces for text in parts[::2]]
+        if len(plain) < SMALL_BATCH:  # a prompt and its pieces: threads would cost more than they save
+            encoded = iter([self.encoding.encode_ordinary(text) for text in plain])
+        else:
+            encoded = iter(self.encoding.encode_ordinary_batch(plain, num_threads=_threads()))
         batch = []
         for parts in pieces:
             ids: list[int] = []
@@ -65,11 +63,6 @@ class FastByteLevelBPE:
                 ids += next(encoded) if place % 2 == 0 else [self.special_ids[part]]
             batch.append(ids)
         return batch
-
-    def _encode_plain(self, texts: list[str]) -> list[list[int]]:
-        if len(texts) < SMALL_BATCH:  # a prompt and its pieces: threads would cost more than they save
-            return [self.encoding.encode_ordinary(text) for text in texts]
-        return self.encoding.encode_ordinary_batch(texts, num_threads=_threads())
 
     def _normalize(self, text: str) -> str:
         if self.nfc and not unicodedata.is_normalized("NFC", text):
@@ -97,12 +90,17 @@ def fast_byte_level_bpe(hf_tokenizer: Any, spec: dict) -> FastByteLevelBPE | Non
     added = spec.get("added_tokens") or []
     specials = {token["content"]: token["id"] for token in added}
     ranks = _mergeable_ranks(spec, set(specials))
-    nfc = _nfc_only(spec.get("normalizer"))
+    normalizer = spec.get("normalizer")
+    nfc = normalizer is not None  # anything but NFC or none keeps `tokenizers`
+    plain_specials = all(
+        t.get("special") and not any(t.get(k) for k in ("single_word", "lstrip", "rstrip", "normalized"))
+        for t in added
+    )
     if (
         ranks is None
-        or nfc is None
+        or (nfc and normalizer.get("type") != "NFC")
         or not _gpt2_pre_tokenizer(spec)
-        or not all(_plain_special(t) for t in added)
+        or not plain_specials
         or spec.get("padding") or spec.get("truncation")
         or getattr(hf_tokenizer, "encode_special_tokens", False)
         or not _merges_rebuild_every_token(hf_tokenizer, ranks)
@@ -129,7 +127,7 @@ def _mergeable_ranks(spec: dict, specials: set[str]) -> dict[bytes, int] | None:
     vocab = {token: index for token, index in model["vocab"].items() if token not in specials}
     if any(ch not in to_byte for token in vocab for ch in token):
         return None
-    merged = [_merge_result(merge) for merge in model.get("merges") or []]
+    merged = ["".join(m.split(" ", 1) if isinstance(m, str) else m) for m in model.get("merges") or []]
     merged_ids = [vocab.get(token, -1) for token in merged]
     singles = [token for token in vocab if len(token) == 1]
     in_merge_order = all(a < b for a, b in itertools.pairwise(merged_ids))
@@ -156,18 +154,6 @@ def _merges_rebuild_every_token(hf_tokenizer: Any, ranks: dict[bytes, int]) -> b
     )
 
 
-def _merge_result(merge: str | list[str]) -> str:
-    left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
-    return left + right
-
-
-def _nfc_only(normalizer: dict | None) -> bool | None:
-    """True for an NFC normalizer, False for none, None for anything else."""
-    if normalizer is None:
-        return False
-    return True if normalizer.get("type") == "NFC" else None
-
-
 def _gpt2_pre_tokenizer(spec: dict) -> bool:
     pre = spec.get("pre_tokenizer") or {}
     post = spec.get("post_processor")
@@ -175,9 +161,3 @@ def _gpt2_pre_tokenizer(spec: dict) -> bool:
         pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")
     )
     return byte_level and (post is None or post.get("type") == "ByteLevel")
-
-
-def _plain_special(token: dict) -> bool:
-    return token.get("special", False) and not any(
-        token.get(key) for key in ("single_word", "lstrip", "rstrip", "normalized")
-    )

@@ -1,9 +1,8 @@
 """`sllm info`: a model's size and cost before (or after) training it.
 
-Builds the model on the `meta` device (no memory, no time) from a run's config or a config
-file, and reports parameters by component, training FLOPs per token, a training memory
-estimate with and without activation checkpointing, and the KV-cache bytes per token. A run
-trained with `train.micro_batch: auto` is described at the micro-batch its plan.json settled.
+The model is built on the `meta` device (no memory, no time) from a run's or a file's config:
+parameters by component, training FLOPs per token, memory with and without activation
+checkpointing (at the micro-batch plan.json settled), KV-cache bytes per token.
 """
 
 from __future__ import annotations

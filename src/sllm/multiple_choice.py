@@ -1,12 +1,10 @@
 """Multiple-choice evaluation by log-likelihood, the method of lm-evaluation-harness.
 
 Each JSONL line is `{"context": str, "choices": [str, ...], "answer": int or choice text}`.
-Every choice is scored as a continuation of the context (its tokens' summed log-probability);
-`accuracy_norm` first divides by the choice's UTF-8 bytes (the harness uses characters; bytes
-are our unit, as in bits per byte). As in the harness, whitespace ending the context moves to
-the choice, and the choice's tokens are those of encode(context + choice) after the first
-len(encode(context)). The context follows an EOS token, as every training document does, and
-loses its oldest tokens when context and choice exceed the model's window.
+A choice scores its tokens' summed log-probability after the context; `accuracy_norm` divides
+by its UTF-8 bytes (our unit, as in bits per byte). As in the harness, whitespace ending the
+context moves to the choice, whose tokens are those of encode(context + choice) after
+len(encode(context)). The context follows an EOS and loses its oldest tokens to fit the window.
 """
 
 from __future__ import annotations

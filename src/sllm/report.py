@@ -1,12 +1,9 @@
 """`sllm report RUN [RUN...]`: plots and a markdown summary of one run or several side by side.
 
-Curves are drawn against tokens seen, not steps, so runs with different batch sizes line up.
-The summary lists the config keys that differ between runs (what the comparison is about),
-best validation loss, median throughput and each run's last samples. matplotlib is imported
-here alone, lazily, and uses the Agg backend so no display is needed. Run names are often
-Korean and matplotlib's default font has no Hangul, so the plots fall back to an installed
-Hangul font (only inside the report's rc_context); with none, one note names the fix instead
-of a warning per missing glyph.
+Curves are drawn against tokens seen, so runs with different batch sizes line up; the summary
+lists differing config keys, best validation loss, median throughput and the last samples.
+matplotlib (lazy, Agg backend) falls back to an installed Hangul font for Korean run names;
+with none, one note names the fix instead of a warning per missing glyph.
 """
 
 from __future__ import annotations
@@ -73,9 +70,8 @@ def hangul_font() -> str | None:
 
 
 def _plot(runs: list[Path], metrics: dict[Path, list[dict]], out_dir: Path) -> list[Path]:
-    """The curves, with a Hangul font as fallback after the default one (matplotlib >= 3.6
-    takes each glyph from the first family in `font.family` that has it), so Latin text looks
-    as it always did. Without one, Korean run names get one note rather than a warning a glyph."""
+    """The curves, with a Hangul font after the default one (matplotlib >= 3.6 takes each glyph
+    from the first family that has it), so Latin text looks as it always did."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,12 +1,7 @@
 """Where and in which precision to run: device auto-selection and autocast settings.
 
-`auto` picks CUDA, then Apple MPS, then the CPU. Precision `auto` means bf16 autocast on
-GPUs that support it, fp16 (with a gradient scaler in training) on older GPUs, and plain
-fp32 on the CPU, where low-precision autocast is slower and less exact.
-
-On the CPU under glibc, training keeps freed large blocks in the heap (`keep_freed_memory`):
-glibc maps every allocation over 32 MB freshly and unmaps it on free, so each step would
-page-fault its logits and their gradients back in.
+`auto` picks CUDA, then Apple MPS, then the CPU; precision `auto` is bf16 autocast on GPUs
+that support it, fp16 (with a gradient scaler) on older ones, plain fp32 on the CPU.
 """
 
 from __future__ import annotations
@@ -19,6 +14,7 @@ import torch
 
 from sllm.errors import UserError
 
+Dtype = torch.dtype | None  # an autocast dtype; None: plain fp32
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 NATIVE_BF16_CHECKS = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
 BF16_HINT_MIN_PARAMETERS = 5_000_000
@@ -39,8 +35,7 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def select_autocast_dtype(device: torch.device, name: str = "auto") -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
+def select_autocast_dtype(device: torch.device, name: str = "auto") -> Dtype:
     if name == "auto":
         if device.type != "cuda":
             return None
@@ -50,11 +45,9 @@ def select_autocast_dtype(device: torch.device, name: str = "auto") -> torch.dty
     return DTYPES[name]
 
 
-def cpu_bf16_hint(device: torch.device, dtype: torch.dtype | None, parameters: int) -> str | None:
-    """A line for an fp32 run of a model of some size on a CPU that multiplies bf16 natively
-    (AVX512-BF16 or AMX): on such a CPU `train.dtype=bf16` trained the 10m benchmark shape 1.5x
-    as fast as fp32, the 1M demo shape only 1.06x (docs/benchmarks.md), so smaller models get
-    no hint. fp32 stays the CPU default: it is exact."""
+def cpu_bf16_hint(device: torch.device, dtype: Dtype, parameters: int) -> str | None:
+    """A line for an fp32 run on a CPU that multiplies bf16 natively (AVX512-BF16 or AMX), where
+    bf16 trained the 10m shape 1.5x as fast, the 1M demo only 1.06x (docs/benchmarks.md)."""
     if device.type != "cpu" or dtype is not None or parameters < BF16_HINT_MIN_PARAMETERS:
         return None
     native = [getattr(torch.cpu, name, lambda: False)() for name in NATIVE_BF16_CHECKS]
@@ -66,7 +59,7 @@ def cpu_bf16_hint(device: torch.device, dtype: torch.dtype | None, parameters: i
     )
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True) -> AbstractContextManager:
+def autocast(device: torch.device, dtype: Dtype, cache: bool = True) -> AbstractContextManager:
     """`cache=False` for CUDA graph capture: cached casts would be freed when the context exits."""
     if dtype is None:
         return nullcontext()
@@ -85,12 +78,9 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
 def keep_freed_memory() -> None:
-    """Let glibc reuse freed large blocks instead of returning them to the kernel.
-
-    With mmap off for allocations and heap trimming only above 2 GiB, the (tokens × vocab)
-    tensors freed at the end of a step are reused by the next one without page faults:
-    11 % faster steps at the 10m benchmark shape on one CPU thread (docs/log.md). The cost
-    is that the process keeps its peak heap instead of returning it. Elsewhere a no-op."""
+    """Let glibc reuse freed large blocks instead of unmapping them, so each step's (tokens ×
+    vocab) tensors come back without page faults: 11 % faster steps at the 10m shape on one
+    CPU thread (docs/log.md), at the cost of keeping the peak heap. Elsewhere a no-op."""
     if not sys.platform.startswith("linux"):
         return
     try:

@@ -16,10 +16,15 @@ import typing
 from dataclasses import dataclass
 
 from sllm.errors import UserError
-from sllm.options import FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, Range, check_range, option
+from sllm.options import FRACTION, NON_NEGATIVE, PROBABILITY, Range, check_range, option
 
 MAX_STOP_STRINGS = 8
 PENALTY = Range(-2, 2)  # OpenAI's range for the presence and frequency penalties
+# Below this a temperature is greedy: dividing logits by less could overflow float32. The ranges
+# keep every accepted value finite in float32; beyond them a setting would change nothing more.
+GREEDY_BELOW = 1e-5
+TEMPERATURE = Range(0, 100)
+REPETITION_PENALTY = Range(0.01, 100)
 
 
 @dataclass(frozen=True)
@@ -28,7 +33,9 @@ class SamplingParams:
     min_new_tokens: int = option(
         0, "tokens generated before EOS or a one-token stop string may end the text", NON_NEGATIVE
     )
-    temperature: float = option(0.8, "softmax temperature; 0 is greedy", NON_NEGATIVE)
+    temperature: float = option(
+        0.8, f"softmax temperature; 0 (or below {GREEDY_BELOW:g}) is greedy", TEMPERATURE
+    )
     top_k: int = option(50, "keep the k most likely tokens; 0 disables", NON_NEGATIVE)
     top_p: float = option(
         0.95, "keep the most likely tokens up to this probability mass; 1 disables", PROBABILITY
@@ -37,7 +44,7 @@ class SamplingParams:
         0.0, "keep tokens at least this share as likely as the likeliest; 0 disables", FRACTION
     )
     repetition_penalty: float = option(
-        1.0, "divide logits of tokens already seen, prompt included, by this; 1 disables", POSITIVE
+        1.0, "divide logits of tokens already seen, prompt included, by this; 1 disables", REPETITION_PENALTY
     )
     presence_penalty: float = option(
         0.0, "subtract this from logits of tokens generated; 0 disables", PENALTY

@@ -1,13 +1,9 @@
 """Tokenizer quality on real text: compression and coverage, Korean and English apart.
 
-Every line of every document is classified by script (`dominant_script`: Hangul or Latin
-letters at least half of its letters); lines that are mixed or have no letters count only in
-the total. Lines are encoded one by one, so the numbers do not depend on how files are cut
-into documents.
-
-A fallback token is one that does not stand for whole characters: for byte-level BPE a token
-whose bytes are not valid UTF-8 alone (a piece of a multi-byte character the merges did not
-cover, e.g. a rare Hangul syllable spelled as three byte tokens); for the char kind `<|unk|>`.
+Each line is classified by its dominant script (mixed lines count only in the total) and
+encoded alone, so the numbers do not depend on how files are cut into documents. A fallback
+token does not stand for whole characters: a byte-level BPE token that is not valid UTF-8
+alone (a rare Hangul syllable spelled in bytes), or the char kind's `<|unk|>`.
 """
 
 from __future__ import annotations

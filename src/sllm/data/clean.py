@@ -1,13 +1,10 @@
 """Document cleaning between reading and tokenizing: small steps, each switchable and counted.
 
-Rewrites run first (NFC, always; control and zero-width characters; whitespace), then filters
-that drop a document for one reason each (length, language, exact or near duplicate), so
-copies differing only in invisible characters or spacing are duplicates; the first is kept.
-Zero-width (non-)joiners stay (emoji sequences, script shaping); ZWSP, word joiner, BOM and
-soft hyphen go. The language filter compares letter counts by script (Hangul vs Latin): no
-model to download, and Korean with English words passes a 0.5 ratio. Exact dedup keeps 16
-bytes per document, near dedup (MinHash LSH over character 5-grams, `datasketch`) an index
-entry: both grow with the corpus, so they are off by default.
+Rewrites run first (NFC; control and zero-width characters but (non-)joiners; whitespace), then
+filters drop a document for one reason each (length, language, exact or near duplicate), so
+copies differing only in invisible characters or spacing are duplicates. The language filter
+compares letter counts by script (no model to download). Exact dedup (16 bytes a document) and
+near dedup (MinHash LSH over character 5-grams) grow with the corpus: off by default.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """`sllm data info`: a prepared data directory described in words, with sample windows.
 
-Seeing decoded windows is the quickest check that the model will read what you meant:
-the right field, sane normalization, EOS between documents (shown as the token itself).
-The overview of splits, sources and cleaning is also prepare's closing summary.
+Decoded windows are the quickest check that the model reads what you meant (the right field,
+sane normalization, EOS between documents); the overview is also prepare's closing summary.
 """
 
 from __future__ import annotations

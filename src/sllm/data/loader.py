@@ -1,13 +1,9 @@
 """Windows over memory-mapped token files: random ones for training, strided ones for eval.
 
-Which windows a training micro-batch reads is a pure function of (seed, step, index), where
-index = micro_step * world_size + rank: resuming needs no loader state and replays the
-uninterrupted run exactly, and N processes read the same windows as one process
-accumulating N micro-batches.
-
-Evaluation slides windows of `block_size` tokens by `stride`; in each window only the
-targets not scored by the previous window count, so every token after the first is scored
-exactly once and perplexity is exact for the split, whatever the stride.
+A training micro-batch's windows are a pure function of (seed, step, index), index =
+micro_step * world_size + rank: resume needs no loader state, and N processes read what one
+accumulating N micro-batches reads. Evaluation slides windows by `stride` and counts only the
+targets the previous window did not score, so every token after the first is scored once.
 """
 
 from __future__ import annotations
@@ -15,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -48,8 +45,11 @@ class TrainWindows:
                 f"the train split has {len(self.tokens)} tokens, fewer than block_size + 1 "
                 f"({self.block_size + 1}); lower train.block_size or add data"
             )
-        if self.mixture is not None:
-            self.mixture.check_window(self.block_size + 1)
+        if self.mixture is not None and (self.mixture.ends - self.mixture.begins <= self.block_size).any():
+            raise UserError(
+                f"a weighted source has fewer than {self.block_size + 1} training tokens; lower "
+                "train.block_size or give that source more text"
+            )
 
     def starts(self, step: int, index: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, step, index])
@@ -96,8 +96,7 @@ def strided_spans(n_tokens: int, block_size: int, stride: int) -> Iterator[Span]
         begin += stride
 
 
-@dataclass
-class EvalBatch:
+class EvalBatch(NamedTuple):
     inputs: torch.Tensor  # (B, T) padded with 0
     targets: torch.Tensor  # (B, T)
     scored: torch.Tensor  # (B, T) bool: which targets count

@@ -1,11 +1,9 @@
 """Named sources and their mixture: which documents go where, and how often training sees each.
 
-Sources: `data.inputs` (one per input when weighted), held-out `data.val_inputs` /
-`test_inputs`, and `data.sources` entries with their own inputs, field, weight and split.
-Weights are applied by the training sampler, not by dropping or repeating documents: each
-source's train tokens are one contiguous range of the split (in meta.json), and a window
-first draws its source by weight, then a start inside that range. Nothing is thrown away or
-stored twice, and no window spans two sources. Without weights: the natural mix.
+Sources: `data.inputs`, held-out `data.val_inputs` / `test_inputs`, and `data.sources` entries.
+Weights are applied by the training sampler: each source's train tokens are one contiguous
+range of the split (in meta.json), and a window draws its source by weight, then a start inside
+that range, so nothing is dropped or stored twice and no window spans two sources.
 """
 
 from __future__ import annotations
@@ -112,14 +110,6 @@ class TrainMixture:
             ends=np.array([s.train_range[1] for s in weighted], dtype=np.int64),
             probabilities=weights / weights.sum(),
         )
-
-    def check_window(self, window: int) -> None:
-        """Every weighted source must hold at least one window of training tokens."""
-        if (self.ends - self.begins < window).any():
-            raise UserError(
-                f"a weighted source has fewer than {window} training tokens; lower train.block_size "
-                "or give that source more text"
-            )
 
     def window_starts(self, rng: np.random.Generator, count: int, window: int) -> np.ndarray:
         """`count` window starts: a source by weight, then a start inside its range."""

@@ -1,9 +1,8 @@
 """Run a producer iterator in a background thread, a bounded number of items ahead.
 
-Prepare reads and cleans documents in Python while the tokenizer encodes the previous batch
-in Rust threads that release the GIL; overlapping the two keeps every core busy. The queue
-bound keeps memory at a few batches. An exception in the producer is raised in the consumer;
-a consumer that stops early (an error, Ctrl-C) stops the producer too.
+Prepare reads and cleans documents in Python while the tokenizer encodes the previous batch in
+Rust threads that release the GIL. A producer's exception is raised in the consumer; a consumer
+that stops early stops the producer too.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""STS scores: Spearman and Pearson correlation between predicted and gold similarities.
-
-Both come from `scipy.stats` and are reported ×100, as the KorSTS and KLUE papers do.
-Constant predictions (a collapsed head) have no defined correlation; they score NaN
-rather than raising, so one bad epoch does not stop a run.
+"""STS scores: Spearman and Pearson correlation (`scipy.stats`, ×100 as in the KorSTS and KLUE
+papers). Constant predictions score NaN rather than raising, so one bad epoch does not stop a run.
 """
 
 from __future__ import annotations

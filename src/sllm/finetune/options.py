@@ -1,11 +1,9 @@
 """Settings every fine-tuning shares, and the trainer config they become.
 
-`sts.*` and `sft.*` keep their own short vocabulary (epochs, batch size, one peak rate), and
-each task's dataclass redeclares the fields whose defaults differ. `trainer_config` turns
-them into the `Config` the one trainer runs: the base run's model and logging sections, a
-train section whose schedule is linear warmup then linear decay to zero (a WSD schedule whose
-decay spans every step after the warmup), an evaluation and a checkpoint at the end of each
-epoch, and the batch split into micro-batches as `train.batch_size` would be.
+`sts.*` and `sft.*` keep their own short vocabulary (epochs, batch size, one peak rate).
+`trainer_config` turns them into the `Config` the one trainer runs: linear warmup then linear
+decay to zero (WSD whose decay spans every step after warmup), an evaluation and a checkpoint
+at the end of each epoch.
 """
 
 from __future__ import annotations
@@ -83,21 +81,24 @@ def trainer_config(
         model=model,
         train=train,
         eval=replace(base.eval, batch_size=cfg.batch_size),
-        log=replace(base.log, samples_at_eval=samples, progress=True),  # the bar: as a terminal and --quiet say
+        log=replace(
+            base.log, samples_at_eval=samples, progress=True
+        ),  # the bar: as a terminal and --quiet say
     )
     validate(config)
     return config
 
 
 def _what_is_trained(settings: dict, section: str) -> dict:
-    options = {k: v for k, v in settings.get(section, {}).items() if k not in EXECUTION_KEYS}
-    return {**settings, section: options}
+    return {
+        **settings,
+        section: {k: v for k, v in settings.get(section, {}).items() if k not in EXECUTION_KEYS},
+    }
 
 
 def keep_settings(out_dir: Path, name: str, settings: dict, section: str) -> None:
-    """A fine-tuning resumes only with the settings and data it started with (recorded in
-    `name`, e.g. sft.yaml; `EXECUTION_KEYS` may change); a directory holding checkpoints of
-    other ones is refused."""
+    """A fine-tuning resumes only with the settings and data it started with (in `name`, e.g.
+    sft.yaml; `EXECUTION_KEYS` may change)."""
     checkpoints = out_dir / CHECKPOINTS
     if not (periodic_checkpoints(checkpoints) or (checkpoints / BEST).is_dir()):
         return

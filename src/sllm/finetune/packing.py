@@ -2,11 +2,9 @@
 
 Examples go greedily, in order, into rows of `length` tokens, padded with zero weight. Each
 token carries its example's number within the row (`documents`), which the GPT turns into a
-same-document causal mask and positions that restart per example, so a packed example
-computes what it would alone; targets never cross an example's end. An example longer than a
-row loses its oldest tokens (the start of the prompt) first, never the token before its last
-answer, so that answer keeps every target; only an answer longer than the row loses its end.
-Examples without any target are skipped and counted.
+same-document causal mask and restarting positions, so a packed example computes what it would
+alone. An example longer than a row loses its oldest tokens first, never its last answer's
+targets unless that answer alone is longer than the row. Examples without a target are skipped.
 """
 
 from __future__ import annotations
@@ -32,13 +30,14 @@ class PackedRows:
     def __len__(self) -> int:
         return len(self.inputs)
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.inputs, self.targets, self.weights, self.documents
+
 
 def _kept_span(weights: list[float], length: int) -> tuple[int, int] | None:
-    """The [start, end) tokens of an example that fit a row of `length` inputs (length + 1
-    tokens); None when it has no target (token 0 never is one: nothing before predicts it). One
-    too long drops what trains nothing after its last target (a closing user turn), then its
-    oldest tokens, never the token that predicts its last answer's first target, and only then
-    the answer's end."""
+    """The [start, end) tokens of an example that fit a row of `length` inputs; None without a
+    target. One too long drops what follows its last target, then its oldest tokens, never the
+    token that predicts its last answer's first target, and only then the answer's end."""
     targets = [j for j in range(1, len(weights)) if weights[j] > 0]
     if not targets:
         return None

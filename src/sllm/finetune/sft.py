@@ -1,12 +1,9 @@
 """Instruction tuning (SFT): next-token loss on the assistant's tokens of templated chats.
 
-The base run's tokenizer gains the chat template's tokens (and the model their embedding
-rows); conversations are rendered with `chat_template`, split into train and held-out
-examples by a seeded shuffle and packed into rows of the model's context (`packing`). Training
-is the one trainer's with the `MaskedRows` objective, so SFT resumes, accumulates and runs
-under torchrun as pre-training does. The output is an ordinary run directory (plus sft.yaml
-and chat_template.json) that `sllm generate` and `sllm eval` open like any run; after each
-epoch the `sft.prompts` are answered greedily into `samples/`, stopping as `generate` does.
+The base run's tokenizer gains the chat template's tokens (the model their embedding rows);
+conversations are rendered, split by a seeded shuffle and packed into rows of the model's
+context, then trained by the one trainer (`MaskedRows`). The output is an ordinary run
+directory plus sft.yaml and chat_template.json; after each epoch `sft.prompts` are answered.
 """
 
 from __future__ import annotations
@@ -70,8 +67,7 @@ def sft_config(overrides: list[str]) -> SftConfig:
 def answer_prompts(
     model: nn.Module, tokenizer: Tokenizer, cfg: SftConfig, device: torch.device
 ) -> list[tuple[str, str]]:
-    """(question, greedy answer) for each of `cfg.prompts`, rendered with the chat template; an
-    answer ends at `<|end|>` or EOS, whichever comes first."""
+    """(question, greedy answer) for each of `cfg.prompts`, ending at `<|end|>` or EOS."""
     return sample_prompts(
         model, tokenizer, cfg.prompts, SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0),
         device, encode=lambda prompt: render_prompt(tokenizer, [Message("user", prompt)]),
@@ -104,22 +100,10 @@ def packing_summary(train_rows: PackedRows, val_rows: PackedRows, length: int) -
     )
 
 
-def _split(examples: list, val_ratio: float, seed: int) -> tuple[list, list]:
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    held_out = min(len(examples) - 1, round(len(examples) * val_ratio))
-    return [examples[i] for i in order[held_out:]], [examples[i] for i in order[:held_out]]
-
-
-def _tensors(rows: PackedRows) -> tuple[torch.Tensor, ...]:
-    return rows.inputs, rows.targets, rows.weights, rows.documents
-
-
 def finetune_sft(
     base_run: str | Path, data_path: str | Path, out_dir: str | Path, cfg: SftConfig, log: Callable = print
 ) -> TrainResult:
-    """Instruction-tune the base run on `data_path` into the run directory `out_dir`, or resume
-    that run when the same command was interrupted."""
+    """Instruction-tune the base run on `data_path` into `out_dir` (or resume that run)."""
     check_options(cfg, SECTION)
     out_dir = Path(out_dir)
     settings = {SECTION: asdict(cfg), "base_run": str(base_run), "data": str(data_path)}
@@ -135,9 +119,10 @@ def finetune_sft(
         raise UserError(f"sft.block_size ({length}) exceeds the model's context ({base.model.block_size})")
     tokenizer = with_template_tokens(base.tokenizer)
     grow_embeddings(base.model, tokenizer.vocab_size)
-    train_examples, val_examples = _split(
-        [render(tokenizer, c) for c in data.conversations], cfg.val_ratio, cfg.seed
-    )
+    examples = [render(tokenizer, c) for c in data.conversations]
+    random.Random(cfg.seed).shuffle(examples)
+    held_out = min(len(examples) - 1, round(len(examples) * cfg.val_ratio))
+    train_examples, val_examples = examples[held_out:], examples[:held_out]
     train_rows, val_rows = pack_split(train_examples, val_examples, length, tokenizer.pad_id)
     log(packing_summary(train_rows, val_rows, length))
 
@@ -148,8 +133,8 @@ def finetune_sft(
 
     objective = MaskedRows(
         model=base.model, model_config=replace(base.model.cfg), tokenizer=tokenizer,
-        train_rows=_tensors(train_rows), tokens_per_sample=length, run_files=write_run_files,
-        val_rows=_tensors(val_rows),
+        train_rows=train_rows.tensors(), tokens_per_sample=length, run_files=write_run_files,
+        val_rows=val_rows.tensors(),
         sample=lambda model, device, dtype: answer_prompts(model, tokenizer, cfg, device),
     )  # fmt: skip
     config = trainer_config(

@@ -1,11 +1,9 @@
 """Instruction data as conversations: Alpaca JSON/JSONL, chat JSONL and question/answer CSV.
 
-Every format becomes a list of `Message(role, content)`: Alpaca (`instruction`, optional
-`input`, `output`) a user and an assistant turn; chat (`messages: [{role, content}]`) as is;
-a CSV's first question column among `QUESTION_COLUMNS` the user turn and its first answer
-column among `ANSWER_COLUMNS` the assistant turn. `.json` is one array, `.jsonl` one record a
-line. Structural problems stop with one `UserError` naming the line or record; examples with
-an empty answer are skipped and counted in the summary, never silently.
+Alpaca (`instruction`, optional `input`, `output`) becomes a user and an assistant turn, chat
+(`messages: [{role, content}]`) stays as is, a CSV's question and answer columns become the
+two turns. Structural problems stop with one `UserError` naming the line or record; examples
+with an empty answer are skipped and counted in the summary.
 """
 
 from __future__ import annotations
@@ -41,15 +39,10 @@ class SftData:
 def load_sft(path: str | Path) -> SftData:
     path = Path(path)
     text = read_text_file(path, "SFT file", "a .json, .jsonl or .csv file")
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        records = _csv_records(path, text)
-    elif suffix == ".jsonl":
-        records = _jsonl_records(path, text)
-    elif suffix == ".json":
-        records = _json_records(path, text)
-    else:
+    readers = {".csv": _csv_records, ".jsonl": _jsonl_records, ".json": _json_records}
+    if path.suffix.lower() not in readers:
         raise UserError(f"SFT file {path} must end in .json, .jsonl or .csv")
+    records = readers[path.suffix.lower()](path, text)
     data = SftData(path, [])
     for where, record in records:
         conversation = _conversation(path, where, record)

@@ -1,12 +1,10 @@
 """STS fine-tuning: a regression head on mean-pooled GPT states, scored by Spearman.
 
-Both sentences of a pair go through the causal backbone in one right-padded batch, so the
-padding only has to be kept out of the mean. The head sees `[u, v, |u − v|, u * v]` (the SBERT
-features) and outputs 5·sigmoid(·), the loss is MSE against the gold score. `sts.freeze=true`
-trains the head alone on sentence vectors the backbone pooled once (about one pass over the
-data); otherwise the backbone trains too, at its own `sts.backbone_lr`. Training is the one
-trainer's (`PairRegression`): the dev set is scored each epoch and `best/` keeps the epoch with
-the highest Spearman. Checkpoints hold the backbone under `backbone.`, the head under `head.`.
+Both sentences go through the causal backbone in one right-padded batch (padding is kept out
+of the mean); the head sees the SBERT features `[u, v, |u − v|, u * v]` and outputs
+5·sigmoid(·). `sts.freeze=true` trains the head alone on sentence vectors pooled once;
+otherwise the backbone trains too, at `sts.backbone_lr`. The one trainer runs it
+(`PairRegression`); `best/` keeps the epoch with the highest dev Spearman.
 """
 
 from __future__ import annotations
@@ -37,7 +35,7 @@ from sllm.finetune.sts_data import MAX_SCORE, StsPair, load_sts
 from sllm.model import build_model
 from sllm.options import FRACTION, NON_NEGATIVE, POSITIVE
 from sllm.run import BEST, CHECKPOINTS, STS_CONFIG_FILE, load_checkpoint, open_run, read_run_config
-from sllm.runtime import autocast, select_device
+from sllm.runtime import Dtype, autocast, select_device
 from sllm.tokenizer import Tokenizer, load_tokenizer
 from sllm.train.objectives import Evaluation, PairRegression
 from sllm.train.optim import decay_groups
@@ -95,9 +93,7 @@ class StsModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, head: SimilarityHead, freeze: bool) -> None:
         super().__init__()
-        self.backbone = backbone
-        self.head = head
-        self.freeze = freeze
+        self.backbone, self.head, self.freeze = backbone, head, freeze
         backbone.requires_grad_(not freeze)
 
     def train(self, mode: bool = True) -> StsModel:
@@ -113,8 +109,7 @@ class StsModel(nn.Module):
         return masked_mean(self.backbone.hidden_states(ids), mask).chunk(2)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        """B scores from the pairs' token ids and masks, or from the sentence vectors (u, v) a
-        frozen backbone pooled before."""
+        """Scores from the pairs' ids and masks, or from sentence vectors (u, v) pooled before."""
         u, v = inputs if len(inputs) == 2 else self.pool(*inputs)
         return self.head(u, v)
 
@@ -156,12 +151,8 @@ def encode_pairs(tokenizer: Tokenizer, pairs: list[StsPair], max_length: int) ->
     def encode(texts: list[str]) -> list[list[int]]:
         return [ids[:max_length] or [tokenizer.eos_id] for ids in tokenizer.encode_batch(texts)]
 
-    return EncodedPairs(
-        encode([p.sentence1 for p in pairs]),
-        encode([p.sentence2 for p in pairs]),
-        torch.tensor([p.score for p in pairs], dtype=torch.float32),
-        tokenizer.pad_id,
-    )
+    first, second = encode([p.sentence1 for p in pairs]), encode([p.sentence2 for p in pairs])
+    return EncodedPairs(first, second, torch.tensor([p.score for p in pairs]), tokenizer.pad_id)
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,7 +177,7 @@ def pool_pairs(model: StsModel, rows: Rows, device: torch.device, batch_size: in
 
 @torch.no_grad()
 def predict(
-    model: StsModel, rows: Rows, device: torch.device, batch_size: int = 64, dtype: torch.dtype | None = None
+    model: StsModel, rows: Rows, device: torch.device, batch_size: int = 64, dtype: Dtype = None
 ) -> torch.Tensor:
     """Scores of every pair, from token rows or pooled ones."""
     model.eval()
@@ -244,9 +235,7 @@ def fit(
         pooled_dev.append(pool_pairs(model, dev_rows, device))
         return pool_pairs(model, train_rows, device)
 
-    def evaluate(
-        model: StsModel, device: torch.device, dtype: torch.dtype | None, batch_size: int
-    ) -> Evaluation:
+    def evaluate(model: StsModel, device: torch.device, dtype: Dtype, batch_size: int) -> Evaluation:
         rows = pooled_dev[0] if pooled_dev else dev_rows
         predicted, gold = predict(model, rows, device, batch_size, dtype), rows[-1]
         scores = sts_scores(predicted.tolist(), gold.tolist())
@@ -292,21 +281,15 @@ def finetune_sts(
     cfg: StsConfig,
     log: Callable[[str], None] = print,
 ) -> StsResult:
-    """Fine-tune the base run on STS pairs; keep the epoch with the best dev Spearman. The same
-    command again resumes an interrupted run."""
+    """Fine-tune the base run on STS pairs (or resume that run); keep the best dev epoch."""
     check_options(cfg, SECTION)
     out_dir = Path(out_dir)
-    settings = {
-        SECTION: asdict(cfg),
-        "base_run": str(base_run),
-        "train": str(train_path),
-        "dev": str(dev_path),
-    }
+    paths = {"base_run": str(base_run), "train": str(train_path), "dev": str(dev_path)}
+    settings = {SECTION: asdict(cfg), **paths}
     keep_settings(out_dir, STS_CONFIG_FILE, settings, SECTION)
     log = main_process_log(log)
     train_data, dev_data = load_sts(train_path), load_sts(dev_path)
-    log(train_data.summary())
-    log(dev_data.summary())
+    log(f"{train_data.summary()}\n{dev_data.summary()}")
     base = open_run(base_run, torch.device("cpu"), cfg.checkpoint)
     if cfg.max_length > base.model.block_size:
         raise UserError(
@@ -324,8 +307,7 @@ def finetune_sts(
 
 
 def evaluate_sts(run_dir: str | Path, data_path: str | Path, device: str = "auto") -> tuple[StsScores, str]:
-    """Spearman and Pearson (×100) of an STS run's `best/` on any STS file, and the file's
-    summary line."""
+    """Spearman and Pearson (×100) of an STS run's `best/` on an STS file, and its summary."""
     data = load_sts(data_path)
     run_dir, chosen = Path(run_dir), select_device(device)
     settings = run_dir / STS_CONFIG_FILE

@@ -1,11 +1,9 @@
 """STS sentence pairs from KorSTS TSV or KLUE-STS JSON files, format auto-detected.
 
-A file starting with `[` is KLUE-STS JSON (`sentence1`, `sentence2`, `labels.label`); anything
-else is KorSTS-style TSV with a header naming `score`, `sentence1` and `sentence2`, split on
-tabs and newlines literally: a CSV quoting dialect would swallow KorSTS's `"` across lines and
-`str.splitlines` would break at form feeds inside a sentence. Rows whose score is missing,
-unparsable or outside [0, 5] are skipped and reported; fewer than two usable rows (too few for
-a correlation) is a `UserError`.
+A file starting with `[` is KLUE-STS JSON; anything else is TSV with a header naming `score`,
+`sentence1` and `sentence2`, split on tabs and newlines literally (a CSV dialect would swallow
+KorSTS's `"` across lines, `splitlines` would break at form feeds). Rows without a score in
+[0, 5] are skipped and reported; fewer than two usable rows is a `UserError`.
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""Inference: sampling rules, the KV-cache generation engine, and the interfaces on top."""
+"""Inference: the decoder and its KV cache, generation, chat, the HTTP server and speed benchmarks."""

@@ -1,13 +1,9 @@
 """`sllm bench generate`: how fast a run generates, per batch size.
 
-Each batch size gets random prompts of `prompt_tokens` tokens and greedy decoding of
-`new_tokens` tokens (EOS ignored, so every run does the same work) through the same
-`TokenStream` that chat and serve use, after one warm-up run. Reported: time to first token
-(prefill plus the first sample), prefill tokens/s, decode tokens/s over the remaining steps,
-and peak memory (CUDA: allocated by torch; CPU: the process's peak resident set).
-Prompt + new tokens must fit the context, so no refill is timed; counts that do not are
-refused before the model loads rather than cut (a cut to one new token would time no decode
-step and print a rate of 0). Without --new-tokens a prompt gets 128, or as many as fit.
+Random prompts and greedy decoding (EOS ignored, so every run does the same work) through the
+`TokenStream` chat and serve use, after one warm-up run. Reported: time to first token, prefill
+and decode tokens/s, peak memory (CUDA: torch's allocations; CPU: peak resident set). Prompt +
+new tokens must fit the context (no refill is timed); counts that do not are refused up front.
 """
 
 from __future__ import annotations
@@ -39,19 +35,11 @@ class GenerationSpeed:
     peak_memory_mib: float
 
 
-def _peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
-
-
 def measure_generation(
     generator: TextGenerator, batch: int, prompt_tokens: int, new_tokens: int
 ) -> GenerationSpeed:
-    """Greedy generation of `new_tokens` for `batch` random prompts, timed step by step, after
-    one untimed run of the same shape (which compiles the step). On CUDA every stream
-    captures its own CUDA graph at its first decode step, so the decode rate includes that
-    capture, as each request's does."""
+    """Greedy generation of `new_tokens` for `batch` random prompts, timed after one untimed
+    run of the same shape (on CUDA the decode rate includes each stream's graph capture)."""
     model, device = generator.model, generator.device
     vocab = model.cfg.vocab_size
     prompts = torch.randint(0, vocab, (batch, prompt_tokens), generator=torch.Generator().manual_seed(0))
@@ -72,6 +60,10 @@ def measure_generation(
         if step == 0:
             first = time.perf_counter()
     end = time.perf_counter()
+    if device.type == "cuda":
+        peak_memory_mib = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak_memory_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
     return GenerationSpeed(
         batch=batch,
         prompt_tokens=prompt_tokens,
@@ -79,14 +71,13 @@ def measure_generation(
         first_token_ms=(first - start) * 1e3,
         prefill_tokens_per_s=batch * prompt_tokens / (first - start),
         decode_tokens_per_s=batch * (new_tokens - 1) / max(end - first, 1e-9),
-        peak_memory_mib=_peak_memory_mib(device),
+        peak_memory_mib=peak_memory_mib,
     )
 
 
 def tokens_to_generate(context: int, prompt_tokens: int, new_tokens: int | None) -> int:
-    """New tokens per prompt: given ones must fit the context after the prompt, none given
-    means up to DEFAULT_NEW_TOKENS that fit. The first comes from the prefill, so timing
-    decode needs at least 2."""
+    """New tokens per prompt (default: up to DEFAULT_NEW_TOKENS that fit), at least 2: the
+    first comes from the prefill."""
     if prompt_tokens < 1:
         raise UserError(f"--prompt-tokens must be 1 or more, got {prompt_tokens}")
     if new_tokens is None:
@@ -118,8 +109,7 @@ def bench_generate(
     threads: int = 0,
     compile_step: bool = False,
 ) -> list[GenerationSpeed]:
-    """One row per batch size; `threads` > 0 sets torch's CPU threads (on a busy machine
-    fewer threads than cores avoids threads waiting on each other)."""
+    """One row per batch size; `threads` > 0 sets torch's CPU threads."""
     if min(batch_sizes) < 1:
         raise UserError(f"batch sizes must be 1 or more, got {min(batch_sizes)}")
     context = read_run_config(Path(run_dir)).model.block_size

@@ -1,9 +1,7 @@
-"""Multi-turn chat in the terminal (`sllm chat`).
+"""Multi-turn chat in the terminal (`sllm chat`), rendered with the run's chat template.
 
-The conversation is rendered with the run's chat template (`chat_template`: plain
-continuation for a base model, the SFT format for an instruction-tuned run). The history is
-kept within the context: the oldest turns are dropped (with a notice) until the prompt leaves
-room for the reply. `/set NAME VALUE` changes a sampling option mid-conversation.
+The oldest turns are dropped (with a notice) until the prompt leaves room for the reply;
+`/set NAME VALUE` changes a sampling option mid-conversation.
 """
 
 from __future__ import annotations
@@ -22,19 +20,16 @@ from sllm.sampling import OPTION_TYPES, SamplingParams
 def fit_history(
     messages: list[Message], template: ChatTemplate, generator: TextGenerator, params: SamplingParams
 ) -> tuple[list[Message], int]:
-    """The newest messages whose prompt fits the context with room for the reply, and how
-    many were dropped. System messages are kept; the last message always is. The room kept
-    for the reply is max_new_tokens, at most half the context."""
+    """The newest messages whose prompt leaves room for the reply (max_new_tokens, at most half
+    the context), and how many were dropped; system messages and the last one are kept."""
     budget = generator.context_tokens - min(params.max_new_tokens, generator.context_tokens // 2)
     kept = list(messages)
-    dropped = 0
     while len(kept) > 1 and len(generator.tokenizer.encode(template.render(kept))) > budget:
         oldest = next((i for i, m in enumerate(kept[:-1]) if m.role != "system"), None)
         if oldest is None:
             break
         del kept[oldest]
-        dropped += 1
-    return kept, dropped
+    return kept, len(messages) - len(kept)
 
 
 def note_if_ended_at_once(stream: TextStream, how: str) -> None:

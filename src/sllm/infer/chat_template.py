@@ -1,12 +1,10 @@
 """The chat template: how a conversation becomes the model's text, for SFT, chat, serve and export.
 
-A `ChatTemplate` holds a format string per role and the prefix of the model's reply. A base
-model gets `PLAIN` (one growing document); an SFT run ships `SFT_TEMPLATE`
-(`<|user|>question<|end|><|assistant|>answer<|end|>`) as `chat_template.json`. For
-training, `render` encodes each message on its own so the loss mask is exact: targets are
-the assistant's text and its `<|end|>`. A BPE tokenizer lacking these tokens gets them
-appended (existing ids keep their meaning), the model a new embedding row each at the mean
-row. `to_jinja` writes a template as the Jinja of HF's `apply_chat_template`.
+A base model gets `PLAIN` (one growing document); an SFT run ships `SFT_TEMPLATE`
+(`<|user|>question<|end|><|assistant|>answer<|end|>`) as `chat_template.json`. `render`
+encodes each message on its own so the loss mask is exact (targets: the assistant's text and
+its `<|end|>`). A BPE tokenizer lacking these tokens gets them appended, the model a new
+embedding row each at the mean row. `to_jinja` writes HF's `apply_chat_template` Jinja.
 """
 
 from __future__ import annotations
@@ -81,9 +79,8 @@ def load_chat_template(run_dir: str | Path) -> ChatTemplate:
 
 
 def to_jinja(template: ChatTemplate) -> str:
-    """`template` as the Jinja `apply_chat_template` runs. Each role's format string becomes the
-    literal pieces between its `{text}` fields, joined with the message's content, so the Jinja
-    renders what `template.render` does, whatever characters the pieces hold."""
+    """`template` as `apply_chat_template` Jinja: each role's literal pieces joined with the
+    message's content, so it renders what `template.render` does, whatever the pieces hold."""
     pieces = {role: _literal_pieces(getattr(template, role)) for role in ROLES}
     unknown_role = json.dumps(f"sllm chat templates know the roles {', '.join(ROLES)} only")
     return (
@@ -99,8 +96,7 @@ def to_jinja(template: ChatTemplate) -> str:
 
 
 def _literal_pieces(format_string: str) -> list[str]:
-    """The text before, between and after the `{text}` fields (`{{` read as `{`): the format
-    string filled with `content` is `content.join(pieces)`."""
+    """The text around the `{text}` fields: the format filled with `content` is `content.join(pieces)`."""
     pieces = [""]
     for literal, name, spec, conversion in string.Formatter().parse(format_string):
         pieces[-1] += literal
@@ -132,8 +128,8 @@ def with_template_tokens(tokenizer: Tokenizer) -> Tokenizer:
 
 
 def grow_embeddings(model: nn.Module, vocab_size: int) -> None:
-    """Give the token embedding (and an untied `lm_head`) `vocab_size` rows; new rows start at the
-    mean row. Padding rows (`model.vocab_pad_multiple`) are used before any are added."""
+    """Give the token embedding (and an untied `lm_head`) `vocab_size` rows, new ones at the mean
+    row; padding rows (`model.vocab_pad_multiple`) are used first."""
     model.cfg.vocab_size = max(model.cfg.vocab_size, vocab_size)
     model.wte.weight = _grown(model.wte.weight, vocab_size)
     if hasattr(model, "lm_head"):

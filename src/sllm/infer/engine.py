@@ -8,7 +8,8 @@
 - `TextGenerator` is text in, text out for a run directory. `TextRow` turns a row's tokens
   into text pieces: it waits for complete UTF-8 characters and holds back any tail that could
   still grow into a stop string, so a stop string split across tokens never leaks out and
-  streaming yields exactly the non-streamed text.
+  streaming yields exactly the non-streamed text. Bytes that never become a whole character
+  (the model broke one off, or generation ended inside one) are dropped, never shown as U+FFFD.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from sllm.sampling import SamplingParams
 from sllm.tokenizer import Tokenizer
 
 STATIC_CACHE_STEP = 64  # a fixed-shape cache holds a multiple of this many slots: fewer compiled shapes
+BROKEN = "\ufffd"  # what decoding makes of bytes that are not (yet) a whole UTF-8 character
 
 
 class TokenStream:
@@ -170,15 +172,15 @@ class TextRow:
         """The text that became final with `token` ("" while a character or stop is pending)."""
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
+        if text.endswith(BROKEN):  # the next token may still complete the character
             return ""
-        self.text = text
+        self.text = text.replace(BROKEN, "")
         return self._emit(self._final_length())
 
     def finish(self) -> str:
-        """The rest, once no more tokens come."""
+        """The rest, once no more tokens come; a character left incomplete is dropped."""
         if not self.stopped:
-            self.text = self.tokenizer.decode(self.ids)
+            self.text = self.tokenizer.decode(self.ids).replace(BROKEN, "")
             self._final_length()
         return self._emit(len(self.text))
 
@@ -299,7 +301,10 @@ class TextGenerator:
         """The continuations of `prompts`, generated as one batch, as a stream of text pieces."""
         if not prompts or not all(isinstance(prompt, str) for prompt in prompts):
             raise UserError(f"prompts must be one or more strings, got {prompts!r}")
-        prompt_ids = [self.encode_prompt(prompt, strict) for prompt in prompts]
+        return self.stream_ids([self.encode_prompt(prompt, strict) for prompt in prompts], params)
+
+    def stream_ids(self, prompt_ids: list[list[int]], params: SamplingParams) -> TextStream:
+        """As `stream_batch`, for prompts `encode_prompt` has encoded already."""
         stop_ids = tuple(ids[0] for ids in map(self.tokenizer.encode, params.stop) if len(ids) == 1)
         tokens = TokenStream(
             self.model, prompt_ids, params, self.tokenizer.eos_id, self.device, self.amp_dtype,

@@ -1,8 +1,10 @@
 """Turning next-token logits into tokens: banned tokens, penalties, temperature, top-k, top-p, min-p.
 
 Each rule is a small function on a (batch, vocab) logits tensor so tests can check the kept
-token sets on hand-made distributions. Temperature 0 means greedy (argmax). The order follows
-common practice (vLLM, HF): penalties on the raw logits, then temperature, then the filters.
+token sets on hand-made distributions. Temperature 0 (or below `GREEDY_BELOW`) means greedy
+(argmax), and top-p always keeps the likeliest token, so no accepted setting leaves a row
+without a token to draw (NaN probabilities). The order follows common practice (vLLM, HF):
+penalties on the raw logits, then temperature, then the filters.
 Penalties read a `TokenHistory`: the repetition penalty (CTRL) covers prompt and generated
 tokens, the presence and frequency penalties (OpenAI) only the generated ones. What the
 options mean and their defaults: `sampling.SamplingParams`.
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from sllm.sampling import SamplingParams
+from sllm.sampling import GREEDY_BELOW, SamplingParams
 
 
 class TokenHistory:
@@ -79,6 +81,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     sorted_probs = sorted_logits.softmax(dim=-1)
     drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= p  # mass before this token
+    drop_sorted[:, 0] = False  # a `p` that rounds to 0 in float32 would drop every token
     drop = drop_sorted.scatter(1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -106,7 +109,7 @@ def sample_next(
         logits = apply_presence_frequency(
             logits, history.generated, params.presence_penalty, params.frequency_penalty
         )
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     logits = top_k_filter(logits / params.temperature, params.top_k)
     logits = min_p_filter(top_p_filter(logits, params.top_p), params.min_p)

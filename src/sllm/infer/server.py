@@ -1,9 +1,12 @@
 """`sllm serve`: an OpenAI-compatible HTTP API and a one-page web chat, on FastAPI + uvicorn.
 
-`/v1/completions` and `/v1/chat/completions` answer plain JSON or Server-Sent Events; `/health`;
-the chat page at `/`. Requests are checked before any work (ranges by pydantic: 422; a prompt
-over the context or max_tokens over the limit: 400), in OpenAI's error shape. One lock runs
-generations one at a time in arrival order, in a thread; a client that hangs up cancels its
+`/v1/completions` and `/v1/chat/completions` answer plain JSON or Server-Sent Events;
+`/v1/models`, `/health`; the chat page at `/`. One request cannot stall the others: its body
+is capped before it is read, every size it asks for is checked against `ServerLimits` before
+anything is allocated, tokenizing runs in a worker thread, and generations run one at a time,
+in arrival order, in a thread of their own behind a bounded queue (429 when full). Every
+refusal is OpenAI's error body, so its clients raise their usual exceptions; a failure inside
+a stream becomes an error event before `[DONE]`. A client that hangs up cancels its
 generation. Prompts and `n` choices form one batch. The sampling fields are `SamplingParams`'s
 (`min_new_tokens` as vLLM's `min_tokens`); one left out takes the run's `sample` section, as
 `sllm generate` does (lengths keep OpenAI's defaults). A null field means its default; options this server cannot honour (`logprobs`,
@@ -17,27 +20,29 @@ import contextlib
 import dataclasses
 import json
 import socket
-import threading
 import time
 import typing
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from sllm.errors import UserError
 from sllm.infer.chat_template import ChatTemplate, Message, load_chat_template
 from sllm.infer.engine import Completion, TextGenerator
+from sllm.infer.server_limits import ServerLimits
 from sllm.infer.web import chat_page
 from sllm.run import read_run_config
 from sllm.sampling import SamplingParams, run_defaults
 
 try:
     import uvicorn
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI, HTTPException, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as missing:
     raise UserError(
         f"`sllm serve` needs FastAPI and uvicorn ({missing.name} is missing); "
@@ -45,9 +50,9 @@ except ImportError as missing:
     ) from None
 
 
-MAX_PROMPTS = 64  # one request's prompts (times n) form one batch
 CLIENT_CLOSED_REQUEST = 499  # the status logged for a request whose client hung up
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is there
+RETRY_AFTER_S = 1  # what a request refused for a full queue is told to wait
 # The options of `SamplingParams` a request sets by name (the length and `stop` have OpenAI's fields).
 REQUEST_OPTIONS = [f for f in dataclasses.fields(SamplingParams) if f.name not in ("max_new_tokens", "stop")]
 REQUEST_NAMES = {"min_new_tokens": "min_tokens"}  # vLLM's name, which OpenAI clients send as extra_body
@@ -103,15 +108,10 @@ class RequestFields(BaseModel):
 
 
 def _request_field(option: dataclasses.Field) -> tuple[Any, Any]:
-    """A `SamplingParams` option as an optional request field with its bounds and description;
-    unset (None) means the server's default."""
-    bounds, allowed = {}, option.metadata["range"]
-    if allowed is not None and allowed.low is not None:
-        bounds["gt" if allowed.low_open else "ge"] = allowed.low
-    if allowed is not None and allowed.high is not None:
-        bounds["lt" if allowed.high_open else "le"] = allowed.high
+    """A `SamplingParams` option as an optional request field; unset (None) means the server's
+    default. `SamplingParams` checks its range, in the same words as for `sllm generate`."""
     kind = typing.get_type_hints(SamplingParams)[option.name]
-    return kind | None, Field(None, description=option.metadata["help"], **bounds)
+    return kind | None, Field(None, description=option.metadata["help"])
 
 
 SamplingFields = create_model(
@@ -149,40 +149,106 @@ class ChatRequest(SamplingFields):
     max_tokens: int = Field(256, ge=0)
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status)
+class Refusal(UserError):
+    """A request refused, with OpenAI's error fields: the HTTP status, the `param` at fault and
+    a `code` (both may be None)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.param, self.code, self.status = param, code, status
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    """OpenAI's error response (for a 400 its `openai` client raises BadRequestError)."""
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
+    error = {"message": message, "type": kind, "param": param, "code": code}
+    return JSONResponse({"error": error}, status, headers)
+
+
+class BodyLimit:
+    """ASGI middleware refusing a request body over `limit_bytes` with 413: by its Content-Length
+    before any of it is read, or (a chunked body) as soon as more has arrived."""
+
+    def __init__(self, app: Any, limit_bytes: int) -> None:
+        self.app, self.limit_bytes = app, limit_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = (
+            f"the request body is larger than {self.limit_bytes:,} bytes; send less or raise --max-body-bytes"
+        )
+        if int(dict(scope["headers"]).get(b"content-length", 0)) > self.limit_bytes:
+            return await _error(413, message)(scope, receive, send)
+        received = 0
+
+        async def counted() -> dict[str, Any]:
+            nonlocal received
+            event = await receive()
+            received += len(event.get("body", b""))
+            if received > self.limit_bytes:  # FastAPI passes an HTTPException from here to its handler
+                raise HTTPException(413, message)
+            return event
+
+        await self.app(scope, counted, send)
 
 
 class ModelWorker:
-    """Runs generations one at a time, in arrival order, off the event loop."""
+    """Runs generations one at a time, in arrival order, in a thread of its own; at most
+    `max_queue` wait behind the running one (more are refused: a burst must not queue without end)."""
 
-    def __init__(self, generator: TextGenerator) -> None:
+    def __init__(self, generator: TextGenerator, max_queue: int) -> None:
         self.generator = generator
-        self.lock = threading.Lock()
+        self.max_queue = max_queue
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="sllm-generate")
+        self.pending = 0  # generations queued or running; changed on the event loop only
 
-    async def stream(
-        self, prompts: list[str], params: SamplingParams
+    @property
+    def waiting(self) -> int:
+        return max(0, self.pending - 1)
+
+    def check_room(self) -> None:
+        """Refuses (429) when `max_queue` generations wait already."""
+        if self.pending > self.max_queue:
+            raise Refusal(
+                f"the server is busy: {self.waiting} requests wait for the model (--max-queue "
+                f"{self.max_queue}); retry after {RETRY_AFTER_S} s",
+                code="rate_limit_exceeded", status=429,
+            )  # fmt: skip
+
+    def start(
+        self, prompt_ids: list[list[int]], params: SamplingParams
     ) -> AsyncIterator[tuple[int, str] | list[Completion]]:
-        """(row, piece) items, then the list of completions as the last item. Closing or
-        cancelling the iterator early (the client went away) cancels the generation."""
+        """Queues a generation at once (429 if the queue is full) and returns its items: (row,
+        piece), then the list of completions. Closing the iterator early (the client went away)
+        cancels the generation."""
+        self.check_room()
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        stream = self.generator.stream_batch(prompts, params, strict=True)
+        items: asyncio.Queue = asyncio.Queue()
+        stream = self.generator.stream_ids(prompt_ids, params)
 
         def work() -> None:
-            with self.lock:
-                try:
-                    for item in stream:
-                        loop.call_soon_threadsafe(queue.put_nowait, item)
-                    loop.call_soon_threadsafe(queue.put_nowait, stream.completions())
-                except Exception as error:  # handed to the request's task, which re-raises it
-                    loop.call_soon_threadsafe(queue.put_nowait, error)
+            try:
+                for item in stream:
+                    loop.call_soon_threadsafe(items.put_nowait, item)
+                loop.call_soon_threadsafe(items.put_nowait, stream.completions())
+            except Exception as error:  # handed to the request's task, which re-raises it
+                loop.call_soon_threadsafe(items.put_nowait, error)
 
-        task = loop.run_in_executor(None, work)
+        self.pending += 1
+        loop.run_in_executor(self.thread, work).add_done_callback(self._finished)
+        return self._items(items, stream)
+
+    def _finished(self, _: asyncio.Future) -> None:
+        self.pending -= 1
+
+    @staticmethod
+    async def _items(items: asyncio.Queue, stream: Any) -> AsyncIterator[tuple[int, str] | list[Completion]]:
         finished = False
         try:
             while not finished:
-                item = await queue.get()
+                item = await items.get()
                 if isinstance(item, Exception):
                     raise item
                 finished = isinstance(item, list)
@@ -190,14 +256,13 @@ class ModelWorker:
         finally:
             if not finished:
                 stream.cancel()
-        await task
 
     async def complete(
-        self, request: Request, prompts: list[str], params: SamplingParams
+        self, request: Request, prompt_ids: list[list[int]], params: SamplingParams
     ) -> list[Completion] | None:
         """The completions, or None if `request`'s client hung up first (the generation is
         then cancelled)."""
-        work = asyncio.ensure_future(self._last(self.stream(prompts, params)))
+        work = asyncio.ensure_future(self._last(self.start(prompt_ids, params)))
         try:
             while not work.done():
                 await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
@@ -236,42 +301,65 @@ def create_app(
     generator: TextGenerator,
     template: ChatTemplate,
     model_name: str,
-    max_tokens_limit: int = 1024,
+    limits: ServerLimits | None = None,
     defaults: SamplingParams | None = None,
 ) -> FastAPI:
     """The app; `defaults` (else `SamplingParams`'s) are the options of requests that leave them out."""
-    defaults = defaults or SamplingParams()
+    limits, defaults = limits or ServerLimits(), defaults or SamplingParams()
     app = FastAPI(title="sllm", docs_url=None, redoc_url=None)
-    worker = ModelWorker(generator)
+    app.add_middleware(BodyLimit, limit_bytes=limits.max_body_bytes)
+    worker, created = ModelWorker(generator, limits.max_queue), int(time.time())
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
-        return _error(422, "; ".join(_problem(e) for e in error.errors()))
+        problems = error.errors()
+        return _error(400, "; ".join(map(_problem, problems)), _param(problems[0]))
 
     @app.exception_handler(UserError)
-    async def user_error(_: Request, error: UserError) -> JSONResponse:
+    async def refused(_: Request, error: UserError) -> JSONResponse:
+        if isinstance(error, Refusal):
+            return _error(error.status, str(error), error.param, error.code)
         return _error(400, str(error))
 
-    def rows_and_params(
-        request: SamplingFields, prompts: list[str], extra_stop: tuple[str, ...] = ()
-    ) -> tuple[list[str], SamplingParams]:
-        """The batch to generate (each prompt n times, choices of one prompt side by side, as
-        OpenAI numbers them) and its sampling parameters, after every check."""
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        cause = f" ({error.__cause__})" if error.__cause__ else ""  # why FastAPI could not parse a body
+        return _error(error.status_code, f"{error.detail}{cause}")
+
+    @app.exception_handler(Exception)  # a bug: the client gets JSON, the log the traceback
+    async def server_error(_: Request, error: Exception) -> JSONResponse:
+        return _error(500, f"the server failed: {error!r}")
+
+    def encode(prompts: list[str], field: str) -> list[list[int]]:
+        try:
+            return [generator.encode_prompt(prompt, strict=True) for prompt in prompts]
+        except UserError as error:
+            raise Refusal(str(error), field, "context_length_exceeded") from None
+
+    async def prepare(
+        request: SamplingFields, prompts: list[str], field: str, extra_stop: tuple[str, ...] = ()
+    ) -> tuple[list[list[int]], SamplingParams]:
+        """The batch to generate (each prompt's ids n times, choices of one prompt side by side,
+        as OpenAI numbers them) and its sampling parameters. The checks come first and allocate
+        nothing; the prompts are encoded in a worker thread, off the event loop."""
         unsupported = request.unsupported()
         if unsupported:
-            raise UserError(f"not supported by this server: {', '.join(unsupported)}; leave them out")
-        rows = [prompt for prompt in prompts for _ in range(request.n)]
-        if len(rows) > MAX_PROMPTS:
-            raise UserError(
-                f"at most {MAX_PROMPTS} prompts per request, counting n choices each, got {len(rows)}; "
-                "split the request"
-            )
-        if request.new_tokens > max_tokens_limit:
-            field = "max_tokens" if request.max_completion_tokens is None else "max_completion_tokens"
-            raise UserError(f"{field} must be at most {max_tokens_limit}, got {request.new_tokens}")
-        for prompt in prompts:
-            generator.encode_prompt(prompt, strict=True)
-        return rows, request.params(defaults, extra_stop)
+            message = f"not supported by this server: {', '.join(unsupported)}; leave them out"
+            raise Refusal(message, unsupported[0], "unsupported_parameter")
+        rows = len(prompts) * request.n
+        if rows > limits.max_batch:
+            message = f"at most {limits.max_batch} prompts per request, counting n choices each, got {rows}"
+            raise Refusal(f"{message}; split the request", "n" if request.n > 1 else field)
+        if request.new_tokens > limits.max_tokens_limit:
+            name = "max_tokens" if request.max_completion_tokens is None else "max_completion_tokens"
+            raise Refusal(f"{name} must be at most {limits.max_tokens_limit}, got {request.new_tokens}", name)
+        try:
+            params = request.params(defaults, extra_stop)
+        except UserError as error:  # SamplingParams' messages begin with the option's name
+            raise Refusal(str(error), str(error).split()[0]) from None
+        worker.check_room()
+        prompt_ids = await asyncio.to_thread(encode, prompts, field)
+        return [ids for ids in prompt_ids for _ in range(request.n)], params
 
     def header(kind: str, kind_object: str) -> dict[str, Any]:
         head = {"id": f"{kind}-{uuid.uuid4().hex}", "object": kind_object, "created": int(time.time())}
@@ -280,49 +368,57 @@ def create_app(
     async def respond(
         request: SamplingFields,
         http: Request,
-        rows: list[str],
+        prompt_ids: list[list[int]],
         params: SamplingParams,
         chunk: Callable[[int, str | None, str | None], dict],
-        choice: Callable[[str, Completion], dict],
+        choice: Callable[[int, Completion], dict],
         echoed: list[str] | None = None,
     ) -> Any:
         """A streaming request gets SSE: the echoed prompts if asked, one chunk per text piece, a
-        closing chunk per row with its finish reason, the usage if asked, [DONE]. Any other gets
-        the completions as one object (`choice` turns a row's prompt and completion into its
-        fields), or status 499 when its client hung up first."""
+        closing chunk per row with its finish reason, the usage if asked, [DONE]; a failure on
+        the way is an error event before [DONE]. Any other gets the completions as one object
+        (`choice` turns a row and its completion into its fields), or status 499 when its
+        client hung up first."""
 
-        async def events() -> AsyncIterator[str]:
+        async def events(items: AsyncIterator[tuple[int, str] | list[Completion]]) -> AsyncIterator[str]:
             for row, prompt in enumerate(echoed or []):
                 yield _sse(chunk(row, prompt, None))
-            async with contextlib.aclosing(worker.stream(rows, params)) as items:
-                async for item in items:
-                    if isinstance(item, list):
+            try:
+                async with contextlib.aclosing(items):
+                    async for item in items:
+                        if not isinstance(item, list):
+                            yield _sse(chunk(item[0], item[1], None))
+                            continue
                         for row, completion in enumerate(item):
                             yield _sse(chunk(row, None, completion.finish_reason))
                         if request.stream_options and request.stream_options.include_usage:
-                            yield _sse(
-                                {**chunk(0, None, None), "choices": [], "usage": _usage(item, request.n)}
-                            )
-                    else:
-                        yield _sse(chunk(item[0], item[1], None))
+                            usage = _usage(item, request.n)
+                            yield _sse({**chunk(0, None, None), "choices": [], "usage": usage})
+            except Exception as error:  # status 200 is sent already: the failure becomes an event
+                yield _sse(_error(500, f"the generation failed: {error!r}").body.decode())
             yield _sse("[DONE]")
 
-        if request.stream:
-            return StreamingResponse(events(), media_type="text/event-stream")
-        done = await worker.complete(http, rows, params)
+        if request.stream:  # queued here, so a full queue is still a 429
+            return StreamingResponse(events(worker.start(prompt_ids, params)), media_type="text/event-stream")
+        done = await worker.complete(http, prompt_ids, params)
         if done is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         choices = [
-            {"index": index, **choice(prompt, c), "finish_reason": c.finish_reason}
-            for index, (prompt, c) in enumerate(zip(rows, done, strict=True))
+            {"index": row, **choice(row, c), "finish_reason": c.finish_reason} for row, c in enumerate(done)
         ]
         return {**chunk(0, None, None), "choices": choices, "usage": _usage(done, request.n)}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, "context_tokens": generator.context_tokens}
+        context = generator.context_tokens
+        return {"status": "ok", "model": model_name, "context_tokens": context, "waiting": worker.waiting}
 
-    page_html = chat_page(max_tokens_limit)
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        served = {"id": model_name, "object": "model", "created": created, "owned_by": "sllm"}
+        return {"object": "list", "data": [served]}
+
+    page_html = chat_page(limits.max_tokens_limit)
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
@@ -331,31 +427,32 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, http: Request):
         prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
-        rows, params = rows_and_params(request, prompts)
+        prompt_ids, params = await prepare(request, prompts, "prompt")
+        rows = [prompt for prompt in prompts for _ in range(request.n)]
         head = header("cmpl", "text_completion")
 
         def chunk(row: int, text: str | None, reason: str | None) -> dict[str, Any]:
             return {**head, "choices": [{"index": row, "text": text or "", "finish_reason": reason}]}
 
-        def choice(prompt: str, completion: Completion) -> dict[str, Any]:
-            return {"text": prompt + completion.text if request.echo else completion.text}
+        def choice(row: int, completion: Completion) -> dict[str, Any]:
+            return {"text": rows[row] + completion.text if request.echo else completion.text}
 
-        return await respond(request, http, rows, params, chunk, choice, rows if request.echo else None)
+        return await respond(request, http, prompt_ids, params, chunk, choice, rows if request.echo else None)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatRequest, http: Request):
         messages = [Message(m.role, m.content) for m in request.messages]
-        rows, params = rows_and_params(request, [template.render(messages)], template.stop)
+        prompt_ids, params = await prepare(request, [template.render(messages)], "messages", template.stop)
         head = header("chatcmpl", "chat.completion.chunk" if request.stream else "chat.completion")
 
         def chunk(row: int, text: str | None, reason: str | None) -> dict[str, Any]:
             delta = {} if text is None else {"role": "assistant", "content": text}
             return {**head, "choices": [{"index": row, "delta": delta, "finish_reason": reason}]}
 
-        def choice(_: str, completion: Completion) -> dict[str, Any]:
+        def choice(_: int, completion: Completion) -> dict[str, Any]:
             return {"message": {"role": "assistant", "content": completion.text}}
 
-        return await respond(request, http, rows, params, chunk, choice)
+        return await respond(request, http, prompt_ids, params, chunk, choice)
 
     return app
 
@@ -369,16 +466,22 @@ def _problem(error: dict[str, Any]) -> str:
     return f"{field}: {error['msg']}"
 
 
+def _param(error: dict[str, Any]) -> str | None:
+    """The request field a validation error is about (OpenAI's `param`), None for the body."""
+    at_field = error["type"] != "json_invalid" and len(error["loc"]) > 1
+    return str(error["loc"][1]) if at_field else None
+
+
 def build_app(
     run_dir: str | Path,
     device: str = "auto",
     checkpoint: str = "latest",
-    max_tokens_limit: int = 1024,
+    limits: ServerLimits | None = None,
     compile_step: bool = False,
 ):
     generator = TextGenerator.from_run(run_dir, device, checkpoint, compile_step)
     template, defaults = load_chat_template(run_dir), run_defaults(read_run_config(Path(run_dir)).sample)
-    return create_app(generator, template, Path(run_dir).name, max_tokens_limit, defaults)
+    return create_app(generator, template, Path(run_dir).name, limits, defaults)
 
 
 def serve(
@@ -387,12 +490,12 @@ def serve(
     port: int = 8000,
     device: str = "auto",
     checkpoint: str = "latest",
-    max_tokens_limit: int = 1024,
+    limits: ServerLimits | None = None,
     compile_step: bool = False,
 ) -> None:
     """Serve a run until interrupted."""
     listening = _listening_socket(host, port)
-    app = build_app(run_dir, device, checkpoint, max_tokens_limit, compile_step)
+    app = build_app(run_dir, device, checkpoint, limits, compile_step)
     print(f"serving {run_dir} at http://{host}:{port}/ (API under /v1)", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listening])
 

@@ -2,9 +2,9 @@
 
 No build step and no external assets, so it works on a machine without internet. The page
 keeps the conversation in the browser, sends it to `/v1/chat/completions` with
-`stream: true`, and appends each Server-Sent Event's text to the reply as it arrives. When the
-conversation outgrows the context, the oldest exchanges are dropped with a notice, as `sllm
-chat` does. Replies ask for at most `REPLY_TOKENS`, or the server's `--max-tokens-limit` when
+`stream: true`, and appends each Server-Sent Event's text (or error) to the reply as it
+arrives. When the conversation outgrows the context, the oldest exchanges are dropped with a
+notice, as `sllm chat` does. Replies ask for at most `REPLY_TOKENS`, or the server's `--max-tokens-limit` when
 that is lower, so the page never sends a request its own server refuses. It sets no sampling
 option, so the replies follow the run's `sample` section, as in `sllm chat`.
 """
@@ -89,7 +89,9 @@ async function send(text) {
     for (const event of events) {
       const data = event.replace(/^data: /, "");
       if (data === "[DONE]") continue;
-      reply.textContent += JSON.parse(data).choices[0].delta.content || "";
+      const parsed = JSON.parse(data);
+      const error = parsed.error && " (error: " + parsed.error.message + ")";
+      reply.textContent += error || parsed.choices[0].delta.content || "";
     }
   }
   reply.classList.add("done");

@@ -1,19 +1,12 @@
 """Faster fp32 linear layers on AVX-512 CPUs, switched on from outside the model.
 
-torch sends an fp32 matrix product on x86 to MKL, which on AMD processors runs its AVX2
-kernels even where the CPU has AVX-512. oneDNN, also inside every x86 build of torch, picks
-its kernels by instruction set: on the 2-core AMD EPYC development VM (Zen 5) a GPT's forward
-and backward took 1.2–1.3× less time with its products than with plain `nn.Linear`
-(docs/log.md). So while `onednn_linears(device)` is entered, every `F.linear` call (each
-`nn.Linear` and the tied LM head) computes `x @ W.T + b` and `grad @ W` with oneDNN, and the
-weight gradient `grad.T @ x` with MKL, which stays faster for that shape.
-
-The model knows nothing of it: this is a `TorchFunctionMode` the trainer enters around forward
-and backward. It applies only where the CPU has AVX-512, by instruction set and never by a
-timing, so a run makes the same choice every time it starts and resume stays exact.
-Everything else keeps `F.linear`: CUDA, bf16, autocast, `torch.compile`, DTensor weights,
-column-major weights (CPU decoding), activation checkpointing. Its products have first
-derivatives only (double backward raises).
+On AMD processors MKL runs its AVX2 kernels even where the CPU has AVX-512; oneDNN picks by
+instruction set: on the 2-core EPYC VM (Zen 5) a GPT's forward and backward took 1.2–1.3× less
+time than with plain `nn.Linear` (docs/log.md). So inside `onednn_linears(device)` every
+`F.linear` computes `x @ W.T + b` and `grad @ W` with oneDNN, the weight gradient with MKL.
+A `TorchFunctionMode` the trainer enters, chosen by instruction set (never by a timing, so
+resume stays exact); CUDA, bf16, autocast, compile, DTensor and column-major weights and
+activation checkpointing keep `F.linear`. First derivatives only.
 """
 
 from __future__ import annotations
@@ -31,10 +24,9 @@ from torch.overrides import TorchFunctionMode
 def onednn_linears(
     device: torch.device, activation_checkpointing: bool = False
 ) -> contextlib.AbstractContextManager:
-    """A context in which `F.linear` goes through oneDNN, where `device` is a CPU with AVX-512;
-    elsewhere a context that changes nothing. Activation checkpointing recomputes blocks during
-    backward, where no mode is active, and a recomputation must save what the forward saved:
-    so with it every product stays `F.linear`."""
+    """A context in which `F.linear` goes through oneDNN where `device` is a CPU with AVX-512.
+    Not with activation checkpointing: its recomputation in backward (no mode active) must save
+    what the forward saved."""
     if device.type == "cpu" and onednn_suits_this_cpu() and not activation_checkpointing:
         return _OneDnnLinears()
     return contextlib.nullcontext()

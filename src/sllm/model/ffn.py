@@ -1,9 +1,7 @@
 """MLP-only baseline (`model.arch: ffn`): a Bengio-style neural language model.
 
-Each position sees the embeddings of its last `ffn_window` tokens, concatenated and fed
-through one hidden layer; there is no attention, so it shows what attention buys on the
-same data. Positions before the start of the window read a learned padding vector.
-Generation recomputes the window each step (no KV cache).
+Each position sees its last `ffn_window` token embeddings (a learned padding vector before the
+start) through one hidden layer, no attention: it shows what attention buys on the same data.
 """
 
 from __future__ import annotations

@@ -1,16 +1,11 @@
 """Next-token loss fused with the LM head, computed chunk by chunk.
 
-The plain way materialises the (tokens × vocab) logits, then their softmax and its gradient:
-three tensors of that size (800 MB in fp32 for a GPT-2 batch of 16 × 1024 tokens), each
-streamed through memory several times. Here the tokens are split into chunks; for each
-chunk the logits are computed in fp32, turned into the loss and, right away, into the
-gradients of the hidden states and of the head weight (the softmax minus the one-hot
-targets, times the inputs). Nothing of vocabulary size outlives its chunk, and backward
-only scales the stored gradients, so the matmul FLOPs equal the plain way's.
-
-Each chunk makes one logits-sized tensor and rewrites it in place (log-softmax, then its
-exp as the softmax), so a chunk stays in cache and no big buffer is allocated per step;
-on a CPU this makes it faster than the plain way, not only smaller (docs/benchmarks.md).
+The plain way materialises the (tokens × vocab) logits, their softmax and its gradient (800 MB
+in fp32 for a GPT-2 batch of 16 × 1024). Here each chunk of tokens gets its fp32 logits, the
+loss and, right away, the gradients of the hidden states and the head weight; nothing of
+vocabulary size outlives its chunk, and backward only scales the stored gradients (same matmul
+FLOPs). Each chunk's one logits tensor is rewritten in place (log-softmax, then softmax), so it
+stays in cache: on a CPU faster than the plain way, not only smaller (docs/benchmarks.md).
 """
 
 from __future__ import annotations

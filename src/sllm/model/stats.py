@@ -1,14 +1,8 @@
 """What a model costs: parameters by component, FLOPs per token, memory, KV-cache size.
 
-FLOPs per trained token follow the PaLM appendix B accounting: 6·N for the matmul weights
-(forward 2·N, backward 4·N; N = non-embedding matrices + the LM head, since a lookup is
-free but the head is a matmul) plus 12·L·d·T for attention scores and their weighted sum
-(d = heads × head dim, T = context). Inference costs a third of training.
-
-Architecture options enter through the parameters themselves: SwiGLU's three matrices and
-GQA's narrower k/v projections are counted as they are; GQA leaves the attention term alone
-(every query head still scores every key) but shrinks the KV cache to n_kv_head heads. An
-untied `lm_head` counts as the head, once; padded vocabulary rows are not counted.
+FLOPs per trained token follow PaLM's appendix B: 6·N for the matmul weights (N = block
+matrices + the LM head; a lookup is free) plus 12·L·d·T for attention (T = context). SwiGLU's
+and GQA's matrices count as they are; GQA shrinks only the KV cache (n_kv_head heads).
 """
 
 from __future__ import annotations
@@ -82,11 +76,9 @@ class MemoryEstimate:
 def training_memory(
     model: nn.Module, cfg: ModelConfig, micro_batch: int, context: int, checkpointing: bool
 ) -> MemoryEstimate:
-    """fp32 weights and gradients, AdamW's two fp32 moments, and bf16 activations.
-
-    Activations per block and token are about 34·d + 5·h·T bytes (Korthikanti et al. 2022,
-    with flash attention removing the 5·h·T score term); with per-block checkpointing only
-    each block's 2·d-byte input is kept, plus one block's worth during recomputation."""
+    """fp32 weights and gradients, AdamW's two fp32 moments, and bf16 activations: about 34·d
+    bytes per block and token (Korthikanti et al. 2022, flash attention), or with checkpointing
+    each block's 2·d-byte input plus one block's worth during recomputation."""
     params = sum(p.numel() for p in model.parameters())
     tokens = micro_batch * context
     per_block = 34 * cfg.n_embd * tokens

@@ -1,1 +1,1 @@
-"""Pre-training: the loop, optimizers and schedules, checkpoints, and metric sinks."""
+"""Training: the one trainer for every objective, its run plan, optimizers, checkpoints and metric sinks."""

@@ -1,12 +1,10 @@
 """How a global batch splits into micro-batches, and `train.micro_batch: auto`.
 
-micro_batch × grad_accum × world_size = batch_size (without `train.batch_size`, the product
-is the batch). `auto` takes the largest power of two dividing the per-process batch that
-survives one real training step with the run's own options, trying sizes upward from 1 so at
-most one try runs out of memory. On the CPU running out of memory is the OOM killer, not an
-exception, so candidates are first capped by `training_memory`'s estimate against half the
-available RAM. Each rank searches alone (no collectives that could hang) and all take the
-minimum; a resumed run takes the size its checkpoint recorded, as the windows read depend on it.
+micro_batch × grad_accum × world_size = batch_size. `auto` takes the largest power of two
+dividing the per-process batch that survives one real training step, trying sizes upward so
+at most one try runs out of memory. On the CPU that is the OOM killer, not an exception, so
+candidates are first capped by `training_memory`'s estimate against half the available RAM.
+Each rank searches alone (no collectives that could hang) and all take the minimum.
 """
 
 from __future__ import annotations

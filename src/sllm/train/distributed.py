@@ -1,11 +1,9 @@
 """One process or many through `torchrun`: the same training code path.
 
-A launcher that sets RANK / LOCAL_RANK / WORLD_SIZE (torchrun, `accelerate launch`) starts one
-process per device; we join its process group (NCCL on GPUs, gloo on the CPU) and wrap the model
-in DDP, or shard it with FSDP2 (`fully_shard` per block, then the root). Without those variables
-everything is one process with no collectives. Checkpoints hold full, unsharded state keyed by
-parameter name, so one written by any number of processes loads into any other. Rank 0 alone
-writes files and every rank reads the same checkpoint, so multi-node runs need a shared run dir.
+Under a launcher that sets RANK / LOCAL_RANK / WORLD_SIZE we join its process group (NCCL on
+GPUs, gloo on the CPU) and wrap the model in DDP or shard it with FSDP2; without them there are
+no collectives. Checkpoints hold full, unsharded state, so any process count loads any other's.
+Rank 0 alone writes files, so multi-node runs need a shared run directory.
 """
 
 from __future__ import annotations
@@ -105,8 +103,8 @@ def _transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def _no_buffer_sync_per_step() -> dict[str, bool]:
-    """The buffers (position tables, masks) are the same on every rank, so no forward syncs
-    them. torch 2.13 renamed the option and warns, once per rank, about the old name."""
+    """Buffers (position tables, masks) are equal on every rank: no forward syncs them (torch
+    2.13 renamed the option and warns about the old name)."""
     from torch.nn.parallel import DistributedDataParallel
 
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:

@@ -15,7 +15,7 @@ import secrets
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Any
 
 from sllm.atomic import write_text_atomic
 from sllm.config import Config
@@ -23,7 +23,9 @@ from sllm.errors import UserError
 from sllm.run import METRICS_FILE, TENSORBOARD_DIR, WANDB_ID_FILE
 
 
-class Sink(Protocol):
+class Sink:
+    """A destination of metrics; what a sink does not keep (text, files) it ignores."""
+
     def log(self, step: int, metrics: dict[str, Any]) -> None: ...
     def text(self, step: int, name: str, text: str) -> None: ...
     def files(self, name: str, kind: str, paths: list[Path]) -> None: ...
@@ -43,7 +45,7 @@ def _records_up_to(path: Path, step: int) -> str:
     return "".join(kept)
 
 
-class JsonlSink:
+class JsonlSink(Sink):
     def __init__(self, run_dir: Path, start_step: int) -> None:
         path = run_dir / METRICS_FILE
         if path.exists():
@@ -54,19 +56,15 @@ class JsonlSink:
         self.handle.write(json.dumps({"step": step, **metrics}, ensure_ascii=False) + "\n")
         self.handle.flush()
 
-    def text(self, step: int, name: str, text: str) -> None:
-        pass
-
-    def files(self, name: str, kind: str, paths: list[Path]) -> None:
-        pass
-
     def close(self) -> None:
         self.handle.close()
 
 
-class TensorBoardSink:
-    def __init__(self, writer) -> None:
-        self.writer = writer
+class TensorBoardSink(Sink):
+    def __init__(self, run_dir: Path, start_step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         for name, value in metrics.items():
@@ -75,9 +73,6 @@ class TensorBoardSink:
 
     def text(self, step: int, name: str, text: str) -> None:
         self.writer.add_text(name, text, step)
-
-    def files(self, name: str, kind: str, paths: list[Path]) -> None:
-        pass
 
     def close(self) -> None:
         self.writer.close()
@@ -100,7 +95,7 @@ def _import_wandb() -> ModuleType:
     return wandb
 
 
-class WandbSink:
+class WandbSink(Sink):
     """Metrics, sample text and versioned artifacts (tokenizer, config, checkpoints) in W&B.
     `WANDB_MODE=offline` works as usual: everything is written under the run directory."""
 
@@ -133,15 +128,6 @@ class WandbSink:
         self.run.finish()
 
 
-def _tensorboard(run_dir: Path, start_step: int) -> list[Sink]:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        print("note: tensorboard is not installed; metrics go to metrics.jsonl only", file=sys.stderr)
-        return []
-    return [TensorBoardSink(SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR), purge_step=start_step + 1))]
-
-
 class MetricSinks:
     """Every configured sink of rank 0; on other ranks (`enabled=False`) calls do nothing."""
 
@@ -151,7 +137,10 @@ class MetricSinks:
             return
         self.sinks.append(JsonlSink(run_dir, start_step))
         if cfg.log.tensorboard:
-            self.sinks += _tensorboard(run_dir, start_step)
+            try:
+                self.sinks.append(TensorBoardSink(run_dir, start_step))
+            except ImportError:
+                print("note: tensorboard is not installed; metrics go to metrics.jsonl only", file=sys.stderr)
         if cfg.log.wandb:
             self.sinks.append(WandbSink(run_dir, cfg))
 

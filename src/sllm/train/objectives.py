@@ -1,12 +1,9 @@
 """What differs between pre-training, SFT and STS: the batches, the loss and the evaluation.
 
-An objective supplies the model to train, a batch source whose `batch(step, index)` is a pure
-function of (seed, step, micro-batch index), so resume replays the uninterrupted run and N
-processes read what one process accumulating N micro-batches reads, the loss of one
-micro-batch, and an evaluation whose `rank` (lower is better) decides `best/`. The trainer
-(`sllm.train.trainer`) does everything else the same way for each. Finite datasets (SFT's
-`MaskedRows`, STS's `PairRegression`) are read in epochs: each a seeded permutation of the
-rows spread over whole steps, the last step topped up from the permutation's start.
+An objective supplies the model, a batch source whose `batch(step, index)` is a pure function
+of (seed, step, micro-batch index), so resume replays the uninterrupted run and N processes
+read what one process accumulating N micro-batches reads, the loss of one micro-batch, and an
+evaluation whose `rank` (lower is better) decides `best/`. The trainer does everything else.
 """
 
 from __future__ import annotations
@@ -27,10 +24,10 @@ from sllm.data.loader import TrainWindows, fixed_windows, open_split
 from sllm.data.meta import DataMeta
 from sllm.data.mixture import TrainMixture
 from sllm.errors import UserError
-from sllm.evaluate import score_windows
+from sllm.evaluate import score_batches
 from sllm.model import build_model, count_parameters, describe
 from sllm.model.stats import MemoryEstimate, training_memory
-from sllm.runtime import autocast
+from sllm.runtime import Dtype, autocast
 from sllm.sampling import SamplingParams
 from sllm.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from sllm.train.optim import build_optimizers
@@ -60,12 +57,10 @@ class Objective:
     tokenizer: Tokenizer
     tokens_per_sample: int  # tokens one sample (window, row, pair) counts for
 
-    def tokens_per_epoch(self, batch_size: int) -> int:
-        raise NotImplementedError
+    def tokens_per_epoch(self, batch_size: int) -> int: ...
 
     def build_model(self) -> nn.Module:
         """The model to train, on the CPU (called under the run's seed)."""
-        raise NotImplementedError
 
     def start(self, model: nn.Module, device: torch.device) -> None:
         """Work once the model sits on its device, before the first step."""
@@ -79,20 +74,16 @@ class Objective:
     ) -> list[torch.optim.Optimizer]:
         return build_optimizers(model, t, device)
 
-    def batches(self, micro_batch: int, batch_size: int, seed: int) -> BatchSource:
-        raise NotImplementedError
+    def batches(self, micro_batch: int, batch_size: int, seed: int) -> BatchSource: ...
 
-    def loss(
-        self, model: nn.Module, batch: Batch, device: torch.device, dtype: torch.dtype | None
-    ) -> torch.Tensor:
-        raise NotImplementedError
+    def loss(self, model: nn.Module, batch: Batch, device: torch.device, dtype: Dtype) -> torch.Tensor: ...
 
     def evaluate(
-        self, model: nn.Module, device: torch.device, dtype: torch.dtype | None, batch_size: int
+        self, model: nn.Module, device: torch.device, dtype: Dtype, batch_size: int
     ) -> Evaluation | None:
         return None
 
-    def samples(self, model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> Samples:
+    def samples(self, model: nn.Module, device: torch.device, dtype: Dtype) -> Samples:
         return []
 
     def memory(self, model: nn.Module, micro_batch: int) -> MemoryEstimate | None:
@@ -155,11 +146,9 @@ class LanguageModeling(Objective):
     def batches(self, micro_batch: int, batch_size: int, seed: int) -> BatchSource:
         return TrainWindows(self.train_tokens, self.tokens_per_sample, micro_batch, seed, self.mixture)
 
-    def loss(
-        self, model: nn.Module, batch: Batch, device: torch.device, dtype: torch.dtype | None
-    ) -> torch.Tensor:
-        """Mean next-token cross-entropy in fp32. With `train.chunked_loss` the LM head and the
-        loss run chunk by chunk inside the model's forward, so DDP/FSDP still see one call."""
+    def loss(self, model: nn.Module, batch: Batch, device: torch.device, dtype: Dtype) -> torch.Tensor:
+        """Next-token cross-entropy in fp32; `train.chunked_loss` computes it inside the model's
+        forward, so DDP/FSDP still see one call."""
         x, y = batch
         with autocast(device, dtype):
             if self.cfg.train.chunked_loss:
@@ -168,11 +157,12 @@ class LanguageModeling(Objective):
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
     def evaluate(
-        self, model: nn.Module, device: torch.device, dtype: torch.dtype | None, batch_size: int
+        self, model: nn.Module, device: torch.device, dtype: Dtype, batch_size: int
     ) -> Evaluation | None:
         if self.val_windows is None:
             return None
-        scores = score_windows(model, *self.val_windows, batch_size, device, dtype)
+        batches = zip(*(windows.split(batch_size) for windows in self.val_windows), strict=True)
+        scores = score_batches(model, batches, device, dtype)
         metrics = {
             "val_loss": scores.loss,
             "val_perplexity": math.exp(scores.loss),
@@ -181,7 +171,7 @@ class LanguageModeling(Objective):
         }
         return Evaluation(metrics, scores.loss, scores.loss)
 
-    def samples(self, model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> Samples:
+    def samples(self, model: nn.Module, device: torch.device, dtype: Dtype) -> Samples:
         if not self.sample_prompts:
             return []
         params = SamplingParams.from_config(self.cfg.sample)
@@ -192,8 +182,8 @@ class LanguageModeling(Objective):
         return training_memory(model, self.model_config, micro_batch, self.tokens_per_sample, checkpointing)
 
     def write_run_files(self, run_dir: Path) -> None:
-        """A copy of the tokenizer, so the run directory alone can generate; a run directory
-        trained on another tokenizer is refused."""
+        """A copy of the tokenizer, so the run directory alone can generate (refused where the
+        run has another)."""
         if (run_dir / TOKENIZER_FILE).is_file() and load_tokenizer(run_dir).sha256 != self.tokenizer.sha256:
             raise UserError(
                 f"{run_dir} was trained with another tokenizer than {self.data_dir}; use a new --out"
@@ -205,9 +195,8 @@ class LanguageModeling(Objective):
 
 
 class EpochRows:
-    """Batches of equally long row tensors for (step, micro-batch index): epoch e reads the
-    permutation of the rows seeded by (seed, e), spread over whole steps; the last step of an
-    epoch is topped up from the permutation's start."""
+    """Row batches by (step, micro-batch index): epoch e reads the permutation of the rows seeded
+    by (seed, e) in whole steps, the last one topped up from the permutation's start."""
 
     def __init__(
         self, tensors: tuple[torch.Tensor, ...], micro_batch: int, batch_size: int, seed: int
@@ -261,12 +250,10 @@ class MaskedRows(RowsObjective):
     forward takes `document_ids`; held-out rows give the validation loss."""
 
     val_rows: tuple[torch.Tensor, ...]
-    sample: Callable[[nn.Module, torch.device, torch.dtype | None], Samples] = lambda m, d, t: []
+    sample: Callable[[nn.Module, torch.device, Dtype], Samples] = lambda m, d, t: []
     name: str = "sft"
 
-    def loss(
-        self, model: nn.Module, batch: Batch, device: torch.device, dtype: torch.dtype | None
-    ) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch: Batch, device: torch.device, dtype: Dtype) -> torch.Tensor:
         """Cross-entropy averaged over the weighted targets (the assistant's tokens)."""
         inputs, targets, weights, documents = batch
         with autocast(device, dtype):
@@ -276,7 +263,7 @@ class MaskedRows(RowsObjective):
 
     @torch.no_grad()
     def evaluate(
-        self, model: nn.Module, device: torch.device, dtype: torch.dtype | None, batch_size: int
+        self, model: nn.Module, device: torch.device, dtype: Dtype, batch_size: int
     ) -> Evaluation | None:
         """Mean loss over the held-out targets; none when there are none (not a perfect 0)."""
         total, count = 0.0, 0.0
@@ -290,7 +277,7 @@ class MaskedRows(RowsObjective):
         loss = total / count
         return Evaluation({"val_loss": loss}, loss, loss, f"held-out loss {loss:.4f}")
 
-    def samples(self, model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> Samples:
+    def samples(self, model: nn.Module, device: torch.device, dtype: Dtype) -> Samples:
         return self.sample(model, device, dtype)
 
     def memory(self, model: nn.Module, micro_batch: int) -> MemoryEstimate | None:
@@ -299,12 +286,10 @@ class MaskedRows(RowsObjective):
 
 @dataclass(kw_only=True)
 class PairRegression(RowsObjective):
-    """(first, second, gold) rows through `model(first, second)`, mean squared error against
-    gold. `prepare(model, device)` gives the rows to train on once the model sits on its device
-    (a frozen backbone pools every sentence once); `optimizer` gives parts of the model their
-    own learning rates."""
+    """Mean squared error of `model(*inputs)` against gold. `prepare(model, device)` gives the
+    rows once the model sits on its device (a frozen backbone pools every sentence once)."""
 
-    evaluation: Callable[[nn.Module, torch.device, torch.dtype | None, int], Evaluation | None]
+    evaluation: Callable[[nn.Module, torch.device, Dtype, int], Evaluation | None]
     prepare: Callable[[nn.Module, torch.device], tuple[torch.Tensor, ...]]
     optimizer: Callable[[nn.Module], torch.optim.Optimizer]
     name: str = "sts"
@@ -317,16 +302,14 @@ class PairRegression(RowsObjective):
     ) -> list[torch.optim.Optimizer]:
         return [self.optimizer(model)]
 
-    def loss(
-        self, model: nn.Module, batch: Batch, device: torch.device, dtype: torch.dtype | None
-    ) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch: Batch, device: torch.device, dtype: Dtype) -> torch.Tensor:
         *inputs, gold = batch
         with autocast(device, dtype):
             predicted = model(*inputs)
         return F.mse_loss(predicted.float(), gold.float())
 
     def evaluate(
-        self, model: nn.Module, device: torch.device, dtype: torch.dtype | None, batch_size: int
+        self, model: nn.Module, device: torch.device, dtype: Dtype, batch_size: int
     ) -> Evaluation | None:
         return self.evaluation(model, device, dtype, batch_size)
 

@@ -1,19 +1,13 @@
 """Optimizers and learning-rate schedules.
 
-- `adamw`: weight decay on matrices only (biases and norm gains are not decayed: decaying
-  them only shrinks useful offsets). The kernel is chosen per device by measurement: fused on
-  CUDA, and fused on the CPU too, where it took a third of the foreach kernel's time (4.2 vs
-  13.0 ms a step at the 10m benchmark shape, 0.9 vs 2.3 ms at the demo's; docs/log.md).
-- `adafactor`: `torch.optim.Adafactor`, factored second moments, for memory-bound runs. Its
-  steps are `train.lr` times each weight's RMS, so it wants a larger lr (1e-2) than AdamW.
-- `muon`: `torch.optim.Muon` (orthogonalized momentum, the optimizer behind the
-  modded-nanogpt speed records) for the 2-D weights inside the blocks, with AdamW for
-  embeddings, biases and norms, which Muon is not meant for. Muon's learning rate is
-  matched to AdamW's update RMS (`adjust_lr_fn="match_rms_adamw"`), so one `train.lr` serves
-  both.
+- `adamw`: weight decay on matrices only. Fused on CUDA and on the CPU, where it took a third
+  of the foreach kernel's time (4.2 vs 13.0 ms a step at the 10m shape; docs/log.md).
+- `adafactor`: factored second moments for memory-bound runs; its steps are `train.lr` times
+  each weight's RMS, so it wants a larger lr (1e-2).
+- `muon`: orthogonalized momentum for the 2-D weights inside the blocks, AdamW for the rest;
+  its rate matches AdamW's update RMS, so one `train.lr` serves both.
 
-Schedules return a factor of the peak rate: linear warmup, then cosine decay to `min_lr`,
-or WSD (warmup, stable, linear decay over the last `decay_fraction` of the steps).
+Schedules: linear warmup, then cosine decay to `min_lr` or WSD (linear decay at the end).
 """
 
 from __future__ import annotations
@@ -46,9 +40,8 @@ ADAFACTOR_USUAL_LR = 1e-2  # torch's default and the paper's relative step size
 
 
 def optimizer_hint(cfg: TrainConfig) -> str | None:
-    """A line for a learning rate on the wrong scale for its optimizer. Adafactor scales each
-    step by the weight's RMS (`torch.optim.Adafactor`), so AdamW's 6e-4 moves weights of RMS
-    0.02 about 1e-5 per step: a run that seems to train but stays at chance."""
+    """A line for a learning rate on the wrong scale: Adafactor with AdamW's 6e-4 moves weights
+    of RMS 0.02 about 1e-5 per step, a run that seems to train but stays at chance."""
     if cfg.optimizer == "adafactor" and cfg.lr < ADAFACTOR_USUAL_LR / 10:
         return (
             f"note: Adafactor's steps are train.lr times each weight's RMS, so train.lr={cfg.lr:g} "

@@ -1,11 +1,9 @@
 """The run plan: every value the trainer derives from the config, resolved once.
 
 The config says what the user asked for (`train.epochs: 2`, `train.micro_batch: auto`); the
-plan says what that means for this run on this cluster: the global batch, its split into
-micro-batches and accumulation, tokens per step and per epoch, and the step count. The
-config is never changed; the plan is printed at the start and written to `plan.json` beside
-config.yaml. A micro-batch of `auto` stays open (None) until the search settles it, or until
-resume takes the one the checkpoint recorded (the windows read depend on it).
+plan what that means on this cluster: the global batch and its split, tokens per step and
+epoch, the step count. It is printed at the start and written to `plan.json`. An `auto`
+micro-batch stays None until the search settles it or resume takes the recorded one.
 """
 
 from __future__ import annotations
@@ -51,8 +49,8 @@ class RunPlan:
 
 
 def resolve_plan(t: TrainConfig, objective: Objective, world_size: int) -> RunPlan:
-    """The plan of `t` for `objective` on `world_size` processes. A token or epoch budget
-    becomes a step count, so schedules and checkpoints count steps."""
+    """The plan of `t` for `objective` on `world_size` processes; a token or epoch budget
+    becomes a step count."""
     batch_size = t.batch_size or (t.micro_batch * t.grad_accum * world_size)  # auto needs batch_size
     tokens_per_sample = objective.tokens_per_sample
     tokens_per_step = batch_size * tokens_per_sample

@@ -1,11 +1,8 @@
 """Which checkpoint a run may continue from, and what it must refuse or point out.
 
-Resume continues the run's own newest verified checkpoint: weights, optimizer state and
-counters, and the micro-batch it recorded (the windows read depend on it). It refuses a
-checkpoint made for another model shape or with another optimizer, and says so when the global
-batch or the schedule changed (allowed, but no longer a replay of the uninterrupted run).
-`init_from` takes only another run's weights (fresh optimizer and schedule), refused when the
-shapes or the tokenizer differ.
+Resume continues the run's newest verified checkpoint, refused for another model shape or
+optimizer, and says so when the global batch or schedule changed (allowed, but no longer a
+replay). `init_from` takes only another run's weights, refused when shapes or tokenizer differ.
 """
 
 from __future__ import annotations
@@ -21,8 +18,8 @@ from sllm.train.plan import RunPlan
 
 
 def config_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """Model config fields that differ, as `name: saved → wanted`. A field the checkpoint does
-    not record is older than the checkpoint, which was therefore made with its default."""
+    """Model config fields that differ, as `name: saved → wanted`; a field the checkpoint lacks
+    is newer than it, so it had the default."""
     saved = {**asdict(ModelConfig()), **saved}
     keys = sorted(set(saved) | set(wanted))
     return [f"{k}: {saved.get(k)!r} → {wanted.get(k)!r}" for k in keys if saved.get(k) != wanted.get(k)]
@@ -49,8 +46,7 @@ def compatible_checkpoint(run_dir: Path, model_config: ModelConfig, purpose: str
 
 
 def resume_checkpoint(run_dir: Path, model_config: ModelConfig, optimizer: str) -> Checkpoint | None:
-    """The checkpoint to resume, refused if made for another model or optimizer (whose state
-    cannot continue the run, though its weights can start a new one)."""
+    """The checkpoint to resume, refused if made for another model or optimizer."""
     checkpoint = compatible_checkpoint(run_dir, model_config, "resume")
     saved = checkpoint.meta.optimizer if checkpoint else None
     if saved is not None and saved != optimizer:

@@ -1,8 +1,6 @@
-"""Fixed-prompt samples during training, so progress is visible as text, not only as loss.
-
-At each evaluation the configured prompts (pre-training) or chat questions (SFT) are continued
-with a fixed seed and written to `samples/step-NNNNNN.md` in the run directory. A config
-without prompts samples the first words of the first validation documents (`opening_prompts`).
+"""Fixed-prompt samples at each evaluation, written to `samples/step-NNNNNN.md` of the run, so
+progress is visible as text, not only as loss. A config without prompts samples the first
+words of the first validation documents (`opening_prompts`).
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ from torch import nn
 
 from sllm.infer.engine import stream_tokens
 from sllm.run import SAMPLES_DIR
+from sllm.runtime import Dtype
 from sllm.sampling import SamplingParams
 from sllm.tokenizer import Tokenizer
 
@@ -30,7 +29,7 @@ def sample_prompts(
     prompts: list[str],
     params: SamplingParams,
     device: torch.device,
-    amp_dtype: torch.dtype | None = None,
+    amp_dtype: Dtype = None,
     encode: Callable[[str], list[int]] | None = None,
     stop_id: int | None = None,
 ) -> list[tuple[str, str]]:

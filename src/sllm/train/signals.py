@@ -1,8 +1,5 @@
-"""Graceful stop on SIGINT / SIGTERM: finish the step, save, exit 0; a second signal kills.
-
-Preemptible clusters send SIGTERM before they take a machine; saving at the next step
-boundary loses at most one step. A second signal restores the default handler and re-sends
-itself, so an impatient Ctrl-C still stops the process at once.
+"""Graceful stop on SIGINT / SIGTERM: finish the step, save, exit 0; a second signal kills
+(the default handler, re-sent), so an impatient Ctrl-C still stops the process at once.
 """
 
 from __future__ import annotations

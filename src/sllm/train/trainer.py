@@ -1,12 +1,10 @@
 """The one training loop: pre-training, SFT and STS all run here, driven by an objective.
 
 One step is one optimizer update over `grad_accum` micro-batches on each of `world_size`
-processes (the run plan's split, `sllm.train.plan`). The batches, the learning rate and dropout
-(the torch RNG re-seeded from (seed, step, index)) are functions of the step number, so a
-checkpoint needs only weights, optimizer state and counters, and a resumed run equals an
-uninterrupted one bit for bit on the CPU. Every objective thus gets autocast, accumulation,
-DDP/FSDP, signal-safe saves, retention, `best/`, and the metric sinks. The caller's config is
-never changed: the run directory gets it as run (`config.yaml`) and the derived `plan.json`.
+processes (`sllm.train.plan`). Batches, learning rate and dropout (the RNG re-seeded from
+(seed, step, index)) are functions of the step, so a checkpoint needs only weights, optimizer
+state and counters, and a resumed run equals an uninterrupted one bit for bit on the CPU.
+The caller's config is never changed; the derived values go to `plan.json`.
 """
 
 from __future__ import annotations
@@ -112,18 +110,15 @@ class Trainer:
         if t.compile:
             self.ddp_model = torch.compile(self.ddp_model)
         self._build_optimizers()
-        self.step = 0
-        self.tokens_seen = 0
-        self.best_rank = math.inf
+        self.step, self.tokens_seen, self.best_rank = 0, 0, math.inf
         self.finite_losses = torch.ones((), dtype=torch.bool, device=self.device)
-        self.last_val_loss: float | None = None
-        self.last_val_step: int | None = None
+        self.last_val_loss, self.last_val_step = None, None
         self.last_val_metrics: dict[str, float] = {}
         self.batches = None if self.plan.micro_batch is None else self._batch_source()
 
     def _build_optimizers(self) -> None:
-        """Fresh optimizers and loss scaler; each parameter group's peak rate is kept apart, as
-        the optimizer state loaded on resume holds the rate of the step it was saved at."""
+        """Fresh optimizers and loss scaler; peak rates are kept apart, as a resumed optimizer
+        state holds the rate of the step it was saved at."""
         self.optimizers = self.objective.optimizers(self.model, self.cfg.train, self.device)
         self.peak_lrs = [[group["lr"] for group in o.param_groups] for o in self.optimizers]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -134,8 +129,7 @@ class Trainer:
     # ---- micro-batch ----------------------------------------------------------------
 
     def settle_micro_batch(self) -> None:
-        """`train.micro_batch: auto` becomes a number in the plan (unless resume took the
-        recorded one)."""
+        """`train.micro_batch: auto` becomes a number in the plan (unless resume took one)."""
         if self.plan.micro_batch is None:
             self.plan = self.plan.with_micro_batch(self._search_micro_batch())
             self.batches = self._batch_source()
@@ -147,9 +141,8 @@ class Trainer:
                 )
 
     def _search_micro_batch(self) -> int:
-        """The largest power-of-two micro-batch whose training step fits, the same on every rank.
-
-        The trials move the weights and fill the optimizer state, so both are put back after."""
+        """The largest power-of-two micro-batch whose training step fits, the same on every rank;
+        the weights and optimizer state the trials changed are put back."""
         sizes = power_of_two_sizes(per_process_batch(self.plan.batch_size, self.cluster.world_size))
         if self.device.type == "cpu":
             budget = available_ram_bytes() // 2
@@ -176,7 +169,6 @@ class Trainer:
         return memory.total_bytes + (memory.activations_bytes if self.amp_dtype is None else 0)
 
     def _trial_step(self, micro_batch: int) -> None:
-        """One full training step on a batch of the real shape, without gradient sync."""
         source = self.objective.batches(micro_batch, self.plan.batch_size, self.cfg.train.seed)
         self._backward(source.batch(0, 0), sync=False, share=1)
         self._apply_gradients()
@@ -241,8 +233,8 @@ class Trainer:
         return model_state, state, meta
 
     def save(self, name: str) -> None:
-        """A periodic checkpoint; every rank gathers (FSDP), rank 0 checks that every weight is
-        finite (an update can break them before any loss shows it) and writes."""
+        """A checkpoint: every rank gathers (FSDP), rank 0 checks the weights are finite (an
+        update can break them before any loss shows it) and writes."""
         state = self._state() if self.collective_eval or self.cluster.is_main else None
         broken = self.cluster.is_main and not all_finite(state[0].values())
         if any_rank(broken, self.cluster, self.device):
@@ -251,9 +243,8 @@ class Trainer:
             save_checkpoint(self.run_dir, *state, keep_last=self.cfg.train.keep_last, name=name)
 
     def require_finite_loss(self) -> None:
-        """Stops a diverged run before its loss reaches a log, an evaluation or a checkpoint. The
-        losses since the last check are collected on the device, so the steps between checks
-        do not wait for the host."""
+        """Stops a diverged run before its loss reaches a log, an evaluation or a checkpoint (the
+        losses are collected on the device, so the steps between checks do not wait for the host)."""
         if any_rank(not bool(self.finite_losses), self.cluster, self.device):
             raise self._diverged("its loss became NaN or infinite")
         self.finite_losses = torch.ones((), dtype=torch.bool, device=self.device)
@@ -269,9 +260,9 @@ class Trainer:
         )
 
     def checkpoint_name(self, must_save: bool) -> str | None:
-        """The checkpoint the step just taken ends with, if any: `epoch-N` when it completed
-        epoch N (by tokens seen, so a changed world size keeps the boundaries), `step-N` at the
-        interval, or `step-N` anyway when the run ends or stops here."""
+        """The checkpoint this step ends with, if any: `epoch-N` when it completed epoch N (by
+        tokens, so a changed world size keeps the boundaries), else `step-N` at the interval or
+        when the run ends or stops here."""
         t, plan = self.cfg.train, self.plan
         if t.checkpoint_every == "epoch":
             epoch = self.tokens_seen // plan.tokens_per_epoch
@@ -283,23 +274,13 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------
 
-    def _to_device(self, batch: Batch) -> Batch:
-        """On CUDA the batch goes through pinned memory, so the copy runs asynchronously while
-        the GPU still works on the previous micro-batch."""
-        if self.device.type == "cuda":
-            batch = tuple(tensor.pin_memory() for tensor in batch)
-        return tuple(tensor.to(self.device, non_blocking=True) for tensor in batch)
-
-    def _set_learning_rates(self) -> None:
+    def train_step(self) -> torch.Tensor:
+        """One optimizer update; returns the mean micro-batch loss (a tensor: no host sync)."""
+        seed, grad_accum = self.cfg.train.seed, self.plan.grad_accum
         factor = lr_factor(self.step, self.schedule)
         for optimizer, peaks in zip(self.optimizers, self.peak_lrs, strict=True):
             for group, peak in zip(optimizer.param_groups, peaks, strict=True):
                 group["lr"] = peak * factor
-
-    def train_step(self) -> torch.Tensor:
-        """One optimizer update; returns the mean micro-batch loss (a tensor: no host sync)."""
-        seed, grad_accum = self.cfg.train.seed, self.plan.grad_accum
-        self._set_learning_rates()
         total = torch.zeros((), device=self.device)
         for micro_step in range(grad_accum):
             index = micro_step * self.cluster.world_size + self.cluster.rank
@@ -313,11 +294,13 @@ class Trainer:
         return total / grad_accum
 
     def _backward(self, batch: Batch, sync: bool, share: int) -> torch.Tensor:
-        """Forward and backward of one micro-batch whose loss counts `1 / share` of the step's
-        (the matrix products run where `sllm.model.cpu_linear` says); returns the loss."""
+        """Forward and backward of one micro-batch whose loss counts `1 / share` of the step's."""
+        if self.device.type == "cuda":  # pinned: the copy overlaps the previous micro-batch's work
+            batch = tuple(tensor.pin_memory() for tensor in batch)
+        batch = tuple(tensor.to(self.device, non_blocking=True) for tensor in batch)
         checkpointing = self.cfg.train.activation_checkpointing
         with gradient_sync(self.ddp_model, sync), onednn_linears(self.device, checkpointing):
-            loss = self.objective.loss(self.ddp_model, self._to_device(batch), self.device, self.amp_dtype)
+            loss = self.objective.loss(self.ddp_model, batch, self.device, self.amp_dtype)
             self.scaler.scale(loss / share).backward()
         return loss.detach()
 
@@ -335,8 +318,8 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
 
     def evaluate(self, sinks: MetricSinks) -> None:
-        """The objective's evaluation, best checkpoint and samples: on rank 0 with the unwrapped
-        model, or on every rank with a sharded one (sampling is seeded, so all ranks agree)."""
+        """Evaluation, best checkpoint and samples: on rank 0 with the unwrapped model, or on
+        every rank with a sharded one (sampling is seeded, so all ranks agree)."""
         if not (self.cluster.is_main or self.collective_eval):
             return
         self.model.eval()
@@ -366,7 +349,7 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------
 
     def _log_progress(self, loss: torch.Tensor, tokens_per_s: float, sinks: MetricSinks, bar: tqdm) -> None:
-        """Mean loss over ranks (the one host sync of a logged step), to the sinks and the bar."""
+        """Mean loss over ranks (a logged step's one host sync) to the sinks and the bar."""
         metrics = {
             "loss": float(mean_over_ranks(loss, self.cluster)),
             "lr": self.optimizers[0].param_groups[0]["lr"],
@@ -397,12 +380,9 @@ class Trainer:
         if main:
             model = f"{self.objective.describe(self.model)} on {self.device.type}"
             self.log(f"{model}, {plan.tokens_per_step:,} tokens per step")
-            for hint in (
-                cpu_bf16_hint(self.device, self.amp_dtype, count_parameters(self.model)),
-                optimizer_hint(t),
-            ):
-                if hint:
-                    self.log(hint)
+            bf16_hint = cpu_bf16_hint(self.device, self.amp_dtype, count_parameters(self.model))
+            for hint in filter(None, (bf16_hint, optimizer_hint(t))):
+                self.log(hint)
         sinks = MetricSinks(self.run_dir, self.cfg, self.step, enabled=main)
         show_bar = self.cfg.log.progress and main
         bar = progress_bar(total=plan.max_steps, initial=self.step, desc=self.objective.name, show=show_bar)
