@@ -104,4 +104,6 @@ def test_the_server_takes_min_tokens(trained_run, insistent):
             for extra in ({}, {"min_tokens": 5}, {"min_tokens": -1})
         ]
     usage = [json.loads(text).get("usage", {}).get("completion_tokens") for _, text in answers]
-    assert [status for status, _ in answers] == [200, 200, 422] and usage[:2] == [0, 5]
+    assert [status for status, _ in answers] == [200, 200, 400] and usage[:2] == [0, 5]
+    error = json.loads(answers[2][1])["error"]
+    assert (error["param"], error["message"]) == ("min_tokens", "min_tokens must not be negative, got -1")

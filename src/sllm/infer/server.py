@@ -9,8 +9,9 @@ refusal is OpenAI's error body, so its clients raise their usual exceptions; a f
 a stream becomes an error event before `[DONE]`. A client that hangs up cancels its
 generation. Prompts and `n` choices form one batch. The sampling fields are `SamplingParams`'s
 (`min_new_tokens` as vLLM's `min_tokens`); one left out takes the run's `sample` section, as
-`sllm generate` does (lengths keep OpenAI's defaults). A null field means its default; options this server cannot honour (`logprobs`,
-`logit_bias`, tools, ...) are refused, never silently ignored. FastAPI and uvicorn are imported here only.
+`sllm generate` does (lengths keep OpenAI's defaults). A null field means its default; options
+this server cannot honour (`logprobs`, `logit_bias`, tools, ...) are refused, never silently
+ignored. FastAPI and uvicorn are imported here only.
 """
 
 from __future__ import annotations
@@ -356,7 +357,9 @@ def create_app(
         try:
             params = request.params(defaults, extra_stop)
         except UserError as error:  # SamplingParams' messages begin with the option's name
-            raise Refusal(str(error), str(error).split()[0]) from None
+            option = str(error).split()[0]
+            name = REQUEST_NAMES.get(option, option)
+            raise Refusal(name + str(error).removeprefix(option), name) from None
         worker.check_room()
         prompt_ids = await asyncio.to_thread(encode, prompts, field)
         return [ids for ids in prompt_ids for _ in range(request.n)], params
