@@ -1,6 +1,7 @@
 import pytest
 import yaml
 
+from sllm.cli import main
 from sllm.config import Config, config_from_dict, load_config, parse_override, save_config
 from sllm.errors import UserError
 
@@ -95,3 +96,64 @@ def test_every_config_field_is_declared_with_a_one_line_help():
 def test_a_value_outside_its_declared_range_names_the_key_and_the_range(raw, message):
     with pytest.raises(UserError, match=message):
         config_from_dict(raw)
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_a_config_inherits_a_chain_of_bases_merging_sections_and_replacing_lists(tmp_path, capsys):
+    _write(
+        tmp_path / "presets/parent.yaml",
+        "base: demo\nmodel: {n_head: 2, n_embd: 64}\nsample: {prompts: [a, b]}\n",
+    )
+    _write(tmp_path / "presets/child.yaml", "base: parent.yaml\nmodel: {n_layer: 4}\ntrain: {lr: 1.0e-3}\n")
+    grand = _write(tmp_path / "grand.yaml", "base: presets/child.yaml\nsample: {prompts: [c]}\n")
+    cfg = load_config(str(grand), ["train.max_steps=9"])
+    demo = load_config("demo")
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (4, 2, 64)
+    assert cfg.model.block_size == demo.model.block_size and cfg.data.dir == demo.data.dir
+    assert cfg.sample.prompts == ["c"] and cfg.sample.top_k == demo.sample.top_k
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.train.warmup_steps) == (1e-3, 9, demo.train.warmup_steps)
+    save_config(cfg, tmp_path / "saved.yaml")
+    saved = yaml.safe_load((tmp_path / "saved.yaml").read_text())
+    assert "base" not in saved and config_from_dict(saved) == cfg
+
+    main(["info", "--config", str(grand), "--show-config", "model.n_layer=5"])
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert "base" not in shown and shown["model"]["n_layer"] == 5 and shown["sample"]["prompts"] == ["c"]
+    assert shown["data"] == saved["data"]
+
+
+def test_inheritance_cycles_and_missing_bases_are_one_line_naming_the_files(tmp_path):
+    _write(tmp_path / "a.yaml", "base: b.yaml\n")
+    _write(tmp_path / "b.yaml", "base: c.yaml\n")
+    _write(tmp_path / "c.yaml", "base: a.yaml\n")
+    with pytest.raises(UserError) as cycle:
+        load_config(str(tmp_path / "a.yaml"))
+    assert str(cycle.value) == (
+        "config files inherit in a cycle: a.yaml -> b.yaml -> c.yaml -> a.yaml; "
+        "remove one of these base: keys"
+    )
+    _write(tmp_path / "self.yaml", "base: self.yaml\n")
+    with pytest.raises(UserError, match="cycle: self.yaml -> self.yaml;"):
+        load_config(str(tmp_path / "self.yaml"))
+    child = _write(tmp_path / "child.yaml", "base: prent.yaml\n")
+    with pytest.raises(UserError) as missing:
+        load_config(str(child))
+    assert str(missing.value).startswith(
+        f"config file {child}: base 'prent.yaml' not found as {tmp_path / 'prent.yaml'} "
+        "or as a preset (demo, "
+    )
+    assert str(missing.value).endswith("give a YAML path relative to child.yaml or a preset name")
+
+
+def test_unknown_keys_are_refused_after_merging_the_base(tmp_path):
+    child = _write(tmp_path / "child.yaml", "base: demo\nmodel: {n_layers: 2}\n")
+    with pytest.raises(UserError, match="unknown config key model.n_layers; valid keys of model: arch,"):
+        load_config(str(child))
+    wrong_type = _write(tmp_path / "wrong.yaml", "base: demo\nmodel: 3\n")
+    with pytest.raises(UserError, match="config section model must be a mapping"):
+        load_config(str(wrong_type))

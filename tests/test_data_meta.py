@@ -133,11 +133,15 @@ def test_an_unknown_format_version_says_which_versions_are_read(prepared_dir, tm
 @pytest.mark.parametrize(
     ("content", "problem"),
     [
-        (b'{"format_version": 2,', "is damaged (invalid JSON)"),
+        (
+            b'{"format_version": 2,',
+            "is damaged (invalid JSON: Expecting property name enclosed in double quotes)",
+        ),
+        (b"[" * 100_000 + b"]" * 100_000, "is damaged (invalid JSON: nested too deeply)"),
         ('{"vocab_size": "caf\u00e9"}'.encode("latin-1"), "is damaged (not UTF-8 text)"),
         (b"[1, 2]", "is invalid: it holds a list instead of a JSON object"),
     ],
-    ids=["not-json", "not-utf8", "not-an-object"],
+    ids=["not-json", "nested-too-deeply", "not-utf8", "not-an-object"],
 )
 def test_an_unreadable_file_is_named_with_its_problem(tmp_path, content, problem):
     (tmp_path / META_FILE).write_bytes(content)
@@ -170,6 +174,6 @@ def test_prepare_rebuilds_a_directory_whose_meta_json_is_damaged(tmp_path):
     (tmp_path / "out" / META_FILE).write_text("{", "utf-8")
     messages: list[str] = []
     again = prepare(cfg.data, cfg.tokenizer, log=messages.append)
-    assert messages[0].startswith(f"rebuilding: {tmp_path / 'out' / META_FILE} is damaged (invalid JSON)")
+    assert messages[0].startswith(f"rebuilding: {tmp_path / 'out' / META_FILE} is damaged (invalid JSON:")
     assert again == first == DataMeta.read(tmp_path / "out")
     assert load_tokenizer(tmp_path / "out").sha256 == again.tokenizer_sha256

@@ -167,7 +167,7 @@ def test_an_interrupted_download_resumes_after_the_last_complete_shard(tmp_path)
     with pytest.raises(UserError) as failure:
         download("tinystories", tmp_path, shard_docs=5, load=dropping, progress=False)
     assert str(failure.value).startswith(
-        "cannot reach the Hugging Face hub to download tinystories (Connection reset by peer)"
+        "cannot reach the Hugging Face hub (offline?) to download tinystories (Connection reset by peer)"
     )
     assert [len(s) for s in _shard_texts(tmp_path)] == [5, 5, 5]  # the half shard is gone
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -211,17 +211,71 @@ def test_missing_datasets_package_says_how_to_install(tmp_path, monkeypatch):
         download("tinystories", tmp_path, progress=False)
 
 
-def test_unreachable_hub_is_one_line_and_exit_2(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+@pytest.mark.parametrize(
+    ("preset", "offline", "host"),
+    [
+        ("tinystories", {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, "the Hugging Face hub"),
+        pytest.param(  # the hub client retries a refused connection for ~25 s
+            "tinystories",
+            {"HF_ENDPOINT": "http://127.0.0.1:9"},
+            "the Hugging Face hub",
+            marks=pytest.mark.slow,
+        ),
+        ("nsmc", {"HF_HUB_OFFLINE": "1"}, "raw.githubusercontent.com"),
+    ],
+)
+def test_offline_says_cannot_reach_and_leaves_no_download_behind(tmp_path, preset, offline, host):
+    env = {**os.environ, **offline, "HF_HOME": str(tmp_path / "hf")}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src")
+    out = tmp_path / "downloads" / preset
     proc = subprocess.run(
-        [sys.executable, "-m", "sllm", "download", "tinystories", "--out", str(tmp_path / "out")],
+        [sys.executable, "-m", "sllm", "download", preset, "--out", str(out), "--max-docs", "5"],
         capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("sllm: error: cannot reach the Hugging Face hub to download tinystories (")
+    assert proc.stderr.startswith(f"sllm: error: cannot reach {host} (offline?) to download {preset} (")
     assert "HF_ENDPOINT" in proc.stderr and "sllm prepare --input" in proc.stderr
+    assert not out.exists()
+
+
+def _unreachable_file(exc_message: str):
+    def load(preset):
+        raise FileNotFoundError(exc_message)
+
+    return load
+
+
+def test_a_missing_file_on_a_host_that_answers_may_have_changed_on_one_that_does_not_is_offline(
+    tmp_path, monkeypatch
+):
+    import socket
+
+    listening = socket.create_server(("127.0.0.1", 0))
+    answering = f"http://127.0.0.1:{listening.getsockname()[1]}/ratings.txt"
+    for url, expected in (
+        (answering, "the dataset may have changed"),
+        ("http://127.0.0.1:9/r.txt", "(offline?)"),
+    ):
+        preset = dataclasses.replace(PRESETS["nsmc"], data_files=url)
+        monkeypatch.setitem(PRESETS, "nsmc", preset)
+        with pytest.raises(UserError) as failure:
+            download(
+                "nsmc", tmp_path / "out", load=_unreachable_file(f"Unable to find '{url}'"), progress=False
+            )
+        assert expected in str(failure.value) and f"Unable to find '{url}'" in str(failure.value)
+        assert not (tmp_path / "out").exists()
+    listening.close()
+
+
+def test_a_failure_before_the_first_shard_leaves_an_existing_directory_without_a_manifest(tmp_path):
+    def dropping(preset):
+        yield {"text": "one"}
+        raise ConnectionError("Connection reset by peer")
+
+    with pytest.raises(UserError, match="cannot reach the Hugging Face hub"):
+        download("tinystories", tmp_path, shard_docs=5, load=dropping, progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unknown_preset_lists_the_presets(capsys):

@@ -30,7 +30,7 @@ from sllm.infer.engine import stream_tokens
 from sllm.model import build_model
 from sllm.run import CHECKPOINTS, LATEST, open_run
 from sllm.sampling import SamplingParams
-from sllm.tokenizer import CharTokenizer
+from sllm.tokenizer import CharTokenizer, train_word
 from sllm.train.trainer import train
 
 from .conftest import random_run
@@ -464,3 +464,17 @@ def test_a_chat_template_transformers_cannot_follow_is_refused(tokenizer, tmp_pa
     with pytest.raises(UserError, match=re.escape("has a field other than {text}")):
         export_run(run_dir, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_word_level_run_exports_and_transformers_encodes_decodes_and_scores_alike(transformers, tmp_path):
+    from .conftest import constitution_paragraphs
+
+    ours = train_word(iter(constitution_paragraphs()), 300, ["<|endoftext|>", "<|pad|>"])
+    out = export_run(random_run(tmp_path / "word", ours), tmp_path / "hf")
+    assert check_export(tmp_path / "word", out) < 1e-5
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    text = "모든 국민은 법률이 정한다.뷁<|endoftext|>"
+    ids = ours.encode(text)
+    assert theirs.encode(text) == ids and ids[-2:] == [ours.token_id("<|unk|>"), ours.eos_id]
+    assert theirs.decode(ids) == ours.decode(ids) == "모든 국민은 법률이 정한다 . <|unk|> <|endoftext|>"
+    assert theirs.unk_token == "<|unk|>"

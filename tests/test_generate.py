@@ -166,7 +166,7 @@ def test_a_run_opened_from_python_names_what_is_wrong(trained_run, tmp_path):
     with pytest.raises(UserError, match="has no best checkpoint"):
         TextGenerator.from_run(damaged, device="cpu", checkpoint="best")
     (damaged / "config.yaml").write_text("garbage: [\n")
-    with pytest.raises(UserError, match=r"config\.yaml is damaged \(while parsing"):
+    with pytest.raises(UserError, match=r"config\.yaml is not valid YAML \(while parsing"):
         TextGenerator.from_run(damaged, device="cpu")
 
 

@@ -30,6 +30,19 @@ def test_a_configs_prompts_stay_with_its_own_data(overrides, prompts):
     assert load_config("demo", overrides).sample.prompts == prompts
 
 
+@pytest.mark.parametrize(
+    ("child", "prompts"),
+    [
+        ("base: demo\ntrain:\n  max_steps: 3\n", DEMO_PROMPTS),
+        ("base: demo\ndata:\n  dir: data/nsmc\n", []),
+        ("base: demo\ndata:\n  dir: data/nsmc\nsample:\n  prompts: [가]\n", ["가"]),
+    ],
+)
+def test_a_base_configs_prompts_stay_with_its_data(tmp_path, child, prompts):
+    (tmp_path / "child.yaml").write_text(child, encoding="utf-8")
+    assert load_config(str(tmp_path / "child.yaml")).sample.prompts == prompts
+
+
 def test_a_config_without_prompts_or_data_dir_keeps_its_default(tmp_path):
     (tmp_path / "c.yaml").write_text("sample:\n  prompts: [가]\n", encoding="utf-8")
     assert load_config(str(tmp_path / "c.yaml"), ["data.dir=x"]).sample.prompts == ["가"]

@@ -1,14 +1,25 @@
 import json
 import unicodedata
+from collections import Counter
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sllm.cli import main
 from sllm.errors import UserError
-from sllm.tokenizer import UNK_TOKEN, _long_words_cut, load_tokenizer, nfc, train_bpe, train_char
+from sllm.tokenizer import (
+    UNK_TOKEN,
+    WordTokenizer,
+    _long_words_cut,
+    load_tokenizer,
+    nfc,
+    train_bpe,
+    train_char,
+    train_word,
+)
 
-from .conftest import constitution_paragraphs
+from .conftest import constitution_paragraphs, random_run, write_jsonl
 
 SPECIALS = ["<|endoftext|>", "<|pad|>"]
 SAMPLES = [
@@ -110,3 +121,61 @@ def test_bpe_training_cuts_only_words_longer_than_256_characters():
     assert pieces[0] == ordinary
     assert "".join(pieces[1:]) == f"start {dna} end"
     assert max(len(word) for piece in pieces for word in piece.split()) == 256
+
+
+def test_word_tokenizer_keeps_the_most_frequent_words_and_decodes_them_joined_with_spaces(tmp_path):
+    paragraphs = constitution_paragraphs()
+    word = train_word(iter(paragraphs), 300, SPECIALS)
+    assert word.vocab_size == 300 and (word.eos_id, word.pad_id) == (0, 1)
+    vocab = word.hf.get_vocab()
+    counts = Counter(w for p in paragraphs for w, _ in word.hf.pre_tokenizer.pre_tokenize_str(nfc(p)))
+    kept = [w for w, _ in counts.most_common() if w in vocab]
+    assert len(kept) == 300 - len(SPECIALS) - 1  # all but the special tokens and <|unk|> are words
+    assert min(counts[w] for w in kept) >= max(counts[w] for w in counts if w not in vocab)
+
+    text = "모든 국민은 법률이 정한다.국가는,뷁 있다<|endoftext|>"
+    ids = word.encode(text)
+    pieces = ["모든", "국민은", "법률이", "정한다", ".", "국가는", ",", UNK_TOKEN, "있다", "<|endoftext|>"]
+    assert ids == [vocab[piece] for piece in pieces]
+    assert word.decode(ids) == "모든 국민은 법률이 정한다 . 국가는 , <|unk|> 있다 <|endoftext|>"
+    assert word.decode(word.encode("대한민국은  모든\n국민은")) == "대한민국은 모든 국민은"
+    assert word.encode(unicodedata.normalize("NFD", "대한민국은")) == [vocab["대한민국은"]]
+    word.save(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    assert isinstance(loaded, WordTokenizer) and loaded.encode(text) == ids and loaded.separator == " "
+
+
+def test_word_kind_trains_from_the_cli_prepares_and_generates(tmp_path, capsys):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", constitution_paragraphs())
+    main(["tokenizer", "train", "--kind", "word", "--vocab-size", "100000", "--input", str(corpus),
+          "--out", str(tmp_path / "tok")])  # fmt: skip
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "tok" / "tokenizer.json").read_text(encoding="utf-8"))
+    size = len(saved["model"]["vocab"])
+    assert saved["model"]["type"] == "WordLevel" and saved["model"]["unk_token"] == UNK_TOKEN
+    assert f"the corpus has only {size:,} tokens (words seen 2+ times" in out
+
+    main(
+        [
+            "prepare",
+            "--input",
+            str(corpus),
+            "--tokenizer",
+            str(tmp_path / "tok"),
+            "--out",
+            str(tmp_path / "d"),
+        ]
+    )
+    word = load_tokenizer(tmp_path / "d")
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text(encoding="utf-8"))
+    assert isinstance(word, WordTokenizer) and meta["vocab_size"] == size
+    main(["prepare", "--input", str(corpus), "tokenizer.kind=word", "tokenizer.vocab_size=500",
+          "--out", str(tmp_path / "d500")])  # fmt: skip
+    assert load_tokenizer(tmp_path / "d500").vocab_size == 500
+    capsys.readouterr()
+
+    run = random_run(tmp_path / "run", word)
+    main(["generate", "--run", str(run), "--prompt", "대한민국은", "--max-new-tokens", "4", "--top-k", "1"])
+    printed = capsys.readouterr().out.rstrip("\n")
+    assert printed.startswith("대한민국은 ") and len(printed.split(" ")) >= 2
+    assert all(w in word.hf.get_vocab() for w in printed.split(" ")[1:])

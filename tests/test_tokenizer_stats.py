@@ -1,7 +1,7 @@
 import pytest
 
 from sllm.cli import main
-from sllm.tokenizer import train_bpe, train_char
+from sllm.tokenizer import train_bpe, train_char, train_word
 from sllm.tokenizer_stats import fallback_table, format_stats, measure
 
 SPECIALS = ["<|endoftext|>", "<|pad|>"]
@@ -46,6 +46,13 @@ def test_char_tokenizer_counts_unknown_characters_as_fallback():
     char = train_char(iter(KOREAN), SPECIALS)
     stats = measure(char, ["대한민국 xyz"])
     assert stats.groups["all"].fallback_tokens == 3
+
+
+def test_word_tokenizer_counts_unknown_words_as_fallback():
+    word = train_word(iter(KOREAN + ENGLISH), 100, SPECIALS, min_frequency=1)
+    stats = measure(word, ["the cat sat on a sofa.", "모든 국민은 자유롭다"])
+    assert (stats.groups["en"].tokens, stats.groups["en"].fallback_tokens) == (7, 2)  # a, sofa
+    assert (stats.groups["ko"].tokens, stats.groups["ko"].fallback_tokens) == (3, 1)
 
 
 def test_cli_prints_the_table_and_rejects_empty_input(tmp_path, capsys):

@@ -147,6 +147,9 @@ def _add_data_commands(top: argparse._SubParsersAction) -> None:
         "--show-samples", type=_int_in(0), default=0, help="decode N random training windows"
     )
     data_info.add_argument("--window-tokens", type=_int_in(1), default=64, help="tokens per sample window")
+    verify = _add(data, "verify", commands.data_verify)
+    verify.add_argument("dir", help="prepared data directory")
+    verify.add_argument("--update", action="store_true", help="record the shard checksums older data lacks")
 
 
 def _add_training_commands(top: argparse._SubParsersAction) -> None:
@@ -190,12 +193,14 @@ def _add_training_commands(top: argparse._SubParsersAction) -> None:
     info = _add(top, "info", commands.info)
     info.add_argument("--run", help="run directory")
     info.add_argument("--micro-batch", type=int, help="micro-batch for the memory estimate")
+    info.add_argument("--show-config", action="store_true", help="print the resolved config as YAML")
     _config_args(info, "info")
     report = _add(top, "report", commands.report)
     report.add_argument("runs", nargs="+", help="run directories (several are overlaid)")
     report.add_argument("--out", help="where to write report.md and plots/ (default: the first run)")
     queue = _add(top, "queue", commands.queue)
     queue.add_argument("file", help="one experiment per line; # starts a comment")
+    queue.set_defaults(parse_line=lambda argv: _parse(build_parser(), argv))  # checks every line first
 
 
 def _add_inference_commands(top: argparse._SubParsersAction) -> None:

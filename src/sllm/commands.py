@@ -7,23 +7,13 @@ The first line of a function's docstring is the command's help (`sllm.cli`). Hea
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from argparse import Namespace
 from pathlib import Path
 
+from sllm.config import config_from_args
 from sllm.errors import UserError
 from sllm.infer.server_limits import ServerLimits
-
-
-def load(args: Namespace):
-    """The config file, then the command's shorthand flags (`args.config_keys`), then the
-    dotted overrides, each later one winning."""
-    from sllm.config import load_config
-
-    given = [(key, getattr(args, key)) for key in args.config_keys if getattr(args, key) is not None]
-    flags = [f"{key}={json.dumps(value, ensure_ascii=False)}" for key, value in given]
-    return load_config(args.config, [*flags, *args.overrides])
 
 
 def sampling_params(args: Namespace, **extra):
@@ -48,13 +38,13 @@ def demo(args: Namespace) -> None:
 
 
 def tokenizer_train(args: Namespace) -> None:
-    """train a BPE (or char) tokenizer on your text"""
+    """train a BPE, char or word tokenizer on your text"""
     from sllm.atomic import ensure_writable_dir
     from sllm.data.mixture import resolve_sources
     from sllm.data.prepare import train_tokenizer
     from sllm.tokenizer import TOKENIZER_FILE
 
-    cfg = load(args)
+    cfg = config_from_args(args)
     out = Path(args.out)
     if (out / TOKENIZER_FILE).exists():
         raise UserError(f"{out} already holds a {TOKENIZER_FILE}; choose a new --out or remove that file")
@@ -69,7 +59,7 @@ def tokenizer_stats(args: Namespace) -> None:
     from sllm.tokenizer import load_tokenizer
     from sllm.tokenizer_stats import format_stats, measure
 
-    data = load(args).data
+    data = config_from_args(args).data
     documents = read_documents(expand_inputs(data.inputs), ReadOptions.from_config(data), SourceStats())
     print(format_stats(measure(load_tokenizer(args.tokenizer), documents)))
 
@@ -78,7 +68,7 @@ def prepare(args: Namespace) -> None:
     """tokenize raw text into a prepared data directory"""
     from sllm.data.prepare import prepare
 
-    cfg = load(args)
+    cfg = config_from_args(args)
     prepare(cfg.data, cfg.tokenizer)
 
 
@@ -104,7 +94,7 @@ def train(args: Namespace) -> None:
 
     from sllm.train.trainer import train
 
-    cfg = load(args)
+    cfg = config_from_args(args)
     if args.find_batch_size:
         from sllm.train.batch_size import find_batch_size
         from sllm.train.distributed import launched_world_size
@@ -171,7 +161,7 @@ def generate(args: Namespace) -> None:
     generator = TextGenerator.from_run(args.run, args.device, args.checkpoint)
     if template == PLAIN:  # a base model continues the text
         prompt = args.prompt
-        print(prompt, end="", flush=True)
+        print(prompt + generator.tokenizer.separator, end="", flush=True)
     else:  # an instruction-tuned model answers it
         prompt = template.render([Message("user", args.prompt)])
     stream = generator.stream_batch([prompt], params)
@@ -220,6 +210,12 @@ def info(args: Namespace) -> None:
 
     if not (args.run or args.config):
         raise UserError("sllm info needs --run DIR or --config FILE")
+    if args.show_config:
+        from sllm.config import config_yaml
+        from sllm.run import read_run_config
+
+        print(config_yaml(read_run_config(Path(args.run)) if args.run else config_from_args(args)), end="")
+        return
     print(describe_costs(resolve_for_info(args.run, args.config, args.overrides), args.micro_batch))
 
 
@@ -230,6 +226,13 @@ def data_info(args: Namespace) -> None:
     print(describe_data(args.dir, args.show_samples, args.window_tokens))
 
 
+def data_verify(args: Namespace) -> None:
+    """check every shard of a prepared data directory: size, token ids, sha256"""
+    from sllm.data.verify import verify_data
+
+    print(verify_data(Path(args.dir), args.update))
+
+
 def report(args: Namespace) -> None:
     """plots and a markdown summary of one or more runs"""
     from sllm.report import write_report
@@ -238,10 +241,10 @@ def report(args: Namespace) -> None:
 
 
 def queue(args: Namespace) -> None:
-    """run the `sllm train` argument lists of a file, one after another"""
+    """run the experiments of a file one after another, every line checked first"""
     from sllm.queue import run_queue
 
-    if any(e.status == "failed" for e in run_queue(args.file)):
+    if any(e.status == "failed" for e in run_queue(args.file, args.parse_line)):
         sys.exit(1)
 
 

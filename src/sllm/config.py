@@ -3,17 +3,21 @@
 The dataclasses are the one source of truth: every field is one `option` with its default, a
 one-line help text and, for bounded numbers, its range. The CLI's flags and help are built
 from them, YAML files and `section.key=value` overrides are checked against them, and the
-resolved config is written back as YAML into the run directory. The `sample` section is built
-from `SamplingParams`, where the sampling options are declared. Everything is validated before
-any work starts (types, ranges, then cross-field rules), so a typo never costs a training run.
+resolved config is written back as YAML into the run directory. A YAML file may start with
+`base: other.yaml` (beside it, or a preset) and give only what differs. The `sample` section
+is built from `SamplingParams`, where the sampling options are declared. Everything is
+validated before any work starts (types, ranges, then cross-field rules), so a typo never
+costs a training run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
+from argparse import Namespace
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -22,6 +26,7 @@ from typing import Any, Literal
 import yaml
 
 from sllm.errors import UserError
+from sllm.files import read_yaml
 from sllm.options import FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, check_range, option
 from sllm.sampling import RUN_OPTIONS, SamplingParams
 
@@ -89,9 +94,11 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    kind: Literal["bpe", "char"] = option("bpe", "byte-level BPE or character-level")
-    vocab_size: int = option(8000, "vocabulary size of a trained BPE tokenizer", POSITIVE)
-    min_frequency: int = option(2, "minimum pair count for a BPE merge", NON_NEGATIVE)
+    kind: Literal["bpe", "char", "word"] = option(
+        "bpe", "byte-level BPE, character-level, or word-level (the decoded text joins words with spaces)"
+    )
+    vocab_size: int = option(8000, "vocabulary size of a trained BPE or word tokenizer", POSITIVE)
+    min_frequency: int = option(2, "minimum count of a BPE merge's pair or of a word", NON_NEGATIVE)
     special_tokens: list[str] = option(SPECIAL_TOKENS, "special tokens; must hold an EOS token")
     path: str | None = option(None, "existing tokenizer.json (or its directory) to use")
     sample_bytes: int = option(
@@ -380,51 +387,111 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, name, value
 
 
+PRESET_DIR = resources.files("sllm") / "configs"
+
+
 def resolve_config_path(name: str) -> Path:
     """A YAML path, or the name of a bundled preset such as `demo`."""
     path = Path(name)
     if path.is_file():
         return path
-    configs = resources.files("sllm") / "configs"
-    if path.suffix in ("", ".yaml") and (configs / f"{path.stem}.yaml").is_file():
-        return Path(str(configs / f"{path.stem}.yaml"))
-    presets = ", ".join(sorted(p.name[:-5] for p in configs.iterdir() if p.name.endswith(".yaml")))
+    preset = _preset(name)
+    if preset is not None:
+        return preset
     state = "is a directory" if path.is_dir() else "not found"
-    raise UserError(f"config file {name} {state}; give a YAML path or a preset ({presets})")
+    raise UserError(f"config file {name} {state}; give a YAML path or a preset ({_preset_names()})")
+
+
+def _preset(name: str) -> Path | None:
+    path = Path(name)
+    if path.suffix in ("", ".yaml") and (PRESET_DIR / f"{path.stem}.yaml").is_file():
+        return Path(str(PRESET_DIR / f"{path.stem}.yaml"))
+    return None
+
+
+def _preset_names() -> str:
+    return ", ".join(sorted(p.name[:-5] for p in PRESET_DIR.iterdir() if p.name.endswith(".yaml")))
+
+
+def read_config_file(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The sections of a YAML config with its `base:` chain merged under it: the base's file
+    (beside this one, or a preset) first, then this file's keys over it, mapping by mapping;
+    scalars and lists are replaced whole."""
+    raw = read_yaml(path, "fix the config file") or {}
+    if not isinstance(raw, dict):
+        raise UserError(f"config file {path} must be a mapping of sections")
+    if "base" not in raw:
+        return raw
+    base = raw.pop("base")
+    beside = path.parent / str(base)
+    base_path = beside if beside.is_file() else _preset(str(base))
+    if not isinstance(base, str) or base_path is None:
+        raise UserError(
+            f"config file {path}: base {base!r} not found as {beside} or as a preset "
+            f"({_preset_names()}); give a YAML path relative to {path.name} or a preset name"
+        )
+    chain = (*chain, path.resolve())
+    if base_path.resolve() in chain:
+        cycle = " -> ".join(p.name for p in (*chain, base_path.resolve()))
+        raise UserError(f"config files inherit in a cycle: {cycle}; remove one of these base: keys")
+    base_raw = read_config_file(base_path, chain)
+    _prompts_follow_data(base_raw, raw)
+    return _merged(base_raw, raw)
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(base.get(key), dict)
+        merged[key] = _merged(base[key], value) if both else value
+    return merged
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or start from defaults), apply dotted overrides, validate."""
-    raw: dict[str, Any] = {}
-    if path:
-        text = resolve_config_path(path).read_text(encoding="utf-8")
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
-        if not isinstance(raw, dict):
-            raise UserError(f"config file {path} must be a mapping of sections")
-    parsed = [parse_override(text) for text in overrides or []]
-    _prompts_follow_data(raw, parsed)
-    for section, name, value in parsed:
+    """Read a YAML config and its bases (or start from defaults), apply dotted overrides, validate."""
+    raw = read_config_file(resolve_config_path(path)) if path else {}
+    given: dict[str, dict[str, Any]] = {}
+    for text in overrides or []:
+        section, name, value = parse_override(text)
+        given.setdefault(section, {})[name] = value
+    _prompts_follow_data(raw, given)
+    for section, values in given.items():
         raw[section] = raw.get(section) or {}
-        raw[section][name] = value
+        raw[section].update(values)
     return config_from_dict(raw)
 
 
-def _prompts_follow_data(raw: dict[str, Any], overrides: list[tuple[str, str, Any]]) -> None:
-    """A config's `sample.prompts` are written for its own `data.dir`: an override that points
-    elsewhere without prompts of its own drops them, so the samples start as the new data's
-    documents do (legal-text prompts would run on and on after a model of movie reviews)."""
-    given = {(section, name): value for section, name, value in overrides}
-    own_dir, prompts = (raw.get("data") or {}).get("dir"), (raw.get("sample") or {}).get("prompts")
-    moved = own_dir and Path(str(given.get(("data", "dir"), own_dir))) != Path(str(own_dir))
-    if moved and prompts and ("sample", "prompts") not in given:
-        del raw["sample"]["prompts"]
+def _prompts_follow_data(under: dict[str, Any], over: dict[str, Any]) -> None:
+    """`sample.prompts` are written for the `data.dir` beside them: a layer over them (a config
+    naming this one its `base`, or the command line) that moves data.dir without prompts of its
+    own drops them, so the samples start as the new data's documents do (legal-text prompts
+    would run on and on after a model of movie reviews)."""
+    own_dir = _section(under, "data").get("dir")
+    new_dir = _section(over, "data").get("dir", own_dir)
+    if own_dir and Path(str(new_dir)) != Path(str(own_dir)) and "prompts" not in _section(over, "sample"):
+        _section(under, "sample").pop("prompts", None)
+
+
+def _section(layer: dict[str, Any], name: str) -> dict[str, Any]:
+    """A section of a config layer; {} when absent or not a mapping (refused later, by name)."""
+    section = layer.get(name)
+    return section if isinstance(section, dict) else {}
+
+
+def config_from_args(args: Namespace) -> Config:
+    """A command's config: the --config file, then its shorthand flags (`args.config_keys`),
+    then the dotted overrides, each later one winning."""
+    given = [(key, getattr(args, key)) for key in args.config_keys if getattr(args, key) is not None]
+    flags = [f"{key}={json.dumps(value, ensure_ascii=False)}" for key, value in given]
+    return load_config(args.config, [*flags, *args.overrides])
+
+
+def config_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), allow_unicode=True, sort_keys=False)
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), allow_unicode=True, sort_keys=False), "utf-8")
+    path.write_text(config_yaml(cfg), "utf-8")
 
 
 def validate(cfg: Config) -> None:

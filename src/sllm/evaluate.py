@@ -186,6 +186,7 @@ class Evaluator:
                 f"the data in {data_dir} was prepared with another tokenizer than {self.run.path}; "
                 f"score data prepared with its tokenizer (`sllm prepare --tokenizer {self.run.path}`)"
             )
+        meta.check_tokenizer(data_dir, self.run.tokenizer.sha256, self.run.tokenizer.vocab_size)
         return meta
 
     def evaluate(self, split: str = "val", stride: int = 0, batch_size: int = 0) -> EvalResult:

@@ -31,12 +31,13 @@ from sllm.config import Config, ModelConfig, save_config, validate
 from sllm.data.meta import META_FILE, DataMeta
 from sllm.data.sources import require_module
 from sllm.errors import UserError
+from sllm.files import read_json
 from sllm.infer.chat_template import PLAIN, ChatTemplate, load_chat_template, to_jinja
 from sllm.model import build_model, count_parameters
 from sllm.model.gpt import mlp_hidden_width
 from sllm.progress import stages
 from sllm.run import CONFIG_FILE, CheckpointMeta, LoadedRun, open_run
-from sllm.tokenizer import TOKENIZER_FILE, BPETokenizer, Tokenizer, load_tokenizer
+from sllm.tokenizer import TOKENIZER_FILE, UNK_TOKEN, HFBackedTokenizer, Tokenizer, load_tokenizer
 from sllm.train.checkpoint import save_checkpoint, save_tensors, training_state
 from sllm.train.distributed import full_state
 from sllm.train.optim import build_optimizers
@@ -328,10 +329,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
     ensure_writable_dir(out.parent, "export")
     run = open_run(run_dir, torch.device("cpu"), checkpoint)
     architecture = _architecture_for(run.config.model, run.path)
-    if not isinstance(run.tokenizer, BPETokenizer):
+    if not isinstance(run.tokenizer, HFBackedTokenizer):
         raise UserError(
             f"{run.path} uses a character-level tokenizer, which has no Hugging Face format; "
-            "export a run trained with tokenizer.kind=bpe"
+            "export a run trained with tokenizer.kind=bpe or word"
         )
     template = load_chat_template(run.path)
     chat_jinja = None if template == PLAIN else to_jinja(template)
@@ -424,7 +425,8 @@ def _write_tokenizer_files(out: Path, tokenizer: Tokenizer, block_size: int, cha
     the chat template if the run has one."""
     tokenizer.save(out)
     eos, pad = tokenizer.decode([tokenizer.eos_id]), tokenizer.decode([tokenizer.pad_id])
-    special = {"bos_token": eos, "eos_token": eos, "unk_token": eos, "pad_token": pad}
+    unk = UNK_TOKEN if tokenizer.token_id(UNK_TOKEN) is not None else eos  # word-level has one
+    special = {"bos_token": eos, "eos_token": eos, "unk_token": unk, "pad_token": pad}
     _write_json(out / "special_tokens_map.json", special)
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -610,10 +612,10 @@ def _read_hf_config(source: Path) -> dict[str, Any]:
     path = source / HF_CONFIG
     if not path.is_file():
         raise UserError(f"{source} is not a Hugging Face model directory (no {HF_CONFIG}); check --hf")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        raise UserError(f"{path} is not valid JSON; download the model again") from None
+    config = read_json(path, "download the model again")
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is damaged (not a JSON object); download the model again")
+    return config
 
 
 def read_hf_weights(source: Path) -> dict[str, torch.Tensor]:

@@ -7,7 +7,6 @@ checkpointing (at the micro-batch plan.json settled), KV-cache bytes per token.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ import torch
 from sllm.config import Config, load_config
 from sllm.data.meta import META_FILE, DataMeta
 from sllm.errors import UserError
+from sllm.files import read_json
 from sllm.model import build_model
 from sllm.model.stats import (
     kv_cache_bytes_per_token,
@@ -28,7 +28,10 @@ from sllm.run import PLAN_FILE, read_run_config
 def resolve_for_info(run: str | None, config: str | None, overrides: list[str]) -> Config:
     cfg = read_run_config(Path(run)) if run else load_config(config, overrides)
     if run and cfg.train.micro_batch == "auto" and (Path(run) / PLAN_FILE).is_file():
-        cfg.train.micro_batch = json.loads((Path(run) / PLAN_FILE).read_text(encoding="utf-8"))["micro_batch"]
+        plan = read_json(Path(run) / PLAN_FILE, "restore it or train the run again")
+        if not isinstance(plan, dict) or not isinstance(plan.get("micro_batch"), int | None):
+            raise UserError(f"{Path(run) / PLAN_FILE} is damaged (no integer micro_batch); restore it")
+        cfg.train.micro_batch = plan["micro_batch"]
     if cfg.model.vocab_size == 0:
         if not (Path(cfg.data.dir) / META_FILE).is_file():
             raise UserError(

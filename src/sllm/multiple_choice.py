@@ -20,6 +20,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from sllm.data.sources import read_text_file
 from sllm.errors import UserError
+from sllm.files import loads_json
 from sllm.progress import progress_bar
 from sllm.run import open_run
 from sllm.runtime import select_device
@@ -56,7 +57,7 @@ def read_questions(path: str | Path) -> list[Question]:
 def _parse_question(line: str, where: str) -> Question:
     expected = 'expected {"context": str, "choices": [str, ...], "answer": index or choice}'
     try:
-        row = json.loads(line)
+        row = loads_json(line)
         context, choices, answer = row["context"], row["choices"], row["answer"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UserError(f"{where} is not a multiple-choice question; {expected}") from None

@@ -1,27 +1,35 @@
 """`sllm queue FILE`: run a list of training experiments one after another.
 
-Each non-comment line of FILE holds the arguments of one `sllm train` command, or a whole
-`finetune sft|sts ...` command. Every run is its own process, so a crash or a bad config
-fails that line alone and the queue goes on. Because every run resumes from LATEST and says
-when it is already finished (all objectives share one trainer), running a queue again skips
-finished runs and resumes interrupted ones. A status file beside FILE
-records each line's outcome as it happens. Ctrl-C reaches the running training process
-too, which saves a checkpoint and exits; the queue then stops without starting the next.
+Each non-comment line of FILE holds the arguments of one `sllm train` command, a config file
+(`configs/stories.yaml`, optionally followed by overrides: its data.dir and train.out_dir say
+where), or a whole `finetune sft|sts ...` command. Every line is checked before any runs (its
+arguments, config and overrides, prepared data, base run and run directory), and all bad lines
+are reported at once, so a typo on line 3 does not wait for line 2's hour of training. Every
+run is its own process, so a crash fails that line alone and the queue goes on. Because every
+run resumes from LATEST and says when it is already finished (all objectives share one
+trainer), running a queue again skips finished runs and resumes interrupted ones. A status file
+beside FILE records each line's outcome as it happens. Ctrl-C reaches the running training
+process too, which saves a checkpoint and exits; the queue then stops without starting the next.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
 import subprocess
 import sys
 import time
+from argparse import Namespace
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 
 from sllm.atomic import write_text_atomic
+from sllm.config import config_from_args
+from sllm.data.meta import DataMeta
 from sllm.errors import UserError
 
 
@@ -57,9 +65,57 @@ def _save_status(queue_file: Path, entries: list[QueueEntry]) -> None:
 
 
 def sllm_arguments(entry: QueueEntry) -> list[str]:
-    """The `sllm` command of a line: a fine-tuning as written, anything else `sllm train`."""
+    """The `sllm` command of a line: a fine-tuning as written, a config file `train --config`,
+    anything else `sllm train`."""
     words = shlex.split(entry.arguments)
-    return words if words[:1] == ["finetune"] else ["train", *words]
+    if words[:1] == ["finetune"]:
+        return words
+    return ["train", "--config", *words] if words[0].endswith((".yaml", ".yml")) else ["train", *words]
+
+
+def check_queue(path: Path, entries: list[QueueEntry], parse: Callable[[list[str]], Namespace]) -> None:
+    """Every line parsed (`parse`: the CLI's parser) and checked; one error lists all bad lines."""
+    problems, run_dirs = [], {}
+    for entry in entries:
+        try:
+            _check_line(parse(sllm_arguments(entry)), entry.line, run_dirs)
+        except UserError as error:
+            problems.append(f"line {entry.line}: {error}")
+    if problems:
+        count = f"{len(problems)} bad line{'s' if len(problems) > 1 else ''}"
+        raise UserError(
+            f"{path} has {count}, so nothing ran; fix them and run again: " + " | ".join(problems)
+        )
+
+
+def _check_line(args: Namespace, line: int, run_dirs: dict[Path, int]) -> None:
+    """What one line needs before it can run; `run_dirs`: the lines above by run directory, whose
+    runs a fine-tuning or `train.init_from` may start from. Torch is imported only for lines
+    that need it, so a typo is reported in a moment."""
+    if args.command == "train":
+        cfg = config_from_args(args)
+        DataMeta.read(cfg.data.dir)
+        base, out = cfg.train.init_from, Path(cfg.train.out_dir)
+    else:
+        from sllm.finetune.sft import sft_config
+        from sllm.finetune.sts import sts_config
+
+        sft = args.finetune_command == "sft"
+        (sft_config if sft else sts_config)(args.overrides)
+        for name in ["data"] if sft else ["train", "dev"]:
+            if not Path(getattr(args, name)).is_file():
+                raise UserError(f"--{name} {getattr(args, name)} is not a file; check the path")
+        base, out = args.run, Path(args.out)
+    if base and Path(base).resolve() not in run_dirs:
+        from sllm.run import read_run_config
+
+        read_run_config(Path(base))
+    if out.resolve() in run_dirs:
+        raise UserError(f"run directory {out} is also line {run_dirs[out.resolve()]}'s; give each its own")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UserError(f"run directory {out}: {existing} is not a writable directory; choose another")
+    run_dirs[out.resolve()] = line
 
 
 def _run_one(entry: QueueEntry) -> tuple[int, bool]:
@@ -74,9 +130,10 @@ def _run_one(entry: QueueEntry) -> tuple[int, bool]:
     return process.wait(), already_finished
 
 
-def run_queue(queue_file: str | Path) -> list[QueueEntry]:
+def run_queue(queue_file: str | Path, parse: Callable[[list[str]], Namespace]) -> list[QueueEntry]:
     path = Path(queue_file)
     entries = read_queue(path)
+    check_queue(path, entries, parse)
     interrupted = False
 
     def on_interrupt(signum: int, frame: FrameType | None) -> None:

@@ -8,6 +8,7 @@ with none, one note names the fix instead of a warning per missing glyph.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import statistics
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sllm.errors import UserError
+from sllm.files import loads_json
 from sllm.run import METRICS_FILE, SAMPLES_DIR, read_run_config
 
 CURVES = (("loss", "train loss"), ("val_loss", "validation loss"), ("lr", "learning rate"),
@@ -37,7 +39,11 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / METRICS_FILE
     if not path.is_file():
         raise UserError(f"{run_dir} has no {METRICS_FILE}; is it a run directory?")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for line in path.read_bytes().decode("utf-8", "replace").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line a kill cut short: resume drops it
+            records.append(loads_json(line))
+    return [record for record in records if isinstance(record, dict)]
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -12,7 +12,6 @@ neither `train` nor `infer`, so generation and evaluation open runs without the 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 import sys
@@ -22,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
 from sllm.config import Config, config_from_dict
 from sllm.errors import UserError
+from sllm.files import FieldError, loads_json, read_text, read_yaml, sha256_file, typed
 from sllm.model import build_model
 from sllm.tokenizer import TOKENIZER_FILE as TOKENIZER_FILE  # the run keeps a copy under this name
 from sllm.tokenizer import Tokenizer, load_tokenizer
@@ -48,6 +48,7 @@ STATE_FILE = "state.pt"
 CHECKPOINT_META_FILE = "meta.json"  # `CheckpointMeta`; not the prepared data's meta.json
 LATEST_NAME = "latest"  # `open_run(checkpoint=...)`: the newest checkpoint that verifies
 _PERIODIC_NAME = re.compile(r"(step|epoch)-\d+")
+_OTHER_CHECKPOINT = "use another checkpoint of the run (--checkpoint) or restore this one"
 
 
 @dataclass
@@ -73,14 +74,6 @@ class CheckpointMeta:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, ensure_ascii=False)
 
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> CheckpointMeta:
-        """Known fields only: keys an older version wrote and this one no longer reads are dropped."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        meta = cls(**{k: v for k, v in raw.items() if k in names})
-        meta.step, meta.files = int(meta.step), dict(meta.files)
-        return meta
-
 
 @dataclass
 class Checkpoint:
@@ -92,7 +85,31 @@ class Checkpoint:
         return self.meta.step
 
     def model_state(self) -> dict[str, torch.Tensor]:
-        return load_file(self.path / MODEL_FILE)
+        path = self.path / MODEL_FILE
+        try:
+            return load_file(path)
+        except (OSError, SafetensorError) as exc:
+            raise UserError(f"{path} is damaged ({str(exc).splitlines()[0]}); {_OTHER_CHECKPOINT}") from None
+
+    def weights_for(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The weights, checked against `model`: every tensor there with its shape (the sha256 in
+        meta.json proves only that nothing changed since it was written). Weights of another
+        floating-point dtype are converted, with a warning; any other dtype is refused."""
+        path, weights, expected = self.path / MODEL_FILE, self.model_state(), model.state_dict()
+        problem = _shape_problem(weights, expected)
+        if problem:
+            raise UserError(f"{path} does not fit the run's model: {problem}; {_OTHER_CHECKPOINT}")
+        converted = {n: t.dtype for n, t in weights.items() if t.dtype != expected[n].dtype}
+        for name, dtype in converted.items():
+            if not dtype.is_floating_point:
+                raise UserError(f"{path}: tensor {name!r} holds {dtype}, not weights; {_OTHER_CHECKPOINT}")
+            weights[name] = weights[name].to(expected[name].dtype)
+        if converted:
+            kinds = ", ".join(sorted({str(dtype) for dtype in converted.values()}))
+            print(
+                f"warning: {path} holds {kinds} weights; converted to {expected[name].dtype}", file=sys.stderr
+            )
+        return weights
 
     def train_state(self) -> dict[str, Any]:
         try:
@@ -103,6 +120,20 @@ class Checkpoint:
             ) from None
 
 
+def _shape_problem(weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str | None:
+    missing = [name for name in expected if name not in weights]
+    if missing:
+        return f"tensor {missing[0]!r} is missing"
+    extra = [name for name in weights if name not in expected]
+    if extra:
+        return f"it holds tensor {extra[0]!r}, which the model does not have"
+    for name, tensor in weights.items():
+        shape, wanted = list(tensor.shape), list(expected[name].shape)
+        if shape != wanted:
+            return f"tensor {name!r} has shape {shape}, the model expects {wanted}"
+    return None
+
+
 def step_name(step: int) -> str:
     return f"step-{step:06d}"
 
@@ -111,26 +142,22 @@ def epoch_name(epoch: int) -> str:
     return f"epoch-{epoch:04d}"
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     """Whether every value is a finite number: a diverged run's weights are not."""
     return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
 
 
 def read_checkpoint_meta(path: Path) -> CheckpointMeta:
-    """A checkpoint directory's meta.json; ValueError if unreadable."""
+    """A checkpoint directory's meta.json (keys an older version wrote and this one no longer
+    reads are dropped); ValueError naming the problem if damaged."""
     try:
-        raw = json.loads((path / CHECKPOINT_META_FILE).read_text(encoding="utf-8"))
-        return CheckpointMeta.from_dict(raw)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"meta.json unreadable ({type(exc).__name__})") from None
+        return typed(loads_json((path / CHECKPOINT_META_FILE).read_bytes().decode("utf-8")), CheckpointMeta)
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"meta.json unreadable ({getattr(exc, 'msg', None) or type(exc).__name__})"
+        ) from None
+    except FieldError as exc:
+        raise ValueError(f"meta.json is invalid: {exc}") from None
 
 
 def _recorded_step(path: Path) -> int:
@@ -165,19 +192,24 @@ def load_latest(run_dir: Path) -> Checkpoint | None:
     candidates = periodic_checkpoints(checkpoint_dir)
     latest_file = checkpoint_dir / LATEST
     if latest_file.is_file():
-        named = checkpoint_dir / latest_file.read_text(encoding="utf-8").strip()
+        fix = "delete it to use the newest checkpoint that verifies"
+        named = checkpoint_dir / read_text(latest_file, fix).strip()
         candidates = [named] + [p for p in candidates if p != named]
-    for number, path in enumerate(candidates):
+    damaged: list[tuple[Path, ValueError]] = []
+    for path in candidates:
         try:
-            return verify_checkpoint(path)
+            found = verify_checkpoint(path)
         except ValueError as problem:
-            following = candidates[number + 1].name if number + 1 < len(candidates) else "none left"
+            damaged.append((path, problem))
+            continue
+        for path, problem in damaged:
             print(
-                f"warning: checkpoint {path} is damaged ({problem}); falling back to {following}",
-                file=sys.stderr,
+                f"warning: checkpoint {path} is damaged ({problem}); using {found.path.name}", file=sys.stderr
             )
+        return found
     if candidates:
-        raise UserError(f"no checkpoint in {checkpoint_dir} verifies; all are damaged")
+        problems = "; ".join(f"{path.name}: {problem}" for path, problem in damaged)
+        raise UserError(f"no checkpoint in {checkpoint_dir} verifies ({problems}); restore one or train anew")
     return None
 
 
@@ -205,13 +237,10 @@ def read_run_config(run_dir: Path) -> Config:
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"{run_dir} is not a run directory (no {CONFIG_FILE}); train one with `sllm train`")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        problem = None if isinstance(raw, dict) else "not a mapping of config sections"
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        problem = str(error).splitlines()[0]
-    if problem:
-        raise UserError(f"{path} is damaged ({problem}); restore the config the run was trained with")
+    fix = "restore the config the run was trained with"
+    raw = read_yaml(path, fix)
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} is damaged (not a mapping of config sections); {fix}")
     return config_from_dict(raw)
 
 
@@ -270,7 +299,7 @@ def open_run(run_dir: str | Path, device: torch.device, checkpoint: str = LATEST
     found = find_checkpoint(run_dir, checkpoint)
     tokenizer = load_tokenizer(run_dir)
     model = build_model(config.model)
-    model.load_state_dict(found.model_state())
+    model.load_state_dict(found.weights_for(model))
     if not all_finite(model.state_dict().values()):
         raise UserError(
             f"{found.path} holds weights that are not finite numbers (the run diverged before "

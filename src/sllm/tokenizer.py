@@ -1,10 +1,11 @@
-"""One tokenizer interface over two kinds: byte-level BPE (HF `tokenizers`) and characters.
+"""One tokenizer interface over three kinds: byte-level BPE and words (HF `tokenizers`), and
+characters.
 
-Both normalize to Unicode NFC first, so composed and decomposed Hangul encode alike, and both
-round-trip exactly: `decode(encode(x)) == nfc(x)`. Byte-level BPE covers every UTF-8 string
-because its base alphabet is the 256 bytes; the char kind covers the characters seen in
-training and maps the rest to `<|unk|>`. Both live in one `tokenizer.json`: the HF format, or
-a small JSON of ours marked `"kind": "sllm-char"`.
+All normalize to Unicode NFC first, so composed and decomposed Hangul encode alike. BPE and
+char round-trip exactly: `decode(encode(x)) == nfc(x)`; words do not (they are joined with
+spaces). Byte-level BPE covers every UTF-8 string because its base alphabet is the 256 bytes;
+the char and word kinds cover what was seen in training and map the rest to `<|unk|>`. Each
+lives in one `tokenizer.json`: the HF format, or a small JSON of ours marked `"kind": "sllm-char"`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from sllm.atomic import write_text_atomic
 from sllm.errors import UserError
 from sllm.fast_bpe import FastByteLevelBPE, fast_byte_level_bpe
+from sllm.files import loads_json, read_text
 
 TOKENIZER_FILE = "tokenizer.json"
 UNK_TOKEN = "<|unk|>"
@@ -49,6 +51,7 @@ class Tokenizer:
     vocab_size: int
     eos_id: int
     pad_id: int
+    separator = ""  # between a text and its decoded continuation: a space for words
 
     @property
     def never_generated(self) -> tuple[int, ...]:
@@ -93,24 +96,16 @@ class Tokenizer:
         self.eos_id, self.pad_id = eos, eos if pad is None else pad
 
 
-class BPETokenizer(Tokenizer):
-    """Byte-level BPE through HF `tokenizers`; encodes batches on all cores, through `tiktoken`
-    when it gives the same ids (`sllm.fast_bpe`)."""
+class HFBackedTokenizer(Tokenizer):
+    """A tokenizer that HF `tokenizers` runs: ours (BPE, word-level) or any tokenizer.json."""
 
     def __init__(self, hf_tokenizer) -> None:
         self.hf = hf_tokenizer
         self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
         self._find_special_ids()
 
-    @functools.cached_property
-    def fast(self) -> FastByteLevelBPE | None:
-        """Built at the first encode: loading a tokenizer to decode needs none of it."""
-        return fast_byte_level_bpe(self.hf, json.loads(self.hf.to_str()))
-
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         texts = [replace_lone_surrogates(text) for text in texts]
-        if self.fast is not None:
-            return self.fast.encode_batch(texts)
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -121,6 +116,29 @@ class BPETokenizer(Tokenizer):
 
     def token_id(self, token: str) -> int | None:
         return self.hf.token_to_id(token)
+
+
+class BPETokenizer(HFBackedTokenizer):
+    """Byte-level BPE; encodes batches on all cores, through `tiktoken` when it gives the same
+    ids (`sllm.fast_bpe`)."""
+
+    @functools.cached_property
+    def fast(self) -> FastByteLevelBPE | None:
+        """Built at the first encode: loading a tokenizer to decode needs none of it."""
+        return fast_byte_level_bpe(self.hf, json.loads(self.hf.to_str()))
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self.fast is not None:
+            return self.fast.encode_batch([replace_lone_surrogates(text) for text in texts])
+        return super().encode_batch(texts)
+
+
+class WordTokenizer(HFBackedTokenizer):
+    """Whole words and punctuation marks (HF WordLevel); words outside the vocabulary are
+    `<|unk|>`. Decoding joins the tokens with single spaces, so `decode(encode(x))` is not `x`:
+    "Hi, there." comes back as "Hi , there .". The classic exercise, not for real models."""
+
+    separator = " "
 
 
 class CharTokenizer(Tokenizer):
@@ -208,6 +226,29 @@ def _long_words_cut(texts: Iterable[str]) -> Iterator[str]:
         yield text[start:]
 
 
+def train_word(
+    texts: Iterator[str], vocab_size: int, special_tokens: list[str], min_frequency: int = 2
+) -> WordTokenizer:
+    """The `vocab_size` most frequent words (those seen `min_frequency`+ times), with the special
+    tokens and `<|unk|>`; words are split at whitespace and around each punctuation mark."""
+    _require_eos(special_tokens)
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, normalizers, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.WordLevel(unk_token=UNK_TOKEN))
+    hf.normalizer = normalizers.NFC()
+    split = [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    hf.pre_tokenizer = pre_tokenizers.Sequence(split)
+    trainer = trainers.WordLevelTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[*special_tokens, UNK_TOKEN],
+        show_progress=False,
+    )
+    hf.train_from_iterator(texts, trainer=trainer)
+    return WordTokenizer(hf)
+
+
 def _require_eos(special_tokens: list[str]) -> None:
     if not any(token in EOS_CANDIDATES for token in special_tokens):
         raise UserError(
@@ -230,16 +271,21 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         path = path / TOKENIZER_FILE
     if not path.is_file():
         raise UserError(f"tokenizer file {path} not found; train one with `sllm tokenizer train`")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "train or copy the tokenizer again")
     try:
-        payload = json.loads(text)
-    except json.JSONDecodeError:
-        raise UserError(f"{path} is not a tokenizer.json file (invalid JSON)") from None
+        payload = loads_json(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not a tokenizer.json file (invalid JSON: {exc.msg})") from None
     if isinstance(payload, dict) and payload.get("kind") == "sllm-char":
-        return CharTokenizer(payload["special_tokens"], payload["chars"])
+        lists = [payload.get("special_tokens"), payload.get("chars")]
+        if not all(isinstance(x, list) and all(isinstance(t, str) for t in x) for x in lists):
+            raise UserError(f"{path} is damaged: special_tokens and chars must be lists of strings")
+        return CharTokenizer(*lists)
     from tokenizers import Tokenizer as HFTokenizer
 
+    model = payload.get("model") if isinstance(payload, dict) else None
+    word_level = isinstance(model, dict) and model.get("type") == "WordLevel"
     try:
-        return BPETokenizer(HFTokenizer.from_str(text))
+        return (WordTokenizer if word_level else BPETokenizer)(HFTokenizer.from_str(text))
     except Exception as exc:
         raise UserError(f"{path} is not a tokenizer the `tokenizers` library can read: {exc}") from None

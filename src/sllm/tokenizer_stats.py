@@ -3,7 +3,7 @@
 Each line is classified by its dominant script (mixed lines count only in the total) and
 encoded alone, so the numbers do not depend on how files are cut into documents. A fallback
 token does not stand for whole characters: a byte-level BPE token that is not valid UTF-8
-alone (a rare Hangul syllable spelled in bytes), or the char kind's `<|unk|>`.
+alone (a rare Hangul syllable spelled in bytes), or the char and word kinds' `<|unk|>`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 
 from sllm.data.clean import dominant_script
 from sllm.errors import UserError
-from sllm.tokenizer import CharTokenizer, Tokenizer, nfc
+from sllm.tokenizer import UNK_TOKEN, CharTokenizer, Tokenizer, nfc
 
 GROUPS = ("ko", "en", "other", "all")
 ENCODE_BATCH_LINES = 2048
@@ -59,11 +59,11 @@ class TokenizerStats:
 def fallback_table(tokenizer: Tokenizer) -> np.ndarray:
     """True for each token id that does not stand for whole characters (see the module doc)."""
     table = np.zeros(tokenizer.vocab_size, dtype=bool)
-    if isinstance(tokenizer, CharTokenizer):
-        table[tokenizer.unk_id] = True
-        return table
-    for token_id in range(tokenizer.vocab_size):
-        table[token_id] = "\ufffd" in tokenizer.decode([token_id])
+    if not isinstance(tokenizer, CharTokenizer):
+        table[:] = ["\ufffd" in tokenizer.decode([token_id]) for token_id in range(tokenizer.vocab_size)]
+    unk_id = tokenizer.token_id(UNK_TOKEN)
+    if unk_id is not None:
+        table[unk_id] = True
     return table
 
 

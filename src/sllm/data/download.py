@@ -6,8 +6,9 @@ with a newline), its license and a description (`--list`). Shards (`<preset>-000
 most `shard_docs` documents each) appear whole, then `download.json`, the manifest, lists
 them. A budget (`max_docs`, `max_bytes` never exceeded) ends the download cleanly. An
 interrupted download resumes: unlisted shards are deleted and the stream, which a hub split
-gives in a fixed order, is read again with the documents already written skipped. Hub and
-network failures become one line naming the preset and the fix.
+gives in a fixed order, is read again with the documents already written skipped; one that
+fails before its first shard leaves no directory and no manifest. Hub and network failures
+become one line naming the preset and the fix, "cannot reach" when the host takes no connection.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
+import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from itertools import chain, islice
 from pathlib import Path
@@ -29,10 +32,12 @@ from tqdm import tqdm
 from sllm.atomic import atomic_text_writer, ensure_writable_dir, recover_all, write_text_atomic
 from sllm.data.sources import DOWNLOAD_MANIFEST, require_module
 from sllm.errors import UserError
+from sllm.files import loads_json
 from sllm.progress import progress_bar
 
 DEFAULT_SHARD_DOCS = 50_000
 NSMC_TRAIN_URL = "https://raw.githubusercontent.com/e9t/nsmc/master/ratings_train.txt"
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 
 
@@ -206,6 +211,7 @@ def download(
     preset = get_preset(name)
     _check_positive(max_docs=max_docs, max_bytes=max_bytes, shard_docs=shard_docs)
     out = Path(out_dir)
+    created = not out.exists()
     ensure_writable_dir(out, "download")
     recover_all(out)
     manifest = _read_manifest(out, preset)
@@ -215,13 +221,17 @@ def download(
     manifest = dataclasses.replace(
         manifest, max_docs=max_docs, max_bytes=max_bytes, finished=False, stopped_by=None
     )
-    _save(out, manifest)
-
     records = _guarded(preset, load)
     budget = _Budget(max_docs, max_bytes, manifest.documents, manifest.bytes)
     documents = budget.take(islice(documents_of(preset, records), manifest.documents, None))
-    with progress_bar(total=max_docs, initial=manifest.documents, unit=" docs", show=progress) as bar:
-        _write_shards(out, manifest, documents, shard_docs, bar)
+    try:
+        with progress_bar(total=max_docs, initial=manifest.documents, unit=" docs", show=progress) as bar:
+            _write_shards(out, manifest, documents, shard_docs, bar)
+    except BaseException:
+        if created and not manifest.shards:  # the manifest is written with the first shard
+            with suppress(OSError):
+                out.rmdir()
+        raise
     manifest.finished, manifest.stopped_by = True, budget.stopped_by or "end"
     _save(out, manifest)
     return DownloadResult(manifest, out, already_done=False)
@@ -303,10 +313,11 @@ def _guarded(preset: Preset, load: Loader) -> Iterator[Mapping[str, Any]]:
 
 def _load_error(preset: Preset, exc: BaseException) -> UserError:
     reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-    if _is_network_error(exc):
+    if _is_network_error(exc) or not _reachable(preset):
         return UserError(
-            f"cannot reach {preset.host} to download {preset.name} ({reason[:200]}); check the network "
-            "or set HF_ENDPOINT to a mirror, or fetch the files yourself and use `sllm prepare --input FILE`"
+            f"cannot reach {preset.host} (offline?) to download {preset.name} ({reason[:200]}); check the "
+            "network or set HF_ENDPOINT to a mirror, or fetch the files yourself and use "
+            "`sllm prepare --input FILE`"
         )
     return UserError(
         f"cannot load {preset.name} from {preset.source} ({reason[:200]}); the dataset may have changed on "
@@ -323,6 +334,19 @@ def _is_network_error(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def _reachable(preset: Preset) -> bool:
+    """Whether the preset's host takes a connection: `datasets` reports a URL it cannot reach as
+    a missing file, which must not read as a dataset that changed."""
+    if any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE") for name in OFFLINE_VARIABLES):
+        return False
+    url = urlparse(preset.data_files or os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 @contextmanager
@@ -352,7 +376,7 @@ def _read_manifest(out: Path, preset: Preset) -> Manifest:
             preset.name, preset.hf_id, preset.config, preset.split, preset.data_files, preset.license
         )
     try:
-        manifest = Manifest(**json.loads(path.read_text(encoding="utf-8")))
+        manifest = Manifest(**loads_json(path.read_text(encoding="utf-8")))
     except (ValueError, TypeError):
         raise UserError(f"{path} is damaged; delete {out} to download again") from None
     if manifest.preset != preset.name:

@@ -19,13 +19,16 @@ import torch
 from sllm.data.meta import DataMeta
 from sllm.data.mixture import TrainMixture
 from sllm.data.shards import TokenShards, open_shards
+from sllm.data.verify import check_shards
 from sllm.errors import UserError
 
 
 def open_split(data_dir: str | Path, split: str, meta: DataMeta) -> np.ndarray | TokenShards:
-    """The split's tokens, its shards (listed in meta.json) read as one array."""
-    tokens = meta.splits[split].tokens
-    return open_shards(Path(data_dir), meta.shards[split], meta.dtype, tokens, meta.shard_tokens)
+    """The split's tokens, its shards (listed in meta.json, checked by `check_shards`) read as one array."""
+    names, tokens = meta.shards[split], meta.splits[split].tokens
+    shards = open_shards(Path(data_dir), names, meta.dtype, tokens, meta.shard_tokens)
+    check_shards(Path(data_dir), meta, names)
+    return shards
 
 
 @dataclass(eq=False)

@@ -1,21 +1,20 @@
 """THE prepared-data format: `meta.json` as the `DataMeta` dataclass, read, written and validated here.
 
 Everything that needs to know what a prepared data directory holds (the loader, training,
-evaluation, `sllm info`, export) reads it through `DataMeta.read`; only `sllm prepare` writes it.
-Reading checks every field's type against the dataclasses' annotations (one generic walk, so a
-new field is checked by declaring it) and then the cross-field rules (dtype fits the vocabulary,
-EOS inside it, one shard list per split); any problem is a `UserError` naming the file, the field
-and the fix. Format version 1 (before token shards) still loads: its `<split>.bin` files are read
-as one shard each. The fingerprint is kept as the JSON object it is: prepare only compares it.
+evaluation, `sllm info`, export) reads it through `DataMeta.read`; `sllm prepare` writes it, and
+`sllm data verify --update` adds the shard checksums data prepared before them lacks. Reading
+checks every field's type against the dataclasses' annotations (`sllm.files.typed`) and then the
+cross-field rules (dtype fits the vocabulary, EOS inside it, one shard list per split); any
+problem is a `UserError` naming the file, the field and the fix. Format version 1 (before token
+shards) still loads: its `<split>.bin` files are read as one shard each. The fingerprint is kept
+as the JSON object it is: prepare only compares it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import types
-import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import numpy as np
 
 from sllm.atomic import write_text_atomic
 from sllm.errors import UserError
+from sllm.files import FieldError, kind_of, read_json, typed
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -91,6 +91,8 @@ class DataMeta:
     skipped: dict[str, int]
     cleaning: CleaningCounts | None
     fingerprint: dict[str, Any]
+    # sha256 per shard file name; absent from data prepared before checksums (size checks only)
+    checksums: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def read(cls, data_dir: str | Path) -> DataMeta:
@@ -98,23 +100,13 @@ class DataMeta:
         path = Path(data_dir) / META_FILE
         if not path.is_file():
             raise UserError(f"{data_dir} is not a prepared data directory (no meta.json); run `sllm prepare`")
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except OSError as exc:
-            raise UserError(f"cannot read {path}: {exc.strerror}; check its permissions") from None
-        except UnicodeDecodeError:
-            raise UserError(f"{path} is damaged (not UTF-8 text); run `sllm prepare` again") from None
-        try:
-            document = json.loads(text)
-        except json.JSONDecodeError:
-            raise UserError(f"{path} is damaged (invalid JSON); run `sllm prepare` again") from None
-        return cls.from_json(document, path)
+        return cls.from_json(read_json(path, "run `sllm prepare` again"), path)
 
     @classmethod
     def from_json(cls, document: Any, path: Path) -> DataMeta:
         """Parsed JSON → a validated DataMeta; `path` only names the file in errors."""
         if not isinstance(document, dict):
-            raise _invalid(path, f"it holds {_kind(document)} instead of a JSON object")
+            raise _invalid(path, f"it holds {kind_of(document)} instead of a JSON object")
         version = document.get("format_version")
         if type(version) is not int:
             raise _invalid(path, "format_version is missing or not an integer")
@@ -126,11 +118,21 @@ class DataMeta:
         if version == 1:
             document = _from_version_1(document)
         try:
-            meta = _typed(document, cls, "")
-        except _FieldError as exc:
+            meta = typed(document, cls)
+        except FieldError as exc:
             raise _invalid(path, str(exc)) from None
         meta.validate(path)
         return meta
+
+    def check_tokenizer(self, data_dir: Path, sha256: str, vocab_size: int) -> None:
+        """The directory's tokenizer.json must be the one recorded here, of vocab_size tokens."""
+        if sha256 != self.tokenizer_sha256:
+            raise UserError(
+                f"{data_dir / 'tokenizer.json'} does not match its meta.json; run `sllm prepare` again"
+            )
+        if vocab_size != self.vocab_size:
+            problem = f"vocab_size {self.vocab_size:,} is not the {vocab_size:,} tokens of tokenizer.json"
+            raise _invalid(Path(data_dir) / META_FILE, problem)
 
     def validate(self, path: Path) -> None:
         """The rules between fields; `path` names the file in the error."""
@@ -203,66 +205,6 @@ def _from_version_1(document: dict[str, Any]) -> dict[str, Any]:
         "cleaning": None,
         **document,
     }
-
-
-class _FieldError(Exception):
-    """A field of the wrong type or a missing one; becomes the UserError that names the file."""
-
-
-def _typed(value: Any, hint: Any, where: str) -> Any:
-    """`value`, parsed JSON, checked against the annotation `hint` and converted to it
-    (dataclasses built, lists made tuples where declared); `where` is the dotted field name."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return value
-    if dataclasses.is_dataclass(hint):
-        return _typed_dataclass(value, hint, where)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _typed(value, inner, where)
-    if origin is list:
-        _expect(isinstance(value, list), value, "a list", where)
-        return [_typed(item, args[0], f"{where}[{i}]") for i, item in enumerate(value)]
-    if origin is tuple:
-        _expect(isinstance(value, list) and len(value) == len(args), value, f"a list of {len(args)}", where)
-        return tuple(
-            _typed(item, arg, f"{where}[{i}]") for i, (item, arg) in enumerate(zip(value, args, strict=True))
-        )
-    if origin is dict:
-        _expect(isinstance(value, dict), value, "an object", where)
-        return {key: _typed(item, args[1], f"{where}.{key}") for key, item in value.items()}
-    if hint is float:
-        _expect(type(value) in (int, float), value, "a number", where)
-        return float(value)
-    names = {int: "an integer", str: "a string"}
-    _expect(type(value) is hint, value, names[hint], where)
-    return value
-
-
-def _typed_dataclass(value: Any, cls: type, where: str) -> Any:
-    _expect(isinstance(value, dict), value, "an object", where or "the file")
-    hints = typing.get_type_hints(cls)
-    prefix = f"{where}." if where else ""
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in value]
-    if missing:
-        raise _FieldError(f"field {prefix}{missing[0]} is missing")
-    return cls(
-        **{f.name: _typed(value[f.name], hints[f.name], prefix + f.name) for f in dataclasses.fields(cls)}
-    )
-
-
-def _expect(ok: bool, value: Any, expected: str, where: str) -> None:
-    if not ok:
-        raise _FieldError(f"field {where} should be {expected}, not {_kind(value)}")
-
-
-def _kind(value: Any) -> str:
-    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}
-    if value is None:
-        return "null"
-    return kinds.get(type(value), "an object")
 
 
 def _invalid(path: Path, problem: str) -> UserError:

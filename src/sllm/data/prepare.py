@@ -13,7 +13,6 @@ resume to the same bytes as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import shutil
@@ -45,8 +44,9 @@ from sllm.data.prefetch import prefetched
 from sllm.data.shards import ShardWriter
 from sllm.data.sources import HFDataset, Input, SourceStats, read_documents
 from sllm.errors import UserError
+from sllm.files import loads_json, sha256_file
 from sllm.progress import progress_bar
-from sllm.tokenizer import Tokenizer, load_tokenizer, train_bpe, train_char
+from sllm.tokenizer import Tokenizer, load_tokenizer, train_bpe, train_char, train_word
 
 PROGRESS_FILE = "progress.json"
 PARTIAL_MARK = ".partial"
@@ -55,14 +55,10 @@ ENCODE_BATCH_DOCS = 512
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        return sha256_file(path)
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror}; check its permissions") from None
-    return digest.hexdigest()
 
 
 def train_tokenizer(sources: list[Source], data: DataConfig, tok: TokenizerConfig, log=print) -> Tokenizer:
@@ -83,7 +79,8 @@ def train_tokenizer(sources: list[Source], data: DataConfig, tok: TokenizerConfi
         if tok.kind == "char":
             tokenizer: Tokenizer = train_char(texts, tok.special_tokens)
         else:
-            tokenizer = train_bpe(texts, tok.vocab_size, tok.special_tokens, tok.min_frequency)
+            train = train_word if tok.kind == "word" else train_bpe
+            tokenizer = train(texts, tok.vocab_size, tok.special_tokens, tok.min_frequency)
     _require_kept_documents(stats, cleaner.report)
     note = _vocab_size_note(tokenizer, tok)
     if note:
@@ -112,6 +109,11 @@ def _vocab_size_note(tokenizer: Tokenizer, tok: TokenizerConfig) -> str | None:
         return (
             f"--vocab-size (tokenizer.vocab_size) {requested:,} does not apply to the char kind: "
             f"its {size:,} tokens are the characters seen plus the special tokens"
+        )
+    if size < requested and tok.kind == "word":
+        return (
+            f"the corpus has only {size:,} tokens (words seen {tok.min_frequency}+ times, special tokens "
+            f"and <|unk|>) of the requested {requested:,}; give more text or a smaller --vocab-size"
         )
     if size < requested:
         return (
@@ -196,7 +198,7 @@ class Progress:
     def load(cls, work: Path, fingerprint: dict[str, Any]) -> Progress | None:
         """The saved progress if it belongs to the same inputs and settings, else None."""
         try:
-            saved = cls(**json.loads((work / PROGRESS_FILE).read_text(encoding="utf-8")))
+            saved = cls(**loads_json((work / PROGRESS_FILE).read_text(encoding="utf-8")))
         except (OSError, ValueError, TypeError):
             return None
         return saved if saved.fingerprint == fingerprint else None
@@ -412,6 +414,7 @@ def _write_all(writer: SplitWriter, sources: list[Source], data: DataConfig, nam
             cleaner.report.kept, dict(cleaner.report.changed), dict(cleaner.report.dropped)
         ),
         fingerprint=progress.fingerprint,
+        checksums={name: sha256_file(writer.work / name) for names in shards.values() for name in names},
     )
     meta.write(writer.work)
     (writer.work / PROGRESS_FILE).unlink()

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from sllm.errors import UserError
+from sllm.files import JSON, loads_json
 from sllm.tokenizer import replace_lone_surrogates
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -268,7 +269,7 @@ def _jsonl_records(path: Path, options: ReadOptions, stats: SourceStats) -> Iter
         if not line.strip():
             continue
         try:
-            yield str(number), json.loads(line)
+            yield str(number), loads_json(line)
         except json.JSONDecodeError as exc:
             if options.on_error != "skip":
                 raise UserError(
@@ -282,7 +283,6 @@ _JSON_SPACE = re.compile(r"[ \t\r\n]*")
 
 def _json_array_items(path: Path, options: ReadOptions) -> Iterator[tuple[str, Any]]:
     """Elements of a top-level JSON array, decoded one at a time as chunks arrive."""
-    decoder = json.JSONDecoder()
     buffer, pos, count = "", 0, 0
     state = "start"  # start → value-or-end → separator → value → ... → end
     for chunk in _text_chunks(path, options.on_error):
@@ -297,7 +297,7 @@ def _json_array_items(path: Path, options: ReadOptions) -> Iterator[tuple[str, A
                 state, pos = "value", pos + 1
             elif state in ("value-or-end", "value"):
                 try:
-                    value, pos = decoder.raw_decode(buffer, pos)
+                    value, pos = JSON.raw_decode(buffer, pos)
                 except json.JSONDecodeError:
                     if len(buffer) - pos > MAX_JSON_RECORD_CHARS:
                         _json_problem(path, buffer, pos, count)
@@ -319,7 +319,7 @@ def _json_problem(path: Path, buffer: str, pos: int, count: int, state: str = "v
     reason = "expected , or ] between records"
     if pos < len(buffer) and state != "separator":
         try:
-            json.JSONDecoder().raw_decode(buffer, pos)
+            JSON.raw_decode(buffer, pos)
         except json.JSONDecodeError as exc:
             reason, pos = exc.msg, exc.pos
     if pos >= len(buffer):

@@ -19,6 +19,7 @@ import yaml
 
 from sllm.config import Config, ModelConfig, TrainConfig, validate
 from sllm.errors import UserError
+from sllm.files import read_yaml
 from sllm.options import FRACTION, NON_NEGATIVE, POSITIVE, check_range, option
 from sllm.run import BEST, CHECKPOINTS, periodic_checkpoints
 from sllm.train.batch_size import per_process_batch
@@ -103,7 +104,7 @@ def keep_settings(out_dir: Path, name: str, settings: dict, section: str) -> Non
     if not (periodic_checkpoints(checkpoints) or (checkpoints / BEST).is_dir()):
         return
     path = out_dir / name
-    recorded = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    recorded = read_yaml(path, "restore it, or choose a new --out") if path.is_file() else None
     wanted = _what_is_trained(settings, section)
     if not isinstance(recorded, dict) or _what_is_trained(recorded, section) != wanted:
         raise UserError(

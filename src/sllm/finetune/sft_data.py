@@ -14,8 +14,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sllm.data.sources import read_text_file
+from sllm.data.sources import CSV_FIELD_LIMIT, read_text_file
 from sllm.errors import UserError
+from sllm.files import loads_json
 from sllm.infer.chat_template import Message
 
 ROLES = ("system", "user", "assistant")
@@ -57,7 +58,7 @@ def load_sft(path: str | Path) -> SftData:
 
 def _json_records(path: Path, text: str) -> list[tuple[str, object]]:
     try:
-        records = json.loads(text)
+        records = loads_json(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"SFT file {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(records, list):
@@ -71,13 +72,14 @@ def _jsonl_records(path: Path, text: str) -> list[tuple[str, object]]:
         if not line.strip():
             continue
         try:
-            records.append((f"line {number}", json.loads(line)))
+            records.append((f"line {number}", loads_json(line)))
         except json.JSONDecodeError as exc:
             raise UserError(f"{path} line {number} is not valid JSON ({exc.msg}); fix that line") from None
     return records
 
 
 def _csv_records(path: Path, text: str) -> list[tuple[str, object]]:
+    csv.field_size_limit(CSV_FIELD_LIMIT)  # a long answer in one cell is no damage
     rows = list(csv.DictReader(io.StringIO(text, newline="")))
     header = list(rows[0]) if rows else []
     question = next((c for c in QUESTION_COLUMNS if c in header), None)

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from sllm.config import Config, build_dataclass, dataclass_from_overrides, option
 from sllm.errors import UserError
+from sllm.files import read_yaml
 from sllm.finetune.metrics import StsScores, sts_scores
 from sllm.finetune.options import (
     FinetuneOptions,
@@ -315,8 +315,13 @@ def evaluate_sts(run_dir: str | Path, data_path: str | Path, device: str = "auto
         raise UserError(
             f"{run_dir} is not an STS run (no {STS_CONFIG_FILE}); make one with `sllm finetune sts`"
         )
-    cfg = build_dataclass(StsConfig, SECTION, yaml.safe_load(settings.read_text(encoding="utf-8"))[SECTION])
+    recorded = read_yaml(settings, "restore it from the run's fine-tuning")
+    if not isinstance(recorded, dict) or not isinstance(recorded.get(SECTION), dict):
+        raise UserError(
+            f"{settings} is damaged (no {SECTION} section); restore it from the run's fine-tuning"
+        )
+    cfg = build_dataclass(StsConfig, SECTION, recorded[SECTION])
     model = build_sts_model(build_model(read_run_config(run_dir).model), cfg)
-    model.load_state_dict(load_checkpoint(run_dir / CHECKPOINTS / BEST).model_state())
+    model.load_state_dict(load_checkpoint(run_dir / CHECKPOINTS / BEST).weights_for(model))
     encoded = encode_pairs(load_tokenizer(run_dir), data.pairs, cfg.max_length)
     return score(model.to(chosen), encoded, chosen), data.summary()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sllm.data.sources import read_text_file
 from sllm.errors import UserError
+from sllm.files import loads_json
 
 MAX_SCORE = 5.0
 TSV_COLUMNS = ("score", "sentence1", "sentence2")
@@ -103,7 +104,7 @@ def _tsv_rows(path: Path, text: str) -> Iterator[tuple[str, str, str, str]]:
 
 def _klue_rows(path: Path, text: str) -> Iterator[tuple[str, str, str, object]]:
     try:
-        records = json.loads(text)
+        records = loads_json(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"STS file {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(records, list):

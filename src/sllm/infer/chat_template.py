@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from sllm.errors import UserError
-from sllm.tokenizer import BPETokenizer, Tokenizer
+from sllm.files import FieldError, read_json, typed
+from sllm.tokenizer import HFBackedTokenizer, Tokenizer
 
 TEMPLATE_FILE = "chat_template.json"
 ROLES = ("system", "user", "assistant")
@@ -71,11 +72,17 @@ def load_chat_template(run_dir: str | Path) -> ChatTemplate:
     path = Path(run_dir) / TEMPLATE_FILE
     if not path.is_file():
         return PLAIN
-    fields = json.loads(path.read_text(encoding="utf-8"))
+    fix = "restore it, or delete it for plain continuation"
+    fields = read_json(path, fix)
     known = {f.name for f in dataclasses.fields(ChatTemplate)}
     if not isinstance(fields, dict) or set(fields) - known:
         raise UserError(f"{path} must be a JSON object with keys among {sorted(known)}")
-    return ChatTemplate(**{**fields, "stop": tuple(fields.get("stop", ()))})
+    try:
+        template = typed(fields, ChatTemplate)
+        template.render([Message(role, "") for role in ROLES])  # a format field other than {text}
+    except (FieldError, LookupError, ValueError, AttributeError) as exc:
+        raise UserError(f"{path} is not a usable chat template ({exc}); {fix}") from None
+    return template
 
 
 def to_jinja(template: ChatTemplate) -> str:
@@ -116,15 +123,15 @@ def with_template_tokens(tokenizer: Tokenizer) -> Tokenizer:
     missing = [t for t in TEMPLATE_TOKENS if tokenizer.token_id(t) is None]
     if not missing:
         return tokenizer
-    if not isinstance(tokenizer, BPETokenizer):
+    if not isinstance(tokenizer, HFBackedTokenizer):
         raise UserError(
-            "SFT needs a BPE tokenizer to add the chat tokens to; pre-train with tokenizer.kind=bpe"
+            "SFT needs a BPE or word tokenizer to add the chat tokens to; pre-train with tokenizer.kind=bpe"
         )
     from tokenizers import Tokenizer as HFTokenizer
 
     hf = HFTokenizer.from_str(tokenizer.to_json())
     hf.add_special_tokens(missing)
-    return BPETokenizer(hf)
+    return type(tokenizer)(hf)
 
 
 def grow_embeddings(model: nn.Module, vocab_size: int) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 from sllm.atomic import write_text_atomic
 from sllm.config import Config
 from sllm.errors import UserError
+from sllm.files import loads_json
 from sllm.run import METRICS_FILE, TENSORBOARD_DIR, WANDB_ID_FILE
 
 
@@ -33,14 +34,16 @@ class Sink:
 
 
 def _records_up_to(path: Path, step: int) -> str:
-    """The complete, valid lines of `path` whose step is at most `step`."""
+    """The complete, valid lines of `path` whose step is at most `step` (a kill may have cut
+    the last one, even inside a UTF-8 sequence)."""
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+    for line in path.read_bytes().decode("utf-8", "replace").splitlines(keepends=True):
         try:
-            record = json.loads(line)
+            record = loads_json(line)
         except json.JSONDecodeError:
             continue
-        if line.endswith("\n") and isinstance(record, dict) and record.get("step", 0) <= step:
+        recorded = record.get("step", 0) if isinstance(record, dict) else None
+        if line.endswith("\n") and type(recorded) is int and recorded <= step:
             kept.append(line)
     return "".join(kept)
 

@@ -118,10 +118,7 @@ class LanguageModeling(Objective):
         self.data_dir = Path(cfg.data.dir)
         meta = DataMeta.read(self.data_dir)
         self.tokenizer = load_tokenizer(self.data_dir)
-        if self.tokenizer.sha256 != meta.tokenizer_sha256:
-            raise UserError(
-                f"{self.data_dir}/tokenizer.json does not match its meta.json; run `sllm prepare` again"
-            )
+        meta.check_tokenizer(self.data_dir, self.tokenizer.sha256, self.tokenizer.vocab_size)
         self.model_config = _resolved_model(cfg, meta)
         self.tokens_per_sample = cfg.train.block_size or cfg.model.block_size
         self.train_tokens = open_split(self.data_dir, "train", meta)

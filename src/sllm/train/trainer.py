@@ -183,7 +183,9 @@ class Trainer:
             return False
         state = checkpoint.train_state()
         try:
-            load_full_state(self.model, self.optimizers, checkpoint.model_state(), state["optimizers"])
+            load_full_state(
+                self.model, self.optimizers, checkpoint.weights_for(self.model), state["optimizers"]
+            )
         except (KeyError, ValueError) as error:  # a checkpoint older than its meta's "optimizer"
             raise UserError(
                 f"resume: the optimizer state in {checkpoint.path} does not fit train.optimizer="
@@ -214,7 +216,7 @@ class Trainer:
         checkpoint = init_from_checkpoint(
             source_run, self.cfg.model, self.objective.tokenizer.sha256, self.cfg.data.dir
         )
-        load_full_state(self.model, self.optimizers, checkpoint.model_state(), None)
+        load_full_state(self.model, self.optimizers, checkpoint.weights_for(self.model), None)
         if self.cluster.is_main:
             self.log(f"initialized from {checkpoint.path} (a fresh optimizer and schedule)")
 

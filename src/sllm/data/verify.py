@@ -1,0 +1,110 @@
+"""Checking a prepared data directory's token shards against meta.json: token range and sha256.
+
+Opening a split always compares each shard's size with meta.json (`open_shards`). The content
+checks run once per change of a shard: every token id must lie below vocab_size (one vectorized
+max over the shard, so a damaged or hostile shard cannot index past the embedding) and the file
+must match the sha256 `sllm prepare` recorded. `verified.json` in the data directory remembers
+each shard's size, mtime and inode at its check with its largest token id and hash (facts, not
+verdicts: they are compared with meta.json every time), so later runs read nothing until a shard
+changes; where the directory is not writable, the checks run at every open. `sllm data verify`
+checks every shard in full, and `--update` records the checksums that older data lacks (such
+data otherwise loads with the size and range checks only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sllm.atomic import write_text_atomic
+from sllm.data.meta import SPLITS, DataMeta
+from sllm.data.shards import open_shards
+from sllm.errors import UserError
+from sllm.files import FieldError, loads_json, sha256_file, typed
+from sllm.tokenizer import load_tokenizer
+
+STAMP_FILE = "verified.json"
+
+
+@dataclass(frozen=True)
+class ShardStamp:
+    """What a check found in a shard, and the file state it found it in."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+    max_id: int  # -1 for an empty shard
+    sha256: str | None  # None where nothing needed the hash
+
+
+def check_shards(
+    data_dir: Path, meta: DataMeta, names: list[str], full: bool = False
+) -> dict[str, ShardStamp]:
+    """Check the shards `names` (their sizes already match meta.json) and return their stamps;
+    `full` re-reads and hashes every one. The first bad shard is a UserError naming it."""
+    stamps = _read_stamps(data_dir)
+    found = dict(stamps)
+    again = f"run `sllm prepare` for {data_dir} again"
+    for name in names:
+        path, recorded = data_dir / name, meta.checksums.get(name)
+        stamp = stamps.get(name)
+        if full or stamp is None or _state(path) != _state(stamp) or (recorded and not stamp.sha256):
+            stamp = found[name] = _check(path, meta.dtype, hashed=full or recorded is not None)
+        if recorded and stamp.sha256 != recorded:
+            raise UserError(f"{path} does not match its sha256 in meta.json (changed after prepare); {again}")
+        if stamp.max_id >= meta.vocab_size:
+            raise UserError(
+                f"{path} holds token id {stamp.max_id}, outside the vocabulary of {meta.vocab_size:,} "
+                f"(vocab_size in meta.json); {again}"
+            )
+    if found != stamps:
+        with contextlib.suppress(OSError):  # a read-only dataset is checked at every open instead
+            write_text_atomic(data_dir / STAMP_FILE, json.dumps({n: asdict(s) for n, s in found.items()}))
+    return found
+
+
+def _state(item: Path | ShardStamp) -> tuple[int, int, int]:
+    """What tells a changed file: size, mtime and inode (a replaced file has a new one)."""
+    if isinstance(item, ShardStamp):
+        return item.size, item.mtime_ns, item.inode
+    status = item.stat()
+    return status.st_size, status.st_mtime_ns, status.st_ino
+
+
+def _check(path: Path, dtype: str, hashed: bool) -> ShardStamp:
+    state = _state(path)  # taken first: a change during the check then shows at the next open
+    tokens = np.memmap(path, dtype=dtype, mode="r") if state[0] else np.zeros(0, dtype)
+    max_id = int(tokens.max()) if len(tokens) else -1
+    return ShardStamp(*state, max_id, sha256_file(path) if hashed else None)
+
+
+def _read_stamps(data_dir: Path) -> dict[str, ShardStamp]:
+    """The stamps of earlier checks; a missing or damaged file (it is only a cache) is none."""
+    try:
+        return typed(loads_json((data_dir / STAMP_FILE).read_bytes().decode("utf-8")), dict[str, ShardStamp])
+    except (OSError, ValueError, FieldError):
+        return {}
+
+
+def verify_data(data_dir: Path, update: bool = False) -> str:
+    """`sllm data verify`: every file of a prepared data directory in full; a summary line."""
+    meta = DataMeta.read(data_dir)
+    tokenizer = load_tokenizer(data_dir)
+    meta.check_tokenizer(data_dir, tokenizer.sha256, tokenizer.vocab_size)
+    names = [name for split in SPLITS for name in meta.shards[split]]
+    for split in SPLITS:
+        open_shards(data_dir, meta.shards[split], meta.dtype, meta.splits[split].tokens, meta.shard_tokens)
+    stamps = check_shards(data_dir, meta, names, full=True)
+    unrecorded = [name for name in names if name not in meta.checksums]
+    summary = f"{data_dir}: {len(names)} shards verified (sizes, token ids below {meta.vocab_size:,}"
+    if not unrecorded:
+        return summary + ", sha256)"
+    if update:
+        dataclasses.replace(meta, checksums={n: stamps[n].sha256 for n in names}).write(data_dir)
+        return summary + f"); recorded the sha256 of {len(unrecorded)} in meta.json"
+    return summary + f"); {len(unrecorded)} lack a sha256 in meta.json: `--update` records it"
