@@ -7,7 +7,9 @@ sample. The naive loop reads the JSONL, calls `tokenizer.encode(doc)` per docume
 a numpy array per document and writes one file; `sllm prepare` additionally cleans (NFC,
 control characters), splits and shards. Each run is a fresh subprocess; they alternate in
 rounds, and the table gives the median. Peak memory is the child's maximum resident set
-(`getrusage(RUSAGE_CHILDREN)` in a wrapper process that starts only that child).
+(`getrusage(RUSAGE_CHILDREN)` in a wrapper process that starts only that child). With
+`kiwipiepy` installed a last row prepares with a morpheme-aware tokenizer
+(`tokenizer.pretokenize: kiwi`, trained on the same sample): the analyzer's cost.
 
     PYTHONPATH=src python benchmarks/prepare_throughput.py --throughput-mb 100 --memory-gb 0.5 2
 """
@@ -15,6 +17,7 @@ rounds, and the table gives the median. Peak memory is the child's maximum resid
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -78,13 +81,13 @@ def write_corpus(path: Path, size_bytes: int, seed: int = 0) -> None:
             written += len(line.encode("utf-8"))
 
 
-def train_tokenizer(corpus: Path, out: Path) -> Path:
+def train_tokenizer(corpus: Path, out: Path, pretokenize: str = "none") -> Path:
     sys.path.insert(0, str(REPO / "src"))
     from sllm.tokenizer import train_bpe
 
     with open(corpus, encoding="utf-8") as handle:
         sample = [json.loads(line)["text"] for line, _ in zip(handle, range(4000), strict=False)]
-    train_bpe(iter(sample), 16000, ["<|endoftext|>", "<|pad|>"]).save(out)
+    train_bpe(iter(sample), 16000, ["<|endoftext|>", "<|pad|>"], pretokenize=pretokenize).save(out)
     return out / "tokenizer.json"
 
 
@@ -132,6 +135,12 @@ def throughput(work: Path, size_mb: float, rounds: int) -> list[tuple[str, float
         "sllm prepare, 1 thread": lambda n: prepare_command(corpus, tokenizer, work / f"one-{n}"),
         all_threads: lambda n: prepare_command(corpus, tokenizer, work / f"all-{n}"),
     }
+    outputs = {"sllm prepare, 1 thread": "one", all_threads: "all"}
+    if importlib.util.find_spec("kiwipiepy"):
+        kiwi_tokenizer = train_tokenizer(corpus, work / "tok-kiwi", "kiwi")
+        kiwi = f"sllm prepare, kiwi morphemes, {os.cpu_count()} threads"
+        contenders[kiwi] = lambda n: prepare_command(corpus, kiwi_tokenizer, work / f"kiwi-{n}")
+        outputs[kiwi] = "kiwi"
     threads = {"sllm prepare, 1 thread": 1}
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for number in range(rounds):
@@ -140,10 +149,13 @@ def throughput(work: Path, size_mb: float, rounds: int) -> list[tuple[str, float
             times[name].append(seconds)
     from sllm.data.meta import DataMeta
 
-    tokens = sum(split.tokens for split in DataMeta.read(work / "all-0").splits.values())
-    naive_tokens = (work / "naive-0.bin").stat().st_size // 2
-    print(f"tokens: naive loop {naive_tokens:,}, sllm prepare {tokens:,} (prepare also cleans)")
-    return [(name, megabytes, tokens, statistics.median(ts)) for name, ts in times.items()]
+    tokens = {
+        name: sum(s.tokens for s in DataMeta.read(work / f"{out}-0").splits.values())
+        for name, out in outputs.items()
+    }
+    naive_tokens = tokens["naive loop (1 process)"] = (work / "naive-0.bin").stat().st_size // 2
+    print(f"tokens: naive loop {naive_tokens:,}, sllm prepare {tokens[all_threads]:,} (prepare also cleans)")
+    return [(name, megabytes, tokens[name], statistics.median(ts)) for name, ts in times.items()]
 
 
 def memory(work: Path, sizes_gb: list[float]) -> list[tuple[float, float, float]]:

@@ -86,7 +86,8 @@ def test_disk_full_during_write_keeps_previous_checkpoint(tmp_path, prepared_dir
 
     monkeypatch.setattr(ckpt.torch, "save", failing_save)
     with pytest.raises(
-        UserError, match=r"could not write checkpoint step-000020 \(No space left on device\)"
+        UserError,
+        match=r"the disk is full \(No space left on device\): cannot write the checkpoint step-000020 in",
     ):
         train(cfg, log=_quiet)
     monkeypatch.undo()
@@ -101,7 +102,7 @@ def test_disk_full_during_write_keeps_previous_checkpoint(tmp_path, prepared_dir
 def test_free_space_is_checked_before_writing(tmp_path, prepared_dir, monkeypatch):
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda _: usage._replace(free=1000))
-    with pytest.raises(UserError, match=r"not enough disk space .* need [\d.,]+ MB, 0.0 MB free"):
+    with pytest.raises(UserError, match=r"the disk is full .* \(need [\d.,]+ MB, 0.0 MB free\)"):
         train(tiny_config(prepared_dir, tmp_path / "run", "train.max_steps=10"), log=_quiet)
     assert not list((tmp_path / "run" / "checkpoints").glob("step-*"))
 

@@ -128,12 +128,12 @@ def test_padding_or_truncation_keeps_tokenizers(setting):
 
 
 def test_tokenizers_parallelism_off_means_one_encoding_thread(monkeypatch):
-    from sllm.fast_bpe import _threads
+    from sllm.fast_bpe import threads
 
     monkeypatch.setenv("RAYON_NUM_THREADS", "3")
-    assert _threads() == 3
+    assert threads() == 3
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    assert _threads() == 1
+    assert threads() == 1
 
 
 def test_without_tiktoken_tokenizers_encodes(texts, monkeypatch):

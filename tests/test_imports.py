@@ -22,6 +22,7 @@ LAYERS = {
     "sllm": 4,
     "sllm.finetune": 4,
     "sllm.export": 4,
+    "sllm.export_gguf": 4,
     "sllm.commands": 4,
     "sllm.queue": 4,
     "sllm.report": 4,

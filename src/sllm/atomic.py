@@ -4,13 +4,20 @@ A directory is built under a temp name and renamed into place. Replacing an exis
 takes two renames (old → aside, new → target); a crash between them leaves the complete old
 version aside, and `recover_dir` puts it back. Leftover temp and aside directories from
 killed processes are removed before new work starts (one writer per target is assumed).
+
+A full disk (or quota, or file size limit) while writing becomes one `UserError` naming the
+directory (`writing_to`), however the writer reported it: torch and safetensors wrap the
+OSError in their own exceptions. A run directory is locked with `flock` (`directory_lock`):
+the kernel drops the lock when its holder dies, so a stale lock needs no cleaning.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
@@ -19,6 +26,7 @@ from sllm.errors import UserError
 
 TEMP_MARK = ".tmp-"
 ASIDE_MARK = ".old-"
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _default_file_mode() -> int:
@@ -110,3 +118,86 @@ def atomic_text_writer(path: Path) -> Iterator[TextIO]:
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_text_writer(path) as handle:
         handle.write(text)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the file system allows one (no space, no time), else a copy."""
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, target, follow_symlinks=False)
+
+
+def carry_over(old: Path, new: Path, ours: Callable[[str], bool]) -> None:
+    """Link every entry of `old` that `ours(name)` does not claim into `new`, so replacing `old`
+    by `new` keeps what a user put there; a crash before the replacement leaves both intact."""
+    for entry in old.iterdir() if old.is_dir() else []:
+        if ours(entry.name) or (new / entry.name).exists():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=link_or_copy)
+        else:
+            link_or_copy(entry, new / entry.name)
+
+
+def disk_full_errno(error: BaseException | None) -> int | None:
+    """ENOSPC, EDQUOT or EFBIG if one of them is behind `error`: torch.save raises a
+    RuntimeError whose context is the OSError, safetensors puts `(os error 28)` in its message."""
+    for _ in range(8):  # a chain of causes and contexts, bounded in case it loops
+        if error is None or isinstance(error, UserError):  # explained already
+            return None
+        for code in DISK_FULL_ERRNOS:
+            if getattr(error, "errno", None) == code or f"(os error {code})" in str(error):
+                return code
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def disk_full_error(
+    directory: Path, what: str, needed_bytes: int | None = None, code: int = errno.ENOSPC
+) -> UserError:
+    """The one line for a full disk: where, what, the space there is (and is needed)."""
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    free_mb = shutil.disk_usage(existing).free / 1e6
+    need = f"need {needed_bytes / 1e6:,.1f} MB, " if needed_bytes else ""
+    return UserError(
+        f"the disk is full ({os.strerror(code)}): cannot write the {what} in {directory} ({need}"
+        f"{free_mb:,.1f} MB free); free some space and run the same command again: it goes on "
+        "from what was saved before, which is intact"
+    )
+
+
+@contextmanager
+def writing_to(directory: Path, what: str, needed_bytes: int | None = None) -> Iterator[None]:
+    """A write inside the block that finds the disk full becomes `disk_full_error`; each writer
+    removes its own temp files on the way out."""
+    try:
+        yield
+    except Exception as error:
+        code = disk_full_errno(error)
+        if code is None:
+            raise
+        raise disk_full_error(Path(directory), what, needed_bytes, code) from None
+
+
+@contextmanager
+def directory_lock(lock_file: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive `flock` on `lock_file` (holding our PID) for the block, or refuse with
+    the holder's PID. The kernel releases it when the process ends in any way."""
+    handle = open(lock_file, "a+", encoding="utf-8")  # noqa: SIM115 (held for the whole block)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise UserError(
+                f"{lock_file.parent} is in use by another {what} (process {holder}); wait for it to "
+                "finish or stop it, or choose another --out"
+            ) from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()

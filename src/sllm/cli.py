@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import sys
 from collections.abc import Callable
 from typing import NoReturn
 
 from sllm import commands
+from sllm.atomic import disk_full_errno
 from sllm.errors import UserError
 from sllm.options import add_flag
 from sllm.progress import QUIET
@@ -25,7 +27,8 @@ SOURCE_FLAGS = ["--input=data.inputs", "data.text_field", "data.txt_mode"]
 # Shorthand flags per command, each for one config key: `section.key` is `--key`, `--flag=section.key`
 # names the flag.
 CONFIG_FLAGS: dict[str, list[str]] = {
-    "tokenizer train": [*SOURCE_FLAGS, "tokenizer.vocab_size", "tokenizer.kind", "tokenizer.sample_bytes"],
+    "tokenizer train": [*SOURCE_FLAGS, "tokenizer.vocab_size", "tokenizer.kind", "tokenizer.sample_bytes",
+                        "tokenizer.pretokenize"],
     "tokenizer stats": SOURCE_FLAGS,
     "prepare": [*SOURCE_FLAGS, "--tokenizer=tokenizer.path", "--out=data.dir", "data.val_ratio",
                 "data.test_ratio", "--source-weight=data.input_weights", "--val-input=data.val_inputs",
@@ -238,11 +241,18 @@ def _add_inference_commands(top: argparse._SubParsersAction) -> None:
 
     export = _add(top, "export", commands.export)
     export.add_argument("--run", required=True, help="run directory")
-    export.add_argument("--out", required=True, help="directory to create")
-    export.add_argument("--format", choices=["hf"], default="hf", help="output format")
+    export.add_argument("--out", required=True, help="directory to create (a .gguf file with --format gguf)")
+    export.add_argument(
+        "--format", choices=["hf", "gguf"], default="hf", help="hf: transformers; gguf: llama.cpp, Ollama"
+    )
+    export.add_argument(
+        "--dtype", choices=["f32", "f16", "bf16", "q8_0"], help="gguf weights (default f16; hf is always f32)"
+    )
     export.add_argument("--checkpoint", default="latest", help=CHECKPOINT_HELP)
     export.add_argument(
-        "--check", action="store_true", help="load the export with transformers, compare logits"
+        "--check",
+        action="store_true",
+        help="load the export with transformers (gguf: llama-cpp-python), compare logits",
     )
     imported = _add(top, "import", commands.import_hf)
     imported.add_argument(
@@ -287,3 +297,11 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("sllm: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as error:  # a full disk under a writer that names no directory of its own
+        code = disk_full_errno(error)
+        if code is None:
+            raise
+        where = f" writing {error.filename}" if getattr(error, "filename", None) else ""
+        print(f"sllm: error: the disk is full ({os.strerror(code)}){where}; free some space and run "
+              "the same command again", file=sys.stderr)  # fmt: skip
+        sys.exit(UserError.exit_code)

@@ -39,7 +39,7 @@ def demo(args: Namespace) -> None:
 
 def tokenizer_train(args: Namespace) -> None:
     """train a BPE, char or word tokenizer on your text"""
-    from sllm.atomic import ensure_writable_dir
+    from sllm.atomic import ensure_writable_dir, writing_to
     from sllm.data.mixture import resolve_sources
     from sllm.data.prepare import train_tokenizer
     from sllm.tokenizer import TOKENIZER_FILE
@@ -50,7 +50,8 @@ def tokenizer_train(args: Namespace) -> None:
         raise UserError(f"{out} already holds a {TOKENIZER_FILE}; choose a new --out or remove that file")
     ensure_writable_dir(out, "tokenizer")
     tokenizer = train_tokenizer(resolve_sources(cfg.data), cfg.data, cfg.tokenizer)
-    print(f"saved {tokenizer.save(out)} ({tokenizer.vocab_size} tokens)")
+    with writing_to(out, "tokenizer"):
+        print(f"saved {tokenizer.save(out)} ({tokenizer.vocab_size} tokens)")
 
 
 def tokenizer_stats(args: Namespace) -> None:
@@ -135,7 +136,7 @@ def evaluate(args: Namespace) -> None:
             f"accuracy_norm {result.accuracy_norm:.4f} (chance {result.chance:.4f})"
         )
         return
-    from sllm.evaluate import evaluate_run, evaluate_texts
+    from sllm.evaluate import SCRIPT_GROUPS, evaluate_run, evaluate_texts
 
     options = (args.stride, args.batch_size, args.device, args.checkpoint)
     if args.text:
@@ -144,10 +145,14 @@ def evaluate(args: Namespace) -> None:
         results = evaluate_run(args.run, args.split, *options, args.data)
     width = max(6, *(len(r.split) for r in results))
     header = f"{'tokens':>10} {'loss':>8} {'perplexity':>11} {'bits/byte':>10} {'top-1':>7} {'top-5':>7}"
-    print(f"{'split':<{width}} {header}")
+    print(f"{'split':<{width}} {header}" + "".join(f" {'bpb ' + g:>9}" for g in SCRIPT_GROUPS))
     for r in results:
         numbers = f"{r.tokens:>10,} {r.loss:>8.4f} {r.perplexity:>11.2f} {r.bits_per_byte:>10.4f}"
-        print(f"{r.split:<{width}} {numbers} {r.scores.accuracy:>7.1%} {r.scores.top5_accuracy:>7.1%}")
+        by_script = r.scores.script_bits_per_byte(r.script_bytes)
+        scripts = "".join(f" {by_script[g]:>9.4f}" if g in by_script else f" {'-':>9}" for g in SCRIPT_GROUPS)
+        print(
+            f"{r.split:<{width}} {numbers} {r.scores.accuracy:>7.1%} {r.scores.top5_accuracy:>7.1%}{scripts}"
+        )
 
 
 def generate(args: Namespace) -> None:
@@ -271,14 +276,32 @@ def finetune_sft(args: Namespace) -> None:
 
 
 def export(args: Namespace) -> None:
-    """write a run as a Hugging Face model directory"""
+    """write a run as a Hugging Face model directory or a GGUF file"""
     from sllm.export import check_export, export_run
 
+    if args.format == "gguf":
+        return _export_gguf(args)
+    if args.dtype is not None:
+        raise UserError("--dtype applies to --format gguf only; the hf export is float32")
     out = export_run(args.run, args.out, args.checkpoint)
     print(f"exported {args.run} to {out}")
     if args.check:
         difference = check_export(args.run, out, args.checkpoint)
         print(f"checked with transformers: largest logit difference {difference:.2e}")
+
+
+def _export_gguf(args: Namespace) -> None:
+    from sllm.export_gguf import check_gguf, export_gguf
+
+    out = export_gguf(args.run, args.out, args.checkpoint, args.dtype or "f16")
+    print(f"exported {args.run} to {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    if args.check:
+        parity = check_gguf(args.run, out, args.checkpoint)
+        print(
+            f"checked with llama.cpp: same prompt tokens {parity.same_prompt_tokens}, largest logit "
+            f"difference {parity.max_logit_difference:.2e}, greedy tokens equal "
+            f"{parity.greedy_tokens_equal}/{parity.greedy_tokens}"
+        )
 
 
 def import_hf(args: Namespace) -> None:

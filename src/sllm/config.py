@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
+from sllm.atomic import write_text_atomic
 from sllm.errors import UserError
 from sllm.files import read_yaml
 from sllm.options import FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, check_range, option
@@ -101,6 +102,9 @@ class TokenizerConfig:
     min_frequency: int = option(2, "minimum count of a BPE merge's pair or of a word", NON_NEGATIVE)
     special_tokens: list[str] = option(SPECIAL_TOKENS, "special tokens; must hold an EOS token")
     path: str | None = option(None, "existing tokenizer.json (or its directory) to use")
+    pretokenize: Literal["none", "kiwi"] = option(
+        "none", "BPE: cut Korean at morpheme boundaries (kiwipiepy, pip install 'sllm[ko]') before merging"
+    )
     sample_bytes: int = option(
         1_000_000_000, "train on the first this many bytes of text, taken from the sources in turn", POSITIVE
     )
@@ -491,7 +495,7 @@ def config_yaml(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(config_yaml(cfg), "utf-8")
+    write_text_atomic(path, config_yaml(cfg))
 
 
 def validate(cfg: Config) -> None:
@@ -529,6 +533,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"data.max_chars ({d.max_chars}) is below data.min_chars ({d.min_chars})")
     if cfg.tokenizer.kind == "bpe" and cfg.tokenizer.vocab_size < 256 + len(cfg.tokenizer.special_tokens):
         raise UserError("tokenizer.vocab_size must be at least 256 + the number of special tokens")
+    if cfg.tokenizer.kind != "bpe" and cfg.tokenizer.pretokenize != "none":
+        raise UserError("tokenizer.pretokenize applies to tokenizer.kind=bpe only; drop one of them")
 
 
 def _validate_batch(t: TrainConfig) -> None:

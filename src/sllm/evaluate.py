@@ -4,13 +4,20 @@ Strided windows (`sllm.data.loader.strided_spans`) score every token after the f
 once, so results are exact for the split; bits per byte also compare models with different
 tokenizers. A text file is scored as one document after an EOS token (context only), as
 documents are in the prepared data, so its bytes (UTF-8 of the NFC text) match the loss.
+
+Bits per byte per script: the tokens are cut into documents after each EOS (in training's
+validation windows, the part of a document inside a window), each decoded and classified as
+`sllm tokenizer stats` classifies a line (`dominant_script`: ko, en, else other); a
+document's scored tokens (its EOS too) and its UTF-8 bytes go to its script. Exact: the
+groups' losses and bytes add up to the totals. Cheap: one decode of the scored tokens.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from sllm.data.clean import dominant_script
 from sllm.data.loader import EvalBatch, eval_batches, open_split
 from sllm.data.meta import META_FILE, DataMeta
 from sllm.data.sources import read_text_file
@@ -26,23 +34,33 @@ from sllm.errors import UserError
 from sllm.progress import progress_bar
 from sllm.run import LoadedRun, open_run
 from sllm.runtime import Dtype, autocast, select_autocast_dtype, select_device
-from sllm.tokenizer import nfc
+from sllm.tokenizer import Tokenizer, nfc
+
+SCRIPT_GROUPS = ("ko", "en", "other")
 
 
 @dataclass
 class TokenScores:
-    """Sums over scored tokens: negative log-likelihood (nats) and top-1 / top-5 hits."""
+    """Sums over scored tokens: negative log-likelihood (nats) and top-1 / top-5 hits; with
+    `labels` (each scored target's script group, in scoring order) the nll per group too."""
 
     nll: float = 0.0
     tokens: int = 0
     top1: int = 0
     top5: int = 0
+    labels: torch.Tensor | None = None
+    script_nll: list[float] = field(default_factory=lambda: [0.0] * len(SCRIPT_GROUPS))
 
     def add(self, logits: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor | None = None) -> None:
         logits, targets = logits.float().flatten(0, 1), targets.flatten()
         if scored is not None:
             logits, targets = logits[scored.flatten()], targets[scored.flatten()]
-        self.nll += float(F.cross_entropy(logits, targets, reduction="sum"))
+        losses = F.cross_entropy(logits, targets, reduction="none")
+        self.nll += float(losses.sum())
+        if self.labels is not None:
+            labels = self.labels[self.tokens : self.tokens + len(targets)].to(losses.device, torch.long)
+            by_group = torch.zeros(len(SCRIPT_GROUPS), device=losses.device).index_add_(0, labels, losses)
+            self.script_nll = [a + b for a, b in zip(self.script_nll, by_group.tolist(), strict=True)]
         ranked = logits.topk(min(5, logits.size(-1)), dim=-1).indices
         hits = ranked == targets[:, None]
         self.top1 += int(hits[:, 0].sum())
@@ -61,12 +79,38 @@ class TokenScores:
     def top5_accuracy(self) -> float:
         return self.top5 / self.tokens
 
+    def script_bits_per_byte(self, script_bytes: np.ndarray) -> dict[str, float]:
+        """Bits per byte of each script group with text."""
+        pairs = zip(SCRIPT_GROUPS, self.script_nll, script_bytes.tolist(), strict=True)
+        return {group: nll / math.log(2) / size for group, nll, size in pairs if size}
+
+
+def script_labels(tokens: np.ndarray, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """Each token's script group (an index into SCRIPT_GROUPS) and each group's UTF-8 bytes:
+    see the module doc. A document is decoded without its closing EOS; an EOS alone (the end of
+    a document begun before a window) goes with the next document."""
+    tokens = np.asarray(tokens)
+    labels, script_bytes = np.zeros(len(tokens), dtype=np.int8), np.zeros(len(SCRIPT_GROUPS), dtype=np.int64)
+    ends = np.flatnonzero(tokens == tokenizer.eos_id) + 1
+    first = 0  # of the tokens not yet given a group
+    for begin, end in itertools.pairwise(sorted({0, *ends.tolist(), len(tokens)})):
+        text = tokenizer.decode(
+            tokens[begin : end - 1 if tokens[end - 1] == tokenizer.eos_id else end].tolist()
+        )
+        if not text and end < len(tokens):
+            continue
+        group = SCRIPT_GROUPS.index(dominant_script(text) or "other")
+        labels[first:end], first = group, end
+        script_bytes[group] += len(text.encode("utf-8"))
+    return labels, script_bytes
+
 
 @dataclass
 class EvalResult:
     split: str  # the split's name, or the text file's path
     scores: TokenScores
     bytes: int
+    script_bytes: np.ndarray  # UTF-8 bytes per SCRIPT_GROUPS entry
 
     @property
     def tokens(self) -> int:
@@ -93,6 +137,10 @@ class EvalResult:
             "bits_per_byte": self.bits_per_byte,
             "accuracy": self.scores.accuracy,
             "top5_accuracy": self.scores.top5_accuracy,
+            **{
+                f"bits_per_byte_{g}": v
+                for g, v in self.scores.script_bits_per_byte(self.script_bytes).items()
+            },
         }
 
 
@@ -102,9 +150,11 @@ def score_batches(
     batches: Iterable[tuple[torch.Tensor, ...]],
     device: torch.device,
     amp_dtype: Dtype = None,
+    labels: np.ndarray | None = None,
 ) -> TokenScores:
-    """Sums over (inputs, targets) batches, or (inputs, targets, scored) to count some targets only."""
-    scores = TokenScores()
+    """Sums over (inputs, targets) batches, or (inputs, targets, scored) to count some targets
+    only; `labels`: each counted target's script group, in order (`script_labels`)."""
+    scores = TokenScores(labels=None if labels is None else torch.from_numpy(labels))
     for inputs, targets, *scored in batches:
         with autocast(device, amp_dtype):
             logits = model(inputs.to(device))
@@ -119,12 +169,14 @@ def score_tokens(
     batch_size: int,
     device: torch.device,
     amp_dtype: Dtype = None,
+    labels: np.ndarray | None = None,
     label: str = "eval",
 ) -> TokenScores:
-    """Scores of every token after the first, each predicted once (strided windows)."""
+    """Scores of every token after the first, each predicted once (strided windows); `labels`
+    gives every token's script group (`script_labels`), `label` names the progress bar."""
     with progress_bar(desc=label, total=len(tokens) - 1, unit=" tokens", unit_scale=True) as bar:
         batches = _counted(eval_batches(tokens, model.block_size, stride, batch_size), bar)
-        return score_batches(model, batches, device, amp_dtype)
+        return score_batches(model, batches, device, amp_dtype, None if labels is None else labels[1:])
 
 
 def _counted(batches: Iterator[EvalBatch], bar: tqdm) -> Iterator[EvalBatch]:
@@ -155,15 +207,20 @@ class Evaluator:
         chosen = select_device(device)
         return cls(open_run(run_dir, chosen, checkpoint), chosen, data_dir)
 
-    def _score(self, tokens: np.ndarray, stride: int, batch_size: int, label: str) -> TokenScores:
+    def _score(
+        self, tokens: np.ndarray, stride: int, batch_size: int, label: str
+    ) -> tuple[TokenScores, np.ndarray]:
+        """The scores and each script group's bytes."""
         block_size = self.run.model.block_size
         stride = stride or self.run.config.eval.stride or max(1, block_size // 2)
         if not 1 <= stride <= block_size:
             raise UserError(f"--stride must be between 1 and the context ({block_size})")
         batch = batch_size or self.run.config.eval.batch_size
-        return score_tokens(
-            self.run.model, tokens, stride, batch, self.device, self.amp_dtype, f"eval {label}"
+        labels, script_bytes = script_labels(tokens, self.run.tokenizer)
+        scores = score_tokens(
+            self.run.model, tokens, stride, batch, self.device, self.amp_dtype, labels, f"eval {label}"
         )
+        return scores, script_bytes
 
     def prepared_dir(self) -> Path:
         """The data given, else the run's data.dir (relative to where the run was trained)."""
@@ -197,13 +254,15 @@ class Evaluator:
             present = [name for name, size in sizes.items() if size.tokens >= 2]
             raise UserError(f"split {split!r} has no tokens to score; the data has {', '.join(present)}")
         tokens = open_split(self.prepared_dir(), split, meta)
-        return EvalResult(split, self._score(tokens, stride, batch_size, split), sizes[split].bytes)
+        scores, script_bytes = self._score(tokens, stride, batch_size, split)
+        return EvalResult(split, scores, sizes[split].bytes, script_bytes)
 
     def evaluate_text(self, text: str, name: str, stride: int = 0, batch_size: int = 0) -> EvalResult:
         """The same numbers for any text, scored as one document that follows an EOS."""
         tokenizer = self.run.tokenizer
         tokens = np.asarray([tokenizer.eos_id, *tokenizer.encode(text)], dtype=np.int64)
-        return EvalResult(name, self._score(tokens, stride, batch_size, name), len(text.encode("utf-8")))
+        scores, script_bytes = self._score(tokens, stride, batch_size, name)
+        return EvalResult(name, scores, len(text.encode("utf-8")), script_bytes)
 
 
 def evaluate_run(

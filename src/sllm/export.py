@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from sllm.atomic import ensure_writable_dir, replace_dir, temp_path
+from sllm.atomic import ensure_writable_dir, replace_dir, temp_path, writing_to
 from sllm.config import Config, ModelConfig, save_config, validate
 from sllm.data.meta import META_FILE, DataMeta
 from sllm.data.sources import require_module
@@ -328,28 +328,34 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
     _require_empty(out)
     ensure_writable_dir(out.parent, "export")
     run = open_run(run_dir, torch.device("cpu"), checkpoint)
-    architecture = _architecture_for(run.config.model, run.path)
+    architecture = architecture_for(run.config.model, run.path)
     if not isinstance(run.tokenizer, HFBackedTokenizer):
         raise UserError(
             f"{run.path} uses a character-level tokenizer, which has no Hugging Face format; "
             "export a run trained with tokenizer.kind=bpe or word"
+        )
+    if run.tokenizer.pretokenize != "none":
+        raise UserError(
+            f"{run.path}'s tokenizer cuts Korean at morphemes with {run.tokenizer.pretokenize}, which "
+            "`transformers` cannot run, so its ids would differ; export a run with tokenizer.pretokenize=none"
         )
     template = load_chat_template(run.path)
     chat_jinja = None if template == PLAIN else to_jinja(template)
     weights = _to_hf_state(architecture, run.config.model, run.model.state_dict())
     tmp = temp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        save_tensors(weights, tmp / HF_WEIGHTS, metadata={"format": "pt"})
-        _write_json(tmp / HF_CONFIG, architecture.to_hf_config(run.config.model, run.tokenizer))
-        _write_json(tmp / "generation_config.json", _generation_config(run, template))
-        _write_tokenizer_files(tmp, run.tokenizer, run.config.model.block_size, chat_jinja)
-        (tmp / "README.md").write_text(model_card(run, architecture, chat_jinja is not None), "utf-8")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with writing_to(out.parent, f"export {out.name}"):
+        tmp.mkdir(parents=True)
+        try:
+            save_tensors(weights, tmp / HF_WEIGHTS, metadata={"format": "pt"})
+            _write_json(tmp / HF_CONFIG, architecture.to_hf_config(run.config.model, run.tokenizer))
+            _write_json(tmp / "generation_config.json", _generation_config(run, template))
+            _write_tokenizer_files(tmp, run.tokenizer, run.config.model.block_size, chat_jinja)
+            (tmp / "README.md").write_text(model_card(run, architecture, chat_jinja is not None), "utf-8")
+            replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out
 
 
@@ -369,14 +375,15 @@ def _require_empty(out: Path) -> None:
         raise UserError(f"{out} already exists and is not empty; choose a new --out or remove it")
 
 
-def _architecture_for(cfg: ModelConfig, what: object) -> HFArchitecture:
+def architecture_for(cfg: ModelConfig, what: object, target: str = "Hugging Face") -> HFArchitecture:
+    """The family `cfg` belongs to; else a UserError naming, per family, what stands in the way."""
     reasons = []
     for architecture in ARCHITECTURES.values():
         problems = architecture.problems(cfg)
         if not problems:
             return architecture
         reasons.append(f"{architecture.hf_class}: {', '.join(problems)}")
-    raise UserError(f"{what} has no Hugging Face equivalent ({'; '.join(reasons)})")
+    raise UserError(f"{what} has no {target} equivalent ({'; '.join(reasons)})")
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -388,7 +395,7 @@ def _generation_config(run: LoadedRun, template: ChatTemplate) -> dict[str, Any]
     follows) and where to stop. No `max_length`: transformers warns when it meets the
     `max_new_tokens` users pass, and `model_max_length` already states the context."""
     eos = run.tokenizer.eos_id
-    eos_ids, stop_strings = _stops(run.tokenizer, template)
+    eos_ids, stop_strings = stop_tokens(run.tokenizer, template)
     config: dict[str, Any] = {
         "bos_token_id": eos,
         "eos_token_id": eos_ids if len(eos_ids) > 1 else eos,
@@ -406,7 +413,7 @@ def _generation_config(run: LoadedRun, template: ChatTemplate) -> dict[str, Any]
     return config
 
 
-def _stops(tokenizer: Tokenizer, template: ChatTemplate) -> tuple[list[int], list[str]]:
+def stop_tokens(tokenizer: Tokenizer, template: ChatTemplate) -> tuple[list[int], list[str]]:
     """Where HF `generate` stops: EOS and each single-token stop string as `eos_token_id`,
     which always works; longer stop strings as `stop_strings`, which `generate` honours only
     when it is given the tokenizer (the model card's example passes it)."""
@@ -543,7 +550,7 @@ def to_transformers(model: torch.nn.Module, **config_overrides: Any) -> torch.nn
     `config_overrides` set config fields, e.g. `attn_implementation="sdpa"`."""
     transformers = require_module("transformers", "a transformers copy of the model", extra="hf")
     cfg = model.cfg
-    architecture = _architecture_for(cfg, "this model")
+    architecture = architecture_for(cfg, "this model")
     hf_config = architecture.to_hf_config(cfg, None) | config_overrides
     config = transformers.AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
     hf_model = getattr(transformers, architecture.hf_class)(config)
@@ -592,8 +599,9 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
         step("building the optimizer state")
         cfg = _imported_run_config(model_cfg, out)
         out.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(out)
-        save_config(cfg, out / CONFIG_FILE)
+        with writing_to(out, "imported run"):
+            tokenizer.save(out)
+            save_config(cfg, out / CONFIG_FILE)
         optimizer_state = full_state(model, build_optimizers(model, cfg.train, torch.device("cpu")))[1]
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         train_state = training_state(optimizer_state, scaler, 0, 0, math.inf)

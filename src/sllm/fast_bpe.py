@@ -55,7 +55,7 @@ class FastByteLevelBPE:
         if len(plain) < SMALL_BATCH:  # a prompt and its pieces: threads would cost more than they save
             encoded = iter([self.encoding.encode_ordinary(text) for text in plain])
         else:
-            encoded = iter(self.encoding.encode_ordinary_batch(plain, num_threads=_threads()))
+            encoded = iter(self.encoding.encode_ordinary_batch(plain, num_threads=threads()))
         batch = []
         for parts in pieces:
             ids: list[int] = []
@@ -70,7 +70,7 @@ class FastByteLevelBPE:
         return text
 
 
-def _threads() -> int:
+def threads() -> int:
     """Encoding threads, by the knobs `tokenizers` reads: one when `TOKENIZERS_PARALLELISM` is
     off, `RAYON_NUM_THREADS` when set, else all cores."""
     if os.environ.get("TOKENIZERS_PARALLELISM", "").lower() in ("0", "false", "off", "no"):

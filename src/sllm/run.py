@@ -40,6 +40,7 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tb"
 SAMPLES_DIR = "samples"
 WANDB_ID_FILE = "wandb_id"
+LOCK_FILE = ".lock"  # held (flock) by the process training the run; holds its PID
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"  # in checkpoints/: the name of the newest complete checkpoint
 BEST = "best"
@@ -186,14 +187,24 @@ def verify_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(path, meta)
 
 
+def _latest_named(latest_file: Path) -> Path:
+    """The checkpoint LATEST names, which must be one of this run's: a path elsewhere (another
+    run's `../../run/checkpoints/step-N`, an absolute path, a symlink out) is refused."""
+    fix = "delete it to use the newest checkpoint that verifies"
+    name = read_text(latest_file, fix).strip()
+    named = latest_file.parent / name
+    if not _PERIODIC_NAME.fullmatch(name) or named.resolve().parent != latest_file.parent.resolve():
+        raise UserError(f"{latest_file} names {name[:80]!r}, which is not a checkpoint of this run; {fix}")
+    return named
+
+
 def load_latest(run_dir: Path) -> Checkpoint | None:
     """The newest checkpoint that verifies, or None when the run has none yet."""
     checkpoint_dir = Path(run_dir) / CHECKPOINTS
     candidates = periodic_checkpoints(checkpoint_dir)
     latest_file = checkpoint_dir / LATEST
     if latest_file.is_file():
-        fix = "delete it to use the newest checkpoint that verifies"
-        named = checkpoint_dir / read_text(latest_file, fix).strip()
+        named = _latest_named(latest_file)
         candidates = [named] + [p for p in candidates if p != named]
     damaged: list[tuple[Path, ValueError]] = []
     for path in candidates:
@@ -228,6 +239,17 @@ class LoadedRun:
     tokenizer: Tokenizer
     model: nn.Module
     checkpoint: Checkpoint
+
+
+def refuse_foreign_dir(run_dir: Path) -> None:
+    """`--out` may be new, empty or a run of ours: training writes `config.yaml` and more into
+    it, and must not replace files of the same name that a user keeps there."""
+    if not run_dir.is_dir() or any((run_dir / name).exists() for name in (LOCK_FILE, PLAN_FILE, CHECKPOINTS)):
+        return  # the lock file, made first and never removed, marks a run that stopped early
+    names = sorted(p.name for p in run_dir.iterdir())
+    if names:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise UserError(f"{run_dir} exists and is not an sllm run (it holds {shown}); choose another --out")
 
 
 def read_run_config(run_dir: Path) -> Config:

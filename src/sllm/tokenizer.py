@@ -6,12 +6,16 @@ char round-trip exactly: `decode(encode(x)) == nfc(x)`; words do not (they are j
 spaces). Byte-level BPE covers every UTF-8 string because its base alphabet is the 256 bytes;
 the char and word kinds cover what was seen in training and map the rest to `<|unk|>`. Each
 lives in one `tokenizer.json`: the HF format, or a small JSON of ours marked `"kind": "sllm-char"`.
+A BPE may cut Korean at morphemes first (`sllm.morphemes`): HF cannot save that pre-tokenizer,
+so sllm cuts before encoding and the file carries `"sllm_pretokenize": "kiwi"`, which the
+`tokenizers` library alone refuses rather than encode without the cut.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import re
 import unicodedata
@@ -27,6 +31,8 @@ TOKENIZER_FILE = "tokenizer.json"
 UNK_TOKEN = "<|unk|>"
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>")
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]")
+PRETOKENIZE_KEY = "sllm_pretokenize"
+PRETOKENIZERS = ("none", "kiwi")
 
 
 def nfc(text: str) -> str:
@@ -99,6 +105,8 @@ class Tokenizer:
 class HFBackedTokenizer(Tokenizer):
     """A tokenizer that HF `tokenizers` runs: ours (BPE, word-level) or any tokenizer.json."""
 
+    pretokenize = "none"  # or "kiwi": BPE only, see `sllm.morphemes`
+
     def __init__(self, hf_tokenizer) -> None:
         self.hf = hf_tokenizer
         self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
@@ -122,15 +130,50 @@ class BPETokenizer(HFBackedTokenizer):
     """Byte-level BPE; encodes batches on all cores, through `tiktoken` when it gives the same
     ids (`sllm.fast_bpe`)."""
 
+    def __init__(self, hf_tokenizer, pretokenize: str = "none") -> None:
+        super().__init__(hf_tokenizer)
+        self.pretokenize = pretokenize
+
     @functools.cached_property
     def fast(self) -> FastByteLevelBPE | None:
         """Built at the first encode: loading a tokenizer to decode needs none of it."""
         return fast_byte_level_bpe(self.hf, json.loads(self.hf.to_str()))
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        if self.fast is not None:
-            return self.fast.encode_batch([replace_lone_surrogates(text) for text in texts])
-        return super().encode_batch(texts)
+        texts = [replace_lone_surrogates(text) for text in texts]
+        return self._encode_morphemes(texts) if self.pretokenize == "kiwi" else self._encode_plain(texts)
+
+    def _encode_plain(self, texts: list[str]) -> list[list[int]]:
+        return self.fast.encode_batch(texts) if self.fast is not None else super().encode_batch(texts)
+
+    def _encode_morphemes(self, texts: list[str]) -> list[list[int]]:
+        """Added tokens cut out first (the analyzer must not split one), the NFC text between
+        them cut at morphemes; every piece of the batch is encoded in one call and each text's
+        ids joined, as a one-shot encode with the cut as a pre-tokenizer would give."""
+        from sllm.morphemes import morpheme_pieces
+
+        parts = [self._added_split.split(nfc(text)) for text in texts]  # plain text at even places
+        cut = iter(morpheme_pieces([plain for text in parts for plain in text[::2]]))
+        pieces = [
+            [*itertools.chain.from_iterable(next(cut) if i % 2 == 0 else [p] for i, p in enumerate(text))]
+            for text in parts
+        ]
+        encoded = iter(self._encode_plain([piece for text in pieces for piece in text]))
+        return [[*itertools.chain.from_iterable(itertools.islice(encoded, len(text)))] for text in pieces]
+
+    @functools.cached_property
+    def _added_split(self) -> re.Pattern:
+        added = sorted(
+            (t.content for t in self.hf.get_added_tokens_decoder().values()), key=len, reverse=True
+        )
+        return re.compile("(" + "|".join(map(re.escape, added)) + ")" if added else "(?!)")
+
+    def to_json(self) -> str:
+        if self.pretokenize == "none":
+            return self.hf.to_str()
+        return json.dumps(
+            {**json.loads(self.hf.to_str()), PRETOKENIZE_KEY: self.pretokenize}, ensure_ascii=False
+        )
 
 
 class WordTokenizer(HFBackedTokenizer):
@@ -188,9 +231,14 @@ def _first_present(tokenizer: Tokenizer, candidates: Iterable[str]) -> int | Non
 
 
 def train_bpe(
-    texts: Iterator[str], vocab_size: int, special_tokens: list[str], min_frequency: int = 2
+    texts: Iterator[str],
+    vocab_size: int,
+    special_tokens: list[str],
+    min_frequency: int = 2,
+    pretokenize: str = "none",
 ) -> BPETokenizer:
-    """Train byte-level BPE with NFC normalization and the 256 bytes as base alphabet."""
+    """Train byte-level BPE with NFC normalization and the 256 bytes as base alphabet; with
+    `pretokenize="kiwi"` on the morpheme pieces, so no merge crosses a morpheme boundary."""
     _require_eos(special_tokens)
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
@@ -206,8 +254,12 @@ def train_bpe(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
+    if pretokenize == "kiwi":
+        from sllm.morphemes import training_pieces
+
+        texts = training_pieces(texts)
     hf.train_from_iterator(_long_words_cut(texts), trainer=trainer)
-    return BPETokenizer(hf)
+    return BPETokenizer(hf, pretokenize)
 
 
 LONG_WORD_CHUNK = re.compile(r"\S{256}")
@@ -285,7 +337,13 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
     model = payload.get("model") if isinstance(payload, dict) else None
     word_level = isinstance(model, dict) and model.get("type") == "WordLevel"
+    pretokenize = payload.pop(PRETOKENIZE_KEY, "none") if isinstance(payload, dict) else "none"
+    if pretokenize not in PRETOKENIZERS:
+        raise UserError(
+            f"{path} asks for the pre-tokenizer {pretokenize!r}; sllm knows {', '.join(PRETOKENIZERS)}"
+        )
     try:
-        return (WordTokenizer if word_level else BPETokenizer)(HFTokenizer.from_str(text))
+        hf = HFTokenizer.from_str(text if pretokenize == "none" else json.dumps(payload))
+        return WordTokenizer(hf) if word_level else BPETokenizer(hf, pretokenize)
     except Exception as exc:
         raise UserError(f"{path} is not a tokenizer the `tokenizers` library can read: {exc}") from None

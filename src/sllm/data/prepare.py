@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -25,7 +26,14 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from sllm.atomic import ensure_writable_dir, recover_dir, replace_dir, write_text_atomic
+from sllm.atomic import (
+    carry_over,
+    ensure_writable_dir,
+    recover_dir,
+    replace_dir,
+    write_text_atomic,
+    writing_to,
+)
 from sllm.config import DataConfig, TokenizerConfig
 from sllm.data.clean import Cleaner, CleanReport
 from sllm.data.inspect import overview_lines
@@ -46,12 +54,13 @@ from sllm.data.sources import HFDataset, Input, SourceStats, read_documents
 from sllm.errors import UserError
 from sllm.files import loads_json, sha256_file
 from sllm.progress import progress_bar
-from sllm.tokenizer import Tokenizer, load_tokenizer, train_bpe, train_char, train_word
+from sllm.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, train_bpe, train_char, train_word
 
 PROGRESS_FILE = "progress.json"
 PARTIAL_MARK = ".partial"
 PROGRESS_INTERVAL_S = 30.0
 ENCODE_BATCH_DOCS = 512
+OUR_SHARD = re.compile(rf"({'|'.join(SPLITS)})(-\d+)?\.bin")
 
 
 def file_sha256(path: Path) -> str:
@@ -78,9 +87,12 @@ def train_tokenizer(sources: list[Source], data: DataConfig, tok: TokenizerConfi
         texts = _counted(_interleaved_sample(streams, tok.sample_bytes), bar)
         if tok.kind == "char":
             tokenizer: Tokenizer = train_char(texts, tok.special_tokens)
+        elif tok.kind == "word":
+            tokenizer = train_word(texts, tok.vocab_size, tok.special_tokens, tok.min_frequency)
         else:
-            train = train_word if tok.kind == "word" else train_bpe
-            tokenizer = train(texts, tok.vocab_size, tok.special_tokens, tok.min_frequency)
+            tokenizer = train_bpe(
+                texts, tok.vocab_size, tok.special_tokens, tok.min_frequency, tok.pretokenize
+            )
     _require_kept_documents(stats, cleaner.report)
     note = _vocab_size_note(tokenizer, tok)
     if note:
@@ -327,23 +339,30 @@ def prepare(data: DataConfig, tok: TokenizerConfig, log=print) -> DataMeta:
 
     started = time.perf_counter()
     work = work_path(out)
-    try:
-        writer = _resume(work, sources, data, log, fingerprint)
-        if writer is None:
-            shutil.rmtree(work, ignore_errors=True)
-            work.mkdir()
-            tokenizer = given or train_tokenizer(sources, data, tok, log)
-            tokenizer.save(work)
-            progress = Progress(fingerprint)
-            progress.save(work)
-            writer = SplitWriter(work, tokenizer, sources, data, progress)
-        meta = _write_all(writer, sources, data, out.name)
-    except UserError:
-        shutil.rmtree(work, ignore_errors=True)  # the input is at fault: nothing worth resuming
-        raise
-    replace_dir(work, out)
+    with writing_to(out.parent, "prepared data"):  # a full disk keeps `work`, to be resumed
+        try:
+            writer = _resume(work, sources, data, log, fingerprint)
+            if writer is None:
+                shutil.rmtree(work, ignore_errors=True)
+                work.mkdir()
+                tokenizer = given or train_tokenizer(sources, data, tok, log)
+                tokenizer.save(work)
+                progress = Progress(fingerprint)
+                progress.save(work)
+                writer = SplitWriter(work, tokenizer, sources, data, progress)
+            meta = _write_all(writer, sources, data, out.name)
+        except UserError:
+            shutil.rmtree(work, ignore_errors=True)  # the input is at fault: nothing worth resuming
+            raise
+        carry_over(out, work, _is_ours)  # a user's own files in `out` stay
+        replace_dir(work, out)
     log(summary(meta, time.perf_counter() - started))
     return meta
+
+
+def _is_ours(name: str) -> bool:
+    """Whether a file of a prepared data directory is one prepare writes (and may replace)."""
+    return name in (META_FILE, TOKENIZER_FILE, PROGRESS_FILE) or bool(OUR_SHARD.fullmatch(name))
 
 
 def _existing_meta(out: Path, log) -> DataMeta | None:

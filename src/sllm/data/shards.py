@@ -63,7 +63,7 @@ class ShardWriter:
                 self._handle = open(path, "wb")  # noqa: SIM115
             room = self.shard_tokens - self.tokens % self.shard_tokens
             part, tokens = tokens[:room], tokens[room:]
-            part.tofile(self._handle)
+            self._handle.write(part.data)  # not tofile: its OSError loses the errno
             self.tokens += len(part)
             if self.tokens % self.shard_tokens == 0:
                 self._close_current()

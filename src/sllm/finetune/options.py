@@ -17,6 +17,7 @@ from typing import Literal
 
 import yaml
 
+from sllm.atomic import write_text_atomic
 from sllm.config import Config, ModelConfig, TrainConfig, validate
 from sllm.errors import UserError
 from sllm.files import read_yaml
@@ -119,4 +120,4 @@ def main_process_log(log: Callable[[str], None]) -> Callable[[str], None]:
 
 
 def write_settings(out_dir: Path, name: str, settings: dict) -> None:
-    (out_dir / name).write_text(yaml.safe_dump(settings, allow_unicode=True, sort_keys=False), "utf-8")
+    write_text_atomic(out_dir / name, yaml.safe_dump(settings, allow_unicode=True, sort_keys=False))

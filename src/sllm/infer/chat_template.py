@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sllm.atomic import write_text_atomic
 from sllm.errors import UserError
 from sllm.files import FieldError, read_json, typed
 from sllm.tokenizer import HFBackedTokenizer, Tokenizer
@@ -64,7 +65,7 @@ SFT_TEMPLATE = ChatTemplate(
 def save_chat_template(run_dir: str | Path, template: ChatTemplate) -> None:
     """Ship a template with a run so `sllm chat`, `generate`, `serve` and `export` use it."""
     fields = {**dataclasses.asdict(template), "stop": list(template.stop)}
-    (Path(run_dir) / TEMPLATE_FILE).write_text(json.dumps(fields, ensure_ascii=False, indent=2), "utf-8")
+    write_text_atomic(Path(run_dir) / TEMPLATE_FILE, json.dumps(fields, ensure_ascii=False, indent=2))
 
 
 def load_chat_template(run_dir: str | Path) -> ChatTemplate:
@@ -129,9 +130,11 @@ def with_template_tokens(tokenizer: Tokenizer) -> Tokenizer:
         )
     from tokenizers import Tokenizer as HFTokenizer
 
-    hf = HFTokenizer.from_str(tokenizer.to_json())
+    hf = HFTokenizer.from_str(tokenizer.hf.to_str())
     hf.add_special_tokens(missing)
-    return type(tokenizer)(hf)
+    grown = type(tokenizer)(hf)
+    grown.pretokenize = tokenizer.pretokenize
+    return grown
 
 
 def grow_embeddings(model: nn.Module, vocab_size: int) -> None:

@@ -20,12 +20,14 @@ from safetensors.torch import save_file
 
 from sllm.atomic import (
     DEFAULT_FILE_MODE,
+    disk_full_error,
     fsync_path,
     recover_all,
     recover_dir,
     replace_dir,
     temp_path,
     write_text_atomic,
+    writing_to,
 )
 from sllm.errors import UserError
 from sllm.run import (
@@ -82,23 +84,21 @@ def write_checkpoint(
     recover_dir(target)
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
     needed_bytes = int(1.05 * (_tensor_bytes(weights) + _tensor_bytes(train_state))) + (1 << 20)
-    free_bytes = shutil.disk_usage(target.parent).free
-    if free_bytes < needed_bytes:
-        raise UserError(
-            f"not enough disk space to save a checkpoint in {target.parent}: need "
-            f"{needed_bytes / 1e6:,.1f} MB, {free_bytes / 1e6:,.1f} MB free; free some space and run "
-            "the same command to resume"
-        )
+    if shutil.disk_usage(target.parent).free < needed_bytes:
+        raise disk_full_error(target.parent, f"checkpoint {target.name}", needed_bytes)
     tmp = temp_path(target)
     try:
-        tmp.mkdir()
-        save_tensors(weights, tmp / MODEL_FILE)
-        torch.save(train_state, tmp / STATE_FILE)
-        files = {name: sha256_file(tmp / name) for name in (MODEL_FILE, STATE_FILE)}
-        (tmp / CHECKPOINT_META_FILE).write_text(dataclasses.replace(meta, files=files).to_json(), "utf-8")
-        for name in (MODEL_FILE, STATE_FILE, CHECKPOINT_META_FILE):
-            fsync_path(tmp / name)
-        replace_dir(tmp, target)
+        with writing_to(target.parent, f"checkpoint {target.name}", needed_bytes):
+            tmp.mkdir()
+            save_tensors(weights, tmp / MODEL_FILE)
+            with open(tmp / STATE_FILE, "wb") as handle:  # a file object: its OSError reaches us
+                torch.save(train_state, handle)
+            files = {name: sha256_file(tmp / name) for name in (MODEL_FILE, STATE_FILE)}
+            meta_json = dataclasses.replace(meta, files=files).to_json()
+            (tmp / CHECKPOINT_META_FILE).write_text(meta_json, "utf-8")
+            for name in (MODEL_FILE, STATE_FILE, CHECKPOINT_META_FILE):
+                fsync_path(tmp / name)
+            replace_dir(tmp, target)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):

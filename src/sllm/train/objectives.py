@@ -24,7 +24,7 @@ from sllm.data.loader import TrainWindows, fixed_windows, open_split
 from sllm.data.meta import DataMeta
 from sllm.data.mixture import TrainMixture
 from sllm.errors import UserError
-from sllm.evaluate import score_batches
+from sllm.evaluate import score_batches, script_labels
 from sllm.model import build_model, count_parameters, describe
 from sllm.model.stats import MemoryEstimate, training_memory
 from sllm.runtime import Dtype, autocast
@@ -129,6 +129,10 @@ class LanguageModeling(Objective):
             if len(val_tokens) > 1
             else None
         )
+        if self.val_windows is not None:  # each target's script group, for bits per byte by script
+            labelled = [script_labels(row, self.tokenizer) for row in self.val_windows[1].numpy()]
+            self.val_labels = torch.stack([torch.from_numpy(labels) for labels, _ in labelled])
+            self.val_script_bytes = sum(script_bytes for _, script_bytes in labelled)
         held_out = val_tokens if len(val_tokens) > 1 else self.train_tokens
         self.sample_prompts = cfg.sample.prompts or opening_prompts(held_out, self.tokenizer)
 
@@ -159,12 +163,17 @@ class LanguageModeling(Objective):
         if self.val_windows is None:
             return None
         batches = zip(*(windows.split(batch_size) for windows in self.val_windows), strict=True)
-        scores = score_batches(model, batches, device, dtype)
+        scores = score_batches(model, batches, device, dtype, self.val_labels.flatten().numpy())
         metrics = {
             "val_loss": scores.loss,
             "val_perplexity": math.exp(scores.loss),
             "val_accuracy": scores.accuracy,
             "val_top5_accuracy": scores.top5_accuracy,
+            "val_bits_per_byte": scores.nll / math.log(2) / max(int(self.val_script_bytes.sum()), 1),
+            **{
+                f"val_bits_per_byte_{g}": v
+                for g, v in scores.script_bits_per_byte(self.val_script_bytes).items()
+            },
         }
         return Evaluation(metrics, scores.loss, scores.loss)
 

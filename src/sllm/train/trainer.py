@@ -12,13 +12,14 @@ from __future__ import annotations
 import gc
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from sllm.atomic import ensure_writable_dir
+from sllm.atomic import directory_lock, ensure_writable_dir, writing_to
 from sllm.config import Config, save_config
 from sllm.errors import UserError
 from sllm.model import count_parameters
@@ -30,11 +31,13 @@ from sllm.run import (
     CHECKPOINTS,
     CONFIG_FILE,
     LATEST,
+    LOCK_FILE,
     TOKENIZER_FILE,
     CheckpointMeta,
     all_finite,
     epoch_name,
     load_latest,
+    refuse_foreign_dir,
     step_name,
 )
 from sllm.runtime import allow_tf32, cpu_bf16_hint, keep_freed_memory, select_autocast_dtype, select_device
@@ -58,6 +61,7 @@ from sllm.train.distributed import (
     min_over_ranks,
     wrap_model,
 )
+from sllm.train.memory_check import require_memory
 from sllm.train.monitor import MetricSinks, check_sinks_available
 from sllm.train.objectives import Batch, BatchSource, LanguageModeling, Objective
 from sllm.train.optim import lr_factor, optimizer_hint
@@ -94,6 +98,7 @@ class Trainer:
         self.amp_dtype = select_autocast_dtype(self.device, t.dtype)
         self.plan = resolve_plan(t, objective, self.cluster.world_size)
         self.schedule = replace(t, max_steps=self.plan.max_steps)  # what lr_factor reads
+        require_memory(objective, t, self.plan.micro_batch or 1, self.device, self.amp_dtype, self.cluster)
 
         torch.manual_seed(t.seed)
         self.model = objective.build_model().to(self.device)
@@ -454,25 +459,31 @@ def train(cfg: Config, log=print) -> TrainResult:
 
 
 def _train(trainer: Trainer, log) -> TrainResult:
+    """Rank 0 holds the run directory's lock throughout, and a full disk under it is one line."""
     cfg, run_dir, main = trainer.cfg, trainer.run_dir, trainer.cluster.is_main
     check_sinks_available(cfg)
+    if main:
+        refuse_foreign_dir(run_dir)
     if cfg.train.resume == "never" and load_latest(run_dir) is not None:
         raise UserError(f"{run_dir} already has checkpoints; use a new --out or train.resume=auto")
-    if main:
-        ensure_writable_dir(run_dir, "run directory")
-        clean_leftovers(run_dir)
-        trainer.objective.write_run_files(run_dir)
-    barrier(trainer.cluster)
-    resumed = cfg.train.resume == "auto" and trainer.resume()
-    if not resumed and cfg.train.init_from:
-        trainer.initialize_from(Path(cfg.train.init_from))
-    trainer.settle_micro_batch()
-    if main:
-        save_config(cfg, run_dir / CONFIG_FILE)
-        trainer.plan.write(run_dir)
-        log(trainer.plan.describe())
-    if resumed and trainer.step >= trainer.plan.max_steps:
+    with ExitStack() as guards:
         if main:
-            log(f"{run_dir} already finished: step {trainer.step} of {trainer.plan.max_steps}")
-        return TrainResult(run_dir, trainer.step, trainer.tokens_seen, None, already_finished=True)
-    return trainer.run()
+            ensure_writable_dir(run_dir, "run directory")
+            guards.enter_context(writing_to(run_dir, "run files"))
+            guards.enter_context(directory_lock(run_dir / LOCK_FILE, "training run"))
+            clean_leftovers(run_dir)
+            trainer.objective.write_run_files(run_dir)
+        barrier(trainer.cluster)
+        resumed = cfg.train.resume == "auto" and trainer.resume()
+        if not resumed and cfg.train.init_from:
+            trainer.initialize_from(Path(cfg.train.init_from))
+        trainer.settle_micro_batch()
+        if main:
+            save_config(cfg, run_dir / CONFIG_FILE)
+            trainer.plan.write(run_dir)
+            log(trainer.plan.describe())
+        if resumed and trainer.step >= trainer.plan.max_steps:
+            if main:
+                log(f"{run_dir} already finished: step {trainer.step} of {trainer.plan.max_steps}")
+            return TrainResult(run_dir, trainer.step, trainer.tokens_seen, None, already_finished=True)
+        return trainer.run()
