@@ -4,9 +4,10 @@ import unicodedata
 import pytest
 
 from sllm.config import load_config
-from sllm.data.clean import Cleaner, normalize_whitespace, remove_control_chars, script_ratio
+from sllm.data.clean import Cleaner, normalize_whitespace, remove_control_chars
 from sllm.data.prepare import prepare
 from sllm.errors import UserError
+from sllm.text import script_ratio
 
 from .conftest import constitution_paragraphs, write_jsonl
 

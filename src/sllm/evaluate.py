@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from sllm.data.clean import dominant_script
 from sllm.data.loader import EvalBatch, eval_batches, open_split
 from sllm.data.meta import META_FILE, DataMeta
 from sllm.data.sources import read_text_file
@@ -34,6 +33,7 @@ from sllm.errors import UserError
 from sllm.progress import progress_bar
 from sllm.run import LoadedRun, open_run
 from sllm.runtime import Dtype, autocast, select_autocast_dtype, select_device
+from sllm.text import dominant_script
 from sllm.tokenizer import Tokenizer, nfc
 
 SCRIPT_GROUPS = ("ko", "en", "other")

@@ -1,20 +1,18 @@
 """To and from the Hugging Face format: a run as a `transformers` model directory, and back.
 
-Export writes what `from_pretrained` reads: weights under HF's names, config.json,
-generation_config.json, the tokenizer files and a model card; the files are JSON and
-safetensors, so only `--check` (load the export, compare logits) imports `transformers`. A
-run's chat template goes out as Jinja (chat_template.jinja, tokenizer_config.json), so
-`apply_chat_template` renders sllm's prompt exactly; one-token stop strings join EOS in
-`eos_token_id`. An `HFArchitecture` maps one family onto one HF class: GPT-2 (its `Conv1D`
-weights are our `nn.Linear` ones transposed) or Llama (our qkv rows split into q/k/v_proj;
-our RoPE already has HF's layout). A `Parameter` may be a row range of our tensor: so qkv is
-split and padded vocabulary rows are left out. An imported run holds config.yaml (its
-data.dir `data/<run name>`, its own tokenizer), tokenizer.json and a step-0 checkpoint, so
-`sllm prepare --config RUN/config.yaml` and `sllm train` continue pre-training from it.
+Export writes what `from_pretrained` reads (weights under HF's names, config.json,
+generation_config.json, tokenizer files, a model card) as JSON and safetensors, so only
+`--check` (load the export, compare logits) imports `transformers`; a run's chat template goes
+out as Jinja, so `apply_chat_template` renders sllm's prompt exactly. An `HFArchitecture` maps
+one family onto one HF class: GPT-2 (its `Conv1D` weights are our `nn.Linear` ones transposed)
+or Llama (our qkv rows split into q/k/v_proj; our RoPE already has HF's layout). An imported
+run (config.yaml, tokenizer.json, a step-0 checkpoint) continues pre-training through
+`sllm prepare --config RUN/config.yaml` and `sllm train`.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -70,7 +68,6 @@ class HFArchitecture:
 
     def problems(self, cfg: ModelConfig) -> list[str]:
         """Why `cfg` cannot be represented; empty when it can."""
-        raise NotImplementedError
 
     def to_hf_config(self, cfg: ModelConfig, tokenizer: Tokenizer | None) -> dict[str, Any]:
         """config.json: the family's fields (`shape`) amid those every family has. End of text
@@ -89,18 +86,20 @@ class HFArchitecture:
             "pad_token_id": pad,
         }
 
-    def shape(self, cfg: ModelConfig) -> dict[str, Any]:
-        raise NotImplementedError
+    def shape(self, cfg: ModelConfig) -> dict[str, Any]: ...
 
-    def from_hf_config(self, hf: dict[str, Any], source: Path) -> ModelConfig:
-        raise NotImplementedError
+    def from_hf_config(self, hf: dict[str, Any], source: Path) -> ModelConfig: ...
 
-    def parameters(self, cfg: ModelConfig) -> list[Parameter]:
-        raise NotImplementedError
+    def parameters(self, cfg: ModelConfig) -> list[Parameter]: ...
 
     def ignored(self, name: str) -> bool:
         """HF tensors that are not weights (saved buffers) or duplicates of tied ones."""
-        raise NotImplementedError
+
+
+GPT2_BLOCK_PARTS = {
+    "norm1": "ln_1", "attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj",
+    "norm2": "ln_2", "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj",
+}  # fmt: skip
 
 
 class GPT2(HFArchitecture):
@@ -169,19 +168,12 @@ class GPT2(HFArchitecture):
             Parameter("wte.weight", "wte.weight", rows=(0, cfg.vocab_size)),
             Parameter("wpe.table.weight", "wpe.weight"),
         ]
-        layer_parts = [
-            ("norm1", "ln_1", False),
-            ("attn.qkv", "attn.c_attn", True),
-            ("attn.proj", "attn.c_proj", True),
-            ("norm2", "ln_2", False),
-            ("mlp.fc", "mlp.c_fc", True),
-            ("mlp.proj", "mlp.c_proj", True),
-        ]
         for layer in range(cfg.n_layer):
-            for ours, theirs, transposed in layer_parts:
+            for ours, theirs in GPT2_BLOCK_PARTS.items():
                 for kind in ("weight", "bias"):
                     ours_name, theirs_name = f"blocks.{layer}.{ours}.{kind}", f"h.{layer}.{theirs}.{kind}"
-                    names.append(Parameter(ours_name, theirs_name, transposed and kind == "weight"))
+                    transposed = kind == "weight" and not ours.startswith("norm")  # Conv1D, not LayerNorm
+                    names.append(Parameter(ours_name, theirs_name, transposed))
         names += [Parameter(f"norm_f.{kind}", f"ln_f.{kind}") for kind in ("weight", "bias")]
         return names
 
@@ -259,18 +251,14 @@ class Llama(HFArchitecture):
     def parameters(self, cfg: ModelConfig) -> list[Parameter]:
         width = cfg.n_embd
         kv_width = (cfg.n_kv_head or cfg.n_head) * (width // cfg.n_head)
+        ends = (0, width, width + kv_width, width + 2 * kv_width)  # q, k, v rows of our qkv
         names = [Parameter("wte.weight", "model.embed_tokens.weight", rows=(0, cfg.vocab_size))]
         for layer in range(cfg.n_layer):
             ours, theirs = f"blocks.{layer}.", f"model.layers.{layer}."
-            qkv_rows = {
-                "q": (0, width),
-                "k": (width, width + kv_width),
-                "v": (width + kv_width, width + 2 * kv_width),
-            }
             names.append(Parameter(ours + "norm1.weight", theirs + "input_layernorm.weight"))
             names += [
                 Parameter(ours + "attn.qkv.weight", f"{theirs}self_attn.{part}_proj.weight", rows=rows)
-                for part, rows in qkv_rows.items()
+                for part, rows in zip("qkv", itertools.pairwise(ends), strict=True)
             ]
             names.append(Parameter(ours + "attn.proj.weight", theirs + "self_attn.o_proj.weight"))
             names.append(Parameter(ours + "norm2.weight", theirs + "post_attention_layernorm.weight"))
@@ -477,8 +465,8 @@ def model_card(run: LoadedRun, architecture: HFArchitecture, chat: bool) -> str:
             f"- validation loss {meta.val_loss:.4f} (perplexity {math.exp(meta.val_loss):.2f}), "
             f"estimated on {cfg.train.eval_windows} windows of the validation split"
         )
-    lines += ["", *_data_lines(cfg), "", *_usage_lines(CHAT_USE if chat else TEXT_USE)]
-    return "\n".join(lines) + "\n"
+    lines += ["", *_data_lines(cfg), "", "## Use", "", "```python", *USAGE, *(CHAT_USE if chat else TEXT_USE)]
+    return "\n".join(lines) + "\n```\n"
 
 
 def _data_lines(cfg: Config) -> list[str]:
@@ -497,6 +485,12 @@ def _data_lines(cfg: Config) -> list[str]:
     return lines
 
 
+USAGE = [
+    "from transformers import AutoModelForCausalLM, AutoTokenizer",
+    "",
+    'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")',
+    'model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")',
+]
 TEXT_USE = [
     'inputs = tokenizer("대한민국은", return_tensors="pt")',
     "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0]))",
@@ -510,21 +504,6 @@ CHAT_USE = [
     "reply = new[0, inputs['input_ids'].size(1) :]",
     "print(tokenizer.decode(reply, skip_special_tokens=True))",
 ]
-
-
-def _usage_lines(generation: list[str]) -> list[str]:
-    """The model card's example: load the directory with transformers, then `generation`."""
-    return [
-        "## Use",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")',
-        'model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")',
-        *generation,
-        "```",
-    ]
 
 
 def check_export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest") -> float:
@@ -597,7 +576,10 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
         model = build_model(model_cfg)
         model.load_state_dict(_to_sllm_state(architecture, model_cfg, read_hf_weights(source), source))
         step("building the optimizer state")
-        cfg = _imported_run_config(model_cfg, out)
+        cfg = Config(model=model_cfg)
+        cfg.data.dir, cfg.tokenizer.path = str(Path("data") / out.name), str(out / TOKENIZER_FILE)
+        cfg.train.out_dir = str(out)
+        validate(cfg)
         out.mkdir(parents=True, exist_ok=True)
         with writing_to(out, "imported run"):
             tokenizer.save(out)
@@ -674,12 +656,3 @@ def _to_sllm_state(
     for p in parameters:
         pieces.setdefault(p.ours, []).append(named[p.theirs].t() if p.transposed else named[p.theirs])
     return {ours: torch.cat(tensors).float().contiguous() for ours, tensors in pieces.items()}
-
-
-def _imported_run_config(model_cfg: ModelConfig, out: Path) -> Config:
-    cfg = Config(model=model_cfg)
-    cfg.data.dir = str(Path("data") / out.name)
-    cfg.tokenizer.path = str(out / TOKENIZER_FILE)
-    cfg.train.out_dir = str(out)
-    validate(cfg)
-    return cfg

@@ -1,12 +1,11 @@
 """Safe reads of the files sllm is given or keeps: damage is one clear line, never a traceback.
 
 A damaged or hostile file fails in ways the standard readers do not report as bad input:
-bytes that are not UTF-8 (`UnicodeDecodeError`), nesting deeper than Python's recursion
-(`json` and PyYAML recurse per level: `RecursionError`), values that do not convert (an
-integer of 5,000 digits, the date 2001-02-30: `ValueError`). `loads_json` turns the JSON ones
-into the `json.JSONDecodeError` every caller already handles, so a line nested too deep is
-skipped like any malformed line under `data.on_error=skip`; `read_text`, `read_json` and
-`read_yaml` raise a `UserError` naming the file and the fix. `typed` checks parsed JSON
+bytes that are not UTF-8, nesting deeper than Python's recursion (`RecursionError`), values
+that do not convert (an integer of 5,000 digits, the date 2001-02-30: `ValueError`).
+`loads_json` turns the JSON ones into the `json.JSONDecodeError` every caller handles, so a
+line nested too deep is skipped like any malformed line under `data.on_error=skip`; the
+`read_*` functions raise a `UserError` naming the file and the fix. `typed` checks parsed JSON
 against a dataclass's annotations: one walk for every format declared as dataclasses.
 """
 
@@ -17,6 +16,7 @@ import hashlib
 import json
 import types
 import typing
+from dataclasses import MISSING
 from pathlib import Path
 from typing import Any
 
@@ -120,12 +120,7 @@ def _typed_dataclass(value: Any, cls: type, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     prefix = f"{where}." if where else ""
     fields = dataclasses.fields(cls)
-    required = [
-        f.name
-        for f in fields
-        if dataclasses.MISSING is f.default and dataclasses.MISSING is f.default_factory
-    ]
-    missing = [name for name in required if name not in value]
+    missing = [f.name for f in fields if f.name not in value and f.default is f.default_factory is MISSING]
     if missing:
         raise FieldError(f"field {prefix}{missing[0]} is missing")
     return cls(

@@ -14,10 +14,9 @@ import itertools
 from collections.abc import Iterator
 from typing import Any
 
-from sllm.data.clean import SCRIPTS
 from sllm.errors import UserError
 from sllm.fast_bpe import threads
-from sllm.tokenizer import nfc
+from sllm.text import SCRIPTS, nfc
 
 HANGUL = SCRIPTS["ko"]
 

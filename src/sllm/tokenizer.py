@@ -18,7 +18,6 @@ import hashlib
 import itertools
 import json
 import re
-import unicodedata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from sllm.atomic import write_text_atomic
 from sllm.errors import UserError
 from sllm.fast_bpe import FastByteLevelBPE, fast_byte_level_bpe
 from sllm.files import loads_json, read_text
+from sllm.text import nfc
 
 TOKENIZER_FILE = "tokenizer.json"
 UNK_TOKEN = "<|unk|>"
@@ -33,10 +33,6 @@ EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>"
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]")
 PRETOKENIZE_KEY = "sllm_pretokenize"
 PRETOKENIZERS = ("none", "kiwi")
-
-
-def nfc(text: str) -> str:
-    return unicodedata.normalize("NFC", text)
 
 
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sllm.data.clean import dominant_script
 from sllm.errors import UserError
+from sllm.text import dominant_script
 from sllm.tokenizer import UNK_TOKEN, CharTokenizer, Tokenizer, nfc
 
 GROUPS = ("ko", "en", "other", "all")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sllm.data.sources import require_module
-from sllm.tokenizer import nfc
+from sllm.text import nfc, script_ratio
 
 ZERO_WIDTH = "\u200b\u2060\ufeff\u00ad\u180e"
 _CONTROL_TABLE = {
@@ -26,11 +26,6 @@ _CONTROL_TABLE = {
 _HORIZONTAL_SPACE = re.compile(r"[^\S\n]+")
 _LINE_EDGE_SPACE = re.compile(r" ?\n ?")
 _BLANK_LINES = re.compile(r"\n{3,}")
-_LETTERS = re.compile(r"[^\W\d_]+")
-SCRIPTS = {
-    "ko": re.compile(r"[\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7a3\ud7b0-\ud7ff]+"),
-    "en": re.compile(r"[A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f]+"),
-}
 SHINGLE_CHARS = 5
 MINHASH_PERMUTATIONS = 64
 
@@ -45,21 +40,6 @@ def normalize_whitespace(text: str) -> str:
     text = _HORIZONTAL_SPACE.sub(" ", text)
     text = _LINE_EDGE_SPACE.sub("\n", text)
     return _BLANK_LINES.sub("\n\n", text).strip()
-
-
-def _count_matching(pattern: re.Pattern[str], text: str) -> int:
-    return len(text) - len(pattern.sub("", text))
-
-
-def script_ratio(text: str, script: str) -> float:
-    """Share of the letters of `text` written in `script` ("ko": Hangul, "en": Latin); 0 without letters."""
-    letters = _count_matching(_LETTERS, text)
-    return _count_matching(SCRIPTS[script], text) / letters if letters else 0.0
-
-
-def dominant_script(text: str, min_ratio: float = 0.5) -> str | None:
-    """ "ko" or "en" when that script holds at least `min_ratio` of the letters, else None."""
-    return next((script for script in SCRIPTS if script_ratio(text, script) >= min_ratio), None)
 
 
 class ExactDedup:

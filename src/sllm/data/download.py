@@ -1,14 +1,11 @@
 """`sllm download PRESET --out DIR`: well-known corpora streamed from the Hugging Face hub into
 JSONL shards that `sllm prepare --input DIR` reads.
 
-A preset names a dataset (hub id, config, split), the fields that make a document (joined
-with a newline), its license and a description (`--list`). Shards (`<preset>-00000.jsonl`, at
-most `shard_docs` documents each) appear whole, then `download.json`, the manifest, lists
-them. A budget (`max_docs`, `max_bytes` never exceeded) ends the download cleanly. An
-interrupted download resumes: unlisted shards are deleted and the stream, which a hub split
-gives in a fixed order, is read again with the documents already written skipped; one that
-fails before its first shard leaves no directory and no manifest. Hub and network failures
-become one line naming the preset and the fix, "cannot reach" when the host takes no connection.
+Shards (`<preset>-00000.jsonl`) appear whole, then `download.json`, the manifest, lists them;
+a budget (`max_docs`, `max_bytes` never exceeded) ends the download cleanly. An interrupted
+download resumes: unlisted shards are deleted and the stream, which a hub split gives in a
+fixed order, is read again with the documents already written skipped; one that fails before
+its first shard leaves no directory. Hub and network failures become one line naming the fix.
 """
 
 from __future__ import annotations
@@ -20,7 +17,7 @@ import os
 import re
 import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass, field
 from itertools import chain, islice
 from pathlib import Path
@@ -187,7 +184,12 @@ def stream_from_hub(preset: Preset) -> Iterable[Mapping[str, Any]]:
     datasets = require_module("datasets", f"sllm download {preset.name}")
     if urlparse(preset.data_files or "").scheme in ("http", "https"):
         require_module("aiohttp", f"streaming {preset.data_files}")  # fsspec's HTTP file system needs it
-    with _quiet_hub_retries():  # after the import, which resets the hub logger's level
+    # Offline, the hub client retries for ~25 s with a warning each time; the user gets the one
+    # line at the end instead. Set after the import, which resets the hub logger's level.
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    try:
         return datasets.load_dataset(
             preset.hf_id,
             preset.config,
@@ -196,6 +198,8 @@ def stream_from_hub(preset: Preset) -> Iterable[Mapping[str, Any]]:
             streaming=True,
             **dict(preset.loader_options),
         )
+    finally:
+        hub_logger.setLevel(level)
 
 
 def download(
@@ -296,19 +300,11 @@ def _write_shards(
 def _guarded(preset: Preset, load: Loader) -> Iterator[Mapping[str, Any]]:
     """The loader's records, with its failures (at load time or mid-stream) as one line."""
     try:
-        iterator = iter(load(preset))
+        yield from load(preset)
     except UserError:
         raise
-    except Exception as exc:  # hub, network and format errors of many kinds
+    except Exception as exc:  # hub, network and format errors; a connection lost mid-stream
         raise _load_error(preset, exc) from None
-    while True:
-        try:
-            record = next(iterator)
-        except StopIteration:
-            return
-        except Exception as exc:  # a connection lost mid-stream, a damaged remote file, ...
-            raise _load_error(preset, exc) from None
-        yield record
 
 
 def _load_error(preset: Preset, exc: BaseException) -> UserError:
@@ -349,19 +345,6 @@ def _reachable(preset: Preset) -> bool:
     return True
 
 
-@contextmanager
-def _quiet_hub_retries() -> Iterator[None]:
-    """Without a network the hub client retries for ~25 s, logging a warning each time; the
-    user gets the one-line error at the end instead."""
-    logger = logging.getLogger("huggingface_hub")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def _check_positive(**values: int | None) -> None:
     for name, value in values.items():
         if value is not None and value < 1:
@@ -395,9 +378,7 @@ def _delete_unlisted_shards(out: Path, manifest: Manifest) -> None:
 
 
 def _already_done(manifest: Manifest, max_docs: int | None, max_bytes: int | None) -> bool:
-    if manifest.stopped_by == "end":
-        return True
-    if max_docs is not None and manifest.documents >= max_docs:
+    if manifest.stopped_by == "end" or (max_docs is not None and manifest.documents >= max_docs):
         return True
     if max_bytes is None:
         return False

@@ -57,11 +57,8 @@ def overview_lines(meta: DataMeta) -> list[str]:
             f"train share {source.natural_share:.1%}, sampled {source.sampling_share:.1%}"
         )
     cleaning = meta.cleaning or CleaningCounts(kept=0, changed={}, dropped={})
-    for label, counts in (
-        ("skipped", meta.skipped),
-        ("dropped", cleaning.dropped),
-        ("changed", cleaning.changed),
-    ):
+    sections = {"skipped": meta.skipped, "dropped": cleaning.dropped, "changed": cleaning.changed}
+    for label, counts in sections.items():
         listed = ", ".join(f"{n:,} {reason.replace('_', ' ')}" for reason, n in counts.items() if n)
         if listed:
             lines.append(f"  {label + ':':<8} {listed}")

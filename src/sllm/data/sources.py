@@ -20,7 +20,6 @@ import io
 import itertools
 import json
 import re
-import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -154,27 +153,24 @@ def require_module(module: str, purpose: str, extra: str = "data") -> Any:
         raise UserError(f"{purpose} needs the `{package}` package; pip install 'sllm[{extra}]'") from None
 
 
-def _open_binary(path: Path) -> BinaryIO:
-    try:
-        if path.name.endswith(".gz"):
-            return gzip.open(path, "rb")  # type: ignore[return-value]
-        if path.name.endswith(".zst"):
-            zstandard = require_module("zstandard", f"reading {path}")
-            reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)  # noqa: SIM115
-            return io.BufferedReader(reader)
-        return open(path, "rb")
-    except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror}") from None
-
-
 @contextmanager
 def _reading(path: Path) -> Iterator[BinaryIO]:
     """The file's bytes, decompressed; a read that fails (a damaged or truncated compressed
     file too) is a UserError naming the file."""
-    with _open_binary(path) as handle:
-        errors: tuple[type[BaseException], ...] = (OSError, EOFError)
-        if "zstandard" in sys.modules:
-            errors += (sys.modules["zstandard"].ZstdError,)
+    errors: tuple[type[BaseException], ...] = (OSError, EOFError)
+    try:
+        if path.name.endswith(".gz"):
+            handle: BinaryIO = gzip.open(path, "rb")  # type: ignore[assignment]  # noqa: SIM115
+        elif path.name.endswith(".zst"):
+            zstandard = require_module("zstandard", f"reading {path}")
+            errors += (zstandard.ZstdError,)
+            reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)  # noqa: SIM115
+            handle = io.BufferedReader(reader)
+        else:
+            handle = open(path, "rb")  # noqa: SIM115
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from None
+    with handle:
         try:
             yield handle
         except errors as exc:
@@ -241,10 +237,10 @@ def _record_text(record: Any, text_field: str) -> tuple[str | None, str | None]:
 
 
 def _txt_documents(path: Path, options: ReadOptions, stats: SourceStats) -> Iterator[str]:
-    if options.txt_mode == "file":
-        yield "".join(line for _, line in _lines(path, options.on_error, stats))
-        return
     lines = (line for _, line in _lines(path, options.on_error, stats))
+    if options.txt_mode == "file":
+        yield "".join(lines)
+        return
     for filled, paragraph in itertools.groupby(lines, key=lambda line: bool(line.strip())):
         if filled:
             yield "".join(paragraph).rstrip("\r\n")
@@ -374,7 +370,6 @@ def _text_column(source: Input, text_field: str, columns: list[str]) -> str:
 
 
 def _hf_dataset(source: HFDataset, options: ReadOptions) -> Any:
-    """Load a saved dataset dir with `load_from_disk`, anything else with `load_dataset`."""
     datasets = require_module("datasets", f"reading {source}")
     local = Path(source.name)
     try:

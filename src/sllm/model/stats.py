@@ -46,19 +46,13 @@ def parameters_by_component(model: nn.Module) -> dict[str, int]:
     return groups
 
 
-def matmul_parameters(model: nn.Module, cfg: ModelConfig) -> int:
-    """Weights that take part in matmuls: every block matrix plus the LM head (tied or not)."""
-    matrices = sum(
-        p.numel()
-        for n, p in model.named_parameters()
-        if p.dim() == 2 and not n.startswith(("wte", "wpe", "lm_head"))
-    )
-    return matrices + cfg.vocab_size * cfg.n_embd
-
-
 def training_flops_per_token(model: nn.Module, cfg: ModelConfig, context: int) -> float:
+    """The matmul weights are every block matrix plus the LM head (tied or not)."""
+    blocks = (
+        p for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith(("wte", "wpe", "lm_head"))
+    )
     attention = 12 * cfg.n_layer * cfg.n_embd * context if cfg.arch == "gpt" else 0
-    return 6 * matmul_parameters(model, cfg) + attention
+    return 6 * (sum(p.numel() for p in blocks) + cfg.vocab_size * cfg.n_embd) + attention
 
 
 @dataclass(frozen=True)
