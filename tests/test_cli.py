@@ -72,7 +72,8 @@ def test_the_documented_workflow_runs_end_to_end(tmp_path):
     result = sllm("eval", "--run", tmp_path / "run")
     assert result.returncode == 0, result.stderr
     header, row = result.stdout.splitlines()[:2]
-    assert header.split() == ["split", "tokens", "loss", "perplexity", "bits/byte", "top-1", "top-5"]
+    assert header.split() == ["split", "tokens", "loss", "perplexity", "bits/byte", "top-1", "top-5",
+                              "bpb", "ko", "bpb", "en", "bpb", "other"]  # fmt: skip
     assert row.split()[0] == "val" and float(row.split()[3]) > 1
 
     result = sllm("generate", "--run", tmp_path / "run", "--prompt", "대한민국은", "--max-new-tokens", 10,

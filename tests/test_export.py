@@ -340,7 +340,10 @@ def test_importing_truncated_weights_is_a_user_error(exported, tmp_path):
 
 def test_export_samples_as_sllm_generate_does_on_the_same_run(tokenizer, tmp_path):
     """Both follow the run's `sample` section: the defaults and a configured penalty alike."""
-    for name, overrides in (("default", ()), ("demo", ("sample.repetition_penalty=1.1",))):
+    for name, overrides in (
+        ("default", ()),
+        ("demo", ("sample.repetition_penalty=1.1", "sample.min_new_tokens=4")),
+    ):
         run = random_run(tmp_path / name, tokenizer, *overrides)
         generation = json.loads(
             (export_run(run, tmp_path / f"hf-{name}") / "generation_config.json").read_text()
@@ -350,7 +353,8 @@ def test_export_samples_as_sllm_generate_does_on_the_same_run(tokenizer, tmp_pat
             used.temperature, used.top_k, used.top_p,
         )  # fmt: skip
         assert generation.get("repetition_penalty", 1.0) == used.repetition_penalty
-    assert used.repetition_penalty == 1.1
+        assert generation.get("min_new_tokens", 0) == used.min_new_tokens
+    assert (used.repetition_penalty, used.min_new_tokens) == (1.1, 4)
 
 
 CONVERSATION = [

@@ -43,6 +43,7 @@ LAYERS = {
     "sllm.options": 1,
     "sllm.sampling": 1,  # the one declaration of sampling options: the config builds `sample` from it
     "sllm.files": 1,
+    "sllm.progress": 1,
     "sllm.text": 1,
     "sllm.atomic": 1,
     "sllm.runtime": 1,

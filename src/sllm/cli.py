@@ -3,7 +3,8 @@
 The shorthand flags of `CONFIG_FLAGS` (`--vocab-size` is `tokenizer.vocab_size`) and the
 sampling flags take their choices, help, range and default from the config's and
 `SamplingParams`' fields, so none is written twice. A `UserError` (argparse's errors too) is
-one stderr line and exit code 2. Nothing here imports torch, so `sllm --help` is instant.
+one stderr line and exit code 2. Every command takes `--quiet`: no progress bars
+(`sllm.progress`). Nothing here imports torch, so `sllm --help` is instant.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sllm import commands
 from sllm.atomic import disk_full_errno
 from sllm.errors import UserError
 from sllm.options import add_flag
+from sllm.progress import QUIET
 
 SOURCE_FLAGS = ["--input=data.inputs", "data.text_field", "data.txt_mode"]
 # Shorthand flags per command, each for one config key: `section.key` is `--key`, `--flag=section.key`
@@ -100,6 +102,7 @@ def _run_args(parser: argparse.ArgumentParser, command: str = "") -> None:
 def _add(group: argparse._SubParsersAction, name: str, run: Callable) -> argparse.ArgumentParser:
     """The command `name`, which runs `run`; the first line of its docstring is the help."""
     parser = group.add_parser(name, help=run.__doc__.splitlines()[0])
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
     return parser
 
@@ -283,7 +286,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args = _parse(build_parser(), argv)
         command: Callable[[argparse.Namespace], None] = args.func
-        command(args)
+        quiet = QUIET.set(args.quiet)
+        try:
+            command(args)
+        finally:
+            QUIET.reset(quiet)
     except UserError as error:
         print(f"sllm: error: {error}", file=sys.stderr)
         sys.exit(UserError.exit_code)

@@ -157,6 +157,7 @@ def evaluate(args: Namespace) -> None:
 
 def generate(args: Namespace) -> None:
     """continue a prompt with a trained run"""
+    from sllm.infer.chat import note_if_ended_at_once
     from sllm.infer.chat_template import PLAIN, Message, load_chat_template
     from sllm.infer.engine import TextGenerator
 
@@ -168,9 +169,11 @@ def generate(args: Namespace) -> None:
         print(prompt + generator.tokenizer.separator, end="", flush=True)
     else:  # an instruction-tuned model answers it
         prompt = template.render([Message("user", args.prompt)])
-    for _, piece in generator.stream_batch([prompt], params):
+    stream = generator.stream_batch([prompt], params)
+    for _, piece in stream:
         print(piece, end="", flush=True)
     print()
+    note_if_ended_at_once(stream, "--min-new-tokens N")
 
 
 def chat(args: Namespace) -> None:

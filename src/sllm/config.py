@@ -219,7 +219,7 @@ def _sample_section() -> type:
     return dataclasses.make_dataclass(
         "SampleConfig",
         [
-            ("prompts", list[str], option(["대한민국은", "The "], "fixed prompts sampled at each eval")),
+            ("prompts", list[str], option([], "prompts sampled at each eval; none: the data's first words")),
             *options,
             ("seed", int, option(42, "seed of the samples at each eval", NON_NEGATIVE)),
         ],
@@ -438,7 +438,9 @@ def read_config_file(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]
     if base_path.resolve() in chain:
         cycle = " -> ".join(p.name for p in (*chain, base_path.resolve()))
         raise UserError(f"config files inherit in a cycle: {cycle}; remove one of these base: keys")
-    return _merged(read_config_file(base_path, chain), raw)
+    base_raw = read_config_file(base_path, chain)
+    _prompts_follow_data(base_raw, raw)
+    return _merged(base_raw, raw)
 
 
 def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -452,11 +454,32 @@ def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config and its bases (or start from defaults), apply dotted overrides, validate."""
     raw = read_config_file(resolve_config_path(path)) if path else {}
+    given: dict[str, dict[str, Any]] = {}
     for text in overrides or []:
         section, name, value = parse_override(text)
+        given.setdefault(section, {})[name] = value
+    _prompts_follow_data(raw, given)
+    for section, values in given.items():
         raw[section] = raw.get(section) or {}
-        raw[section][name] = value
+        raw[section].update(values)
     return config_from_dict(raw)
+
+
+def _prompts_follow_data(under: dict[str, Any], over: dict[str, Any]) -> None:
+    """`sample.prompts` are written for the `data.dir` beside them: a layer over them (a config
+    naming this one its `base`, or the command line) that moves data.dir without prompts of its
+    own drops them, so the samples start as the new data's documents do (legal-text prompts
+    would run on and on after a model of movie reviews)."""
+    own_dir = _section(under, "data").get("dir")
+    new_dir = _section(over, "data").get("dir", own_dir)
+    if own_dir and Path(str(new_dir)) != Path(str(own_dir)) and "prompts" not in _section(over, "sample"):
+        _section(under, "sample").pop("prompts", None)
+
+
+def _section(layer: dict[str, Any], name: str) -> dict[str, Any]:
+    """A section of a config layer; {} when absent or not a mapping (refused later, by name)."""
+    section = layer.get(name)
+    return section if isinstance(section, dict) else {}
 
 
 def config_from_args(args: Namespace) -> Config:

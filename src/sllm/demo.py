@@ -40,8 +40,8 @@ def demo_corpus() -> list[str]:
 
 def run_demo(overrides: list[str], data_dir: str, run_dir: str) -> dict[str, float]:
     """Run the whole pipeline; returns the validation and unigram-baseline perplexities."""
-    cfg = load_config("demo", [f"data.dir={data_dir}", f"train.out_dir={run_dir}", *overrides])
-    cfg.data.inputs = demo_corpus()
+    cfg = load_config("demo", [f"train.out_dir={run_dir}", *overrides])
+    cfg.data.dir, cfg.data.inputs = data_dir, demo_corpus()  # the demo's data, so its prompts stay
     meta = prepare(cfg.data, cfg.tokenizer)
     train(cfg)
     (val,) = evaluate_run(run_dir, ["val"], cfg.eval.stride, cfg.eval.batch_size, cfg.train.device)

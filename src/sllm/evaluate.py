@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,11 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
-from sllm.data.loader import eval_batches, open_split
+from sllm.data.loader import EvalBatch, eval_batches, open_split
 from sllm.data.meta import META_FILE, DataMeta
 from sllm.data.sources import read_text_file
 from sllm.errors import UserError
+from sllm.progress import progress_bar
 from sllm.run import LoadedRun, open_run
 from sllm.runtime import Dtype, autocast, select_autocast_dtype, select_device
 from sllm.text import dominant_script
@@ -168,11 +170,20 @@ def score_tokens(
     device: torch.device,
     amp_dtype: Dtype = None,
     labels: np.ndarray | None = None,
+    label: str = "eval",
 ) -> TokenScores:
     """Scores of every token after the first, each predicted once (strided windows); `labels`
-    gives every token's script group (`script_labels`)."""
-    batches = eval_batches(tokens, model.block_size, stride, batch_size)
-    return score_batches(model, batches, device, amp_dtype, None if labels is None else labels[1:])
+    gives every token's script group (`script_labels`), `label` names the progress bar."""
+    with progress_bar(desc=label, total=len(tokens) - 1, unit=" tokens", unit_scale=True) as bar:
+        batches = _counted(eval_batches(tokens, model.block_size, stride, batch_size), bar)
+        return score_batches(model, batches, device, amp_dtype, None if labels is None else labels[1:])
+
+
+def _counted(batches: Iterator[EvalBatch], bar: tqdm) -> Iterator[EvalBatch]:
+    """`batches`, each one's scored tokens added to `bar` once it has been scored."""
+    for batch in batches:
+        yield batch
+        bar.update(int(batch.scored.sum()))
 
 
 class Evaluator:
@@ -196,7 +207,9 @@ class Evaluator:
         chosen = select_device(device)
         return cls(open_run(run_dir, chosen, checkpoint), chosen, data_dir)
 
-    def _score(self, tokens: np.ndarray, stride: int, batch_size: int) -> tuple[TokenScores, np.ndarray]:
+    def _score(
+        self, tokens: np.ndarray, stride: int, batch_size: int, label: str
+    ) -> tuple[TokenScores, np.ndarray]:
         """The scores and each script group's bytes."""
         block_size = self.run.model.block_size
         stride = stride or self.run.config.eval.stride or max(1, block_size // 2)
@@ -204,7 +217,9 @@ class Evaluator:
             raise UserError(f"--stride must be between 1 and the context ({block_size})")
         batch = batch_size or self.run.config.eval.batch_size
         labels, script_bytes = script_labels(tokens, self.run.tokenizer)
-        scores = score_tokens(self.run.model, tokens, stride, batch, self.device, self.amp_dtype, labels)
+        scores = score_tokens(
+            self.run.model, tokens, stride, batch, self.device, self.amp_dtype, labels, f"eval {label}"
+        )
         return scores, script_bytes
 
     def prepared_dir(self) -> Path:
@@ -239,14 +254,14 @@ class Evaluator:
             present = [name for name, size in sizes.items() if size.tokens >= 2]
             raise UserError(f"split {split!r} has no tokens to score; the data has {', '.join(present)}")
         tokens = open_split(self.prepared_dir(), split, meta)
-        scores, script_bytes = self._score(tokens, stride, batch_size)
+        scores, script_bytes = self._score(tokens, stride, batch_size, split)
         return EvalResult(split, scores, sizes[split].bytes, script_bytes)
 
     def evaluate_text(self, text: str, name: str, stride: int = 0, batch_size: int = 0) -> EvalResult:
         """The same numbers for any text, scored as one document that follows an EOS."""
         tokenizer = self.run.tokenizer
         tokens = np.asarray([tokenizer.eos_id, *tokenizer.encode(text)], dtype=np.int64)
-        scores, script_bytes = self._score(tokens, stride, batch_size)
+        scores, script_bytes = self._score(tokens, stride, batch_size, name)
         return EvalResult(name, scores, len(text.encode("utf-8")), script_bytes)
 
 

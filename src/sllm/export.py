@@ -33,6 +33,7 @@ from sllm.files import read_json
 from sllm.infer.chat_template import PLAIN, ChatTemplate, load_chat_template, to_jinja
 from sllm.model import build_model, count_parameters
 from sllm.model.gpt import mlp_hidden_width
+from sllm.progress import stages
 from sllm.run import CONFIG_FILE, CheckpointMeta, LoadedRun, open_run
 from sllm.tokenizer import TOKENIZER_FILE, UNK_TOKEN, HFBackedTokenizer, Tokenizer, load_tokenizer
 from sllm.train.checkpoint import save_checkpoint, save_tensors, training_state
@@ -395,6 +396,8 @@ def _generation_config(run: LoadedRun, template: ChatTemplate) -> dict[str, Any]
         config |= {"do_sample": True, "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p}
     if s.repetition_penalty != 1.0:
         config["repetition_penalty"] = s.repetition_penalty
+    if s.min_new_tokens:  # HF holds back every eos_token_id, as sllm does EOS and one-token stops
+        config["min_new_tokens"] = s.min_new_tokens
     return config
 
 
@@ -505,14 +508,19 @@ CHAT_USE = [
 
 def check_export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest") -> float:
     """Load the export with `transformers`; the largest |logit difference| on sample text."""
-    transformers = require_module("transformers", "--check", extra="hf")
-    run = open_run(run_dir, torch.device("cpu"), checkpoint)
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(out_dir)).eval()
-    generator = torch.Generator().manual_seed(0)
-    length = min(CHECK_TOKENS, run.config.model.block_size)
-    tokens = torch.randint(0, run.config.model.vocab_size, (1, length), generator=generator)
-    with torch.no_grad():
-        return float((hf_model(tokens).logits - run.model(tokens)).abs().max())
+    with stages("check export", 4) as step:
+        step("importing transformers")
+        transformers = require_module("transformers", "--check", extra="hf")
+        step("loading the run")
+        run = open_run(run_dir, torch.device("cpu"), checkpoint)
+        step("loading the export")
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(out_dir)).eval()
+        step("comparing logits")
+        generator = torch.Generator().manual_seed(0)
+        length = min(CHECK_TOKENS, run.config.model.block_size)
+        tokens = torch.randint(0, run.config.model.vocab_size, (1, length), generator=generator)
+        with torch.no_grad():
+            return float((hf_model(tokens).logits - run.model(tokens)).abs().max())
 
 
 def to_transformers(model: torch.nn.Module, **config_overrides: Any) -> torch.nn.Module:
@@ -563,25 +571,30 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
             f"the tokenizer in {source} has {tokenizer.vocab_size} tokens but the model only "
             f"{model_cfg.vocab_size} embeddings; they do not belong together"
         )
-    model = build_model(model_cfg)
-    model.load_state_dict(_to_sllm_state(architecture, model_cfg, read_hf_weights(source), source))
-    cfg = Config(model=model_cfg)
-    cfg.data.dir, cfg.tokenizer.path = str(Path("data") / out.name), str(out / TOKENIZER_FILE)
-    cfg.train.out_dir = str(out)
-    validate(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    with writing_to(out, "imported run"):
-        tokenizer.save(out)
-        save_config(cfg, out / CONFIG_FILE)
-    optimizer_state = full_state(model, build_optimizers(model, cfg.train, torch.device("cpu")))[1]
-    train_state = training_state(optimizer_state, torch.amp.GradScaler("cpu", enabled=False), 0, 0, math.inf)
-    meta = CheckpointMeta(
-        step=0,
-        model_config=asdict(model_cfg),
-        tokenizer_sha256=tokenizer.sha256,
-        imported_from=str(source.resolve()),
-    )
-    save_checkpoint(out, model.state_dict(), train_state, meta, keep_last=cfg.train.keep_last)
+    with stages("import", 3) as step:
+        step("reading the weights")
+        model = build_model(model_cfg)
+        model.load_state_dict(_to_sllm_state(architecture, model_cfg, read_hf_weights(source), source))
+        step("building the optimizer state")
+        cfg = Config(model=model_cfg)
+        cfg.data.dir, cfg.tokenizer.path = str(Path("data") / out.name), str(out / TOKENIZER_FILE)
+        cfg.train.out_dir = str(out)
+        validate(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        with writing_to(out, "imported run"):
+            tokenizer.save(out)
+            save_config(cfg, out / CONFIG_FILE)
+        optimizer_state = full_state(model, build_optimizers(model, cfg.train, torch.device("cpu")))[1]
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        train_state = training_state(optimizer_state, scaler, 0, 0, math.inf)
+        meta = CheckpointMeta(
+            step=0,
+            model_config=asdict(model_cfg),
+            tokenizer_sha256=tokenizer.sha256,
+            imported_from=str(source.resolve()),
+        )
+        step("writing the checkpoint")
+        save_checkpoint(out, model.state_dict(), train_state, meta, keep_last=cfg.train.keep_last)
     return out
 
 

@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import pad_sequence
 from sllm.data.sources import read_text_file
 from sllm.errors import UserError
 from sllm.files import loads_json
+from sllm.progress import progress_bar
 from sllm.run import open_run
 from sllm.runtime import select_device
 from sllm.tokenizer import Tokenizer, nfc
@@ -112,7 +113,7 @@ def score_questions(
     model: nn.Module, tokenizer: Tokenizer, questions: list[Question], device: torch.device
 ) -> ChoiceResult:
     correct = correct_norm = 0
-    for question in questions:
+    for question in progress_bar(questions, desc="eval questions", unit=" questions"):
         scores = choice_logliks(model, tokenizer, question, device)
         by_sum = max(range(len(scores)), key=lambda i: scores[i][0])
         by_byte = max(range(len(scores)), key=lambda i: scores[i][0] / scores[i][1])

@@ -30,6 +30,9 @@ REPETITION_PENALTY = Range(0.01, 100)
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = option(64, "most tokens generated per prompt", NON_NEGATIVE)
+    min_new_tokens: int = option(
+        0, "tokens generated before EOS or a one-token stop string may end the text", NON_NEGATIVE
+    )
     temperature: float = option(
         0.8, f"softmax temperature; 0 (or below {GREEDY_BELOW:g}) is greedy", TEMPERATURE
     )

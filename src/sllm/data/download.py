@@ -30,6 +30,7 @@ from sllm.atomic import atomic_text_writer, ensure_writable_dir, recover_all, wr
 from sllm.data.sources import DOWNLOAD_MANIFEST, require_module
 from sllm.errors import UserError
 from sllm.files import loads_json
+from sllm.progress import progress_bar
 
 DEFAULT_SHARD_DOCS = 50_000
 NSMC_TRAIN_URL = "https://raw.githubusercontent.com/e9t/nsmc/master/ratings_train.txt"
@@ -228,9 +229,7 @@ def download(
     budget = _Budget(max_docs, max_bytes, manifest.documents, manifest.bytes)
     documents = budget.take(islice(documents_of(preset, records), manifest.documents, None))
     try:
-        with tqdm(
-            total=max_docs, initial=manifest.documents, unit=" docs", disable=None if progress else True
-        ) as bar:
+        with progress_bar(total=max_docs, initial=manifest.documents, unit=" docs", show=progress) as bar:
             _write_shards(out, manifest, documents, shard_docs, bar)
     except BaseException:
         if created and not manifest.shards:  # the manifest is written with the first shard

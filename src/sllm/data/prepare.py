@@ -53,6 +53,7 @@ from sllm.data.shards import ShardWriter
 from sllm.data.sources import HFDataset, Input, SourceStats, read_documents
 from sllm.errors import UserError
 from sllm.files import loads_json, sha256_file
+from sllm.progress import progress_bar
 from sllm.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, train_bpe, train_char, train_word
 
 PROGRESS_FILE = "progress.json"
@@ -76,18 +77,37 @@ def train_tokenizer(sources: list[Source], data: DataConfig, tok: TokenizerConfi
     stats = SourceStats()
     cleaner = Cleaner(data)
     streams = [cleaner(read_documents(s.files, s.options, stats)) for s in sources]
-    texts = _interleaved_sample(streams, tok.sample_bytes)
-    if tok.kind == "char":
-        tokenizer: Tokenizer = train_char(texts, tok.special_tokens)
-    elif tok.kind == "word":
-        tokenizer = train_word(texts, tok.vocab_size, tok.special_tokens, tok.min_frequency)
-    else:
-        tokenizer = train_bpe(texts, tok.vocab_size, tok.special_tokens, tok.min_frequency, tok.pretokenize)
+    file_bytes = [
+        f.stat().st_size if isinstance(f, Path) else tok.sample_bytes for s in sources for f in s.files
+    ]
+    total = min(tok.sample_bytes, sum(file_bytes))  # about the text's bytes: the bar may end short of it
+    with progress_bar(
+        desc="tokenizer sample", total=total, unit="B", unit_scale=True, unit_divisor=1024
+    ) as bar:
+        texts = _counted(_interleaved_sample(streams, tok.sample_bytes), bar)
+        if tok.kind == "char":
+            tokenizer: Tokenizer = train_char(texts, tok.special_tokens)
+        elif tok.kind == "word":
+            tokenizer = train_word(texts, tok.vocab_size, tok.special_tokens, tok.min_frequency)
+        else:
+            tokenizer = train_bpe(
+                texts, tok.vocab_size, tok.special_tokens, tok.min_frequency, tok.pretokenize
+            )
     _require_kept_documents(stats, cleaner.report)
     note = _vocab_size_note(tokenizer, tok)
     if note:
         log(note)
     return tokenizer
+
+
+def _counted(texts: Iterator[str], bar: tqdm) -> Iterator[str]:
+    """`texts`, their UTF-8 bytes counted on `bar`. Its label then says that the trainer is at
+    work: HF's trainer draws bars of its own only without ETA and over ours, so it draws none."""
+    for text in texts:
+        bar.update(len(text.encode("utf-8")))
+        yield text
+    bar.total = bar.n  # the estimate from file sizes, made exact
+    bar.set_description("tokenizer sample read; training", refresh=True)
 
 
 def _vocab_size_note(tokenizer: Tokenizer, tok: TokenizerConfig) -> str | None:
@@ -378,7 +398,7 @@ def _write_all(writer: SplitWriter, sources: list[Source], data: DataConfig, nam
     stats = SourceStats()
     cleaner = Cleaner(data)
     progress = writer.progress
-    bar = tqdm(desc=f"prepare {name}", unit="B", unit_scale=True, unit_divisor=1024, disable=None)
+    bar = progress_bar(desc=f"prepare {name}", unit="B", unit_scale=True, unit_divisor=1024)
     started, tokens = time.perf_counter(), 0
     with bar:
         for number, batch in enumerate(prefetched(_cleaned_batches(sources, cleaner, stats))):

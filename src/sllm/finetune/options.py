@@ -83,7 +83,9 @@ def trainer_config(
         model=model,
         train=train,
         eval=replace(base.eval, batch_size=cfg.batch_size),
-        log=replace(base.log, samples_at_eval=samples),
+        log=replace(
+            base.log, samples_at_eval=samples, progress=True
+        ),  # the bar: as a terminal and --quiet say
     )
     validate(config)
     return config

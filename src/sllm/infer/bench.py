@@ -17,6 +17,7 @@ import torch
 
 from sllm.errors import UserError
 from sllm.infer.engine import TextGenerator, TokenStream
+from sllm.progress import progress_bar
 from sllm.run import read_run_config
 from sllm.sampling import SamplingParams
 
@@ -116,7 +117,13 @@ def bench_generate(
     if threads > 0:
         torch.set_num_threads(threads)
     generator = TextGenerator.from_run(run_dir, device, compile_step=compile_step)
-    return [measure_generation(generator, batch, prompt_tokens, new_tokens) for batch in batch_sizes]
+    rows = []
+    total = sum(batch_sizes) * new_tokens  # the timed tokens; the bar moves between shapes only
+    with progress_bar(desc="bench", total=total, unit=" tokens", unit_scale=True) as bar:
+        for batch in batch_sizes:
+            rows.append(measure_generation(generator, batch, prompt_tokens, new_tokens))
+            bar.update(batch * new_tokens)
+    return rows
 
 
 def format_table(rows: list[GenerationSpeed]) -> str:

@@ -7,12 +7,13 @@ The oldest turns are dropped (with a notice) until the prompt leaves room for th
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from typing import TextIO
 
 from sllm.errors import UserError
 from sllm.infer.chat_template import ChatTemplate, Message
-from sllm.infer.engine import TextGenerator
+from sllm.infer.engine import TextGenerator, TextStream
 from sllm.sampling import OPTION_TYPES, SamplingParams
 
 
@@ -29,6 +30,15 @@ def fit_history(
             break
         del kept[oldest]
     return kept, len(messages) - len(kept)
+
+
+def note_if_ended_at_once(stream: TextStream, how: str) -> None:
+    """One line on stderr (not an error) when the model wrote nothing because its first token
+    ended the text, and `how` to keep it going; otherwise the user sees only an empty reply."""
+    completion = stream.completions()[0]
+    if completion.finish_reason == "stop" and not completion.text and not stream.tokens.params.min_new_tokens:
+        note = f"the model ended its text at once (end-of-text first); {how} makes it write N tokens first"
+        print(f"note: {note}", file=sys.stderr)
 
 
 HELP = "commands: /reset (forget the conversation), /exit, /set NAME VALUE (" + ", ".join(OPTION_TYPES) + ")"
@@ -84,11 +94,13 @@ class ChatSession:
             self.say(f"(dropped the {dropped} oldest messages to fit the context)")
         params = dataclasses.replace(self.params, stop=self.params.stop + self.template.stop)
         pieces = []
-        for _, piece in self.generator.stream_batch([self.template.render(self.messages)], params):
+        stream = self.generator.stream_batch([self.template.render(self.messages)], params)
+        for _, piece in stream:
             pieces.append(piece)
             self.out.write(piece)
             self.out.flush()
         self.out.write("\n")
+        note_if_ended_at_once(stream, "/set min_new_tokens N (or --min-new-tokens N)")
         self.messages.append(Message("assistant", "".join(pieces)))
 
     def say(self, line: str) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 from sllm.errors import UserError
 from sllm.infer.cpu_layout import use_column_major_weights
 from sllm.infer.decoder import Decoder
-from sllm.infer.logits import TokenHistory, sample_next
+from sllm.infer.logits import BannedTokens, TokenHistory, sample_next
 from sllm.run import open_run
 from sllm.runtime import select_autocast_dtype, select_device
 from sllm.sampling import SamplingParams
@@ -41,7 +41,8 @@ class TokenStream:
     `cuda_graph` (default: on CUDA) replays each decode step as one CUDA graph; True on
     another device runs that same fixed-shape step eagerly, False the eager step.
     `compile_step` also compiles that step (once per batch and cache shape; GPU gain unmeasured).
-    `banned_ids` are never sampled (`Tokenizer.never_generated`)."""
+    `banned_ids` are never sampled (`Tokenizer.never_generated`); `stop_ids` (one-token stop
+    strings) are held back like EOS until `params.min_new_tokens` tokens were generated."""
 
     def __init__(
         self,
@@ -54,6 +55,7 @@ class TokenStream:
         cuda_graph: bool | None = None,
         compile_step: bool = False,
         banned_ids: tuple[int, ...] = (),
+        stop_ids: tuple[int, ...] = (),
     ) -> None:
         if not prompts or not all(prompts):
             raise ValueError("every prompt must hold at least one token")
@@ -61,7 +63,8 @@ class TokenStream:
         self.rows = [list(ids[-model.block_size :]) for ids in prompts]
         self.device, self.amp_dtype, self.compile_step = device, amp_dtype, compile_step
         self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
-        self.banned = torch.tensor(banned_ids, dtype=torch.long, device=device)
+        ending = stop_ids if eos_id is None else (eos_id, *stop_ids)
+        self.banned = BannedTokens(banned_ids, ending, params.min_new_tokens, device)
         self.finish_reasons: list[str | None] = [None] * len(prompts)
 
     def stop(self, row: int, reason: str = "stop") -> None:
@@ -88,9 +91,7 @@ class TokenStream:
         history = TokenHistory(self.rows, self.model.cfg.vocab_size, device) if params.uses_history else None
         logits = decoder.prefill(self.rows) if params.max_new_tokens else None
         for step in range(params.max_new_tokens):
-            if self.banned.numel():
-                logits = logits.index_fill(1, self.banned, float("-inf"))
-            tokens = sample_next(logits, params, history, generator)
+            tokens = sample_next(self.banned(logits, step), params, history, generator)
             new = self._accept(tokens.tolist())
             if any(token is not None for token in new):
                 yield new
@@ -273,9 +274,10 @@ class TextGenerator:
 
     def stream_ids(self, prompt_ids: list[list[int]], params: SamplingParams) -> TextStream:
         """As `stream_batch`, for prompts `encode_prompt` has encoded already."""
+        stop_ids = tuple(ids[0] for ids in map(self.tokenizer.encode, params.stop) if len(ids) == 1)
         tokens = TokenStream(
             self.model, prompt_ids, params, self.tokenizer.eos_id, self.device, self.amp_dtype,
-            compile_step=self.compile_step, banned_ids=self.tokenizer.never_generated,
+            compile_step=self.compile_step, banned_ids=self.tokenizer.never_generated, stop_ids=stop_ids,
         )  # fmt: skip
         return TextStream(tokens, self.tokenizer, params.stop)
 

@@ -1,4 +1,4 @@
-"""Turning next-token logits into tokens: penalties, temperature, top-k, top-p, min-p.
+"""Turning next-token logits into tokens: banned tokens, penalties, temperature, top-k, top-p, min-p.
 
 Each rule is a small function on a (batch, vocab) logits tensor so tests can check the kept
 token sets on hand-made distributions. Temperature 0 (or below `GREEDY_BELOW`) means greedy
@@ -29,6 +29,24 @@ class TokenHistory:
     def add(self, tokens: torch.Tensor) -> None:
         """Count one new token per row."""
         self.generated.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=torch.float))
+
+
+class BannedTokens:
+    """What a step may not draw: `never` always (`Tokenizer.never_generated`) and, before
+    `min_new_tokens` new tokens, also `ending` (EOS, one-token stop strings), so that a model
+    that would end at once writes that many tokens first (HF's `min_new_tokens`)."""
+
+    def __init__(
+        self, never: tuple[int, ...], ending: tuple[int, ...], min_new_tokens: int, device: torch.device
+    ) -> None:
+        self.always = torch.tensor(never, dtype=torch.long, device=device)
+        self.early = torch.tensor(sorted({*never, *ending}), dtype=torch.long, device=device)
+        self.min_new_tokens = min_new_tokens
+
+    def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        """`logits` of new token number `step` (from 0), banned ones at -inf."""
+        banned = self.early if step < self.min_new_tokens else self.always
+        return logits.index_fill(1, banned, float("-inf")) if len(banned) else logits
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -7,10 +7,11 @@ anything is allocated, tokenizing runs in a worker thread, and generations run o
 in arrival order, in a thread of their own behind a bounded queue (429 when full). Every
 refusal is OpenAI's error body, so its clients raise their usual exceptions; a failure inside
 a stream becomes an error event before `[DONE]`. A client that hangs up cancels its
-generation. Prompts and `n` choices form one batch. The sampling fields are `SamplingParams`'s;
-one left out takes the run's `sample` section, as `sllm generate` does (lengths keep OpenAI's
-defaults). A null field means its default; options this server cannot honour (`logprobs`,
-`logit_bias`, tools, ...) are refused, never silently ignored. FastAPI and uvicorn are imported here only.
+generation. Prompts and `n` choices form one batch. The sampling fields are `SamplingParams`'s
+(`min_new_tokens` as vLLM's `min_tokens`); one left out takes the run's `sample` section, as
+`sllm generate` does (lengths keep OpenAI's defaults). A null field means its default; options
+this server cannot honour (`logprobs`, `logit_bias`, tools, ...) are refused, never silently
+ignored. FastAPI and uvicorn are imported here only.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its cl
 RETRY_AFTER_S = 1  # what a request refused for a full queue is told to wait
 # The options of `SamplingParams` a request sets by name (the length and `stop` have OpenAI's fields).
 REQUEST_OPTIONS = [f for f in dataclasses.fields(SamplingParams) if f.name not in ("max_new_tokens", "stop")]
+REQUEST_NAMES = {"min_new_tokens": "min_tokens"}  # vLLM's name, which OpenAI clients send as extra_body
 # OpenAI options that change what comes back and that this server does not implement: refused
 # when set, so a client never takes their absence for their effect. (`user`, `metadata` and
 # the like change nothing and are ignored.)
@@ -99,7 +101,8 @@ class RequestFields(BaseModel):
     def params(self, defaults: SamplingParams, extra_stop: tuple[str, ...] = ()) -> SamplingParams:
         """`defaults` with the options this request sets."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        chosen = {f.name: getattr(self, f.name) for f in REQUEST_OPTIONS if getattr(self, f.name) is not None}
+        given = {f.name: getattr(self, REQUEST_NAMES.get(f.name, f.name)) for f in REQUEST_OPTIONS}
+        chosen = {name: value for name, value in given.items() if value is not None}
         return dataclasses.replace(
             defaults, max_new_tokens=self.new_tokens, stop=(*stop, *extra_stop), **chosen
         )
@@ -113,7 +116,9 @@ def _request_field(option: dataclasses.Field) -> tuple[Any, Any]:
 
 
 SamplingFields = create_model(
-    "SamplingFields", __base__=RequestFields, **{f.name: _request_field(f) for f in REQUEST_OPTIONS}
+    "SamplingFields",
+    __base__=RequestFields,
+    **{REQUEST_NAMES.get(f.name, f.name): _request_field(f) for f in REQUEST_OPTIONS},
 )
 
 
@@ -352,7 +357,9 @@ def create_app(
         try:
             params = request.params(defaults, extra_stop)
         except UserError as error:  # SamplingParams' messages begin with the option's name
-            raise Refusal(str(error), str(error).split()[0]) from None
+            option = str(error).split()[0]
+            name = REQUEST_NAMES.get(option, option)
+            raise Refusal(name + str(error).removeprefix(option), name) from None
         worker.check_room()
         prompt_ids = await asyncio.to_thread(encode, prompts, field)
         return [ids for ids in prompt_ids for _ in range(request.n)], params

@@ -31,7 +31,7 @@ from sllm.runtime import Dtype, autocast
 from sllm.sampling import SamplingParams
 from sllm.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from sllm.train.optim import build_optimizers
-from sllm.train.samples import sample_prompts
+from sllm.train.samples import opening_prompts, sample_prompts
 
 Batch = tuple[torch.Tensor, ...]
 Samples = list[tuple[str, str]]
@@ -133,6 +133,8 @@ class LanguageModeling(Objective):
             labelled = [script_labels(row, self.tokenizer) for row in self.val_windows[1].numpy()]
             self.val_labels = torch.stack([torch.from_numpy(labels) for labels, _ in labelled])
             self.val_script_bytes = sum(script_bytes for _, script_bytes in labelled)
+        held_out = val_tokens if len(val_tokens) > 1 else self.train_tokens
+        self.sample_prompts = cfg.sample.prompts or opening_prompts(held_out, self.tokenizer)
 
     def tokens_per_epoch(self, batch_size: int) -> int:
         return len(self.train_tokens)
@@ -176,10 +178,10 @@ class LanguageModeling(Objective):
         return Evaluation(metrics, scores.loss, scores.loss)
 
     def samples(self, model: nn.Module, device: torch.device, dtype: Dtype) -> Samples:
-        if not self.cfg.sample.prompts:
+        if not self.sample_prompts:
             return []
         params = SamplingParams.from_config(self.cfg.sample)
-        return sample_prompts(model, self.tokenizer, self.cfg.sample.prompts, params, device, dtype)
+        return sample_prompts(model, self.tokenizer, self.sample_prompts, params, device, dtype)
 
     def memory(self, model: nn.Module, micro_batch: int) -> MemoryEstimate | None:
         checkpointing = self.cfg.train.activation_checkpointing

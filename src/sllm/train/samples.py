@@ -1,5 +1,6 @@
 """Fixed-prompt samples at each evaluation, written to `samples/step-NNNNNN.md` of the run, so
-progress is visible as text, not only as loss.
+progress is visible as text, not only as loss. A config without prompts samples the first
+words of the first validation documents (`opening_prompts`).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from collections.abc import Callable
 from itertools import takewhile
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -16,6 +18,9 @@ from sllm.run import SAMPLES_DIR
 from sllm.runtime import Dtype
 from sllm.sampling import SamplingParams
 from sllm.tokenizer import Tokenizer
+
+SCANNED_TOKENS = 1 << 20  # where the first documents' starts are looked for
+OPENING_TOKENS = 24  # read of each document for its first words
 
 
 def sample_prompts(
@@ -44,6 +49,21 @@ def sample_prompts(
         results.append((prompt, tokenizer.decode(new)))
     model.train(was_training)
     return results
+
+
+def opening_prompts(tokens: np.ndarray, tokenizer: Tokenizer, count: int = 3, words: int = 3) -> list[str]:
+    """The first `words` words of each of the first `count` documents of `tokens` (documents end
+    with EOS): prompts in the data's own language and style when the config names none."""
+    head = np.asarray(tokens[:SCANNED_TOKENS])
+    prompts = []
+    for start in [0, *(np.flatnonzero(head == tokenizer.eos_id) + 1)][:count]:
+        ids = head[start : start + OPENING_TOKENS].tolist()
+        ended = tokenizer.eos_id in ids
+        found = tokenizer.decode(ids[: ids.index(tokenizer.eos_id)] if ended else ids).split()
+        found = found if ended else found[:-1]  # the last word may go on past the tokens read
+        if found:
+            prompts.append(" ".join(found[:words]))
+    return prompts
 
 
 def write_samples(run_dir: Path, step: int, samples: list[tuple[str, str]]) -> Path:

@@ -25,6 +25,7 @@ from sllm.errors import UserError
 from sllm.model import count_parameters
 from sllm.model.cpu_linear import onednn_linears
 from sllm.model.stats import gpu_peak_flops, training_flops_per_token
+from sllm.progress import progress_bar
 from sllm.run import (
     BEST,
     CHECKPOINTS,
@@ -391,7 +392,7 @@ class Trainer:
                 self.log(hint)
         sinks = MetricSinks(self.run_dir, self.cfg, self.step, enabled=main)
         show_bar = self.cfg.log.progress and main
-        bar = tqdm(total=plan.max_steps, initial=self.step, disable=not show_bar, dynamic_ncols=True)
+        bar = progress_bar(total=plan.max_steps, initial=self.step, desc=self.objective.name, show=show_bar)
         self.model.train()
         stopped_by = None
         window_start, window_steps = time.perf_counter(), 0
