@@ -1,14 +1,10 @@
 """Crash-safe file system steps shared by prepare and checkpoints.
 
-A directory is built under a temp name and renamed into place. Replacing an existing one
-takes two renames (old → aside, new → target); a crash between them leaves the complete old
-version aside, and `recover_dir` puts it back. Leftover temp and aside directories from
-killed processes are removed before new work starts (one writer per target is assumed).
-
-A full disk (or quota, or file size limit) while writing becomes one `UserError` naming the
-directory (`writing_to`), however the writer reported it: torch and safetensors wrap the
-OSError in their own exceptions. A run directory is locked with `flock` (`directory_lock`):
-the kernel drops the lock when its holder dies, so a stale lock needs no cleaning.
+A directory is built under a temp name and renamed into place; replacing one takes two renames
+(old → aside, new → target), and `recover_dir` puts a complete old version back after a crash
+between them. A full disk while writing becomes one `UserError` naming the directory
+(`writing_to`), however torch or safetensors wrapped the OSError. A run directory is locked
+with `flock` (`directory_lock`): the kernel drops it when its holder dies.
 """
 
 from __future__ import annotations

@@ -511,7 +511,14 @@ def validate(cfg: Config) -> None:
         raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     if m.pos == "sinusoidal" and (m.n_embd // m.n_head) % 2 and m.n_embd % 2:
         raise UserError("model.n_embd must be even for sinusoidal positions")
-    _validate_architecture(m)
+    if m.pos == "rope" and (m.n_embd // m.n_head) % 2:
+        raise UserError(
+            f"model.pos: rope needs an even head width; n_embd / n_head is {m.n_embd // m.n_head}"
+        )
+    if m.n_kv_head and m.n_head % m.n_kv_head:
+        raise UserError(
+            f"model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head}); 0 means n_head"
+        )
     if m.arch != "gpt" and (t.activation_checkpointing or t.chunked_loss):
         raise UserError("train.activation_checkpointing and train.chunked_loss need model.arch: gpt")
     if t.block_size > m.block_size:
@@ -550,15 +557,4 @@ def _validate_batch(t: TrainConfig) -> None:
     if t.batch_size and t.micro_batch != "auto" and t.batch_size % t.micro_batch:
         raise UserError(
             f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch ({t.micro_batch})"
-        )
-
-
-def _validate_architecture(m: ModelConfig) -> None:
-    if m.pos == "rope" and (m.n_embd // m.n_head) % 2:
-        raise UserError(
-            f"model.pos: rope needs an even head width; n_embd / n_head is {m.n_embd // m.n_head}"
-        )
-    if m.n_kv_head and m.n_head % m.n_kv_head:
-        raise UserError(
-            f"model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head}); 0 means n_head"
         )

@@ -1,15 +1,10 @@
 """Loss, perplexity and bits per byte of a model over a whole split or any text file.
 
-Strided windows (`sllm.data.loader.strided_spans`) score every token after the first exactly
-once, so results are exact for the split; bits per byte also compare models with different
-tokenizers. A text file is scored as one document after an EOS token (context only), as
-documents are in the prepared data, so its bytes (UTF-8 of the NFC text) match the loss.
-
-Bits per byte per script: the tokens are cut into documents after each EOS (in training's
-validation windows, the part of a document inside a window), each decoded and classified as
-`sllm tokenizer stats` classifies a line (`dominant_script`: ko, en, else other); a
-document's scored tokens (its EOS too) and its UTF-8 bytes go to its script. Exact: the
-groups' losses and bytes add up to the totals. Cheap: one decode of the scored tokens.
+Strided windows score every token after the first exactly once, so results are exact for the
+split; a text file is scored as one document after an EOS, as in the prepared data. Bits per
+byte per script: the scored tokens are cut into documents after each EOS, each decoded and
+classified by `dominant_script` (ko, en, else other) with its UTF-8 bytes, so the groups'
+losses and bytes add up to the totals, for the cost of one decode.
 """
 
 from __future__ import annotations

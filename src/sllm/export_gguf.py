@@ -1,15 +1,11 @@
 """A run as one GGUF file for llama.cpp, Ollama and LM Studio: weights, shape and tokenizer.
 
-Written with the `gguf` package's GGUFWriter, the format's own writer. The family is the HF
-export's: GPT-2 → llama.cpp's `gpt2`, Llama-style → `llama`. Tensors keep our layout but for
-two changes: padded vocabulary rows are cut, and `llama`'s q and k rows are permuted per head,
-because llama.cpp rotates adjacent pairs (x[2i], x[2i+1]) where sllm, like HF, rotates halves
-(x[i], x[i + head_dim/2]); q/k/v go as three tensors, which every llama.cpp version reads.
-1-D tensors (norms, biases) stay f32, as llama.cpp's own converter keeps them; a matrix whose
-rows q8_0 cannot cut into blocks of 32 falls back to f16, as there too. The tokenizer goes as
-llama.cpp's `gpt2` BPE with its `gpt-2` pre-tokenizer, the regex of `tokenizers`' ByteLevel;
-llama.cpp does not NFC-normalize, so decomposed Hangul encodes differently from sllm.
-`check_gguf` runs the file in llama-cpp-python against sllm: tokens, logits, greedy text.
+Written with the `gguf` package's GGUFWriter. The family is the HF export's (GPT-2 → `gpt2`,
+Llama-style → `llama`). Padded vocabulary rows are cut, and `llama`'s q and k rows are permuted
+per head: llama.cpp rotates adjacent pairs where sllm, like HF, rotates halves. 1-D tensors stay
+f32 and a matrix q8_0 cannot cut into blocks of 32 falls back to f16, as in llama.cpp's own
+converter. The tokenizer goes as llama.cpp's `gpt2` BPE (no NFC there: decomposed Hangul
+encodes differently). `check_gguf` compares the file in llama-cpp-python with sllm.
 """
 
 from __future__ import annotations

@@ -1,15 +1,11 @@
 """`sllm queue FILE`: run a list of training experiments one after another.
 
-Each non-comment line of FILE holds the arguments of one `sllm train` command, a config file
-(`configs/stories.yaml`, optionally followed by overrides: its data.dir and train.out_dir say
-where), or a whole `finetune sft|sts ...` command. Every line is checked before any runs (its
-arguments, config and overrides, prepared data, base run and run directory), and all bad lines
-are reported at once, so a typo on line 3 does not wait for line 2's hour of training. Every
-run is its own process, so a crash fails that line alone and the queue goes on. Because every
-run resumes from LATEST and says when it is already finished (all objectives share one
-trainer), running a queue again skips finished runs and resumes interrupted ones. A status file
-beside FILE records each line's outcome as it happens. Ctrl-C reaches the running training
-process too, which saves a checkpoint and exits; the queue then stops without starting the next.
+Each non-comment line holds the arguments of one `sllm train` (a config file and overrides) or a
+whole `finetune sft|sts ...` command. Every line is checked before any runs and all bad lines are
+reported at once, so a typo on line 3 does not wait for line 2's hour of training. Each run is
+its own process (a crash fails that line alone) and resumes from LATEST, so running a queue again
+skips finished runs and resumes interrupted ones. A status file beside FILE records each line's
+outcome; Ctrl-C lets the running training save a checkpoint, then the queue stops.
 """
 
 from __future__ import annotations

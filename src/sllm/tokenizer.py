@@ -1,14 +1,11 @@
 """One tokenizer interface over three kinds: byte-level BPE and words (HF `tokenizers`), and
 characters.
 
-All normalize to Unicode NFC first, so composed and decomposed Hangul encode alike. BPE and
-char round-trip exactly: `decode(encode(x)) == nfc(x)`; words do not (they are joined with
-spaces). Byte-level BPE covers every UTF-8 string because its base alphabet is the 256 bytes;
-the char and word kinds cover what was seen in training and map the rest to `<|unk|>`. Each
-lives in one `tokenizer.json`: the HF format, or a small JSON of ours marked `"kind": "sllm-char"`.
-A BPE may cut Korean at morphemes first (`sllm.morphemes`): HF cannot save that pre-tokenizer,
-so sllm cuts before encoding and the file carries `"sllm_pretokenize": "kiwi"`, which the
-`tokenizers` library alone refuses rather than encode without the cut.
+All normalize to NFC first, so composed and decomposed Hangul encode alike; BPE and char
+round-trip exactly (`decode(encode(x)) == nfc(x)`), words are joined with spaces. Unseen chars and
+words map to `<|unk|>`. A BPE may cut Korean at morphemes first (`sllm.morphemes`): HF cannot
+save that pre-tokenizer, so the file carries `"sllm_pretokenize": "kiwi"`, which `tokenizers`
+alone refuses rather than encode without the cut.
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
-"""THE prepared-data format: `meta.json` as the `DataMeta` dataclass, read, written and validated here.
+"""The prepared-data format: `meta.json` as the `DataMeta` dataclass, read, written and validated here.
 
-Everything that needs to know what a prepared data directory holds (the loader, training,
-evaluation, `sllm info`, export) reads it through `DataMeta.read`; `sllm prepare` writes it, and
-`sllm data verify --update` adds the shard checksums data prepared before them lacks. Reading
-checks every field's type against the dataclasses' annotations (`sllm.files.typed`) and then the
-cross-field rules (dtype fits the vocabulary, EOS inside it, one shard list per split); any
-problem is a `UserError` naming the file, the field and the fix. Format version 1 (before token
-shards) still loads: its `<split>.bin` files are read as one shard each. The fingerprint is kept
-as the JSON object it is: prepare only compares it.
+Everything that reads a prepared data directory goes through `DataMeta.read`, which checks every
+field's type (`sllm.files.typed`) and the cross-field rules (dtype fits the vocabulary, EOS
+inside it, one shard list per split); a problem is a `UserError` naming the file, field and fix.
+Format version 1 (before shards) still loads, each `<split>.bin` as one shard.
 """
 
 from __future__ import annotations

@@ -1,13 +1,11 @@
 """Raw text → prepared data directory: tokenizer.json, token shards per split, meta.json.
 
-Documents are read source by source (sllm.data.mixture), cleaned (sllm.data.clean), split by
-a seeded draw per document or by their held-out source, encoded in batches and joined with
-EOS into shards (sllm.data.shards). A background thread reads and cleans while the
-tokenizer encodes the previous batch on every core; memory stays at a few batches. meta.json
-(sllm.data.meta) fingerprints inputs, tokenizer and settings: an unchanged rerun does
-nothing. Work happens in a hidden directory renamed into place at the end; its
-`progress.json` (saved after each shard and every half minute) lets an interrupted prepare
-resume to the same bytes as an uninterrupted one.
+Documents are read source by source, cleaned, split by a seeded draw per document (or their
+held-out source), encoded in batches and joined with EOS into shards; a background thread reads
+and cleans while the tokenizer encodes the previous batch on every core. meta.json fingerprints
+inputs, tokenizer and settings, so an unchanged rerun does nothing. Work happens in a hidden
+directory renamed into place at the end; its `progress.json` lets an interrupted prepare resume
+to the same bytes as an uninterrupted one.
 """
 
 from __future__ import annotations

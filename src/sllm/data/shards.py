@@ -1,13 +1,9 @@
 """Token shards: each split is a series of files of a fixed token count, read as one array.
 
-A split's token stream is cut into `train-00000.bin`, `train-00001.bin`, ... of exactly
-`shard_tokens` tokens each (the last one shorter), so a shard boundary may fall inside a
-document. Because the cut depends only on the token position, the state of a writer is one
-number per split, the tokens written so far: resuming truncates the open shard back to it and
-goes on, and the concatenated shards equal what a single-file prepare writes.
-
-`TokenShards` presents the shards as one read-only array (length and slices) so the training
-and evaluation loaders sample and stride over them exactly as over a single file.
+A split's stream is cut into `train-00000.bin`, ... of exactly `shard_tokens` tokens (the last
+shorter), so the cut depends only on the token position: a writer's state is the tokens written
+so far, resuming truncates the open shard back to it, and the shards equal a single-file
+prepare. `TokenShards` presents them as one read-only array for the loaders.
 """
 
 from __future__ import annotations

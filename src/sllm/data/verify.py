@@ -1,14 +1,10 @@
 """Checking a prepared data directory's token shards against meta.json: token range and sha256.
 
-Opening a split always compares each shard's size with meta.json (`open_shards`). The content
-checks run once per change of a shard: every token id must lie below vocab_size (one vectorized
-max over the shard, so a damaged or hostile shard cannot index past the embedding) and the file
-must match the sha256 `sllm prepare` recorded. `verified.json` in the data directory remembers
-each shard's size, mtime and inode at its check with its largest token id and hash (facts, not
-verdicts: they are compared with meta.json every time), so later runs read nothing until a shard
-changes; where the directory is not writable, the checks run at every open. `sllm data verify`
-checks every shard in full, and `--update` records the checksums that older data lacks (such
-data otherwise loads with the size and range checks only).
+Opening a split always compares shard sizes (`open_shards`). The content checks (every id below
+vocab_size, so a hostile shard cannot index past the embedding; the recorded sha256) run once
+per change of a shard: `verified.json` remembers each shard's size, mtime, inode, largest id and
+hash, so later runs read nothing until a shard changes (unwritable directory: checked at every
+open). `sllm data verify` checks all; `--update` records checksums older data lacks.
 """
 
 from __future__ import annotations

@@ -1,21 +1,13 @@
 """The one decode path: a static KV cache and the `Decoder` that runs the model over it.
 
-- `KVCache` is preallocated once per stream: keys and values (layer, batch, kv_head, slot,
-  head_dim). Positions and the mask are sliced from tables made when a batch starts, so the
-  same step code runs eagerly, compiled, or replayed as a CUDA graph.
-- An eager forward starts at a Python int (`at`): its positions, written slots and the keys
-  it reads are plain slices of the filled prefix, and a batch without padding needs no mask
-  (one query sees every key; a prefill starts at slot 0 and is plain causal). A captured or
-  compiled step (`at` None) reads every slot, masked, so its shapes never change and it never
-  reads host state.
-- `Decoder` prefills a left-padded batch, then gives next-token logits one token per row per
-  step, through the model's own `forward`. When the cache is full, each row's newest three
-  quarters are prefilled again. A model without a KV cache (the ffn baseline) recomputes each
-  row's window at every step through the same interface.
-- On CUDA the fixed-shape step is recorded once as a CUDA graph (three warm-up runs on a side
-  stream, as PyTorch's notes ask) and trusted only if a replay reproduces the eager logits;
-  otherwise the stream goes on eagerly with one warning. `compile_step` passes the step
-  through `torch.compile` first.
+`KVCache` is preallocated once per stream (layer, batch, kv_head, slot, head_dim); positions and
+mask are sliced from tables made when a batch starts. An eager step starts at a Python int
+(`at`) and reads plain slices of the filled prefix (no mask without padding); a captured or
+compiled step (`at` None) reads every slot, masked, so its shapes never change. `Decoder`
+prefills a left-padded batch, then steps one token per row; a full cache re-prefills each row's
+newest three quarters; the ffn baseline recomputes its window through the same interface. On
+CUDA the step is recorded once as a CUDA graph (three side-stream warm-ups) and trusted only if
+a replay reproduces the eager logits, else it runs eagerly with one warning.
 """
 
 from __future__ import annotations

@@ -1,15 +1,11 @@
 """Generation: batching, sampling, streaming and stop strings on top of the `Decoder`.
 
-- `TokenStream` samples one token per row per step from a `Decoder` (`sllm.infer.decoder`):
-  prompts of different lengths are left-padded into one cache, so a step is one forward of
-  shape (batch, 1) whatever the lengths. Finished rows (EOS, a stop string, `stop(row)`) keep
-  their slot, so shapes stay static, and are ignored. Each stream builds its own decoder and
-  cache, sized to what it needs; on CUDA its step is captured as a CUDA graph.
-- `TextGenerator` is text in, text out for a run directory. `TextRow` turns a row's tokens
-  into text pieces: it waits for complete UTF-8 characters and holds back any tail that could
-  still grow into a stop string, so a stop string split across tokens never leaks out and
-  streaming yields exactly the non-streamed text. Bytes that never become a whole character
-  (the model broke one off, or generation ended inside one) are dropped, never shown as U+FFFD.
+`TokenStream` samples one token per row per step: prompts of different lengths are left-padded
+into one cache, so a step is one (batch, 1) forward; finished rows keep their slot, so shapes
+stay static. `TextGenerator` is text in, text out for a run. `TextRow` turns a row's tokens into
+text pieces: it waits for whole UTF-8 characters and holds back any tail that could still grow
+into a stop string, so streaming yields exactly the non-streamed text; bytes that never become
+a character are dropped, never shown as U+FFFD.
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
 """Turning next-token logits into tokens: banned tokens, penalties, temperature, top-k, top-p, min-p.
 
-Each rule is a small function on a (batch, vocab) logits tensor so tests can check the kept
-token sets on hand-made distributions. Temperature 0 (or below `GREEDY_BELOW`) means greedy
-(argmax), and top-p always keeps the likeliest token, so no accepted setting leaves a row
-without a token to draw (NaN probabilities). The order follows common practice (vLLM, HF):
-penalties on the raw logits, then temperature, then the filters.
-Penalties read a `TokenHistory`: the repetition penalty (CTRL) covers prompt and generated
-tokens, the presence and frequency penalties (OpenAI) only the generated ones. What the
-options mean and their defaults: `sampling.SamplingParams`.
+Each rule is a small function on a (batch, vocab) tensor, tested on hand-made distributions.
+Temperature 0 (below `GREEDY_BELOW`) is greedy, and top-p always keeps the likeliest token, so
+no setting leaves a row without a token. Order as in vLLM and HF: penalties on the raw logits,
+then temperature, then the filters. The repetition penalty (CTRL) covers prompt and generated
+tokens, presence and frequency penalties (OpenAI) the generated ones; see `SamplingParams`.
 """
 
 from __future__ import annotations

@@ -1,17 +1,12 @@
 """`sllm serve`: an OpenAI-compatible HTTP API and a one-page web chat, on FastAPI + uvicorn.
 
-`/v1/completions` and `/v1/chat/completions` answer plain JSON or Server-Sent Events;
-`/v1/models`, `/health`; the chat page at `/`. One request cannot stall the others: its body
-is capped before it is read, every size it asks for is checked against `ServerLimits` before
-anything is allocated, tokenizing runs in a worker thread, and generations run one at a time,
-in arrival order, in a thread of their own behind a bounded queue (429 when full). Every
-refusal is OpenAI's error body, so its clients raise their usual exceptions; a failure inside
-a stream becomes an error event before `[DONE]`. A client that hangs up cancels its
-generation. Prompts and `n` choices form one batch. The sampling fields are `SamplingParams`'s
-(`min_new_tokens` as vLLM's `min_tokens`); one left out takes the run's `sample` section, as
-`sllm generate` does (lengths keep OpenAI's defaults). A null field means its default; options
-this server cannot honour (`logprobs`, `logit_bias`, tools, ...) are refused, never silently
-ignored. FastAPI and uvicorn are imported here only.
+Completions and chat completions as JSON or Server-Sent Events, `/v1/models`, `/health`, the
+page at `/`. One request cannot stall the others: its body is capped before it is read, its
+sizes are checked against `ServerLimits` before anything is allocated, tokenizing runs in a
+worker thread, and generations run one at a time behind a bounded queue (429 when full). Every
+refusal is OpenAI's error body; a failure inside a stream is an error event before `[DONE]`; a
+client that hangs up cancels its generation. Sampling fields are `SamplingParams`'s (null or
+absent: the run's `sample` section); options this server cannot honour are refused, never ignored.
 """
 
 from __future__ import annotations
@@ -108,17 +103,18 @@ class RequestFields(BaseModel):
         )
 
 
-def _request_field(option: dataclasses.Field) -> tuple[Any, Any]:
-    """A `SamplingParams` option as an optional request field; unset (None) means the server's
-    default. `SamplingParams` checks its range, in the same words as for `sllm generate`."""
-    kind = typing.get_type_hints(SamplingParams)[option.name]
-    return kind | None, Field(None, description=option.metadata["help"])
-
-
+# Each option optional (None: the server's default); `SamplingParams` checks its range, in the
+# same words as for `sllm generate`.
 SamplingFields = create_model(
     "SamplingFields",
     __base__=RequestFields,
-    **{REQUEST_NAMES.get(f.name, f.name): _request_field(f) for f in REQUEST_OPTIONS},
+    **{
+        REQUEST_NAMES.get(f.name, f.name): (
+            typing.get_type_hints(SamplingParams)[f.name] | None,
+            Field(None, description=f.metadata["help"]),
+        )
+        for f in REQUEST_OPTIONS
+    },
 )
 
 
@@ -313,8 +309,9 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
-        problems = error.errors()
-        return _error(400, "; ".join(map(_problem, problems)), _param(problems[0]))
+        first = error.errors()[0]  # OpenAI's `param`: the field at fault, None for the body
+        param = str(first["loc"][1]) if first["type"] != "json_invalid" and len(first["loc"]) > 1 else None
+        return _error(400, "; ".join(map(_problem, error.errors())), param)
 
     @app.exception_handler(UserError)
     async def refused(_: Request, error: UserError) -> JSONResponse:
@@ -467,12 +464,6 @@ def _problem(error: dict[str, Any]) -> str:
         how = "send a JSON object with Content-Type: application/json"
         return f"the request body is not a JSON object ({error['msg']}); {how}"
     return f"{field}: {error['msg']}"
-
-
-def _param(error: dict[str, Any]) -> str | None:
-    """The request field a validation error is about (OpenAI's `param`), None for the body."""
-    at_field = error["type"] != "json_invalid" and len(error["loc"]) > 1
-    return str(error["loc"][1]) if at_field else None
 
 
 def build_app(

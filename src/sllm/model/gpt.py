@@ -2,38 +2,13 @@
 
 Reads top to bottom: positions, norms, the KV cache, attention, MLPs, block, GPT. Options pick
 small named pieces from dicts (`POSITIONS`, `NORMS`, `MLPS`) rather than branching inside
-`forward`; the defaults are GPT-2 (learned positions, LayerNorm, GELU, tied head).
-
-- Positions are either added to the token embeddings (learned, sinusoidal) or rotate the
-  queries and keys of every head (RoPE, Su et al. 2021). Every position piece offers both
-  (`forward` for the added part, `rotation` for q/k), so attention never asks which it has.
-  RoPE rotates the two halves of each head (the "rotate_half" layout of HF Llama), so Llama
-  weights map one to one, without permuting q/k rows.
-- RMSNorm (Zhang & Sennrich 2019) has a gain only; `model.bias` still decides LayerNorm's bias.
-  qk-norm (Dehghani et al. 2023) applies RMSNorm to q and k of each head before attention.
-- MLPs: GELU (GPT-2), squared ReLU (So et al. 2021, Primer), SwiGLU (Shazeer 2020). SwiGLU has
-  three matrices, so its default hidden width is 8/3·n_embd rounded up to a multiple of 64,
-  which keeps the parameter count of a 4·n_embd GELU MLP.
-- Grouped-query attention (Ainslie et al. 2023): `n_kv_head` key/value heads, each shared by
-  n_head / n_kv_head query heads; the KV cache holds only the n_kv_head heads.
-- The embedding may have more rows than the vocabulary (`vocab_pad_multiple`, for fast GPU
-  matmuls); logits are sliced back to the real vocabulary, so a padded id is never predicted.
-
-- Attention goes through `F.scaled_dot_product_attention`, which picks flash / memory-
-  efficient kernels where the hardware has them.
-- The LM head reuses the token embedding matrix (weight tying, as in GPT-2), so the
-  checkpoint holds one copy and `safetensors` sees no shared tensors; `tie_embeddings: false`
-  gives a separate bias-free `lm_head`.
-- `forward(idx, targets=...)` returns the loss instead of logits, through the chunked
-  `linear_cross_entropy`, so no full logits exist and DDP still sees one module call.
-- Init follows GPT-2: N(0, 0.02), with the residual projections scaled by 1/sqrt(2·n_layer)
-  so the residual stream's variance does not grow with depth.
-- With a KV cache (`sllm.infer.decoder`), `idx` continues the cached text: the cache hands out
-  the positions and the attention mask (it knows the left-padding of a batch) and stores
-  each layer's keys and values.
-- Packed sequences (several documents in one row, as in SFT) pass `document_ids`: each
-  token attends only to earlier tokens of its own document, and positions restart at 0 at
-  each document start, so a packed document computes exactly what it would alone.
+`forward`; the defaults are GPT-2 (learned positions, LayerNorm, GELU, tied head). Every
+position piece offers both an added embedding (`forward`) and a q/k `rotation`, so attention
+never asks which it has; RoPE uses HF Llama's rotate_half layout, so Llama weights map one to
+one. Padded embedding rows (`vocab_pad_multiple`) are sliced off the logits, so a padded id is
+never predicted. With `targets`, `forward` returns the chunked loss (no full logits, one module
+call for DDP). With a KV cache (`sllm.infer.decoder`) the cache hands out positions and mask;
+packed documents (`document_ids`, SFT) attend within themselves with positions restarting at 0.
 """
 
 from __future__ import annotations

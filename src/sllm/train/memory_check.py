@@ -1,13 +1,10 @@
 """Refuse a run that cannot fit in memory before any of it is allocated.
 
-The model is built on the `meta` device (shapes, no storage) and the objective's estimate
-(`sllm.model.stats.training_memory`: weights, gradients, optimizer state, one micro-batch's
-activations, doubled in fp32) is compared with what the device can still hand out: free GPU
-memory, or the RAM the kernel has available shared by this machine's processes. Without the
-check, a model of a thousand wide layers fills the RAM until the OOM killer ends it. The
-estimate leans low (optimizer state counted for AdamW only, no allocator slack, no DDP
-buckets), so a refused run would not have fit; the borderline is left to the real step and
-`--find-batch-size`.
+The model is built on the `meta` device and the estimate (`sllm.model.stats.training_memory`:
+weights, gradients, AdamW state, one micro-batch's activations) is compared with the free GPU
+memory or available RAM; without it a huge model fills the RAM until the OOM killer ends it.
+The estimate leans low, so a refused run would not have fit; the borderline is left to the real
+step and `--find-batch-size`.
 """
 
 from __future__ import annotations
