@@ -96,8 +96,7 @@ def ensure_writable_dir(path: Path, what: str) -> None:
 
 @contextmanager
 def atomic_text_writer(path: Path) -> Iterator[TextIO]:
-    """A UTF-8 text handle whose content appears at `path` only once the block ends without an
-    error (written to a temp name, fsynced, renamed); an error removes the temp file."""
+    """A UTF-8 text handle whose content appears at `path` (fsynced, renamed) only if the block succeeds."""
     tmp = temp_path(path)
     try:
         with open(tmp, "w", encoding="utf-8") as handle:
@@ -165,8 +164,7 @@ def disk_full_error(
 
 @contextmanager
 def writing_to(directory: Path, what: str, needed_bytes: int | None = None) -> Iterator[None]:
-    """A write inside the block that finds the disk full becomes `disk_full_error`; each writer
-    removes its own temp files on the way out."""
+    """A write inside the block that finds the disk full becomes `disk_full_error`."""
     try:
         yield
     except Exception as error:
@@ -178,8 +176,7 @@ def writing_to(directory: Path, what: str, needed_bytes: int | None = None) -> I
 
 @contextmanager
 def directory_lock(lock_file: Path, what: str) -> Iterator[None]:
-    """Hold an exclusive `flock` on `lock_file` (holding our PID) for the block, or refuse with
-    the holder's PID. The kernel releases it when the process ends in any way."""
+    """Hold an exclusive `flock` on `lock_file` (our PID inside) for the block, or name its holder."""
     handle = open(lock_file, "a+", encoding="utf-8")  # noqa: SIM115 (held for the whole block)
     try:
         try:

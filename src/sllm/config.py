@@ -210,9 +210,8 @@ class EvalConfig:
 
 
 def _sample_section() -> type:
-    """The `sample` section: fixed prompts continued at each evaluation with their own seed, and
-    the sampling options a run keeps (`RUN_OPTIONS`), declared in `SamplingParams`. Those are the
-    defaults of `sllm generate`, `chat` and `serve` for the run, and of its export."""
+    """The `sample` section: prompts sampled at each evaluation, with their seed, and the options
+    a run keeps (`RUN_OPTIONS`): the defaults of `generate`, `chat`, `serve` and export for the run."""
     hints = typing.get_type_hints(SamplingParams)
     declared = {spec.name: spec for spec in dataclasses.fields(SamplingParams)}
     options = [(name, hints[name], _copy(declared[name])) for name in RUN_OPTIONS]
@@ -339,8 +338,7 @@ def _type_names(members: list[Any]) -> str:
 
 
 def build_dataclass(cls: type, section: str, values: dict[str, Any]) -> Any:
-    """An instance of the config dataclass `cls` from `values`, each checked against its type
-    and its declared range."""
+    """An instance of the config dataclass `cls` from `values`, type- and range-checked."""
     hints = typing.get_type_hints(cls)
     specs = {spec.name: spec for spec in dataclasses.fields(cls)}
     kwargs = {}
@@ -483,8 +481,7 @@ def _section(layer: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def config_from_args(args: Namespace) -> Config:
-    """A command's config: the --config file, then its shorthand flags (`args.config_keys`),
-    then the dotted overrides, each later one winning."""
+    """A command's config: the --config file, then its shorthand flags, then the dotted overrides."""
     given = [(key, getattr(args, key)) for key in args.config_keys if getattr(args, key) is not None]
     flags = [f"{key}={json.dumps(value, ensure_ascii=False)}" for key, value in given]
     return load_config(args.config, [*flags, *args.overrides])
@@ -499,8 +496,7 @@ def save_config(cfg: Config, path: Path) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Impossible values and combinations fail here, before any data is read or any model is built.
-    Ranges are checked again, for a config built in code."""
+    """Impossible values and combinations fail here, before any data is read or model built."""
     for section in SECTIONS:
         values = getattr(cfg, section)
         for spec in dataclasses.fields(values):

@@ -81,9 +81,8 @@ class TokenScores:
 
 
 def script_labels(tokens: np.ndarray, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """Each token's script group (an index into SCRIPT_GROUPS) and each group's UTF-8 bytes:
-    see the module doc. A document is decoded without its closing EOS; an EOS alone (the end of
-    a document begun before a window) goes with the next document."""
+    """Each token's script group (index into SCRIPT_GROUPS) and each group's UTF-8 bytes; an EOS alone
+    (the end of a document begun before a window) goes with the next document."""
     tokens = np.asarray(tokens)
     labels, script_bytes = np.zeros(len(tokens), dtype=np.int8), np.zeros(len(SCRIPT_GROUPS), dtype=np.int64)
     ends = np.flatnonzero(tokens == tokenizer.eos_id) + 1
@@ -147,8 +146,7 @@ def score_batches(
     amp_dtype: Dtype = None,
     labels: np.ndarray | None = None,
 ) -> TokenScores:
-    """Sums over (inputs, targets) batches, or (inputs, targets, scored) to count some targets
-    only; `labels`: each counted target's script group, in order (`script_labels`)."""
+    """Sums over (inputs, targets[, scored]) batches; `labels`: each counted target's script group."""
     scores = TokenScores(labels=None if labels is None else torch.from_numpy(labels))
     for inputs, targets, *scored in batches:
         with autocast(device, amp_dtype):
@@ -167,8 +165,7 @@ def score_tokens(
     labels: np.ndarray | None = None,
     label: str = "eval",
 ) -> TokenScores:
-    """Scores of every token after the first, each predicted once (strided windows); `labels`
-    gives every token's script group (`script_labels`), `label` names the progress bar."""
+    """Scores of every token after the first, each predicted once; `labels`: each token's script."""
     with progress_bar(desc=label, total=len(tokens) - 1, unit=" tokens", unit_scale=True) as bar:
         batches = _counted(eval_batches(tokens, model.block_size, stride, batch_size), bar)
         return score_batches(model, batches, device, amp_dtype, None if labels is None else labels[1:])

@@ -379,9 +379,8 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def _generation_config(run: LoadedRun, template: ChatTemplate) -> dict[str, Any]:
-    """The run's sampling settings (its config's `sample` section, which `sllm generate` also
-    follows) and where to stop. No `max_length`: transformers warns when it meets the
-    `max_new_tokens` users pass, and `model_max_length` already states the context."""
+    """The run's `sample` settings and where to stop. No `max_length`: transformers warns when users
+    pass `max_new_tokens`, and `model_max_length` states the context already."""
     eos = run.tokenizer.eos_id
     eos_ids, stop_strings = stop_tokens(run.tokenizer, template)
     config: dict[str, Any] = {
@@ -416,8 +415,7 @@ def stop_tokens(tokenizer: Tokenizer, template: ChatTemplate) -> tuple[list[int]
 
 
 def _write_tokenizer_files(out: Path, tokenizer: Tokenizer, block_size: int, chat_jinja: str | None) -> None:
-    """tokenizer.json, and the files that let `AutoTokenizer` build a fast tokenizer from it, with
-    the chat template if the run has one."""
+    """tokenizer.json and what `AutoTokenizer` needs to build a fast tokenizer, with the chat template."""
     tokenizer.save(out)
     eos, pad = tokenizer.decode([tokenizer.eos_id]), tokenizer.decode([tokenizer.pad_id])
     unk = UNK_TOKEN if tokenizer.token_id(UNK_TOKEN) is not None else eos  # word-level has one
@@ -437,8 +435,7 @@ def _write_tokenizer_files(out: Path, tokenizer: Tokenizer, block_size: int, cha
 
 
 def model_card(run: LoadedRun, architecture: HFArchitecture, chat: bool) -> str:
-    """README.md: what the model is, what it was trained on, how well it did and how to prompt it
-    (`chat`: through its chat template)."""
+    """README.md: what the model is, its data, its scores and how to prompt it."""
     cfg, meta = run.config, run.checkpoint.meta
     m = cfg.model
     lines = [

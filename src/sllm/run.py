@@ -93,9 +93,8 @@ class Checkpoint:
             raise UserError(f"{path} is damaged ({str(exc).splitlines()[0]}); {_OTHER_CHECKPOINT}") from None
 
     def weights_for(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The weights, checked against `model`: every tensor there with its shape (the sha256 in
-        meta.json proves only that nothing changed since it was written). Weights of another
-        floating-point dtype are converted, with a warning; any other dtype is refused."""
+        """The weights, checked tensor by tensor against `model`'s shapes (the sha256 proves only that
+        nothing changed); another float dtype is converted with a warning, any other refused."""
         path, weights, expected = self.path / MODEL_FILE, self.model_state(), model.state_dict()
         problem = _shape_problem(weights, expected)
         if problem:
@@ -149,8 +148,7 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
 
 
 def read_checkpoint_meta(path: Path) -> CheckpointMeta:
-    """A checkpoint directory's meta.json (keys an older version wrote and this one no longer
-    reads are dropped); ValueError naming the problem if damaged."""
+    """A checkpoint's meta.json (unknown old keys dropped); ValueError naming the problem if damaged."""
     try:
         return typed(loads_json((path / CHECKPOINT_META_FILE).read_bytes().decode("utf-8")), CheckpointMeta)
     except (OSError, ValueError) as exc:
@@ -170,8 +168,7 @@ def _recorded_step(path: Path) -> int:
 
 
 def periodic_checkpoints(checkpoint_dir: Path) -> list[Path]:
-    """Periodic checkpoints (`step-*` and `epoch-*`, not `best/`), newest recorded step first:
-    both kinds of name live side by side, so the number in a name never decides."""
+    """Periodic checkpoints (`step-*`, `epoch-*`), newest recorded step first (not by name)."""
     dirs = [p for p in checkpoint_dir.glob("*") if p.is_dir() and _PERIODIC_NAME.fullmatch(p.name)]
     return sorted(dirs, key=_recorded_step, reverse=True)
 
@@ -188,8 +185,7 @@ def verify_checkpoint(path: Path) -> Checkpoint:
 
 
 def _latest_named(latest_file: Path) -> Path:
-    """The checkpoint LATEST names, which must be one of this run's: a path elsewhere (another
-    run's `../../run/checkpoints/step-N`, an absolute path, a symlink out) is refused."""
+    """The checkpoint LATEST names, refused unless it is one of this run's (no `..`, absolute or symlink)."""
     fix = "delete it to use the newest checkpoint that verifies"
     name = read_text(latest_file, fix).strip()
     named = latest_file.parent / name
@@ -242,8 +238,7 @@ class LoadedRun:
 
 
 def refuse_foreign_dir(run_dir: Path) -> None:
-    """`--out` may be new, empty or a run of ours: training writes `config.yaml` and more into
-    it, and must not replace files of the same name that a user keeps there."""
+    """`--out` may be new, empty or a run of ours: training must not replace a user's files there."""
     if not run_dir.is_dir() or any((run_dir / name).exists() for name in (LOCK_FILE, PLAN_FILE, CHECKPOINTS)):
         return  # the lock file, made first and never removed, marks a run that stopped early
     names = sorted(p.name for p in run_dir.iterdir())
@@ -267,9 +262,8 @@ def read_run_config(run_dir: Path) -> Config:
 
 
 def find_checkpoint(run_dir: Path, checkpoint: str = LATEST_NAME) -> Checkpoint:
-    """The checkpoint `checkpoint` names: `latest` (the newest that verifies), `best`, `step-N`,
-    `epoch-N` or the path of a checkpoint directory inside the run; one clear line listing
-    what the run holds when there is no such checkpoint."""
+    """The checkpoint `checkpoint` names (`latest`, `best`, `step-N`, `epoch-N` or a checkpoint
+    directory of the run), else one line listing what the run holds."""
     checkpoints = run_dir / CHECKPOINTS
     if checkpoint == LATEST_NAME:
         found = load_latest(run_dir)
@@ -309,8 +303,7 @@ def _named_checkpoint(checkpoints: Path, name: str) -> Path | None:
 
 
 def open_run(run_dir: str | Path, device: torch.device, checkpoint: str = LATEST_NAME) -> LoadedRun:
-    """Load a run's language model in eval mode on `device` from the checkpoint `checkpoint`
-    names (see `find_checkpoint`)."""
+    """A run's language model in eval mode on `device`, from the checkpoint `checkpoint` names."""
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     if (run_dir / STS_CONFIG_FILE).is_file():

@@ -36,11 +36,8 @@ LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def replace_lone_surrogates(text: str) -> str:
-    """U+FFFD for each lone surrogate, which JSON escapes such as "\\ud800" put into a str:
-    UTF-8 cannot hold one, so `tokenizers` rejects the whole text, `tiktoken` would encode
-    bytes that decode to nothing valid, and hashing or saving the text fails. (A str never
-    holds a surrogate pair: JSON joins pairs.) Records are repaired as they are read, prompts
-    as they are encoded."""
+    """U+FFFD for each lone surrogate (JSON escapes such as "\\ud800" put them into a str): UTF-8
+    cannot hold one, so `tokenizers` would reject the text and hashing or saving it would fail."""
     return LONE_SURROGATE.sub("\ufffd", text)
 
 
@@ -54,8 +51,7 @@ class Tokenizer:
 
     @property
     def never_generated(self) -> tuple[int, ...]:
-        """Ids generation never samples: padding, unless it doubles as end of text. A short
-        run has not yet learned that no text continues with it."""
+        """Ids generation never samples: padding (unless it is EOS), which a short run may not shun."""
         return () if self.pad_id == self.eos_id else (self.pad_id,)
 
     def encode(self, text: str) -> list[int]:
@@ -120,8 +116,7 @@ class HFBackedTokenizer(Tokenizer):
 
 
 class BPETokenizer(HFBackedTokenizer):
-    """Byte-level BPE; encodes batches on all cores, through `tiktoken` when it gives the same
-    ids (`sllm.fast_bpe`)."""
+    """Byte-level BPE; encodes through `tiktoken` on all cores when it gives the same ids."""
 
     def __init__(self, hf_tokenizer, pretokenize: str = "none") -> None:
         super().__init__(hf_tokenizer)
@@ -140,9 +135,8 @@ class BPETokenizer(HFBackedTokenizer):
         return self.fast.encode_batch(texts) if self.fast is not None else super().encode_batch(texts)
 
     def _encode_morphemes(self, texts: list[str]) -> list[list[int]]:
-        """Added tokens cut out first (the analyzer must not split one), the NFC text between
-        them cut at morphemes; every piece of the batch is encoded in one call and each text's
-        ids joined, as a one-shot encode with the cut as a pre-tokenizer would give."""
+        """Added tokens cut out first (the analyzer must not split one), the text between them cut at
+        morphemes; all pieces are encoded in one call and joined per text."""
         from sllm.morphemes import morpheme_pieces
 
         parts = [self._added_split.split(nfc(text)) for text in texts]  # plain text at even places
@@ -170,9 +164,8 @@ class BPETokenizer(HFBackedTokenizer):
 
 
 class WordTokenizer(HFBackedTokenizer):
-    """Whole words and punctuation marks (HF WordLevel); words outside the vocabulary are
-    `<|unk|>`. Decoding joins the tokens with single spaces, so `decode(encode(x))` is not `x`:
-    "Hi, there." comes back as "Hi , there .". The classic exercise, not for real models."""
+    """Whole words and punctuation marks (HF WordLevel), unknown ones `<|unk|>`; decoding joins
+    tokens with spaces ("Hi, there." → "Hi , there ."). The classic exercise, not for real models."""
 
     separator = " "
 
@@ -259,10 +252,8 @@ LONG_WORD_CHUNK = re.compile(r"\S{256}")
 
 
 def _long_words_cut(texts: Iterable[str]) -> Iterator[str]:
-    """Each text as pieces cut every 256 characters inside longer runs without whitespace. The
-    BPE trainer's time grows with the square of a word's length (a 2 MB line of one letter
-    did not finish in 10 minutes; DNA or minified code are such lines); a cut only keeps a
-    merge from spanning it, and ordinary text has no words that long, so it goes through whole."""
+    """Each text cut every 256 characters inside longer runs without whitespace: the BPE trainer's
+    time grows with the square of a word's length (a 2 MB one-letter line did not finish in 10 min)."""
     for text in texts:
         start = 0
         for match in LONG_WORD_CHUNK.finditer(text):
@@ -274,8 +265,7 @@ def _long_words_cut(texts: Iterable[str]) -> Iterator[str]:
 def train_word(
     texts: Iterator[str], vocab_size: int, special_tokens: list[str], min_frequency: int = 2
 ) -> WordTokenizer:
-    """The `vocab_size` most frequent words (those seen `min_frequency`+ times), with the special
-    tokens and `<|unk|>`; words are split at whitespace and around each punctuation mark."""
+    """The `vocab_size` most frequent words (seen `min_frequency`+ times), special tokens, `<|unk|>`."""
     _require_eos(special_tokens)
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models, normalizers, pre_tokenizers, trainers

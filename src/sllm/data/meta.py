@@ -188,8 +188,7 @@ def _input_bytes(entry: dict[str, Any]) -> int | None:
 
 
 def _from_version_1(document: dict[str, Any]) -> dict[str, Any]:
-    """A version 1 meta.json (one `<split>.bin` per split, no sources, maybe no cleaning
-    counts) in the shape of the current version."""
+    """A version 1 meta.json (one `<split>.bin` per split) in the shape of the current version."""
     splits = document.get("splits")
     if not isinstance(splits, dict):
         return document  # the type walk names the problem

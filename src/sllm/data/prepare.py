@@ -69,9 +69,8 @@ def file_sha256(path: Path) -> str:
 
 
 def train_tokenizer(sources: list[Source], data: DataConfig, tok: TokenizerConfig, log=print) -> Tokenizer:
-    """Train the configured kind of tokenizer on a sample of the cleaned documents: the first
-    `tok.sample_bytes` bytes of text, taking one document from each source in turn. Logs why
-    when the vocabulary is not the requested size."""
+    """Train the configured tokenizer on the first `tok.sample_bytes` of cleaned text, one document
+    from each source in turn; logs why when the vocabulary is not the requested size."""
     stats = SourceStats()
     cleaner = Cleaner(data)
     streams = [cleaner(read_documents(s.files, s.options, stats)) for s in sources]
@@ -109,9 +108,7 @@ def _counted(texts: Iterator[str], bar: tqdm) -> Iterator[str]:
 
 
 def _vocab_size_note(tokenizer: Tokenizer, tok: TokenizerConfig) -> str | None:
-    """Why the trained vocabulary differs from `tok.vocab_size`, which would otherwise go
-    unnoticed until the model's size is off. The char kind ignores the size; it is only
-    worth a word when someone set one (it is not the default)."""
+    """Why the trained vocabulary differs from `tok.vocab_size` (char: only when one was set)."""
     size, requested = tokenizer.vocab_size, tok.vocab_size
     if tok.kind == "char":
         if requested == TokenizerConfig.vocab_size or size == requested:
@@ -193,8 +190,7 @@ def _zero_counts() -> dict[str, dict[str, int]]:
 
 @dataclass
 class Progress:
-    """How far a prepare got: written to the work directory after each finished shard (and
-    every PROGRESS_INTERVAL_S), so an interrupted prepare resumes from there."""
+    """How far a prepare got, saved after each shard and every PROGRESS_INTERVAL_S, to resume from."""
 
     fingerprint: dict[str, Any]
     batches_done: int = 0
@@ -215,9 +211,8 @@ class Progress:
 
 
 class SplitAssigner:
-    """Which split each document goes to: a seeded draw per document of each batch (a pure
-    function of the batch number, so a resumed prepare draws the same), or the split of a
-    held-out source."""
+    """Each document's split: a seeded draw per document of a batch (the same when resumed), or its
+    held-out source's split."""
 
     def __init__(self, data: DataConfig, held_out: set[str]) -> None:
         self.seed = data.split_seed
@@ -246,8 +241,7 @@ def _cleaned_batches(
 
 
 class SplitWriter:
-    """Encodes batches and appends each document, EOS after it, to its split's shards; keeps
-    the counts per split and per source and saves the progress."""
+    """Encodes batches into each split's shards (EOS after each document) and keeps the counts."""
 
     def __init__(
         self, work: Path, tokenizer: Tokenizer, sources: list[Source], data: DataConfig, progress: Progress
@@ -364,8 +358,7 @@ def _is_ours(name: str) -> bool:
 
 
 def _existing_meta(out: Path, log) -> DataMeta | None:
-    """The meta.json of a previous prepare of `out`, or None (with the reason) when it cannot be
-    read: the directory is then rebuilt, which is what the error tells the user to do."""
+    """A previous prepare's meta.json, or None with the reason (the directory is then rebuilt)."""
     try:
         return DataMeta.read(out)
     except UserError as exc:
@@ -390,9 +383,8 @@ def _resume(
 
 
 def _write_all(writer: SplitWriter, sources: list[Source], data: DataConfig, name: str) -> DataMeta:
-    """Read, clean, encode and write every document (skipping batches written before an
-    interruption: those are read and cleaned again, for the dedup state, but not encoded);
-    then write meta.json into the work directory."""
+    """Read, clean, encode and write every document (batches written before an interruption are
+    cleaned again, for the dedup state, but not encoded); then write meta.json."""
     stats = SourceStats()
     cleaner = Cleaner(data)
     progress = writer.progress
@@ -443,8 +435,7 @@ def _split_counts(counts: dict[str, dict[str, int]]) -> dict[str, SplitCounts]:
 
 
 def _source_entries(sources: list[Source], counts: list[dict[str, dict[str, int]]]) -> list[SourceEntry]:
-    """Per source: its counts, its token range in the train split and its share of training
-    windows (the weight, normalized; without weights, its natural share of the tokens)."""
+    """Per source: its counts, its train token range and its share of training windows."""
     train_tokens = [c["train"]["tokens"] for c in counts]
     total = max(sum(train_tokens), 1)
     weights = [s.weight if s.split in ("auto", "train") else 0.0 for s in sources]

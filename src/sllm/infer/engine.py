@@ -121,10 +121,8 @@ def stream_tokens(
     amp_dtype: torch.dtype | None = None,
     banned_ids: tuple[int, ...] = (),
 ) -> Iterator[int]:
-    """One prompt's new token ids until `max_new_tokens` or EOS (which is not yielded).
-
-    For samples during training: no CUDA graph, since the model may be sharded (FSDP) and a
-    capture would stall the training step for one short sample."""
+    """One prompt's new ids until `max_new_tokens` or EOS (not yielded), for samples in training:
+    no CUDA graph, as the model may be sharded and a capture would stall the step."""
     for (token,) in TokenStream(
         model, [prompt_ids], params, eos_id, device, amp_dtype, cuda_graph=False, banned_ids=banned_ids
     ):
@@ -232,9 +230,8 @@ class TextGenerator:
     def from_run(
         cls, run_dir: str | Path, device: str = "auto", checkpoint: str = "latest", compile_step: bool = False
     ) -> TextGenerator:
-        """Load a run; on CUDA the weights become bf16 (or fp16), halving the bytes each step
-        reads; on CPU they are laid out for MKL's fastest one-row products (`cpu_layout`).
-        `compile_step` compiles the CUDA-graph decode step (`TokenStream`)."""
+        """Load a run: bf16 (or fp16) weights on CUDA, MKL's fastest layout on CPU (`cpu_layout`);
+        `compile_step` compiles the decode step."""
         chosen = select_device(device)
         if compile_step and chosen.type != "cuda":
             raise UserError(f"--compile needs CUDA for its CUDA-graph decode step, not {chosen.type}")
@@ -250,8 +247,7 @@ class TextGenerator:
         return self.model.block_size
 
     def encode_prompt(self, prompt: str, strict: bool = False) -> list[int]:
-        """Prompt ids. One longer than the context keeps its end with a warning, or with
-        `strict` is a UserError."""
+        """Prompt ids; one over the context keeps its end with a warning, or with `strict` is refused."""
         ids = self.tokenizer.encode(prompt) or [self.tokenizer.eos_id]
         limit = self.model.block_size - 1
         if len(ids) > limit:

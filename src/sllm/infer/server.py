@@ -147,8 +147,7 @@ class ChatRequest(SamplingFields):
 
 
 class Refusal(UserError):
-    """A request refused, with OpenAI's error fields: the HTTP status, the `param` at fault and
-    a `code` (both may be None)."""
+    """A request refused, with OpenAI's error fields: HTTP status, the `param` at fault, a `code`."""
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400):
         super().__init__(message)
@@ -217,9 +216,8 @@ class ModelWorker:
     def start(
         self, prompt_ids: list[list[int]], params: SamplingParams
     ) -> AsyncIterator[tuple[int, str] | list[Completion]]:
-        """Queues a generation at once (429 if the queue is full) and returns its items: (row,
-        piece), then the list of completions. Closing the iterator early (the client went away)
-        cancels the generation."""
+        """Queues a generation (429 if the queue is full) and returns its items: (row, piece), then the
+        completions. Closing the iterator early (the client went away) cancels the generation."""
         self.check_room()
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
@@ -257,8 +255,7 @@ class ModelWorker:
     async def complete(
         self, request: Request, prompt_ids: list[list[int]], params: SamplingParams
     ) -> list[Completion] | None:
-        """The completions, or None if `request`'s client hung up first (the generation is
-        then cancelled)."""
+        """The completions, or None if the client hung up first (the generation is then cancelled)."""
         work = asyncio.ensure_future(self._last(self.start(prompt_ids, params)))
         try:
             while not work.done():
@@ -337,9 +334,8 @@ def create_app(
     async def prepare(
         request: SamplingFields, prompts: list[str], field: str, extra_stop: tuple[str, ...] = ()
     ) -> tuple[list[list[int]], SamplingParams]:
-        """The batch to generate (each prompt's ids n times, choices of one prompt side by side,
-        as OpenAI numbers them) and its sampling parameters. The checks come first and allocate
-        nothing; the prompts are encoded in a worker thread, off the event loop."""
+        """The batch (each prompt's ids n times, side by side, as OpenAI numbers choices) and its
+        sampling parameters; the checks allocate nothing, the encoding runs off the event loop."""
         unsupported = request.unsupported()
         if unsupported:
             message = f"not supported by this server: {', '.join(unsupported)}; leave them out"
@@ -374,11 +370,9 @@ def create_app(
         choice: Callable[[int, Completion], dict],
         echoed: list[str] | None = None,
     ) -> Any:
-        """A streaming request gets SSE: the echoed prompts if asked, one chunk per text piece, a
-        closing chunk per row with its finish reason, the usage if asked, [DONE]; a failure on
-        the way is an error event before [DONE]. Any other gets the completions as one object
-        (`choice` turns a row and its completion into its fields), or status 499 when its
-        client hung up first."""
+        """SSE for a streaming request: echoed prompts if asked, a chunk per text piece, a closing chunk
+        per row, the usage if asked, [DONE] (a failure: an error event before it). Else one object, or
+        status 499 when the client hung up first."""
 
         async def events(items: AsyncIterator[tuple[int, str] | list[Completion]]) -> AsyncIterator[str]:
             for row, prompt in enumerate(echoed or []):
@@ -495,8 +489,7 @@ def serve(
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:
-    """The server's socket, bound before the model loads, so a taken port or an unknown
-    address is one line at once rather than uvicorn's log after the load."""
+    """The socket, bound before the model loads, so a taken port is one line at once."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         listening = socket.socket(family, socket.SOCK_STREAM)

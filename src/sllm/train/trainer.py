@@ -240,8 +240,7 @@ class Trainer:
         return model_state, state, meta
 
     def save(self, name: str) -> None:
-        """A checkpoint: every rank gathers (FSDP), rank 0 checks the weights are finite (an
-        update can break them before any loss shows it) and writes."""
+        """A checkpoint: all ranks gather (FSDP); rank 0 checks the weights are finite, then writes."""
         state = self._state() if self.collective_eval or self.cluster.is_main else None
         broken = self.cluster.is_main and not all_finite(state[0].values())
         if any_rank(broken, self.cluster, self.device):
@@ -325,8 +324,7 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
 
     def evaluate(self, sinks: MetricSinks) -> None:
-        """Evaluation, best checkpoint and samples: on rank 0 with the unwrapped model, or on
-        every rank with a sharded one (sampling is seeded, so all ranks agree)."""
+        """Evaluation, best checkpoint and samples: on rank 0, or on every rank with a sharded model."""
         if not (self.cluster.is_main or self.collective_eval):
             return
         self.model.eval()
@@ -438,8 +436,7 @@ class Trainer:
 
 
 def run_objective(cfg: Config, objective: Objective, log=print) -> TrainResult:
-    """Train (or resume, or confirm finished) the run of `cfg` on `objective`, in this process or
-    as one rank of a `torchrun` job."""
+    """Train, resume or confirm finished the run of `cfg` on `objective`, alone or as a torchrun rank."""
     trainer = Trainer(cfg, objective, log)
     try:
         result = _train(trainer, log)
