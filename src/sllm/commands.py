@@ -17,8 +17,7 @@ from sllm.infer.server_limits import ServerLimits
 
 
 def sampling_params(args: Namespace, **extra):
-    """The sampling flags given, over the run's `sample` section. The flags and --device are
-    checked before the run is read."""
+    """The sampling flags given, over the run's `sample` section (flags checked before the run is read)."""
     from sllm.run import read_run_config
     from sllm.runtime import select_device
     from sllm.sampling import SamplingParams, run_defaults

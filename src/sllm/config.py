@@ -416,9 +416,8 @@ def _preset_names() -> str:
 
 
 def read_config_file(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The sections of a YAML config with its `base:` chain merged under it: the base's file
-    (beside this one, or a preset) first, then this file's keys over it, mapping by mapping;
-    scalars and lists are replaced whole."""
+    """The sections of a YAML config over its `base:` chain (beside it, or a preset), merged mapping
+    by mapping; scalars and lists are replaced whole."""
     raw = read_yaml(path, "fix the config file") or {}
     if not isinstance(raw, dict):
         raise UserError(f"config file {path} must be a mapping of sections")
@@ -464,10 +463,8 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 
 
 def _prompts_follow_data(under: dict[str, Any], over: dict[str, Any]) -> None:
-    """`sample.prompts` are written for the `data.dir` beside them: a layer over them (a config
-    naming this one its `base`, or the command line) that moves data.dir without prompts of its
-    own drops them, so the samples start as the new data's documents do (legal-text prompts
-    would run on and on after a model of movie reviews)."""
+    """A layer (a config naming this one its `base`, or the command line) that moves `data.dir`
+    without prompts of its own drops the prompts written for the old data."""
     own_dir = _section(under, "data").get("dir")
     new_dir = _section(over, "data").get("dir", own_dir)
     if own_dir and Path(str(new_dir)) != Path(str(own_dir)) and "prompts" not in _section(over, "sample"):

@@ -401,9 +401,8 @@ def _generation_config(run: LoadedRun, template: ChatTemplate) -> dict[str, Any]
 
 
 def stop_tokens(tokenizer: Tokenizer, template: ChatTemplate) -> tuple[list[int], list[str]]:
-    """Where HF `generate` stops: EOS and each single-token stop string as `eos_token_id`,
-    which always works; longer stop strings as `stop_strings`, which `generate` honours only
-    when it is given the tokenizer (the model card's example passes it)."""
+    """Where HF `generate` stops: EOS and one-token stop strings as `eos_token_id`; longer ones as
+    `stop_strings`, honoured only when `generate` gets the tokenizer (the model card passes it)."""
     ids, strings = [tokenizer.eos_id], []
     for stop in template.stop:
         encoded = tokenizer.encode(stop)
@@ -521,9 +520,8 @@ def check_export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "la
 
 
 def to_transformers(model: torch.nn.Module, **config_overrides: Any) -> torch.nn.Module:
-    """`model`'s weights in the matching `transformers` class, in memory and in eval mode: what
-    its export would load as, for comparing the two in one process (benchmarks).
-    `config_overrides` set config fields, e.g. `attn_implementation="sdpa"`."""
+    """`model`'s weights in the matching `transformers` class, in eval mode, for comparing the two
+    in one process; `config_overrides` set config fields (e.g. `attn_implementation="sdpa"`)."""
     transformers = require_module("transformers", "a transformers copy of the model", extra="hf")
     cfg = model.cfg
     architecture = architecture_for(cfg, "this model")

@@ -35,10 +35,8 @@ def _unicode_to_byte() -> dict[str, int]:
 
 
 class FastByteLevelBPE:
-    """`tiktoken` encoding of one qualifying HF tokenizer; `encode_batch` gives HF's ids.
-
-    Like `tokenizers`, it first cuts special tokens out of the raw text (the longest match
-    first), then normalizes and encodes the pieces between them."""
+    """`tiktoken` encoding of one qualifying HF tokenizer; `encode_batch` gives HF's ids. Like
+    `tokenizers`, it cuts special tokens out first (longest first), then normalizes and encodes."""
 
     def __init__(self, encoding: Any, nfc: bool, special_ids: dict[str, int]) -> None:
         self.encoding, self.nfc, self.special_ids = encoding, nfc, special_ids
@@ -142,10 +140,9 @@ def _mergeable_ranks(spec: dict, specials: set[str]) -> dict[bytes, int] | None:
 
 
 def _merges_rebuild_every_token(hf_tokenizer: Any, ranks: dict[bytes, int]) -> bool:
-    """Whether `tokenizers` turns each token's own text into that one token. `tiktoken` joins
-    any two neighbours that make a token; `tokenizers` only applies the listed merges, so a
-    token that its merges cannot rebuild (merges "b c", "a b", "ab c": "abc" stays a + bc)
-    would encode differently. BPEs trained by `tokenizers` pass."""
+    """Whether `tokenizers` turns each token's own text into that token: `tiktoken` joins any two
+    neighbours that make a token, `tokenizers` only listed merges (merges "b c", "a b", "ab c": "abc"
+    stays a + bc). BPEs trained by `tokenizers` pass."""
     to_text = {index: token for token, index in hf_tokenizer.get_vocab(with_added_tokens=False).items()}
     return all(
         [piece.id for piece in hf_tokenizer.model.tokenize(to_text[index])] == [index]

@@ -60,8 +60,7 @@ PROBABILITY = Range(0, 1, low_open=True)  # (0, 1]
 
 
 def option(default: Any, help: str, range: Range | None = None) -> Any:
-    """A dataclass field with its default, the one-line help the CLI and docs show, and the
-    range its values must lie in (when it is a number with bounds)."""
+    """A dataclass field with its default, its one-line help and the range a number must lie in."""
     metadata = {"help": help, "range": range}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)

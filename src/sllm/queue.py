@@ -86,9 +86,8 @@ def check_queue(path: Path, entries: list[QueueEntry], parse: Callable[[list[str
 
 
 def _check_line(args: Namespace, line: int, run_dirs: dict[Path, int]) -> None:
-    """What one line needs before it can run; `run_dirs`: the lines above by run directory, whose
-    runs a fine-tuning or `train.init_from` may start from. Torch is imported only for lines
-    that need it, so a typo is reported in a moment."""
+    """What one line needs before it can run; `run_dirs`: the lines above by run directory, which a
+    fine-tuning or `train.init_from` may start from. Torch is imported only where needed."""
     if args.command == "train":
         cfg = config_from_args(args)
         DataMeta.read(cfg.data.dir)

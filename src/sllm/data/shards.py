@@ -122,9 +122,8 @@ class TokenShards:
 def open_shards(
     directory: Path, names: list[str], dtype: str, tokens: int, shard_tokens: int
 ) -> np.ndarray | TokenShards:
-    """The shards as one array; a single shard is returned as its plain memmap. Every shard
-    but the last holds `shard_tokens`, all together `tokens` (what meta.json recorded): a
-    file of another size was truncated or overwritten, and reading it would train on garbage."""
+    """The shards as one array (a single shard: its plain memmap). Every shard but the last holds
+    `shard_tokens`, all `tokens`: another size means truncated or overwritten, refused."""
     parts = []
     for index, name in enumerate(names):
         path = directory / name

@@ -89,9 +89,8 @@ class SourceStats:
 
 
 def read_text_file(path: Path, what: str, expected: str) -> str:
-    """A whole (small) file as text, a UTF-8 BOM dropped: for task files read at once. A
-    missing, unreadable, non-UTF-8 or binary file is one line naming the file and what was
-    expected."""
+    """A whole (small) file as text, a UTF-8 BOM dropped; missing, unreadable, non-UTF-8 or binary
+    is one line naming the file."""
     if not path.is_file():
         state = "is a directory" if path.is_dir() else "not found"
         raise UserError(f"{what} {path} {state}; give {expected}")

@@ -13,8 +13,7 @@ from torch import nn
 
 
 def use_column_major_weights(model: nn.Module) -> None:
-    """Re-lay, in place, each Linear weight with out >= in, and the token embedding (the tied
-    LM head), column-major."""
+    """Re-lay, in place, each Linear weight with out >= in, and the token embedding, column-major."""
     matrices = [module.weight for module in model.modules() if isinstance(module, nn.Linear)]
     for weight in [*matrices, model.wte.weight]:
         if weight.size(0) >= weight.size(1):

@@ -26,13 +26,10 @@ LOGIT_TOLERANCE = 0.05  # bf16 logits of the same step, replayed vs eager, relat
 
 
 class KVCache:
-    """Keys and values of every layer for `slots` tokens per row, preallocated.
-
-    Row b's first `pad[b]` slots hold padding: its positions count from its first real token,
-    and real queries do not see padding keys. The mask is additive, made once per forward in
-    the cache's dtype (a boolean mask would be converted by every layer's attention): -inf
-    above the diagonal, a large finite penalty on padding keys, so a padding query, which
-    sees only padding, still has a finite softmax (its output is unused)."""
+    """Keys and values of every layer for `slots` tokens per row, preallocated. Row b's first
+    `pad[b]` slots hold padding, which real queries do not see. The mask is additive, in the cache's
+    dtype: -inf above the diagonal, a large finite penalty on padding keys (a padding query keeps a
+    finite softmax)."""
 
     def __init__(
         self, cfg: ModelConfig, batch: int, slots: int, device: torch.device, dtype: torch.dtype
@@ -98,12 +95,9 @@ class KVCache:
 
 
 class Decoder:
-    """Next-token logits (batch, vocab) for a left-padded batch of rows.
-
-    `slots` is the most tokens a row will hold (default and limit: the context), rounded up to
-    CACHE_SLOT_STEP. `fixed_shapes` runs decode steps over the whole cache (the step a CUDA
-    graph records): as a CUDA graph on CUDA, eagerly elsewhere. `compile_step` also compiles
-    that step."""
+    """Next-token logits (batch, vocab) for a left-padded batch of rows. `slots`: the most tokens a
+    row will hold (default: the context), rounded up to CACHE_SLOT_STEP. `fixed_shapes` steps over
+    the whole cache (a CUDA graph on CUDA, eager elsewhere); `compile_step` also compiles that step."""
 
     def __init__(
         self, model: nn.Module, batch: int, device: torch.device, amp_dtype: torch.dtype | None = None,

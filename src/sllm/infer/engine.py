@@ -31,14 +31,11 @@ BROKEN = "\ufffd"  # what decoding makes of bytes that are not (yet) a whole UTF
 
 
 class TokenStream:
-    """New tokens of a batch, step by step: each item holds one token per row, None once the
-    row is finished (EOS, which is not yielded, or `stop(row)`). Iterate it once.
-
-    `cuda_graph` (default: on CUDA) replays each decode step as one CUDA graph; True on
-    another device runs that same fixed-shape step eagerly, False the eager step.
-    `compile_step` also compiles that step (once per batch and cache shape; GPU gain unmeasured).
-    `banned_ids` are never sampled (`Tokenizer.never_generated`); `stop_ids` (one-token stop
-    strings) are held back like EOS until `params.min_new_tokens` tokens were generated."""
+    """New tokens of a batch, step by step: one token per row per item, None once the row is finished
+    (EOS, not yielded, or `stop(row)`). Iterate it once. `cuda_graph` (default: on CUDA) replays each
+    step as a CUDA graph (True elsewhere: the same fixed-shape step, eagerly); `compile_step` also
+    compiles it. `banned_ids` are never sampled; `stop_ids` are held back like EOS until
+    `params.min_new_tokens`."""
 
     def __init__(
         self,

@@ -29,9 +29,8 @@ class TokenHistory:
 
 
 class BannedTokens:
-    """What a step may not draw: `never` always (`Tokenizer.never_generated`) and, before
-    `min_new_tokens` new tokens, also `ending` (EOS, one-token stop strings), so that a model
-    that would end at once writes that many tokens first (HF's `min_new_tokens`)."""
+    """What a step may not draw: `never` always and, before `min_new_tokens` new tokens, `ending`
+    (EOS, one-token stop strings), as HF's `min_new_tokens`."""
 
     def __init__(
         self, never: tuple[int, ...], ending: tuple[int, ...], min_new_tokens: int, device: torch.device
@@ -47,8 +46,8 @@ class BannedTokens:
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL's penalty (Keskar et al., 2019): logits of `seen` tokens (a boolean mask) are divided
-    by `penalty` if positive and multiplied if negative, so they become less likely for penalty > 1."""
+    """CTRL's penalty (Keskar et al., 2019): logits of `seen` tokens are divided by `penalty` if
+    positive, multiplied if negative."""
     if penalty == 1.0:
         return logits
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)

@@ -66,8 +66,8 @@ def _fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear` by `_OneDnnLinear` on the rows of `x`. The reshape back happens outside the
-    Function, so the output is no view made inside one and may be changed in place."""
+    """`F.linear` by `_OneDnnLinear` on the rows of `x`, reshaped back outside the Function (so
+    the output may be changed in place)."""
     rows = _OneDnnLinear.apply(x.reshape(-1, x.size(-1)), weight, bias)
     return rows.view(*x.shape[:-1], weight.size(0))
 

@@ -35,15 +35,10 @@ def unchanged(t: torch.Tensor) -> torch.Tensor:
 
 
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)` without the module call, its weights read from `_parameters`.
-
-    A one-token decode step of a small model costs little arithmetic, so `nn.Module`'s
-    machinery would be a third of it on a CPU: `layer.weight` is found by `Module.__getattr__`
-    only after Python's own lookup failed (~0.5 µs; a dict read is ~0.03), and a step reads
-    ~100 weights and parts (docs/log.md). So the model reads parameters and parts from the dicts
-    `__getattr__` itself reads, `_parameters` and `_modules` (FSDP swaps tensors in those too),
-    and a block runs its parts' `forward`. Hooks on parts would not run; sllm sets none (FSDP
-    and activation checkpointing wrap whole blocks)."""
+    """`layer(x)` without the module call, its weights read from `_parameters`: in a one-token CPU
+    decode step `Module.__getattr__` (~0.5 µs a read, ~100 reads) would be a third of the cost
+    (docs/log.md). Blocks likewise read parts from `_modules` and run their `forward`, so hooks on
+    parts do not run; FSDP and activation checkpointing wrap whole blocks."""
     weights = layer._parameters
     return F.linear(x, weights["weight"], weights["bias"])
 
@@ -86,9 +81,8 @@ class SinusoidalPositions(nn.Module):
 
 
 class RotaryPositions(nn.Module):
-    """RoPE (Su et al. 2021): adds nothing to the embeddings, rotates q and k by position.
-
-    Pair i of a head is (x[i], x[i + head_dim/2]), turned by position · base^(-2i/head_dim)."""
+    """RoPE (Su et al. 2021): rotates q and k by position, pair i of a head being (x[i], x[i + d/2])
+    turned by position · base^(-2i/d); adds nothing to the embeddings."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -344,10 +338,8 @@ class GPT(nn.Module):
     def hidden_states(
         self, idx: torch.Tensor, cache: AttentionCache | None = None, document_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Final-norm hidden states (B, T, n_embd); with a cache, idx continues the cached text.
-
-        `document_ids` (B, T) marks packed documents, which then cannot see each other.
-        """
+        """Final-norm hidden states (B, T, n_embd); with a cache, idx continues the cached text;
+        `document_ids` (B, T) keeps packed documents apart."""
         if document_ids is not None:
             positions, mask = document_attention(document_ids)
         elif cache is None:
@@ -382,20 +374,16 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         last_position_only: bool = False,
     ) -> torch.Tensor:
-        """Next-token logits (B, T, vocab); with `targets`, their mean cross-entropy instead.
-
-        Generation asks for the last position's logits only (B, 1, vocab): a prefill then
-        skips the prompt × vocabulary product. It goes through `forward` (not `hidden_states`
-        and `logits` apart) so that wrappers such as FSDP, which gather the weights in their
-        forward hooks, see the call."""
+        """Next-token logits (B, T, vocab); with `targets`, their mean cross-entropy instead. Generation
+        asks for the last position only (B, 1, vocab), so a prefill skips the prompt × vocab product;
+        it goes through `forward` so that wrappers such as FSDP see the call."""
         hidden = self.hidden_states(idx, cache, document_ids)
         if targets is not None:
             return self.chunked_loss(hidden, targets)
         return self.logits(hidden[:, -1:] if last_position_only else hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The LM head on final hidden states. The matmul runs over the padded rows (the fast
-        shape); their logits are sliced off."""
+        """The LM head over the padded rows (the fast shape), their logits sliced off."""
         return F.linear(hidden, self.head_weight)[..., : self.cfg.vocab_size]
 
     def chunked_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

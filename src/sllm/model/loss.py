@@ -54,9 +54,7 @@ def linear_cross_entropy(
     targets: torch.Tensor,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> torch.Tensor:
-    """Mean cross-entropy of `hidden @ weight.T` against `targets`, without full logits.
-
-    `hidden` is (..., d), `weight` (vocab, d), `targets` (...) of token ids."""
+    """Mean cross-entropy of `hidden` (..., d) @ `weight`.T (vocab, d) against `targets`, no full logits."""
     return _LinearCrossEntropy.apply(
         hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1), chunk_tokens
     )

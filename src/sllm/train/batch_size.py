@@ -74,9 +74,8 @@ def free_memory() -> None:
 
 
 def survives(step: Callable[[int], None]) -> Callable[[int], bool]:
-    """`fits(size)`: runs `step(size)` and says whether it ran out of memory.
-
-    The exception is dropped before freeing, since its traceback holds the step's tensors."""
+    """`fits(size)`: runs `step(size)`, False if it ran out of memory (the exception is dropped
+    before freeing: its traceback holds the step's tensors)."""
 
     def fits(size: int) -> bool:
         try:

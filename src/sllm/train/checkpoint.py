@@ -118,8 +118,7 @@ def save_checkpoint(
     keep_last: int,
     name: str | None = None,
 ) -> Path:
-    """Save `checkpoints/<name>` (default `step-N`), point LATEST at it, then prune old periodic
-    checkpoints."""
+    """Save `checkpoints/<name>` (default `step-N`), point LATEST at it, prune old periodic ones."""
     checkpoint_dir = run_dir / CHECKPOINTS
     target = checkpoint_dir / (name or step_name(meta.step))
     write_checkpoint(target, model_state, train_state, meta)

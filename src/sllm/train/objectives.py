@@ -188,8 +188,7 @@ class LanguageModeling(Objective):
         return training_memory(model, self.model_config, micro_batch, self.tokens_per_sample, checkpointing)
 
     def write_run_files(self, run_dir: Path) -> None:
-        """A copy of the tokenizer, so the run directory alone can generate (refused where the
-        run has another)."""
+        """A copy of the tokenizer, so the run directory alone can generate."""
         if (run_dir / TOKENIZER_FILE).is_file() and load_tokenizer(run_dir).sha256 != self.tokenizer.sha256:
             raise UserError(
                 f"{run_dir} was trained with another tokenizer than {self.data_dir}; use a new --out"
