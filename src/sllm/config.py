@@ -1,13 +1,10 @@
 """Experiment configuration: dataclasses, YAML files, dotted overrides and validation.
 
-The dataclasses are the one source of truth: every field is one `option` with its default, a
-one-line help text and, for bounded numbers, its range. The CLI's flags and help are built
-from them, YAML files and `section.key=value` overrides are checked against them, and the
-resolved config is written back as YAML into the run directory. A YAML file may start with
-`base: other.yaml` (beside it, or a preset) and give only what differs. The `sample` section
-is built from `SamplingParams`, where the sampling options are declared. Everything is
-validated before any work starts (types, ranges, then cross-field rules), so a typo never
-costs a training run.
+The dataclasses are the one source of truth: every field is one `option` (default, one-line
+help, range), from which the CLI builds its flags and against which YAML files and
+`section.key=value` overrides are checked. A YAML file may start with `base: other.yaml` and
+give only what differs; the `sample` section is built from `SamplingParams`. Everything is
+validated before any work starts, so a typo never costs a training run.
 """
 
 from __future__ import annotations

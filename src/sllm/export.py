@@ -1,13 +1,10 @@
 """To and from the Hugging Face format: a run as a `transformers` model directory, and back.
 
-Export writes what `from_pretrained` reads (weights under HF's names, config.json,
-generation_config.json, tokenizer files, a model card) as JSON and safetensors, so only
-`--check` (load the export, compare logits) imports `transformers`; a run's chat template goes
-out as Jinja, so `apply_chat_template` renders sllm's prompt exactly. An `HFArchitecture` maps
-one family onto one HF class: GPT-2 (its `Conv1D` weights are our `nn.Linear` ones transposed)
-or Llama (our qkv rows split into q/k/v_proj; our RoPE already has HF's layout). An imported
-run (config.yaml, tokenizer.json, a step-0 checkpoint) continues pre-training through
-`sllm prepare --config RUN/config.yaml` and `sllm train`.
+Export writes what `from_pretrained` reads (weights, config.json, generation_config.json,
+tokenizer files, a model card, the chat template as Jinja) without importing `transformers`
+(only `--check` does). An `HFArchitecture` maps one family onto one HF class: GPT-2 (`Conv1D`
+weights are our `nn.Linear` ones transposed) or Llama (our qkv rows split into q/k/v_proj). An
+imported run continues pre-training through `sllm prepare` and `sllm train`.
 """
 
 from __future__ import annotations

@@ -1,12 +1,10 @@
 """Safe reads of the files sllm is given or keeps: damage is one clear line, never a traceback.
 
-A damaged or hostile file fails in ways the standard readers do not report as bad input:
-bytes that are not UTF-8, nesting deeper than Python's recursion (`RecursionError`), values
-that do not convert (an integer of 5,000 digits, the date 2001-02-30: `ValueError`).
-`loads_json` turns the JSON ones into the `json.JSONDecodeError` every caller handles, so a
-line nested too deep is skipped like any malformed line under `data.on_error=skip`; the
+Damaged or hostile files fail in ways the standard readers do not report as bad input (non-UTF-8
+bytes, `RecursionError` from deep nesting, `ValueError` from a 5,000-digit integer).
+`loads_json` turns the JSON ones into `json.JSONDecodeError`, which every caller handles; the
 `read_*` functions raise a `UserError` naming the file and the fix. `typed` checks parsed JSON
-against a dataclass's annotations: one walk for every format declared as dataclasses.
+against a dataclass's annotations, for every format declared as dataclasses.
 """
 
 from __future__ import annotations

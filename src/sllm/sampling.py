@@ -1,12 +1,9 @@
 """`SamplingParams`: the one declaration of the sampling options, their defaults and ranges.
 
-Every way to generate reads its options from here: `TextGenerator.generate(**options)`, the
-`sample` section of the config (built from these fields), the flags of `sllm generate` and
-`sllm chat`, and the fields of `sllm serve`'s requests (both built from these fields too).
-Settings a user leaves out take a run's `sample` section, whose defaults are these. The
-module needs no torch, so the config and the CLI can read it at once; the logits
-arithmetic is in `sllm.infer.logits`; living beside the config (not in `infer`) keeps the
-config from importing the inference package.
+`TextGenerator.generate`, the config's `sample` section, the flags of `sllm generate` and `chat`
+and the fields of `sllm serve`'s requests are all built from these fields; options left out
+take a run's `sample` section. No torch here (the logits arithmetic is `sllm.infer.logits`), so
+the config and the CLI import it at once without the inference package.
 """
 
 from __future__ import annotations

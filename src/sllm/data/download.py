@@ -1,11 +1,10 @@
 """`sllm download PRESET --out DIR`: well-known corpora streamed from the Hugging Face hub into
 JSONL shards that `sllm prepare --input DIR` reads.
 
-Shards (`<preset>-00000.jsonl`) appear whole, then `download.json`, the manifest, lists them;
-a budget (`max_docs`, `max_bytes` never exceeded) ends the download cleanly. An interrupted
-download resumes: unlisted shards are deleted and the stream, which a hub split gives in a
-fixed order, is read again with the documents already written skipped; one that fails before
-its first shard leaves no directory. Hub and network failures become one line naming the fix.
+Shards appear whole, then the manifest `download.json` lists them; a budget (`max_docs`,
+`max_bytes`) ends it cleanly. An interrupted download resumes: unlisted shards are deleted and
+the hub's fixed-order stream is read again, skipping documents already written. Hub and network
+failures become one line naming the fix.
 """
 
 from __future__ import annotations

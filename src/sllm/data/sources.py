@@ -1,12 +1,10 @@
 """Documents from raw files and Hugging Face datasets, one record at a time.
 
-TXT, JSONL, JSON arrays, CSV/TSV and Parquet (a named column, a dotted path into nested
-records), optionally `.gz` or `.zst`; files, directories (skipping `sllm download`'s
-manifest), globs and `hf:<name>` datasets. Memory stays bounded by one record: lines stream
-in binary (so an error names file, line and byte offset), a JSON array is parsed element by
-element from 1 MiB chunks, Parquet by record batches. `pyarrow`, `zstandard` and `datasets`
-are imported only when needed. With `on_error="skip"` malformed records are skipped and
-invalid UTF-8 replaced; both are counted.
+TXT, JSONL, JSON arrays, CSV/TSV and Parquet (a column or dotted path), optionally `.gz` or
+`.zst`, from files, directories, globs and `hf:<name>`. Memory stays bounded by one record:
+lines stream in binary (errors name file, line and byte offset), JSON arrays are parsed element
+by element, Parquet by record batches. With `on_error="skip"` malformed records are skipped and
+invalid UTF-8 replaced, both counted.
 """
 
 from __future__ import annotations

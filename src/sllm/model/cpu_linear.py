@@ -1,12 +1,10 @@
 """Faster fp32 linear layers on AVX-512 CPUs, switched on from outside the model.
 
-On AMD processors MKL runs its AVX2 kernels even where the CPU has AVX-512; oneDNN picks by
-instruction set: on the 2-core EPYC VM (Zen 5) a GPT's forward and backward took 1.2–1.3× less
-time than with plain `nn.Linear` (docs/log.md). So inside `onednn_linears(device)` every
-`F.linear` computes `x @ W.T + b` and `grad @ W` with oneDNN, the weight gradient with MKL.
-A `TorchFunctionMode` the trainer enters, chosen by instruction set (never by a timing, so
-resume stays exact); CUDA, bf16, autocast, compile, DTensor and column-major weights and
-activation checkpointing keep `F.linear`. First derivatives only.
+On AMD CPUs MKL runs AVX2 kernels even where AVX-512 exists; oneDNN picks by instruction set
+(1.2–1.3× faster forward and backward on the 2-core Zen 5 VM, docs/log.md). Inside
+`onednn_linears(device)`, a `TorchFunctionMode` chosen by instruction set (never by timing, so
+resume stays exact), `F.linear` goes through oneDNN; CUDA, bf16, autocast, compile, DTensor,
+column-major weights and activation checkpointing keep `F.linear`. First derivatives only.
 """
 
 from __future__ import annotations
