@@ -124,8 +124,7 @@ def link_or_copy(source: Path, target: Path) -> None:
 
 
 def carry_over(old: Path, new: Path, ours: Callable[[str], bool]) -> None:
-    """Link every entry of `old` that `ours(name)` does not claim into `new`, so replacing `old`
-    by `new` keeps what a user put there; a crash before the replacement leaves both intact."""
+    """Link into `new` every entry of `old` that `ours(name)` does not claim, to keep a user's files."""
     for entry in old.iterdir() if old.is_dir() else []:
         if ours(entry.name) or (new / entry.name).exists():
             continue
@@ -136,8 +135,8 @@ def carry_over(old: Path, new: Path, ours: Callable[[str], bool]) -> None:
 
 
 def disk_full_errno(error: BaseException | None) -> int | None:
-    """ENOSPC, EDQUOT or EFBIG if one of them is behind `error`: torch.save raises a
-    RuntimeError whose context is the OSError, safetensors puts `(os error 28)` in its message."""
+    """ENOSPC, EDQUOT or EFBIG if behind `error` (torch.save wraps the OSError in a RuntimeError,
+    safetensors writes `(os error 28)`)."""
     for _ in range(8):  # a chain of causes and contexts, bounded in case it loops
         if error is None or isinstance(error, UserError):  # explained already
             return None

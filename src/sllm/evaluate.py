@@ -36,8 +36,7 @@ SCRIPT_GROUPS = ("ko", "en", "other")
 
 @dataclass
 class TokenScores:
-    """Sums over scored tokens: negative log-likelihood (nats) and top-1 / top-5 hits; with
-    `labels` (each scored target's script group, in scoring order) the nll per group too."""
+    """Sums over scored tokens: nll (nats), top-1/top-5 hits and, with `labels`, nll per script."""
 
     nll: float = 0.0
     tokens: int = 0
@@ -179,8 +178,7 @@ def _counted(batches: Iterator[EvalBatch], bar: tqdm) -> Iterator[EvalBatch]:
 
 
 class Evaluator:
-    """A run opened once for scoring prepared splits (its own data or `data_dir`) or text:
-    `Evaluator.from_run("runs/x").evaluate(split="val")` gives what `sllm eval` prints."""
+    """A run opened once for scoring prepared splits (its own data or `data_dir`) or text."""
 
     def __init__(self, run: LoadedRun, device: torch.device, data_dir: str | Path | None = None) -> None:
         self.run = run

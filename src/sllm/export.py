@@ -47,8 +47,7 @@ CHECK_TOKENS = 64
 
 @dataclass(frozen=True)
 class Parameter:
-    """One tensor under its sllm and HF names; `transposed` for HF's Conv1D layout; `rows`
-    when the HF tensor is only those rows of ours (ours is their concatenation in order)."""
+    """One tensor under its sllm and HF names, maybe transposed (Conv1D) or a row range of ours."""
 
     ours: str
     theirs: str
@@ -67,8 +66,7 @@ class HFArchitecture:
         """Why `cfg` cannot be represented; empty when it can."""
 
     def to_hf_config(self, cfg: ModelConfig, tokenizer: Tokenizer | None) -> dict[str, Any]:
-        """config.json: the family's fields (`shape`) amid those every family has. End of text
-        serves as BOS and EOS; without a tokenizer (a bare model) there are none."""
+        """config.json: the family's and the common fields; EOS serves as BOS (no tokenizer: none)."""
         eos, pad = (tokenizer.eos_id, tokenizer.pad_id) if tokenizer else (None, None)
         return {
             "architectures": [self.hf_class],

@@ -166,8 +166,7 @@ def check_gguf(
     prompt: str = CHECK_PROMPT,
     new_tokens: int = 24,
 ) -> GGUFParity:
-    """Greedy continuations of `prompt` in llama-cpp-python and in sllm, and the largest
-    |logit difference| over llama.cpp's whole sequence."""
+    """Greedy continuations in llama-cpp-python and sllm, and the largest |logit difference|."""
     llama_cpp = require_module("llama_cpp", "checking a GGUF file", extra="llama-cpp")
     run = open_run(run_dir, torch.device("cpu"), checkpoint)
     block_size = run.config.model.block_size

@@ -23,8 +23,7 @@ PROBE = "Hello, world! 한국어는 NFC로 ᄒᆞᆫ글 123 4.5e6 it's\n\n  tabs
 
 @functools.cache
 def _unicode_to_byte() -> dict[str, int]:
-    """The inverse of the byte-level alphabet: a printable byte stands for itself, the others
-    (in byte order) for the characters from U+0100 on."""
+    """The inverse of the byte-level alphabet (printable bytes as themselves, others from U+0100)."""
     printable = [
         *range(ord("!"), ord("~") + 1),
         *range(ord("¡"), ord("¬") + 1),
@@ -46,8 +45,7 @@ class FastByteLevelBPE:
         )
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Every text's pieces (plain text at even places, special tokens at odd ones); the
-        plain pieces of the whole batch are encoded in one call."""
+        """Every text's pieces (specials at odd places); the plain ones of the batch encoded in one call."""
         pieces = [self.special_split.split(text) if self.special_split else [text] for text in texts]
         plain = [self._normalize(text) for parts in pieces for text in parts[::2]]
         if len(plain) < SMALL_BATCH:  # a prompt and its pieces: threads would cost more than they save
@@ -69,8 +67,7 @@ class FastByteLevelBPE:
 
 
 def threads() -> int:
-    """Encoding threads, by the knobs `tokenizers` reads: one when `TOKENIZERS_PARALLELISM` is
-    off, `RAYON_NUM_THREADS` when set, else all cores."""
+    """Encoding threads as `tokenizers` counts them (TOKENIZERS_PARALLELISM, RAYON_NUM_THREADS)."""
     if os.environ.get("TOKENIZERS_PARALLELISM", "").lower() in ("0", "false", "off", "no"):
         return 1
     configured = os.environ.get("RAYON_NUM_THREADS", "")

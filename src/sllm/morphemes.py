@@ -40,8 +40,7 @@ def training_pieces(texts: Iterator[str], batch_texts: int = 256) -> Iterator[st
 
 
 def morpheme_pieces(texts: list[str]) -> list[list[str]]:
-    """Each text cut at the morpheme boundaries beside Hangul; the pieces join to the text.
-    The texts with Hangul are analyzed in one call, on the encoding threads."""
+    """Each text cut at morpheme boundaries beside Hangul (pieces join to the text), in one call."""
     pieces = [[text] for text in texts]
     korean = [index for index, text in enumerate(texts) if HANGUL.search(text)]
     if korean:

@@ -25,8 +25,7 @@ def progress_bar(iterable: Iterable | None = None, show: bool = True, **options:
 
 @contextmanager
 def stages(desc: str, count: int) -> Iterator[Callable[[str], None]]:
-    """A bar for work done in a few long steps (load, convert, save): call `step(name)` as each
-    of the `count` steps starts; the bar counts the finished ones and names the current."""
+    """A bar over `count` long steps: call `step(name)` as each starts; it names the current one."""
     begun: list[str] = []
     with progress_bar(desc=desc, total=count, unit=" steps") as bar:
 

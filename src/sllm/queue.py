@@ -62,8 +62,7 @@ def _save_status(queue_file: Path, entries: list[QueueEntry]) -> None:
 
 
 def sllm_arguments(entry: QueueEntry) -> list[str]:
-    """The `sllm` command of a line: a fine-tuning as written, a config file `train --config`,
-    anything else `sllm train`."""
+    """The `sllm` command of a line: a fine-tuning as written, a config file or anything else `train`."""
     words = shlex.split(entry.arguments)
     if words[:1] == ["finetune"]:
         return words

@@ -36,8 +36,7 @@ NO_HANGUL_FONT_NOTE = (
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The numeric fields of each record that has a step: a damaged or hand-edited line (a cut
-    line, text where a number belongs) is left out rather than crashing the plots."""
+    """The numeric fields of each record with a step; damaged lines are left out, not fatal."""
     path = run_dir / METRICS_FILE
     if not path.is_file():
         raise UserError(f"{run_dir} has no {METRICS_FILE}; is it a run directory?")
@@ -83,8 +82,7 @@ def hangul_font() -> str | None:
 
 
 def _plot(runs: list[Path], metrics: dict[Path, list[dict]], out_dir: Path) -> list[Path]:
-    """The curves, with a Hangul font after the default one (matplotlib >= 3.6 takes each glyph
-    from the first family that has it), so Latin text looks as it always did."""
+    """The curves, with a Hangul font after the default (matplotlib >= 3.6 falls back per glyph)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -67,8 +67,7 @@ def autocast(device: torch.device, dtype: Dtype, cache: bool = True) -> Abstract
 
 
 def allow_tf32(device: torch.device) -> None:
-    """fp32 matmuls on Ampere+ GPUs through TF32 tensor cores: ~8x faster, 10-bit mantissa,
-    harmless for training, which already runs its matmuls in bf16 under autocast."""
+    """fp32 matmuls on Ampere+ through TF32 (~8x faster; training runs bf16 under autocast anyway)."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

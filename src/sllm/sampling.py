@@ -78,8 +78,7 @@ class SamplingParams:
 
 
 def run_defaults(sample: typing.Any) -> SamplingParams:
-    """What `sllm generate`, `chat` and `serve` use for the options a user leaves out: the run's
-    `sample` section, without the seed of its samples (each request draws afresh unless seeded)."""
+    """The options a user leaves out: the run's `sample` section without its samples' seed."""
     return dataclasses.replace(SamplingParams.from_config(sample), seed=None)
 
 

@@ -223,8 +223,8 @@ def train_bpe(
     min_frequency: int = 2,
     pretokenize: str = "none",
 ) -> BPETokenizer:
-    """Train byte-level BPE with NFC normalization and the 256 bytes as base alphabet; with
-    `pretokenize="kiwi"` on the morpheme pieces, so no merge crosses a morpheme boundary."""
+    """Byte-level BPE with NFC and the 256 bytes as base alphabet; `pretokenize="kiwi"` keeps merges
+    inside morphemes."""
     _require_eos(special_tokens)
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers

@@ -332,8 +332,7 @@ def _is_network_error(exc: BaseException) -> bool:
 
 
 def _reachable(preset: Preset) -> bool:
-    """Whether the preset's host takes a connection: `datasets` reports a URL it cannot reach as
-    a missing file, which must not read as a dataset that changed."""
+    """Whether the preset's host answers: `datasets` reports an unreachable URL as a missing file."""
     if any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE") for name in OFFLINE_VARIABLES):
         return False
     url = urlparse(preset.data_files or os.environ.get("HF_ENDPOINT", "https://huggingface.co"))

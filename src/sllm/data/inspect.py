@@ -38,8 +38,7 @@ def describe_data(data_dir: str | Path, show_samples: int = 0, window_tokens: in
 
 
 def overview_lines(meta: DataMeta) -> list[str]:
-    """Each split's size; each source's size and share of training, when there are several;
-    what reading skipped and cleaning dropped or changed, by reason."""
+    """Each split's and source's size and share; what reading skipped and cleaning changed, by reason."""
     lines = []
     for split, counts in meta.splits.items():
         if counts.documents:

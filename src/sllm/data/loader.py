@@ -33,8 +33,7 @@ def open_split(data_dir: str | Path, split: str, meta: DataMeta) -> np.ndarray |
 
 @dataclass(eq=False)
 class TrainWindows:
-    """Random windows of `block_size + 1` tokens, addressed by (step, micro-batch index); with a
-    mixture, each window first draws its source by weight (sllm.data.mixture)."""
+    """Random windows of `block_size + 1` tokens by (step, micro-batch index); sources drawn by weight."""
 
     tokens: np.ndarray | TokenShards
     block_size: int

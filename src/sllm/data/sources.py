@@ -152,8 +152,7 @@ def require_module(module: str, purpose: str, extra: str = "data") -> Any:
 
 @contextmanager
 def _reading(path: Path) -> Iterator[BinaryIO]:
-    """The file's bytes, decompressed; a read that fails (a damaged or truncated compressed
-    file too) is a UserError naming the file."""
+    """The file's bytes, decompressed; a failing read (a truncated archive too) names the file."""
     errors: tuple[type[BaseException], ...] = (OSError, EOFError)
     try:
         if path.name.endswith(".gz"):

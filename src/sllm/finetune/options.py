@@ -99,8 +99,7 @@ def _what_is_trained(settings: dict, section: str) -> dict:
 
 
 def keep_settings(out_dir: Path, name: str, settings: dict, section: str) -> None:
-    """A fine-tuning resumes only with the settings and data it started with (in `name`, e.g.
-    sft.yaml; `EXECUTION_KEYS` may change)."""
+    """A fine-tuning resumes only with its settings and data (in `name`; `EXECUTION_KEYS` may change)."""
     checkpoints = out_dir / CHECKPOINTS
     if not (periodic_checkpoints(checkpoints) or (checkpoints / BEST).is_dir()):
         return

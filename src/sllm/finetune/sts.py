@@ -224,8 +224,7 @@ def fit(
     run_files: Callable[[Path], None] = lambda run_dir: None,
     log: Callable[[str], None] = print,
 ) -> StsResult:
-    """Train for `cfg.epochs` into the run directory `out_dir`, scoring `dev` after each epoch
-    (or resume that run); returns the best epoch."""
+    """Train (or resume) for `cfg.epochs` into `out_dir`, scoring `dev` each epoch; the best epoch."""
     train_rows, dev_rows = train.tensors(), dev.tensors()
     pooled_dev: list[Rows] = []
 

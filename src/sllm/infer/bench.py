@@ -38,8 +38,8 @@ class GenerationSpeed:
 def measure_generation(
     generator: TextGenerator, batch: int, prompt_tokens: int, new_tokens: int
 ) -> GenerationSpeed:
-    """Greedy generation of `new_tokens` for `batch` random prompts, timed after one untimed
-    run of the same shape (on CUDA the decode rate includes each stream's graph capture)."""
+    """Greedy generation of `new_tokens` for `batch` random prompts, timed after one untimed run of
+    the same shape (on CUDA the decode rate includes each stream's graph capture)."""
     model, device = generator.model, generator.device
     vocab = model.cfg.vocab_size
     prompts = torch.randint(0, vocab, (batch, prompt_tokens), generator=torch.Generator().manual_seed(0))
@@ -76,8 +76,7 @@ def measure_generation(
 
 
 def tokens_to_generate(context: int, prompt_tokens: int, new_tokens: int | None) -> int:
-    """New tokens per prompt (default: up to DEFAULT_NEW_TOKENS that fit), at least 2: the
-    first comes from the prefill."""
+    """New tokens per prompt (default: up to DEFAULT_NEW_TOKENS that fit), at least 2."""
     if prompt_tokens < 1:
         raise UserError(f"--prompt-tokens must be 1 or more, got {prompt_tokens}")
     if new_tokens is None:

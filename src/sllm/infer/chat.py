@@ -33,8 +33,7 @@ def fit_history(
 
 
 def note_if_ended_at_once(stream: TextStream, how: str) -> None:
-    """One line on stderr (not an error) when the model wrote nothing because its first token
-    ended the text, and `how` to keep it going; otherwise the user sees only an empty reply."""
+    """A stderr note, with `how` to go on, when the first token ended the text (else: an empty reply)."""
     completion = stream.completions()[0]
     if completion.finish_reason == "stop" and not completion.text and not stream.tokens.params.min_new_tokens:
         note = f"the model ended its text at once (end-of-text first); {how} makes it write N tokens first"

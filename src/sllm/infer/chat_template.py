@@ -87,8 +87,7 @@ def load_chat_template(run_dir: str | Path) -> ChatTemplate:
 
 
 def to_jinja(template: ChatTemplate) -> str:
-    """`template` as `apply_chat_template` Jinja: each role's literal pieces joined with the
-    message's content, so it renders what `template.render` does, whatever the pieces hold."""
+    """`template` as `apply_chat_template` Jinja, rendering exactly what `template.render` does."""
     pieces = {role: _literal_pieces(getattr(template, role)) for role in ROLES}
     unknown_role = json.dumps(f"sllm chat templates know the roles {', '.join(ROLES)} only")
     return (
@@ -138,8 +137,7 @@ def with_template_tokens(tokenizer: Tokenizer) -> Tokenizer:
 
 
 def grow_embeddings(model: nn.Module, vocab_size: int) -> None:
-    """Give the token embedding (and an untied `lm_head`) `vocab_size` rows, new ones at the mean
-    row; padding rows (`model.vocab_pad_multiple`) are used first."""
+    """Give the embedding (and an untied `lm_head`) `vocab_size` rows, new ones at the mean row."""
     model.cfg.vocab_size = max(model.cfg.vocab_size, vocab_size)
     model.wte.weight = _grown(model.wte.weight, vocab_size)
     if hasattr(model, "lm_head"):

@@ -63,8 +63,7 @@ class KVCache:
         self.start.zero_()
 
     def prepare(self, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Positions (batch, length) and mask (batch, 1, length, keys), or None where plain
-        attention is right, of the next `length` tokens."""
+        """Positions (batch, length) and mask (batch, 1, length, keys) or None, of the next tokens."""
         if self.at is None:
             return self._prepare_fixed(length)
         end = self.at + length
@@ -81,8 +80,7 @@ class KVCache:
         return positions, causal + self.padding[:, None, None, :]
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the prepared tokens' keys and values; return the keys and values to attend
-        over: the filled slots in an eager forward, every slot in a fixed-shape step."""
+        """Store the tokens' keys and values; return those to attend over (filled slots, or all)."""
         keys, values = self.layer_keys[layer], self.layer_values[layer]
         if self.at is None:
             keys.index_copy_(2, self.writing, k.to(keys.dtype))
@@ -159,8 +157,7 @@ class Decoder:
         return logits
 
     def _fixed_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """One token per row over every slot: no shape or host value changes between steps.
-        Autocast's cast cache is off: a graph would keep casts that are freed after capture."""
+        """One token per row over every slot; autocast's cast cache off (a graph would keep freed casts)."""
         self.cache.at = None
         return self._forward(tokens, cache_casts=False)
 

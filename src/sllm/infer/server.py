@@ -163,8 +163,7 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
 
 
 class BodyLimit:
-    """ASGI middleware refusing a request body over `limit_bytes` with 413: by its Content-Length
-    before any of it is read, or (a chunked body) as soon as more has arrived."""
+    """ASGI middleware refusing a body over `limit_bytes` with 413, by Content-Length or as it arrives."""
 
     def __init__(self, app: Any, limit_bytes: int) -> None:
         self.app, self.limit_bytes = app, limit_bytes
@@ -191,8 +190,7 @@ class BodyLimit:
 
 
 class ModelWorker:
-    """Runs generations one at a time, in arrival order, in a thread of its own; at most
-    `max_queue` wait behind the running one (more are refused: a burst must not queue without end)."""
+    """Runs generations one at a time, in order, in a thread; at most `max_queue` wait (more: 429)."""
 
     def __init__(self, generator: TextGenerator, max_queue: int) -> None:
         self.generator = generator

@@ -29,8 +29,7 @@ Rotation = Callable[[torch.Tensor], torch.Tensor]
 
 
 def unchanged(t: torch.Tensor) -> torch.Tensor:
-    """The identity: no rotation, no qk-norm, no dropout. A plain function, not a module: a
-    decode step on a CPU pays for every module call."""
+    """The identity, as a plain function: a CPU decode step pays for every module call."""
     return t
 
 
@@ -127,8 +126,7 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.LayerNorm):
-    """torch's LayerNorm (same state dict), its weights read as `linear` reads them, calling
-    the op under `F.layer_norm`'s Python wrapper (0.5 µs less a call)."""
+    """torch's LayerNorm (same state dict), its weights read as `linear` reads them (0.5 µs a call)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = self._parameters
@@ -145,8 +143,7 @@ class AttentionCache(Protocol):
     """What the model needs from a KV cache (`sllm.infer.decoder.KVCache`)."""
 
     def prepare(self, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Positions (batch, length) and attention mask (batch, 1, length, keys) of the next
-        tokens; no mask where causal attention (or, for one token, none) is right."""
+        """Positions (batch, length) and mask (batch, 1, length, keys) of the next tokens, or no mask."""
         ...
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,8 +41,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        """The stored gradients are of the summed loss; the 1/count of the mean is applied here,
-        on the (tokens × d) and (vocab × d) results instead of every chunk of logits."""
+        """Gradients of the summed loss, the mean's 1/count applied to the two results, not every chunk."""
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = grad_output / ctx.count
         return grad_hidden * scale, grad_weight * scale, None, None

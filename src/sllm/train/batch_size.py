@@ -20,8 +20,7 @@ from sllm.errors import UserError
 
 
 def find_batch_size(cfg: Config, world_size: int) -> None:
-    """`sllm train --find-batch-size`: keep the configured global batch (`train.batch_size`, or
-    micro_batch × grad_accum × processes) and let `train.micro_batch: auto` split it."""
+    """`sllm train --find-batch-size`: the configured global batch, with `micro_batch: auto`."""
     t = cfg.train
     if t.micro_batch != "auto":
         t.batch_size = t.batch_size or t.micro_batch * t.grad_accum * world_size

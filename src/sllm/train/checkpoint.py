@@ -70,8 +70,7 @@ def _tensor_bytes(value: Any) -> int:
 def save_tensors(
     tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
 ) -> None:
-    """`safetensors` writes its files readable by their owner only; ours get the mode every
-    other file gets, so a shared run directory or export can be read by the group."""
+    """`safetensors` writes owner-only files; ours get the usual mode, so groups can read them."""
     save_file(tensors, str(path), metadata=metadata)
     os.chmod(path, DEFAULT_FILE_MODE)
 
@@ -130,8 +129,7 @@ def save_checkpoint(
 
 
 def clean_leftovers(run_dir: Path) -> None:
-    """Before training resumes: put back a `best/` whose replacement a crash cut short, and
-    remove temp files of killed writers. A run directory has one writer at a time."""
+    """Before resuming: restore a `best/` a crash cut short and remove killed writers' temp files."""
     checkpoint_dir = Path(run_dir) / CHECKPOINTS
     if checkpoint_dir.is_dir():
         recover_all(checkpoint_dir)

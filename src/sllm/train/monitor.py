@@ -34,8 +34,7 @@ class Sink:
 
 
 def _records_up_to(path: Path, step: int) -> str:
-    """The complete, valid lines of `path` whose step is at most `step` (a kill may have cut
-    the last one, even inside a UTF-8 sequence)."""
+    """The complete, valid lines of `path` up to `step` (a kill may have cut the last one)."""
     kept = []
     for line in path.read_bytes().decode("utf-8", "replace").splitlines(keepends=True):
         try:

@@ -148,8 +148,7 @@ class LanguageModeling(Objective):
         return TrainWindows(self.train_tokens, self.tokens_per_sample, micro_batch, seed, self.mixture)
 
     def loss(self, model: nn.Module, batch: Batch, device: torch.device, dtype: Dtype) -> torch.Tensor:
-        """Next-token cross-entropy in fp32; `train.chunked_loss` computes it inside the model's
-        forward, so DDP/FSDP still see one call."""
+        """Next-token cross-entropy in fp32 (`train.chunked_loss`: inside the forward, one call for DDP)."""
         x, y = batch
         with autocast(device, dtype):
             if self.cfg.train.chunked_loss:

@@ -18,8 +18,7 @@ from sllm.train.plan import RunPlan
 
 
 def config_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """Model config fields that differ, as `name: saved → wanted`; a field the checkpoint lacks
-    is newer than it, so it had the default."""
+    """Model fields that differ as `name: saved → wanted` (a field the checkpoint lacks: default)."""
     saved = {**asdict(ModelConfig()), **saved}
     keys = sorted(set(saved) | set(wanted))
     return [f"{k}: {saved.get(k)!r} → {wanted.get(k)!r}" for k in keys if saved.get(k) != wanted.get(k)]

@@ -33,8 +33,7 @@ def sample_prompts(
     encode: Callable[[str], list[int]] | None = None,
     stop_id: int | None = None,
 ) -> list[tuple[str, str]]:
-    """(prompt, continuation) for each prompt, encoded by `encode` (default: as plain text) and
-    continued until EOS or `stop_id`."""
+    """(prompt, continuation) for each prompt, continued until EOS or `stop_id`."""
     encode = encode or tokenizer.encode
     was_training = model.training
     model.eval()

@@ -122,8 +122,7 @@ class Trainer:
         self.batches = None if self.plan.micro_batch is None else self._batch_source()
 
     def _build_optimizers(self) -> None:
-        """Fresh optimizers and loss scaler; peak rates are kept apart, as a resumed optimizer
-        state holds the rate of the step it was saved at."""
+        """Fresh optimizers and loss scaler; peak rates kept apart (a resumed state holds the current)."""
         self.optimizers = self.objective.optimizers(self.model, self.cfg.train, self.device)
         self.peak_lrs = [[group["lr"] for group in o.param_groups] for o in self.optimizers]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -146,8 +145,7 @@ class Trainer:
                 )
 
     def _search_micro_batch(self) -> int:
-        """The largest power-of-two micro-batch whose training step fits, the same on every rank;
-        the weights and optimizer state the trials changed are put back."""
+        """The largest power-of-two micro-batch that fits on every rank; trials' changes are undone."""
         sizes = power_of_two_sizes(per_process_batch(self.plan.batch_size, self.cluster.world_size))
         if self.device.type == "cpu":
             budget = available_ram_bytes() // 2
@@ -249,8 +247,7 @@ class Trainer:
             save_checkpoint(self.run_dir, *state, keep_last=self.cfg.train.keep_last, name=name)
 
     def require_finite_loss(self) -> None:
-        """Stops a diverged run before its loss reaches a log, an evaluation or a checkpoint (the
-        losses are collected on the device, so the steps between checks do not wait for the host)."""
+        """Stops a diverged run before its loss reaches a log, an evaluation or a checkpoint."""
         if any_rank(not bool(self.finite_losses), self.cluster, self.device):
             raise self._diverged("its loss became NaN or infinite")
         self.finite_losses = torch.ones((), dtype=torch.bool, device=self.device)
@@ -266,9 +263,8 @@ class Trainer:
         )
 
     def checkpoint_name(self, must_save: bool) -> str | None:
-        """The checkpoint this step ends with, if any: `epoch-N` when it completed epoch N (by
-        tokens, so a changed world size keeps the boundaries), else `step-N` at the interval or
-        when the run ends or stops here."""
+        """The checkpoint this step ends with, if any: `epoch-N` when it completed epoch N (by tokens),
+        else `step-N` at the interval or when the run ends or stops here."""
         t, plan = self.cfg.train, self.plan
         if t.checkpoint_every == "epoch":
             epoch = self.tokens_seen // plan.tokens_per_epoch
