@@ -110,9 +110,7 @@ def train(args: Namespace) -> None:
 
 
 def evaluate(args: Namespace) -> None:
-    """loss, perplexity, bits per byte (splits or text files); multiple-choice accuracy
-
-    `sllm eval sts` scores an STS run on an STS file instead."""
+    """loss, perplexity, bits per byte (splits or text files); multiple-choice accuracy; STS scores"""
     if args.task == "sts":
         from sllm.finetune.sts import evaluate_sts
 

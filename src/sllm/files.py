@@ -79,8 +79,7 @@ class FieldError(Exception):
 
 
 def typed(value: Any, hint: Any, where: str = "") -> Any:
-    """`value`, parsed JSON, checked against the annotation `hint` and converted to it
-    (dataclasses built, lists made tuples where declared); `where` is the dotted field name."""
+    """`value` (parsed JSON) checked against `hint` and converted to it; `where` names the field."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
         return value

@@ -41,8 +41,7 @@ class ShardStamp:
 def check_shards(
     data_dir: Path, meta: DataMeta, names: list[str], full: bool = False
 ) -> dict[str, ShardStamp]:
-    """Check the shards `names` (sizes match already) and return their stamps; `full` re-reads and
-    hashes every one. The first bad shard is a UserError naming it."""
+    """Check the shards `names` (`full`: re-read and hash all) and return their stamps."""
     stamps = _read_stamps(data_dir)
     found = dict(stamps)
     again = f"run `sllm prepare` for {data_dir} again"

@@ -20,8 +20,8 @@ from sllm.sampling import OPTION_TYPES, SamplingParams
 def fit_history(
     messages: list[Message], template: ChatTemplate, generator: TextGenerator, params: SamplingParams
 ) -> tuple[list[Message], int]:
-    """The newest messages whose prompt leaves room for the reply (max_new_tokens, at most half
-    the context), and how many were dropped; system messages and the last one are kept."""
+    """The newest messages that leave room for the reply (at most half the context), and how many
+    were dropped; system messages and the last one are kept."""
     budget = generator.context_tokens - min(params.max_new_tokens, generator.context_tokens // 2)
     kept = list(messages)
     while len(kept) > 1 and len(generator.tokenizer.encode(template.render(kept))) > budget:

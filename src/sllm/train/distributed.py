@@ -103,8 +103,7 @@ def _transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def _no_buffer_sync_per_step() -> dict[str, bool]:
-    """Buffers (position tables, masks) are equal on every rank: no forward syncs them (torch
-    2.13 renamed the option and warns about the old name)."""
+    """Buffers (position tables, masks) are equal on every rank: no forward syncs them."""
     from torch.nn.parallel import DistributedDataParallel
 
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:

@@ -98,8 +98,7 @@ def _import_wandb() -> ModuleType:
 
 
 class WandbSink(Sink):
-    """Metrics, sample text and versioned artifacts (tokenizer, config, checkpoints) in W&B.
-    `WANDB_MODE=offline` works as usual: everything is written under the run directory."""
+    """Metrics, samples and versioned artifacts in W&B (`WANDB_MODE=offline` works as usual)."""
 
     def __init__(self, run_dir: Path, cfg: Config) -> None:
         self.wandb = wandb = _import_wandb()

@@ -199,8 +199,8 @@ class LanguageModeling(Objective):
 
 
 class EpochRows:
-    """Row batches by (step, micro-batch index): epoch e reads the permutation of the rows seeded
-    by (seed, e) in whole steps, the last one topped up from the permutation's start."""
+    """Row batches by (step, micro-batch index): epoch e reads the rows permuted by (seed, e) in whole
+    steps, the last topped up from the permutation's start."""
 
     def __init__(
         self, tensors: tuple[torch.Tensor, ...], micro_batch: int, batch_size: int, seed: int
@@ -250,8 +250,7 @@ class RowsObjective(Objective):
 
 @dataclass(kw_only=True)
 class MaskedRows(RowsObjective):
-    """Packed rows (inputs, targets, weights, documents: (N, T) tensors each) for a GPT whose
-    forward takes `document_ids`; held-out rows give the validation loss."""
+    """Packed rows (inputs, targets, weights, documents) for SFT; held-out rows give the val loss."""
 
     val_rows: tuple[torch.Tensor, ...]
     sample: Callable[[nn.Module, torch.device, Dtype], Samples] = lambda m, d, t: []
@@ -290,8 +289,8 @@ class MaskedRows(RowsObjective):
 
 @dataclass(kw_only=True)
 class PairRegression(RowsObjective):
-    """Mean squared error of `model(*inputs)` against gold. `prepare(model, device)` gives the
-    rows once the model sits on its device (a frozen backbone pools every sentence once)."""
+    """Mean squared error of `model(*inputs)` against gold; `prepare(model, device)` gives the rows
+    (a frozen backbone pools every sentence once)."""
 
     evaluation: Callable[[nn.Module, torch.device, Dtype, int], Evaluation | None]
     prepare: Callable[[nn.Module, torch.device], tuple[torch.Tensor, ...]]

@@ -40,8 +40,8 @@ ADAFACTOR_USUAL_LR = 1e-2  # torch's default and the paper's relative step size
 
 
 def optimizer_hint(cfg: TrainConfig) -> str | None:
-    """A line for a learning rate on the wrong scale: Adafactor with AdamW's 6e-4 moves weights
-    of RMS 0.02 about 1e-5 per step, a run that seems to train but stays at chance."""
+    """A line for a learning rate on the wrong scale: Adafactor at AdamW's 6e-4 barely moves weights
+    of RMS 0.02, a run that seems to train but stays at chance."""
     if cfg.optimizer == "adafactor" and cfg.lr < ADAFACTOR_USUAL_LR / 10:
         return (
             f"note: Adafactor's steps are train.lr times each weight's RMS, so train.lr={cfg.lr:g} "

@@ -49,7 +49,7 @@ class RunPlan:
 
 
 def resolve_plan(t: TrainConfig, objective: Objective, world_size: int) -> RunPlan:
-    """The plan of `t` for `objective` on `world_size` processes (budgets become step counts)."""
+    """The plan of `t` for `objective` on `world_size` processes; budgets become steps."""
     batch_size = t.batch_size or (t.micro_batch * t.grad_accum * world_size)  # auto needs batch_size
     tokens_per_sample = objective.tokens_per_sample
     tokens_per_step = batch_size * tokens_per_sample

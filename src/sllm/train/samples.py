@@ -51,8 +51,7 @@ def sample_prompts(
 
 
 def opening_prompts(tokens: np.ndarray, tokenizer: Tokenizer, count: int = 3, words: int = 3) -> list[str]:
-    """The first `words` words of each of the first `count` documents of `tokens` (documents end
-    with EOS): prompts in the data's own language and style when the config names none."""
+    """The first `words` words of the first `count` documents: prompts in the data's own style."""
     head = np.asarray(tokens[:SCANNED_TOKENS])
     prompts = []
     for start in [0, *(np.flatnonzero(head == tokenizer.eos_id) + 1)][:count]:
