@@ -323,3 +323,15 @@ def test_a_queue_file_that_is_not_utf8_is_named(tmp_path, capsys):
     queue = tmp_path / "queue.txt"
     queue.write_bytes(b"train --data d --out r\n" + NOT_UTF8)
     assert f"{queue} is damaged (not UTF-8 text)" in cli_error(capsys, "queue", queue)
+
+
+def test_an_override_nested_too_deeply_or_over_a_section_that_is_no_mapping_is_one_line(tmp_path, capsys):
+    deep = "[" * 5000 + "]" * 5000
+    assert "override train.lr is nested too deeply" in cli_error(
+        capsys, "info", "--config", "demo", f"train.lr={deep}"
+    )
+    config = tmp_path / "bad.yaml"
+    config.write_text("data: x\n", "utf-8")
+    assert "config section data must be a mapping" in cli_error(
+        capsys, "info", "--config", config, "data.dir=d"
+    )

@@ -20,7 +20,7 @@ from typing import NoReturn
 from sllm import commands
 from sllm.atomic import disk_full_errno
 from sllm.errors import UserError
-from sllm.options import add_flag
+from sllm.options import add_flag, int_in
 from sllm.progress import QUIET
 
 SOURCE_FLAGS = ["--input=data.inputs", "data.text_field", "data.txt_mode"]
@@ -47,19 +47,6 @@ OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=.*", re.DOTALL)
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UserError(f"{message} (see `{self.prog} --help`)")
-
-
-def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an integer in [low, high]."""
-
-    def integer(text: str) -> int:
-        value = int(text)  # a ValueError is argparse's "invalid integer value"
-        if value < low or (high is not None and value > high):
-            span = f"from {low} to {high}" if high is not None else f"{low} or more"
-            raise argparse.ArgumentTypeError(f"{value} is out of range: give {span}")
-        return value
-
-    return integer
 
 
 def _config_args(parser: argparse.ArgumentParser, command: str) -> None:
@@ -139,17 +126,13 @@ def _add_data_commands(top: argparse._SubParsersAction) -> None:
     download.add_argument("--out", help="directory for the shards (then: sllm prepare --input DIR)")
     download.add_argument("--max-docs", type=int, help="stop after this many documents")
     download.add_argument("--max-bytes", type=int, help="stop before the text exceeds this many UTF-8 bytes")
-    download.add_argument(
-        "--shard-docs", type=int, default=DEFAULT_SHARD_DOCS, help="documents per JSONL shard"
-    )
+    download.add_argument("--shard-docs", type=int, default=DEFAULT_SHARD_DOCS, help="documents per shard")
 
     data = _group(top, "data", "prepared data commands")
     data_info = _add(data, "info", commands.data_info)
     data_info.add_argument("dir", help="prepared data directory")
-    data_info.add_argument(
-        "--show-samples", type=_int_in(0), default=0, help="decode N random training windows"
-    )
-    data_info.add_argument("--window-tokens", type=_int_in(1), default=64, help="tokens per sample window")
+    data_info.add_argument("--show-samples", type=int_in(0), default=0, help="decode N random windows")
+    data_info.add_argument("--window-tokens", type=int_in(1), default=64, help="tokens per sample window")
     verify = _add(data, "verify", commands.data_verify)
     verify.add_argument("dir", help="prepared data directory")
     verify.add_argument("--update", action="store_true", help="record the shard checksums older data lacks")
@@ -169,15 +152,13 @@ def _add_training_commands(top: argparse._SubParsersAction) -> None:
     scored.add_argument("--text", nargs="+", metavar="FILE", help="score UTF-8 text files instead of splits")
     scored.add_argument("--mc", metavar="FILE", help="multiple-choice JSONL {context, choices, answer}")
     evaluate.add_argument(
-        "--data",
-        help="prepared data directory whose splits to score (default: the run's data.dir); "
-        "sts: KorSTS .tsv or KLUE-STS .json file to score",
+        "--data", help="prepared data (default: the run's); sts: KorSTS .tsv, KLUE-STS .json"
     )
     evaluate.add_argument(
-        "--stride", type=_int_in(0), default=0, help="window stride (0: the run's eval.stride)"
+        "--stride", type=int_in(0), default=0, help="window stride (0: the run's eval.stride)"
     )
     evaluate.add_argument(
-        "--batch-size", type=_int_in(0), default=0, help="windows per batch (0: the run's eval.batch_size)"
+        "--batch-size", type=int_in(0), default=0, help="windows per batch (0: eval.batch_size)"
     )
 
     finetune = _group(top, "finetune", "fine-tune a pre-trained run on a task")
@@ -224,40 +205,31 @@ def _add_inference_commands(top: argparse._SubParsersAction) -> None:
     )
     _run_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument("--port", type=_int_in(1, 65535), default=8000)
+    serve.add_argument("--port", type=int_in(1, 65535), default=8000)
     for limit in dataclasses.fields(ServerLimits):
         flag = "--" + limit.name.replace("_", "-")
         add_flag(serve, flag, ServerLimits, limit.name, type=int, default=limit.default, metavar="N")
     serve.add_argument("--compile", action="store_true", help=compile_help)
     bench = _add(_group(top, "bench", "speed benchmarks"), "generate", commands.bench_generate)
     _run_args(bench)
-    bench.add_argument("--batch-sizes", type=_int_in(1), nargs="+", default=[1, 8, 32, 64])
-    bench.add_argument("--prompt-tokens", type=_int_in(1), default=16)
-    bench.add_argument(
-        "--new-tokens", type=_int_in(2), help="per prompt (default: 128, or as many as fit the context)"
-    )
-    bench.add_argument("--threads", type=_int_in(0), default=0, help="CPU threads; 0 keeps torch's default")
+    bench.add_argument("--batch-sizes", type=int_in(1), nargs="+", default=[1, 8, 32, 64])
+    bench.add_argument("--prompt-tokens", type=int_in(1), default=16)
+    bench.add_argument("--new-tokens", type=int_in(2), help="per prompt (default: 128, or what fits)")
+    bench.add_argument("--threads", type=int_in(0), default=0, help="CPU threads; 0 keeps torch's default")
     bench.add_argument("--compile", action="store_true", help=compile_help)
 
     export = _add(top, "export", commands.export)
     export.add_argument("--run", required=True, help="run directory")
     export.add_argument("--out", required=True, help="directory to create (a .gguf file with --format gguf)")
     export.add_argument(
-        "--format", choices=["hf", "gguf"], default="hf", help="hf: transformers; gguf: llama.cpp, Ollama"
+        "--format", choices=["hf", "gguf"], default="hf", help="hf: transformers; gguf: llama.cpp"
     )
-    export.add_argument(
-        "--dtype", choices=["f32", "f16", "bf16", "q8_0"], help="gguf weights (default f16; hf is always f32)"
-    )
+    export.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], help="gguf weights (default f16)")
     export.add_argument("--checkpoint", default="latest", help=CHECKPOINT_HELP)
-    export.add_argument(
-        "--check",
-        action="store_true",
-        help="load the export with transformers (gguf: llama-cpp-python), compare logits",
-    )
+    check_help = "load the export with transformers (gguf: llama-cpp-python), compare logits"
+    export.add_argument("--check", action="store_true", help=check_help)
     imported = _add(top, "import", commands.import_hf)
-    imported.add_argument(
-        "--hf", required=True, help="directory with config.json, weights and tokenizer.json"
-    )
+    imported.add_argument("--hf", required=True, help="directory with config.json, weights, tokenizer.json")
     imported.add_argument("--out", required=True, help="run directory to create")
 
 

@@ -381,8 +381,10 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         raise UserError(f"override {text!r} must look like section.key=value, e.g. train.lr=3e-4")
     try:
         value = yaml.safe_load(raw_value) if raw_value.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):
         value = raw_value
+    except RecursionError:
+        raise UserError(f"override {key.strip()} is nested too deeply; give a plain value") from None
     return section, name, value
 
 
@@ -454,8 +456,8 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         given.setdefault(section, {})[name] = value
     _prompts_follow_data(raw, given)
     for section, values in given.items():
-        raw[section] = raw.get(section) or {}
-        raw[section].update(values)
+        current = raw.get(section) or {}  # not a mapping: config_from_dict names the section
+        raw[section] = {**current, **values} if isinstance(current, dict) else current
     return config_from_dict(raw)
 
 

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import math
 import typing
+from collections.abc import Callable
 from dataclasses import Field, dataclass, field
 from typing import Any, Literal
 
@@ -100,3 +101,16 @@ def add_flag(
         options.setdefault("choices", typing.get_args(hint))
     help = f"{spec.metadata['help']} ({'; '.join(notes)})" if notes else spec.metadata["help"]
     parser.add_argument(flag, help=help.replace("%", "%%"), **options)
+
+
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high]."""
+
+    def integer(text: str) -> int:
+        value = int(text)  # a ValueError is argparse's "invalid integer value"
+        if value < low or (high is not None and value > high):
+            span = f"from {low} to {high}" if high is not None else f"{low} or more"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give {span}")
+        return value
+
+    return integer
