@@ -140,14 +140,21 @@ def test_second_train_on_the_same_out_is_refused_naming_the_holder(tmp_path, pre
     assert (run_dir / ".lock").read_text() == f"{os.getpid()}\n"
 
 
-def test_lock_is_released_when_training_fails(tmp_path, prepared_dir, monkeypatch):
-    def refuse(self):
-        raise UserError("refused after the lock was taken")
+def _train_failing_in(method: str, monkeypatch, prepared_dir: Path, run_dir: Path) -> None:
+    """Train until `Trainer.<method>` refuses; the refusal must reach the caller."""
 
-    monkeypatch.setattr("sllm.train.trainer.Trainer.resume", refuse)
-    run_dir = tmp_path / "run"
-    with pytest.raises(UserError, match="refused after the lock was taken"):
+    def refuse(self):
+        raise UserError(f"refused in {method}")
+
+    monkeypatch.setattr(f"sllm.train.trainer.Trainer.{method}", refuse)
+    with pytest.raises(UserError, match=f"refused in {method}"):
         train(tiny_config(prepared_dir, run_dir, "train.max_steps=2"), log=_quiet)
+    monkeypatch.undo()
+
+
+def test_lock_is_released_when_training_fails(tmp_path, prepared_dir, monkeypatch):
+    run_dir = tmp_path / "run"
+    _train_failing_in("resume", monkeypatch, prepared_dir, run_dir)
     assert (run_dir / ".lock").read_text() == f"{os.getpid()}\n"
     holder = _hold_lock(run_dir)  # would not get it if the failed run still held it
     holder.send_signal(signal.SIGKILL)
@@ -171,15 +178,9 @@ def test_train_refuses_an_out_that_is_not_a_run_and_leaves_its_files(tmp_path, p
 
 
 def test_a_run_stopped_before_its_first_plan_is_still_ours(tmp_path, prepared_dir, monkeypatch):
-    def refuse(self):
-        raise UserError("stopped before the plan")
-
-    monkeypatch.setattr("sllm.train.trainer.Trainer.settle_micro_batch", refuse)
     run_dir = tmp_path / "run"
-    with pytest.raises(UserError, match="stopped before the plan"):
-        train(tiny_config(prepared_dir, run_dir, "train.max_steps=2"), log=_quiet)
+    _train_failing_in("settle_micro_batch", monkeypatch, prepared_dir, run_dir)
     assert not (run_dir / "plan.json").exists() and (run_dir / "tokenizer.json").exists()
-    monkeypatch.undo()
     assert train(tiny_config(prepared_dir, run_dir, "train.max_steps=2"), log=_quiet).step == 2
 
 
