@@ -124,6 +124,7 @@ def test_a_missing_field_names_the_fields_found(tmp_path):
     assert not list(tmp_path.glob("*.jsonl")) and not list(tmp_path.glob(".*"))
 
 
+@pytest.mark.skipif(not (SHARED_DATA / "tinyshakespeare").is_dir(), reason="needs ../shared/data")
 def test_tiny_shakespeare_becomes_one_document_per_speech(tmp_path):
     text = (SHARED_DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
     speeches = [s for s in text.split("\n\n") if s.strip()]
