@@ -9,6 +9,10 @@ one. Padded embedding rows (`vocab_pad_multiple`) are sliced off the logits, so 
 never predicted. With `targets`, `forward` returns the chunked loss (no full logits, one module
 call for DDP). With a KV cache (`sllm.infer.decoder`) the cache hands out positions and mask;
 packed documents (`document_ids`, SFT) attend within themselves with positions restarting at 0.
+Sources: RMSNorm (Zhang & Sennrich 2019), qk-norm (Dehghani et al. 2023), squared ReLU (So et
+al. 2021, Primer), SwiGLU (Shazeer 2020; hidden width 8/3·n_embd keeps a 4·n_embd GELU MLP's
+parameters), grouped-query attention (Ainslie et al. 2023; the cache holds only the KV heads),
+GPT-2's init (N(0, 0.02), residual projections scaled by 1/sqrt(2·n_layer)).
 """
 
 from __future__ import annotations
