@@ -49,7 +49,9 @@ def test_min_new_tokens_outlasts_a_model_that_ends_at_once(trained_run, insisten
     (completion,) = generator.complete(["대한민국은"], params)
     assert (completion.completion_tokens, completion.finish_reason) == (min_new_tokens, "stop")
     assert bool(completion.text) == (min_new_tokens > 0)
-    assert generator.generate("대한민국은", max_new_tokens=3, min_new_tokens=7) != ""  # up to max_new_tokens
+    longer = dataclasses.replace(params, max_new_tokens=3, min_new_tokens=7)  # held up to max_new_tokens
+    (held,) = generator.complete(["대한민국은"], longer)
+    assert (held.completion_tokens, held.finish_reason) == (3, "length") and held.text
 
 
 def test_a_one_token_stop_string_is_held_back_like_eos(trained_run, insistent):
@@ -60,7 +62,7 @@ def test_a_one_token_stop_string_is_held_back_like_eos(trained_run, insistent):
     plain = SamplingParams(max_new_tokens=10, temperature=0, stop=("다",))
     assert generator.complete(["헌법"], plain)[0].text == ""
     (held,) = generator.complete(["헌법"], dataclasses.replace(plain, min_new_tokens=4))
-    assert held.text and held.finish_reason == "stop" and held.completion_tokens >= 4
+    assert held.text and held.finish_reason == "stop" and held.completion_tokens == 5  # 4 held, then the stop
 
 
 def test_generate_says_when_the_model_ended_at_once(trained_run, insistent, capsys):
