@@ -425,9 +425,8 @@ def _write_all(writer: SplitWriter, sources: list[Source], data: DataConfig, nam
         ),
         fingerprint=progress.fingerprint,
     )
-    # Hash (and range-check) each shard once, stamped in verified.json: the first open reads none.
     names = [name for split_names in shards.values() for name in split_names]
-    stamps = check_shards(writer.work, meta, names, full=True)
+    stamps = check_shards(writer.work, meta, names, full=True)  # stamped: a first open reads none
     meta = dataclasses.replace(meta, checksums={name: stamps[name].sha256 for name in names})
     meta.write(writer.work)
     (writer.work / PROGRESS_FILE).unlink()
