@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +46,8 @@ def check_shards(
     found = dict(stamps)
     again = f"run `sllm prepare` for {data_dir} again"
     for name in names:
-        path, recorded = data_dir / name, meta.checksums.get(name)
-        stamp = stamps.get(name)
-        if full or stamp is None or _state(path) != _state(stamp) or (recorded and not stamp.sha256):
+        path, recorded, stamp = data_dir / name, meta.checksums.get(name), stamps.get(name)
+        if full or stamp is None or _state(path) != astuple(stamp)[:3] or (recorded and not stamp.sha256):
             stamp = found[name] = _check(path, meta.dtype, hashed=full or recorded is not None)
         if recorded and stamp.sha256 != recorded:
             raise UserError(f"{path} does not match its sha256 in meta.json (changed after prepare); {again}")
@@ -63,11 +62,9 @@ def check_shards(
     return found
 
 
-def _state(item: Path | ShardStamp) -> tuple[int, int, int]:
-    """What tells a changed file: size, mtime and inode (a replaced file has a new one)."""
-    if isinstance(item, ShardStamp):
-        return item.size, item.mtime_ns, item.inode
-    status = item.stat()
+def _state(path: Path) -> tuple[int, int, int]:
+    """What tells a changed file (a stamp's first fields): size, mtime and inode (new if replaced)."""
+    status = path.stat()
     return status.st_size, status.st_mtime_ns, status.st_ino
 
 

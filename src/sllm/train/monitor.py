@@ -108,7 +108,7 @@ class WandbSink(Sink):
             if id_file.is_file()
             else secrets.token_hex(8)
         )
-        id_file.write_text(run_id + "\n")
+        write_text_atomic(id_file, run_id + "\n")  # a kill mid-write must not lose the id
         self.run = wandb.init(
             project=cfg.log.wandb_project, name=run_dir.name, id=run_id, resume="allow",
             dir=str(run_dir), config=cfg.to_dict(),
