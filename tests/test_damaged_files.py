@@ -350,3 +350,15 @@ def test_an_override_nested_too_deeply_or_over_a_section_that_is_no_mapping_is_o
     assert "config section data must be a mapping" in cli_error(
         capsys, "info", "--config", config, "data.dir=d"
     )
+
+
+def test_a_shard_that_cannot_be_read_is_one_line(capsys, data, monkeypatch):
+    def unreadable(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("sllm.data.shards.np.memmap", unreadable)
+    message = cli_error(capsys, "data", "verify", data)
+    assert message == (
+        f"sllm: error: cannot read {data / 'train-00000.bin'}: Permission denied; "
+        "check its permissions or the disk"
+    )

@@ -135,5 +135,10 @@ def open_shards(
                 f"{path} is damaged: {path.stat().st_size:,} bytes where meta.json promises "
                 f"{expected:,} tokens of {dtype}; run `sllm prepare` for {directory} again"
             )
-        parts.append(np.memmap(path, dtype=dtype, mode="r") if expected else np.zeros(0, dtype=dtype))
+        try:
+            parts.append(np.memmap(path, dtype=dtype, mode="r") if expected else np.zeros(0, dtype=dtype))
+        except OSError as exc:  # exists, right size, but unreadable (permissions, I/O error)
+            raise UserError(
+                f"cannot read {path}: {exc.strerror}; check its permissions or the disk"
+            ) from None
     return parts[0] if len(parts) == 1 else TokenShards(parts)
