@@ -12,6 +12,7 @@ from sllm.cli import main
 from sllm.config import load_config
 from sllm.errors import UserError
 from sllm.export import export_run
+from sllm.export_gguf import export_gguf
 from sllm.run import open_run
 from sllm.tokenizer import PRETOKENIZE_KEY, load_tokenizer, nfc, train_bpe
 
@@ -163,6 +164,9 @@ def test_generate_encodes_prompts_with_the_cut_and_export_is_refused(kiwi_bpe, t
     ):
         export_run(run_dir, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+    with pytest.raises(UserError, match="byte-level BPE tokenizer without a morpheme cut"):
+        export_gguf(run_dir, tmp_path / "model.gguf")
+    assert not (tmp_path / "model.gguf").exists()
 
 
 def test_a_missing_analyzer_names_the_extra(monkeypatch):
