@@ -48,17 +48,21 @@ def tiny_config(data_dir: Path | str, run_dir: Path | str, *overrides: str) -> C
     )  # fmt: skip
 
 
-@pytest.fixture(scope="session")
-def prepared_dir(tmp_path_factory, corpus_file) -> Path:
+def prepare_corpus(corpus: Path, data_dir: Path, *overrides: str) -> Path:
+    """Prepare `corpus` into `data_dir` with the default config plus `overrides`, quietly."""
     from sllm.data.prepare import prepare
 
-    cfg = load_config(
-        None,
-        [f"data.inputs={json.dumps([str(corpus_file)])}", f"data.dir={tmp_path_factory.mktemp('data') / 'd'}",
-         "data.val_ratio=0.1", "data.test_ratio=0.1", "tokenizer.vocab_size=512"],
-    )  # fmt: skip
+    cfg = load_config(None, [f"data.inputs={json.dumps([str(corpus)])}", f"data.dir={data_dir}", *overrides])
     prepare(cfg.data, cfg.tokenizer, log=lambda _: None)
-    return Path(cfg.data.dir)
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory, corpus_file) -> Path:
+    data_dir = tmp_path_factory.mktemp("data") / "d"
+    return prepare_corpus(
+        corpus_file, data_dir, "data.val_ratio=0.1", "data.test_ratio=0.1", "tokenizer.vocab_size=512"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -10,13 +10,13 @@ import pytest
 
 from sllm.cli import main
 from sllm.config import load_config
-from sllm.data.prepare import prepare
 from sllm.errors import UserError
 from sllm.export import export_run
+from sllm.export_gguf import export_gguf
 from sllm.run import open_run
 from sllm.tokenizer import PRETOKENIZE_KEY, load_tokenizer, nfc, train_bpe
 
-from .conftest import constitution_paragraphs, random_run, write_jsonl
+from .conftest import constitution_paragraphs, prepare_corpus, random_run, write_jsonl
 
 needs_kiwi = pytest.mark.skipif(
     importlib.util.find_spec("kiwipiepy") is None, reason="needs kiwipiepy (pip install 'sllm[ko]')"
@@ -134,12 +134,8 @@ def test_parallel_prepare_equals_serial_prepare_byte_for_byte(tmp_path, monkeypa
     outputs = {}
     for threads in ("1", "2"):
         monkeypatch.setenv("RAYON_NUM_THREADS", threads)
-        cfg = load_config(
-            None,
-            [f"data.inputs={json.dumps([str(corpus)])}", f"data.dir={tmp_path / threads}",
-             "tokenizer.vocab_size=400", "tokenizer.pretokenize=kiwi", "data.val_ratio=0.1"],
-        )  # fmt: skip
-        prepare(cfg.data, cfg.tokenizer, log=lambda _: None)
+        kiwi = ["tokenizer.vocab_size=400", "tokenizer.pretokenize=kiwi", "data.val_ratio=0.1"]
+        prepare_corpus(corpus, tmp_path / threads, *kiwi)
         outputs[threads] = {p.name: p.read_bytes() for p in sorted((tmp_path / threads).iterdir())}
     assert outputs["1"] == outputs["2"]
     assert load_tokenizer(tmp_path / "1").pretokenize == "kiwi"
@@ -168,6 +164,9 @@ def test_generate_encodes_prompts_with_the_cut_and_export_is_refused(kiwi_bpe, t
     ):
         export_run(run_dir, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+    with pytest.raises(UserError, match="byte-level BPE tokenizer without a morpheme cut"):
+        export_gguf(run_dir, tmp_path / "model.gguf")
+    assert not (tmp_path / "model.gguf").exists()
 
 
 def test_a_missing_analyzer_names_the_extra(monkeypatch):

@@ -3,7 +3,7 @@
 Strided windows score every token after the first exactly once, so results are exact for the
 split; a text file is scored as one document after an EOS, as in the prepared data. Bits per
 byte per script: the scored tokens are cut into documents after each EOS, each decoded and
-classified by `dominant_script` (ko, en, else other) with its UTF-8 bytes, so the groups'
+classified by `script_group` (ko, en, else other) with its UTF-8 bytes, so the groups'
 losses and bytes add up to the totals, for the cost of one decode.
 """
 
@@ -28,10 +28,8 @@ from sllm.errors import UserError
 from sllm.progress import progress_bar
 from sllm.run import LoadedRun, open_run
 from sllm.runtime import Dtype, autocast, select_autocast_dtype, select_device
-from sllm.text import dominant_script
+from sllm.text import SCRIPT_GROUPS, script_group
 from sllm.tokenizer import Tokenizer, nfc
-
-SCRIPT_GROUPS = ("ko", "en", "other")
 
 
 @dataclass
@@ -92,7 +90,7 @@ def script_labels(tokens: np.ndarray, tokenizer: Tokenizer) -> tuple[np.ndarray,
         )
         if not text and end < len(tokens):
             continue
-        group = SCRIPT_GROUPS.index(dominant_script(text) or "other")
+        group = SCRIPT_GROUPS.index(script_group(text))
         labels[first:end], first = group, end
         script_bytes[group] += len(text.encode("utf-8"))
     return labels, script_bytes

@@ -80,12 +80,13 @@ def export_gguf(
     ensure_writable_dir(out.parent, "export")
     run = open_run(run_dir, torch.device("cpu"), checkpoint)
     arch = architecture_for(run.config.model, run.path, "GGUF").model_type
-    spec = json.loads(run.tokenizer.to_json()) if isinstance(run.tokenizer, BPETokenizer) else {}
+    plain_bpe = isinstance(run.tokenizer, BPETokenizer) and run.tokenizer.pretokenize == "none"
+    spec = json.loads(run.tokenizer.to_json()) if plain_bpe else {}  # a morpheme cut is sllm's own
     pre_tokenizer = spec.get("pre_tokenizer") or {}
     if pre_tokenizer.get("type") != "ByteLevel" or not pre_tokenizer.get("use_regex", True):
         raise UserError(
-            f"{run.path} does not use a byte-level BPE tokenizer, the only kind sllm can express in "
-            "llama.cpp's terms; export a run trained with tokenizer.kind=bpe"
+            f"{run.path} does not use a byte-level BPE tokenizer without a morpheme cut, the only kind sllm "
+            "can express in llama.cpp's terms; export a run trained with tokenizer.kind=bpe, pretokenize=none"
         )
     tmp = temp_path(out)
     writer = gguf.GGUFWriter(tmp, arch)

@@ -11,6 +11,7 @@ SCRIPTS = {
     "ko": re.compile(r"[\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7a3\ud7b0-\ud7ff]+"),
     "en": re.compile(r"[A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f]+"),
 }
+SCRIPT_GROUPS = (*SCRIPTS, "other")  # what per-script reports split text into (see script_group)
 
 
 def nfc(text: str) -> str:
@@ -27,6 +28,6 @@ def script_ratio(text: str, script: str) -> float:
     return _count_matching(SCRIPTS[script], text) / letters if letters else 0.0
 
 
-def dominant_script(text: str, min_ratio: float = 0.5) -> str | None:
-    """ "ko" or "en" when that script holds at least `min_ratio` of the letters, else None."""
-    return next((script for script in SCRIPTS if script_ratio(text, script) >= min_ratio), None)
+def script_group(text: str, min_ratio: float = 0.5) -> str:
+    """The script ("ko", "en") holding at least `min_ratio` of the letters, else "other"."""
+    return next((script for script in SCRIPTS if script_ratio(text, script) >= min_ratio), "other")

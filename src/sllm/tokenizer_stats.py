@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sllm.errors import UserError
-from sllm.text import dominant_script
+from sllm.text import SCRIPT_GROUPS, script_group
 from sllm.tokenizer import UNK_TOKEN, CharTokenizer, Tokenizer, nfc
 
-GROUPS = ("ko", "en", "other", "all")
+GROUPS = (*SCRIPT_GROUPS, "all")
 ENCODE_BATCH_LINES = 2048
 
 
@@ -74,7 +74,7 @@ def measure(tokenizer: Tokenizer, documents: Iterable[str]) -> TokenizerStats:
     lines = (line for document in documents for line in nfc(document).splitlines() if line.strip())
     for batch in iter(lambda: list(itertools.islice(lines, ENCODE_BATCH_LINES)), []):
         for line, ids in zip(batch, tokenizer.encode_batch(batch), strict=True):
-            group = dominant_script(line) or "other"
+            group = script_group(line)
             stats.groups[group].add(line, ids, fallback)
             stats.groups["all"].add(line, ids, fallback)
             stats.seen[ids] = True
