@@ -1,10 +1,15 @@
-"""The CLI end to end in subprocesses: the issue's commands, and bad input → one line, exit 2."""
+"""The CLI end to end in subprocesses: the issue's commands, and bad input → one line, exit 2
+(mostly in this process: the same `main`, without starting Python and torch each time)."""
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
 
 import pytest
+
+from sllm.cli import main
 
 from .conftest import constitution_paragraphs, random_run, write_jsonl
 
@@ -17,6 +22,19 @@ def sllm(*args, cwd=None):
         cwd=cwd,
         timeout=300,
     )
+
+
+def sllm_inline(*args, cwd=None) -> subprocess.CompletedProcess:
+    """`sllm` run in this process through the same `main`, for bad input refused before any work:
+    a second interpreter would spend two seconds importing torch to print one line."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.chdir(cwd or "."), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(arg) for arg in args])
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(result, *fragments):
@@ -120,7 +138,11 @@ def test_the_documented_workflow_runs_end_to_end(tmp_path):
     ],
 )
 def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, args, fragments):
-    assert_one_line_error(sllm(*args, cwd=tmp_path), *fragments)
+    assert_one_line_error(sllm_inline(*args, cwd=tmp_path), *fragments)
+
+
+def test_bad_input_gives_one_line_from_a_real_process_too(tmp_path):
+    assert_one_line_error(sllm("train", "train.lrr=1", cwd=tmp_path), "unknown config key train.lrr")
 
 
 def test_overrides_may_follow_the_options_and_keep_their_order(tmp_path):

@@ -13,9 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sllm.cli import main
-from sllm.data.loader import open_split
 from sllm.data.meta import META_FILE, DataMeta
-from sllm.data.verify import STAMP_FILE
+from sllm.data.verify import STAMP_FILE, open_split
 from sllm.run import CHECKPOINTS, LATEST, MODEL_FILE, load_latest, step_name
 
 from .conftest import constitution_paragraphs, random_run, write_jsonl

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from sllm.config import load_config
-from sllm.data.loader import open_split
 from sllm.data.meta import META_FILE, DataMeta, token_dtype
 from sllm.data.prepare import prepare
+from sllm.data.verify import open_split
 from sllm.errors import UserError
 from sllm.tokenizer import load_tokenizer
 

@@ -166,3 +166,34 @@ def test_lone_surrogates_encode_as_the_replacement_character_on_both_paths(texts
     for tokenizer in (fast, plain):
         assert tokenizer.encode_batch(broken) == hf_ids(tokenizer, repaired)
         assert tokenizer.decode(tokenizer.encode(broken[0])) == repaired[0]
+
+
+def test_a_batch_is_encoded_as_one_joined_string_on_threads_with_each_texts_own_ids(texts, monkeypatch):
+    from sllm.fast_bpe import FastByteLevelBPE
+
+    tokenizer = train_bpe(iter(texts[::2]), 2048, SPECIALS)
+    plain = [text for text in texts + TRICKY if "<|" not in text]
+    expected = hf_ids(tokenizer, plain)
+
+    def refuse(*_):
+        raise AssertionError("a batch without special tokens was encoded text by text")
+
+    monkeypatch.setattr(FastByteLevelBPE, "_encode_each", refuse)
+    for threads in ("1", "3"):
+        monkeypatch.setenv("RAYON_NUM_THREADS", threads)
+        assert tokenizer.encode_batch(plain) == expected
+        ids, lengths = tokenizer.encode_documents(plain)
+        assert ids.tolist() == [i for one in expected for i in (*one, tokenizer.eos_id)]
+        assert lengths.tolist() == [len(one) + 1 for one in expected]
+
+
+@pytest.mark.parametrize("odd", ["a\U0010ffffb", "끝<|endoftext|>시작", "\U0010ffff"])
+def test_a_batch_holding_the_join_character_or_a_special_token_keeps_each_texts_ids(texts, odd):
+    tokenizer = train_bpe(iter(texts), 400, SPECIALS)
+    assert tokenizer.encode_batch([]) == [] and tokenizer.encode_documents([])[1].tolist() == []
+    batch = [*texts[:20], odd, "", *TRICKY[-4:]]
+    ids, lengths = tokenizer.encode_documents(batch)
+    expected = hf_ids(tokenizer, batch)
+    assert tokenizer.encode_batch(batch) == expected
+    assert ids.tolist() == [i for one in expected for i in (*one, tokenizer.eos_id)]
+    assert lengths.tolist() == [len(one) + 1 for one in expected]

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from sllm.config import load_config
-from sllm.data.loader import open_split
 from sllm.data.meta import DataMeta
 from sllm.data.mixture import resolve_sources
 from sllm.data.prepare import prepare, train_tokenizer
+from sllm.data.verify import open_split
 from sllm.errors import UserError
 from sllm.tokenizer import load_tokenizer, nfc
 

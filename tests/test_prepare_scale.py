@@ -12,10 +12,11 @@ import pytest
 from sllm.config import load_config
 from sllm.data import prepare as prepare_module
 from sllm.data.inspect import describe_data
-from sllm.data.loader import TrainWindows, eval_batches, open_split
+from sllm.data.loader import TrainWindows, eval_batches
 from sllm.data.mixture import TrainMixture
 from sllm.data.prepare import Progress, _interleaved_sample, prepare, work_path
 from sllm.data.shards import TokenShards
+from sllm.data.verify import open_split
 from sllm.errors import UserError
 from sllm.tokenizer import load_tokenizer
 from sllm.train.trainer import train
@@ -77,7 +78,9 @@ def test_token_shards_slice_like_one_array():
 
 
 def test_interrupted_prepare_resumes_to_identical_bytes(tmp_path, corpus, monkeypatch):
+    """Also across encode groups of other sizes: one batch per group straight, several when resumed."""
     monkeypatch.setattr(prepare_module, "ENCODE_BATCH_DOCS", 16)
+    monkeypatch.setattr(prepare_module, "ENCODE_GROUP_CHARS", 1)
     overrides = [_inputs(corpus), "data.val_ratio=0.1", "data.test_ratio=0.1", "data.dedup=true",
                  "data.shard_tokens=500"]  # fmt: skip
     straight = _prepare(_config(tmp_path / "straight", *overrides))
@@ -87,11 +90,11 @@ def test_interrupted_prepare_resumes_to_identical_bytes(tmp_path, corpus, monkey
     real_write = prepare_module.SplitWriter.write
     calls = {"n": 0}
 
-    def crash_after_some_batches(self, number, batch):
+    def crash_after_some_batches(self, group):
         calls["n"] += 1
         if calls["n"] == 40:
             raise KeyboardInterrupt
-        return real_write(self, number, batch)
+        return real_write(self, group)
 
     monkeypatch.setattr(prepare_module.SplitWriter, "write", crash_after_some_batches)
     with pytest.raises(KeyboardInterrupt):
@@ -102,6 +105,7 @@ def test_interrupted_prepare_resumes_to_identical_bytes(tmp_path, corpus, monkey
     open_shard.open("ab").write(b"tokens written after the last saved progress")
 
     monkeypatch.setattr(prepare_module.SplitWriter, "write", real_write)
+    monkeypatch.setattr(prepare_module, "ENCODE_GROUP_CHARS", 3000)
     messages: list[str] = []
     resumed = _prepare(_config(out, *overrides), messages)
     assert messages[0].startswith(f"resuming the interrupted prepare after {saved['batches_done'] * 16:,}")
@@ -228,3 +232,30 @@ def test_prepare_cli_takes_weights_and_held_out_files(tmp_path, corpus):
     bad = subprocess.run([*command, "--source-weight", "0.1"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     assert "3 source weights for 2 inputs" in bad.stderr
+
+
+def test_the_fast_encoder_prepares_the_bytes_tokenizers_does(tmp_path, monkeypatch):
+    """Short documents from two sources, a held-out file, special tokens, decomposed Hangul, a lone
+    surrogate: the joined `tiktoken` path writes exactly what `tokenizers` alone writes."""
+    monkeypatch.setattr(prepare_module, "ENCODE_BATCH_DOCS", 16)
+    monkeypatch.setattr(prepare_module, "ENCODE_GROUP_CHARS", 2000)
+    lines = constitution_paragraphs()
+    short = [line[:30] for line in lines] + ["끝<|endoftext|>시작", "\u1112\u1161\u11ab 글", "a\ud800b", "ㅋ"]
+    first = tmp_path / "first.jsonl"
+    first.write_text("".join(json.dumps({"text": text}) + "\n" for text in short))  # "\ud800" escaped
+    second = write_jsonl(tmp_path / "second.jsonl", [f"{n}: {line}" for n, line in enumerate(lines)])
+    held_out = write_jsonl(tmp_path / "held.jsonl", lines[:30])
+    overrides = [_inputs(first, second), f'data.test_inputs=["{held_out}"]',
+                 "data.val_ratio=0.2"]  # fmt: skip
+    fast = _prepare(_config(tmp_path / "fast", *overrides))
+    assert load_tokenizer(tmp_path / "fast").fast is not None
+    monkeypatch.setitem(sys.modules, "tiktoken", None)
+    plain = _prepare(
+        _config(tmp_path / "plain", *overrides, f"tokenizer.path={tmp_path / 'fast' / 'tokenizer.json'}")
+    )
+    assert load_tokenizer(tmp_path / "plain").fast is None
+    assert plain.splits == fast.splits and [s.splits for s in plain.sources] == [
+        s.splits for s in fast.sources
+    ]
+    for names in fast.shards.values():
+        assert all(filecmp.cmp(tmp_path / "fast" / n, tmp_path / "plain" / n, shallow=False) for n in names)

@@ -8,8 +8,8 @@ import pytest
 
 from sllm.cli import main
 from sllm.config import load_config
-from sllm.data.loader import open_split
 from sllm.data.meta import DataMeta
+from sllm.data.verify import open_split
 from sllm.tokenizer import load_tokenizer
 from sllm.train.samples import OPENING_TOKENS, opening_prompts
 

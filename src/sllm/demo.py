@@ -12,8 +12,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from sllm.config import load_config
-from sllm.data.loader import open_split
 from sllm.data.prepare import prepare
+from sllm.data.verify import open_split
 from sllm.errors import UserError
 from sllm.evaluate import evaluate_run, unigram_perplexity
 from sllm.infer.engine import TextGenerator

@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from sllm.data.loader import EvalBatch, eval_batches, open_split
+from sllm.data.loader import EvalBatch, eval_batches
 from sllm.data.meta import META_FILE, DataMeta
 from sllm.data.sources import read_text_file
+from sllm.data.verify import open_split
 from sllm.errors import UserError
 from sllm.progress import progress_bar
 from sllm.run import LoadedRun, open_run

@@ -14,9 +14,13 @@ import itertools
 import os
 import re
 import unicodedata
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-SMALL_BATCH = 16
+import numpy as np
+
+TEXT_END = "\U0010ffff"  # a noncharacter: text should never hold one (a batch that does is still exact)
+PARALLEL_MIN_CHARS = 1 << 12  # below this a batch is encoded on one thread: handing it out costs more
 GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 PROBE = "Hello, world! 한국어는 NFC로 ᄒᆞᆫ글 123 4.5e6 it's\n\n  tabs\tand  spaces 😀 ﬁ café"
 
@@ -35,35 +39,74 @@ def _unicode_to_byte() -> dict[str, int]:
 
 class FastByteLevelBPE:
     """`tiktoken` encoding of one qualifying HF tokenizer; `encode_batch` gives HF's ids. Like
-    `tokenizers`, it cuts special tokens out first (longest first), then normalizes and encodes."""
+    `tokenizers`, it cuts special tokens out first (longest first), then normalizes and encodes.
 
-    def __init__(self, encoding: Any, nfc: bool, special_ids: dict[str, int]) -> None:
-        self.encoding, self.nfc, self.special_ids = encoding, nfc, special_ids
+    A batch is joined into one string with TEXT_END after each text, a special token of this
+    encoding only: `tiktoken` encodes the text between specials on its own, so each text gets its
+    own ids, at a fraction of the cost of one call per text (short documents are mostly call
+    overhead). A batch holding a special token or TEXT_END itself is encoded text by text."""
+
+    def __init__(self, encoding: Any, nfc: bool, special_ids: dict[str, int], end_id: int) -> None:
+        self.encoding, self.nfc, self.special_ids, self.end_id = encoding, nfc, special_ids, end_id
         longest_first = sorted(special_ids, key=len, reverse=True)
         self.special_split = (
             re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if special_ids else None
         )
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Every text's pieces (specials at odd places); the plain ones of the batch encoded in one call."""
-        pieces = [self.special_split.split(text) if self.special_split else [text] for text in texts]
-        plain = [self._normalize(text) for parts in pieces for text in parts[::2]]
-        if len(plain) < SMALL_BATCH:  # a prompt and its pieces: threads would cost more than they save
-            encoded = iter([self.encoding.encode_ordinary(text) for text in plain])
-        else:
-            encoded = iter(self.encoding.encode_ordinary_batch(plain, num_threads=threads()))
-        batch = []
-        for parts in pieces:
-            ids: list[int] = []
+        ended = self._encode_ended(texts)
+        ends = np.flatnonzero(ended == self.end_id)
+        starts = np.concatenate(([0], ends + 1))[:-1]
+        return [ended[start:end].tolist() for start, end in zip(starts, ends, strict=True)]
+
+    def encode_documents(self, texts: list[str], eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every text's ids followed by `eos_id`, in one array, and each text's length with it."""
+        ended = self._encode_ended(texts)
+        is_end = ended == self.end_id
+        return np.where(is_end, eos_id, ended), np.diff(np.flatnonzero(is_end), prepend=-1)
+
+    def _encode_ended(self, texts: list[str]) -> np.ndarray:
+        """The ids of `texts` with `end_id` after each, on every thread for a large batch."""
+        joined = TEXT_END.join(texts)
+        if joined.count(TEXT_END) >= len(texts) or (self.special_split and self.special_split.search(joined)):
+            return self._encode_each(texts)
+        if self.nfc and not unicodedata.is_normalized("NFC", joined):
+            texts = [self._normalize(text) for text in texts]
+        workers = threads() if len(joined) >= PARALLEL_MIN_CHARS else 1
+        if workers == 1 or len(texts) < workers:
+            return self._encode_joined(texts)
+        step = -(-len(texts) // workers)
+        groups = [texts[first : first + step] for first in range(0, len(texts), step)]
+        return np.concatenate(list(_pool(workers).map(self._encode_joined, groups)))
+
+    def _encode_joined(self, texts: list[str]) -> np.ndarray:
+        joined = TEXT_END.join(texts) + TEXT_END
+        return self.encoding.encode_to_numpy(joined, allowed_special={TEXT_END}, disallowed_special=())
+
+    def _encode_each(self, texts: list[str]) -> np.ndarray:
+        """`_encode_ended` one text at a time: special tokens cut out first, each plain part
+        normalized and encoded on its own."""
+        ids: list[int] = []
+        for text in texts:
+            parts = self.special_split.split(text) if self.special_split else [text]
             for place, part in enumerate(parts):
-                ids += next(encoded) if place % 2 == 0 else [self.special_ids[part]]
-            batch.append(ids)
-        return batch
+                if place % 2:
+                    ids.append(self.special_ids[part])
+                else:
+                    ids += self.encoding.encode_ordinary(self._normalize(part))
+            ids.append(self.end_id)
+        return np.asarray(ids, dtype=np.uint32)
 
     def _normalize(self, text: str) -> str:
         if self.nfc and not unicodedata.is_normalized("NFC", text):
             return unicodedata.normalize("NFC", text)
         return text
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """One pool per thread count for the process: `tiktoken` releases the GIL while it encodes."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="bpe")
 
 
 def threads() -> int:
@@ -101,10 +144,11 @@ def fast_byte_level_bpe(hf_tokenizer: Any, spec: dict) -> FastByteLevelBPE | Non
         or not _merges_rebuild_every_token(hf_tokenizer, ranks)
     ):  # fmt: skip
         return None
+    end_id = max([*ranks.values(), *specials.values()]) + 1
     encoding = tiktoken.Encoding(
-        "sllm-bpe", pat_str=GPT2_SPLIT, mergeable_ranks=ranks, special_tokens=specials
+        "sllm-bpe", pat_str=GPT2_SPLIT, mergeable_ranks=ranks, special_tokens={**specials, TEXT_END: end_id}
     )
-    fast = FastByteLevelBPE(encoding, nfc, specials)
+    fast = FastByteLevelBPE(encoding, nfc, specials, end_id)
     expected = hf_tokenizer.encode(PROBE, add_special_tokens=False).ids
     return fast if fast.encode_batch([PROBE]) == [expected] else None
 

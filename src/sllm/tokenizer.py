@@ -18,6 +18,8 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
+
 from sllm.atomic import write_text_atomic
 from sllm.errors import UserError
 from sllm.fast_bpe import FastByteLevelBPE, fast_byte_level_bpe
@@ -41,6 +43,13 @@ def replace_lone_surrogates(text: str) -> str:
     return LONE_SURROGATE.sub("\ufffd", text)
 
 
+def without_lone_surrogates(texts: list[str]) -> list[str]:
+    """`replace_lone_surrogates` of each text, after one search of them all: most batches have none."""
+    if LONE_SURROGATE.search("".join(texts)) is None:
+        return texts
+    return [replace_lone_surrogates(text) for text in texts]
+
+
 class Tokenizer:
     """What the rest of sllm needs from a tokenizer."""
 
@@ -59,6 +68,14 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         raise NotImplementedError
+
+    def encode_documents(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Every text's ids followed by EOS, in one array, and each text's length with its EOS:
+        prepared data's layout, built without a Python list per document where the encoder can."""
+        encoded = self.encode_batch(texts)
+        lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
+        ended = itertools.chain.from_iterable((*ids, self.eos_id) for ids in encoded)
+        return np.fromiter(ended, dtype=np.int64, count=int(lengths.sum())), lengths
 
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
@@ -102,7 +119,7 @@ class HFBackedTokenizer(Tokenizer):
         self._find_special_ids()
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        texts = [replace_lone_surrogates(text) for text in texts]
+        texts = without_lone_surrogates(texts)
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -128,8 +145,14 @@ class BPETokenizer(HFBackedTokenizer):
         return fast_byte_level_bpe(self.hf, json.loads(self.hf.to_str()))
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        texts = [replace_lone_surrogates(text) for text in texts]
+        texts = without_lone_surrogates(texts)
         return self._encode_morphemes(texts) if self.pretokenize == "kiwi" else self._encode_plain(texts)
+
+    def encode_documents(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if self.pretokenize == "kiwi" or self.fast is None:
+            return super().encode_documents(texts)
+        texts = without_lone_surrogates(texts)
+        return self.fast.encode_documents(texts, self.eos_id)
 
     def _encode_plain(self, texts: list[str]) -> list[list[int]]:
         return self.fast.encode_batch(texts) if self.fast is not None else super().encode_batch(texts)

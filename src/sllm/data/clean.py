@@ -20,23 +20,30 @@ from sllm.data.sources import require_module
 from sllm.text import nfc, script_ratio
 
 ZERO_WIDTH = "\u200b\u2060\ufeff\u00ad\u180e"
-_CONTROL_TABLE = {
-    code: None for code in [*range(0x00, 0x20), *range(0x7F, 0xA0)] if chr(code) not in "\n\t"
-} | {ord(char): None for char in ZERO_WIDTH}
+_CONTROL = re.compile(
+    "["
+    + "".join(chr(c) for c in [*range(0x00, 0x20), *range(0x7F, 0xA0)] if chr(c) not in "\n\t")
+    + ZERO_WIDTH
+    + "]"
+)
 _HORIZONTAL_SPACE = re.compile(r"[^\S\n]+")
 _LINE_EDGE_SPACE = re.compile(r" ?\n ?")
 _BLANK_LINES = re.compile(r"\n{3,}")
+_IRREGULAR_SPACE = re.compile(r"[^\S\n ]|  | \n|\n |\n\n\n")  # what the three above would rewrite
 SHINGLE_CHARS = 5
 MINHASH_PERMUTATIONS = 64
 
 
 def remove_control_chars(text: str) -> str:
     """Drop C0/C1 control and zero-width characters; CR and CRLF become LF, tabs stay."""
-    return text.replace("\r\n", "\n").replace("\r", "\n").translate(_CONTROL_TABLE)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return _CONTROL.sub("", text) if _CONTROL.search(text) else text
 
 
 def normalize_whitespace(text: str) -> str:
     """One space for each run of spaces/tabs, no spaces at line ends, at most one blank line."""
+    if not _IRREGULAR_SPACE.search(text) and text.strip() == text:
+        return text  # most documents: found at a fraction of the cost of rewriting them
     text = _HORIZONTAL_SPACE.sub(" ", text)
     text = _LINE_EDGE_SPACE.sub("\n", text)
     return _BLANK_LINES.sub("\n\n", text).strip()

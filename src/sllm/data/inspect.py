@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sllm.data.loader import open_split
 from sllm.data.meta import CleaningCounts, DataMeta
+from sllm.data.verify import open_split
 from sllm.tokenizer import load_tokenizer
 
 

@@ -10,25 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from sllm.data.meta import DataMeta
 from sllm.data.mixture import TrainMixture
-from sllm.data.shards import TokenShards, open_shards
-from sllm.data.verify import check_shards
+from sllm.data.shards import TokenShards
 from sllm.errors import UserError
-
-
-def open_split(data_dir: str | Path, split: str, meta: DataMeta) -> np.ndarray | TokenShards:
-    """The split's tokens, its shards (listed in meta.json, checked by `check_shards`) read as one array."""
-    names, tokens = meta.shards[split], meta.splits[split].tokens
-    shards = open_shards(Path(data_dir), names, meta.dtype, tokens, meta.shard_tokens)
-    check_shards(Path(data_dir), meta, names)
-    return shards
 
 
 @dataclass(eq=False)

@@ -57,7 +57,9 @@ from sllm.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, train_bpe,
 PROGRESS_FILE = "progress.json"
 PARTIAL_MARK = ".partial"
 PROGRESS_INTERVAL_S = 30.0
-ENCODE_BATCH_DOCS = 512
+ENCODE_BATCH_DOCS = 512  # documents per split draw and per resume step
+ENCODE_GROUP_CHARS = 1 << 18
+TRAIN, VAL, TEST = (SPLITS.index(split) for split in ("train", "val", "test"))
 OUR_SHARD = re.compile(rf"({'|'.join(SPLITS)})(-\d+)?\.bin")
 
 
@@ -211,21 +213,24 @@ class Progress:
 
 
 class SplitAssigner:
-    """Each document's split: a seeded draw per document of a batch (the same when resumed), or its
-    held-out source's split."""
+    """Each document's split (an index into SPLITS): a seeded draw per document of a batch (the same
+    when resumed), or its held-out source's split."""
 
-    def __init__(self, data: DataConfig, held_out: set[str]) -> None:
+    def __init__(self, data: DataConfig, sources: list[Source]) -> None:
+        held_out = held_out_splits(sources)
         self.seed = data.split_seed
         self.val_ratio = 0.0 if "val" in held_out else data.val_ratio
         self.test_ratio = 0.0 if "test" in held_out else data.test_ratio
+        self.fixed = np.array([SPLITS.index(s.split) if s.split != "auto" else -1 for s in sources])
 
-    def __call__(self, batch_number: int, source_splits: list[str]) -> list[str]:
-        draws = np.random.default_rng([self.seed, batch_number]).random(len(source_splits))
-        pairs = zip(source_splits, draws, strict=True)
-        return [fixed if fixed != "auto" else self._drawn(u) for fixed, u in pairs]
-
-    def _drawn(self, u: float) -> str:
-        return "val" if u < self.val_ratio else "test" if u < self.val_ratio + self.test_ratio else "train"
+    def __call__(self, batch_number: int, sources: np.ndarray) -> np.ndarray:
+        """The splits of a batch's documents, given the index of each one's source."""
+        draws = np.random.default_rng([self.seed, batch_number]).random(len(sources))
+        drawn = np.where(
+            draws < self.val_ratio, VAL, np.where(draws < self.val_ratio + self.test_ratio, TEST, TRAIN)
+        )
+        fixed = self.fixed[sources]
+        return np.where(fixed >= 0, fixed, drawn)
 
 
 def _cleaned_batches(
@@ -240,6 +245,27 @@ def _cleaned_batches(
     return iter(lambda: list(itertools.islice(documents, ENCODE_BATCH_DOCS)), [])
 
 
+Batch = tuple[int, list[tuple[int, str]]]  # (batch number, [(source index, text), ...])
+
+
+def _groups(batches: Iterator[list[tuple[int, str]]], first: int) -> Iterator[list[Batch]]:
+    """The numbered batches from number `first` on (earlier ones were written before an
+    interruption), gathered until a group holds ENCODE_GROUP_CHARS characters: the encoder's
+    threads then wait for the GIL once per group, not once per batch of short documents."""
+    group: list[Batch] = []
+    chars = 0
+    for number, batch in enumerate(batches):
+        if number < first:
+            continue
+        group.append((number, batch))
+        chars += sum(len(text) for _, text in batch)
+        if chars >= ENCODE_GROUP_CHARS:
+            yield group
+            group, chars = [], 0
+    if group:
+        yield group
+
+
 class SplitWriter:
     """Encodes batches into each split's shards (EOS after each document) and keeps the counts."""
 
@@ -247,7 +273,7 @@ class SplitWriter:
         self, work: Path, tokenizer: Tokenizer, sources: list[Source], data: DataConfig, progress: Progress
     ) -> None:
         self.work, self.tokenizer, self.sources, self.progress = work, tokenizer, sources, progress
-        self.assign = SplitAssigner(data, held_out_splits(sources))
+        self.assign = SplitAssigner(data, sources)
         dtype = token_dtype(tokenizer.vocab_size)
         if not progress.source_counts:
             progress.source_counts = [_zero_counts() for _ in sources]
@@ -256,31 +282,35 @@ class SplitWriter:
         }
         self.saved_at = time.monotonic()
 
-    def write(self, batch_number: int, batch: list[tuple[int, str]]) -> tuple[int, int]:
-        """Encode and write one batch; the tokens and the text bytes it added."""
-        texts = [text for _, text in batch]
-        splits = self.assign(batch_number, [self.sources[index].split for index, _ in batch])
-        pieces: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
+    def write(self, group: list[Batch]) -> tuple[int, int]:
+        """Encode and write a group of batches; the tokens and the text bytes it added."""
+        numbers, batches = zip(*group, strict=True)
+        sources, texts = zip(*itertools.chain.from_iterable(batches), strict=True)
+        source_array = np.asarray(sources, dtype=np.int64)
+        per_batch = np.split(source_array, np.cumsum([len(batch) for batch in batches])[:-1])
+        splits = np.concatenate([self.assign(n, s) for n, s in zip(numbers, per_batch, strict=True)])
+        tokens, lengths = self.tokenizer.encode_documents(list(texts))
+        sizes = np.fromiter(map(len, map(str.encode, texts)), dtype=np.int64, count=len(texts))
         finished_before = sum(w.finished_shards for w in self.shards.values())
-        added_tokens = added_bytes = 0
-        for (source, text), ids, split in zip(batch, self.tokenizer.encode_batch(texts), splits, strict=True):
-            ids.append(self.tokenizer.eos_id)
-            pieces[split].append(ids)
-            size = len(text.encode("utf-8"))
-            for counts in (self.progress.counts[split], self.progress.source_counts[source][split]):
-                counts["documents"] += 1
-                counts["tokens"] += len(ids)
-                counts["bytes"] += size
-            added_tokens, added_bytes = added_tokens + len(ids), added_bytes + size
-        for split, documents in pieces.items():
-            if documents:
-                tokens = np.fromiter(itertools.chain.from_iterable(documents), dtype=np.int64)
-                self.shards[split].write(tokens)
-        self.progress.batches_done = batch_number + 1
+        token_splits = np.repeat(splits, lengths)
+        for code, split in enumerate(SPLITS):
+            if (chosen := splits == code).any():
+                self.shards[split].write(tokens[token_splits == code])
+                for source in np.unique(source_array[chosen]):
+                    of_source = chosen & (source_array == source)
+                    self._count(self.progress.source_counts[source][split], of_source, lengths, sizes)
+                self._count(self.progress.counts[split], chosen, lengths, sizes)
+        self.progress.batches_done = numbers[-1] + 1
         finished = sum(w.finished_shards for w in self.shards.values())
         if finished > finished_before or time.monotonic() - self.saved_at > PROGRESS_INTERVAL_S:
             self.save_progress()
-        return added_tokens, added_bytes
+        return int(lengths.sum()), int(sizes.sum())
+
+    @staticmethod
+    def _count(counts: dict[str, int], chosen: np.ndarray, lengths: np.ndarray, sizes: np.ndarray) -> None:
+        counts["documents"] += int(chosen.sum())
+        counts["tokens"] += int(lengths[chosen].sum())
+        counts["bytes"] += int(sizes[chosen].sum())
 
     def save_progress(self) -> None:
         for shards in self.shards.values():
@@ -391,10 +421,9 @@ def _write_all(writer: SplitWriter, sources: list[Source], data: DataConfig, nam
     bar = progress_bar(desc=f"prepare {name}", unit="B", unit_scale=True, unit_divisor=1024)
     started, tokens = time.perf_counter(), 0
     with bar:
-        for number, batch in enumerate(prefetched(_cleaned_batches(sources, cleaner, stats))):
-            if number < progress.batches_done:
-                continue
-            added_tokens, added_bytes = writer.write(number, batch)
+        batches = _cleaned_batches(sources, cleaner, stats)
+        for group in prefetched(_groups(batches, progress.batches_done), depth=2):
+            added_tokens, added_bytes = writer.write(group)
             tokens += added_tokens
             bar.update(added_bytes)
             rate = tokens / max(time.perf_counter() - started, 1e-9)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from sllm.errors import UserError
-from sllm.files import JSON, loads_json
+from sllm.files import JSON, loads_json_line
 from sllm.tokenizer import replace_lone_surrogates
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -215,6 +215,8 @@ def _text_chunks(path: Path, on_error: str) -> Iterator[str]:
 
 def _record_text(record: Any, text_field: str) -> tuple[str | None, str | None]:
     """The text at `text_field` (a key, else a dotted path; null is empty), or a problem description."""
+    if isinstance(record, dict) and isinstance(value := record.get(text_field), str):
+        return replace_lone_surrogates(value), None  # the usual record, without the general walk
     if not isinstance(record, dict):
         return None, "the record is not a JSON object"
     keys = [text_field] if text_field in record else text_field.split(".")
@@ -261,7 +263,7 @@ def _jsonl_records(path: Path, options: ReadOptions, stats: SourceStats) -> Iter
         if not line.strip():
             continue
         try:
-            yield str(number), loads_json(line)
+            yield str(number), loads_json_line(line)
         except json.JSONDecodeError as exc:
             if options.on_error != "skip":
                 raise UserError(

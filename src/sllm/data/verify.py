@@ -1,4 +1,5 @@
-"""Checking a prepared data directory's token shards against meta.json: token range and sha256.
+"""Checking a prepared data directory's token shards against meta.json: token range and sha256;
+`open_split` reads a split only through these checks.
 
 Opening a split always compares shard sizes (`open_shards`). The content checks (every id below
 vocab_size, so a hostile shard cannot index past the embedding; the recorded sha256) run once
@@ -19,7 +20,7 @@ import numpy as np
 
 from sllm.atomic import write_text_atomic
 from sllm.data.meta import SPLITS, DataMeta
-from sllm.data.shards import open_shards
+from sllm.data.shards import TokenShards, open_shards
 from sllm.errors import UserError
 from sllm.files import FieldError, loads_json, sha256_file, typed
 from sllm.tokenizer import load_tokenizer
@@ -100,3 +101,11 @@ def verify_data(data_dir: Path, update: bool = False) -> str:
         dataclasses.replace(meta, checksums={n: stamps[n].sha256 for n in names}).write(data_dir)
         return summary + f"); recorded the sha256 of {len(unrecorded)} in meta.json"
     return summary + f"); {len(unrecorded)} lack a sha256 in meta.json: `--update` records it"
+
+
+def open_split(data_dir: str | Path, split: str, meta: DataMeta) -> np.ndarray | TokenShards:
+    """The split's tokens, its shards (listed in meta.json, checked by `check_shards`) read as one array."""
+    names, tokens = meta.shards[split], meta.splits[split].tokens
+    shards = open_shards(Path(data_dir), names, meta.dtype, tokens, meta.shard_tokens)
+    check_shards(Path(data_dir), meta, names)
+    return shards

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sllm.config import Config, ModelConfig, TrainConfig
-from sllm.data.loader import TrainWindows, fixed_windows, open_split
+from sllm.data.loader import TrainWindows, fixed_windows
 from sllm.data.meta import DataMeta
 from sllm.data.mixture import TrainMixture
+from sllm.data.verify import open_split
 from sllm.errors import UserError
 from sllm.evaluate import score_batches, script_labels
 from sllm.model import build_model, count_parameters, describe
