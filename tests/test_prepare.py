@@ -2,6 +2,8 @@ import gzip
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -262,3 +264,25 @@ def test_a_truncated_token_shard_is_named_as_damaged(prepared_dir, tmp_path, siz
     ):
         open_split(damaged, "train", meta)
     assert_one_line_error(sllm("data", "info", damaged), "train-00000.bin is damaged", "run `sllm prepare`")
+
+
+def test_prepare_never_imports_torch(tmp_path):
+    """Startup and memory: torch costs a second and ~190 MB that turning text into tokens never needs."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", constitution_paragraphs()[:40])
+    program = (
+        "import sys\nfrom sllm.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nfinally:\n    print('torch' in sys.modules)"
+    )
+    args = [
+        "prepare",
+        "--input",
+        corpus,
+        "--out",
+        tmp_path / "out",
+        "tokenizer.vocab_size=300",
+        "--val-ratio",
+        0.1,
+    ]
+    result = subprocess.run([sys.executable, "-c", program, *map(str, args)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "False"
