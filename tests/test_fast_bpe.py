@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import sys
 
 import pytest
@@ -197,3 +199,18 @@ def test_a_batch_holding_the_join_character_or_a_special_token_keeps_each_texts_
     assert tokenizer.encode_batch(batch) == expected
     assert ids.tolist() == [i for one in expected for i in (*one, tokenizer.eos_id)]
     assert lengths.tolist() == [len(one) + 1 for one in expected]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX")
+def test_a_forked_child_encodes_on_threads_of_its_own(texts, monkeypatch):
+    """The parent's encoding threads do not exist in a forked child (a DataLoader worker, say)."""
+    monkeypatch.setenv("RAYON_NUM_THREADS", "2")
+    tokenizer = train_bpe(iter(texts), 400, SPECIALS)
+    plain = [text for text in texts if "<|" not in text]
+    expected = tokenizer.encode_batch(plain)
+    child = os.fork()
+    if child == 0:
+        signal.alarm(30)  # a child waiting on threads it does not have dies instead of hanging
+        os._exit(0 if tokenizer.encode_batch(plain) == expected else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -109,6 +109,9 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="bpe")
 
 
+os.register_at_fork(after_in_child=_pool.cache_clear)  # a forked child has none of the threads
+
+
 def threads() -> int:
     """Encoding threads as `tokenizers` counts them (TOKENIZERS_PARALLELISM, RAYON_NUM_THREADS)."""
     if os.environ.get("TOKENIZERS_PARALLELISM", "").lower() in ("0", "false", "off", "no"):
