@@ -52,6 +52,7 @@ class Variant:
     pretokenize: str  # "none" (byte-level BPE) or "kiwi" (morpheme-aware BPE)
     vocab_size: int
     arch: str = "gpt2-learned"
+    budget: str = "bytes"  # or "tokens": the steps of the byte-level BPE of the same size
 
     @property
     def tokenizer_name(self) -> str:
@@ -59,7 +60,7 @@ class Variant:
 
     @property
     def name(self) -> str:
-        return f"{self.tokenizer_name}-{self.arch}"
+        return f"{self.tokenizer_name}-{self.arch}" + ("-tokens-fair" if self.budget == "tokens" else "")
 
 
 # ---- the corpus ----------------------------------------------------------------------------
@@ -216,14 +217,18 @@ def parameter_count(data: Path, overrides: list[str]) -> int:
     return count_parameters(build_model(cfg.model))
 
 
-def pretrain(work: Path, variant: Variant, data: Path, seed: int, train_bytes: int) -> dict:
+def pretrain(
+    work: Path, variant: Variant, data: Path, budget_data: Path, seed: int, train_bytes: int
+) -> dict:
+    """Trains on `data` for as many steps as `train_bytes` of text take in `budget_data`'s tokens."""
     from sllm.data.meta import DataMeta
 
-    meta = DataMeta.read(data)
-    train_split = meta.splits["train"]
-    bytes_per_token = train_split.bytes / train_split.tokens
+    def bytes_per_token(prepared: Path) -> float:
+        train_split = DataMeta.read(prepared).splits["train"]
+        return train_split.bytes / train_split.tokens
+
     micro_batch, context = TOKENS_PER_STEP
-    steps = max(1, round(train_bytes / (micro_batch * context * bytes_per_token)))
+    steps = max(1, round(train_bytes / (micro_batch * context * bytes_per_token(budget_data))))
     out = work / "runs" / f"{variant.name}-s{seed}"
     overrides = model_overrides(variant.arch, data)
     seconds = sllm(
@@ -238,7 +243,7 @@ def pretrain(work: Path, variant: Variant, data: Path, seed: int, train_bytes: i
         "run": str(out),
         "steps": steps,
         "train_tokens": steps * micro_batch * context,
-        "train_bytes_seen": round(steps * micro_batch * context * bytes_per_token),
+        "train_bytes_seen": round(steps * micro_batch * context * bytes_per_token(data)),
         "parameters": parameter_count(data, overrides),
         "overrides": overrides,
         "train_s": seconds,
@@ -286,7 +291,11 @@ def run_row(
     data = data_dir(work, variant, corpus, tokenizer)
     row = {"variant": variant.name, **dataclasses.asdict(variant), "seed": seed}
     row |= isolated(tokenizer_stats, tokenizer, corpus)
-    row |= pretrain(work, variant, data, seed, args.train_bytes)
+    budget_data = data
+    if variant.budget == "tokens":
+        byte_level = Variant("none", variant.vocab_size)
+        budget_data = data_dir(work, byte_level, corpus, tokenizer_dir(work, byte_level, corpus))
+    row |= pretrain(work, variant, data, budget_data, seed, args.train_bytes)
     row |= isolated(held_out_bits_per_byte, row["run"], data)
     if args.sts_epochs:
         row |= korsts(
@@ -327,6 +336,7 @@ def tokenizer_table(rows: list[dict]) -> str:
     for group in grouped(rows).values():
         first = group[0]
         kind = "morpheme-aware BPE (kiwi)" if first["pretokenize"] == "kiwi" else "byte-level BPE"
+        kind += ", tokens-fair" if first.get("budget") == "tokens" else ""
         lines.append(
             f"| {kind} | {first['vocab_size']:,} | {first['ko_chars_per_token']:.3f} "
             f"| {first['ko_words_per_token']:.3f} | {first['en_chars_per_token']:.3f} "
@@ -413,6 +423,9 @@ def main() -> None:
     parser.add_argument("--arch", nargs="*", default=list(ARCH_VARIANTS), choices=list(ARCH_VARIANTS))
     parser.add_argument("--sts-epochs", type=int, default=1, help="KorSTS fine-tune epochs; 0 skips it")
     parser.add_argument("--sts-pairs", type=int, default=0, help="KorSTS train pairs used; 0: all")
+    parser.add_argument(
+        "--tokens-fair", action="store_true", help="also train the kiwi leaders for the byte-level steps"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each command")
     parser.add_argument("--smoke", action="store_true", help="tiny budget: 8k only, 0.2 MB, 300 STS pairs")
     args = parser.parse_args()
@@ -461,7 +474,18 @@ def main() -> None:
     print(tokenizer_table(tokenizer_rows))
     print(f"\nwinner by held-out Korean bits per byte: {winner.tokenizer_name}\n")
     print(arch_table(arch_rows))
-    (work / "rows.json").write_text(json.dumps(tokenizer_rows + arch_rows, indent=1))
+    fair_rows = []
+    if args.tokens_fair:
+        kiwi_leaders = [v for v in leaders(tokenizer_rows, args.leaders) if v.pretokenize == "kiwi"]
+        for variant in kiwi_leaders:
+            same_size = (variant.name, Variant("none", variant.vocab_size).name)
+            rows = [r for r in tokenizer_rows if r["variant"] in same_size]
+            for seed in args.seeds:
+                rows.append(run_row(work, dataclasses.replace(variant, budget="tokens"), seed, corpus, args))
+            fair_rows.extend(rows)
+        print("\nkiwi leaders at the step count of the byte-level BPE of the same size (tokens-fair):\n")
+        print(tokenizer_table(fair_rows))
+    (work / "rows.json").write_text(json.dumps(tokenizer_rows + arch_rows + fair_rows, indent=1))
 
 
 if __name__ == "__main__":
