@@ -409,6 +409,15 @@ def leaders(rows: list[dict], count: int) -> list[Variant]:
     return [Variant(g[0]["pretokenize"], g[0]["vocab_size"]) for g in ranked[:count]]
 
 
+def seeded_again(rows: list[dict], count: int) -> list[Variant]:
+    """The `count` leaders, and the best of each tokenizer kind: the rows that get extra seeds."""
+    chosen = leaders(rows, count)
+    for kind in sorted({r["pretokenize"] for r in rows}):
+        best = leaders([r for r in rows if r["pretokenize"] == kind], 1)
+        chosen += [v for v in best if v not in chosen]
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", type=Path, default=SHARED, help="the shared data folder")
@@ -452,7 +461,7 @@ def main() -> None:
         for size in args.sizes:
             for seed in args.seeds:
                 tokenizer_rows.append(run_row(work, Variant(pretokenize, size), seed, corpus, args))
-    for variant in leaders(tokenizer_rows, args.leaders) if args.extra_seeds else []:
+    for variant in seeded_again(tokenizer_rows, args.leaders) if args.extra_seeds else []:
         for seed in args.extra_seeds:
             tokenizer_rows.append(run_row(work, variant, seed, corpus, args))
     (winner,) = leaders(tokenizer_rows, 1)
