@@ -12,8 +12,8 @@ text: every 20th NSMC file (Korean) and the last 10% of Shakespeare (English); K
 sentences are kept out of the pre-training text. Tokenizers, prepared data and finished rows
 are cached in --work, so a second run resumes where the first stopped.
 
-    PYTHONPATH=src python benchmarks/korean_report.py          # the full report: about an hour, 2 cores
-    PYTHONPATH=src python benchmarks/korean_report.py --smoke  # minutes: a tiny budget, 8k only
+    PYTHONPATH=src python benchmarks/korean_report.py --tokens-fair  # docs/korean.md: ~70 min, 2 cores
+    PYTHONPATH=src python benchmarks/korean_report.py --smoke        # minutes: a tiny budget, 8k only
 """
 
 from __future__ import annotations
@@ -418,6 +418,16 @@ def seeded_again(rows: list[dict], count: int) -> list[Variant]:
     return chosen
 
 
+def require_same_budget(work: Path, args: argparse.Namespace) -> None:
+    """The cached corpus and rows hold for one budget: a --work made with another is refused."""
+    budget = {key: getattr(args, key) for key in ("korean_mb", "train_mb", "sts_epochs", "sts_pairs")}
+    recorded = work / "budget.json"
+    if not recorded.is_file():
+        recorded.write_text(json.dumps(budget))
+    elif json.loads(recorded.read_text()) != budget:
+        raise SystemExit(f"{work} holds rows of another budget ({recorded.read_text()}); give another --work")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", type=Path, default=SHARED, help="the shared data folder")
@@ -451,6 +461,7 @@ def main() -> None:
         "sllm-korean-report" + ("-smoke" if args.smoke else "")
     )
     work.mkdir(parents=True, exist_ok=True)
+    require_same_budget(work, args)
     say(f"work dir {work}; logs of every command in {work / 'logs'}")
     started = time.perf_counter()
     corpus = build_corpus(args.shared, work / "corpus", round(args.korean_mb * 1e6))
