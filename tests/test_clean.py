@@ -120,3 +120,22 @@ def test_cleaning_everything_away_is_explained(tmp_path):
         UserError, match=r"cleaning dropped all 2 documents \(2 too short\); loosen data.min_chars"
     ):
         prepare(cfg.data, cfg.tokenizer, log=lambda _: None)
+
+
+def test_the_quick_checks_skip_only_documents_the_rewrites_leave_alone():
+    """Each step searches before it rewrites; on any text the result is the full rewrite's."""
+    import random
+    import re
+
+    controls = {c: None for c in [*range(0x00, 0x20), *range(0x7F, 0xA0)] if chr(c) not in "\n\t"}
+    controls |= {ord(c): None for c in "\u200b\u2060\ufeff\u00ad\u180e"}
+    alphabet = [" ", "\t", "\n", "\r", "\x0b", "\x0c", "\x00", "\x1f", "\x7f", "\x85", "\x9f", "\xa0",
+                "\u200b", "\u2060", "\ufeff", "\u00ad", "\u180e", "\u3000", "\u2028", "a", "가"]  # fmt: skip
+    rng = random.Random(0)
+    for _ in range(50_000):
+        text = "".join(rng.choices(alphabet, k=rng.randint(0, 10)))
+        assert remove_control_chars(text) == text.replace("\r\n", "\n").replace("\r", "\n").translate(
+            controls
+        )
+        spaced = re.sub(r" ?\n ?", "\n", re.sub(r"[^\S\n]+", " ", text))
+        assert normalize_whitespace(text) == re.sub(r"\n{3,}", "\n\n", spaced).strip()

@@ -204,3 +204,22 @@ def test_lone_surrogates_in_json_records_become_the_replacement_character(tmp_pa
     path = tmp_path / "broken.jsonl"
     path.write_text('{"text": "ab\\ud800cd"}\n{"text": "\\udfff end"}\n{"text": "pair \\ud83d\\ude00"}\n')
     assert _read([path]) == ["ab\ufffdcd", "\ufffd end", "pair 😀"]
+
+
+@pytest.mark.parametrize(
+    "line",
+    ['{"text": "a"}\n', ' {"text": 1}\n', '{"a": 1} x\n', '{"a": 1}{"b": 2}\n', "[1, 2]\r\n", "\n", "",
+     '{"a": NaN}\n', '{"a": 1' + "0" * 5000 + "}\n", "[" * 100_000 + "]" * 100_000, '{"a": "\\ud800"}',
+     '{"a": 1}\x0c\n', '{"a": 1,}\n', '"s"'],
+)  # fmt: skip
+def test_a_jsonl_line_parses_as_the_full_decoder_parses_it(line):
+    """The C scanner's shortcut gives the full decoder's value, or its error and position."""
+    from sllm.files import loads_json, loads_json_line
+
+    def outcome(parse):
+        try:
+            return "value", parse(line)
+        except json.JSONDecodeError as error:
+            return "error", error.msg, error.pos
+
+    assert outcome(loads_json_line) == outcome(loads_json)
