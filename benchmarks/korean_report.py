@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -327,23 +328,31 @@ def grouped(rows: list[dict]) -> dict[str, list[dict]]:
     return groups
 
 
+def variant_table(header: str, alignment: str, rows: list[dict], cells: Callable[[dict], str]) -> str:
+    """One line per variant: `cells` of its first row (what the seeds share), then its scores."""
+    lines = [header, alignment]
+    lines += [f"| {cells(group[0])} | {score_cells(group)} |" for group in grouped(rows).values()]
+    return "\n".join(lines)
+
+
 def tokenizer_table(rows: list[dict]) -> str:
-    lines = [
-        "| tokenizer | vocab | ko chars/token | ko words/token | en chars/token | vocab use | parameters "
-        "| steps | text seen (MB) | **ko bpb** | **en bpb** | **KorSTS test Spearman** | seeds | train s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for group in grouped(rows).values():
-        first = group[0]
+    def cells(first: dict) -> str:
         kind = "morpheme-aware BPE (kiwi)" if first["pretokenize"] == "kiwi" else "byte-level BPE"
         kind += ", tokens-fair" if first.get("budget") == "tokens" else ""
-        lines.append(
-            f"| {kind} | {first['vocab_size']:,} | {first['ko_chars_per_token']:.3f} "
+        return (
+            f"{kind} | {first['vocab_size']:,} | {first['ko_chars_per_token']:.3f} "
             f"| {first['ko_words_per_token']:.3f} | {first['en_chars_per_token']:.3f} "
             f"| {first['vocab_used']:.1%} | {first['parameters']:,} | {first['steps']:,} "
-            f"| {first['train_bytes_seen'] / 1e6:.2f} | {score_cells(group)} |"
+            f"| {first['train_bytes_seen'] / 1e6:.2f}"
         )
-    return "\n".join(lines)
+
+    header = (
+        "| tokenizer | vocab | ko chars/token | ko words/token | en chars/token | vocab use | parameters "
+        "| steps | text seen (MB) | **ko bpb** | **en bpb** | **KorSTS test Spearman** | seeds | train s |"
+    )
+    return variant_table(
+        header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", rows, cells
+    )
 
 
 def score_cells(group: list[dict]) -> str:
@@ -359,20 +368,19 @@ def score_cells(group: list[dict]) -> str:
 
 
 def arch_table(rows: list[dict]) -> str:
-    lines = [
-        "| block | positions | overrides | parameters | steps | **ko bpb** | **en bpb** "
-        "| **KorSTS test Spearman** | seeds | train s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for group in grouped(rows).values():
-        first = group[0]
+    def cells(first: dict) -> str:
         block, positions = first["arch"].split("-")
         overrides = " ".join(f"`{o}`" for o in first["overrides"]) or "(demo)"
-        lines.append(
-            f"| {'Llama-style' if block == 'llama' else 'GPT-2'} | {positions} | {overrides} "
-            f"| {first['parameters']:,} | {first['steps']:,} | {score_cells(group)} |"
+        return (
+            f"{'Llama-style' if block == 'llama' else 'GPT-2'} | {positions} | {overrides} "
+            f"| {first['parameters']:,} | {first['steps']:,}"
         )
-    return "\n".join(lines)
+
+    header = (
+        "| block | positions | overrides | parameters | steps | **ko bpb** | **en bpb** "
+        "| **KorSTS test Spearman** | seeds | train s |"
+    )
+    return variant_table(header, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|", rows, cells)
 
 
 def machine() -> str:
