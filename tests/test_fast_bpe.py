@@ -189,8 +189,16 @@ def test_a_batch_is_encoded_as_one_joined_string_on_threads_with_each_texts_own_
         assert lengths.tolist() == [len(one) + 1 for one in expected]
 
 
-@pytest.mark.parametrize("odd", ["a\U0010ffffb", "끝<|endoftext|>시작", "\U0010ffff"])
-def test_a_batch_holding_the_join_character_or_a_special_token_keeps_each_texts_ids(texts, odd):
+@pytest.mark.parametrize(
+    "odd", ["a\U0010ffffb", "끝<|endoftext|>시작", "\U0010ffff", "<|pad|>a\U0010ffff<|pad|>"]
+)
+def test_a_batch_holding_the_join_character_or_a_special_token_keeps_each_texts_ids(texts, odd, monkeypatch):
+    """Special tokens are cut out and the rest still encoded joined; only the join character
+    itself sends its part text by text."""
+    from sllm.fast_bpe import FastByteLevelBPE
+
+    if "\U0010ffff" not in odd:
+        monkeypatch.setattr(FastByteLevelBPE, "_encode_each", None)  # must not be called
     tokenizer = train_bpe(iter(texts), 400, SPECIALS)
     assert tokenizer.encode_batch([]) == [] and tokenizer.encode_documents([])[1].tolist() == []
     batch = [*texts[:20], odd, "", *TRICKY[-4:]]

@@ -44,7 +44,8 @@ class FastByteLevelBPE:
     A batch is joined into one string with TEXT_END after each text, a special token of this
     encoding only: `tiktoken` encodes the text between specials on its own, so each text gets its
     own ids, at a fraction of the cost of one call per text (short documents are mostly call
-    overhead). A batch holding a special token or TEXT_END itself is encoded text by text."""
+    overhead). Special tokens in the text are cut out first; a batch holding TEXT_END itself is
+    encoded text by text."""
 
     def __init__(self, encoding: Any, nfc: bool, special_ids: dict[str, int], end_id: int) -> None:
         self.encoding, self.nfc, self.special_ids, self.end_id = encoding, nfc, special_ids, end_id
@@ -54,10 +55,7 @@ class FastByteLevelBPE:
         )
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        ended = self._encode_ended(texts)
-        ends = np.flatnonzero(ended == self.end_id)
-        starts = np.concatenate(([0], ends + 1))[:-1]
-        return [ended[start:end].tolist() for start, end in zip(starts, ends, strict=True)]
+        return [ids.tolist() for ids in self._each_text(self._encode_ended(texts))]
 
     def encode_documents(self, texts: list[str], eos_id: int) -> tuple[np.ndarray, np.ndarray]:
         """Every text's ids followed by `eos_id`, in one array, and each text's length with it."""
@@ -65,10 +63,20 @@ class FastByteLevelBPE:
         is_end = ended == self.end_id
         return np.where(is_end, eos_id, ended), np.diff(np.flatnonzero(is_end), prepend=-1)
 
+    def _each_text(self, ended: np.ndarray) -> list[np.ndarray]:
+        """`_encode_ended`'s result cut back into each text's ids."""
+        ends = np.flatnonzero(ended == self.end_id)
+        starts = np.concatenate(([0], ends + 1))[:-1]
+        return [ended[start:end] for start, end in zip(starts, ends, strict=True)]
+
     def _encode_ended(self, texts: list[str]) -> np.ndarray:
         """The ids of `texts` with `end_id` after each, on every thread for a large batch."""
+        if not texts:
+            return np.empty(0, dtype=np.uint32)
         joined = TEXT_END.join(texts)
-        if joined.count(TEXT_END) >= len(texts) or (self.special_split and self.special_split.search(joined)):
+        if self.special_split and self.special_split.search(joined):
+            return self._encode_around_specials(texts)
+        if joined.count(TEXT_END) >= len(texts):  # a text holds TEXT_END itself
             return self._encode_each(texts)
         if self.nfc and not unicodedata.is_normalized("NFC", joined):
             texts = [self._normalize(text) for text in texts]
@@ -83,17 +91,21 @@ class FastByteLevelBPE:
         joined = TEXT_END.join(texts) + TEXT_END
         return self.encoding.encode_to_numpy(joined, allowed_special={TEXT_END}, disallowed_special=())
 
+    def _encode_around_specials(self, texts: list[str]) -> np.ndarray:
+        """Special tokens cut out of each text first; the plain parts of all texts encoded together."""
+        parts = [self.special_split.split(text) for text in texts]  # plain parts at even places
+        plain = iter(self._each_text(self._encode_ended([p for pieces in parts for p in pieces[::2]])))
+        ended: list[np.ndarray | list[int]] = []
+        for pieces in parts:
+            ended += [[self.special_ids[p]] if place % 2 else next(plain) for place, p in enumerate(pieces)]
+            ended.append([self.end_id])
+        return np.concatenate(ended).astype(np.uint32)
+
     def _encode_each(self, texts: list[str]) -> np.ndarray:
-        """`_encode_ended` one text at a time: special tokens cut out first, each plain part
-        normalized and encoded on its own."""
+        """`_encode_ended` one text at a time, for texts holding TEXT_END (encoded as plain text)."""
         ids: list[int] = []
         for text in texts:
-            parts = self.special_split.split(text) if self.special_split else [text]
-            for place, part in enumerate(parts):
-                if place % 2:
-                    ids.append(self.special_ids[part])
-                else:
-                    ids += self.encoding.encode_ordinary(self._normalize(part))
+            ids += self.encoding.encode_ordinary(self._normalize(text))
             ids.append(self.end_id)
         return np.asarray(ids, dtype=np.uint32)
 
