@@ -272,7 +272,7 @@ class SplitWriter:
     def __init__(
         self, work: Path, tokenizer: Tokenizer, sources: list[Source], data: DataConfig, progress: Progress
     ) -> None:
-        self.work, self.tokenizer, self.sources, self.progress = work, tokenizer, sources, progress
+        self.work, self.tokenizer, self.progress = work, tokenizer, progress
         self.assign = SplitAssigner(data, sources)
         dtype = token_dtype(tokenizer.vocab_size)
         if not progress.source_counts:
